@@ -1,0 +1,394 @@
+"""Real components on loopback for tests and the demo: no mocks anywhere.
+
+- ControlPlane: etcd, kube-apiserver and kube-controller-manager built from Go modules
+  (hack/build-controlplane.sh), with a kubeconfig for an admin token.
+- Postgres: Debian's PostgreSQL server in a temporary directory, run as a non-root OS user.
+- S3Server: moto's standalone S3-compatible server.
+- OperatorProcess: `pgscale run` as a subprocess against the control plane.
+
+Used by tests/conftest.py (session fixtures) and by `python hack/localenv.py up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a loopback-only test cluster
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: object, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None,
+             log: Path | None = None) -> None:  # fmt: skip
+    """Poll check() until it is true; fail with the process log when it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+        with contextlib.suppress(Exception):
+            if check():  # type: ignore[operator]
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 40) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None,
+           user: str | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    if user:
+        args = ["runuser", "-u", user, "--", *args]
+    handle = log.open("ab")
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def controlplane_bin() -> Path:
+    """The cached control-plane binaries, built on first use."""
+    out = subprocess.run(
+        [str(ROOT / "hack" / "build-controlplane.sh")], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class ControlPlane:
+    """etcd + kube-apiserver + kube-controller-manager on loopback."""
+
+    def __init__(self, workdir: Path, bindir: Path | None = None) -> None:
+        self.dir = workdir / "controlplane"
+        self.bin = bindir or controlplane_bin()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = free_port()
+        self.kubeconfig = self.dir / "kubeconfig"
+        self.kubectl = self.bin / "kubectl"
+        self.tokens: dict[str, tuple[str, str]] = {ADMIN_TOKEN: ("admin", "system:masters")}
+
+    def start(self) -> ControlPlane:
+        d = self.dir
+        (d / "certs").mkdir(parents=True, exist_ok=True)
+        sa_key, sa_pub = d / "sa.key", d / "sa.pub"
+        if not sa_key.exists():
+            subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
+            subprocess.run(["openssl", "rsa", "-in", str(sa_key), "-pubout", "-out", str(sa_pub)],
+                           check=True, capture_output=True)  # fmt: skip
+        (d / "tokens.csv").write_text(
+            "".join(f'{tok},{user},{user}-uid,"{group}"\n' for tok, (user, group) in self.tokens.items())
+        )
+        etcd_port, etcd_peer = free_port(), free_port()
+        etcd_log = d / "etcd.log"
+        etcd = _spawn([
+            str(self.bin / "etcd"), "--data-dir", str(d / "etcd"), "--name", "pgscale-test",
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"pgscale-test=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync=true", "--log-level", "warn",
+        ], etcd_log)  # fmt: skip
+        self.procs.append(etcd)
+        wait_for("etcd", lambda: urllib.request.urlopen(f"http://127.0.0.1:{etcd_port}/health", timeout=1),
+                 proc=etcd, log=etcd_log)  # fmt: skip
+        api_log = d / "kube-apiserver.log"
+        api = _spawn([
+            str(self.bin / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", f"--secure-port={self.port}",
+            f"--cert-dir={d / 'certs'}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            f"--service-account-key-file={sa_pub}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--token-auth-file={d / 'tokens.csv'}",
+            "--v=0",
+        ], api_log)  # fmt: skip
+        self.procs.append(api)
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+
+        def readyz() -> bool:
+            req = urllib.request.Request(f"https://127.0.0.1:{self.port}/readyz",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
+            return bool(urllib.request.urlopen(req, context=insecure, timeout=2).status == 200)
+
+        wait_for("kube-apiserver", readyz, timeout=120, proc=api, log=api_log)
+        self._write_kubeconfig(self.kubeconfig, ADMIN_TOKEN, "admin")
+        kcm_log = d / "kube-controller-manager.log"
+        kcm = _spawn([
+            str(self.bin / "kube-controller-manager"),
+            f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--controllers=*",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+            f"--service-account-private-key-file={sa_key}",
+            f"--root-ca-file={d / 'certs' / 'apiserver.crt'}",
+            "--use-service-account-credentials=false",
+            "--concurrent-gc-syncs=5",
+        ], kcm_log)  # fmt: skip
+        self.procs.append(kcm)
+        # Ready when the controller-manager has created the default ServiceAccount.
+        wait_for("kube-controller-manager",
+                 lambda: self.kubectl_run("get", "serviceaccount", "default", "-n", "default").returncode == 0,
+                 timeout=90, proc=kcm, log=kcm_log)  # fmt: skip
+        return self
+
+    def _write_kubeconfig(self, path: Path, token: str, user: str) -> None:
+        ca = self.dir / "certs" / "apiserver.crt"
+        path.write_text(
+            f"""apiVersion: v1
+kind: Config
+clusters:
+- name: pgscale-local
+  cluster:
+    server: https://127.0.0.1:{self.port}
+    certificate-authority: {ca}
+users:
+- name: {user}
+  user:
+    token: {token}
+contexts:
+- name: pgscale-local
+  context: {{cluster: pgscale-local, user: {user}, namespace: default}}
+current-context: pgscale-local
+"""
+        )
+
+    def kubectl_run(self, *args: str, input: str | None = None, check: bool = False,
+                    timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """Run kubectl against this control plane."""
+        return subprocess.run(
+            [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            _stop(proc)
+        self.procs.clear()
+
+
+class Postgres:
+    """A PostgreSQL 15 server in a temporary directory, run as a non-root user."""
+
+    PASSWORD = "pgscale-super"  # noqa: S105 - loopback-only test server
+
+    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None) -> None:
+        self.dir = workdir / name
+        self.data = self.dir / "data"
+        self.port = port or free_port()
+        self.log = self.dir / "postgres.log"
+        self.user = _os_user()
+        self.host = "127.0.0.1"
+
+    def _run(self, *args: str) -> None:
+        cmd = list(args)
+        if self.user:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def start(self) -> Postgres:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for parent in [self.dir, *self.dir.parents]:
+            if parent == Path("/"):
+                break
+            with contextlib.suppress(PermissionError):
+                parent.chmod(parent.stat().st_mode | 0o711)  # let the server's user reach its directory
+        if self.user:
+            shutil.chown(self.dir, self.user)
+        if not (self.data / "PG_VERSION").exists():
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.PASSWORD)
+            if self.user:
+                shutil.chown(pwfile, self.user)
+            self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+                      "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")  # fmt: skip
+            pwfile.unlink()
+            (self.data / "postgresql.auto.conf").write_text("")
+            with (self.data / "postgresql.conf").open("a") as conf:
+                conf.write(
+                    f"""
+listen_addresses = '127.0.0.1'
+port = {self.port}
+unix_socket_directories = '{self.dir}'
+max_connections = 200
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+shared_preload_libraries = 'pg_stat_statements,pg_cron'
+cron.database_name = 'postgres'
+logging_collector = off
+"""
+                )
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host replication all 127.0.0.1/32 scram-sha-256\n")
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
+        return f"host={self.host} port={self.port} dbname={dbname} user={user} password={password or self.PASSWORD}"
+
+    def uri(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
+        return f"postgresql://{user}:{password or self.PASSWORD}@{self.host}:{self.port}/{dbname}"
+
+    def execute(self, statement: str, dbname: str = "postgres") -> None:
+        """Run one statement in autocommit mode (CREATE DATABASE needs it)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
+            conn.execute(statement)  # type: ignore[arg-type]
+
+
+def _os_user() -> str | None:
+    """The OS user the servers run as: none needed unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "pgscale"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    subprocess.run(["useradd", "--system", "--no-create-home", "pgscale"], check=True)
+    return "pgscale"
+
+
+class S3Server:
+    """moto's standalone S3-compatible server."""
+
+    ACCESS_KEY = "pgscale-test"
+    SECRET_KEY = "pgscale-test-secret"  # noqa: S105
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "s3"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "moto.log"
+        exe = Path(sys.executable).parent / "moto_server"
+        self.proc = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], log)
+        wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),
+                 proc=self.proc, log=log)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class OperatorProcess:
+    """`pgscale run` as a subprocess, exactly as the container runs it."""
+
+    def __init__(self, workdir: Path, kubeconfig: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.dir = workdir / "operator"
+        self.kubeconfig = kubeconfig
+        self.log = self.dir / "operator.log"
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> OperatorProcess:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PGSCALE_STALLED_RETRY_SECONDS": "5",
+               **self.extra_env}  # fmt: skip
+        exe = Path(sys.executable).parent / "pgscale"
+        self.proc = _spawn([str(exe), "run", "--metrics-port", str(self.metrics_port),
+                            "--liveness-port", str(self.liveness_port), *args], self.log, env=env)  # fmt: skip
+        wait_for("pgscale operator",
+                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1),
+                 proc=self.proc, log=self.log)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=20)
+
+
+@contextlib.contextmanager
+def environment(workdir: Path, *, operator: bool = True) -> Iterator[tuple[ControlPlane, Postgres, S3Server,
+                                                                          OperatorProcess | None]]:  # fmt: skip
+    """Everything up, CRDs installed; torn down on exit."""
+    cp, pgs, s3 = ControlPlane(workdir), Postgres(workdir), S3Server(workdir)
+    op: OperatorProcess | None = None
+    try:
+        cp.start()
+        pgs.start()
+        s3.start()
+        cp.kubectl_run("apply", "--server-side", "-f", str(ROOT / "crds"), check=True)
+        cp.kubectl_run("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", check=True)
+        if operator:
+            op = OperatorProcess(workdir, cp.kubeconfig).start()
+        yield cp, pgs, s3, op
+    finally:
+        if op:
+            op.stop()
+        s3.stop()
+        pgs.stop()
+        cp.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("command", choices=["up", "build"])
+    p.add_argument("--dir", default=str(ROOT / ".tmp" / "env"), help="working directory (state, logs)")
+    args = p.parse_args()
+    if args.command == "build":
+        print(controlplane_bin())
+        return 0
+    workdir = Path(args.dir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    with environment(workdir) as (cp, pgs, s3, op):
+        print(f"export KUBECONFIG={cp.kubeconfig}")
+        print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
+        print("# Ctrl-C stops everything", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""RetentionPolicy: archive old rows and delete them on a schedule, losing nothing."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import (
+    AGE_COLUMN,
+    READY_COLUMNS,
+    Age,
+    BaseStatus,
+    Cron,
+    Duration,
+    Identifier,
+    JobTemplate,
+    KindInfo,
+    Model,
+    PrinterColumn,
+    ProfileReference,
+    TableReference,
+    Timestamp,
+    cel,
+)
+
+FilterOperator = Literal[
+    "In", "NotIn", "Equals", "NotEquals", "LessThan", "GreaterThan", "IsNull", "IsNotNull"
+]
+
+
+class RowFilter(Model):
+    """A structured condition on one column; values are always bound parameters, never SQL."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": cel(
+            (
+                "self.operator in ['IsNull', 'IsNotNull'] ? !has(self.values) || size(self.values) == 0 "
+                ": has(self.values) && size(self.values) > 0",
+                "filters[].values: required for In/NotIn/Equals/NotEquals/LessThan/GreaterThan, "
+                "and must be empty for IsNull/IsNotNull",
+            ),
+            (
+                "!(self.operator in ['Equals', 'NotEquals', 'LessThan', 'GreaterThan']) "
+                "|| !has(self.values) || size(self.values) == 1",
+                "filters[].values: Equals, NotEquals, LessThan and GreaterThan take exactly one value",
+            ),
+        )
+    }
+
+    column: Identifier = Field(description="Column to compare, exactly as in the database (e.g. status).")
+    operator: FilterOperator = Field(description="Comparison.")
+    values: list[str] | None = Field(
+        default=None,
+        description="Values, as text; Postgres casts them to the column's type (e.g. [COMPLETED]).",
+        json_schema_extra={"maxItems": 100, "items": {"type": "string", "maxLength": 1024}},
+    )
+
+
+class ArchiveSpec(Model):
+    """Where archived rows go."""
+
+    schema_: Identifier | None = Field(
+        default=None, alias="schema", description="Schema of the archive table; the source's when unset."
+    )
+    table: Identifier | None = Field(
+        default=None, description="Archive table name; `<table>_archive` when unset."
+    )
+    create: bool = Field(
+        default=True, description="Create the archive table with the source's columns when it is missing."
+    )
+
+
+class RetentionPolicySpec(Model):
+    """Desired state of a RetentionPolicy."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": cel(
+            (
+                "self.action == 'archive' || !has(self.archive)",
+                "archive: only allowed when action is archive",
+            ),
+        )
+    }
+
+    profile_ref: ProfileReference = Field(description="DatabaseProfile whose database holds the table.")
+    table: TableReference = Field(
+        description="The table to trim.",
+        json_schema_extra=cel(("self == oldSelf", "table is immutable; create a new policy")),
+    )
+    age_column: Identifier = Field(description="Timestamp or date column that ages a row, e.g. completedAt.")
+    older_than: Age = Field(description="Rows older than this are archived or deleted, e.g. 90d.")
+    filters: list[RowFilter] = Field(
+        default_factory=list,
+        description="Further conditions, all of which must hold (e.g. status In [COMPLETED]).",
+        json_schema_extra={"maxItems": 16},
+    )
+    action: Literal["archive", "delete"] = Field(
+        default="archive", description="archive moves rows into the archive table; delete only deletes."
+    )
+    archive: ArchiveSpec | None = Field(default=None, description="Archive table, for action archive.")
+    batch_size: int = Field(default=1000, ge=1, le=100000, description="Rows moved per committed batch.")
+    pause_between_batches: Duration = Field(
+        default="0s", description="Pause after each batch, to leave room for the application."
+    )
+    lock_timeout: Duration = Field(default="1s", description="Longest wait for a row or table lock.")
+    statement_timeout: Duration = Field(default="60s", description="Longest single batch statement.")
+    max_run_time: Duration = Field(
+        default="1h", description="A run stops cleanly after this long; the next run continues."
+    )
+    schedule: Cron = Field(
+        default="0 2 1 * *", description="Cron schedule; monthly at 02:00 on the 1st, like the strategy."
+    )
+    time_zone: str = Field(
+        default="UTC",
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_+/-]*$",
+        description="Time zone of the schedule (CronJob timeZone). pg_cron always runs in GMT.",
+    )
+    scheduler: Literal["cronjob", "pg_cron"] = Field(
+        default="cronjob",
+        description="cronjob runs `pgscale job retention` from a CronJob; pg_cron schedules it in the database.",
+    )
+    partition_aware: bool = Field(
+        default=True,
+        description="Detach a whole partition past the cutoff instead of deleting it row by row.",
+    )
+    dry_run: bool = Field(default=False, description="Only count the rows a run would move.")
+    suspend: bool = Field(default=False, description="Pause scheduled runs.")
+    job: JobTemplate | None = Field(default=None, description="How the CronJob's pods run.")
+
+
+class RunStatus(Model):
+    """One run of the policy."""
+
+    start_time: Timestamp | None = Field(default=None, description="When the run started.")
+    end_time: Timestamp | None = Field(default=None, description="When it ended.")
+    rows_archived: int = Field(default=0, description="Rows moved into the archive.")
+    rows_deleted: int = Field(default=0, description="Rows deleted without archiving.")
+    rows_matched: int | None = Field(default=None, description="Rows a dry run would move.")
+    batches: int = Field(default=0, description="Committed batches.")
+    duration_seconds: float | None = Field(default=None, description="Run time.")
+    outcome: Literal["Running", "Succeeded", "Failed", "Partial", "DryRun"] | None = Field(
+        default=None, description="How the run ended; Partial when maxRunTime cut it short."
+    )
+    message: str | None = Field(default=None, max_length=4096, description="Error or remark.")
+
+
+class TotalsStatus(Model):
+    """Totals since the policy was created."""
+
+    runs: int = Field(default=0, description="Runs recorded.")
+    rows_archived: int = Field(default=0, description="Rows archived.")
+    rows_deleted: int = Field(default=0, description="Rows deleted.")
+
+
+class RetentionPolicyStatus(BaseStatus):
+    """Observed state of a RetentionPolicy."""
+
+    cron_job_name: str | None = Field(default=None, max_length=253, description="The CronJob running the policy.")
+    pg_cron_job_id: int | None = Field(default=None, description="pg_cron job id, when pg_cron schedules it.")
+    last_run: RunStatus | None = Field(default=None, description="The most recent run.")
+    next_run_time: Timestamp | None = Field(default=None, description="When the next run is due.")
+    totals: TotalsStatus | None = Field(default=None, description="Totals since creation.")
+
+
+INFO = KindInfo(
+    kind="RetentionPolicy",
+    plural="retentionpolicies",
+    singular="retentionpolicy",
+    short_names=["rp", "pgretention"],
+    columns=[
+        *READY_COLUMNS,
+        PrinterColumn(name="Table", type="string", json_path=".spec.table.name"),
+        PrinterColumn(name="Older-Than", type="string", json_path=".spec.olderThan"),
+        PrinterColumn(name="Last-Run", type="string", json_path=".status.lastRun.outcome"),
+        PrinterColumn(name="Archived", type="integer", json_path=".status.totals.rowsArchived", priority=1),
+        PrinterColumn(name="Next", type="date", json_path=".status.nextRunTime", priority=1),
+        AGE_COLUMN,
+    ],
+)

@@ -1,0 +1,141 @@
+"""The `pgscale` command: run the operator, print CRDs, run jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__
+
+JobCommand = Callable[[argparse.Namespace], int]
+# `pgscale job <name>`: the commands Jobs and CronJobs run; each feature registers its own.
+JOBS: dict[str, tuple[str, JobCommand]] = {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for noisy in ("kubernetes.client.rest", "urllib3", "botocore", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import kube, runtime
+    from .metrics import METRICS
+
+    kube.load_config()
+    if args.metrics_port:
+        METRICS.serve(args.metrics_port)
+    namespaces = [] if args.all_namespaces else (args.namespace or [])
+    asyncio.run(
+        runtime.run(
+            namespaces=namespaces,
+            liveness_port=args.liveness_port,
+            workers=args.workers,
+            resync_seconds=args.resync_seconds,
+        )
+    )
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .api.crdgen import all_crds
+
+    crds = all_crds()
+    if args.check:
+        stale = []
+        for name, text in crds.items():
+            path = Path(args.check) / name
+            current = path.read_text() if path.exists() else ""
+            if current != text:
+                stale.append(name)
+                sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "generated"))
+        if stale:
+            print(f"stale CRDs: {', '.join(stale)}; run `pgscale crds --write {args.check}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        out = Path(args.write)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in crds.items():
+            (out / name).write_text(text)
+            print(f"wrote {out / name}", file=sys.stderr)
+        return 0
+    sys.stdout.write("---\n".join(crds.values()))
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from . import kube
+
+    kube.load_config()
+    return JOBS[args.job][1](args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgscale", description="Scale the Postgres an application already has.")
+    p.add_argument("--version", action="version", version=f"pgscale {__version__}")
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("PGSCALE_LOG_FORMAT", "text"))
+    p.add_argument("--log-level", default=os.environ.get("PGSCALE_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    run.add_argument("--liveness-port", type=int, default=8080, help="serve /healthz here; 0 disables")
+    run.add_argument("--metrics-port", type=int, default=9090, help="serve /metrics here; 0 disables")
+    run.add_argument("--workers", type=int, default=4, help="reconciles running at once")
+    run.add_argument("--resync-seconds", type=float, default=300.0, help="re-check interval of Ready resources")
+    run.set_defaults(func=cmd_run)
+
+    crds = sub.add_parser("crds", help="print, write or check the CustomResourceDefinitions")
+    where = crds.add_mutually_exclusive_group()
+    where.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR")
+    where.add_argument("--check", metavar="DIR", help="exit 1 when DIR differs from the models")
+    crds.set_defaults(func=cmd_crds)
+
+    job = sub.add_parser("job", help="commands that pgscale's Jobs and CronJobs run")
+    jobs = job.add_subparsers(dest="job", required=True)
+    for name, (summary, _) in sorted(JOBS.items()):
+        jp = jobs.add_parser(name, help=summary)
+        jp.add_argument("--namespace", required=True)
+        jp.add_argument("--name", required=True)
+    job.set_defaults(func=cmd_job)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""What every controller shares: the context, the result, the status writer and the
+reconcile scaffold that turns outcomes and errors into conditions and Events.
+
+A controller's ``reconcile`` only parses, plans, acts and fills in status fields;
+the scaffold owns observedGeneration, the Ready/Reconciling/Stalled conditions,
+Events on transitions, metrics, and never lets an exception escape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .. import conditions as cond
+from ..api import DATABASE_PROFILE, Kind
+from ..api.databaseprofile import DatabaseProfileSpec
+from ..errors import DependencyError, ReconcileError, SpecError
+from ..kube import Kube, ObjectRef
+from ..metrics import METRICS
+from ..pg.connection import ConnInfo, resolve
+
+log = logging.getLogger(__name__)
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+@dataclass
+class Settings:
+    """Operator-wide settings, from flags and environment."""
+
+    image: str = field(default_factory=lambda: os.environ.get("PGSCALE_IMAGE", "pgscale:0.1.0"))
+    pgbouncer_image: str = field(
+        default_factory=lambda: os.environ.get("PGSCALE_PGBOUNCER_IMAGE", "pgbouncer/pgbouncer:1.24.1")
+    )
+    postgres_image: str = field(
+        default_factory=lambda: os.environ.get("PGSCALE_POSTGRES_IMAGE", "postgres:15")
+    )
+    resync_seconds: float = 300.0
+    # How soon a Stalled resource is looked at again (its dependency may have appeared).
+    stalled_retry_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("PGSCALE_STALLED_RETRY_SECONDS", "30"))
+    )
+
+
+@dataclass
+class Context:
+    """What a reconcile may use: the API client and the settings."""
+
+    kube: Kube
+    settings: Settings
+
+
+@dataclass
+class Result:
+    """How a reconcile ended when it raised nothing."""
+
+    reason: str
+    message: str
+    done: bool = True  # False: long work under way (Ready False, Reconciling True)
+    requeue_after: float | None = None
+    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) of actions taken
+
+
+class StatusWriter:
+    """Holds a resource's status while it is reconciled; ``flush`` writes it back."""
+
+    def __init__(self, kube: Kube, kind: Kind, obj: dict[str, Any]) -> None:
+        self.kube = kube
+        self.kind = kind
+        self.namespace = obj["metadata"]["namespace"]
+        self.name = obj["metadata"]["name"]
+        self.generation: int | None = obj["metadata"].get("generation")
+        self.status: dict[str, Any] = dict(obj.get("status") or {})
+        self._sent: dict[str, Any] = dict(self.status)
+
+    @property
+    def conditions(self) -> cond.Conditions:
+        return list(self.status.get("conditions") or [])
+
+    @conditions.setter
+    def conditions(self, value: cond.Conditions) -> None:
+        self.status["conditions"] = value
+
+    def update(self, **fields: Any) -> None:
+        """Set status fields (camelCase keys as stored; None removes a field)."""
+        self.status.update(fields)
+
+    def flush(self) -> None:
+        """Send what changed since the last flush as one merge patch."""
+        patch = {k: v for k, v in self.status.items() if self._sent.get(k) != v}
+        patch.update({k: None for k in self._sent if k not in self.status})
+        if patch:
+            self.kube.patch_status(self.kind, self.namespace, self.name, patch)
+            self._sent = dict(self.status)
+
+
+class Controller(Protocol, Generic[SpecT]):
+    """One controller per kind; see controllers/<kind>.py."""
+
+    kind: Kind
+
+    def reconcile(self, ctx: Context, obj: dict[str, Any], spec: SpecT, status: StatusWriter) -> Result: ...
+
+
+def parse_spec(kind: Kind, obj: dict[str, Any]) -> BaseModel:
+    """The spec as its model; the CRD already rejects most bad input, this catches the rest."""
+    try:
+        return kind.spec.model_validate(obj.get("spec") or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SpecError(where, first["msg"]) from exc
+
+
+def profile_connection(ctx: Context, namespace: str, profile_name: str) -> ConnInfo:
+    """The connection of a DatabaseProfile, from its spec and Secret."""
+    profile = ctx.kube.get(DATABASE_PROFILE, namespace, profile_name)
+    if profile is None:
+        raise DependencyError(
+            f"DatabaseProfile {profile_name!r} not found in namespace {namespace!r}: create it or fix "
+            "spec.profileRef.name",
+            reason="ProfileNotFound",
+        )
+    spec = parse_spec(DATABASE_PROFILE, profile)
+    assert isinstance(spec, DatabaseProfileSpec)
+    return secret_connection(ctx, namespace, spec)
+
+
+def secret_connection(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -> ConnInfo:
+    """Resolve a profile's connection spec against its Secret."""
+    secret_name = spec.connection.secret_ref.name
+    secret = ctx.kube.read_secret(namespace, secret_name)
+    if secret is None:
+        raise DependencyError(
+            f"Secret {secret_name!r} not found in namespace {namespace!r}: create it with a `uri` key "
+            "or host/port/dbname/username/password keys (spec.connection.secretRef.name)",
+            reason="SecretNotFound",
+        )
+    return resolve(spec.connection, secret, secret_name)
+
+
+def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> float | None:
+    """Reconcile one object; returns seconds until it should be looked at again."""
+    kind = ctrl.kind
+    ref = ObjectRef.of(obj)
+    status = StatusWriter(ctx.kube, kind, obj)
+    generation = status.generation
+    before = cond.get(status.conditions, cond.READY) or {}
+    started = time.monotonic()
+    if status.status.get("observedGeneration") != generation:
+        status.conditions = cond.reconciling(
+            status.conditions, "Reconciling", f"Reconciling generation {generation}", generation
+        )
+        status.flush()
+    requeue: float | None
+    outcome = "success"
+    events: list[tuple[str, str, bool]] = []
+    try:
+        spec = parse_spec(kind, obj)
+        result = ctrl.reconcile(ctx, obj, spec, status)
+        if result.done:
+            status.conditions = cond.ready(status.conditions, result.reason, result.message, generation)
+        else:
+            status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
+        requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
+        events += [(r, m, False) for r, m in result.events]
+    except ReconcileError as exc:
+        outcome = "stalled" if exc.stalled else "retry"
+        update = cond.stalled if exc.stalled else cond.waiting
+        status.conditions = update(status.conditions, exc.reason, exc.message, generation)
+        requeue = exc.retry_seconds or ctx.settings.stalled_retry_seconds
+        log.info("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, exc.reason, exc.message)
+    except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
+        outcome = "error"
+        log.exception("%s %s/%s: reconcile failed", kind.name, ref.namespace, ref.name)
+        message = f"unexpected error ({type(exc).__name__}): {exc}; see the operator log"
+        status.conditions = cond.stalled(status.conditions, "InternalError", message, generation)
+        requeue = 60.0
+    status.update(observedGeneration=generation)
+    after = cond.get(status.conditions, cond.READY) or {}
+    if (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")):
+        warning = after.get("status") == "False" and cond.is_true(status.conditions, cond.STALLED)
+        events.append((str(after.get("reason")), str(after.get("message")), warning))
+    try:
+        status.flush()
+    finally:
+        for reason, message, warning in events:
+            ctx.kube.event(ref, reason, message, warning=warning)
+        METRICS.reconcile_total.labels(kind=kind.name, outcome=outcome).inc()
+        METRICS.reconcile_seconds.labels(kind=kind.name).observe(time.monotonic() - started)
+    return requeue

@@ -1,0 +1,52 @@
+"""PartitionPolicy controller: check the table, keep the maintenance CronJob."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import builders, pg
+from ..api import PARTITION_POLICY
+from ..api.partitionpolicy import PartitionPolicySpec
+from ..durations import seconds
+from ..kube import ObjectRef
+from .base import Context, Result, StatusWriter, profile_connection
+from .checks import TIME_TYPES, require_column, require_table
+
+
+class PartitionPolicyController:
+    """Validates the table and partition column against the database."""
+
+    kind = PARTITION_POLICY
+
+    def reconcile(
+        self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec, status: StatusWriter
+    ) -> Result:
+        ref = ObjectRef.of(obj)
+        info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
+        with pg.connect(info) as conn:
+            columns = require_table(conn, spec.table)
+            require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
+            partitioned = pg.is_partitioned(conn, spec.table.schema_, spec.table.name)
+        status.update(partitioned=partitioned)
+        events: list[tuple[str, str]] = []
+        maintenance = spec.maintenance
+        if maintenance and maintenance.cron_job:
+            cron = builders.cron_job(
+                ref,
+                suffix="partition-maintenance",
+                schedule=maintenance.schedule,
+                time_zone=spec.time_zone,
+                suspend=spec.suspend,
+                args=builders.job_args("partition-maintenance", ref),
+                template=maintenance.job,
+                default_image=ctx.settings.image,
+            )
+            ctx.kube.apply(cron)
+        state = "partitioned" if partitioned else "not partitioned yet"
+        interval = seconds(maintenance.interval) if maintenance else 3600.0
+        return Result(
+            "Validated",
+            f"{spec.table.qualified()} ({state}) partitioned {spec.interval} by {spec.column!r}",
+            requeue_after=interval,
+            events=events,
+        )

@@ -1,0 +1,197 @@
+"""Kubernetes I/O: the only module that talks to the API server (besides kopf's watches).
+
+Owned objects are written with server-side apply under one field manager, so
+a reconcile states the whole desired object and the API server computes the
+change; fields other managers own (an HPA's replicas, a user's label) stay.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .api import GROUP, VERSION, Kind
+from .conditions import now_rfc3339
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "pgscale"
+# (apiVersion, kind) -> plural, for every kind pgscale creates.
+_OWNED: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Secret"): "secrets",
+    ("v1", "Service"): "services",
+    ("v1", "Endpoints"): "endpoints",
+    ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "StatefulSet"): "statefulsets",
+    ("batch/v1", "Job"): "jobs",
+    ("batch/v1", "CronJob"): "cronjobs",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+}
+
+
+def load_config() -> None:
+    """In a pod, the ServiceAccount; elsewhere $KUBECONFIG or ~/.kube/config."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+
+
+def _path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """Enough of an object to name it in an Event or an owner reference."""
+
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> ObjectRef:
+        meta = obj["metadata"]
+        return cls(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"], meta.get("uid", ""))
+
+
+class Kube:
+    """A thin, synchronous client; safe to share between worker threads."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    # --- pgscale resources -------------------------------------------------------------
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """A pgscale resource, or None when it does not exist."""
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, kind.plural, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource (lists, like conditions, are replaced whole)."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, kind.plural, name, {"status": status}
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+    def patch_metadata(self, kind: Kind, namespace: str, name: str, metadata: dict[str, Any]) -> None:
+        """Merge-patch metadata (finalizers, annotations)."""
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, kind.plural, name, {"metadata": metadata}
+        )
+
+    # --- core objects ------------------------------------------------------------------
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded as UTF-8; None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = secret.data or {}
+        return {k: base64.b64decode(v).decode("utf-8") for k, v in data.items()}
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply an object pgscale owns; returns the object as stored."""
+        meta = obj["metadata"]
+        plural = _OWNED[(obj["apiVersion"], obj["kind"])]
+        path = _path(obj["apiVersion"], plural, meta["namespace"], meta["name"])
+        result, _, _ = self.api.call_api(
+            path,
+            "PATCH",
+            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+            body=json.dumps(obj),
+            response_type="object",
+            auth_settings=["BearerToken"],
+            _return_http_data_only=False,
+        )
+        return dict(result)
+
+    def read(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """Any object of an owned kind, or None."""
+        path = _path(api_version, _OWNED[(api_version, kind)], namespace, name)
+        try:
+            result, _, _ = self.api.call_api(
+                path, "GET", header_params={"Accept": "application/json"},
+                response_type="object", auth_settings=["BearerToken"], _return_http_data_only=False,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(result)
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete an owned object (foreground: its pods go first); False when it was gone."""
+        path = _path(api_version, _OWNED[(api_version, kind)], namespace, name)
+        try:
+            self.api.call_api(
+                path, "DELETE", header_params={"Content-Type": "application/json"},
+                body={"propagationPolicy": "Foreground"}, auth_settings=["BearerToken"],
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # --- events ------------------------------------------------------------------------
+
+    def event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
+        """Record an Event on a resource; failures are logged, never raised."""
+        now = now_rfc3339()
+        body = {
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": ref.api_version,
+                "kind": ref.kind,
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "pgscale"},
+            "reportingComponent": "pgscale.io/operator",
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(ref.namespace, body)
+        except ApiException as exc:
+            log.warning("could not record event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)

@@ -1,0 +1,196 @@
+"""The operator runtime: kopf watches the four kinds, a work queue runs reconciles.
+
+kopf's change handlers, timers and daemons would put kopf's finalizer and
+annotations on every object (timers require a finalizer). pgscale only uses
+kopf's watching and login: every watch event feeds a de-duplicating work queue
+(as client-go's does), workers reconcile the *current* object in a thread, and
+each reconcile says when to look again. That is level-triggered: a missed
+event or a restart just means the next reconcile sees the current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+
+from .api import GROUP, VERSION
+from .controllers import all_controllers
+from .controllers.base import Context, Controller, Settings, run_reconcile
+from .kube import Kube
+from .metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, str]  # (plural, namespace, name)
+
+
+class WorkQueue:
+    """A key is queued at most once; a key re-added while in work runs again afterwards."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._queued: set[Hashable] = set()
+        self._active: set[Hashable] = set()
+        self._dirty: set[Hashable] = set()
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+
+    def add(self, key: Hashable) -> None:
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+        METRICS.queue_depth.set(len(self._queued))
+
+    def add_after(self, key: Hashable, delay: float) -> None:
+        """Queue a key after a delay; an earlier add wins, a later one is ignored."""
+        loop = asyncio.get_running_loop()
+        existing = self._timers.get(key)
+        if existing and existing.when() <= loop.time() + delay:
+            return
+        if existing:
+            existing.cancel()
+        self._timers[key] = loop.call_later(delay, self.add, key)
+
+    def forget(self, key: Hashable) -> None:
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        self._dirty.discard(key)
+
+    async def get(self) -> Hashable:
+        key = await self._queue.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        METRICS.queue_depth.set(len(self._queued))
+        return key
+
+    def done(self, key: Hashable) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+
+class Runtime:
+    """Wires controllers to kopf's watches and runs the workers."""
+
+    def __init__(self, ctx: Context, workers: int = 4) -> None:
+        self.ctx = ctx
+        self.workers = workers
+        self.controllers: dict[str, Controller[Any]] = {c.kind.plural: c for c in all_controllers()}
+        self.queue = WorkQueue()
+        self._seen: dict[Key, tuple[Any, Any, bool]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+
+    def register(self, registry: kopf.OperatorRegistry) -> None:
+        """Subscribe to the four kinds and to the operator's start and stop."""
+        for plural in self.controllers:
+            kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"watch-{plural}")(self.on_event)
+        kopf.on.startup(registry=registry)(self.start)
+        kopf.on.cleanup(registry=registry)(self.stop)
+
+    async def on_event(self, event: dict[str, Any], body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
+        """Queue a reconcile when something a reconcile acts on changed (not our own status writes)."""
+        meta = body.get("metadata", {})
+        key: Key = (resource.plural, meta.get("namespace", ""), meta.get("name", ""))
+        if event.get("type") == "DELETED":
+            self._seen.pop(key, None)
+            self.queue.forget(key)
+            self._count()
+            return
+        fingerprint = (meta.get("generation"), dict(meta.get("annotations") or {}), "deletionTimestamp" in meta)
+        if self._seen.get(key) != fingerprint:
+            self._seen[key] = fingerprint
+            self.queue.add(key)
+            self._count()
+
+    def _count(self) -> None:
+        for plural, ctrl in self.controllers.items():
+            METRICS.resources.labels(kind=ctrl.kind.name).set(sum(1 for k in self._seen if k[0] == plural))
+
+    async def start(self, **_: Any) -> None:
+        asyncio.get_running_loop().set_default_executor(self._executor)
+        self._tasks = [asyncio.create_task(self._work(i)) for i in range(self.workers)]
+        log.info("pgscale started %d workers for %s", self.workers, ", ".join(self.controllers))
+
+    async def stop(self, **_: Any) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _work(self, index: int) -> None:
+        while True:
+            key = await self.queue.get()
+            assert isinstance(key, tuple)
+            try:
+                requeue = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
+            except Exception:  # the scaffold catches reconcile errors; this is I/O around it
+                log.exception("worker %d: %s failed; retrying in 30s", index, "/".join(key))
+                requeue = 30.0
+            finally:
+                self.queue.done(key)
+            if requeue is not None and key in self._seen:
+                self.queue.add_after(key, requeue)
+
+    def _reconcile(self, key: Key) -> float | None:
+        plural, namespace, name = key
+        ctrl = self.controllers[plural]
+        obj = self.ctx.kube.get(ctrl.kind, namespace, name)  # the current object, not the event's copy
+        if obj is None:
+            return None
+        return run_reconcile(ctrl, self.ctx, obj)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings: pgscale's own prefixes, no peering, quiet posting."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.peering.standalone = True
+    settings.posting.enabled = False  # pgscale records its own Events (kube.Kube.event)
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+def make_registry(ctx: Context, workers: int) -> kopf.OperatorRegistry:
+    """A kopf registry with pgscale's watches and settings."""
+    registry = kopf.OperatorRegistry()
+    runtime = Runtime(ctx, workers)
+    runtime.register(registry)
+    kopf.on.startup(registry=registry)(lambda settings, **_: configure(settings))
+    return registry
+
+
+async def run(
+    *,
+    namespaces: list[str],
+    liveness_port: int | None,
+    workers: int,
+    resync_seconds: float,
+) -> None:
+    """Run the operator until it is stopped."""
+    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds))
+    registry = make_registry(ctx, workers)
+    await kopf.operator(
+        registry=registry,
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
+    )
+
