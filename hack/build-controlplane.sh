@@ -14,7 +14,7 @@ if [[ -x "$bin/kube-apiserver" && -x "$bin/kube-controller-manager" && -x "$bin/
   echo "$bin"; exit 0
 fi
 mkdir -p "$bin.tmp"
-export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly
+export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
 # Keep Go's caches outside the checkout (defaults are under $HOME already).
 minor="${k8s_version#v1.}"; minor="${minor%%.*}"
 ld=""

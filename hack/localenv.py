@@ -81,9 +81,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
 
 def controlplane_bin() -> Path:
     """The cached control-plane binaries, built on first use."""
-    out = subprocess.run(
-        [str(ROOT / "hack" / "build-controlplane.sh")], check=True, stdout=subprocess.PIPE, text=True
-    )
+    out = subprocess.run([str(ROOT / "hack" / "build-controlplane.sh")], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,7 +145,7 @@ class ControlPlane:
         def readyz() -> bool:
             req = urllib.request.Request(f"https://127.0.0.1:{self.port}/readyz",
                                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
-            return bool(urllib.request.urlopen(req, context=insecure, timeout=2).status == 200)
+            return bool(urllib.request.urlopen(req, context=insecure, timeout=2).status == 200)  # noqa: S310
 
         wait_for("kube-apiserver", readyz, timeout=120, proc=api, log=api_log)
         self._write_kubeconfig(self.kubeconfig, ADMIN_TOKEN, "admin")
@@ -279,7 +277,7 @@ logging_collector = off
         import psycopg
 
         with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
 
 def _os_user() -> str | None:
@@ -311,7 +309,7 @@ class S3Server:
         log = self.dir / "moto.log"
         exe = Path(sys.executable).parent / "moto_server"
         self.proc = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], log)
-        wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),
+        wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),  # noqa: S310
                  proc=self.proc, log=log)  # fmt: skip
         return self
 

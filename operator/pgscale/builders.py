@@ -72,7 +72,7 @@ def job_pod_spec(
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108 - an emptyDir, not the host
     }
     if template.image_pull_policy:
         container["imagePullPolicy"] = template.image_pull_policy

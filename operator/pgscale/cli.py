@@ -41,7 +41,7 @@ def setup_logging(fmt: str, level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("kubernetes.client.rest", "urllib3", "botocore", "s3transfer"):
+    for noisy in ("kubernetes.client.rest", "urllib3", "botocore", "s3transfer", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -75,7 +75,9 @@ def cmd_crds(args: argparse.Namespace) -> int:
             current = path.read_text() if path.exists() else ""
             if current != text:
                 stale.append(name)
-                sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "generated"))
+                sys.stdout.writelines(
+                    difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(path), "generated")
+                )
         if stale:
             print(f"stale CRDs: {', '.join(stale)}; run `pgscale crds --write {args.check}`", file=sys.stderr)
             return 1

@@ -16,7 +16,7 @@ class ReconcileError(Exception):
     stalled = True
     retry_seconds: float | None = None
 
-    def __init__(self, message: str, *, reason: str | None = None, retry_seconds: float | None = None):
+    def __init__(self, message: str, *, reason: str | None = None, retry_seconds: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         if reason:
@@ -30,7 +30,7 @@ class SpecError(ReconcileError):
 
     reason = "InvalidSpec"
 
-    def __init__(self, field: str, message: str, *, reason: str | None = None):
+    def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
         super().__init__(f"spec.{field}: {message}", reason=reason)
         self.field = field
 

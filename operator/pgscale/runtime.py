@@ -102,7 +102,7 @@ class Runtime:
         kopf.on.startup(registry=registry)(self.start)
         kopf.on.cleanup(registry=registry)(self.stop)
 
-    async def on_event(self, event: dict[str, Any], body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
+    async def on_event(self, *, event: kopf.RawEvent, body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
         """Queue a reconcile when something a reconcile acts on changed (not our own status writes)."""
         meta = body.get("metadata", {})
         key: Key = (resource.plural, meta.get("namespace", ""), meta.get("name", ""))
@@ -173,6 +173,8 @@ def make_registry(ctx: Context, workers: int) -> kopf.OperatorRegistry:
     runtime = Runtime(ctx, workers)
     runtime.register(registry)
     kopf.on.startup(registry=registry)(lambda settings, **_: configure(settings))
+    # The same identity as the kubernetes client: in-cluster ServiceAccount or kubeconfig.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     return registry
 
 
@@ -193,4 +195,3 @@ async def run(
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )
-

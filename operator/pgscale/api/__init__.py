@@ -40,9 +40,7 @@ PARTITION_POLICY = Kind(
 RETENTION_POLICY = Kind(
     retentionpolicy.INFO, retentionpolicy.RetentionPolicySpec, retentionpolicy.RetentionPolicyStatus
 )
-FILE_MIGRATION = Kind(
-    filemigration.INFO, filemigration.FileMigrationSpec, filemigration.FileMigrationStatus
-)
+FILE_MIGRATION = Kind(filemigration.INFO, filemigration.FileMigrationSpec, filemigration.FileMigrationStatus)
 KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION)
 
 __all__ = [

@@ -38,9 +38,7 @@ QUANTITY_PATTERN = (
 )
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
-Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=63, pattern=IDENTIFIER_PATTERN)
-]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=IDENTIFIER_PATTERN)]
 Duration = Annotated[str, StringConstraints(max_length=12, pattern=DURATION_PATTERN)]
 Age = Annotated[str, StringConstraints(max_length=16, pattern=AGE_PATTERN)]
 Cron = Annotated[str, StringConstraints(max_length=100, pattern=CRON_PATTERN)]
@@ -60,17 +58,21 @@ def immutable(message: str) -> dict[str, Any]:
     return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": message}]}
 
 
-def cel(*rules: tuple[str, str]) -> dict[str, Any]:
-    """CEL rules as (rule, message) pairs, for ``json_schema_extra``."""
-    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+def cel(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
+    """CEL rules as (rule, message[, messageExpression]) tuples, for ``json_schema_extra``."""
+    out = []
+    for rule in rules:
+        entry = {"rule": rule[0], "message": rule[1]}
+        if len(rule) == 3:
+            entry["messageExpression"] = rule[2]
+        out.append(entry)
+    return {"x-kubernetes-validations": out}
 
 
 class Model(BaseModel):
     """Base of every API type: camelCase on the wire, unknown fields refused."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True)
 
     def wire(self) -> dict[str, Any]:
         """The object as Kubernetes stores it: camelCase keys, unset fields left out."""
@@ -86,9 +88,7 @@ class LocalObjectReference(Model):
 class ProfileReference(Model):
     """Which DatabaseProfile (in the same namespace) holds the connection to use."""
 
-    name: ObjectName = Field(
-        description="Name of a DatabaseProfile in the same namespace; its connection is used."
-    )
+    name: ObjectName = Field(description="Name of a DatabaseProfile in the same namespace; its connection is used.")
 
 
 class TableReference(Model):
@@ -99,9 +99,7 @@ class TableReference(Model):
         alias="schema",
         description="Schema of the table, exactly as in the database (case-sensitive).",
     )
-    name: Identifier = Field(
-        description="Name of the table, exactly as in the database (case-sensitive, e.g. Task)."
-    )
+    name: Identifier = Field(description="Name of the table, exactly as in the database (case-sensitive, e.g. Task).")
 
     def qualified(self) -> str:
         """Human-readable, quoted name for messages (never used to build SQL)."""
@@ -137,12 +135,8 @@ class JobTemplate(Model):
     service_account_name: ObjectName | None = Field(
         default=None, description="ServiceAccount the job pod runs as; defaults to the namespace's default."
     )
-    resources: ResourceRequirements | None = Field(
-        default=None, description="Resources of the job container."
-    )
-    backoff_limit: int = Field(
-        default=3, ge=0, le=100, description="Retries of a failed job pod before the Job fails."
-    )
+    resources: ResourceRequirements | None = Field(default=None, description="Resources of the job container.")
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Retries of a failed job pod before the Job fails.")
     ttl_seconds_after_finished: int = Field(
         default=86400,
         ge=0,
@@ -164,24 +158,18 @@ class Condition(Model):
     observed_generation: int | None = Field(
         default=None, ge=0, description="The .metadata.generation the condition was set for."
     )
-    last_transition_time: Timestamp = Field(
-        description="When the condition last changed status (RFC 3339)."
-    )
+    last_transition_time: Timestamp = Field(description="When the condition last changed status (RFC 3339).")
     reason: str = Field(
         max_length=1024,
         description="CamelCase reason for the last transition; docs/troubleshooting.md lists them.",
     )
-    message: str = Field(
-        default="", max_length=32768, description="Human-readable details, including the fix."
-    )
+    message: str = Field(default="", max_length=32768, description="Human-readable details, including the fix.")
 
 
 class BaseStatus(Model):
     """Status fields every pgscale kind has."""
 
-    observed_generation: int | None = Field(
-        default=None, description="The .metadata.generation the status reflects."
-    )
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation the status reflects.")
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, Reconciling and Stalled, plus kind-specific conditions.",

@@ -111,8 +111,10 @@ def check_structural(node: dict[str, Any], path: str = "") -> list[str]:
         problems.append(f"{path}: no type")
     if "description" not in node and path.count(".") > 1 and not path.endswith(("[]", "{}")):
         problems.append(f"{path}: no description")
-    if node.get("type") == "string" and node.get("x-kubernetes-validations") and not (
-        "maxLength" in node or "enum" in node
+    if (
+        node.get("type") == "string"
+        and node.get("x-kubernetes-validations")
+        and not ("maxLength" in node or "enum" in node)
     ):
         problems.append(f"{path}: string with CEL rules needs maxLength")
     if node.get("type") == "array" and "maxItems" not in node and path.startswith(".spec"):

@@ -157,12 +157,10 @@ class ConnectionSpec(Model):
         description="Host of the primary; overrides the Secret (Zalando Secrets carry no host).",
     )
     port: int | None = Field(default=None, ge=1, le=65535, description="Port of the primary.")
-    dbname: str | None = Field(
-        default=None, max_length=63, description="Database to manage; overrides the Secret."
+    dbname: str | None = Field(default=None, max_length=63, description="Database to manage; overrides the Secret.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None, description="libpq sslmode used by pgscale's connections."
     )
-    sslmode: (
-        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
-    ) = Field(default=None, description="libpq sslmode used by pgscale's connections.")
     connect_timeout_seconds: int = Field(
         default=10, ge=1, le=300, description="Seconds to wait for a connection before giving up."
     )
@@ -192,9 +190,7 @@ class PoolingSpec(Model):
     pool_mode: Literal["session", "transaction", "statement"] = Field(
         default="transaction", description="When a server connection returns to the pool."
     )
-    default_pool_size: int = Field(
-        default=20, ge=1, le=10000, description="Server connections per user/database pair."
-    )
+    default_pool_size: int = Field(default=20, ge=1, le=10000, description="Server connections per user/database pair.")
     min_pool_size: int = Field(default=0, ge=0, le=10000, description="Connections kept open when idle.")
     reserve_pool_size: int = Field(
         default=0, ge=0, le=10000, description="Extra connections allowed when clients wait."
@@ -300,9 +296,7 @@ class MonitoringSpec(Model):
 
     enabled: bool = Field(default=True, description="Export metrics for this database.")
     interval: Duration = Field(default="60s", description="How often metrics are collected.")
-    statements: bool = Field(
-        default=True, description="Read query times from pg_stat_statements when it is installed."
-    )
+    statements: bool = Field(default=True, description="Read query times from pg_stat_statements when it is installed.")
     alerts: AlertsSpec | None = Field(default=None, description="Thresholds; strategy defaults when unset.")
     pod_monitor: PrometheusObjectSpec | None = Field(
         default=None, description="A PodMonitor for the operator's metrics endpoint."
@@ -340,7 +334,7 @@ class DatabaseProfileSpec(Model):
         default_factory=dict,
         description=(
             "Postgres settings applied with ALTER SYSTEM; they override the tier or resources. "
-            "Values are strings, as in postgresql.conf (\"200\", \"256MB\")."
+            'Values are strings, as in postgresql.conf ("200", "256MB").'
         ),
         json_schema_extra={
             "maxProperties": 256,
@@ -354,6 +348,9 @@ class DatabaseProfileSpec(Model):
                     f"self.all(k, !(k in {_cel_list(FORBIDDEN_PARAMETERS)}))",
                     "parameters: this setting would break the server, replication or pgscale's "
                     "connection and cannot be managed (see docs/databaseprofile.md)",
+                    f"'parameters.' + self.filter(k, k in {_cel_list(FORBIDDEN_PARAMETERS)})[0] + "
+                    "' would break the server, replication or pgscale\\'s connection and cannot be "
+                    "managed; remove it (see docs/databaseprofile.md)'",
                 ),
             ),
         },
@@ -456,9 +453,7 @@ INFO = KindInfo(
         PrinterColumn(name="Tier", type="string", json_path=".spec.tier"),
         PrinterColumn(name="Version", type="string", json_path=".status.serverVersion"),
         PrinterColumn(name="Size", type="string", json_path=".status.capacity.databaseSize"),
-        PrinterColumn(
-            name="Replicas", type="integer", json_path=".spec.readReplicas.instances", priority=1
-        ),
+        PrinterColumn(name="Replicas", type="integer", json_path=".spec.readReplicas.instances", priority=1),
         AGE_COLUMN,
     ],
 )

@@ -138,7 +138,7 @@ class FileMigrationSpec(Model):
 
     profile_ref: ProfileReference = Field(description="DatabaseProfile whose database holds the table.")
     table: TableReference = Field(
-        description="Table holding the files (\"File\" in the strategy).",
+        description='Table holding the files ("File" in the strategy).',
         json_schema_extra=cel(("self == oldSelf", "table is immutable; create a new FileMigration")),
     )
     key_column: Identifier = Field(
@@ -169,9 +169,7 @@ class FileMigrationSpec(Model):
         ),
     )
     path_column: Identifier = Field(default="filePath", description="Column that receives the object's path.")
-    storage_type_column: Identifier = Field(
-        default="storageType", description="Column that says where the file lives."
-    )
+    storage_type_column: Identifier = Field(default="storageType", description="Column that says where the file lives.")
     phase: Phase = Field(
         default="copy",
         description=(
@@ -186,9 +184,7 @@ class FileMigrationSpec(Model):
     batch_size: int = Field(default=100, ge=1, le=10000, description="Rows claimed per batch.")
     concurrency: int = Field(default=4, ge=1, le=64, description="Uploads in flight at once.")
     rate_limit: RateLimit | None = Field(default=None, description="Speed limits.")
-    multipart_threshold: Quantity = Field(
-        default="8Mi", description="Files at least this large are uploaded in parts."
-    )
+    multipart_threshold: Quantity = Field(default="8Mi", description="Files at least this large are uploaded in parts.")
     multipart_chunk_size: Quantity = Field(default="8Mi", description="Part size of multipart uploads (>= 5Mi).")
     suspend: bool = Field(default=False, description="Pause the migration; a running Job stops after its batch.")
     job: JobTemplate | None = Field(default=None, description="How the migration Job's pod runs.")
@@ -208,7 +204,9 @@ class FileMigrationStatus(BaseStatus):
         Literal["Pending", "Preparing", "Copying", "Verifying", "CuttingOver", "DroppingSource", "Completed", "Failed"]
         | None
     ) = Field(default=None, description="Where the migration is.")
-    progress: str | None = Field(default=None, max_length=64, description="Migrated rows as a percentage, for kubectl get.")
+    progress: str | None = Field(
+        default=None, max_length=64, description="Migrated rows as a percentage, for kubectl get."
+    )
     rows_total: int | None = Field(default=None, description="Rows with data to migrate.")
     rows_migrated: int | None = Field(default=None, description="Rows whose object is written and verified.")
     rows_failed: int | None = Field(default=None, description="Rows skipped as malformed.")

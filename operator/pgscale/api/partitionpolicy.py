@@ -44,9 +44,7 @@ class ConversionSpec(Model):
         default=True,
         description="Convert the table when it is not partitioned yet; when false, pgscale only reports.",
     )
-    batch_size: int = Field(
-        default=10000, ge=100, le=1000000, description="Rows moved per committed batch."
-    )
+    batch_size: int = Field(default=10000, ge=100, le=1000000, description="Rows moved per committed batch.")
     lock_timeout: Duration = Field(
         default="1s",
         description="Longest wait for a lock that blocks the table's readers or writers; the step is retried.",
@@ -70,7 +68,7 @@ class ConversionSpec(Model):
 class RetentionSpec(Model):
     """Which old partitions leave the table, and how."""
 
-    keep: Age = Field(description="How much history stays attached, e.g. 12mo or \"12 months\".")
+    keep: Age = Field(description='How much history stays attached, e.g. 12mo or "12 months".')
     action: Literal["detach", "drop"] = Field(
         default="detach",
         description="detach keeps old partitions as plain tables; drop deletes them and their rows.",
@@ -107,8 +105,7 @@ class PartitionPolicySpec(Model):
                 "namingPattern: weekly partitions need {IYYY} and {IW} in the name",
             ),
             (
-                "!has(self.namingPattern) || self.interval == 'weekly' || "
-                "self.namingPattern.contains('{YYYY}')",
+                "!has(self.namingPattern) || self.interval == 'weekly' || self.namingPattern.contains('{YYYY}')",
                 "namingPattern: must contain {YYYY}",
             ),
             (
@@ -117,13 +114,11 @@ class PartitionPolicySpec(Model):
                 "namingPattern: daily and monthly partitions need {MM} in the name",
             ),
             (
-                "!has(self.namingPattern) || self.interval != 'daily' || "
-                "self.namingPattern.contains('{DD}')",
+                "!has(self.namingPattern) || self.interval != 'daily' || self.namingPattern.contains('{DD}')",
                 "namingPattern: daily partitions need {DD} in the name",
             ),
             (
-                "!has(self.namingPattern) || self.interval != 'quarterly' || "
-                "self.namingPattern.contains('{Q}')",
+                "!has(self.namingPattern) || self.interval != 'quarterly' || self.namingPattern.contains('{Q}')",
                 "namingPattern: quarterly partitions need {Q} in the name",
             ),
         )
@@ -151,9 +146,7 @@ class PartitionPolicySpec(Model):
             "e.g. {table}_{YYYY}_{MM} gives Task_2025_01."
         ),
     )
-    premake: int = Field(
-        default=4, ge=1, le=400, description="Future partitions kept ready, even when no rows arrive."
-    )
+    premake: int = Field(default=4, ge=1, le=400, description="Future partitions kept ready, even when no rows arrive.")
     time_zone: str = Field(
         default="UTC",
         max_length=64,
@@ -202,9 +195,15 @@ class MaintenanceRun(Model):
     """What the last maintenance did."""
 
     time: Timestamp = Field(description="When it ran.")
-    created: list[str] = Field(default_factory=list, description="Partitions created.", json_schema_extra={"maxItems": 400})
-    detached: list[str] = Field(default_factory=list, description="Partitions detached.", json_schema_extra={"maxItems": 400})
-    dropped: list[str] = Field(default_factory=list, description="Partitions dropped.", json_schema_extra={"maxItems": 400})
+    created: list[str] = Field(
+        default_factory=list, description="Partitions created.", json_schema_extra={"maxItems": 400}
+    )
+    detached: list[str] = Field(
+        default_factory=list, description="Partitions detached.", json_schema_extra={"maxItems": 400}
+    )
+    dropped: list[str] = Field(
+        default_factory=list, description="Partitions dropped.", json_schema_extra={"maxItems": 400}
+    )
     rows_moved_from_default: int = Field(default=0, description="Rows moved out of the DEFAULT partition.")
 
 
@@ -233,9 +232,7 @@ INFO = KindInfo(
         PrinterColumn(name="Table", type="string", json_path=".spec.table.name"),
         PrinterColumn(name="Interval", type="string", json_path=".spec.interval"),
         PrinterColumn(name="Partitions", type="integer", json_path=".status.partitionCount"),
-        PrinterColumn(
-            name="Next", type="date", json_path=".status.nextMaintenanceTime", priority=1
-        ),
+        PrinterColumn(name="Next", type="string", json_path=".status.nextMaintenanceTime", priority=1),
         AGE_COLUMN,
     ],
 )

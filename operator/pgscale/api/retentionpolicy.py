@@ -24,9 +24,7 @@ from .common import (
     cel,
 )
 
-FilterOperator = Literal[
-    "In", "NotIn", "Equals", "NotEquals", "LessThan", "GreaterThan", "IsNull", "IsNotNull"
-]
+FilterOperator = Literal["In", "NotIn", "Equals", "NotEquals", "LessThan", "GreaterThan", "IsNull", "IsNotNull"]
 
 
 class RowFilter(Model):
@@ -63,9 +61,7 @@ class ArchiveSpec(Model):
     schema_: Identifier | None = Field(
         default=None, alias="schema", description="Schema of the archive table; the source's when unset."
     )
-    table: Identifier | None = Field(
-        default=None, description="Archive table name; `<table>_archive` when unset."
-    )
+    table: Identifier | None = Field(default=None, description="Archive table name; `<table>_archive` when unset.")
     create: bool = Field(
         default=True, description="Create the archive table with the source's columns when it is missing."
     )
@@ -175,7 +171,7 @@ INFO = KindInfo(
         PrinterColumn(name="Older-Than", type="string", json_path=".spec.olderThan"),
         PrinterColumn(name="Last-Run", type="string", json_path=".status.lastRun.outcome"),
         PrinterColumn(name="Archived", type="integer", json_path=".status.totals.rowsArchived", priority=1),
-        PrinterColumn(name="Next", type="date", json_path=".status.nextRunTime", priority=1),
+        PrinterColumn(name="Next", type="string", json_path=".status.nextRunTime", priority=1),
         AGE_COLUMN,
     ],
 )

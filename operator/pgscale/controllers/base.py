@@ -26,7 +26,7 @@ from ..pg.connection import ConnInfo, resolve
 
 log = logging.getLogger(__name__)
 
-SpecT = TypeVar("SpecT", bound=BaseModel)
+SpecT = TypeVar("SpecT", bound=BaseModel, contravariant=True)
 
 
 @dataclass
@@ -37,9 +37,7 @@ class Settings:
     pgbouncer_image: str = field(
         default_factory=lambda: os.environ.get("PGSCALE_PGBOUNCER_IMAGE", "pgbouncer/pgbouncer:1.24.1")
     )
-    postgres_image: str = field(
-        default_factory=lambda: os.environ.get("PGSCALE_POSTGRES_IMAGE", "postgres:15")
-    )
+    postgres_image: str = field(default_factory=lambda: os.environ.get("PGSCALE_POSTGRES_IMAGE", "postgres:15"))
     resync_seconds: float = 300.0
     # How soon a Stalled resource is looked at again (its dependency may have appeared).
     stalled_retry_seconds: float = field(

@@ -38,9 +38,7 @@ def require_column(
     if column is None:
         near = [c for c in columns if c.lower() == name.lower()]
         hint = f" (did you mean {near[0]!r}? names are case-sensitive)" if near else ""
-        raise SpecError(
-            field, f"column {name!r} does not exist in {table.qualified()}{hint}", reason="ColumnNotFound"
-        )
+        raise SpecError(field, f"column {name!r} does not exist in {table.qualified()}{hint}", reason="ColumnNotFound")
     base_type = column.type.split("(")[0]
     if types is not None and base_type not in types:
         raise SpecError(

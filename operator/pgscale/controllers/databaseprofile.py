@@ -17,9 +17,7 @@ class DatabaseProfileController:
 
     kind = DATABASE_PROFILE
 
-    def reconcile(
-        self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec, status: StatusWriter
-    ) -> Result:
+    def reconcile(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec, status: StatusWriter) -> Result:
         info = secret_connection(ctx, obj["metadata"]["namespace"], spec)
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)

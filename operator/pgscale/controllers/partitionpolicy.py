@@ -18,9 +18,7 @@ class PartitionPolicyController:
 
     kind = PARTITION_POLICY
 
-    def reconcile(
-        self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec, status: StatusWriter
-    ) -> Result:
+    def reconcile(self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
         with pg.connect(info) as conn:

@@ -35,15 +35,15 @@ class RetentionPolicyController:
 
     kind = RETENTION_POLICY
 
-    def reconcile(
-        self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec, status: StatusWriter
-    ) -> Result:
+    def reconcile(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         due = next_run(spec.schedule, spec.time_zone)
         info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
         with pg.connect(info) as conn:
             columns = require_table(conn, spec.table)
-            require_column(columns, spec.age_column, "ageColumn", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
+            require_column(
+                columns, spec.age_column, "ageColumn", spec.table, TIME_TYPES, "timestamp, timestamptz or date"
+            )
             for i, row_filter in enumerate(spec.filters):
                 require_column(columns, row_filter.column, f"filters[{i}].column", spec.table)
         if spec.scheduler == "pg_cron":

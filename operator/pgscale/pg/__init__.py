@@ -45,7 +45,9 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
 
 def server_version(conn: psycopg.Connection) -> tuple[str, int]:
     """The server's version string (15.18) and number (150018)."""
-    row = conn.execute("SELECT current_setting('server_version'), current_setting('server_version_num')::int").fetchone()
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int"
+    ).fetchone()
     assert row is not None
     return str(row[0]).split(" ")[0], int(row[1])
 

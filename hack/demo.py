@@ -1,0 +1,119 @@
+"""pgscale end to end on one machine (run through hack/demo.sh).
+
+Starts the local environment (hack/localenv.py), loads the strategy's sample
+application into a real PostgreSQL, applies every example in examples/ with
+kubectl, and prints what the operator reports for each resource.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import localenv
+
+ROOT = localenv.ROOT
+NAMESPACE = "demo"
+EXAMPLES = ["databaseprofile.yaml", "partitionpolicy.yaml", "retentionpolicy.yaml", "filemigration.yaml"]
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def load_sample(pg: localenv.Postgres) -> None:
+    """The sample app with a year of tasks, some messages and Base64 files."""
+    pg.execute('CREATE DATABASE "app"')
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as conn:
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())  # type: ignore[arg-type]
+        conn.execute(
+            """INSERT INTO "Task" (title, status, "createdAt", "completedAt")
+               SELECT 'task ' || g, CASE WHEN g % 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END,
+                      now() - (g || ' hours')::interval,
+                      CASE WHEN g % 3 = 0 THEN NULL ELSE now() - (g || ' hours')::interval + interval '1 hour' END
+               FROM generate_series(1, 8760) g"""
+        )
+        conn.execute("""INSERT INTO "Message" ("taskId", body) SELECT (g % 8760) + 1, 'message ' || g
+                        FROM generate_series(1, 20000) g""")
+        with conn.cursor() as cur:
+            for i in range(50):
+                payload = os.urandom(1024 * (i + 1))
+                cur.execute(
+                    'INSERT INTO "File" (id, "fileName", "mimeType", size, data) VALUES (%s, %s, %s, %s, %s)',
+                    (f"file-{i:03d}", f"report-{i}.bin", "application/octet-stream", len(payload),
+                     base64.b64encode(payload).decode()),
+                )  # fmt: skip
+        sizes = conn.execute(
+            """SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class
+               WHERE relname IN ('Task', 'Message', 'File') ORDER BY relname"""
+        ).fetchall()
+    print("loaded:", ", ".join(f"{name} {size}" for name, size in sizes))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dir", default=str(ROOT / ".tmp" / "demo"), help="working directory (state and logs)")
+    parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    args = parser.parse_args()
+    workdir = Path(args.dir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    say("starting etcd, kube-apiserver, kube-controller-manager, PostgreSQL 15, S3 server, pgscale")
+    started = time.monotonic()
+    with localenv.environment(workdir) as (cp, pg, s3, op):
+        print(f"up in {time.monotonic() - started:.1f}s; KUBECONFIG={cp.kubeconfig}")
+        say("loading the strategy's sample application (tasks, messages, Base64 files)")
+        load_sample(pg)
+
+        def kubectl(*a: str, input: str | None = None) -> str:
+            return cp.kubectl_run("-n", NAMESPACE, *a, input=input, check=True).stdout
+
+        cp.kubectl_run("create", "namespace", NAMESPACE, check=True)
+        kubectl("create", "secret", "generic", "app-db", f"--from-literal=uri={pg.uri('app')}")
+        kubectl("create", "secret", "generic", "s3-credentials",
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}")  # fmt: skip
+        say("kubectl apply -f examples/")
+        for name in EXAMPLES:
+            docs = [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]
+            for doc in docs:
+                if doc["kind"] == "FileMigration":  # point the example at the local S3 server
+                    doc["spec"]["destination"]["s3"]["endpoint"] = s3.endpoint
+            print(kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs)).strip())
+        say("waiting for every resource to be Ready")
+        for kind in ("databaseprofile", "partitionpolicy", "retentionpolicy", "filemigration"):
+            result = cp.kubectl_run("-n", NAMESPACE, "wait", "--for=condition=Ready", kind, "--all", "--timeout=90s")
+            print((result.stdout or result.stderr).strip())
+        say("kubectl get pgscale -o wide")
+        print(kubectl("get", "pgscale", "-o", "wide"))
+        say("what the operator created")
+        print(kubectl("get", "cronjobs"))
+        say("events")
+        print(kubectl("get", "events", "--sort-by=.lastTimestamp"))
+        if args.keep:
+            print(f"export KUBECONFIG={cp.kubeconfig}   # Ctrl-C stops everything; operator log: {op and op.log}")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    say("stopped everything")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except subprocess.CalledProcessError as exc:
+        print(exc.stderr, file=sys.stderr)
+        raise

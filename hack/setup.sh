@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install everything pgscale's tests and demo need, idempotently, on a fresh machine:
+# Debian packages (PostgreSQL 15 with pg_cron and pg_partman, PgBouncer), the Python
+# environment from uv.lock, and the control-plane binaries built from hack/k8s and
+# hack/etcd (cached outside the checkout, rebuilt only when a pin changes).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-15-partman postgresql-contrib pgbouncer openssl)
+UV_VERSION=0.13.8
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v uv >/dev/null || [[ "$(uv --version | cut -d' ' -f2)" != "$UV_VERSION" ]]; then
+  echo "setup: installing uv $UV_VERSION" >&2
+  python3 -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
+fi
+uv sync --frozen --quiet
+
+command -v go >/dev/null || { echo "setup: Go is required to build the control plane" >&2; exit 1; }
+hack/build-controlplane.sh >/dev/null
+echo "setup: ready" >&2

@@ -1,0 +1,136 @@
+"""Fixtures: real components on loopback, started once per session (see hack/localenv.py).
+
+Unit tests (tests/unit) use none of them. Everything else gets a real
+kube-apiserver with controller-manager, a real PostgreSQL server, a real
+S3-compatible server and the operator as a subprocess; each test gets its own
+namespace and database.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "hack"))
+
+import localenv  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("env")
+
+
+@pytest.fixture(scope="session")
+def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
+    cp = localenv.ControlPlane(workdir)
+    try:
+        cp.start()
+        cp.kubectl_run("apply", "--server-side", "-f", str(ROOT / "crds"), check=True)
+        cp.kubectl_run("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", check=True)
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(workdir: Path) -> Iterator[localenv.Postgres]:
+    server = localenv.Postgres(workdir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(workdir: Path) -> Iterator[localenv.S3Server]:
+    server = localenv.S3Server(workdir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(workdir: Path, control_plane: localenv.ControlPlane) -> Iterator[localenv.OperatorProcess]:
+    op = localenv.OperatorProcess(workdir, control_plane.kubeconfig)
+    try:
+        yield op.start("--all-namespaces")
+    finally:
+        op.stop()
+        sys.stderr.write(f"\noperator log: {op.log}\n")
+
+
+class Kubectl:
+    """kubectl bound to one namespace of the local control plane."""
+
+    def __init__(self, cp: localenv.ControlPlane, namespace: str) -> None:
+        self.cp = cp
+        self.namespace = namespace
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        result = self.cp.kubectl_run("-n", self.namespace, *args, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    def apply(self, obj: dict[str, Any] | str, *extra: str, check: bool = True) -> Any:
+        text = obj if isinstance(obj, str) else yaml.safe_dump(obj)
+        return self.cp.kubectl_run("-n", self.namespace, "apply", "-f", "-", *extra, input=text) if not check \
+            else self.run("apply", "-f", "-", *extra, input=text)  # fmt: skip
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.run("get", kind, name, "-o", "json")))
+
+    def wait(self, kind: str, name: str, condition: str, timeout: int = 60) -> str:
+        return self.run("wait", f"--for=condition={condition}", f"{kind}/{name}", f"--timeout={timeout}s")
+
+    def secret(self, name: str, data: dict[str, str]) -> None:
+        self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
+
+
+@pytest.fixture
+def namespace(control_plane: localenv.ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    control_plane.kubectl_run("create", "namespace", name, check=True)
+    yield name
+    control_plane.kubectl_run("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def kubectl(control_plane: localenv.ControlPlane, namespace: str) -> Kubectl:
+    return Kubectl(control_plane, namespace)
+
+
+@pytest.fixture
+def database(postgres: localenv.Postgres) -> Iterator[str]:
+    """A fresh database with the sample application's schema."""
+    name = f"app_{uuid.uuid4().hex[:10]}"
+    postgres.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(postgres.dsn(name), autocommit=True) as conn:
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
+    yield name
+    postgres.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def app_secret(kubectl: Kubectl, postgres: localenv.Postgres, database: str) -> str:
+    """The Secret the examples' DatabaseProfile points at, in CloudNativePG's layout."""
+    kubectl.secret("app-db", {
+        "uri": postgres.uri(database), "host": postgres.host, "port": str(postgres.port),
+        "dbname": database, "username": "postgres", "password": postgres.PASSWORD,
+    })  # fmt: skip
+    return "app-db"
+
+
+def load_example(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import asyncio
+
+from pgscale.runtime import WorkQueue
+
+
+def test_key_is_queued_once_and_rerun_when_dirty() -> None:
+    async def scenario() -> list[str]:
+        q = WorkQueue()
+        q.add("a")
+        q.add("a")
+        assert len(q) == 1
+        key = await q.get()
+        q.add("a")  # changed while in work
+        assert len(q) == 0
+        q.done(key)
+        assert len(q) == 1
+        return [str(await q.get())]
+
+    assert asyncio.run(scenario()) == ["a"]
+
+
+def test_add_after_keeps_the_earliest() -> None:
+    async def scenario() -> str:
+        q = WorkQueue()
+        q.add_after("k", 0.05)
+        q.add_after("k", 10)
+        return str(await asyncio.wait_for(q.get(), 2))
+
+    assert asyncio.run(scenario()) == "k"
