@@ -35,7 +35,7 @@ def load_sample(pg: localenv.Postgres) -> None:
     """The sample app with a year of tasks, some messages and Base64 files."""
     pg.execute('CREATE DATABASE "app"')
     with psycopg.connect(pg.dsn("app"), autocommit=True) as conn:
-        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())  # type: ignore[arg-type]
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
         conn.execute(
             """INSERT INTO "Task" (title, status, "createdAt", "completedAt")
                SELECT 'task ' || g, CASE WHEN g % 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END,
