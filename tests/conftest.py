@@ -9,6 +9,8 @@ namespace and database.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -134,3 +136,37 @@ def app_secret(kubectl: Kubectl, postgres: localenv.Postgres, database: str) -> 
 
 def load_example(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]
+
+
+def pod_env(env: list[dict[str, Any]], secrets: dict[str, dict[str, str]], pod_name: str = "job-pod") -> dict[str, str]:
+    """A container's environment as the kubelet would build it (values, secretKeyRef, fieldRef)."""
+    out: dict[str, str] = {}
+    for entry in env:
+        if "value" in entry:
+            out[entry["name"]] = entry["value"]
+            continue
+        source = entry["valueFrom"]
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            data = secrets.get(ref["name"])
+            if data is None or ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                raise AssertionError(f"pod would not start: Secret {ref['name']} key {ref['key']} missing")
+            out[entry["name"]] = data[ref["key"]]
+        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            out[entry["name"]] = pod_name
+    return out
+
+
+def run_container(pod_spec: dict[str, Any], secrets: dict[str, dict[str, str]], *, timeout: float = 300,
+                  wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:  # fmt: skip
+    """Run the pod's (only) container for real: the image's entrypoint is `pgscale`."""
+    container = pod_spec["containers"][0]
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+           **pod_env(container.get("env", []), secrets)}  # fmt: skip
+    exe = str(Path(sys.executable).parent / "pgscale")
+    args = [exe, *container.get("command", [])[1:], *container["args"]]
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)

@@ -7,10 +7,47 @@ unit-tested by comparing dicts.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .api.common import JobTemplate
+from .api.databaseprofile import DatabaseProfileSpec, SecretKeys
 from .kube import ObjectRef
+
+# The job reads its input from these variables, so its pod needs no Kubernetes API access.
+ENV_JOB_INPUT = "PGSCALE_JOB_INPUT"
+# env var -> field of SecretKeys (or a literal key name) that holds that part of the connection
+ENV_SECRET_KEYS: dict[str, str] = {
+    "PGSCALE_DB_URI": "uri",
+    "PGSCALE_DB_HOST": "host",
+    "PGSCALE_DB_PORT": "port",
+    "PGSCALE_DB_DBNAME": "dbname",
+    "PGSCALE_DB_USER": "user",
+    "PGSCALE_DB_USER_ALT": "=user",
+    "PGSCALE_DB_PASSWORD": "password",
+}
+
+
+def secret_key_for(keys: SecretKeys, field: str) -> str:
+    """The Secret key an ENV_SECRET_KEYS entry reads ("=x" names the key x literally)."""
+    return field[1:] if field.startswith("=") else str(getattr(keys, field))
+
+
+def job_env(owner: ObjectRef, spec: dict[str, Any], profile: DatabaseProfileSpec) -> list[dict[str, Any]]:
+    """The job's input: the policy and connection spec as JSON, credentials from the Secret."""
+    keys = profile.connection.secret_ref.keys or SecretKeys()
+    job_input = {
+        "namespace": owner.namespace,
+        "name": owner.name,
+        "spec": spec,
+        "profile": {"connection": profile.connection.wire(), "stateSchema": profile.state_schema},
+    }
+    env: list[dict[str, Any]] = [{"name": ENV_JOB_INPUT, "value": json.dumps(job_input, sort_keys=True)}]
+    for name, field in ENV_SECRET_KEYS.items():
+        ref = {"name": profile.connection.secret_ref.name, "key": secret_key_for(keys, field), "optional": True}
+        env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
 
 MANAGED_BY = "pgscale"
 LABEL_PREFIX = "pgscale.io"
@@ -54,7 +91,12 @@ def job_name(owner: ObjectRef, suffix: str) -> str:
 
 
 def job_pod_spec(
-    template: JobTemplate | None, default_image: str, args: list[str], component: str, owner: ObjectRef
+    template: JobTemplate | None,
+    default_image: str,
+    args: list[str],
+    component: str,
+    owner: ObjectRef,
+    env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The pod template that runs `pgscale job ...` as a non-root, read-only container."""
     template = template or JobTemplate()
@@ -65,6 +107,7 @@ def job_pod_spec(
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "PGSCALE_LOG_FORMAT", "value": "json"},
+            *(env or []),
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -100,13 +143,14 @@ def cron_job(
     template: JobTemplate | None,
     default_image: str,
     active_deadline_seconds: int | None = None,
+    env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A CronJob running one `pgscale job` command; one run at a time, never overlapping."""
     template = template or JobTemplate()
     job_spec: dict[str, Any] = {
         "backoffLimit": template.backoff_limit,
         "ttlSecondsAfterFinished": template.ttl_seconds_after_finished,
-        "template": job_pod_spec(template, default_image, args, suffix, owner),
+        "template": job_pod_spec(template, default_image, args, suffix, owner, env),
     }
     if active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = active_deadline_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import importlib
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ from pathlib import Path
 from . import __version__
 
 JobCommand = Callable[[argparse.Namespace], int]
-# `pgscale job <name>`: the commands Jobs and CronJobs run; each feature registers its own.
-JOBS: dict[str, tuple[str, JobCommand]] = {}
+# `pgscale job <name>`: the commands Jobs and CronJobs run -> (summary, module with main(args)).
+JOBS: dict[str, tuple[str, str]] = {
+    "retention": ("one run of a RetentionPolicy: archive or delete old rows in batches", "pgscale.jobs.retention"),
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -94,10 +97,8 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from . import kube
-
-    kube.load_config()
-    return JOBS[args.job][1](args)
+    module = importlib.import_module(JOBS[args.job][1])
+    return int(module.main(args))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,8 +128,9 @@ def parser() -> argparse.ArgumentParser:
     jobs = job.add_subparsers(dest="job", required=True)
     for name, (summary, _) in sorted(JOBS.items()):
         jp = jobs.add_parser(name, help=summary)
-        jp.add_argument("--namespace", required=True)
-        jp.add_argument("--name", required=True)
+        jp.add_argument("--namespace", help="namespace of the resource (read from the pod's input in a Job)")
+        jp.add_argument("--name", help="name of the resource")
+        jp.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
     job.set_defaults(func=cmd_job)
     return p
 

@@ -134,6 +134,9 @@ class RunStatus(Model):
     rows_archived: int = Field(default=0, description="Rows moved into the archive.")
     rows_deleted: int = Field(default=0, description="Rows deleted without archiving.")
     rows_matched: int | None = Field(default=None, description="Rows a dry run would move.")
+    rows_total: int | None = Field(default=None, description="Rows that matched when the run started.")
+    rows_per_second: float | None = Field(default=None, description="Rate of the run so far.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds left, while running.")
     batches: int = Field(default=0, description="Committed batches.")
     duration_seconds: float | None = Field(default=None, description="Run time.")
     outcome: Literal["Running", "Succeeded", "Failed", "Partial", "DryRun"] | None = Field(

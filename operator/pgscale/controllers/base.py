@@ -117,6 +117,11 @@ def parse_spec(kind: Kind, obj: dict[str, Any]) -> BaseModel:
 
 def profile_connection(ctx: Context, namespace: str, profile_name: str) -> ConnInfo:
     """The connection of a DatabaseProfile, from its spec and Secret."""
+    return load_profile(ctx, namespace, profile_name)[1]
+
+
+def load_profile(ctx: Context, namespace: str, profile_name: str) -> tuple[DatabaseProfileSpec, ConnInfo]:
+    """A DatabaseProfile's spec and resolved connection."""
     profile = ctx.kube.get(DATABASE_PROFILE, namespace, profile_name)
     if profile is None:
         raise DependencyError(
@@ -126,7 +131,7 @@ def profile_connection(ctx: Context, namespace: str, profile_name: str) -> ConnI
         )
     spec = parse_spec(DATABASE_PROFILE, profile)
     assert isinstance(spec, DatabaseProfileSpec)
-    return secret_connection(ctx, namespace, spec)
+    return spec, secret_connection(ctx, namespace, spec)
 
 
 def secret_connection(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -> ConnInfo:

@@ -7,10 +7,10 @@ from typing import Any
 from .. import pg
 from ..api import FILE_MIGRATION
 from ..api.filemigration import FileMigrationSpec
+from ..checks import TEXT_TYPES, require_column, require_table
 from ..errors import DependencyError
 from ..kube import ObjectRef
 from .base import Context, Result, StatusWriter, profile_connection
-from .checks import TEXT_TYPES, require_column, require_table
 
 
 class FileMigrationController:

@@ -7,10 +7,10 @@ from typing import Any
 from .. import builders, pg
 from ..api import PARTITION_POLICY
 from ..api.partitionpolicy import PartitionPolicySpec
+from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
 from ..kube import ObjectRef
 from .base import Context, Result, StatusWriter, profile_connection
-from .checks import TIME_TYPES, require_column, require_table
 
 
 class PartitionPolicyController:

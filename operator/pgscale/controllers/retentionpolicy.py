@@ -1,4 +1,9 @@
-"""RetentionPolicy controller: check the table and columns, keep the CronJob."""
+"""RetentionPolicy controller: check the table, keep the archive and the CronJob, report runs.
+
+The runs themselves are `pgscale job retention` (jobs/retention.py), started by the
+CronJob; they record themselves in the run log, which this controller mirrors into
+status (last run, progress, totals) and conditions.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from .. import builders, pg
+from .. import conditions as cond
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
 from ..errors import SpecError
+from ..jobs.retention import prepare
 from ..kube import ObjectRef
-from .base import Context, Result, StatusWriter, profile_connection
-from .checks import TIME_TYPES, require_column, require_table
+from ..pg import retention as sqlr
+from ..progress import eta
+from .base import Context, Result, StatusWriter, load_profile
+
+LAST_RUN = "LastRunSucceeded"
+RUNNING_POLL_SECONDS = 10.0
 
 
 def next_run(schedule: str, time_zone: str, now: datetime | None = None) -> datetime:
@@ -30,22 +41,53 @@ def next_run(schedule: str, time_zone: str, now: datetime | None = None) -> date
     return croniter(schedule, start).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
 
 
+def _ts(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A run-log row as status.lastRun (pure)."""
+    end = last["ended_at"]
+    elapsed = ((end or now) - last["started_at"]).total_seconds()
+    done = int(last["rows_archived"]) + int(last["rows_deleted"])
+    rate = done / elapsed if elapsed > 0 else 0.0
+    status: dict[str, Any] = {
+        "startTime": _ts(last["started_at"]),
+        "endTime": _ts(end),
+        "rowsArchived": int(last["rows_archived"]),
+        "rowsDeleted": int(last["rows_deleted"]),
+        "batches": int(last["batches"]),
+        "durationSeconds": round(elapsed, 3),
+        "outcome": "DryRun" if last["dry_run"] and last["outcome"] != "Failed" else last["outcome"],
+        "message": (last["message"] or "")[:4096],
+        "rowsPerSecond": round(rate, 1),
+    }
+    if last["rows_matched"] is not None:
+        status["rowsMatched"] = int(last["rows_matched"])
+    if last["rows_total"] is not None:
+        status["rowsTotal"] = int(last["rows_total"])
+        if last["outcome"] == "Running":
+            status["etaSeconds"] = eta(done, int(last["rows_total"]), rate)
+    return status
+
+
 class RetentionPolicyController:
-    """Validates the policy against the database and schedules its runs."""
+    """Validates the policy, keeps its archive table and CronJob, reports its runs."""
 
     kind = RETENTION_POLICY
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         due = next_run(spec.schedule, spec.time_zone)
-        info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
+        profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        events: list[tuple[str, str]] = []
         with pg.connect(info) as conn:
-            columns = require_table(conn, spec.table)
-            require_column(
-                columns, spec.age_column, "ageColumn", spec.table, TIME_TYPES, "timestamp, timestamptz or date"
-            )
-            for i, row_filter in enumerate(spec.filters):
-                require_column(columns, row_filter.column, f"filters[{i}].column", spec.table)
+            target, created = prepare(conn, spec, profile.state_schema)
+            if created:
+                events.append(
+                    ("ArchiveTableCreated", f"created archive table {target.archive_schema}.{target.archive_table}")
+                )
+            runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
         if spec.scheduler == "pg_cron":
             raise SpecError(
                 "scheduler",
@@ -62,10 +104,32 @@ class RetentionPolicyController:
             template=spec.job,
             default_image=ctx.settings.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
+            env=builders.job_env(ref, obj["spec"], profile),
         )
         ctx.kube.apply(cron)
         name = cron["metadata"]["name"]
-        next_time = None if spec.suspend else due.strftime("%Y-%m-%dT%H:%M:%SZ")
+        next_time = None if spec.suspend else _ts(due)
         status.update(cronJobName=name, nextRunTime=next_time)
+        running = False
+        if runs.last is not None:
+            last = run_status(runs.last, datetime.now(UTC))
+            running = last["outcome"] == "Running"
+            status.update(
+                lastRun=last,
+                totals={"runs": runs.runs, "rowsArchived": runs.rows_archived, "rowsDeleted": runs.rows_deleted},
+            )
+            if not running:
+                ok = last["outcome"] in ("Succeeded", "Partial", "DryRun")
+                previous = cond.get(status.conditions, LAST_RUN) or {}
+                status.conditions = cond.set_condition(
+                    status.conditions, LAST_RUN, "True" if ok else "False",
+                    f"Run{last['outcome']}", last["message"] or last["outcome"], status.generation,
+                )  # fmt: skip
+                if previous.get("reason") != f"Run{last['outcome']}" or previous.get("message") != last["message"]:
+                    events.append((f"Run{last['outcome']}", last["message"] or last["outcome"]))
         verb = "suspended" if spec.suspend else f"next run {next_time}"
-        return Result("Scheduled", f"CronJob {name} runs {spec.schedule!r} ({spec.time_zone}); {verb}")
+        message = f"CronJob {name} runs {spec.schedule!r} ({spec.time_zone}); {verb}"
+        if running:
+            so_far = status.status["lastRun"]["rowsArchived"] + status.status["lastRun"]["rowsDeleted"]
+            message = f"run in progress: {so_far} rows so far; {message}"
+        return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)

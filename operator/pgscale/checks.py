@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import psycopg
 
-from .. import pg
-from ..api.common import TableReference
-from ..errors import SpecError
+from . import pg
+from .api.common import TableReference
+from .errors import SpecError
 
 TIME_TYPES = frozenset({"timestamp without time zone", "timestamp with time zone", "date"})
 TEXT_TYPES = frozenset({"text", "character varying"})

@@ -1,0 +1,200 @@
+"""`pgscale job retention`: one run of a RetentionPolicy, in committed batches.
+
+Each batch is one transaction: the atomic move statement plus the run-log update.
+Killing the process at any point loses nothing (the open batch rolls back) and
+repeats nothing (committed batches are gone from the source). SIGTERM stops the
+run cleanly after the current batch; the next run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors
+
+from .. import pg
+from ..api import RETENTION_POLICY
+from ..api.retentionpolicy import RetentionPolicySpec
+from ..checks import TIME_TYPES, require_column, require_table
+from ..durations import seconds
+from ..errors import ReconcileError
+from ..pg import retention as sqlr
+from ..progress import Progress
+from ..retention import check_archive, plan
+from . import JobInput, load
+
+log = logging.getLogger(__name__)
+
+LOCK_RETRIES = 10
+
+
+@dataclass
+class RunReport:
+    """How a run ended (also printed as JSON)."""
+
+    run_id: int | None
+    outcome: str
+    rows_archived: int = 0
+    rows_deleted: int = 0
+    rows_matched: int | None = None
+    batches: int = 0
+    duration_seconds: float = 0.0
+    message: str = ""
+
+
+def _set(conn: psycopg.Connection, name: str, value: str) -> None:
+    conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+
+def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: str) -> tuple[sqlr.Target, bool]:
+    """Check the table, make the archive and run log exist, and plan the batches.
+
+    Returns the plan and whether the archive table was created now.
+    """
+    columns = require_table(conn, spec.table)
+    require_column(columns, spec.age_column, "ageColumn", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
+    for i, row_filter in enumerate(spec.filters):
+        require_column(columns, row_filter.column, f"filters[{i}].column", spec.table)
+    target = plan(
+        spec,
+        columns,
+        key_columns=sqlr.primary_key(conn, spec.table.schema_, spec.table.name),
+        partitioned=pg.is_partitioned(conn, spec.table.schema_, spec.table.name),
+    )
+    sqlr.ensure_run_log(conn, state_schema)
+    created = False
+    if target.archive is not None:
+        existing = sqlr.archive_columns(conn, target)
+        check_archive(spec, columns, existing)
+        if existing is None:
+            sqlr.create_archive(conn, target)
+            created = True
+    return target, created
+
+
+def run(
+    job: JobInput,
+    *,
+    dry_run: bool | None = None,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> RunReport:
+    """One run: archive or delete every matching row, batch by batch, until done or out of time."""
+    spec = RetentionPolicySpec.model_validate(job.spec)
+    dry = spec.dry_run if dry_run is None else dry_run
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    deadline = started + seconds(spec.max_run_time)
+    pause = seconds(spec.pause_between_batches)
+    with pg.connect(job.conn) as conn:
+        _set(conn, "TimeZone", "UTC")  # timestamps without time zone are compared as UTC
+        _set(conn, "application_name", f"pgscale-retention {job.policy_key}"[:63])
+        target, _ = prepare(conn, spec, job.state_schema)
+        run_id = sqlr.start_run(conn, job.state_schema, job.policy_key, dry_run=dry)
+        report = RunReport(run_id, "Running")
+        try:
+            _set(conn, "statement_timeout", f"{int(seconds(spec.statement_timeout) * 1000)}ms")
+            _set(conn, "lock_timeout", f"{int(seconds(spec.lock_timeout) * 1000)}ms")
+            cutoff = sqlr.cutoff_for(conn, target.age_interval)
+            if dry:
+                report.rows_matched = sqlr.count_matching(conn, target, cutoff)
+                report.outcome = "DryRun"
+                report.message = f"{report.rows_matched} rows older than {spec.older_than} match; none moved"
+            else:
+                _run_batches(conn, job, spec, target, cutoff, report, stop, deadline, pause, progress)
+        except (psycopg.Error, ReconcileError) as exc:
+            report.outcome = "Failed"
+            report.message = f"{type(exc).__name__}: {str(exc).strip()}"
+            log.error("retention run %s failed: %s", job.policy_key, report.message)
+        report.duration_seconds = round(time.monotonic() - started, 3)
+        sqlr.update_run(conn, job.state_schema, run_id, outcome=report.outcome, message=report.message,
+                        rows_matched=report.rows_matched, ended=True)  # fmt: skip
+    return report
+
+
+def _run_batches(
+    conn: psycopg.Connection,
+    job: JobInput,
+    spec: RetentionPolicySpec,
+    target: sqlr.Target,
+    cutoff: Any,
+    report: RunReport,
+    stop: threading.Event,
+    deadline: float,
+    pause: float,
+    progress: Progress | None,
+) -> None:
+    try:
+        total = sqlr.count_matching(conn, target, cutoff)
+    except errors.QueryCanceled:
+        total = None  # too large to count within statement_timeout: no ETA
+    sqlr.update_run(conn, job.state_schema, report.run_id or 0, rows_total=total)
+    if progress:
+        progress.start(total)
+    archiving = target.archive is not None
+    lock_failures = 0
+    after: tuple[Any, ...] | None = None
+    upto = sqlr.highest_key(conn, target)  # rows inserted after this point belong to the next run
+    while True:
+        if stop.is_set():
+            report.outcome, report.message = "Partial", "stopped on request after a committed batch"
+            return
+        if time.monotonic() > deadline:
+            report.outcome, report.message = "Partial", f"maxRunTime {spec.max_run_time} reached; next run continues"
+            return
+        try:
+            with conn.transaction():
+                moved, last = sqlr.move_batch(conn, target, cutoff, after, upto)
+                sqlr.record_batch(conn, job.state_schema, report.run_id or 0,
+                                  archived=moved if archiving else 0, deleted=0 if archiving else moved)  # fmt: skip
+        except (errors.LockNotAvailable, errors.QueryCanceled) as exc:
+            lock_failures += 1
+            if lock_failures > LOCK_RETRIES:
+                raise
+            log.warning("batch gave way to the application (%s); retrying", type(exc).__name__)
+            stop.wait(max(pause, 0.5 * lock_failures))
+            continue
+        lock_failures = 0
+        after = last
+        report.batches += 1
+        if archiving:
+            report.rows_archived += moved
+        else:
+            report.rows_deleted += moved
+        if progress:
+            progress.advance(moved)
+        if moved < target.batch_size:
+            report.outcome = "Succeeded"
+            report.message = f"{report.rows_archived + report.rows_deleted} rows older than {spec.older_than} " + (
+                f"archived into {target.archive_schema or target.schema}.{target.archive_table}"
+                if archiving
+                else "deleted"
+            )
+            return
+        if pause:
+            stop.wait(pause)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `pgscale job retention`."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        job = load(RETENTION_POLICY, args.namespace, args.name)
+    except ReconcileError as exc:
+        print(f"pgscale job retention: {exc.message}", file=sys.stderr)
+        return 2
+    progress = Progress("retention", stream=sys.stderr, unit="rows")
+    report = run(job, dry_run=True if args.dry_run else None, stop=stop, progress=progress)
+    progress.finish(report.outcome)
+    print(json.dumps(asdict(report)))
+    return 1 if report.outcome == "Failed" else 0

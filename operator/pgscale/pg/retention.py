@@ -1,0 +1,396 @@
+"""SQL of RetentionPolicy: the batch move, the archive table and the run log.
+
+Why one statement per batch: ``INSERT INTO archive SELECT ...`` followed by a
+separate ``DELETE`` reads two snapshots under READ COMMITTED, so a row changed
+in between is deleted without being archived, or archived stale. Here each batch
+is a single statement, ``WITH batch AS MATERIALIZED (SELECT ... FOR UPDATE SKIP
+LOCKED LIMIT n), moved AS (DELETE ... RETURNING) INSERT INTO archive SELECT ...
+FROM moved``: the rows are locked, re-checked against the predicate in their
+latest committed version, deleted and archived atomically, and the run log row
+is updated in the same transaction, so a crash loses nothing and repeats nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import Column, qualified, table_columns
+
+RUNS_TABLE = "retention_runs"
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A structured row filter (mirrors api.retentionpolicy.RowFilter)."""
+
+    column: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything a batch statement needs; built by pgscale.retention.plan()."""
+
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+    age_column: str
+    age_interval: str
+    filters: tuple[Filter, ...] = ()
+    archive_schema: str | None = None
+    archive_table: str | None = None
+    batch_size: int = 1000
+    partitioned: bool = False
+    key_columns: tuple[str, ...] = ()  # the primary key; empty: rows are named by ctid
+
+    @property
+    def source(self) -> sql.Composed:
+        return qualified(self.schema, self.table)
+
+    @property
+    def archive(self) -> sql.Composed | None:
+        if self.archive_table is None:
+            return None
+        return qualified(self.archive_schema or self.schema, self.archive_table)
+
+
+_COMPARISONS = {"Equals": "=", "NotEquals": "<>", "LessThan": "<", "GreaterThan": ">"}
+
+
+def predicate(target: Target, alias: str = "s") -> tuple[sql.Composable, list[Any]]:
+    """WHERE clause and parameters: age cutoff AND every filter; values are bound, never spliced.
+
+    Values are sent untyped (psycopg passes str as 'unknown'), so Postgres casts
+    each to the column's type: enums, integers and dates compare correctly.
+    """
+    a = sql.Identifier(alias)
+    parts: list[sql.Composable] = [
+        sql.SQL("{}.{} < %(cutoff)s").format(a, sql.Identifier(target.age_column)),
+    ]
+    params: list[Any] = []
+    for i, f in enumerate(target.filters):
+        col = sql.SQL("{}.{}").format(a, sql.Identifier(f.column))
+        if f.operator == "IsNull":
+            parts.append(sql.SQL("{} IS NULL").format(col))
+        elif f.operator == "IsNotNull":
+            parts.append(sql.SQL("{} IS NOT NULL").format(col))
+        elif f.operator in ("In", "NotIn"):
+            names = [f"f{i}_{j}" for j in range(len(f.values))]
+            placeholders = sql.SQL(", ").join(sql.Placeholder(n) for n in names)
+            op = sql.SQL("IN" if f.operator == "In" else "NOT IN")
+            parts.append(sql.SQL("{} {} ({})").format(col, op, placeholders))
+            params += list(zip(names, f.values, strict=True))
+        else:
+            name = f"f{i}_0"
+            parts.append(sql.SQL("{} {} {}").format(col, sql.SQL(_COMPARISONS[f.operator]), sql.Placeholder(name)))
+            params.append((name, f.values[0]))
+    return sql.SQL(" AND ").join(parts), params
+
+
+def _params(target: Target, cutoff: datetime, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    _, filter_params = predicate(target)
+    return {"cutoff": cutoff, **dict(filter_params), **(extra or {})}
+
+
+def _row_match(target: Target) -> tuple[sql.Composable, sql.Composable]:
+    """How a batch names its rows, in a form the planner turns into index or TID lookups.
+
+    By primary key when there is one (an index scan per row); otherwise by ctid with
+    ``= ANY(ARRAY(...))`` (a TID scan); a join on ctid would scan the whole table.
+    """
+    if target.key_columns:
+        keys = sql.SQL(", ").join(sql.Identifier(c) for c in target.key_columns)
+        select = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in target.key_columns)
+        tkeys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in target.key_columns)
+        return select, sql.SQL("({}) IN (SELECT {} FROM batch)").format(tkeys, keys)
+    if target.partitioned:
+        return sql.SQL("s.tableoid, s.ctid"), sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
+    return sql.SQL("s.ctid"), sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
+
+
+def batch_statement(target: Target, *, after: bool = False, upto: bool = False) -> sql.Composed:
+    """Move (archive) or delete one batch of matching rows, atomically.
+
+    With a primary key, batches walk the key in order (``after``: continue past the
+    last key of the previous batch), so a run passes over the table once instead
+    of re-scanning it, and its dead tuples, for every batch; ``upto`` stops the walk
+    at the highest key the table had when the run started, so a run has a bounded
+    scope and never chases an application that keeps inserting. The statement
+    returns the number of rows moved and the last key of the batch.
+    """
+    where, _ = predicate(target)
+    keys = target.key_columns
+    tuple_ = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in keys)
+    for flag, name, op in ((after, "after", ">"), (upto, "upto", "<=")):
+        if flag and keys:
+            bound = sql.SQL(", ").join(sql.Placeholder(f"{name}_{i}") for i in range(len(keys)))
+            where = sql.SQL("{} AND ({}) {} ({})").format(where, tuple_, sql.SQL(op), bound)
+    order = (
+        sql.SQL(" ORDER BY {}").format(sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in keys))
+        if keys
+        else sql.SQL("")
+    )
+    select_key, match = _row_match(target)
+    batch = sql.SQL(
+        "WITH batch AS MATERIALIZED ("
+        "SELECT {key} FROM {source} s WHERE {where}{order} LIMIT %(limit)s FOR UPDATE OF s SKIP LOCKED), "
+        "moved AS (DELETE FROM {source} t WHERE {match} RETURNING t.*)"
+    ).format(key=select_key, source=target.source, where=where, order=order, match=match)
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in target.columns)
+    parts: list[sql.Composable] = [batch]
+    if target.archive is None:
+        counted = sql.SQL("moved")
+    else:
+        parts.append(
+            sql.SQL(", archived AS (INSERT INTO {archive} ({cols}) SELECT {cols} FROM moved RETURNING 1)").format(
+                archive=target.archive, cols=cols
+            )
+        )
+        counted = sql.SQL("archived")
+    if keys:
+        idents = [sql.Identifier(c) for c in keys]
+        parts.append(
+            sql.SQL(
+                " SELECT (SELECT count(*) FROM {counted}), last.* FROM (SELECT 1) one "
+                "LEFT JOIN LATERAL (SELECT {keys} FROM batch ORDER BY {desc} LIMIT 1) last ON true"
+            ).format(
+                counted=counted,
+                keys=sql.SQL(", ").join(idents),
+                desc=sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents),
+            )
+        )
+    else:
+        parts.append(sql.SQL(" SELECT count(*) FROM {}").format(counted))
+    return sql.Composed(parts)
+
+
+def move_batch(
+    conn: psycopg.Connection,
+    target: Target,
+    cutoff: datetime,
+    after: tuple[Any, ...] | None = None,
+    upto: tuple[Any, ...] | None = None,
+) -> tuple[int, tuple[Any, ...] | None]:
+    """Run one batch in the caller's transaction; returns rows moved and the batch's last key."""
+    extra: dict[str, Any] = {"limit": target.batch_size}
+    for name, bound in (("after", after), ("upto", upto)):
+        if bound is not None:
+            extra.update({f"{name}_{i}": v for i, v in enumerate(bound)})
+    statement = batch_statement(target, after=after is not None, upto=upto is not None)
+    row = conn.execute(statement, _params(target, cutoff, extra)).fetchone()
+    if row is None:
+        return 0, after
+    last = tuple(row[1:]) if target.key_columns and row[1] is not None else after
+    return int(row[0]), last
+
+
+def highest_key(conn: psycopg.Connection, target: Target) -> tuple[Any, ...] | None:
+    """The largest primary key now (the end of a run's scope), or None without a key or rows."""
+    if not target.key_columns:
+        return None
+    idents = [sql.Identifier(c) for c in target.key_columns]
+    query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+        sql.SQL(", ").join(idents), target.source, sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents)
+    )
+    row = conn.execute(query).fetchone()
+    return tuple(row) if row else None
+
+
+def count_matching(conn: psycopg.Connection, target: Target, cutoff: datetime) -> int:
+    """Rows a run would move now (the dry run's answer)."""
+    where, _ = predicate(target)
+    query = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where)
+    row = conn.execute(query, _params(target, cutoff)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def cutoff_for(conn: psycopg.Connection, interval: str) -> datetime:
+    """now() - interval, fixed once per run so every batch uses the same cutoff."""
+    row = conn.execute("SELECT now() - %s::interval", (interval,)).fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+# --- archive table ---------------------------------------------------------------------
+
+
+def primary_key(conn: psycopg.Connection, schema: str, table: str) -> list[str]:
+    """Columns of a table's primary key, in key order."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum "
+        "WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary ORDER BY k.ord",
+        (schema, table),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def archive_problems(source: dict[str, Column], archive: dict[str, Column]) -> list[str]:
+    """Why an existing archive table cannot take the source's rows unchanged (pure)."""
+    problems = []
+    for name, col in source.items():
+        other = archive.get(name)
+        if other is None:
+            problems.append(f"column {name!r} ({col.type}) is missing")
+        elif other.type != col.type:
+            problems.append(f"column {name!r} is {other.type}, the source has {col.type}")
+    return problems
+
+
+def create_archive(conn: psycopg.Connection, target: Target) -> None:
+    """Create the archive table with the source's columns, defaults and primary key.
+
+    The primary key makes a duplicate archive row impossible: a batch that would
+    insert one fails and rolls back whole, deleting nothing.
+    """
+    assert target.archive is not None and target.archive_table is not None
+    schema = target.archive_schema or target.schema
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING COMMENTS)").format(
+                target.archive, target.source
+            )
+        )
+        pk = primary_key(conn, target.schema, target.table)
+        if pk and not primary_key(conn, schema, target.archive_table):
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                    target.archive, sql.SQL(", ").join(sql.Identifier(c) for c in pk)
+                )
+            )
+
+
+def archive_columns(conn: psycopg.Connection, target: Target) -> dict[str, Column] | None:
+    """The archive table's columns, or None when it does not exist."""
+    assert target.archive_table is not None
+    return table_columns(conn, target.archive_schema or target.schema, target.archive_table)
+
+
+# --- run log ---------------------------------------------------------------------------
+
+
+def ensure_run_log(conn: psycopg.Connection, state_schema: str) -> None:
+    """pgscale's run log: one row per run of a policy (CronJob or by hand)."""
+    s = sql.Identifier(state_schema)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.{} ("
+                "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                "policy text NOT NULL, "
+                "started_at timestamptz NOT NULL DEFAULT now(), "
+                "updated_at timestamptz NOT NULL DEFAULT now(), "
+                "ended_at timestamptz, "
+                "outcome text NOT NULL DEFAULT 'Running', "
+                "dry_run boolean NOT NULL DEFAULT false, "
+                "rows_total bigint, "
+                "rows_archived bigint NOT NULL DEFAULT 0, "
+                "rows_deleted bigint NOT NULL DEFAULT 0, "
+                "rows_matched bigint, "
+                "batches integer NOT NULL DEFAULT 0, "
+                "message text)"
+            ).format(s, sql.Identifier(RUNS_TABLE))
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
+                sql.Identifier(f"{RUNS_TABLE}_policy_idx"), s, sql.Identifier(RUNS_TABLE)
+            )
+        )
+
+
+def _runs(state_schema: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE))
+
+
+def start_run(conn: psycopg.Connection, state_schema: str, policy: str, *, dry_run: bool) -> int:
+    """Record a new run; a run of the same policy still marked Running was interrupted."""
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET outcome = 'Failed', ended_at = updated_at, "
+                "message = 'interrupted: the run stopped without finishing (killed or lost its connection); "
+                "every committed batch is complete, the next run continues' "
+                "WHERE policy = %s AND outcome = 'Running'"
+            ).format(_runs(state_schema)),
+            (policy,),
+        )
+        row = conn.execute(
+            sql.SQL("INSERT INTO {} (policy, dry_run) VALUES (%s, %s) RETURNING id").format(_runs(state_schema)),
+            (policy, dry_run),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def record_batch(conn: psycopg.Connection, state_schema: str, run_id: int, *, archived: int, deleted: int) -> None:
+    """Count a batch; called inside the batch's own transaction."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET rows_archived = rows_archived + %s, rows_deleted = rows_deleted + %s, "
+            "batches = batches + 1, updated_at = clock_timestamp() WHERE id = %s"
+        ).format(_runs(state_schema)),
+        (archived, deleted, run_id),
+    )
+
+
+def update_run(conn: psycopg.Connection, state_schema: str, run_id: int, **fields: Any) -> None:
+    """Set fields of a run (outcome, message, rows_total, rows_matched, ended)."""
+    ended = fields.pop("ended", False)
+    assignments: list[sql.Composable] = [sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields]
+    assignments.append(sql.SQL("updated_at = clock_timestamp()"))
+    if ended:
+        assignments.append(sql.SQL("ended_at = clock_timestamp()"))
+    conn.execute(
+        sql.SQL("UPDATE {} SET {} WHERE id = %s").format(_runs(state_schema), sql.SQL(", ").join(assignments)),
+        [*fields.values(), run_id],
+    )
+
+
+@dataclass
+class RunSummary:
+    """The latest run of a policy and totals over all runs."""
+
+    last: dict[str, Any] | None = None
+    runs: int = 0
+    rows_archived: int = 0
+    rows_deleted: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summary(conn: psycopg.Connection, state_schema: str, policy: str) -> RunSummary:
+    """What status shows: the last run, and totals since the policy was created."""
+    if table_columns(conn, state_schema, RUNS_TABLE) is None:
+        return RunSummary()
+    cur = conn.execute(
+        sql.SQL(
+            "SELECT id, started_at, updated_at, ended_at, outcome, dry_run, rows_total, rows_archived, "
+            "rows_deleted, rows_matched, batches, message FROM {} WHERE policy = %s ORDER BY id DESC LIMIT 1"
+        ).format(_runs(state_schema)),
+        (policy,),
+    )
+    row = cur.fetchone()
+    names = [d.name for d in cur.description or []]
+    totals = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(rows_archived), 0), coalesce(sum(rows_deleted), 0) FROM {} "
+            "WHERE policy = %s AND NOT dry_run"
+        ).format(_runs(state_schema)),
+        (policy,),
+    ).fetchone()
+    assert totals is not None
+    return RunSummary(
+        last=dict(zip(names, row, strict=True)) if row else None,
+        runs=int(totals[0]),
+        rows_archived=int(totals[1]),
+        rows_deleted=int(totals[2]),
+    )
