@@ -159,14 +159,42 @@ def pod_env(env: list[dict[str, Any]], secrets: dict[str, dict[str, str]], pod_n
     return out
 
 
-def run_container(pod_spec: dict[str, Any], secrets: dict[str, dict[str, str]], *, timeout: float = 300,
-                  wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:  # fmt: skip
-    """Run the pod's (only) container for real: the image's entrypoint is `pgscale`."""
+def _container(pod_spec: dict[str, Any], secrets: dict[str, dict[str, str]]) -> tuple[list[str], dict[str, str]]:
     container = pod_spec["containers"][0]
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
            **pod_env(container.get("env", []), secrets)}  # fmt: skip
-    exe = str(Path(sys.executable).parent / "pgscale")
-    args = [exe, *container.get("command", [])[1:], *container["args"]]
-    if not wait:
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    exe = str(Path(sys.executable).parent / "pgscale")  # the image's entrypoint
+    return [exe, *container.get("command", [])[1:], *container["args"]], env
+
+
+def run_container(
+    pod_spec: dict[str, Any], secrets: dict[str, dict[str, str]], *, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the pod's (only) container for real, to completion."""
+    args, env = _container(pod_spec, secrets)
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_container(pod_spec: dict[str, Any], secrets: dict[str, dict[str, str]]) -> subprocess.Popen[str]:
+    """Start the pod's container in the background (to kill it mid-run)."""
+    args, env = _container(pod_spec, secrets)
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def scalar(conn: psycopg.Connection, query: str, params: Any = None) -> Any:
+    """The first column of the first row."""
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def seed_tasks(conn: psycopg.Connection, n: int) -> None:
+    """n tasks over two years; a third pending, the rest completed an hour after creation."""
+    conn.execute(
+        """INSERT INTO "Task" (title, status, "userId", "createdAt", "completedAt")
+           SELECT 'task ' || g, CASE WHEN g %% 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END, g %% 50,
+                  now() - (g * (730.0 / %(n)s) || ' days')::interval,
+                  CASE WHEN g %% 3 = 0 THEN NULL
+                       ELSE now() - (g * (730.0 / %(n)s) || ' days')::interval + interval '1 hour' END
+           FROM generate_series(1, %(n)s) g""",
+        {"n": n},
+    )

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 
 from . import pg
 from .api.common import TableReference
 from .errors import SpecError
+
+
+def base_type(formatted: str) -> str:
+    """A type without its modifiers: timestamp(3) with time zone -> timestamp with time zone."""
+    return re.sub(r"\(\d+(,\d+)?\)", "", formatted).replace("  ", " ").strip()
+
 
 TIME_TYPES = frozenset({"timestamp without time zone", "timestamp with time zone", "date"})
 TEXT_TYPES = frozenset({"text", "character varying"})
@@ -39,8 +47,7 @@ def require_column(
         near = [c for c in columns if c.lower() == name.lower()]
         hint = f" (did you mean {near[0]!r}? names are case-sensitive)" if near else ""
         raise SpecError(field, f"column {name!r} does not exist in {table.qualified()}{hint}", reason="ColumnNotFound")
-    base_type = column.type.split("(")[0]
-    if types is not None and base_type not in types:
+    if types is not None and base_type(column.type) not in types:
         raise SpecError(
             field,
             f"column {name!r} of {table.qualified()} is {column.type}; it must be {what}",

@@ -4,6 +4,7 @@ A reconciler never lets an unexpected exception crash-loop the operator: the
 runtime turns :class:`SpecError` and :class:`DependencyError` into a Stalled
 condition that names the field and the fix, :class:`TransientError` into a
 retried Reconciling state, and anything else into a Stalled ``InternalError``.
+Failures are retried with exponential backoff per resource (runtime.Runtime).
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ class SpecError(ReconcileError):
 
 
 class DependencyError(ReconcileError):
-    """Something the resource refers to is missing or unusable; retried on a slow cadence."""
+    """Something the resource refers to is missing or unusable; retried with backoff."""
 
     reason = "DependencyNotReady"
-    retry_seconds = 30.0
 
 
 class TransientError(ReconcileError):
-    """A passing failure (connection refused, lock timeout); retried with backoff."""
+    """A passing failure (connection refused, lock timeout); retried soon, then with backoff."""
 
     reason = "TransientError"
     stalled = False

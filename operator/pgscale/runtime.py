@@ -19,14 +19,16 @@ from typing import Any
 import kopf
 
 from .api import GROUP, VERSION
+from .builders import LABEL_PREFIX, MANAGED_BY
 from .controllers import all_controllers
-from .controllers.base import Context, Controller, Settings, run_reconcile
+from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
 from .kube import Kube
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]  # (plural, namespace, name)
+MAX_BACKOFF_SECONDS = 300.0
 
 
 class WorkQueue:
@@ -92,13 +94,16 @@ class Runtime:
         self.controllers: dict[str, Controller[Any]] = {c.kind.plural: c for c in all_controllers()}
         self.queue = WorkQueue()
         self._seen: dict[Key, tuple[Any, Any, bool]] = {}
+        self._failures: dict[Key, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
-        """Subscribe to the four kinds and to the operator's start and stop."""
+        """Subscribe to the four kinds, to the Jobs pgscale owns, and to start and stop."""
         for plural in self.controllers:
             kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"watch-{plural}")(self.on_event)
+        owned = {"app.kubernetes.io/managed-by": MANAGED_BY}
+        kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry, id="watch-jobs")(self.on_owned_event)
         kopf.on.startup(registry=registry)(self.start)
         kopf.on.cleanup(registry=registry)(self.stop)
 
@@ -108,14 +113,26 @@ class Runtime:
         key: Key = (resource.plural, meta.get("namespace", ""), meta.get("name", ""))
         if event.get("type") == "DELETED":
             self._seen.pop(key, None)
+            self._failures.pop(key, None)
             self.queue.forget(key)
             self._count()
             return
         fingerprint = (meta.get("generation"), dict(meta.get("annotations") or {}), "deletionTimestamp" in meta)
         if self._seen.get(key) != fingerprint:
             self._seen[key] = fingerprint
+            self._failures.pop(key, None)  # a changed spec deserves a prompt look
             self.queue.add(key)
             self._count()
+
+    async def on_owned_event(self, *, body: kopf.Body, **_: Any) -> None:
+        """A Job of a resource changed (started, finished): look at the resource again now."""
+        meta = body.get("metadata", {})
+        labels = meta.get("labels") or {}
+        for plural, ctrl in self.controllers.items():
+            owner = labels.get(f"{LABEL_PREFIX}/{ctrl.kind.name.lower()}")
+            key: Key = (plural, meta.get("namespace", ""), owner or "")
+            if owner and key in self._seen:
+                self.queue.add(key)
 
     def _count(self) -> None:
         for plural, ctrl in self.controllers.items():
@@ -136,16 +153,24 @@ class Runtime:
             key = await self.queue.get()
             assert isinstance(key, tuple)
             try:
-                requeue = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
+                outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
             except Exception:  # the scaffold catches reconcile errors; this is I/O around it
-                log.exception("worker %d: %s failed; retrying in 30s", index, "/".join(key))
-                requeue = 30.0
+                log.exception("worker %d: %s failed", index, "/".join(key))
+                outcome = Outcome(10.0, failed=True)
             finally:
                 self.queue.done(key)
-            if requeue is not None and key in self._seen:
-                self.queue.add_after(key, requeue)
+            if outcome is not None and key in self._seen:
+                self.queue.add_after(key, self.delay(key, outcome))
 
-    def _reconcile(self, key: Key) -> float | None:
+    def delay(self, key: Key, outcome: Outcome) -> float:
+        """Success: the controller's interval. Failure: doubled per consecutive failure, capped."""
+        if not outcome.failed:
+            self._failures.pop(key, None)
+            return outcome.requeue_after
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        return float(min(outcome.requeue_after * 2.0 ** (failures - 1), MAX_BACKOFF_SECONDS))
+
+    def _reconcile(self, key: Key) -> Outcome | None:
         plural, namespace, name = key
         ctrl = self.controllers[plural]
         obj = self.ctx.kube.get(ctrl.kind, namespace, name)  # the current object, not the event's copy

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import run_container
+from conftest import run_container, scalar, seed_tasks, start_container
 from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.jobs import JobInput
@@ -35,21 +34,8 @@ SPEC: dict[str, Any] = {
 }  # fmt: skip
 
 
-def seed(conn: psycopg.Connection, n: int) -> None:
-    """n tasks over two years; a third pending, the rest completed an hour after creation."""
-    conn.execute(
-        """INSERT INTO "Task" (title, status, "userId", "createdAt", "completedAt")
-           SELECT 'task ' || g, CASE WHEN g %% 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END, g %% 50,
-                  now() - (g * (730.0 / %(n)s) || ' days')::interval,
-                  CASE WHEN g %% 3 = 0 THEN NULL
-                       ELSE now() - (g * (730.0 / %(n)s) || ' days')::interval + interval '1 hour' END
-           FROM generate_series(1, %(n)s) g""",
-        {"n": n},
-    )
-
-
 def rows(conn: psycopg.Connection, table: str) -> dict[int, tuple[Any, ...]]:
-    return {r[0]: r for r in conn.execute(f'SELECT * FROM "{table}" ORDER BY id').fetchall()}  # type: ignore[arg-type]
+    return {r[0]: r for r in conn.execute(f'SELECT * FROM "{table}" ORDER BY id').fetchall()}
 
 
 def job_for(postgres: Any, database: str, **spec: Any) -> JobInput:
@@ -65,9 +51,9 @@ def conn(postgres: Any, database: str) -> Any:
 
 
 def test_moves_exactly_the_matching_rows(postgres: Any, database: str, conn: psycopg.Connection) -> None:
-    seed(conn, 5000)
+    seed_tasks(conn, 5000)
     before = rows(conn, "Task")
-    expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}  # type: ignore[arg-type]
+    expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}
     assert 1000 < len(expected) < 5000
     report = run(job_for(postgres, database))
     assert report.outcome == "Succeeded" and report.rows_archived == len(expected)
@@ -82,19 +68,19 @@ def test_moves_exactly_the_matching_rows(postgres: Any, database: str, conn: psy
 
 
 def test_dry_run_counts_and_moves_nothing(postgres: Any, database: str, conn: psycopg.Connection) -> None:
-    seed(conn, 2000)
-    expected = conn.execute(f'SELECT count(*) FROM "Task" WHERE {PREDICATE}').fetchone()[0]  # type: ignore[arg-type, index]
+    seed_tasks(conn, 2000)
+    expected = scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}')
     report = run(job_for(postgres, database, dryRun=True))
     assert report.outcome == "DryRun" and report.rows_matched == expected and report.rows_archived == 0
-    assert conn.execute('SELECT count(*) FROM "Task"').fetchone()[0] == 2000  # type: ignore[index]
+    assert scalar(conn, 'SELECT count(*) FROM "Task"') == 2000
 
 
 def test_delete_action_without_archive(postgres: Any, database: str, conn: psycopg.Connection) -> None:
-    seed(conn, 1000)
-    expected = conn.execute(f'SELECT count(*) FROM "Task" WHERE {PREDICATE}').fetchone()[0]  # type: ignore[arg-type, index]
+    seed_tasks(conn, 1000)
+    expected = scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}')
     report = run(job_for(postgres, database, action="delete"))
     assert report.rows_deleted == expected and report.rows_archived == 0
-    assert conn.execute("SELECT to_regclass('\"Task_archive\"')").fetchone()[0] is None  # type: ignore[index]
+    assert scalar(conn, "SELECT to_regclass('\"Task_archive\"')") is None
 
 
 class Writer(threading.Thread):
@@ -130,7 +116,7 @@ class Writer(threading.Thread):
                            RETURNING *"""
                     ).fetchone()
                 else:
-                    row = conn.execute(statements[op], (self.rng.choice(self.ids),)).fetchone()  # type: ignore[arg-type]
+                    row = conn.execute(statements[op], (self.rng.choice(self.ids),)).fetchone()
                 if row is not None:  # None: the row was archived before this update
                     self.last[row[0]] = row
                 self.ops += 1
@@ -140,8 +126,8 @@ def widen_window(conn: psycopg.Connection, table: str, seconds: float) -> None:
     """Sleep at the end of every INSERT into the archive: the gap between two statements
     of the strategy's function, or a slow batch of pgscale's, becomes wide and certain."""
     conn.execute(f"""CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-                     $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$""")  # type: ignore[arg-type]
-    conn.execute(f'CREATE TRIGGER slow AFTER INSERT ON "{table}" FOR EACH STATEMENT EXECUTE FUNCTION slow()')  # type: ignore[arg-type]
+                     $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$""")
+    conn.execute(f'CREATE TRIGGER slow AFTER INSERT ON "{table}" FOR EACH STATEMENT EXECUTE FUNCTION slow()')
 
 
 def check_nothing_lost(before: dict[int, tuple[Any, ...]], writer: Writer, after: dict[int, tuple[Any, ...]],
@@ -155,7 +141,7 @@ def check_nothing_lost(before: dict[int, tuple[Any, ...]], writer: Writer, after
 
 
 def test_concurrent_writer_loses_nothing(postgres: Any, database: str, conn: psycopg.Connection) -> None:
-    seed(conn, 6000)
+    seed_tasks(conn, 6000)
     conn.execute('CREATE TABLE "Task_archive" (LIKE "Task" INCLUDING DEFAULTS)')
     conn.execute('ALTER TABLE "Task_archive" ADD PRIMARY KEY (id)')
     widen_window(conn, "Task_archive", 0.05)
@@ -199,12 +185,12 @@ def test_strategy_function_loses_rows_under_the_same_writer(postgres: Any, datab
                                                             conn: psycopg.Connection) -> None:  # fmt: skip
     """The strategy's archive_old_tasks(), verbatim: with its unquoted completedAt it does not
     even run on a camelCase column; quoted, a concurrent writer makes it lose rows."""
-    seed(conn, 6000)
+    seed_tasks(conn, 6000)
     conn.execute('CREATE TABLE task_archive (LIKE "Task" INCLUDING DEFAULTS)')
-    conn.execute(STRATEGY_FUNCTION.format(column="completedAt"))  # type: ignore[arg-type]
+    conn.execute(STRATEGY_FUNCTION.format(column="completedAt"))
     with pytest.raises(psycopg.errors.UndefinedColumn, match='column "completedat" does not exist'):
         conn.execute("SELECT archive_old_tasks()")
-    conn.execute(STRATEGY_FUNCTION.format(column='"completedAt"'))  # type: ignore[arg-type]
+    conn.execute(STRATEGY_FUNCTION.format(column='"completedAt"'))
     widen_window(conn, "task_archive", 1.0)
     before = rows(conn, "Task")
     writer = Writer(postgres.dsn(database), list(before))
@@ -223,9 +209,9 @@ def test_strategy_function_loses_rows_under_the_same_writer(postgres: Any, datab
 def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: str,
                                                        conn: psycopg.Connection) -> None:  # fmt: skip
     """SIGKILL `pgscale job retention` (as its pod runs it) three times mid-run, then let it finish."""
-    seed(conn, 6000)
+    seed_tasks(conn, 6000)
     before = rows(conn, "Task")
-    expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}  # type: ignore[arg-type]
+    expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
     spec = {**SPEC, "batchSize": 100}
@@ -236,13 +222,12 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     secrets = {"app-db": {"uri": postgres.uri(database)}}
     last_id = 0
     for _ in range(3):
-        proc = run_container(pod, secrets, wait=False)
-        assert isinstance(proc, subprocess.Popen)
+        proc = start_container(pod, secrets)
         deadline = time.monotonic() + 60
         target_batches = random.randint(2, 6)
         while time.monotonic() < deadline:
             row = None
-            if conn.execute("SELECT to_regclass('pgscale.retention_runs')").fetchone()[0]:  # type: ignore[index]
+            if scalar(conn, "SELECT to_regclass('pgscale.retention_runs')"):
                 row = conn.execute(
                     "SELECT id, batches FROM pgscale.retention_runs WHERE outcome = 'Running' AND id > %s "
                     "ORDER BY id DESC LIMIT 1",
@@ -255,8 +240,8 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     final = run_container(pod, secrets)
-    assert final.returncode == 0, final.stderr  # type: ignore[union-attr]
-    report = json.loads(final.stdout.strip().splitlines()[-1])  # type: ignore[union-attr]
+    assert final.returncode == 0, final.stderr
+    report = json.loads(final.stdout.strip().splitlines()[-1])
     assert report["outcome"] == "Succeeded"
     after, archive = rows(conn, "Task"), rows(conn, "Task_archive")
     assert set(archive) == expected and after | archive == before and not (set(after) & set(archive))

@@ -37,3 +37,12 @@ def test_identifiers_refuse_quotes() -> None:
         BY_KIND["PartitionPolicy"].spec.model_validate(
             {"profileRef": {"name": "app"}, "table": {"name": 'Task"; DROP TABLE x; --'}, "column": "c",
              "interval": "monthly"})  # fmt: skip
+
+
+def test_prisma_timestamp_precision_is_a_time_type() -> None:
+    from pgscale.checks import TIME_TYPES, base_type
+
+    assert base_type("timestamp(3) without time zone") in TIME_TYPES
+    assert base_type("timestamp(6) with time zone") in TIME_TYPES
+    assert base_type("character varying(20)") == "character varying"
+    assert base_type("numeric(10,2)") == "numeric"

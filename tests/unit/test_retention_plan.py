@@ -21,8 +21,11 @@ SPEC = {
     "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED", "CANCELLED"]},
                 {"column": "userId", "operator": "IsNotNull"}],
 }  # fmt: skip
-COLUMNS = {n: Column(n, t, False) for n, t in [("id", "bigint"), ("status", "character varying(20)"),
-                                                ("userId", "bigint"), ("completedAt", "timestamp with time zone")]}  # fmt: skip
+COLUMNS = {
+    n: Column(n, t, False)
+    for n, t in [("id", "bigint"), ("status", "character varying(20)"), ("userId", "bigint"),
+                 ("completedAt", "timestamp with time zone")]
+}  # fmt: skip
 
 
 def test_plan_defaults_archive_name_and_interval() -> None:

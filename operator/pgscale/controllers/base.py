@@ -129,7 +129,13 @@ def load_profile(ctx: Context, namespace: str, profile_name: str) -> tuple[Datab
             "spec.profileRef.name",
             reason="ProfileNotFound",
         )
-    spec = parse_spec(DATABASE_PROFILE, profile)
+    try:
+        spec = parse_spec(DATABASE_PROFILE, profile)
+    except SpecError as exc:
+        raise DependencyError(
+            f"DatabaseProfile {profile_name!r} is invalid ({exc.message}); fix the profile",
+            reason="ProfileNotReady",
+        ) from exc
     assert isinstance(spec, DatabaseProfileSpec)
     return spec, secret_connection(ctx, namespace, spec)
 
@@ -147,8 +153,19 @@ def secret_connection(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -
     return resolve(spec.connection, secret, secret_name)
 
 
-def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> float | None:
-    """Reconcile one object; returns seconds until it should be looked at again."""
+@dataclass(frozen=True)
+class Outcome:
+    """When to look at a resource again, and whether this reconcile failed (for backoff)."""
+
+    requeue_after: float
+    failed: bool
+
+
+MIN_REQUEUE_SECONDS = 5.0  # a 0s interval in a spec must not turn into a busy loop
+
+
+def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
+    """Reconcile one object; says when it should be looked at again."""
     kind = ctrl.kind
     ref = ObjectRef.of(obj)
     status = StatusWriter(ctx.kube, kind, obj)
@@ -160,7 +177,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> f
             status.conditions, "Reconciling", f"Reconciling generation {generation}", generation
         )
         status.flush()
-    requeue: float | None
+    requeue: float
     outcome = "success"
     events: list[tuple[str, str, bool]] = []
     try:
@@ -171,6 +188,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> f
         else:
             status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
         requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
+        requeue = max(requeue, MIN_REQUEUE_SECONDS)
         events += [(r, m, False) for r, m in result.events]
     except ReconcileError as exc:
         outcome = "stalled" if exc.stalled else "retry"
@@ -196,4 +214,4 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> f
             ctx.kube.event(ref, reason, message, warning=warning)
         METRICS.reconcile_total.labels(kind=kind.name, outcome=outcome).inc()
         METRICS.reconcile_seconds.labels(kind=kind.name).observe(time.monotonic() - started)
-    return requeue
+    return Outcome(requeue, outcome != "success")

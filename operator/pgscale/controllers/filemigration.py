@@ -31,10 +31,8 @@ class FileMigrationController:
             elif spec.path_column not in columns:
                 # The data column may only be gone once the migration dropped it.
                 require_column(columns, spec.data_column, "dataColumn", spec.table)
-            for attr in ("file_name", "content_type", "size"):
-                column = getattr(spec.columns, attr, None) if spec.columns else None
-                if column:
-                    require_column(columns, column, f"columns.{attr}", spec.table)
+            for field, column in (spec.columns.wire() if spec.columns else {}).items():
+                require_column(columns, column, f"columns.{field}", spec.table)
         s3 = spec.destination.s3
         if s3 and s3.credentials_secret_ref:
             secret = ctx.kube.read_secret(ref.namespace, s3.credentials_secret_ref.name)

@@ -9,7 +9,9 @@ from ..api import PARTITION_POLICY
 from ..api.partitionpolicy import PartitionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
+from ..errors import SpecError
 from ..kube import ObjectRef
+from ..schedule import zone
 from .base import Context, Result, StatusWriter, profile_connection
 
 
@@ -26,25 +28,20 @@ class PartitionPolicyController:
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
             partitioned = pg.is_partitioned(conn, spec.table.schema_, spec.table.name)
         status.update(partitioned=partitioned)
-        events: list[tuple[str, str]] = []
+        zone(spec.time_zone)
         maintenance = spec.maintenance
         if maintenance and maintenance.cron_job:
-            cron = builders.cron_job(
-                ref,
-                suffix="partition-maintenance",
-                schedule=maintenance.schedule,
-                time_zone=spec.time_zone,
-                suspend=spec.suspend,
-                args=builders.job_args("partition-maintenance", ref),
-                template=maintenance.job,
-                default_image=ctx.settings.image,
+            ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "partition-maintenance"))
+            raise SpecError(
+                "maintenance.cronJob",
+                "running maintenance from a CronJob is not available in this pgscale version; "
+                "set maintenance.cronJob: false (the operator runs maintenance itself)",
+                reason="Unsupported",
             )
-            ctx.kube.apply(cron)
         state = "partitioned" if partitioned else "not partitioned yet"
         interval = seconds(maintenance.interval) if maintenance else 3600.0
         return Result(
             "Validated",
             f"{spec.table.qualified()} ({state}) partitioned {spec.interval} by {spec.column!r}",
             requeue_after=interval,
-            events=events,
         )

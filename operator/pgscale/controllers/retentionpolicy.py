@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import croniter
 
 from .. import builders, pg
 from .. import conditions as cond
@@ -23,26 +20,12 @@ from ..jobs.retention import prepare
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..progress import eta
+from ..schedule import next_run
+from ..schedule import rfc3339 as _ts
 from .base import Context, Result, StatusWriter, load_profile
 
 LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
-
-
-def next_run(schedule: str, time_zone: str, now: datetime | None = None) -> datetime:
-    """When a cron schedule fires next, in UTC; SpecError names the bad field."""
-    try:
-        zone = ZoneInfo(time_zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise SpecError("timeZone", f"unknown time zone {time_zone!r}: use an IANA name like Europe/Berlin") from exc
-    if not croniter.is_valid(schedule):
-        raise SpecError("schedule", f"{schedule!r} is not a valid cron expression (minute hour day month weekday)")
-    start = (now or datetime.now(UTC)).astimezone(zone)
-    return croniter(schedule, start).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
-
-
-def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
 def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -89,6 +72,8 @@ class RetentionPolicyController:
                 )
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
         if spec.scheduler == "pg_cron":
+            # Never leave a CronJob running for a policy that asks for another scheduler.
+            ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "retention"))
             raise SpecError(
                 "scheduler",
                 "pg_cron scheduling is not available in this pgscale version; use scheduler: cronjob",

@@ -25,8 +25,9 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
     try:
         conn = psycopg.connect(**info.kwargs(), autocommit=autocommit)
     except psycopg.OperationalError as exc:
-        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        if "password authentication failed" in text or "no password supplied" in text:
+        # libpq reports one line per address tried; keep them all (the cause is often first).
+        text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or repr(exc)
+        if "password authentication failed" in text or "no password supplied" in text or "role" in text:
             raise DependencyError(
                 f"cannot log in to {info.describe()}: {text}; check the Secret's user and password",
                 reason="AuthenticationFailed",
