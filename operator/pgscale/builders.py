@@ -33,7 +33,9 @@ def secret_key_for(keys: SecretKeys, field: str) -> str:
     return field[1:] if field.startswith("=") else str(getattr(keys, field))
 
 
-def job_env(owner: ObjectRef, spec: dict[str, Any], profile: DatabaseProfileSpec) -> list[dict[str, Any]]:
+def job_env(
+    owner: ObjectRef, spec: dict[str, Any], profile: DatabaseProfileSpec, options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The job's input: the policy and connection spec as JSON, credentials from the Secret."""
     keys = profile.connection.secret_ref.keys or SecretKeys()
     job_input = {
@@ -41,6 +43,7 @@ def job_env(owner: ObjectRef, spec: dict[str, Any], profile: DatabaseProfileSpec
         "name": owner.name,
         "spec": spec,
         "profile": {"connection": profile.connection.wire(), "stateSchema": profile.state_schema},
+        "options": options or {},
     }
     env: list[dict[str, Any]] = [{"name": ENV_JOB_INPUT, "value": json.dumps(job_input, sort_keys=True)}]
     for name, field in ENV_SECRET_KEYS.items():

@@ -63,6 +63,11 @@ def set_condition(
     return [*rest, new] if old is None else [new if c is old else c for c in conditions]
 
 
+def remove(conditions: Conditions, ctype: str) -> Conditions:
+    """Conditions without one type (for kind-specific conditions that no longer apply)."""
+    return [c for c in conditions if c.get("type") != ctype]
+
+
 def reconciling(conditions: Conditions, reason: str, message: str, generation: int | None) -> Conditions:
     """Work has started: Ready Unknown, Reconciling True, Stalled cleared."""
     conditions = set_condition(conditions, READY, "Unknown", reason, message, generation)

@@ -91,6 +91,11 @@ class Kube:
             raise
         return cast("dict[str, Any]", obj)
 
+    def list_resources(self, kind: Kind, namespace: str) -> list[dict[str, Any]]:
+        """Every resource of a kind in a namespace."""
+        result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, kind.plural)
+        return list(cast("dict[str, Any]", result).get("items", []))
+
     def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (lists, like conditions, are replaced whole)."""
         try:

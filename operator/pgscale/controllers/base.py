@@ -61,7 +61,7 @@ class Result:
     message: str
     done: bool = True  # False: long work under way (Ready False, Reconciling True)
     requeue_after: float | None = None
-    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message) of actions taken
+    events: list[tuple[str, str, bool]] = field(default_factory=list)  # (reason, message, warning) of actions
 
 
 class StatusWriter:
@@ -164,6 +164,33 @@ class Outcome:
 MIN_REQUEUE_SECONDS = 5.0  # a 0s interval in a spec must not turn into a busy loop
 
 
+CONFLICT = "Conflict"
+
+
+def same_table(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two specs name the same table through the same profile."""
+    ta, tb = a.get("table") or {}, b.get("table") or {}
+    return (
+        a.get("profileRef") == b.get("profileRef")
+        and ta.get("name") == tb.get("name")
+        and ta.get("schema", "public") == tb.get("schema", "public")
+    )
+
+
+def partition_owner(ctx: Context, namespace: str, spec: dict[str, Any]) -> str | None:
+    """The PartitionPolicy that owns the partitions of a table (manages their retention), if any.
+
+    One owner per table: when a PartitionPolicy has `retention`, old partitions are its
+    business; a RetentionPolicy on the same table then works row by row only.
+    """
+    from ..api import PARTITION_POLICY
+
+    for other in ctx.kube.list_resources(PARTITION_POLICY, namespace):
+        if same_table(other.get("spec") or {}, spec) and (other.get("spec") or {}).get("retention"):
+            return str(other["metadata"]["name"])
+    return None
+
+
 def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
     """Reconcile one object; says when it should be looked at again."""
     kind = ctrl.kind
@@ -189,7 +216,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
             status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
         requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
         requeue = max(requeue, MIN_REQUEUE_SECONDS)
-        events += [(r, m, False) for r, m in result.events]
+        events += result.events
     except ReconcileError as exc:
         outcome = "stalled" if exc.stalled else "retry"
         update = cond.stalled if exc.stalled else cond.waiting

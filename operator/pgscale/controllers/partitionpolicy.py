@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from .. import builders, pg
-from ..api import PARTITION_POLICY
+from .. import conditions as cond
+from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.partitionpolicy import PartitionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
 from ..errors import SpecError
 from ..kube import ObjectRef
 from ..schedule import zone
-from .base import Context, Result, StatusWriter, profile_connection
+from .base import CONFLICT, Context, Result, StatusWriter, profile_connection, same_table
 
 
 class PartitionPolicyController:
@@ -38,6 +39,20 @@ class PartitionPolicyController:
                 "set maintenance.cronJob: false (the operator runs maintenance itself)",
                 reason="Unsupported",
             )
+        claimants = [
+            o["metadata"]["name"]
+            for o in ctx.kube.list_resources(RETENTION_POLICY, ref.namespace)
+            if same_table(o.get("spec") or {}, obj["spec"]) and (o.get("spec") or {}).get("partitionAware", True)
+        ]
+        if spec.retention and claimants:
+            status.conditions = cond.set_condition(
+                status.conditions, CONFLICT, "True", "RetentionPolicyOnSameTable",
+                f"RetentionPolicy {', '.join(claimants)} also trims {spec.table.qualified()}; this policy owns "
+                "its partitions and the RetentionPolicy works row by row only",
+                status.generation,
+            )  # fmt: skip
+        else:
+            status.conditions = cond.remove(status.conditions, CONFLICT)
         state = "partitioned" if partitioned else "not partitioned yet"
         interval = seconds(maintenance.interval) if maintenance else 3600.0
         return Result(

@@ -22,7 +22,7 @@ from ..pg import retention as sqlr
 from ..progress import eta
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
-from .base import Context, Result, StatusWriter, load_profile
+from .base import CONFLICT, Context, Result, StatusWriter, load_profile, partition_owner
 
 LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
@@ -63,12 +63,16 @@ class RetentionPolicyController:
         ref = ObjectRef.of(obj)
         due = next_run(spec.schedule, spec.time_zone)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
-        events: list[tuple[str, str]] = []
+        events: list[tuple[str, str, bool]] = []
         with pg.connect(info) as conn:
             target, created = prepare(conn, spec, profile.state_schema)
             if created:
                 events.append(
-                    ("ArchiveTableCreated", f"created archive table {target.archive_schema}.{target.archive_table}")
+                    (
+                        "ArchiveTableCreated",
+                        f"created archive table {target.archive_schema}.{target.archive_table}",
+                        False,
+                    )
                 )
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
         if spec.scheduler == "pg_cron":
@@ -79,6 +83,16 @@ class RetentionPolicyController:
                 "pg_cron scheduling is not available in this pgscale version; use scheduler: cronjob",
                 reason="Unsupported",
             )
+        owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
+        if owner:
+            status.conditions = cond.set_condition(
+                status.conditions, CONFLICT, "True", "PartitionsOwnedElsewhere",
+                f"PartitionPolicy {owner!r} manages retention of the partitions of {spec.table.qualified()}; "
+                "this policy archives row by row only. Remove one of the two retention settings",
+                status.generation,
+            )  # fmt: skip
+        else:
+            status.conditions = cond.remove(status.conditions, CONFLICT)
         cron = builders.cron_job(
             ref,
             suffix="retention",
@@ -89,7 +103,7 @@ class RetentionPolicyController:
             template=spec.job,
             default_image=ctx.settings.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
-            env=builders.job_env(ref, obj["spec"], profile),
+            env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": bool(owner)}),
         )
         ctx.kube.apply(cron)
         name = cron["metadata"]["name"]
@@ -99,19 +113,19 @@ class RetentionPolicyController:
         if runs.last is not None:
             last = run_status(runs.last, datetime.now(UTC))
             running = last["outcome"] == "Running"
+            seen = status.status.get("lastRun") or {}
             status.update(
                 lastRun=last,
                 totals={"runs": runs.runs, "rowsArchived": runs.rows_archived, "rowsDeleted": runs.rows_deleted},
             )
             if not running:
                 ok = last["outcome"] in ("Succeeded", "Partial", "DryRun")
-                previous = cond.get(status.conditions, LAST_RUN) or {}
                 status.conditions = cond.set_condition(
                     status.conditions, LAST_RUN, "True" if ok else "False",
                     f"Run{last['outcome']}", last["message"] or last["outcome"], status.generation,
                 )  # fmt: skip
-                if previous.get("reason") != f"Run{last['outcome']}" or previous.get("message") != last["message"]:
-                    events.append((f"Run{last['outcome']}", last["message"] or last["outcome"]))
+                if (seen.get("startTime"), seen.get("outcome")) != (last["startTime"], last["outcome"]):
+                    events.append((f"Run{last['outcome']}", last["message"] or last["outcome"], not ok))  # one per run
         verb = "suspended" if spec.suspend else f"next run {next_time}"
         message = f"CronJob {name} runs {spec.schedule!r} ({spec.time_zone}); {verb}"
         if running:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DATABASE_PROFILE, Kind
@@ -29,6 +29,7 @@ class JobInput:
     spec: dict[str, Any]
     state_schema: str
     conn: ConnInfo
+    options: dict[str, Any] = field(default_factory=dict)  # decided by the operator, e.g. ownership
 
     @property
     def policy_key(self) -> str:
@@ -56,6 +57,7 @@ def from_env(environ: dict[str, str] | None = None) -> JobInput | None:
         spec=data["spec"],
         state_schema=data["profile"]["stateSchema"],
         conn=resolve(connection, secret, connection.secret_ref.name),
+        options=data.get("options", {}),
     )
 
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
@@ -49,6 +49,7 @@ class RunReport:
     batches: int = 0
     duration_seconds: float = 0.0
     message: str = ""
+    partitions: list[str] = field(default_factory=list)  # retired as a whole
 
 
 def _set(conn: psycopg.Connection, name: str, value: str) -> None:
@@ -110,6 +111,7 @@ def run(
                 report.outcome = "DryRun"
                 report.message = f"{report.rows_matched} rows older than {spec.older_than} match; none moved"
             else:
+                _retire_partitions(conn, job, spec, target, cutoff, report)
                 _run_batches(conn, job, spec, target, cutoff, report, stop, deadline, pause, progress)
         except (psycopg.Error, ReconcileError) as exc:
             report.outcome = "Failed"
@@ -119,6 +121,47 @@ def run(
         sqlr.update_run(conn, job.state_schema, run_id, outcome=report.outcome, message=report.message,
                         rows_matched=report.rows_matched, ended=True)  # fmt: skip
     return report
+
+
+def _retire_partitions(
+    conn: psycopg.Connection, job: JobInput, spec: RetentionPolicySpec, target: sqlr.Target, cutoff: Any,
+    report: RunReport,
+) -> None:  # fmt: skip
+    """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
+
+    Only when the table is range-partitioned by the age column alone, no filter
+    narrows the rows, and no PartitionPolicy owns the partitions of this table.
+    Partitions detached by an interrupted run are finished first, always.
+    """
+    policy = job.policy_key
+    for leftover in sqlr.detached_leftovers(conn, policy):
+        report.partitions.append(leftover.name)
+        _count(report, target, sqlr.archive_detached(conn, target, leftover, job.state_schema, report.run_id or 0))
+    if not (
+        spec.partition_aware
+        and target.partitioned
+        and not spec.filters
+        and not job.options.get("partitionsOwnedElsewhere")
+    ):
+        return
+    if sqlr.range_key(conn, target.schema, target.table) != [target.age_column]:
+        return
+    parts = sqlr.partitions(conn, target.schema, target.table)
+    column_type = pg.table_columns(conn, target.schema, target.table)[target.age_column].type  # type: ignore[index]
+    has_default = any(p.upper is None and not p.detach_pending for p in parts)
+    concurrently = pg.server_version(conn)[1] >= 140000 and not has_default
+    for part in sqlr.expired(conn, parts, cutoff, column_type):
+        sqlr.detach(conn, target, part, policy, concurrently=concurrently)
+        report.partitions.append(part.name)
+        _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
+
+
+def _count(report: RunReport, target: sqlr.Target, rows: int) -> None:
+    if target.archive is not None:
+        report.rows_archived += rows
+    else:
+        report.rows_deleted += rows
+    report.batches += 1
 
 
 def _run_batches(
@@ -165,11 +208,7 @@ def _run_batches(
             continue
         lock_failures = 0
         after = last
-        report.batches += 1
-        if archiving:
-            report.rows_archived += moved
-        else:
-            report.rows_deleted += moved
+        _count(report, target, moved)
         if progress:
             progress.advance(moved)
         if moved < target.batch_size:
@@ -179,6 +218,8 @@ def _run_batches(
                 if archiving
                 else "deleted"
             )
+            if report.partitions:
+                report.message += f" ({len(report.partitions)} whole partitions: {', '.join(report.partitions)})"
             return
         if pause:
             stop.wait(pause)

@@ -394,3 +394,115 @@ def summary(conn: psycopg.Connection, state_schema: str, policy: str) -> RunSumm
         rows_archived=int(totals[1]),
         rows_deleted=int(totals[2]),
     )
+
+
+# --- whole partitions ------------------------------------------------------------------
+
+DETACHED_MARK = "pgscale-retention:"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A child of a range-partitioned table."""
+
+    schema: str
+    name: str
+    upper: str | None  # the bound as Postgres prints it; None for DEFAULT or MAXVALUE
+    detach_pending: bool = False
+
+
+def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | None:
+    """The partition key columns of a RANGE-partitioned table, or None."""
+    row = conn.execute(
+        "SELECT p.partstrat, (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(p.partattrs) "
+        "WITH ORDINALITY k(attnum, ord) JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.attnum) "
+        "FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    if row is None or row[0] != "r" or row[1] is None:
+        return None
+    return list(row[1])
+
+
+def partitions(conn: psycopg.Connection, schema: str, table: str) -> list[Partition]:
+    """Direct partitions with their upper bound text."""
+    rows = conn.execute(
+        "SELECT cn.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending "
+        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace "
+        "WHERE pn.nspname = %s AND p.relname = %s ORDER BY c.relname",
+        (schema, table),
+    ).fetchall()
+    out = []
+    for nsp, name, bound, pending in rows:
+        upper = None
+        if bound and " TO (" in bound and "MAXVALUE" not in bound.split(" TO (")[1]:
+            upper = bound.split(" TO (")[1].rstrip(")").strip().strip("'")
+        out.append(Partition(nsp, name, upper, bool(pending)))
+    return out
+
+
+def expired(conn: psycopg.Connection, parts: list[Partition], cutoff: datetime, column_type: str) -> list[Partition]:
+    """Partitions whose whole range lies before the cutoff (compared by Postgres, in the key's type)."""
+    out = []
+    for part in parts:
+        if part.upper is None:
+            continue
+        # column_type is format_type() output from the catalog, never spec text.
+        row = conn.execute(
+            sql.SQL("SELECT CAST(%s AS {}) <= CAST(%s AS {})").format(sql.SQL(column_type), sql.SQL(column_type)),
+            (part.upper, cutoff),
+        ).fetchone()
+        if row and row[0]:
+            out.append(part)
+    return out
+
+
+def detach(conn: psycopg.Connection, target: Target, part: Partition, policy: str, *, concurrently: bool) -> None:
+    """Detach a partition and mark it, so an interrupted archive of it is found and finished."""
+    child = qualified(part.schema, part.name)
+    mark = sql.SQL("COMMENT ON TABLE {} IS {}").format(child, sql.Literal(f"{DETACHED_MARK}{policy}"))
+    if concurrently and not part.detach_pending:
+        # CONCURRENTLY cannot run in a transaction block: two autocommit statements.
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(target.source, child))
+        conn.execute(mark)
+        return
+    with conn.transaction():
+        suffix = sql.SQL(" FINALIZE") if part.detach_pending else sql.SQL("")
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}{}").format(target.source, child, suffix))
+        conn.execute(mark)
+
+
+def detached_leftovers(conn: psycopg.Connection, policy: str) -> list[Partition]:
+    """Partitions this policy detached but did not finish archiving (a crash in between)."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0 "
+        "WHERE c.relkind = 'r' AND d.description = %s ORDER BY c.relname",
+        (f"{DETACHED_MARK}{policy}",),
+    ).fetchall()
+    return [Partition(r[0], r[1], None) for r in rows]
+
+
+def archive_detached(conn: psycopg.Connection, target: Target, part: Partition, state_schema: str, run_id: int) -> int:
+    """Copy a detached partition into the archive (if archiving), verify the count, drop it.
+
+    One transaction, with the run-log update: either the rows are in the archive and
+    the partition is gone, or nothing changed.
+    """
+    child = qualified(part.schema, part.name)
+    with conn.transaction():
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(child)).fetchone()
+        rows = int(row[0]) if row else 0
+        if target.archive is not None:
+            cols = sql.SQL(", ").join(sql.Identifier(c) for c in target.columns)
+            cur = conn.execute(
+                sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target.archive, cols, cols, child)
+            )
+            if cur.rowcount != rows:
+                raise RuntimeError(f"archived {cur.rowcount} of {rows} rows of {part.name}; nothing dropped")
+        conn.execute(sql.SQL("DROP TABLE {}").format(child))
+        archiving = target.archive is not None
+        record_batch(conn, state_schema, run_id, archived=rows if archiving else 0, deleted=0 if archiving else rows)
+    return rows
