@@ -229,7 +229,8 @@ class Postgres:
                 parent.chmod(parent.stat().st_mode | 0o711)  # let the server's user reach its directory
         if self.user:
             shutil.chown(self.dir, self.user)
-        if not (self.data / "PG_VERSION").exists():
+        fresh = not (self.data / "PG_VERSION").exists()
+        if fresh:
             pwfile = self.dir / "pwfile"
             pwfile.write_text(self.PASSWORD)
             if self.user:
@@ -253,12 +254,15 @@ max_wal_senders = 10
 max_replication_slots = 10
 shared_preload_libraries = 'pg_stat_statements,pg_cron'
 cron.database_name = 'postgres'
+cron.host = '{self.dir}'
 logging_collector = off
 """
                 )
             with (self.data / "pg_hba.conf").open("a") as hba:
                 hba.write("host replication all 127.0.0.1/32 scram-sha-256\n")
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        if fresh:
+            self.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")  # in cron.database_name
         return self
 
     def stop(self) -> None:

@@ -98,3 +98,66 @@ def test_dry_run_reports_without_moving(
     kubectl.run("annotate", "rp", "archive-completed-tasks", "pgscale.io/reconcile-at=2", "--overwrite")
     obj = wait_status(kubectl, "archive-completed-tasks", lambda s: s.get("lastRun", {}).get("outcome") == "DryRun")
     assert obj["status"]["lastRun"]["rowsMatched"] == expected
+
+
+def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
+    policy = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": "by-cron"},
+              "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
+                       "olderThan": "90d", "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+                       "batchSize": 200, "scheduler": "pg_cron", "schedule": "* * * * *"}}  # fmt: skip
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn, \
+            psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:  # fmt: skip
+        seed_tasks(conn, 2000)
+        expected = scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}')
+        original = scalar(conn, CHECKSUM.format('"Task"'))
+        kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+        kubectl.apply(policy)
+        kubectl.wait("retentionpolicy", "by-cron", "Ready")
+        obj = kubectl.get("retentionpolicy", "by-cron")
+        assert "pgscale.io/cleanup" in obj["metadata"]["finalizers"]  # the job lives outside the cluster
+        job = cron.execute(
+            "SELECT jobid, schedule, command, database FROM cron.job WHERE jobname = %s",
+            (f"pgscale-retention:{kubectl.namespace}/by-cron",),
+        ).fetchone()
+        assert job is not None and job[0] == obj["status"]["pgCronJobId"]
+        assert job[1:] == ("* * * * *", f"""CALL "pgscale".retention_run('{kubectl.namespace}/by-cron')""", database)
+        # pg_cron fires within a minute and runs the procedure, committing batch by batch.
+        deadline = time.monotonic() + 75
+        while time.monotonic() < deadline and not scalar(
+            conn, "SELECT count(*) FROM pgscale.retention_runs WHERE outcome <> 'Running'"
+        ):
+            time.sleep(1)
+        details = cron.execute(
+            "SELECT status, return_message FROM cron.job_run_details WHERE jobid = %s ORDER BY runid DESC LIMIT 1",
+            (job[0],),
+        ).fetchone()
+        run = conn.execute("SELECT outcome, rows_archived, batches FROM pgscale.retention_runs").fetchall()
+        assert run == [("Succeeded", expected, expected // 200 + 1)], (run, details)
+        union = """(SELECT * FROM "Task" UNION ALL SELECT * FROM "Task_archive") u"""
+        assert scalar(conn, CHECKSUM.format(union)) == original
+        kubectl.run("annotate", "rp", "by-cron", "pgscale.io/reconcile-at=1", "--overwrite")
+        wait_status(kubectl, "by-cron", lambda s: s.get("lastRun", {}).get("outcome") == "Succeeded")
+        # Deleting the policy removes the pg_cron job first, then the resource.
+        kubectl.run("delete", "rp", "by-cron", "--timeout=30s")
+        assert scalar(cron, "SELECT count(*) FROM cron.job WHERE jobid = %s", (job[0],)) == 0
+
+
+def test_switching_scheduler_moves_the_schedule(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
+    kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+    kubectl.run("apply", "-f", str(ROOT / "examples" / "retentionpolicy.yaml"))
+    kubectl.wait("retentionpolicy", "archive-completed-tasks", "Ready")
+    kubectl.get("cronjob", "archive-completed-tasks-retention")
+    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p", '{"spec": {"scheduler": "pg_cron"}}')
+    obj = wait_status(kubectl, "archive-completed-tasks", lambda s: bool(s.get("pgCronJobId")))
+    assert "pgscale.io/cleanup" in obj["metadata"]["finalizers"]
+    gone = kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "cronjob", "archive-completed-tasks-retention")
+    assert "NotFound" in gone.stderr
+    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p", '{"spec": {"scheduler": "cronjob"}}')
+    obj = wait_status(kubectl, "archive-completed-tasks", lambda s: s.get("cronJobName") and not s.get("pgCronJobId"))
+    assert not obj["metadata"].get("finalizers")
+    with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:
+        assert scalar(cron, "SELECT count(*) FROM cron.job WHERE jobname LIKE %s", (f"%{kubectl.namespace}%",)) == 0

@@ -98,11 +98,34 @@ class StatusWriter:
 
 
 class Controller(Protocol, Generic[SpecT]):
-    """One controller per kind; see controllers/<kind>.py."""
+    """One controller per kind; see controllers/<kind>.py.
+
+    A controller that creates something outside the cluster (a pg_cron job, a
+    replication slot) adds FINALIZER while that thing exists (``ensure_finalizer``) and
+    implements ``finalize``: the scaffold calls it when the resource is deleted.
+    """
 
     kind: Kind
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: SpecT, status: StatusWriter) -> Result: ...
+
+
+FINALIZER = "pgscale.io/cleanup"
+
+
+def has_finalizer(obj: dict[str, Any]) -> bool:
+    return FINALIZER in (obj["metadata"].get("finalizers") or [])
+
+
+def ensure_finalizer(ctx: Context, kind: Kind, obj: dict[str, Any], needed: bool) -> None:
+    """Add or drop pgscale's finalizer, so deletion waits for cleanup only when there is some."""
+    current = list(obj["metadata"].get("finalizers") or [])
+    if needed == (FINALIZER in current):
+        return
+    wanted = [*current, FINALIZER] if needed else [f for f in current if f != FINALIZER]
+    meta = obj["metadata"]
+    ctx.kube.patch_metadata(kind, meta["namespace"], meta["name"], {"finalizers": wanted or None})
+    meta["finalizers"] = wanted
 
 
 def parse_spec(kind: Kind, obj: dict[str, Any]) -> BaseModel:
@@ -164,6 +187,23 @@ class Outcome:
 MIN_REQUEUE_SECONDS = 5.0  # a 0s interval in a spec must not turn into a busy loop
 
 
+def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
+    """A deleted resource: clean up outside the cluster, then let Kubernetes remove it."""
+    ref = ObjectRef.of(obj)
+    if not has_finalizer(obj):
+        return Outcome(30.0, failed=False)  # the DELETED event forgets the key
+    cleanup = getattr(ctrl, "finalize", None)
+    try:
+        if cleanup is not None:
+            cleanup(ctx, obj, parse_spec(ctrl.kind, obj))
+    except ReconcileError as exc:
+        ctx.kube.event(ref, "CleanupFailed", f"{exc.message}; deletion waits and retries", warning=True)
+        return Outcome(exc.retry_seconds or ctx.settings.stalled_retry_seconds, failed=True)
+    ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
+    log.info("%s %s/%s: cleaned up", ctrl.kind.name, ref.namespace, ref.name)
+    return Outcome(30.0, failed=False)
+
+
 CONFLICT = "Conflict"
 
 
@@ -195,6 +235,8 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
     """Reconcile one object; says when it should be looked at again."""
     kind = ctrl.kind
     ref = ObjectRef.of(obj)
+    if obj["metadata"].get("deletionTimestamp"):
+        return finalize(ctrl, ctx, obj)
     status = StatusWriter(ctx.kube, kind, obj)
     generation = status.generation
     before = cond.get(status.conditions, cond.READY) or {}

@@ -10,19 +10,32 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
+
 from .. import builders, pg
 from .. import conditions as cond
 from ..api import RETENTION_POLICY
+from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
-from ..errors import SpecError
+from ..errors import DependencyError, SpecError
 from ..jobs.retention import prepare
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
+from ..pg.connection import ConnInfo
 from ..progress import eta
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
-from .base import CONFLICT, Context, Result, StatusWriter, load_profile, partition_owner
+from .base import (
+    CONFLICT,
+    Context,
+    Result,
+    StatusWriter,
+    ensure_finalizer,
+    has_finalizer,
+    load_profile,
+    partition_owner,
+)
 
 LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
@@ -54,15 +67,23 @@ def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
     return status
 
 
+def cron_job_name(ref: ObjectRef) -> str:
+    """The pg_cron job's name (unique per policy)."""
+    return f"pgscale-retention:{ref.namespace}/{ref.name}"
+
+
 class RetentionPolicyController:
-    """Validates the policy, keeps its archive table and CronJob, reports its runs."""
+    """Validates the policy, keeps its archive table and schedule, reports its runs."""
 
     kind = RETENTION_POLICY
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
+        if spec.scheduler == "pg_cron" and spec.time_zone != "UTC":
+            raise SpecError("timeZone", "pg_cron runs schedules in GMT: set timeZone: UTC, or use scheduler: cronjob")
         due = next_run(spec.schedule, spec.time_zone)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
         events: list[tuple[str, str, bool]] = []
         with pg.connect(info) as conn:
             target, created = prepare(conn, spec, profile.state_schema)
@@ -75,15 +96,19 @@ class RetentionPolicyController:
                     )
                 )
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
-        if spec.scheduler == "pg_cron":
-            # Never leave a CronJob running for a policy that asks for another scheduler.
-            ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "retention"))
-            raise SpecError(
-                "scheduler",
-                "pg_cron scheduling is not available in this pgscale version; use scheduler: cronjob",
-                reason="Unsupported",
-            )
-        owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
+            if spec.scheduler == "pg_cron":
+                ensure_finalizer(ctx, self.kind, obj, needed=True)  # the job lives outside the cluster
+                job_id = self._schedule_pg_cron(conn, info, ref, spec, target, profile.state_schema)
+                ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "retention"))
+                where = f"pg_cron job {job_id}" if job_id else "pg_cron (unscheduled)"
+                status.update(pgCronJobId=job_id, cronJobName=None)
+            else:
+                if has_finalizer(obj):  # switched away from pg_cron
+                    self.finalize(ctx, obj, spec)
+                    ensure_finalizer(ctx, self.kind, obj, needed=False)
+                name = self._apply_cron_job(ctx, obj, ref, spec, profile, bool(owner))
+                status.update(cronJobName=name, pgCronJobId=None)
+                where = f"CronJob {name}"
         if owner:
             status.conditions = cond.set_condition(
                 status.conditions, CONFLICT, "True", "PartitionsOwnedElsewhere",
@@ -93,6 +118,20 @@ class RetentionPolicyController:
             )  # fmt: skip
         else:
             status.conditions = cond.remove(status.conditions, CONFLICT)
+        next_time = None if spec.suspend else _ts(due)
+        status.update(nextRunTime=next_time)
+        running = self._report_runs(runs, status, events)
+        verb = "suspended" if spec.suspend else f"next run {next_time}"
+        message = f"{where} runs {spec.schedule!r} ({spec.time_zone}); {verb}"
+        if running:
+            so_far = status.status["lastRun"]["rowsArchived"] + status.status["lastRun"]["rowsDeleted"]
+            message = f"run in progress: {so_far} rows so far; {message}"
+        return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)
+
+    def _apply_cron_job(
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: RetentionPolicySpec,
+        profile: DatabaseProfileSpec, owned_elsewhere: bool,
+    ) -> str:  # fmt: skip
         cron = builders.cron_job(
             ref,
             suffix="retention",
@@ -103,32 +142,76 @@ class RetentionPolicyController:
             template=spec.job,
             default_image=ctx.settings.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
-            env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": bool(owner)}),
+            env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": owned_elsewhere}),
         )
         ctx.kube.apply(cron)
-        name = cron["metadata"]["name"]
-        next_time = None if spec.suspend else _ts(due)
-        status.update(cronJobName=name, nextRunTime=next_time)
-        running = False
-        if runs.last is not None:
-            last = run_status(runs.last, datetime.now(UTC))
-            running = last["outcome"] == "Running"
-            seen = status.status.get("lastRun") or {}
-            status.update(
-                lastRun=last,
-                totals={"runs": runs.runs, "rowsArchived": runs.rows_archived, "rowsDeleted": runs.rows_deleted},
+        return str(cron["metadata"]["name"])
+
+    def _schedule_pg_cron(
+        self, conn: psycopg.Connection, info: ConnInfo, ref: ObjectRef, spec: RetentionPolicySpec,
+        target: sqlr.Target, state_schema: str,
+    ) -> int:  # fmt: skip
+        """Install the procedure and this policy's rendered statements; schedule (or unschedule) the call."""
+        cron_db = sqlr.cron_database(conn)
+        if cron_db is None:
+            raise DependencyError(
+                "pg_cron is not loaded on this server (shared_preload_libraries); install it, or use "
+                "spec.scheduler: cronjob",
+                reason="PgCronNotAvailable",
             )
-            if not running:
-                ok = last["outcome"] in ("Succeeded", "Partial", "DryRun")
-                status.conditions = cond.set_condition(
-                    status.conditions, LAST_RUN, "True" if ok else "False",
-                    f"Run{last['outcome']}", last["message"] or last["outcome"], status.generation,
-                )  # fmt: skip
-                if (seen.get("startTime"), seen.get("outcome")) != (last["startTime"], last["outcome"]):
-                    events.append((f"Run{last['outcome']}", last["message"] or last["outcome"], not ok))  # one per run
-        verb = "suspended" if spec.suspend else f"next run {next_time}"
-        message = f"CronJob {name} runs {spec.schedule!r} ({spec.time_zone}); {verb}"
-        if running:
-            so_far = status.status["lastRun"]["rowsArchived"] + status.status["lastRun"]["rowsDeleted"]
-            message = f"run in progress: {so_far} rows so far; {message}"
-        return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)
+        policy = f"{ref.namespace}/{ref.name}"
+        sqlr.ensure_procedure(conn, state_schema)
+        sqlr.save_config(
+            conn, state_schema, policy, target,
+            dry_run=spec.dry_run,
+            lock_timeout=f"{int(seconds(spec.lock_timeout) * 1000)}ms",
+            statement_timeout=f"{int(seconds(spec.statement_timeout) * 1000)}ms",
+            max_run=f"{int(seconds(spec.max_run_time))} seconds",
+            pause=seconds(spec.pause_between_batches),
+        )  # fmt: skip
+        with pg.connect(info.with_database(cron_db)) as cron:
+            if not sqlr.has_extension(cron, "pg_cron"):
+                raise DependencyError(
+                    f"pg_cron is loaded but not created in database {cron_db!r}: run CREATE EXTENSION pg_cron "
+                    "there, or use spec.scheduler: cronjob",
+                    reason="PgCronNotAvailable",
+                )
+            if spec.suspend:
+                sqlr.cron_unschedule(cron, cron_job_name(ref))
+                return 0
+            command = sqlr.cron_command(state_schema, policy).as_string(conn)
+            return sqlr.cron_schedule(cron, cron_job_name(ref), spec.schedule, command, info.dbname)
+
+    def finalize(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec) -> None:
+        """Remove the pg_cron job (the only thing this kind keeps outside the cluster)."""
+        ref = ObjectRef.of(obj)
+        _, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        with pg.connect(info) as conn:
+            cron_db = sqlr.cron_database(conn)
+        if cron_db is None:
+            return
+        with pg.connect(info.with_database(cron_db)) as cron:
+            if sqlr.has_extension(cron, "pg_cron") and sqlr.cron_unschedule(cron, cron_job_name(ref)):
+                ctx.kube.event(ref, "Unscheduled", f"removed pg_cron job {cron_job_name(ref)}")
+
+    @staticmethod
+    def _report_runs(runs: sqlr.RunSummary, status: StatusWriter, events: list[tuple[str, str, bool]]) -> bool:
+        """Mirror the run log into status, conditions and one Event per finished run; True while running."""
+        if runs.last is None:
+            return False
+        last = run_status(runs.last, datetime.now(UTC))
+        seen = status.status.get("lastRun") or {}
+        status.update(
+            lastRun=last,
+            totals={"runs": runs.runs, "rowsArchived": runs.rows_archived, "rowsDeleted": runs.rows_deleted},
+        )
+        if last["outcome"] == "Running":
+            return True
+        ok = last["outcome"] in ("Succeeded", "Partial", "DryRun")
+        status.conditions = cond.set_condition(
+            status.conditions, LAST_RUN, "True" if ok else "False",
+            f"Run{last['outcome']}", last["message"] or last["outcome"], status.generation,
+        )  # fmt: skip
+        if (seen.get("startTime"), seen.get("outcome")) != (last["startTime"], last["outcome"]):
+            events.append((f"Run{last['outcome']}", last["message"] or last["outcome"], not ok))  # one per run
+        return False

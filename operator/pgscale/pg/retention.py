@@ -63,15 +63,19 @@ class Target:
 _COMPARISONS = {"Equals": "=", "NotEquals": "<>", "LessThan": "<", "GreaterThan": ">"}
 
 
-def predicate(target: Target, alias: str = "s") -> tuple[sql.Composable, list[Any]]:
+def predicate(target: Target, alias: str = "s", *, inline: bool = False) -> tuple[sql.Composable, list[Any]]:
     """WHERE clause and parameters: age cutoff AND every filter; values are bound, never spliced.
 
     Values are sent untyped (psycopg passes str as 'unknown'), so Postgres casts
     each to the column's type: enums, integers and dates compare correctly.
+    ``inline`` renders a statement for the database to run on its own (pg_cron): the
+    cutoff becomes ``$1`` and values become quoted literals (still untyped), never text
+    pasted into SQL.
     """
     a = sql.Identifier(alias)
+    cutoff = sql.SQL("$1") if inline else sql.Placeholder("cutoff")
     parts: list[sql.Composable] = [
-        sql.SQL("{}.{} < %(cutoff)s").format(a, sql.Identifier(target.age_column)),
+        sql.SQL("{}.{} < {}").format(a, sql.Identifier(target.age_column), cutoff),
     ]
     params: list[Any] = []
     for i, f in enumerate(target.filters):
@@ -82,13 +86,16 @@ def predicate(target: Target, alias: str = "s") -> tuple[sql.Composable, list[An
             parts.append(sql.SQL("{} IS NOT NULL").format(col))
         elif f.operator in ("In", "NotIn"):
             names = [f"f{i}_{j}" for j in range(len(f.values))]
-            placeholders = sql.SQL(", ").join(sql.Placeholder(n) for n in names)
+            placeholders = sql.SQL(", ").join(
+                sql.Literal(v) if inline else sql.Placeholder(n) for n, v in zip(names, f.values, strict=True)
+            )
             op = sql.SQL("IN" if f.operator == "In" else "NOT IN")
             parts.append(sql.SQL("{} {} ({})").format(col, op, placeholders))
             params += list(zip(names, f.values, strict=True))
         else:
             name = f"f{i}_0"
-            parts.append(sql.SQL("{} {} {}").format(col, sql.SQL(_COMPARISONS[f.operator]), sql.Placeholder(name)))
+            value = sql.Literal(f.values[0]) if inline else sql.Placeholder(name)
+            parts.append(sql.SQL("{} {} {}").format(col, sql.SQL(_COMPARISONS[f.operator]), value))
             params.append((name, f.values[0]))
     return sql.SQL(" AND ").join(parts), params
 
@@ -114,7 +121,7 @@ def _row_match(target: Target) -> tuple[sql.Composable, sql.Composable]:
     return sql.SQL("s.ctid"), sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
 
 
-def batch_statement(target: Target, *, after: bool = False, upto: bool = False) -> sql.Composed:
+def batch_statement(target: Target, *, after: bool = False, upto: bool = False, inline: bool = False) -> sql.Composed:
     """Move (archive) or delete one batch of matching rows, atomically.
 
     With a primary key, batches walk the key in order (``after``: continue past the
@@ -124,7 +131,7 @@ def batch_statement(target: Target, *, after: bool = False, upto: bool = False) 
     scope and never chases an application that keeps inserting. The statement
     returns the number of rows moved and the last key of the batch.
     """
-    where, _ = predicate(target)
+    where, _ = predicate(target, inline=inline)
     keys = target.key_columns
     tuple_ = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in keys)
     for flag, name, op in ((after, "after", ">"), (upto, "upto", "<=")):
@@ -139,9 +146,16 @@ def batch_statement(target: Target, *, after: bool = False, upto: bool = False) 
     select_key, match = _row_match(target)
     batch = sql.SQL(
         "WITH batch AS MATERIALIZED ("
-        "SELECT {key} FROM {source} s WHERE {where}{order} LIMIT %(limit)s FOR UPDATE OF s SKIP LOCKED), "
+        "SELECT {key} FROM {source} s WHERE {where}{order} LIMIT {limit} FOR UPDATE OF s SKIP LOCKED), "
         "moved AS (DELETE FROM {source} t WHERE {match} RETURNING t.*)"
-    ).format(key=select_key, source=target.source, where=where, order=order, match=match)
+    ).format(
+        key=select_key,
+        source=target.source,
+        where=where,
+        order=order,
+        match=match,
+        limit=sql.SQL("$2") if inline else sql.Placeholder("limit"),
+    )
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in target.columns)
     parts: list[sql.Composable] = [batch]
     if target.archive is None:
@@ -153,7 +167,7 @@ def batch_statement(target: Target, *, after: bool = False, upto: bool = False) 
             )
         )
         counted = sql.SQL("archived")
-    if keys:
+    if keys and not inline:
         idents = [sql.Identifier(c) for c in keys]
         parts.append(
             sql.SQL(
@@ -506,3 +520,139 @@ def archive_detached(conn: psycopg.Connection, target: Target, part: Partition, 
         archiving = target.archive is not None
         record_batch(conn, state_schema, run_id, archived=rows if archiving else 0, deleted=0 if archiving else rows)
     return rows
+
+
+# --- pg_cron ---------------------------------------------------------------------------
+
+CONFIG_TABLE = "retention_config"
+
+
+def cron_database(conn: psycopg.Connection) -> str | None:
+    """The database pg_cron keeps its jobs in, or None when pg_cron is not loaded."""
+    row = conn.execute("SELECT current_setting('cron.database_name', true)").fetchone()
+    return row[0] if row and row[0] else None
+
+
+def has_extension(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM pg_extension WHERE extname = %s", (name,)).fetchone()
+    return row is not None
+
+
+def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
+    """The procedure pg_cron calls: the same batches and run log as `pgscale job retention`.
+
+    It runs statements rendered by pgscale (retention_config.batch_sql) with the cutoff
+    and batch size as parameters, commits after every batch, and stops at max_run.
+    """
+    s = sql.Identifier(state_schema)
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {s}.{cfg} (policy text PRIMARY KEY, batch_sql text NOT NULL, "
+                "count_sql text NOT NULL, age interval NOT NULL, batch_size integer NOT NULL, "
+                "archiving boolean NOT NULL, dry_run boolean NOT NULL, lock_timeout text NOT NULL, "
+                "statement_timeout text NOT NULL, max_run interval NOT NULL, pause double precision NOT NULL, "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE))
+        )
+        conn.execute(
+            sql.SQL(
+                """CREATE OR REPLACE PROCEDURE {s}.retention_run(p_policy text) LANGUAGE plpgsql AS $proc$
+DECLARE
+  cfg {s}.{cfg}%ROWTYPE;
+  v_cutoff timestamptz;
+  v_deadline timestamptz;
+  v_moved bigint;
+  v_run bigint;
+BEGIN
+  SELECT * INTO cfg FROM {s}.{cfg} WHERE policy = p_policy;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgscale: no retention configuration for %', p_policy;
+  END IF;
+  UPDATE {s}.{runs} SET outcome = 'Failed', ended_at = updated_at,
+    message = 'interrupted: the run stopped without finishing; every committed batch is complete'
+    WHERE policy = p_policy AND outcome = 'Running';
+  INSERT INTO {s}.{runs} (policy, dry_run) VALUES (p_policy, cfg.dry_run) RETURNING id INTO v_run;
+  COMMIT;
+  PERFORM set_config('TimeZone', 'UTC', false);
+  PERFORM set_config('lock_timeout', cfg.lock_timeout, false);
+  PERFORM set_config('statement_timeout', cfg.statement_timeout, false);
+  v_cutoff := now() - cfg.age;
+  v_deadline := clock_timestamp() + cfg.max_run;
+  IF cfg.dry_run THEN
+    EXECUTE cfg.count_sql INTO v_moved USING v_cutoff;
+    UPDATE {s}.{runs} SET outcome = 'DryRun', rows_matched = v_moved, ended_at = clock_timestamp(),
+      updated_at = clock_timestamp(), message = v_moved || ' rows match; none moved' WHERE id = v_run;
+    COMMIT;
+    RETURN;
+  END IF;
+  LOOP
+    EXECUTE cfg.batch_sql INTO v_moved USING v_cutoff, cfg.batch_size;
+    UPDATE {s}.{runs} SET
+      rows_archived = rows_archived + CASE WHEN cfg.archiving THEN v_moved ELSE 0 END,
+      rows_deleted = rows_deleted + CASE WHEN cfg.archiving THEN 0 ELSE v_moved END,
+      batches = batches + 1, updated_at = clock_timestamp() WHERE id = v_run;
+    COMMIT;
+    EXIT WHEN v_moved < cfg.batch_size;
+    IF clock_timestamp() > v_deadline THEN
+      UPDATE {s}.{runs} SET outcome = 'Partial', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
+        message = 'max run time reached; the next run continues' WHERE id = v_run;
+      COMMIT;
+      RETURN;
+    END IF;
+    PERFORM pg_sleep(cfg.pause);
+  END LOOP;
+  UPDATE {s}.{runs} SET outcome = 'Succeeded', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
+    message = (rows_archived + rows_deleted) || ' rows ' ||
+              CASE WHEN cfg.archiving THEN 'archived' ELSE 'deleted' END || ' by pg_cron'
+    WHERE id = v_run;
+  COMMIT;
+END
+$proc$"""
+            ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE), runs=sql.Identifier(RUNS_TABLE))
+        )
+
+
+def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target: Target, **settings: Any) -> None:
+    """Store the rendered statements and settings the procedure runs with."""
+    batch_sql = batch_statement(target, inline=True).as_string(conn)
+    where, _ = predicate(target, inline=True)
+    count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where).as_string(conn)
+    row = {"batch_sql": batch_sql, "count_sql": count_sql, "age": target.age_interval,
+           "batch_size": target.batch_size, "archiving": target.archive is not None, **settings}  # fmt: skip
+    names = list(row)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.{} (policy, {}) VALUES (%s, {}) ON CONFLICT (policy) DO UPDATE SET {}, updated_at = now()"
+        ).format(
+            sql.Identifier(state_schema),
+            sql.Identifier(CONFIG_TABLE),
+            sql.SQL(", ").join(sql.Identifier(n) for n in names),
+            sql.SQL(", ").join(sql.Placeholder() for _ in names),
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names),
+        ),
+        [policy, *row.values()],
+    )
+
+
+def cron_command(state_schema: str, policy: str) -> sql.Composed:
+    """What pg_cron runs."""
+    return sql.SQL("CALL {}.retention_run({})").format(sql.Identifier(state_schema), sql.Literal(policy))
+
+
+def cron_schedule(cron: psycopg.Connection, job_name: str, schedule: str, command: str, database: str) -> int:
+    """Create or update a pg_cron job (by name) in a database; returns its id."""
+    row = cron.execute(
+        "SELECT cron.schedule_in_database(%s, %s, %s, %s)", (job_name, schedule, command, database)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def cron_unschedule(cron: psycopg.Connection, job_name: str) -> bool:
+    """Remove a pg_cron job by name; False when there was none."""
+    row = cron.execute("SELECT jobid FROM cron.job WHERE jobname = %s", (job_name,)).fetchone()
+    if row is None:
+        return False
+    cron.execute("SELECT cron.unschedule(%s::bigint)", (row[0],))
+    return True
