@@ -19,6 +19,7 @@ JobCommand = Callable[[argparse.Namespace], int]
 # `pgscale job <name>`: the commands Jobs and CronJobs run -> (summary, module with main(args)).
 JOBS: dict[str, tuple[str, str]] = {
     "retention": ("one run of a RetentionPolicy: archive or delete old rows in batches", "pgscale.jobs.retention"),
+    "file-migration": ("move the files of a FileMigration to object storage", "pgscale.jobs.files"),
 }
 
 

@@ -1,0 +1,394 @@
+"""`pgscale job file-migration`: move files out of a table, verifiably and resumably.
+
+Per row, in one transaction: lock it (``FOR UPDATE SKIP LOCKED``), stream and decode
+its data while hashing, write the object create-only, read back its size and
+SHA-256, point the row at it (from phase cutover on) and record it in the ledger.
+Killing the job anywhere leaves either the old state or the new one for every
+row; an object written by a killed attempt is found and reused by the next.
+Only in phase dropSource is data nulled, only for rows whose object was verified
+and that nobody changed since; the column is dropped only after a full pass that
+reads every object back and finds its hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .. import pg
+from ..api import FILE_MIGRATION
+from ..api.filemigration import FileMigrationSpec
+from ..checks import require_column, require_table
+from ..errors import ReconcileError
+from ..files import Base64Stream, Malformed, RateLimiter, object_key, versioned_key
+from ..pg import files as sqlf
+from ..progress import Progress
+from ..quantity import parse_quantity
+from ..storage import AlreadyExists, FilesystemStore, ObjectStore, S3Store, s3_client
+from . import JobInput, load
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4 * 1024 * 1024  # characters or bytes fetched per query for large values
+FS_MOUNT = "/data"  # where the job pod mounts a filesystem destination's volume
+ENV_FS_ROOT = "PGSCALE_FS_ROOT"  # overrides FS_MOUNT (tests run the pod's command outside a pod)
+
+
+@dataclass
+class Report:
+    """What a job run did (also printed as JSON)."""
+
+    phase: str = "Copying"
+    rows_migrated: int = 0
+    rows_failed: int = 0
+    rows_skipped_locked: int = 0
+    rows_nulled: int = 0
+    bytes_written: int = 0
+    objects_reused: int = 0
+    verified_objects: int = 0
+    column_dropped: bool = False
+    message: str = ""
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def source(spec: FileMigrationSpec) -> sqlf.Source:
+    cols = spec.columns
+    return sqlf.Source(
+        schema=spec.table.schema_, table=spec.table.name, key=spec.key_column, data=spec.data_column,
+        path=spec.path_column, storage_type=spec.storage_type_column,
+        size=cols.size if cols else None, file_name=cols.file_name if cols else None,
+        content_type=cols.content_type if cols else None,
+    )  # fmt: skip
+
+
+def make_store(spec: FileMigrationSpec, env: dict[str, str] | None = None) -> ObjectStore:
+    """The destination, with credentials from the environment (the pod's Secret-backed env)."""
+    env = dict(os.environ if env is None else env)
+    s3 = spec.destination.s3
+    if s3 is not None:
+        client = s3_client(s3.endpoint, s3.region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
+                           s3.force_path_style, max_pool=spec.concurrency * 2)  # fmt: skip
+        return S3Store(client, s3.bucket, s3.prefix, part_size=parse_quantity(spec.multipart_chunk_size),
+                       multipart_threshold=parse_quantity(spec.multipart_threshold),
+                       sse=s3.server_side_encryption, kms_key_id=s3.kms_key_id)  # fmt: skip
+    fs = spec.destination.filesystem
+    assert fs is not None
+    return FilesystemStore(Path(env.get(ENV_FS_ROOT, FS_MOUNT)) / fs.path)
+
+
+def storage_type(spec: FileMigrationSpec) -> str:
+    return "s3" if spec.destination.s3 is not None else "filesystem"
+
+
+class Migration:
+    """One job run over one table."""
+
+    def __init__(self, job: JobInput, store: ObjectStore, *, stop: threading.Event | None = None,
+                 progress: Progress | None = None) -> None:  # fmt: skip
+        self.job = job
+        self.spec = FileMigrationSpec.model_validate(job.spec)
+        self.src = source(self.spec)
+        self.store = store
+        self.stop = stop or threading.Event()
+        self.progress = progress
+        self.report = Report()
+        self.cutover = self.spec.phase in ("cutover", "dropSource")
+        self.threshold = parse_quantity(self.spec.multipart_threshold)
+        rate = self.spec.rate_limit
+        self.limiter = RateLimiter(
+            rate.rows_per_second if rate else None,
+            parse_quantity(rate.bytes_per_second) if rate and rate.bytes_per_second else None,
+        )
+        self._lock = threading.Lock()
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self) -> Report:
+        with pg.connect(self.job.conn) as conn:
+            sqlf.ensure_ledger(conn, self.job.state_schema)
+            columns = require_table(conn, self.spec.table)
+            require_column(columns, self.spec.key_column, "keyColumn", self.spec.table)
+            if self.spec.data_column not in columns:
+                self.report.phase, self.report.column_dropped = "Completed", True
+                self.report.message = f"column {self.spec.data_column!r} is gone: the migration is complete"
+                return self.report
+            if self.cutover:
+                added = sqlf.ensure_pointer_columns(conn, self.src, 5000)
+                if added:
+                    log.info("added columns %s", ", ".join(added))
+            self.has_path = self.src.path in (pg.table_columns(conn, self.src.schema, self.src.table) or {})
+            self.report.phase = "CuttingOver" if self.cutover else "Copying"
+            self.report.rows_failed += sqlf.record_empty(
+                conn, self.src, self.job.policy_key, self.job.state_schema, has_path=self.has_path
+            )
+            self._passes(conn)
+            if self.spec.phase == "dropSource" and not self.stop.is_set():
+                self.report.phase = "DroppingSource"
+                self._null_sources(conn)
+                if self.spec.drop_column and not self.stop.is_set():
+                    self.report.phase = "Verifying"
+                    self._verify_and_drop(conn)
+            if not self.stop.is_set() and self.report.phase != "Verifying":
+                self.report.phase = "Completed"
+        return self.report
+
+    def _passes(self, conn: psycopg.Connection) -> None:
+        """Passes until one finds nothing to do: rows written meanwhile are caught by the next."""
+        idle_passes = 0
+        while not self.stop.is_set():
+            total = sqlf.count_candidates(conn, self.src, self.job.policy_key, self.job.state_schema,
+                                          cutover=self.cutover)  # fmt: skip
+            if total == 0:
+                return
+            if self.progress:
+                self.progress.start(total)
+            done = self._pass(conn, total)
+            if done == 0:  # every candidate locked by the application or failing: give it time
+                idle_passes += 1
+                if idle_passes >= 5:
+                    self.report.message = f"{total} rows stayed locked or kept failing; the next run retries"
+                    return
+                self.stop.wait(min(2.0 * idle_passes, 10))
+            else:
+                idle_passes = 0
+
+    def _pass(self, conn: psycopg.Connection, total: int) -> int:
+        keys: queue.Queue[Any] = queue.Queue(maxsize=self.spec.batch_size)
+        done = [0]
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            with pg.connect(self.job.conn) as wconn:
+                while True:
+                    key = keys.get()
+                    if key is _END:
+                        return
+                    if self.stop.is_set() or errors:
+                        continue
+                    try:
+                        if self.migrate_row(wconn, key):
+                            with self._lock:
+                                done[0] += 1
+                    except Exception as exc:  # storage or database trouble: stop this pass, report
+                        log.exception("row %r", key)
+                        errors.append(exc)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.spec.concurrency)]
+        for t in threads:
+            t.start()
+        try:
+            for key in sqlf.candidates(conn, self.src, self.job.policy_key, self.job.state_schema,
+                                       cutover=self.cutover, batch=self.spec.batch_size):  # fmt: skip
+                if self.stop.is_set() or errors:
+                    break
+                keys.put(key)
+        finally:
+            for _ in threads:
+                keys.put(_END)
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        return done[0]
+
+    # --- one row -----------------------------------------------------------------------
+
+    def migrate_row(self, conn: psycopg.Connection, key: Any) -> bool:
+        """Upload, verify, point and record one row in one transaction; False when skipped."""
+        key_text = str(key)
+        with conn.transaction():
+            claimed = sqlf.claim(conn, self.src, key, has_path=self.has_path)
+            if claimed is None:
+                with self._lock:
+                    self.report.rows_skipped_locked += 1
+                return False
+            if claimed.length is None:  # nulled meanwhile: nothing to migrate
+                return False
+            try:
+                sha, size, media = self._hash(conn, key, claimed.length)
+                if self.src.size and claimed.size is not None and int(claimed.size) != size:
+                    raise Malformed(f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}")
+            except Malformed as exc:
+                sqlf.record(conn, self.job.state_schema, self.job.policy_key, key_text, status="failed",
+                            row_xmin=claimed.xmin, reason=str(exc))  # fmt: skip
+                with self._lock:
+                    self.report.rows_failed += 1
+                    if len(self.report.failures) < 20:
+                        self.report.failures.append({"key": key_text, "reason": str(exc)})
+                return True
+            self.limiter.acquire(size)
+            generic = claimed.content_type in (None, "", "application/octet-stream")
+            content_type = (media or claimed.content_type) if generic else claimed.content_type
+            target = self._place(conn, key, sha, size, claimed.length, content_type)
+            path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
+            if self.cutover:
+                xmin = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec))
+                status = "cutover"
+            else:
+                xmin, status = claimed.xmin, "verified"
+            sqlf.record(conn, self.job.state_schema, self.job.policy_key, key_text, status=status, row_xmin=xmin,
+                        object_key=target, size=size, sha256=sha)  # fmt: skip
+        with self._lock:
+            self.report.rows_migrated += 1
+        if self.progress:
+            self.progress.advance(1)
+        return True
+
+    def _chunks(
+        self, conn: psycopg.Connection, key: Any, length: int, found: dict[str, str | None] | None = None
+    ) -> Iterator[bytes]:
+        """The decoded file, slice by slice (Malformed when it cannot be decoded)."""
+        raw = sqlf.read_chunks(conn, self.src, key, length, READ_CHUNK)
+        if self.spec.encoding == "bytea":
+            yield from raw
+            return
+        stream = Base64Stream()
+        for text in raw:
+            yield stream.feed(text)
+        stream.close()
+        if found is not None:
+            found["media"] = stream.media_type
+
+    def _hash(self, conn: psycopg.Connection, key: Any, length: int) -> tuple[str, int, str | None]:
+        digest, size = hashlib.sha256(), 0
+        found: dict[str, str | None] = {}
+        for chunk in self._chunks(conn, key, length, found):
+            digest.update(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size, found.get("media")
+
+    def _place(self, conn: psycopg.Connection, key: Any, sha: str, size: int, length: int,
+               content_type: str | None) -> str:  # fmt: skip
+        """Write the object create-only (or find it already there) and verify it; returns its key."""
+        base = object_key(self.spec.key_template, schema=self.src.schema, table=self.src.table, key=key)
+        for candidate in (base, versioned_key(base, sha)):
+            found = self.store.head(candidate)
+            if found is None:
+                try:
+                    self.store.put_new(candidate, self._chunks(conn, key, length), size=size, sha256=sha,
+                                       content_type=content_type)  # fmt: skip
+                    with self._lock:
+                        self.report.bytes_written += size
+                except AlreadyExists:
+                    pass  # someone wrote it between our look and our write: check what it is
+                found = self.store.head(candidate)
+            elif found.sha256 == sha and found.size == size:
+                with self._lock:
+                    self.report.objects_reused += 1
+            if found is not None and found.sha256 == sha and found.size == size:
+                return candidate
+            # Different content under this key (the row changed after an earlier upload): next key.
+        raise RuntimeError(f"row {key!r}: both {base!r} and its versioned key hold other content; nothing changed")
+
+    # --- dropSource ----------------------------------------------------------------------
+
+    def _null_sources(self, conn: psycopg.Connection) -> None:
+        """NULL the data of rows whose object is verified and that nobody changed since."""
+        with pg.connect(self.job.conn) as wconn:
+            for key in sqlf.cutover_keys(conn, self.src, self.job.policy_key, self.job.state_schema):
+                if self.stop.is_set():
+                    return
+                with wconn.transaction():
+                    claimed = sqlf.claim(wconn, self.src, key, has_path=True)
+                    item = sqlf.entry(wconn, self.job.state_schema, self.job.policy_key, str(key))
+                    if claimed is None or item is None or item.status != "cutover" or item.row_xmin != claimed.xmin:
+                        continue
+                    if claimed.path != self._path_of(item.object_key):
+                        continue  # the application re-pointed the row itself: leave its data alone
+                    found = self.store.head(item.object_key or "")
+                    if found is None or found.sha256 != item.sha256 or found.size != item.size:
+                        raise RuntimeError(f"object {item.object_key!r} of row {key!r} is missing or differs")
+                    xmin = sqlf.null_source(wconn, self.src, key, claimed.xmin)
+                    if xmin is None:
+                        continue
+                    sqlf.record(
+                        wconn, self.job.state_schema, self.job.policy_key, str(key), status="nulled",
+                        row_xmin=xmin, object_key=item.object_key, size=item.size, sha256=item.sha256,
+                    )  # fmt: skip
+                self.report.rows_nulled += 1
+
+    def _path_of(self, target: str | None) -> str | None:
+        if target is None or self.spec.destination.s3 is None:
+            return target
+        return self.spec.destination.s3.prefix + target
+
+    def _verify_and_drop(self, conn: psycopg.Connection) -> None:
+        """Read every object back; drop the column only when all match and no row still holds data."""
+        remaining = sqlf.rows_with_data(conn, self.src)
+        if remaining:
+            self.report.message = f"{remaining} rows still hold data (failed or changed rows); the column stays"
+            return
+        bad = []
+        for key, path, target, size, sha, status in sqlf.verification_set(
+            conn, self.src, self.job.policy_key, self.job.state_schema
+        ):
+            if path is None and status in (None, "failed"):
+                continue  # a row without data (NULL from the start): nothing to lose
+            if status != "nulled" or path != self._path_of(target):
+                bad.append(f"{key}: not migrated by this FileMigration (status {status}, path {path!r})")
+                continue
+            info = self.store.read_hash(target)
+            if info.size != size or info.sha256 != sha:
+                bad.append(
+                    f"{key}: object {target!r} has {info.size} bytes / sha256 {info.sha256}, expected {size} / {sha}"
+                )
+            self.report.verified_objects += 1
+            if len(bad) >= 20:
+                break
+        if bad:
+            self.report.message = f"verification failed for {len(bad)} rows; the column stays: {'; '.join(bad[:5])}"
+            raise RuntimeError(self.report.message)
+        sqlf.drop_data_column(conn, self.src, 5000)
+        self.report.column_dropped = True
+        self.report.phase = "Completed"
+        self.report.message = (
+            f"verified {self.report.verified_objects} objects, dropped column {self.spec.data_column!r}; "
+            "run VACUUM FULL or pg_repack to return its space to the operating system"
+        )
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `pgscale job file-migration`."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        job = load(FILE_MIGRATION, args.namespace, args.name)
+    except ReconcileError as exc:
+        print(f"pgscale job file-migration: {exc.message}", file=sys.stderr)
+        return 2
+    spec = FileMigrationSpec.model_validate(job.spec)
+    progress = Progress("file-migration", stream=sys.stderr, unit="files")
+    migration = Migration(job, make_store(spec), stop=stop, progress=progress)
+    started = time.monotonic()
+    try:
+        report = migration.run()
+    except (psycopg.Error, RuntimeError, OSError, ReconcileError) as exc:
+        report = migration.report
+        report.message = f"{type(exc).__name__}: {exc}"
+        progress.finish("Failed")
+        print(json.dumps({**asdict(report), "outcome": "Failed"}))
+        return 1
+    progress.finish(report.phase)
+    print(json.dumps({**asdict(report), "outcome": "Succeeded", "seconds": round(time.monotonic() - started, 2)}))
+    return 0

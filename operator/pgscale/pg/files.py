@@ -1,0 +1,320 @@
+"""SQL of FileMigration: the ledger, row claims, chunked reads and pointer updates.
+
+The ledger (<stateSchema>.file_ledger) holds one row per migrated table row: the
+object it went to, its size and SHA-256, and the row's ``xmin`` when pgscale last
+touched it. A row whose ``xmin`` differs from the ledger's was changed by the
+application since, so it is a candidate again; nulling the data is only ever done
+for a row whose ``xmin`` still matches (nobody changed it since its upload).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import qualified, table_columns
+
+LEDGER = "file_ledger"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the files are, and where each row's pointer goes."""
+
+    schema: str
+    table: str
+    key: str
+    data: str
+    path: str
+    storage_type: str
+    size: str | None = None
+    file_name: str | None = None
+    content_type: str | None = None
+
+    @property
+    def relation(self) -> sql.Composed:
+        return qualified(self.schema, self.table)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A row locked for this transaction."""
+
+    xmin: str
+    length: int | None  # octet_length of the data, None when NULL
+    size: Any
+    content_type: str | None
+    path: str | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A ledger row."""
+
+    key: str
+    object_key: str | None
+    size: int | None
+    sha256: str | None
+    status: str
+    row_xmin: str | None
+
+
+def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
+    s = sql.Identifier(state_schema)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.{} (migration text NOT NULL, key text NOT NULL, object_key text, "
+                "size bigint, sha256 text, status text NOT NULL, reason text, row_xmin text, "
+                "updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (migration, key))"
+            ).format(s, sql.Identifier(LEDGER))
+        )
+
+
+def _ledger(state_schema: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(state_schema), sql.Identifier(LEDGER))
+
+
+def ensure_pointer_columns(conn: psycopg.Connection, src: Source, lock_timeout_ms: int) -> list[str]:
+    """Add the path and storage-type columns (the strategy's phase 1); returns those added."""
+    existing = table_columns(conn, src.schema, src.table) or {}
+    added = []
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        if src.path not in existing:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(src.relation, sql.Identifier(src.path)))
+            added.append(src.path)
+        if src.storage_type not in existing:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} varchar(20) DEFAULT 'database'").format(
+                    src.relation, sql.Identifier(src.storage_type)
+                )
+            )
+            added.append(src.storage_type)
+    return added
+
+
+def candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *,
+               cutover: bool, batch: int) -> Iterator[Any]:  # fmt: skip
+    """Keys of rows with data that still need work, streamed by a server-side cursor in key order.
+
+    A row needs work when the ledger has no entry for it, when the row changed since
+    (xmin differs), or, at cutover, when its object is verified but not pointed at yet.
+    Failed rows are retried only once they change.
+    """
+    pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
+    query = sql.SQL(
+        "SELECT t.{key} FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+        "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending}) "
+        "ORDER BY t.{key}"
+    ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
+             data=sql.Identifier(src.data), pending=pending)  # fmt: skip
+    with conn.transaction(), conn.cursor(name="pgscale_file_candidates") as cur:
+        cur.itersize = batch
+        cur.execute(query, (migration,))
+        for row in cur:
+            yield row[0]
+
+
+def count_candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, cutover: bool) -> int:
+    pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
+        ).format(
+            key=sql.Identifier(src.key),
+            rel=src.relation,
+            ledger=_ledger(state_schema),
+            data=sql.Identifier(src.data),
+            pending=pending,
+        ),
+        (migration,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def claim(conn: psycopg.Connection, src: Source, key: Any, *, has_path: bool) -> Claimed | None:
+    """Lock one row (skipping it when the application or another worker holds it)."""
+    cols = [
+        sql.SQL("xmin::text"),
+        sql.SQL("octet_length({})").format(sql.Identifier(src.data)),
+        sql.Identifier(src.size) if src.size else sql.SQL("NULL"),
+        sql.Identifier(src.content_type) if src.content_type else sql.SQL("NULL"),
+        sql.Identifier(src.path) if has_path else sql.SQL("NULL"),
+    ]
+    row = conn.execute(
+        sql.SQL("SELECT {} FROM {} WHERE {} = %s FOR UPDATE SKIP LOCKED").format(
+            sql.SQL(", ").join(cols), src.relation, sql.Identifier(src.key)
+        ),
+        (key,),
+    ).fetchone()
+    if row is None:
+        return None
+    return Claimed(xmin=row[0], length=row[1], size=row[2], content_type=row[3], path=row[4])
+
+
+def read_chunks(conn: psycopg.Connection, src: Source, key: Any, length: int, chunk: int) -> Iterator[Any]:
+    """The data column in slices (characters for text, bytes for bytea): memory stays bounded."""
+    query = sql.SQL("SELECT substring({} FROM %s FOR %s) FROM {} WHERE {} = %s").format(
+        sql.Identifier(src.data), src.relation, sql.Identifier(src.key)
+    )
+    for start in range(1, length + 1, chunk):
+        row = conn.execute(query, (start, chunk, key)).fetchone()
+        if row is None or row[0] is None:
+            return
+        yield row[0]
+
+
+def entry(conn: psycopg.Connection, state_schema: str, migration: str, key: str) -> Entry | None:
+    row = conn.execute(
+        sql.SQL("SELECT key, object_key, size, sha256, status, row_xmin FROM {} WHERE migration = %s AND key = %s")
+        .format(_ledger(state_schema)),
+        (migration, key),
+    ).fetchone()  # fmt: skip
+    return Entry(*row) if row else None
+
+
+def record(conn: psycopg.Connection, state_schema: str, migration: str, key: str, *, status: str,
+           row_xmin: str | None, object_key: str | None = None, size: int | None = None,
+           sha256: str | None = None, reason: str | None = None) -> None:  # fmt: skip
+    """Upsert a ledger row (in the caller's transaction)."""
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} AS l (migration, key, object_key, size, sha256, status, reason, row_xmin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (migration, key) DO UPDATE SET "
+            "object_key = EXCLUDED.object_key, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, "
+            "status = EXCLUDED.status, reason = EXCLUDED.reason, row_xmin = EXCLUDED.row_xmin, "
+            "updated_at = clock_timestamp()"
+        ).format(_ledger(state_schema)),
+        (migration, key, object_key, size, sha256, status, reason, row_xmin),
+    )
+
+
+def record_empty(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, has_path: bool) -> int:
+    """Record rows whose data is NULL (and that point nowhere) as failed: there is no file to move."""
+    nowhere = sql.SQL(" AND t.{} IS NULL").format(sql.Identifier(src.path)) if has_path else sql.SQL("")
+    cur = conn.execute(
+        sql.SQL(
+            "INSERT INTO {ledger} (migration, key, status, reason, row_xmin) "
+            "SELECT %s, t.{key}::text, 'failed', 'NULL data: no file to migrate', t.xmin::text FROM {rel} t "
+            "WHERE t.{data} IS NULL{nowhere} ON CONFLICT (migration, key) DO NOTHING"
+        ).format(
+            ledger=_ledger(state_schema),
+            key=sql.Identifier(src.key),
+            rel=src.relation,
+            data=sql.Identifier(src.data),
+            nowhere=nowhere,
+        ),
+        (migration,),
+    )
+    return cur.rowcount
+
+
+def set_pointer(conn: psycopg.Connection, src: Source, key: Any, path: str, storage_type: str) -> str:
+    """Point the row at its object; returns the row's new xmin (this transaction's)."""
+    row = conn.execute(
+        sql.SQL("UPDATE {} SET {} = %s, {} = %s WHERE {} = %s RETURNING xmin::text").format(
+            src.relation, sql.Identifier(src.path), sql.Identifier(src.storage_type), sql.Identifier(src.key)
+        ),
+        (path, storage_type, key),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def null_source(conn: psycopg.Connection, src: Source, key: Any, expected_xmin: str) -> str | None:
+    """NULL the data of a row, only if nobody changed the row since pgscale pointed it at its object."""
+    row = conn.execute(
+        sql.SQL("UPDATE {} SET {} = NULL WHERE {} = %s AND xmin::text = %s RETURNING xmin::text").format(
+            src.relation, sql.Identifier(src.data), sql.Identifier(src.key)
+        ),
+        (key, expected_xmin),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def cutover_keys(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> Iterator[Any]:
+    """Rows that point at a verified object and still hold their data: ready to be nulled."""
+    query = sql.SQL(
+        "SELECT t.{key} FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+        "WHERE t.{data} IS NOT NULL AND l.status = 'cutover' AND l.row_xmin = t.xmin::text ORDER BY t.{key}"
+    ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
+             data=sql.Identifier(src.data))  # fmt: skip
+    with conn.transaction(), conn.cursor(name="pgscale_file_cutover") as cur:
+        cur.itersize = 1000
+        cur.execute(query, (migration,))
+        for row in cur:
+            yield row[0]
+
+
+def verification_set(
+    conn: psycopg.Connection, src: Source, migration: str, state_schema: str
+) -> Iterator[tuple[Any, ...]]:
+    """Every row with its pointer and the ledger's object, size and hash (for the final pass)."""
+    query = sql.SQL(
+        "SELECT t.{key}::text, t.{path}, l.object_key, l.size, l.sha256, l.status FROM {rel} t "
+        "LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text ORDER BY t.{key}"
+    ).format(key=sql.Identifier(src.key), path=sql.Identifier(src.path), rel=src.relation,
+             ledger=_ledger(state_schema))  # fmt: skip
+    with conn.transaction(), conn.cursor(name="pgscale_file_verify") as cur:
+        cur.itersize = 1000
+        cur.execute(query, (migration,))
+        yield from cur
+
+
+def rows_with_data(conn: psycopg.Connection, src: Source) -> int:
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {} IS NOT NULL").format(src.relation, sql.Identifier(src.data))
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def drop_data_column(conn: psycopg.Connection, src: Source, lock_timeout_ms: int) -> None:
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(src.relation, sql.Identifier(src.data)))
+
+
+@dataclass
+class Counts:
+    """Ledger figures for status."""
+
+    by_status: dict[str, int]
+    bytes_done: int
+    rows_last_minute: int
+    bytes_last_minute: int
+    failed: list[tuple[str, str]]
+
+
+def counts(conn: psycopg.Connection, state_schema: str, migration: str) -> Counts:
+    if table_columns(conn, state_schema, LEDGER) is None:
+        return Counts({}, 0, 0, 0, [])
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT status, count(*), coalesce(sum(size), 0), "
+            "count(*) FILTER (WHERE updated_at > clock_timestamp() - interval '60 seconds'), "
+            "coalesce(sum(size) FILTER (WHERE updated_at > clock_timestamp() - interval '60 seconds'), 0) "
+            "FROM {} WHERE migration = %s GROUP BY status"
+        ).format(_ledger(state_schema)),
+        (migration,),
+    ).fetchall()
+    failed = conn.execute(
+        sql.SQL("SELECT key, reason FROM {} WHERE migration = %s AND status = 'failed' ORDER BY key LIMIT 20").format(
+            _ledger(state_schema)
+        ),
+        (migration,),
+    ).fetchall()
+    done = [r for r in rows if r[0] != "failed"]
+    return Counts(
+        by_status={r[0]: int(r[1]) for r in rows},
+        bytes_done=sum(int(r[2]) for r in done),
+        rows_last_minute=sum(int(r[3]) for r in done),
+        bytes_last_minute=sum(int(r[4]) for r in done),
+        failed=[(str(k), str(r)) for k, r in failed],
+    )
