@@ -176,6 +176,40 @@ def cron_job(
     }
 
 
+def job(
+    owner: ObjectRef,
+    *,
+    name: str,
+    suffix: str,
+    args: list[str],
+    template: JobTemplate | None,
+    default_image: str,
+    env: list[dict[str, Any]] | None = None,
+    volumes: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """A Job running one `pgscale job` command once; `volumes` are (volume, mount) pairs."""
+    template = template or JobTemplate()
+    pod = job_pod_spec(template, default_image, args, suffix, owner, env)
+    for volume, mount in volumes or []:
+        pod["spec"]["volumes"].append(volume)
+        pod["spec"]["containers"][0]["volumeMounts"].append(mount)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_meta(owner, name, suffix),
+        "spec": {
+            "backoffLimit": template.backoff_limit,
+            "ttlSecondsAfterFinished": template.ttl_seconds_after_finished,
+            "template": pod,
+        },
+    }
+
+
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    """An environment variable from a Secret key (required: the pod does not start without it)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 def job_args(command: str, owner: ObjectRef) -> list[str]:
     """Arguments of `pgscale job <command>` for a resource."""
     return ["job", command, "--namespace", owner.namespace, "--name", owner.name]

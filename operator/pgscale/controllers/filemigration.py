@@ -1,38 +1,136 @@
-"""FileMigration controller: check the table, columns and destination."""
+"""FileMigration controller: check the table and destination, run the migration Job, report progress.
+
+The work is `pgscale job file-migration` (jobs/files.py) in a Job; its ledger in the
+database is the truth this controller reads: how many rows are migrated, failed or
+left, how fast, and which phase the table is in. A Job runs per spec generation;
+a new one starts when the spec moves to a later phase or new rows need work.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import pg
+from .. import builders, pg
 from ..api import FILE_MIGRATION
 from ..api.filemigration import FileMigrationSpec
 from ..checks import TEXT_TYPES, require_column, require_table
-from ..errors import DependencyError
+from ..conditions import now_rfc3339
+from ..errors import DependencyError, SpecError
+from ..jobs.files import FS_MOUNT, source
 from ..kube import ObjectRef
-from .base import Context, Result, StatusWriter, profile_connection
+from ..pg import files as sqlf
+from ..progress import eta
+from .base import Context, Result, StatusWriter, load_profile
+
+POLL_SECONDS = 10.0
+MAX_FAILED_JOBS = 5
+
+
+def job_state(job: dict[str, Any] | None) -> str:
+    """missing | active | succeeded | failed."""
+    if job is None:
+        return "missing"
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded"
+        if c.get("status") == "True" and c.get("type") in ("Failed", "FailureTarget"):
+            return "failed"
+    return "active"
 
 
 class FileMigrationController:
-    """Validates the migration against the database and its destination."""
+    """Validates the migration, keeps a Job running while there is work, reports the ledger."""
 
     kind = FILE_MIGRATION
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: FileMigrationSpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
-        info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
+        profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        self._check_destination(ctx, ref, spec)
+        src = source(spec)
+        policy = f"{ref.namespace}/{ref.name}"
         with pg.connect(info) as conn:
             columns = require_table(conn, spec.table)
             require_column(columns, spec.key_column, "keyColumn", spec.table)
-            if spec.data_column in columns:
+            for field, column in (spec.columns.wire() if spec.columns else {}).items():
+                require_column(columns, column, f"columns.{field}", spec.table)
+            dropped = spec.data_column not in columns
+            if dropped and spec.path_column not in columns:
+                require_column(columns, spec.data_column, "dataColumn", spec.table)  # never there: a typo
+            if not dropped:
                 expected = TEXT_TYPES if spec.encoding == "base64" else frozenset({"bytea"})
                 what = "text or varchar for base64" if spec.encoding == "base64" else "bytea"
                 require_column(columns, spec.data_column, "dataColumn", spec.table, expected, what)
-            elif spec.path_column not in columns:
-                # The data column may only be gone once the migration dropped it.
-                require_column(columns, spec.data_column, "dataColumn", spec.table)
-            for field, column in (spec.columns.wire() if spec.columns else {}).items():
-                require_column(columns, column, f"columns.{field}", spec.table)
+            sqlf.ensure_ledger(conn, profile.state_schema)
+            counts = sqlf.counts(conn, profile.state_schema, policy)
+            cutover = spec.phase in ("cutover", "dropSource")
+            remaining = (
+                0 if dropped else sqlf.count_candidates(conn, src, policy, profile.state_schema, cutover=cutover)
+            )
+            holding = 0 if dropped else sqlf.rows_with_data(conn, src)
+        by = counts.by_status
+        migrated = by.get("verified", 0) + by.get("cutover", 0) + by.get("nulled", 0)
+        failed = by.get("failed", 0)
+        nulled_pending = holding - failed if spec.phase == "dropSource" and not dropped else 0
+        if dropped:
+            phase = "Completed"
+        elif remaining:
+            phase = "CuttingOver" if cutover else "Copying"
+        elif nulled_pending > 0:
+            phase = "DroppingSource"
+        elif spec.phase == "dropSource" and spec.drop_column and holding == 0:
+            phase = "Verifying"
+        else:
+            phase = "Completed"
+        events: list[tuple[str, str, bool]] = []
+        if status.status.get("phase") != phase:
+            events.append((f"Phase{phase}", f"{status.status.get('phase') or 'Pending'} -> {phase}", False))
+        rate = counts.rows_last_minute / 60.0
+        total = migrated + failed + remaining
+        status.update(
+            phase=phase,
+            rowsTotal=total,
+            rowsMigrated=migrated,
+            rowsFailed=failed,
+            rowsRemaining=remaining,
+            bytesMigrated=counts.bytes_done,
+            rowsPerSecond=round(rate, 2),
+            bytesPerSecond=round(counts.bytes_last_minute / 60.0, 1),
+            etaSeconds=eta(migrated, migrated + remaining, rate) if remaining else None,
+            progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
+            failedRows=[{"key": k[:1024], "reason": r[:1024]} for k, r in counts.failed],
+            startedAt=status.status.get("startedAt") or now_rfc3339(),
+        )
+        if phase == "Completed":
+            status.update(completedAt=status.status.get("completedAt") or now_rfc3339())
+            stuck = spec.phase == "dropSource" and spec.drop_column and not dropped and failed
+            if stuck:
+                raise SpecError(
+                    "phase",
+                    f"{failed} rows could not be migrated (status.failedRows, and the ledger table "
+                    f"{profile.state_schema}.file_ledger); the column {spec.data_column!r} is kept until they are "
+                    "fixed or deleted",
+                    reason="RowsFailed",
+                )
+            return Result("Completed", self._summary(spec, migrated, failed, dropped), events=events)
+        status.update(completedAt=None)
+        if spec.suspend:
+            return Result("Suspended", f"{phase}: suspended with {remaining} rows left", done=False,
+                          requeue_after=ctx.settings.resync_seconds)  # fmt: skip
+        job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
+        events += started
+        message = f"{phase}: {migrated}/{total} rows, {failed} failed; Job {job_name}"
+        return Result(phase, message, done=False, requeue_after=POLL_SECONDS, events=events)
+
+    @staticmethod
+    def _summary(spec: FileMigrationSpec, migrated: int, failed: int, dropped: bool) -> str:
+        what = {"copy": "copied and verified", "cutover": "pointing at their objects", "dropSource": "moved"}[
+            spec.phase
+        ]
+        tail = f"; column {spec.data_column!r} dropped" if dropped else ""
+        return f"{migrated} files {what}, {failed} failed{tail}"
+
+    def _check_destination(self, ctx: Context, ref: ObjectRef, spec: FileMigrationSpec) -> None:
         s3 = spec.destination.s3
         if s3 and s3.credentials_secret_ref:
             secret = ctx.kube.read_secret(ref.namespace, s3.credentials_secret_ref.name)
@@ -43,6 +141,48 @@ class FileMigrationController:
                     "it or fix spec.destination.s3.credentialsSecretRef",
                     reason="SecretNotFound",
                 )
-        if not status.status.get("phase"):
-            status.update(phase="Pending")
-        return Result("Validated", f"{spec.table.qualified()} checked; allowed phase: {spec.phase}")
+
+    def _ensure_job(
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: FileMigrationSpec, profile: Any,
+        status: StatusWriter,
+    ) -> tuple[str, list[tuple[str, str, bool]]]:  # fmt: skip
+        """One Job per generation; another when the last one finished with work left."""
+        generation = obj["metadata"].get("generation", 1)
+        current = status.status.get("jobName")
+        prefix = builders.job_name(ref, f"files-{generation}")
+        attempt = 0
+        if current and current.startswith(prefix + "-"):
+            attempt = int(current.rsplit("-", 1)[1])
+            state = job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, current))
+            if state == "active":
+                return current, []
+            if state == "failed" and attempt + 1 >= MAX_FAILED_JOBS:
+                raise DependencyError(
+                    f"Job {current} failed after {attempt + 1} attempts; see `kubectl logs job/{current}`. "
+                    "Fix the cause, then change the spec: a new generation starts over",
+                    reason="JobFailed",
+                )
+            if state in ("succeeded", "failed"):
+                attempt += 1
+        elif current:  # a Job of an older generation: stop it (it ends after its current row)
+            ctx.kube.delete("batch/v1", "Job", ref.namespace, current)
+        name = f"{prefix}-{attempt}"
+        env = builders.job_env(ref, obj["spec"], profile)
+        volumes = []
+        s3 = spec.destination.s3
+        if s3 and s3.credentials_secret_ref:
+            creds = s3.credentials_secret_ref
+            env += [
+                builders.secret_env("AWS_ACCESS_KEY_ID", creds.name, creds.access_key_id_key),
+                builders.secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
+            ]
+        if spec.destination.filesystem:
+            volumes.append((
+                {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
+                {"name": "files", "mountPath": FS_MOUNT},
+            ))  # fmt: skip
+        job = builders.job(ref, name=name, suffix="file-migration", args=builders.job_args("file-migration", ref),
+                           template=spec.job, default_image=ctx.settings.image, env=env, volumes=volumes)  # fmt: skip
+        ctx.kube.apply(job)
+        status.update(jobName=name)
+        return name, [("JobStarted", f"started Job {name} for phase {spec.phase}", False)]
