@@ -63,6 +63,13 @@ def set_condition(
     return [*rest, new] if old is None else [new if c is old else c for c in conditions]
 
 
+def flag(conditions: Conditions, ctype: str, on: bool, reason: str, message: str, generation: int | None) -> Conditions:
+    """A kind-specific condition present (True) while it applies, absent otherwise."""
+    if on:
+        return set_condition(conditions, ctype, "True", reason, message, generation)
+    return remove(conditions, ctype)
+
+
 def remove(conditions: Conditions, ctype: str) -> Conditions:
     """Conditions without one type (for kind-specific conditions that no longer apply)."""
     return [c for c in conditions if c.get("type") != ctype]

@@ -41,10 +41,11 @@ def client(s3: Any) -> Any:
 
 
 def spec_for(s3: Any, bucket: str, **extra: Any) -> dict[str, Any]:
+    endpoint = s3.endpoint if s3 is not None else "http://unused:9000"
     return {
         "profileRef": {"name": "app"}, "table": {"name": "File"}, "keyColumn": "id", "dataColumn": "data",
         "encoding": "base64", "columns": {"fileName": "fileName", "contentType": "mimeType", "size": "size"},
-        "destination": {"s3": {"bucket": bucket, "prefix": "files/", "endpoint": s3.endpoint}},
+        "destination": {"s3": {"bucket": bucket, "prefix": "files/", "endpoint": endpoint}},
         "batchSize": 10, "concurrency": 4, "multipartThreshold": "5Mi", "multipartChunkSize": "5Mi", **extra,
     }  # fmt: skip
 
@@ -179,7 +180,7 @@ def test_killed_at_random_points_and_rerun_until_done(postgres: Any, database: s
                                                       bucket: str) -> None:  # fmt: skip
     """SIGKILL the job, as its pod runs it, at 12 random moments; rerun until it completes."""
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
-        sizes = [random.Random(100 + i).choice([100, 5000, 80_000, 300_000]) for i in range(120)] + [6 * MiB]
+        sizes = [random.Random(100 + i).choice([100, 5000, 80_000, 300_000]) for i in range(320)] + [6 * MiB]
         originals = seed_files(conn, sizes)
         # 40 rows/s: the run lasts long enough to be interrupted at many points.
         spec = spec_for(s3_server, bucket, phase="dropSource", concurrency=3, rateLimit={"rowsPerSecond": 40})
@@ -249,3 +250,20 @@ def test_application_writes_during_migration(postgres: Any, database: str, s3_se
         check_invariants(conn, s3_server, bucket, originals)
         assert scalar(conn, """SELECT count(*) FROM information_schema.columns
                                WHERE table_name = 'File' AND column_name = 'data'""") == 0  # fmt: skip
+
+
+def test_filesystem_destination(postgres: Any, database: str, tmp_path: Any) -> None:
+    """A volume instead of a bucket: create-only files with their SHA-256, the same phases."""
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        originals = seed_files(conn, [0, 10, 70_000, 6 * MiB])
+        spec = {**spec_for(None, "unused", phase="dropSource"),
+                "destination": {"filesystem": {"claimName": "files", "path": "uploads/"}}}  # fmt: skip
+        from pgscale.api.filemigration import FileMigrationSpec
+
+        store = make_store(FileMigrationSpec.model_validate(spec), {"PGSCALE_FS_ROOT": str(tmp_path)})
+        report = Migration(job(postgres, database, spec), store).run()
+        assert report.rows_migrated == 4 and report.column_dropped
+        for key, path, kind in conn.execute('SELECT id, "filePath", "storageType" FROM "File"').fetchall():
+            assert kind == "filesystem" and path == f"File/{key}"
+            assert (tmp_path / "uploads" / path).read_bytes() == originals[key]
+        assert not list(tmp_path.rglob(".pgscale-*"))  # no temporary files left behind

@@ -251,3 +251,21 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     assert sum(r[0] for r in conn.execute("SELECT rows_archived FROM pgscale.retention_runs").fetchall()) == len(
         expected
     )
+
+
+def test_one_run_at_a_time_and_dead_runs_are_recognised(postgres: Any, database: str, conn: psycopg.Connection) -> None:
+    from pgscale.pg import retention as sqlr
+
+    seed_tasks(conn, 300)
+    first = run(job_for(postgres, database))  # creates the run log
+    assert first.outcome == "Succeeded"
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as other:
+        assert sqlr.try_run_lock(other, "ns/archive-tasks")  # a run in progress elsewhere
+        skipped = run(job_for(postgres, database))
+        assert skipped.outcome == "Skipped" and skipped.run_id is None
+        other.execute("INSERT INTO pgscale.retention_runs (policy) VALUES ('ns/archive-tasks')")
+        assert sqlr.mark_interrupted(conn, "pgscale", "ns/archive-tasks") == 0  # its lock is held: alive
+    # The session is gone (killed): its Running row is recognised as interrupted.
+    assert sqlr.mark_interrupted(conn, "pgscale", "ns/archive-tasks") == 1
+    last = conn.execute("SELECT outcome, message FROM pgscale.retention_runs ORDER BY id DESC LIMIT 1").fetchone()
+    assert last is not None and last[0] == "Failed" and last[1].startswith("interrupted")

@@ -101,3 +101,19 @@ def test_filters_or_foreign_ownership_mean_row_by_row(postgres: Any, database: s
         conn.execute("""INSERT INTO "Log" ("createdAt", msg) VALUES (now() - interval '200 days', 'late')""")
         again = run(owned)
         assert again.partitions == [] and again.rows_archived == 1
+
+
+def test_marked_but_still_attached_partition_is_retired_normally(postgres: Any, database: str) -> None:
+    """A run that died between marking a partition and detaching it."""
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        make_log(conn, default=False)
+        original = scalar(conn, CHECKSUM.format('"Log"'))
+        part = next(
+            p for p in sqlr.partitions(conn, "public", "Log") if scalar(conn, f'SELECT count(*) FROM "{p.name}"')
+        )
+        conn.execute(f"""COMMENT ON TABLE "{part.name}" IS 'pgscale-retention:ns/trim-log'""")
+        assert sqlr.detached_leftovers(conn, "ns/trim-log") == []  # attached: not a leftover
+        report = run(job(postgres, database))
+        assert part.name in report.partitions
+        union = """(SELECT * FROM "Log" UNION ALL SELECT * FROM "Log_archive") u"""
+        assert scalar(conn, CHECKSUM.format(union)) == original

@@ -32,3 +32,9 @@ def test_other_conditions_are_kept_in_place() -> None:
     c = cond.set_condition([], "RestartRequired", "True", "Pending", "x", 1)
     c = cond.ready(c, "Ok", "", 1)
     assert [x["type"] for x in c] == ["RestartRequired", "Ready"]
+
+
+def test_flag_sets_while_true_and_removes_otherwise() -> None:
+    c = cond.flag([], "Conflict", True, "Both", "two owners", 1)
+    assert cond.is_true(c, "Conflict")
+    assert cond.flag(c, "Conflict", False, "Both", "", 2) == []

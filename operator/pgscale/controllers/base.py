@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import psycopg
 from pydantic import BaseModel, ValidationError
 
 from .. import conditions as cond
@@ -199,6 +200,9 @@ def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcom
     except ReconcileError as exc:
         ctx.kube.event(ref, "CleanupFailed", f"{exc.message}; deletion waits and retries", warning=True)
         return Outcome(exc.retry_seconds or ctx.settings.stalled_retry_seconds, failed=True)
+    except psycopg.Error as exc:
+        ctx.kube.event(ref, "CleanupFailed", f"{type(exc).__name__}: {exc}; deletion waits and retries", warning=True)
+        return Outcome(ctx.settings.stalled_retry_seconds, failed=True)
     ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
     log.info("%s %s/%s: cleaned up", ctrl.kind.name, ref.namespace, ref.name)
     return Outcome(30.0, failed=False)

@@ -99,6 +99,8 @@ class FileMigrationController:
             etaSeconds=eta(migrated, migrated + remaining, rate) if remaining else None,
             progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
             failedRows=[{"key": k[:1024], "reason": r[:1024]} for k, r in counts.failed],
+            # Base64 text takes 4/3 of the file's size in the table (before TOAST compression).
+            reclaimableBytes=counts.bytes_nulled * 4 // 3 if spec.encoding == "base64" else counts.bytes_nulled,
             startedAt=status.status.get("startedAt") or now_rfc3339(),
         )
         if phase == "Completed":
@@ -128,6 +130,8 @@ class FileMigrationController:
             spec.phase
         ]
         tail = f"; column {spec.data_column!r} dropped" if dropped else ""
+        if spec.phase == "dropSource":
+            tail += " (VACUUM ran: the space is reusable; VACUUM FULL or pg_repack returns it to the OS)"
         return f"{migrated} files {what}, {failed} failed{tail}"
 
     def _check_destination(self, ctx: Context, ref: ObjectRef, spec: FileMigrationSpec) -> None:

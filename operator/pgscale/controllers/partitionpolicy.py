@@ -36,7 +36,7 @@ class PartitionPolicyController:
             raise SpecError(
                 "maintenance.cronJob",
                 "running maintenance from a CronJob is not available in this pgscale version; "
-                "set maintenance.cronJob: false (the operator runs maintenance itself)",
+                "set maintenance.cronJob: false",
                 reason="Unsupported",
             )
         claimants = [
@@ -44,15 +44,12 @@ class PartitionPolicyController:
             for o in ctx.kube.list_resources(RETENTION_POLICY, ref.namespace)
             if same_table(o.get("spec") or {}, obj["spec"]) and (o.get("spec") or {}).get("partitionAware", True)
         ]
-        if spec.retention and claimants:
-            status.conditions = cond.set_condition(
-                status.conditions, CONFLICT, "True", "RetentionPolicyOnSameTable",
-                f"RetentionPolicy {', '.join(claimants)} also trims {spec.table.qualified()}; this policy owns "
-                "its partitions and the RetentionPolicy works row by row only",
-                status.generation,
-            )  # fmt: skip
-        else:
-            status.conditions = cond.remove(status.conditions, CONFLICT)
+        status.conditions = cond.flag(
+            status.conditions, CONFLICT, bool(spec.retention and claimants), "RetentionPolicyOnSameTable",
+            f"RetentionPolicy {', '.join(claimants)} also trims {spec.table.qualified()}; this policy owns "
+            "its partitions and the RetentionPolicy works row by row only",
+            status.generation,
+        )  # fmt: skip
         state = "partitioned" if partitioned else "not partitioned yet"
         interval = seconds(maintenance.interval) if maintenance else 3600.0
         return Result(

@@ -54,7 +54,7 @@ def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
         "rowsDeleted": int(last["rows_deleted"]),
         "batches": int(last["batches"]),
         "durationSeconds": round(elapsed, 3),
-        "outcome": "DryRun" if last["dry_run"] and last["outcome"] != "Failed" else last["outcome"],
+        "outcome": "DryRun" if last["dry_run"] and last["outcome"] not in ("Failed", "Running") else last["outcome"],
         "message": (last["message"] or "")[:4096],
         "rowsPerSecond": round(rate, 1),
     }
@@ -95,6 +95,7 @@ class RetentionPolicyController:
                         False,
                     )
                 )
+            sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.scheduler == "pg_cron":
                 ensure_finalizer(ctx, self.kind, obj, needed=True)  # the job lives outside the cluster
@@ -109,15 +110,12 @@ class RetentionPolicyController:
                 name = self._apply_cron_job(ctx, obj, ref, spec, profile, bool(owner))
                 status.update(cronJobName=name, pgCronJobId=None)
                 where = f"CronJob {name}"
-        if owner:
-            status.conditions = cond.set_condition(
-                status.conditions, CONFLICT, "True", "PartitionsOwnedElsewhere",
-                f"PartitionPolicy {owner!r} manages retention of the partitions of {spec.table.qualified()}; "
-                "this policy archives row by row only. Remove one of the two retention settings",
-                status.generation,
-            )  # fmt: skip
-        else:
-            status.conditions = cond.remove(status.conditions, CONFLICT)
+        status.conditions = cond.flag(
+            status.conditions, CONFLICT, bool(owner), "PartitionsOwnedElsewhere",
+            f"PartitionPolicy {owner!r} manages retention of the partitions of {spec.table.qualified()}; "
+            "this policy archives row by row only. Remove one of the two retention settings",
+            status.generation,
+        )  # fmt: skip
         next_time = None if spec.suspend else _ts(due)
         status.update(nextRunTime=next_time)
         running = self._report_runs(runs, status, events)
@@ -185,9 +183,10 @@ class RetentionPolicyController:
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec) -> None:
         """Remove the pg_cron job (the only thing this kind keeps outside the cluster)."""
         ref = ObjectRef.of(obj)
-        _, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         with pg.connect(info) as conn:
             cron_db = sqlr.cron_database(conn)
+            sqlr.delete_config(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
         if cron_db is None:
             return
         with pg.connect(info.with_database(cron_db)) as cron:

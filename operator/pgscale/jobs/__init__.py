@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DATABASE_PROFILE, Kind
 from ..api.databaseprofile import ConnectionSpec, DatabaseProfileSpec, SecretKeys
 from ..builders import ENV_JOB_INPUT, ENV_SECRET_KEYS, secret_key_for
-from ..errors import DependencyError
+from ..errors import DependencyError, ReconcileError
 from ..pg.connection import ConnInfo, resolve
 
 
@@ -85,6 +88,18 @@ def from_api(kind: Kind, namespace: str, name: str) -> JobInput:
         state_schema=pspec.state_schema,
         conn=resolve(pspec.connection, secret, pspec.connection.secret_ref.name),
     )
+
+
+def start(kind: Kind, command: str, namespace: str | None, name: str | None) -> tuple[JobInput, threading.Event] | None:
+    """What every `pgscale job` does first: SIGTERM stops after the current unit of work,
+    and the input is loaded (None, with the reason on stderr, when it cannot be)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        return load(kind, namespace, name), stop
+    except ReconcileError as exc:
+        print(f"pgscale job {command}: {exc.message}", file=sys.stderr)
+        return None
 
 
 def load(kind: Kind, namespace: str | None, name: str | None) -> JobInput:

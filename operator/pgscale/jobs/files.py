@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ from ..pg import files as sqlf
 from ..progress import Progress
 from ..quantity import parse_quantity
 from ..storage import AlreadyExists, FilesystemStore, ObjectStore, S3Store, s3_client
-from . import JobInput, load
+from . import JobInput, start
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +138,9 @@ class Migration:
             if self.spec.phase == "dropSource" and not self.stop.is_set():
                 self.report.phase = "DroppingSource"
                 self._null_sources(conn)
+                if self.report.rows_nulled:
+                    # Plain VACUUM: the freed space becomes reusable without blocking the application.
+                    sqlf.vacuum(conn, self.src)
                 if self.spec.drop_column and not self.stop.is_set():
                     self.report.phase = "Verifying"
                     self._verify_and_drop(conn)
@@ -219,7 +221,7 @@ class Migration:
             if claimed.length is None:  # nulled meanwhile: nothing to migrate
                 return False
             try:
-                sha, size, media = self._hash(conn, key, claimed.length)
+                sha, size, media, body = self._hash(conn, key, claimed.length)
                 if self.src.size and claimed.size is not None and int(claimed.size) != size:
                     raise Malformed(f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}")
             except Malformed as exc:
@@ -233,7 +235,7 @@ class Migration:
             self.limiter.acquire(size)
             generic = claimed.content_type in (None, "", "application/octet-stream")
             content_type = (media or claimed.content_type) if generic else claimed.content_type
-            target = self._place(conn, key, sha, size, claimed.length, content_type)
+            target = self._place(conn, key, sha, size, claimed.length, content_type, body)
             path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
             if self.cutover:
                 xmin = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec))
@@ -263,34 +265,44 @@ class Migration:
         if found is not None:
             found["media"] = stream.media_type
 
-    def _hash(self, conn: psycopg.Connection, key: Any, length: int) -> tuple[str, int, str | None]:
+    def _hash(self, conn: psycopg.Connection, key: Any, length: int) -> tuple[str, int, str | None, bytes | None]:
+        """SHA-256, size and media type of the decoded file; small files are kept for the upload."""
         digest, size = hashlib.sha256(), 0
         found: dict[str, str | None] = {}
+        keep: list[bytes] | None = [] if length <= READ_CHUNK else None
         for chunk in self._chunks(conn, key, length, found):
             digest.update(chunk)
             size += len(chunk)
-        return digest.hexdigest(), size, found.get("media")
+            if keep is not None:
+                keep.append(chunk)
+        return digest.hexdigest(), size, found.get("media"), b"".join(keep) if keep is not None else None
 
     def _place(self, conn: psycopg.Connection, key: Any, sha: str, size: int, length: int,
-               content_type: str | None) -> str:  # fmt: skip
-        """Write the object create-only (or find it already there) and verify it; returns its key."""
+               content_type: str | None, body: bytes | None) -> str:  # fmt: skip
+        """Write the object create-only (or find it already there), then read back its size and hash.
+
+        The write is tried first: create-only means it can only fail, never replace; only
+        then is the existing object looked at. Returns the key the verified object has.
+        """
         base = object_key(self.spec.key_template, schema=self.src.schema, table=self.src.table, key=key)
         for candidate in (base, versioned_key(base, sha)):
-            found = self.store.head(candidate)
-            if found is None:
-                try:
-                    self.store.put_new(candidate, self._chunks(conn, key, length), size=size, sha256=sha,
-                                       content_type=content_type)  # fmt: skip
-                    with self._lock:
-                        self.report.bytes_written += size
-                except AlreadyExists:
-                    pass  # someone wrote it between our look and our write: check what it is
-                found = self.store.head(candidate)
-            elif found.sha256 == sha and found.size == size:
+            chunks = [body] if body is not None else self._chunks(conn, key, length)
+            try:
+                self.store.put_new(candidate, chunks, size=size, sha256=sha, content_type=content_type)
                 with self._lock:
-                    self.report.objects_reused += 1
+                    self.report.bytes_written += size
+                reused = False
+            except AlreadyExists:
+                reused = True  # an earlier attempt, or other content under this key: look at it
+            found = self.store.head(candidate)
             if found is not None and found.sha256 == sha and found.size == size:
+                if reused:
+                    with self._lock:
+                        self.report.objects_reused += 1
                 return candidate
+            if not reused:
+                raise RuntimeError(f"object {candidate!r} of row {key!r} reads back as {found}, not {size} bytes "
+                                   f"with sha256 {sha}; the row is unchanged")  # fmt: skip
             # Different content under this key (the row changed after an earlier upload): next key.
         raise RuntimeError(f"row {key!r}: both {base!r} and its versioned key hold other content; nothing changed")
 
@@ -370,13 +382,10 @@ _END = _End()
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pgscale job file-migration`."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        job = load(FILE_MIGRATION, args.namespace, args.name)
-    except ReconcileError as exc:
-        print(f"pgscale job file-migration: {exc.message}", file=sys.stderr)
+    begun = start(FILE_MIGRATION, "file-migration", args.namespace, args.name)
+    if begun is None:
         return 2
+    job, stop = begun
     spec = FileMigrationSpec.model_validate(job.spec)
     progress = Progress("file-migration", stream=sys.stderr, unit="files")
     migration = Migration(job, make_store(spec), stop=stop, progress=progress)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from ..errors import ReconcileError
 from ..pg import retention as sqlr
 from ..progress import Progress
 from ..retention import check_archive, plan
-from . import JobInput, load
+from . import JobInput, start
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,8 @@ def run(
         _set(conn, "TimeZone", "UTC")  # timestamps without time zone are compared as UTC
         _set(conn, "application_name", f"pgscale-retention {job.policy_key}"[:63])
         target, _ = prepare(conn, spec, job.state_schema)
+        if not sqlr.try_run_lock(conn, job.policy_key):
+            return RunReport(None, "Skipped", message=f"another run of {job.policy_key} is in progress")
         run_id = sqlr.start_run(conn, job.state_schema, job.policy_key, dry_run=dry)
         report = RunReport(run_id, "Running")
         try:
@@ -111,9 +112,9 @@ def run(
                 report.outcome = "DryRun"
                 report.message = f"{report.rows_matched} rows older than {spec.older_than} match; none moved"
             else:
-                _retire_partitions(conn, job, spec, target, cutoff, report)
+                _retire_partitions(conn, job, spec, target, cutoff, report, stop, deadline)
                 _run_batches(conn, job, spec, target, cutoff, report, stop, deadline, pause, progress)
-        except (psycopg.Error, ReconcileError) as exc:
+        except (psycopg.Error, ReconcileError, RuntimeError) as exc:
             report.outcome = "Failed"
             report.message = f"{type(exc).__name__}: {str(exc).strip()}"
             log.error("retention run %s failed: %s", job.policy_key, report.message)
@@ -125,7 +126,7 @@ def run(
 
 def _retire_partitions(
     conn: psycopg.Connection, job: JobInput, spec: RetentionPolicySpec, target: sqlr.Target, cutoff: Any,
-    report: RunReport,
+    report: RunReport, stop: threading.Event, deadline: float,
 ) -> None:  # fmt: skip
     """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
 
@@ -151,7 +152,17 @@ def _retire_partitions(
     has_default = any(p.upper is None and not p.detach_pending for p in parts)
     concurrently = pg.server_version(conn)[1] >= 140000 and not has_default
     for part in sqlr.expired(conn, parts, cutoff, column_type):
-        sqlr.detach(conn, target, part, policy, concurrently=concurrently)
+        if stop.is_set() or time.monotonic() > deadline:
+            return  # the row batches that follow stop at once; the next run continues here
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                sqlr.detach(conn, target, part, policy, concurrently=concurrently)
+                break
+            except errors.LockNotAvailable:
+                if attempt == LOCK_RETRIES:
+                    raise
+                log.warning("detaching %s gave way to the application; retrying", part.name)
+                stop.wait(0.5 * (attempt + 1))
         report.partitions.append(part.name)
         _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
 
@@ -227,15 +238,16 @@ def _run_batches(
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pgscale job retention`."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        job = load(RETENTION_POLICY, args.namespace, args.name)
-    except ReconcileError as exc:
-        print(f"pgscale job retention: {exc.message}", file=sys.stderr)
+    started = start(RETENTION_POLICY, "retention", args.namespace, args.name)
+    if started is None:
         return 2
+    job, stop = started
     progress = Progress("retention", stream=sys.stderr, unit="rows")
-    report = run(job, dry_run=True if args.dry_run else None, stop=stop, progress=progress)
+    try:
+        report = run(job, dry_run=True if args.dry_run else None, stop=stop, progress=progress)
+    except ReconcileError as exc:  # the spec does not fit the database (checked before a run starts)
+        print(f"pgscale job retention: {exc.message}", file=sys.stderr)
+        return 1
     progress.finish(report.outcome)
     print(json.dumps(asdict(report)))
     return 1 if report.outcome == "Failed" else 0

@@ -27,7 +27,8 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
     except psycopg.OperationalError as exc:
         # libpq reports one line per address tried; keep them all (the cause is often first).
         text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or repr(exc)
-        if "password authentication failed" in text or "no password supplied" in text or "role" in text:
+        missing_role = 'role "' in text and "does not exist" in text
+        if "password authentication failed" in text or "no password supplied" in text or missing_role:
             raise DependencyError(
                 f"cannot log in to {info.describe()}: {text}; check the Secret's user and password",
                 reason="AuthenticationFailed",

@@ -275,6 +275,11 @@ def rows_with_data(conn: psycopg.Connection, src: Source) -> int:
     return int(row[0]) if row else 0
 
 
+def vacuum(conn: psycopg.Connection, src: Source) -> None:
+    """VACUUM (ANALYZE) the table: space of nulled values becomes reusable (not returned to the OS)."""
+    conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(src.relation))
+
+
 def drop_data_column(conn: psycopg.Connection, src: Source, lock_timeout_ms: int) -> None:
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
@@ -287,6 +292,7 @@ class Counts:
 
     by_status: dict[str, int]
     bytes_done: int
+    bytes_nulled: int
     rows_last_minute: int
     bytes_last_minute: int
     failed: list[tuple[str, str]]
@@ -294,7 +300,7 @@ class Counts:
 
 def counts(conn: psycopg.Connection, state_schema: str, migration: str) -> Counts:
     if table_columns(conn, state_schema, LEDGER) is None:
-        return Counts({}, 0, 0, 0, [])
+        return Counts({}, 0, 0, 0, 0, [])
     rows = conn.execute(
         sql.SQL(
             "SELECT status, count(*), coalesce(sum(size), 0), "
@@ -314,6 +320,7 @@ def counts(conn: psycopg.Connection, state_schema: str, migration: str) -> Count
     return Counts(
         by_status={r[0]: int(r[1]) for r in rows},
         bytes_done=sum(int(r[2]) for r in done),
+        bytes_nulled=sum(int(r[2]) for r in rows if r[0] == "nulled"),
         rows_last_minute=sum(int(r[3]) for r in done),
         bytes_last_minute=sum(int(r[4]) for r in done),
         failed=[(str(k), str(r)) for k, r in failed],

@@ -326,18 +326,59 @@ def _runs(state_schema: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE))
 
 
+def run_lock_key(policy: str) -> int:
+    """A stable 64-bit advisory-lock key per policy: one run at a time, job or pg_cron."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"pgscale-retention:{policy}".encode()).digest()[:8], "big", signed=True)
+
+
+def try_run_lock(conn: psycopg.Connection, policy: str) -> bool:
+    """Take the policy's run lock for this session (released when the connection closes)."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (run_lock_key(policy),)).fetchone()
+    return bool(row and row[0])
+
+
+def run_lock_held(conn: psycopg.Connection, policy: str) -> bool:
+    """Whether some session runs the policy now (looks at pg_locks; takes nothing)."""
+    key = run_lock_key(policy) & 0xFFFFFFFFFFFFFFFF
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = %s AND objid = %s AND objsubid = 1 AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database()))",
+        (key >> 32, key & 0xFFFFFFFF),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+INTERRUPTED = (
+    "interrupted: the run stopped without finishing (killed or lost its connection); "
+    "every committed batch is complete, the next run continues"
+)
+
+
+def mark_interrupted(conn: psycopg.Connection, state_schema: str, policy: str) -> int:
+    """Runs logged as Running while nobody holds the policy's run lock: they died."""
+    if table_columns(conn, state_schema, RUNS_TABLE) is None or run_lock_held(conn, policy):
+        return 0
+    cur = conn.execute(
+        sql.SQL(
+            "UPDATE {} SET outcome = 'Failed', ended_at = updated_at, message = %s "
+            "WHERE policy = %s AND outcome = 'Running'"
+        ).format(_runs(state_schema)),
+        (INTERRUPTED, policy),
+    )
+    return cur.rowcount
+
+
 def start_run(conn: psycopg.Connection, state_schema: str, policy: str, *, dry_run: bool) -> int:
-    """Record a new run; a run of the same policy still marked Running was interrupted."""
+    """Record a new run (the caller holds the run lock, so older Running rows are dead)."""
     with conn.transaction():
         conn.execute(
-            sql.SQL(
-                "UPDATE {} SET outcome = 'Failed', ended_at = updated_at, "
-                "message = 'interrupted: the run stopped without finishing (killed or lost its connection); "
-                "every committed batch is complete, the next run continues' "
-                "WHERE policy = %s AND outcome = 'Running'"
-            ).format(_runs(state_schema)),
-            (policy,),
-        )
+            sql.SQL("UPDATE {} SET outcome = 'Failed', ended_at = updated_at, message = %s "
+                    "WHERE policy = %s AND outcome = 'Running'").format(_runs(state_schema)),
+            (INTERRUPTED, policy),
+        )  # fmt: skip
         row = conn.execute(
             sql.SQL("INSERT INTO {} (policy, dry_run) VALUES (%s, %s) RETURNING id").format(_runs(state_schema)),
             (policy, dry_run),
@@ -476,16 +517,14 @@ def expired(conn: psycopg.Connection, parts: list[Partition], cutoff: datetime, 
 def detach(conn: psycopg.Connection, target: Target, part: Partition, policy: str, *, concurrently: bool) -> None:
     """Detach a partition and mark it, so an interrupted archive of it is found and finished."""
     child = qualified(part.schema, part.name)
-    mark = sql.SQL("COMMENT ON TABLE {} IS {}").format(child, sql.Literal(f"{DETACHED_MARK}{policy}"))
+    # Marked first, while still attached: whatever happens after, the next run finds the table.
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(child, sql.Literal(f"{DETACHED_MARK}{policy}")))
     if concurrently and not part.detach_pending:
-        # CONCURRENTLY cannot run in a transaction block: two autocommit statements.
+        # CONCURRENTLY cannot run in a transaction block (autocommit connection).
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(target.source, child))
-        conn.execute(mark)
         return
-    with conn.transaction():
-        suffix = sql.SQL(" FINALIZE") if part.detach_pending else sql.SQL("")
-        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}{}").format(target.source, child, suffix))
-        conn.execute(mark)
+    suffix = sql.SQL(" FINALIZE") if part.detach_pending else sql.SQL("")
+    conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}{}").format(target.source, child, suffix))
 
 
 def detached_leftovers(conn: psycopg.Connection, policy: str) -> list[Partition]:
@@ -493,7 +532,7 @@ def detached_leftovers(conn: psycopg.Connection, policy: str) -> list[Partition]
     rows = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0 "
-        "WHERE c.relkind = 'r' AND d.description = %s ORDER BY c.relname",
+        "WHERE c.relkind = 'r' AND NOT c.relispartition AND d.description = %s ORDER BY c.relname",
         (f"{DETACHED_MARK}{policy}",),
     ).fetchall()
     return [Partition(r[0], r[1], None) for r in rows]
@@ -507,6 +546,8 @@ def archive_detached(conn: psycopg.Connection, target: Target, part: Partition, 
     """
     child = qualified(part.schema, part.name)
     with conn.transaction():
+        # A whole partition is copied in one statement: statementTimeout (sized for batches) does not apply.
+        conn.execute("SELECT set_config('statement_timeout', '0', true)")
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(child)).fetchone()
         rows = int(row[0]) if row else 0
         if target.archive is not None:
@@ -552,8 +593,13 @@ def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
                 "count_sql text NOT NULL, age interval NOT NULL, batch_size integer NOT NULL, "
                 "archiving boolean NOT NULL, dry_run boolean NOT NULL, lock_timeout text NOT NULL, "
                 "statement_timeout text NOT NULL, max_run interval NOT NULL, pause double precision NOT NULL, "
-                "updated_at timestamptz NOT NULL DEFAULT now())"
+                "lock_key bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE))
+        )
+        conn.execute(  # tables created by an earlier version lack it
+            sql.SQL("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS lock_key bigint NOT NULL DEFAULT 0").format(
+                s, sql.Identifier(CONFIG_TABLE)
+            )
         )
         conn.execute(
             sql.SQL(
@@ -568,6 +614,10 @@ BEGIN
   SELECT * INTO cfg FROM {s}.{cfg} WHERE policy = p_policy;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pgscale: no retention configuration for %', p_policy;
+  END IF;
+  IF NOT pg_try_advisory_lock(cfg.lock_key) THEN
+    RAISE NOTICE 'pgscale: another run of % is in progress; skipping', p_policy;
+    RETURN;
   END IF;
   UPDATE {s}.{runs} SET outcome = 'Failed', ended_at = updated_at,
     message = 'interrupted: the run stopped without finishing; every committed batch is complete'
@@ -619,7 +669,8 @@ def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target
     where, _ = predicate(target, inline=True)
     count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where).as_string(conn)
     row = {"batch_sql": batch_sql, "count_sql": count_sql, "age": target.age_interval,
-           "batch_size": target.batch_size, "archiving": target.archive is not None, **settings}  # fmt: skip
+           "batch_size": target.batch_size, "archiving": target.archive is not None,
+           "lock_key": run_lock_key(policy), **settings}  # fmt: skip
     names = list(row)
     conn.execute(
         sql.SQL(
@@ -633,6 +684,16 @@ def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target
         ),
         [policy, *row.values()],
     )
+
+
+def delete_config(conn: psycopg.Connection, state_schema: str, policy: str) -> None:
+    if table_columns(conn, state_schema, CONFIG_TABLE) is not None:
+        conn.execute(
+            sql.SQL("DELETE FROM {}.{} WHERE policy = %s").format(
+                sql.Identifier(state_schema), sql.Identifier(CONFIG_TABLE)
+            ),
+            (policy,),
+        )
 
 
 def cron_command(state_schema: str, policy: str) -> sql.Composed:
