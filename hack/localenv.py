@@ -394,3 +394,62 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class PgBouncer:
+    """Debian's PgBouncer with a given pgbouncer.ini, in a temporary directory.
+
+    PgBouncer refuses to run as root, so when we are root it runs as the same
+    non-root OS user as Postgres; its directory and files are made readable to it.
+    Render the ini with `listen_port=self.port` and `auth_file=str(self.auth_file)`.
+    """
+
+    BIN = Path(os.environ.get("PGSCALE_PGBOUNCER_BIN", "/usr/sbin/pgbouncer"))
+
+    def __init__(self, workdir: Path, name: str = "pgbouncer", port: int | None = None) -> None:
+        self.dir = workdir / name
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.ini = self.dir / "pgbouncer.ini"
+        self.auth_file = self.dir / "userlist.txt"
+        self.log = self.dir / "pgbouncer.log"
+        self.user = _os_user()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ini: str, userlist: str = "") -> PgBouncer:
+        """Write the ini (and userlist.txt), start PgBouncer and wait until its port accepts connections."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for parent in [self.dir, *self.dir.parents]:
+            if parent == Path("/"):
+                break
+            with contextlib.suppress(PermissionError):
+                parent.chmod(parent.stat().st_mode | 0o711)  # let PgBouncer's user reach its directory
+        for path, text in ((self.ini, ini), (self.auth_file, userlist)):
+            path.write_text(text)
+            path.chmod(0o600)  # userlist.txt holds passwords
+            if self.user:
+                shutil.chown(path, self.user)
+        self.log.touch()
+        if self.user:
+            shutil.chown(self.dir, self.user)
+            shutil.chown(self.log, self.user)
+        args = [str(self.BIN), str(self.ini)]
+        if self.user:
+            # setpriv execs PgBouncer; runuser would stay its parent and linger 2 s on SIGTERM.
+            entry = pwd.getpwnam(self.user)
+            args = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--", *args]
+        self.proc = _spawn(args, self.log)
+
+        def accepting() -> bool:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+
+        wait_for("pgbouncer", accepting, timeout=30, proc=self.proc, log=self.log)
+        return self
+
+    def dsn(self, dbname: str, user: str = "postgres", password: str | None = None) -> str:
+        """libpq parameters for a client connecting through PgBouncer."""
+        return f"host={self.host} port={self.port} dbname={dbname} user={user} password={password or Postgres.PASSWORD}"
+
+    def stop(self) -> None:
+        _stop(self.proc)

@@ -52,9 +52,11 @@ def setup_logging(fmt: str, level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import kube, runtime
     from .metrics import METRICS
+    from .monitoring import COLLECTOR
 
     kube.load_config()
     if args.metrics_port:
+        METRICS.registry.register(COLLECTOR)  # every profile's database figures
         METRICS.serve(args.metrics_port)
     namespaces = [] if args.all_namespaces else (args.namespace or [])
     asyncio.run(

@@ -114,6 +114,9 @@ class Runtime:
         if event.get("type") == "DELETED":
             self._seen.pop(key, None)
             self._failures.pop(key, None)
+            forget = getattr(self.controllers[resource.plural], "forget", None)
+            if forget is not None:
+                forget(key[1], key[2])
             self.queue.forget(key)
             self._count()
             return

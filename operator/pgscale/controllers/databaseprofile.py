@@ -1,29 +1,155 @@
-"""DatabaseProfile controller: connect to the primary and report what is there."""
+"""DatabaseProfile controller: settings kept, metrics and alerts, capacity projected.
+
+Each reconcile: resolve the connection, make the server's settings what the spec
+asks (tuning.desired -> settings.reconcile), take a statistics snapshot for the
+metrics endpoint, sample sizes for the capacity projection, evaluate alert
+thresholds, and say all of it in status, conditions and Events.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import pg
+from .. import conditions as cond
+from .. import pg, settings, tuning
 from ..api import DATABASE_PROFILE
-from ..api.databaseprofile import DatabaseProfileSpec
+from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
 from ..conditions import now_rfc3339
 from ..durations import seconds
+from ..kube import ObjectRef
+from ..monitoring import COLLECTOR, evaluate, growth_per_month
+from ..pg import stats
+from ..quantity import parse_quantity
 from .base import Context, Result, StatusWriter, secret_connection
+
+RESTART_REQUIRED = "RestartRequired"
+OVERRIDDEN = "ParametersOverridden"
+ALERTING = "AlertsFiring"
+
+
+def human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{nbytes} B"
+
+
+def memory_of(spec: DatabaseProfileSpec) -> int | None:
+    """The primary's memory, from resources or the tier's hardware."""
+    if spec.resources is not None:
+        return parse_quantity(spec.resources.memory)
+    if spec.tier is not None:
+        return tuning.TIERS[spec.tier].memory_bytes
+    return None
 
 
 class DatabaseProfileController:
-    """Resolves the connection, checks the server, and reports it in status."""
+    """Applies and keeps settings, reports the server, its growth and its alerts."""
 
     kind = DATABASE_PROFILE
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec, status: StatusWriter) -> Result:
-        info = secret_connection(ctx, obj["metadata"]["namespace"], spec)
+        ref = ObjectRef.of(obj)
+        key = f"{ref.namespace}/{ref.name}"
+        monitoring = spec.monitoring or MonitoringSpec()
+        capacity = spec.capacity or CapacitySpec()
+        info = secret_connection(ctx, ref.namespace, spec)
+        desired = tuning.desired(spec)
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
-        status.update(serverVersion=version, lastReconcileTime=now_rfc3339())
-        return Result(
-            "Connected",
-            f"Connected to PostgreSQL {version} at {info.describe()}",
-            requeue_after=seconds(spec.reconcile_interval),
+            report = settings.reconcile(conn, spec.state_schema, key, desired)
+            snap = stats.snapshot(conn) if monitoring.enabled else None
+            points: dict[str, list[tuple[float, int]]] = {}
+            if snap is not None:
+                stats.ensure_samples(conn, spec.state_schema)
+                age = stats.last_sample_age_seconds(conn, spec.state_schema, key)
+                if age is None or age >= seconds(capacity.sample_interval):
+                    sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
+                    stats.record_sample(conn, spec.state_schema, key, sizes)
+                points = stats.samples(conn, spec.state_schema, key)
+        events: list[tuple[str, str, bool]] = []
+        if report.applied:
+            events.append(("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}", False))
+        if report.corrected:
+            events.append(("DriftCorrected", f"changed by hand, set back: {', '.join(report.corrected)}", True))
+        if report.reset:
+            events.append(("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}", False))
+        previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
+        restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
+        status.conditions = cond.flag(status.conditions, RESTART_REQUIRED, bool(report.pending_restart),
+                                      "PendingRestart", restart_message, status.generation)  # fmt: skip
+        if report.pending_restart and previous_restart.get("message") != restart_message:
+            events.append(("RestartRequired", restart_message, True))
+        overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
+        status.conditions = cond.flag(
+            status.conditions, OVERRIDDEN, bool(report.overridden), "OverriddenBySource",
+            f"a source that wins over ALTER SYSTEM keeps other values: {overridden}; remove them there "
+            "(e.g. -c options on the server's command line)",
+            status.generation,
+        )  # fmt: skip
+        status.update(
+            serverVersion=version,
+            parameters=report.parameters,
+            pendingRestart=report.pending_restart,
+            lastReconcileTime=now_rfc3339(),
         )
+        if snap is not None:
+            COLLECTOR.update(key, snap, len(report.pending_restart))
+            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts)
+        requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
+        message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
+        if report.pending_restart:
+            message += f", {len(report.pending_restart)} waiting for a restart"
+        return Result("Connected", message, requeue_after=requeue, events=events)
+
+    def _capacity_and_alerts(
+        self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
+        points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec | None,
+    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        growth = growth_per_month(points.get("", []))
+        projected = int(snap.database_bytes + max(growth or 0.0, 0.0) * capacity.horizon_months)
+        tables = []
+        for t in snap.tables:
+            table_growth = growth_per_month(points.get(t.name, []))
+            entry: dict[str, Any] = {"name": t.name[:256], "bytes": t.bytes}
+            if table_growth is not None:
+                entry["growthBytesPerMonth"] = int(table_growth)
+            tables.append(entry)
+        cap: dict[str, Any] = {
+            "sampledAt": now_rfc3339(),
+            "databaseBytes": snap.database_bytes,
+            "databaseSize": human(snap.database_bytes),
+            "projectedBytes": projected,
+            "horizonMonths": capacity.horizon_months,
+            "recommendedTier": tuning.recommend_tier(projected),
+            "tables": tables,
+        }
+        if growth is not None:
+            cap["growthBytesPerMonth"] = int(growth)
+        status.update(capacity=cap)
+        alerts_spec = alerts_spec or AlertsSpec()
+        if not alerts_spec.enabled:
+            status.update(alerts=[])
+            status.conditions = cond.remove(status.conditions, ALERTING)
+            return []
+        alerts = evaluate(
+            alerts_spec,
+            snap,
+            growth_bytes_per_month=growth,
+            growth_threshold_bytes=parse_quantity(alerts_spec.growth_per_month),
+            memory_estimate=tuning.estimated_memory_bytes(snap.memory_settings),
+            memory_bytes=memory_of(spec),
+        )
+        since = {a["name"]: a["since"] for a in status.status.get("alerts") or []}
+        now = now_rfc3339()
+        status.update(alerts=[{"name": a.name, "value": a.value, "threshold": a.threshold,
+                               "since": since.get(a.name, now)} for a in alerts])  # fmt: skip
+        status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
+                                      "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
+        return [(f"Alert{a.name}", a.message, True) for a in alerts if a.name not in since]
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The profile is gone: stop exporting its metrics."""
+        COLLECTOR.forget(f"{namespace}/{name}")

@@ -1,0 +1,131 @@
+"""DatabaseProfile end to end on a private PostgreSQL (ALTER SYSTEM is server-wide):
+the strategy's settings are applied exactly, restart-required ones are reported, a
+hand-made change is corrected, a bad value stops the whole change, a removed
+parameter is reset, and the metrics endpoint shows the database."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import localenv
+import psycopg
+import pytest
+
+from conftest import ROOT, Kubectl, scalar
+
+pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
+
+STRATEGY = {
+    "max_connections": "200", "shared_buffers": "256MB", "effective_cache_size": "1GB", "work_mem": "4MB",
+    "maintenance_work_mem": "64MB", "checkpoint_completion_target": "0.9", "wal_buffers": "16MB",
+    "random_page_cost": "1.1", "effective_io_concurrency": "200",
+}  # fmt: skip
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[localenv.Postgres]:
+    pg = localenv.Postgres(tmp_path, name="private")
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
+def show(pg: localenv.Postgres, name: str) -> str:
+    with psycopg.connect(pg.dsn()) as conn:
+        return str(scalar(conn, f"SHOW {name}"))
+
+
+def nudge(kubectl: Kubectl) -> None:
+    kubectl.run("annotate", "dbp", "app", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
+
+
+def wait(kubectl: Kubectl, check: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        obj = kubectl.get("databaseprofile", "app")
+        if check(obj):
+            return obj
+        time.sleep(0.5)
+    raise AssertionError(json.dumps(obj.get("status"), indent=1))
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), None)
+
+
+def test_strategy_settings_applied_kept_and_reported(operator: Any, kubectl: Kubectl,
+                                                      server: localenv.Postgres) -> None:  # fmt: skip
+    kubectl.secret("app-db", {"uri": server.uri("postgres")})
+    kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+    kubectl.wait("databaseprofile", "app", "Ready")
+    obj = kubectl.get("databaseprofile", "app")
+    # Reported: shared_buffers and wal_buffers wait for a restart (max_connections was 200 already).
+    assert set(obj["status"]["pendingRestart"]) == {"shared_buffers", "wal_buffers"}
+    assert condition(obj, "RestartRequired")["status"] == "True"  # type: ignore[index]
+    params = {p["name"]: p for p in obj["status"]["parameters"]}
+    assert {n: p["desired"] for n, p in params.items()} == STRATEGY
+    assert all(p["source"] == "parameters" for p in params.values())
+    server.stop()
+    server.start()  # what the RestartRequired condition asks the user to do
+    for name, value in STRATEGY.items():
+        assert show(server, name) == value, name  # exactly the strategy's values
+    nudge(kubectl)
+    obj = wait(kubectl, lambda o: condition(o, "RestartRequired") is None)
+    assert obj["status"]["pendingRestart"] == []
+
+    # A hand-made change is put back, with an Event.
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET work_mem = '64MB'")
+        conn.execute("SELECT pg_reload_conf()")
+    nudge(kubectl)
+    wait(kubectl, lambda o: show(server, "work_mem") == "4MB")
+    events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+    assert any(e["reason"] == "DriftCorrected" and "work_mem" in e["message"] for e in events)
+
+    # A bad value stops the whole change: the good one next to it is not applied either.
+    kubectl.run("patch", "dbp", "app", "--type=merge", "-p",
+                json.dumps({"spec": {"parameters": {"work_mem": "4XB", "random_page_cost": "2"}}}))  # fmt: skip
+    kubectl.wait("databaseprofile", "app", "Stalled")
+    stalled = condition(kubectl.get("databaseprofile", "app"), "Stalled")
+    assert stalled is not None and stalled["reason"] == "InvalidParameter"
+    assert stalled["message"].startswith("spec.parameters.work_mem: work_mem = '4XB' invalid unit 'XB'")
+    assert show(server, "random_page_cost") == "1.1"
+
+    # Removing a parameter resets it to the server's default.
+    spec_params = dict(STRATEGY)
+    del spec_params["effective_io_concurrency"]
+    kubectl.run("patch", "dbp", "app", "--type=json", "-p", json.dumps(
+        [{"op": "replace", "path": "/spec/parameters", "value": spec_params}]))  # fmt: skip
+    kubectl.wait("databaseprofile", "app", "Ready")
+    wait(kubectl, lambda o: show(server, "effective_io_concurrency") == "1")
+    assert show(server, "work_mem") == "4MB"
+
+
+def test_metrics_show_the_database(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
+                                   app_secret: str) -> None:  # fmt: skip
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        conn.execute("""INSERT INTO "Task" (title) SELECT 't' || g FROM generate_series(1, 5000) g""")
+        conn.execute('ANALYZE "Task"')
+    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
+               "spec": {"connection": {"secretRef": {"name": "app-db"}}}}  # fmt: skip
+    kubectl.apply(profile)
+    kubectl.wait("databaseprofile", "app", "Ready")
+    key = f'profile="{kubectl.namespace}/app"'
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    lines = [line for line in text.splitlines() if key in line]
+    assert any(line.startswith("pgscale_pg_connections{") for line in lines)
+    assert any(line.startswith("pgscale_pg_database_size_bytes{") for line in lines)
+    assert any(line.startswith("pgscale_pg_table_size_bytes{") and 'table="public.Task"' in line for line in lines)
+    assert any(line.startswith("pgscale_pg_unused_indexes{") for line in lines)
+    assert any(line.startswith("pgscale_pg_connection_utilization_ratio{") for line in lines)
+    obj = kubectl.get("databaseprofile", "app")
+    cap = obj["status"]["capacity"]
+    assert cap["databaseBytes"] > 0 and cap["recommendedTier"] == "development"
+    assert any(t["name"] == "public.Task" for t in cap["tables"])
