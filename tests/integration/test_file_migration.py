@@ -267,3 +267,56 @@ def test_filesystem_destination(postgres: Any, database: str, tmp_path: Any) -> 
             assert kind == "filesystem" and path == f"File/{key}"
             assert (tmp_path / "uploads" / path).read_bytes() == originals[key]
         assert not list(tmp_path.rglob(".pgscale-*"))  # no temporary files left behind
+
+
+def test_corrupted_object_is_caught_before_the_data_goes(postgres: Any, database: str, s3_server: Any,
+                                                         bucket: str) -> None:  # fmt: skip
+    from pgscale.jobs.files import Migration as M
+
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        originals = seed_files(conn, [1000, 2000])
+        migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="cutover"))
+        # Someone (or a faulty store) replaces the bytes but keeps the metadata pgscale wrote.
+        s3 = client(s3_server)
+        meta = s3.head_object(Bucket=bucket, Key="files/File/f0000")["Metadata"]
+        s3.put_object(Bucket=bucket, Key="files/File/f0000", Body=b"x" * 1000, Metadata=meta)
+        with pytest.raises(RuntimeError, match="reads back as 1000 bytes"):
+            env = {"AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": s3_server.SECRET_KEY}
+            from pgscale.api.filemigration import FileMigrationSpec
+
+            spec = spec_for(s3_server, bucket, phase="dropSource")
+            M(job(postgres, database, spec), make_store(FileMigrationSpec.model_validate(spec), env)).run()
+        data = scalar(conn, """SELECT data FROM "File" WHERE id = 'f0000'""")
+        assert base64.b64decode(data) == originals["f0000"]  # the only good copy is kept
+
+
+def test_column_guard_refuses_new_data(postgres: Any, database: str) -> None:
+    from pgscale.pg import files as sqlf
+
+    src = sqlf.Source("public", "File", "id", "data", "filePath", "storageType")
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        conn.execute("""INSERT INTO "File" (id, "fileName", data) VALUES ('a', 'a', 'QUJD')""")
+        assert not sqlf.guard_data_column(conn, src, 1000)  # a row holds data: no guard
+        conn.execute("""UPDATE "File" SET data = NULL""")
+        assert sqlf.guard_data_column(conn, src, 1000)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("""INSERT INTO "File" (id, "fileName", data) VALUES ('b', 'b', 'QUJD')""")
+
+
+def test_dry_run_moves_nothing(postgres: Any, database: str, s3_server: Any, bucket: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        seed_files(conn, [10, 20, 30])
+        owner = ObjectRef("pgscale.io/v1alpha1", "FileMigration", "ns", "files-to-s3", "uid")
+        profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
+        env = {e["name"]: e["value"] for e in builders.job_env(owner, spec_for(s3_server, bucket), profile)
+               if "value" in e}  # fmt: skip
+        env.update(PGSCALE_DB_URI=postgres.uri(database), PATH=os.environ["PATH"])
+        out = subprocess.run([str(Path(sys.executable).parent / "pgscale"), "job", "file-migration", "--dry-run"],
+                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        report = json.loads(out.stdout)
+        assert report["outcome"] == "DryRun" and report["rows_pending"] == 3
+        assert "Contents" not in client(s3_server).list_objects_v2(Bucket=bucket)

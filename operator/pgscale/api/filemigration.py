@@ -168,8 +168,16 @@ class FileMigrationSpec(Model):
             ("self == oldSelf", "keyTemplate is immutable"),
         ),
     )
-    path_column: Identifier = Field(default="filePath", description="Column that receives the object's path.")
-    storage_type_column: Identifier = Field(default="storageType", description="Column that says where the file lives.")
+    path_column: Identifier = Field(
+        default="filePath",
+        description="Column that receives the object's path.",
+        json_schema_extra=cel(("self == oldSelf", "pathColumn is immutable")),
+    )
+    storage_type_column: Identifier = Field(
+        default="storageType",
+        description="Column that says where the file lives.",
+        json_schema_extra=cel(("self == oldSelf", "storageTypeColumn is immutable")),
+    )
     phase: Phase = Field(
         default="copy",
         description=(

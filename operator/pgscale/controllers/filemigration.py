@@ -54,29 +54,30 @@ class FileMigrationController:
             require_column(columns, spec.key_column, "keyColumn", spec.table)
             for field, column in (spec.columns.wire() if spec.columns else {}).items():
                 require_column(columns, column, f"columns.{field}", spec.table)
+            sqlf.ensure_ledger(conn, profile.state_schema)
             dropped = spec.data_column not in columns
-            if dropped and spec.path_column not in columns:
-                require_column(columns, spec.data_column, "dataColumn", spec.table)  # never there: a typo
+            if dropped and not sqlf.has_nulled(conn, policy, profile.state_schema):
+                require_column(columns, spec.data_column, "dataColumn", spec.table)  # not dropped by us: a typo
             if not dropped:
                 expected = TEXT_TYPES if spec.encoding == "base64" else frozenset({"bytea"})
                 what = "text or varchar for base64" if spec.encoding == "base64" else "bytea"
                 require_column(columns, spec.data_column, "dataColumn", spec.table, expected, what)
-            sqlf.ensure_ledger(conn, profile.state_schema)
             counts = sqlf.counts(conn, profile.state_schema, policy)
             cutover = spec.phase in ("cutover", "dropSource")
             remaining = (
                 0 if dropped else sqlf.count_candidates(conn, src, policy, profile.state_schema, cutover=cutover)
             )
             holding = 0 if dropped else sqlf.rows_with_data(conn, src)
+            ready = 0 if dropped else sqlf.count_ready_to_null(conn, src, policy, profile.state_schema)
+            stuck = 0 if dropped else sqlf.count_failed_holding(conn, src, policy, profile.state_schema)
         by = counts.by_status
         migrated = by.get("verified", 0) + by.get("cutover", 0) + by.get("nulled", 0)
         failed = by.get("failed", 0)
-        nulled_pending = holding - failed if spec.phase == "dropSource" and not dropped else 0
         if dropped:
             phase = "Completed"
         elif remaining:
             phase = "CuttingOver" if cutover else "Copying"
-        elif nulled_pending > 0:
+        elif spec.phase == "dropSource" and ready > 0:
             phase = "DroppingSource"
         elif spec.phase == "dropSource" and spec.drop_column and holding == 0:
             phase = "Verifying"
@@ -105,11 +106,10 @@ class FileMigrationController:
         )
         if phase == "Completed":
             status.update(completedAt=status.status.get("completedAt") or now_rfc3339())
-            stuck = spec.phase == "dropSource" and spec.drop_column and not dropped and failed
-            if stuck:
+            if spec.phase == "dropSource" and spec.drop_column and not dropped and stuck:
                 raise SpecError(
                     "phase",
-                    f"{failed} rows could not be migrated (status.failedRows, and the ledger table "
+                    f"{stuck} rows could not be migrated (status.failedRows, and the ledger table "
                     f"{profile.state_schema}.file_ledger); the column {spec.data_column!r} is kept until they are "
                     "fixed or deleted",
                     reason="RowsFailed",
@@ -117,6 +117,9 @@ class FileMigrationController:
             return Result("Completed", self._summary(spec, migrated, failed, dropped), events=events)
         status.update(completedAt=None)
         if spec.suspend:
+            running = status.status.get("jobName")
+            if running and job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, running)) == "active":
+                ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             return Result("Suspended", f"{phase}: suspended with {remaining} rows left", done=False,
                           requeue_after=ctx.settings.resync_seconds)  # fmt: skip
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)

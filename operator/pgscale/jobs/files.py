@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
 
 from .. import pg
 from ..api import FILE_MIGRATION
@@ -113,6 +114,7 @@ class Migration:
             parse_quantity(rate.bytes_per_second) if rate and rate.bytes_per_second else None,
         )
         self._lock = threading.Lock()
+        self._read_back: set[str] = set()  # rows whose object this run downloaded and hashed
 
     # --- the run ----------------------------------------------------------------------
 
@@ -232,10 +234,16 @@ class Migration:
                     if len(self.report.failures) < 20:
                         self.report.failures.append({"key": key_text, "reason": str(exc)})
                 return True
-            self.limiter.acquire(size)
-            generic = claimed.content_type in (None, "", "application/octet-stream")
-            content_type = (media or claimed.content_type) if generic else claimed.content_type
-            target = self._place(conn, key, sha, size, claimed.length, content_type, body)
+            known = sqlf.entry(conn, self.job.state_schema, self.job.policy_key, key_text)
+            if known is not None and known.sha256 == sha and known.object_key and self._still_there(known):
+                target = known.object_key  # written and verified before (e.g. in phase copy): not sent again
+                with self._lock:
+                    self.report.objects_reused += 1
+            else:
+                self.limiter.acquire(size)
+                generic = claimed.content_type in (None, "", "application/octet-stream")
+                content_type = (media or claimed.content_type) if generic else claimed.content_type
+                target = self._place(conn, key, sha, size, claimed.length, content_type, body)
             path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
             if self.cutover:
                 xmin = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec))
@@ -249,6 +257,10 @@ class Migration:
         if self.progress:
             self.progress.advance(1)
         return True
+
+    def _still_there(self, known: sqlf.Entry) -> bool:
+        found = self.store.head(known.object_key or "")
+        return found is not None and found.sha256 == known.sha256 and found.size == known.size
 
     def _chunks(
         self, conn: psycopg.Connection, key: Any, length: int, found: dict[str, str | None] | None = None
@@ -319,11 +331,13 @@ class Migration:
                     item = sqlf.entry(wconn, self.job.state_schema, self.job.policy_key, str(key))
                     if claimed is None or item is None or item.status != "cutover" or item.row_xmin != claimed.xmin:
                         continue
-                    if claimed.path != self._path_of(item.object_key):
-                        continue  # the application re-pointed the row itself: leave its data alone
-                    found = self.store.head(item.object_key or "")
-                    if found is None or found.sha256 != item.sha256 or found.size != item.size:
-                        raise RuntimeError(f"object {item.object_key!r} of row {key!r} is missing or differs")
+                    # The stored bytes are read back and hashed before the only other copy goes.
+                    found = self.store.read_hash(item.object_key or "")
+                    if found.sha256 != item.sha256 or found.size != item.size:
+                        raise RuntimeError(
+                            f"object {item.object_key!r} of row {key!r} reads back as {found.size} bytes / "
+                            f"sha256 {found.sha256}, not {item.size} / {item.sha256}; its data is kept"
+                        )
                     xmin = sqlf.null_source(wconn, self.src, key, claimed.xmin)
                     if xmin is None:
                         continue
@@ -332,6 +346,7 @@ class Migration:
                         row_xmin=xmin, object_key=item.object_key, size=item.size, sha256=item.sha256,
                     )  # fmt: skip
                 self.report.rows_nulled += 1
+                self._read_back.add(str(key))
 
     def _path_of(self, target: str | None) -> str | None:
         if target is None or self.spec.destination.s3 is None:
@@ -339,19 +354,25 @@ class Migration:
         return self.spec.destination.s3.prefix + target
 
     def _verify_and_drop(self, conn: psycopg.Connection) -> None:
-        """Read every object back; drop the column only when all match and no row still holds data."""
+        """Guard the column, read every object back, and only then drop the column.
+
+        The guard (CHECK data IS NULL) first makes new data impossible and proves no
+        row holds any; nothing can reach the column between this check and the drop.
+        """
         remaining = sqlf.rows_with_data(conn, self.src)
-        if remaining:
-            self.report.message = f"{remaining} rows still hold data (failed or changed rows); the column stays"
+        if remaining or not sqlf.guard_data_column(conn, self.src, 5000):
+            self.report.message = (
+                f"{remaining or 'some'} rows still hold data (failed or changed rows); the column stays"
+            )
             return
         bad = []
         for key, path, target, size, sha, status in sqlf.verification_set(
             conn, self.src, self.job.policy_key, self.job.state_schema
         ):
-            if path is None and status in (None, "failed"):
-                continue  # a row without data (NULL from the start): nothing to lose
             if status != "nulled" or path != self._path_of(target):
-                bad.append(f"{key}: not migrated by this FileMigration (status {status}, path {path!r})")
+                continue  # no data was ever nulled by us here: the column holds nothing of this row
+            if key in self._read_back:
+                self.report.verified_objects += 1  # downloaded and hashed just before its data was nulled
                 continue
             info = self.store.read_hash(target)
             if info.size != size or info.sha256 != sha:
@@ -362,6 +383,7 @@ class Migration:
             if len(bad) >= 20:
                 break
         if bad:
+            sqlf.unguard_data_column(conn, self.src)  # the column stays, so the application may use it again
             self.report.message = f"verification failed for {len(bad)} rows; the column stays: {'; '.join(bad[:5])}"
             raise RuntimeError(self.report.message)
         sqlf.drop_data_column(conn, self.src, 5000)
@@ -371,6 +393,22 @@ class Migration:
             f"verified {self.report.verified_objects} objects, dropped column {self.spec.data_column!r}; "
             "run VACUUM FULL or pg_repack to return its space to the operating system"
         )
+
+
+def dry_run(job: JobInput, spec: FileMigrationSpec) -> int:
+    """What a run would do: rows and stored bytes still to migrate; nothing is written."""
+    src = source(spec)
+    with pg.connect(job.conn) as conn:
+        if spec.data_column not in (pg.table_columns(conn, src.schema, src.table) or {}):
+            print(json.dumps({"outcome": "DryRun", "rows_pending": 0, "message": "the data column is gone"}))
+            return 0
+        sqlf.ensure_ledger(conn, job.state_schema)
+        cutover = spec.phase in ("cutover", "dropSource")
+        rows = sqlf.count_candidates(conn, src, job.policy_key, job.state_schema, cutover=cutover)
+        stored = sqlf.pending_bytes(conn, src, job.policy_key, job.state_schema, cutover=cutover)
+    print(json.dumps({"outcome": "DryRun", "rows_pending": rows, "stored_bytes_pending": stored,
+                      "phase": spec.phase, "destination": make_store(spec).location("")}))  # fmt: skip
+    return 0
 
 
 class _End:
@@ -387,12 +425,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     job, stop = begun
     spec = FileMigrationSpec.model_validate(job.spec)
+    if args.dry_run:
+        return dry_run(job, spec)
     progress = Progress("file-migration", stream=sys.stderr, unit="files")
     migration = Migration(job, make_store(spec), stop=stop, progress=progress)
     started = time.monotonic()
     try:
         report = migration.run()
-    except (psycopg.Error, RuntimeError, OSError, ReconcileError) as exc:
+    except (psycopg.Error, RuntimeError, OSError, ValueError, ReconcileError, BotoCoreError, ClientError) as exc:
         report = migration.report
         report.message = f"{type(exc).__name__}: {exc}"
         progress.finish("Failed")

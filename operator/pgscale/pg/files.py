@@ -280,10 +280,102 @@ def vacuum(conn: psycopg.Connection, src: Source) -> None:
     conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(src.relation))
 
 
+def guard_name(src: Source) -> str:
+    return f"pgscale_{src.data}_migrated"[:63]
+
+
+def guard_data_column(conn: psycopg.Connection, src: Source, lock_timeout_ms: int) -> bool:
+    """Forbid new data in the column (CHECK ... IS NULL), then prove no row has any.
+
+    From the moment the constraint exists, a write of new data fails loudly instead
+    of being lost with the column. NOT VALID takes the strong lock only for an instant;
+    VALIDATE scans under a lock that lets the application go on writing. Returns
+    False (and removes the guard) when some row still holds data.
+    """
+    name = sql.Identifier(guard_name(src))
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        exists = conn.execute(
+            "SELECT 1 FROM pg_constraint WHERE conname = %s AND conrelid = %s::regclass",
+            (guard_name(src), src.relation.as_string(conn)),
+        ).fetchone()
+        if exists is None:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NULL) NOT VALID").format(
+                    src.relation, name, sql.Identifier(src.data)
+                )
+            )
+    try:
+        conn.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(src.relation, name))
+    except psycopg.errors.CheckViolation:
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(src.relation, name))
+        return False
+    return True
+
+
+def unguard_data_column(conn: psycopg.Connection, src: Source) -> None:
+    conn.execute(
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(src.relation, sql.Identifier(guard_name(src)))
+    )
+
+
 def drop_data_column(conn: psycopg.Connection, src: Source, lock_timeout_ms: int) -> None:
+    """Drop the column (its guard constraint goes with it)."""
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(src.relation, sql.Identifier(src.data)))
+
+
+def count_ready_to_null(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> int:
+    """Rows pointing at a verified object that still hold their data, unchanged since."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{data} IS NOT NULL AND l.status = 'cutover' AND l.row_xmin = t.xmin::text"
+        ).format(rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key),
+                 data=sql.Identifier(src.data)),
+        (migration,),
+    ).fetchone()  # fmt: skip
+    return int(row[0]) if row else 0
+
+
+def count_failed_holding(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> int:
+    """Rows that still hold data the migration could not move (malformed): they keep the column."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{data} IS NOT NULL AND l.status = 'failed' AND l.row_xmin = t.xmin::text"
+        ).format(rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key),
+                 data=sql.Identifier(src.data)),
+        (migration,),
+    ).fetchone()  # fmt: skip
+    return int(row[0]) if row else 0
+
+
+def has_nulled(conn: psycopg.Connection, migration: str, state_schema: str) -> bool:
+    """Whether this migration nulled any row (so a missing data column is its doing, not a typo)."""
+    if table_columns(conn, state_schema, LEDGER) is None:
+        return False
+    row = conn.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE migration = %s AND status = 'nulled' LIMIT 1").format(_ledger(state_schema)),
+        (migration,),
+    ).fetchone()
+    return row is not None
+
+
+def pending_bytes(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, cutover: bool) -> int:
+    """Stored size of the rows still to migrate (for a dry run)."""
+    pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
+    row = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(sum(octet_length(t.{data})), 0) FROM {rel} t LEFT JOIN {ledger} l "
+            "ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
+        ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
+                 data=sql.Identifier(src.data), pending=pending),
+        (migration,),
+    ).fetchone()  # fmt: skip
+    return int(row[0]) if row else 0
 
 
 @dataclass
