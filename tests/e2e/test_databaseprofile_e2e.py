@@ -129,3 +129,39 @@ def test_metrics_show_the_database(operator: Any, kubectl: Kubectl, postgres: An
     cap = obj["status"]["capacity"]
     assert cap["databaseBytes"] > 0 and cap["recommendedTier"] == "development"
     assert any(t["name"] == "public.Task" for t in cap["tables"])
+
+
+def test_pooler_objects_and_their_config_serve_clients(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
+                                                       app_secret: str, tmp_path: Path) -> None:  # fmt: skip
+    import base64
+
+    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
+               "spec": {"connection": {"secretRef": {"name": "app-db"}},
+                        "pooling": {"poolMode": "transaction", "defaultPoolSize": 2, "instances": 2}}}  # fmt: skip
+    kubectl.apply(profile)
+    kubectl.wait("databaseprofile", "app", "Ready")
+    deployment = kubectl.get("deployment", "app-pooler-rw")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "DatabaseProfile"
+    assert kubectl.get("service", "app-pooler-rw")["spec"]["ports"][0]["port"] == 5432
+    files = {k: base64.b64decode(v).decode() for k, v in kubectl.get("secret", "app-pooler-rw-config")["data"].items()}
+    # What the pod would run: the same pgbouncer.ini and userlist, with PgBouncer from Debian (port and
+    # file path moved to this machine's temporary directory, nothing else changed).
+    bouncer = localenv.PgBouncer(tmp_path)
+    ini = files["pgbouncer.ini"].replace("listen_port = 5432", f"listen_port = {bouncer.port}")
+    ini = ini.replace("/etc/pgbouncer/userlist.txt", str(bouncer.auth_file)).replace(
+        "listen_addr = *", "listen_addr = 127.0.0.1"
+    )
+    bouncer.start(ini, files["userlist.txt"])
+    try:
+        with psycopg.connect(host="127.0.0.1", port=bouncer.port, dbname=database, user="postgres",
+                             password=postgres.PASSWORD, prepare_threshold=None) as conn:  # fmt: skip
+            assert scalar(conn, 'SELECT count(*) FROM "Task"') == 0
+    finally:
+        bouncer.stop()
+    kubectl.run("patch", "dbp", "app", "--type=json", "-p", '[{"op": "remove", "path": "/spec/pooling"}]')
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and kubectl.cp.kubectl_run(
+        "-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").returncode == 0:  # fmt: skip
+        time.sleep(0.5)
+    assert "NotFound" in kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").stderr

@@ -421,8 +421,18 @@ class ActiveAlert(Model):
     since: Timestamp = Field(description="When the threshold was first exceeded.")
 
 
+class PoolerStatus(Model):
+    """The PgBouncer pooler in front of the primary."""
+
+    service: str = Field(max_length=253, description="Service clients connect to (port 5432).")
+    instances: int = Field(description="PgBouncer pods asked for.")
+    config_hash: str = Field(max_length=64, description="Hash of the generated configuration.")
+
+
 class DatabaseProfileStatus(BaseStatus):
     """Observed state of a DatabaseProfile."""
+
+    pooler: PoolerStatus | None = Field(default=None, description="The pooler, when pooling is on.")
 
     server_version: str | None = Field(default=None, max_length=64, description="Postgres server version.")
     parameters: list[ParameterStatus] = Field(

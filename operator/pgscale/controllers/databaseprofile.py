@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from .. import conditions as cond
-from .. import pg, settings, tuning
+from .. import pg, pooling, settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
 from ..conditions import now_rfc3339
 from ..durations import seconds
+from ..errors import SpecError
 from ..kube import ObjectRef
 from ..monitoring import COLLECTOR, evaluate, growth_per_month
 from ..pg import stats
+from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
 from .base import Context, Result, StatusWriter, secret_connection
 
@@ -95,6 +97,7 @@ class DatabaseProfileController:
             pendingRestart=report.pending_restart,
             lastReconcileTime=now_rfc3339(),
         )
+        events += self._pooler(ctx, ref, spec, info, status)
         if snap is not None:
             COLLECTOR.update(key, snap, len(report.pending_restart))
             events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts)
@@ -149,6 +152,38 @@ class DatabaseProfileController:
         status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
                                       "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
         return [(f"Alert{a.name}", a.message, True) for a in alerts if a.name not in since]
+
+    def _pooler(
+        self, ctx: Context, ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo, status: StatusWriter
+    ) -> list[tuple[str, str, bool]]:
+        """PgBouncer in front of the primary: a Secret (config and userlist), a Deployment, a Service."""
+        name = pooling.pooler_name(ref.name, "rw")
+        if spec.pooling is None:
+            if status.status.get("pooler"):
+                for kind, obj_name in (("Service", name), ("Deployment", name), ("Secret", f"{name}-config")):
+                    ctx.kube.delete("v1" if kind != "Deployment" else "apps/v1", kind, ref.namespace, obj_name)
+                status.update(pooler=None)
+                return [("PoolerRemoved", f"removed PgBouncer {name}", False)]
+            return []
+        try:
+            ini = pooling.pgbouncer_ini(
+                spec.pooling, backend_host=info.host, backend_port=info.port, dbname=info.dbname,
+                auth_file=f"{pooling.CONFIG_DIR}/userlist.txt", admin_users=[info.user],
+            )  # fmt: skip
+            users = pooling.userlist(info.user, info.password or "")
+        except ValueError as exc:
+            raise SpecError("pooling", f"cannot configure PgBouncer: {exc}", reason="InvalidPooling") from exc
+        digest = pooling.config_hash(ini, users)
+        ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users))
+        ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
+                                          f"{name}-config", digest, "rw"))  # fmt: skip
+        ctx.kube.apply(pooling.service(ref, name, "rw"))
+        previous = (status.status.get("pooler") or {}).get("configHash")
+        status.update(pooler={"service": name, "instances": spec.pooling.instances, "configHash": digest})
+        if previous != digest:
+            return [("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
+                     f"{spec.pooling.default_pool_size} server connections per pool", False)]  # fmt: skip
+        return []
 
     def forget(self, namespace: str, name: str) -> None:
         """The profile is gone: stop exporting its metrics."""
