@@ -29,7 +29,7 @@ _OWNED: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Secret"): "secrets",
     ("v1", "Service"): "services",
-    ("v1", "Endpoints"): "endpoints",
+    ("discovery.k8s.io/v1", "EndpointSlice"): "endpointslices",
     ("apps/v1", "Deployment"): "deployments",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("batch/v1", "Job"): "jobs",

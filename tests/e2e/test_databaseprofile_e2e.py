@@ -165,3 +165,54 @@ def test_pooler_objects_and_their_config_serve_clients(operator: Any, kubectl: K
         "-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").returncode == 0:  # fmt: skip
         time.sleep(0.5)
     assert "NotFound" in kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").stderr
+
+
+def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
+                                                  app_secret: str) -> None:  # fmt: skip
+    import uuid
+
+    role = f"repl_{uuid.uuid4().hex[:8]}"
+    kubectl.secret("replication", {"username": role, "password": "secret"})
+    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
+               "spec": {"connection": {"secretRef": {"name": "app-db"}},
+                        "readReplicas": {"instances": 2, "replicationSecretRef": {"name": "replication"},
+                                         "storage": {"size": "10Gi"}}}}  # fmt: skip
+    kubectl.apply(profile)
+    # The primary lacks the replication role: the operator says so, and what to run.
+    kubectl.wait("databaseprofile", "app", "Stalled")
+    stalled = condition(kubectl.get("databaseprofile", "app"), "Stalled")
+    assert stalled is not None and stalled["reason"] == "ReplicationNotReady"
+    assert f'CREATE ROLE "{role}" WITH REPLICATION LOGIN' in stalled["message"]
+    prefix = f"pgscale_{kubectl.namespace.replace('-', '_')}_app_"
+    try:
+        postgres.execute(f"CREATE ROLE {role} WITH REPLICATION LOGIN PASSWORD 'secret'")
+        nudge(kubectl)
+        kubectl.wait("databaseprofile", "app", "Ready")
+        obj = kubectl.get("databaseprofile", "app")
+        assert "pgscale.io/cleanup" in obj["metadata"]["finalizers"]  # slots live outside the cluster
+        assert [r["slot"] for r in obj["status"]["replicas"]] == [f"{prefix}0", f"{prefix}1"]
+        sts = kubectl.get("statefulset", "app-replica")
+        assert sts["spec"]["replicas"] == 2
+        assert kubectl.get("service", "app-ro")["spec"]["selector"]["pgscale.io/role"] == "replica"
+        # The test primary listens on loopback, which pods cannot reach: no -rw Service, and an Event says why.
+        events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+        assert any(e["reason"] == "ReadWriteServiceSkipped" for e in events)
+        with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+            slots = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s",
+                                                (prefix + "%",)).fetchall()}  # fmt: skip
+            assert slots == {f"{prefix}0", f"{prefix}1"}
+            # Scaling down drops the freed slot.
+            kubectl.run("patch", "dbp", "app", "--type=merge", "-p", '{"spec": {"readReplicas": {"instances": 1}}}')
+            deadline = time.monotonic() + 30
+            while (
+                scalar(conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE %s", (prefix + "%",)) != 1
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            # Deleting the profile drops the remaining slot before the resource goes.
+            kubectl.run("delete", "dbp", "app", "--timeout=30s")
+            assert (
+                scalar(conn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE %s", (prefix + "%",)) == 0
+            )
+    finally:
+        postgres.execute(f"DROP ROLE IF EXISTS {role}")

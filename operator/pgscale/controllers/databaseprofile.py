@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+
 from .. import conditions as cond
-from .. import pg, pooling, settings, tuning
+from .. import pg, pooling, replicas, settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
 from ..conditions import now_rfc3339
 from ..durations import seconds
-from ..errors import SpecError
+from ..errors import DependencyError, SpecError
 from ..kube import ObjectRef
 from ..monitoring import COLLECTOR, evaluate, growth_per_month
-from ..pg import stats
+from ..pg import replication, stats
 from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
-from .base import Context, Result, StatusWriter, secret_connection
+from .base import Context, Result, StatusWriter, ensure_finalizer, secret_connection
 
 RESTART_REQUIRED = "RestartRequired"
 OVERRIDDEN = "ParametersOverridden"
@@ -71,7 +73,7 @@ class DatabaseProfileController:
                     sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
                     stats.record_sample(conn, spec.state_schema, key, sizes)
                 points = stats.samples(conn, spec.state_schema, key)
-        events: list[tuple[str, str, bool]] = []
+            events: list[tuple[str, str, bool]] = self._replicas(ctx, obj, ref, spec, info, conn, status)
         if report.applied:
             events.append(("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}", False))
         if report.corrected:
@@ -184,6 +186,82 @@ class DatabaseProfileController:
             return [("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
                      f"{spec.pooling.default_pool_size} server connections per pool", False)]  # fmt: skip
         return []
+
+    def _replicas(
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo,
+        conn: psycopg.Connection, status: StatusWriter,
+    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        """Slots on the primary, the StatefulSet of standbys, and the -ro/-rw Services."""
+        events: list[tuple[str, str, bool]] = []
+        wanted_spec = spec.read_replicas
+        existing = replication.slots(conn, replicas.slot_prefix(ref))
+        wanted = replicas.slot_names(ref, wanted_spec.instances) if wanted_spec else []
+        for name, slot in sorted(existing.items()):
+            if name not in wanted:  # scaled down or switched off: the slot would keep WAL forever
+                replication.drop_slot(conn, slot)
+                events.append(("SlotDropped", f"dropped replication slot {name}", False))
+        if not wanted:
+            if status.status.get("replicas") is not None:
+                sts = replicas.statefulset_name(ref)
+                for api, kind, name in (("apps/v1", "StatefulSet", sts), ("v1", "ConfigMap", f"{sts}-bootstrap"),
+                                        ("v1", "Service", f"{ref.name}-ro"), ("v1", "Service", f"{ref.name}-rw"),
+                                        ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw")):  # fmt: skip
+                    ctx.kube.delete(api, kind, ref.namespace, name)
+                status.update(replicas=None)
+            ensure_finalizer(ctx, self.kind, obj, needed=False)
+            return events
+        assert wanted_spec is not None
+        ensure_finalizer(ctx, self.kind, obj, needed=True)  # slots live outside the cluster
+        secret_name = wanted_spec.replication_secret_ref.name
+        secret = ctx.kube.read_secret(ref.namespace, secret_name)
+        if secret is None or not secret.get("username") or not secret.get("password"):
+            raise DependencyError(
+                f"Secret {secret_name!r} with keys username and password not found: create it for the replication "
+                "role (spec.readReplicas.replicationSecretRef)",
+                reason="SecretNotFound",
+            )
+        problems = replication.readiness_problems(conn, secret["username"], len(wanted))
+        if problems:
+            raise DependencyError("the primary cannot serve replicas yet: " + "; ".join(problems),
+                                  reason="ReplicationNotReady")  # fmt: skip
+        for name in wanted:
+            if name not in existing:
+                replication.create_slot(conn, name)
+                events.append(("SlotCreated", f"created replication slot {name}", False))
+        host = wanted_spec.primary_host or info.host
+        standbys = replicas.statefulset(
+            ref, wanted_spec, image=ctx.settings.postgres_image, primary_host=host, primary_port=info.port
+        )
+        services = [replicas.read_only_service(ref), *replicas.read_write_service(ref, info.host, info.port)]
+        if replicas.unreachable_from_pods(info.host) and status.status.get("replicas") is None:
+            events.append(("ReadWriteServiceSkipped", f"no {ref.name}-rw Service: the primary's host {info.host} is "
+                           "a loopback address pods cannot reach; set spec.connection.host", True))  # fmt: skip
+        for item in (replicas.config_map(ref), standbys, *services):
+            ctx.kube.apply(item)
+        now = replication.slots(conn, replicas.slot_prefix(ref))
+        streaming = replication.standbys(conn)
+        sts = replicas.statefulset_name(ref)
+        report = []
+        for i, name in enumerate(wanted):
+            pod = f"{sts}-{i}"
+            entry: dict[str, Any] = {"name": pod, "slot": name, "active": bool(now.get(name) and now[name].active)}
+            if pod in streaming:
+                if streaming[pod].lag_bytes is not None:
+                    entry["lagBytes"] = streaming[pod].lag_bytes
+                if streaming[pod].lag_seconds is not None:
+                    entry["lagSeconds"] = streaming[pod].lag_seconds
+            report.append(entry)
+        status.update(replicas=report)
+        return events
+
+    def finalize(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec) -> None:
+        """Drop this profile's replication slots: left behind, they would keep WAL on the primary forever."""
+        ref = ObjectRef.of(obj)
+        info = secret_connection(ctx, ref.namespace, spec)
+        with pg.connect(info) as conn:
+            for slot in replication.slots(conn, replicas.slot_prefix(ref)).values():
+                replication.drop_slot(conn, slot)
+                ctx.kube.event(ref, "SlotDropped", f"dropped replication slot {slot.name}")
 
     def forget(self, namespace: str, name: str) -> None:
         """The profile is gone: stop exporting its metrics."""
