@@ -11,8 +11,7 @@ version="$(awk -v m="$module" '$1 == "require" && $2 == m {print $3}' "$here/go.
 command -v go >/dev/null || { echo "crds.sh: Go is required to download $module" >&2; exit 1; }
 
 if ! json="$(cd "$here" && GOWORK=off GOFLAGS=-mod=mod GOTOOLCHAIN=local go mod download -json "$module@$version")"; then
-  echo "crds.sh: go mod download $module@$version failed:" >&2
-  echo "$json" >&2
+  echo "crds.sh: go mod download $module@$version failed${json:+: $json}" >&2
   exit 1
 fi
 dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"

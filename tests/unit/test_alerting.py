@@ -76,8 +76,7 @@ def test_default_thresholds() -> None:
         'max by (profile) (pgscale_pg_statement_mean_seconds{profile="shop/app"}) > 1'
     )
     assert r["PgscaleDatabaseGrowth"]["expr"] == (
-        'max by (profile) (deriv(pgscale_pg_database_size_bytes{profile="shop/app"}[1d])) * 2630016'
-        " > 10737418240"
+        'max by (profile) (deriv(pgscale_pg_database_size_bytes{profile="shop/app"}[1d])) * 2630016 > 10737418240'
     )
     assert r["PgscaleReplicationLag"]["expr"] == (
         'max by (profile, replica) (pgscale_pg_replication_lag_seconds{profile="shop/app"}) > 60'
@@ -158,8 +157,11 @@ def test_pod_monitor() -> None:
         "metadata": {
             "name": "pgscale",
             "namespace": "pgscale-system",
-            "labels": {"release": "prom", "app.kubernetes.io/managed-by": "pgscale",
-                       "app.kubernetes.io/component": "metrics"},  # fmt: skip
+            "labels": {
+                "release": "prom",
+                "app.kubernetes.io/managed-by": "pgscale",
+                "app.kubernetes.io/component": "metrics",
+            },
         },
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": "pgscale"}},

@@ -433,6 +433,9 @@ class DatabaseProfileStatus(BaseStatus):
     """Observed state of a DatabaseProfile."""
 
     pooler: PoolerStatus | None = Field(default=None, description="The pooler, when pooling is on.")
+    prometheus_rule: str | None = Field(
+        default=None, max_length=253, description="The PrometheusRule holding the alert thresholds, when enabled."
+    )
 
     server_version: str | None = Field(default=None, max_length=64, description="Postgres server version.")
     parameters: list[ParameterStatus] = Field(

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from kubernetes.client.exceptions import ApiException
 
+from .. import alerting, pg, pooling, replicas, settings, tuning
 from .. import conditions as cond
-from .. import pg, pooling, replicas, settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
 from ..conditions import now_rfc3339
@@ -103,6 +104,7 @@ class DatabaseProfileController:
         if snap is not None:
             COLLECTOR.update(key, snap, len(report.pending_restart))
             events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts)
+        events += self._prometheus_rule(ctx, ref, monitoring, status)
         requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
         message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
         if report.pending_restart:
@@ -253,6 +255,33 @@ class DatabaseProfileController:
             report.append(entry)
         status.update(replicas=report)
         return events
+
+    def _prometheus_rule(
+        self, ctx: Context, ref: ObjectRef, monitoring: MonitoringSpec, status: StatusWriter
+    ) -> list[tuple[str, str, bool]]:
+        """The thresholds as a PrometheusRule (prometheus-operator), when asked for."""
+        alerts = monitoring.alerts or AlertsSpec()
+        wanted = alerts.prometheus_rule is not None and alerts.prometheus_rule.enabled and monitoring.enabled
+        name = alerting.rule_name(ref)
+        if not wanted:
+            if status.status.get("prometheusRule"):
+                ctx.kube.delete("monitoring.coreos.com/v1", "PrometheusRule", ref.namespace, name)
+                status.update(prometheusRule=None)
+            return []
+        assert alerts.prometheus_rule is not None
+        try:
+            ctx.kube.apply(alerting.prometheus_rule(ref, alerts, alerts.prometheus_rule.labels))
+        except ApiException as exc:
+            if exc.status == 404:
+                raise DependencyError(
+                    "the PrometheusRule kind (monitoring.coreos.com/v1) is not installed in this cluster: install "
+                    "prometheus-operator's CRDs, or set spec.monitoring.alerts.prometheusRule.enabled: false",
+                    reason="PrometheusRuleCRDMissing",
+                ) from exc
+            raise
+        first = status.status.get("prometheusRule") != name
+        status.update(prometheusRule=name)
+        return [("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}", False)] if first else []
 
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec) -> None:
         """Drop this profile's replication slots: left behind, they would keep WAL on the primary forever."""
