@@ -169,12 +169,13 @@ def test_pooler_objects_and_their_config_serve_clients(operator: Any, kubectl: K
 
 def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
                                                   app_secret: str) -> None:  # fmt: skip
+    import base64
     import uuid
 
     role = f"repl_{uuid.uuid4().hex[:8]}"
     kubectl.secret("replication", {"username": role, "password": "secret"})
     profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}},
+               "spec": {"connection": {"secretRef": {"name": "app-db"}}, "pooling": {"defaultPoolSize": 5},
                         "readReplicas": {"instances": 2, "replicationSecretRef": {"name": "replication"},
                                          "storage": {"size": "10Gi"}}}}  # fmt: skip
     kubectl.apply(profile)
@@ -194,6 +195,10 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
         sts = kubectl.get("statefulset", "app-replica")
         assert sts["spec"]["replicas"] == 2
         assert kubectl.get("service", "app-ro")["spec"]["selector"]["pgscale.io/role"] == "replica"
+        # A second pooler in front of the replicas.
+        assert obj["status"]["pooler"]["readOnlyService"] == "app-pooler-ro"
+        ini = kubectl.get("secret", "app-pooler-ro-config")["data"]["pgbouncer.ini"]
+        assert f"host='app-ro.{kubectl.namespace}.svc' port=5432" in base64.b64decode(ini).decode()
         # The test primary listens on loopback, which pods cannot reach: no -rw Service, and an Event says why.
         events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
         assert any(e["reason"] == "ReadWriteServiceSkipped" for e in events)

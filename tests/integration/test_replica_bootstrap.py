@@ -14,12 +14,14 @@ from typing import Any
 import localenv
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from conftest import pod_env, scalar
 from pgscale import replicas
 from pgscale.api.databaseprofile import ReadReplicasSpec
 from pgscale.kube import ObjectRef
-from pgscale.pg import replication
+from pgscale.monitoring import ProfileCollector
+from pgscale.pg import replication, stats
 
 pytestmark = pytest.mark.postgres
 
@@ -84,8 +86,16 @@ def test_bootstrap_makes_a_streaming_standby(postgres: Any, database: str, tmp_p
         assert "p:w" not in auto and f"primary_slot_name = '{slot}'" in auto  # the password is in a passfile
         with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
             streaming = replication.standbys(conn)
-            assert f"{replicas.statefulset_name(owner)}-0" in streaming
+            pod = f"{replicas.statefulset_name(owner)}-0"
+            assert pod in streaming
             assert replication.slots(conn, replicas.slot_prefix(owner))[slot].active
+            # The lag reaches the metrics endpoint's families.
+            collector = ProfileCollector()
+            collector.update("ns/app", stats.snapshot(conn), 0)
+            registry = CollectorRegistry()
+            registry.register(collector)
+            text = generate_latest(registry).decode()
+            assert f'pgscale_pg_replication_lag_bytes{{profile="ns/app",replica="{pod}"}}' in text
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)

@@ -424,7 +424,10 @@ class ActiveAlert(Model):
 class PoolerStatus(Model):
     """The PgBouncer pooler in front of the primary."""
 
-    service: str = Field(max_length=253, description="Service clients connect to (port 5432).")
+    service: str = Field(max_length=253, description="Service clients connect to for the primary (port 5432).")
+    read_only_service: str | None = Field(
+        default=None, max_length=253, description="Service pooling connections to the read replicas."
+    )
     instances: int = Field(description="PgBouncer pods asked for.")
     config_hash: str = Field(max_length=64, description="Hash of the generated configuration.")
 

@@ -160,34 +160,53 @@ class DatabaseProfileController:
     def _pooler(
         self, ctx: Context, ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo, status: StatusWriter
     ) -> list[tuple[str, str, bool]]:
-        """PgBouncer in front of the primary: a Secret (config and userlist), a Deployment, a Service."""
-        name = pooling.pooler_name(ref.name, "rw")
-        if spec.pooling is None:
-            if status.status.get("pooler"):
-                for kind, obj_name in (("Service", name), ("Deployment", name), ("Secret", f"{name}-config")):
-                    ctx.kube.delete("v1" if kind != "Deployment" else "apps/v1", kind, ref.namespace, obj_name)
-                status.update(pooler=None)
-                return [("PoolerRemoved", f"removed PgBouncer {name}", False)]
-            return []
-        try:
-            ini = pooling.pgbouncer_ini(
-                spec.pooling, backend_host=info.host, backend_port=info.port, dbname=info.dbname,
-                auth_file=f"{pooling.CONFIG_DIR}/userlist.txt", admin_users=[info.user],
-            )  # fmt: skip
-            users = pooling.userlist(info.user, info.password or "")
-        except ValueError as exc:
-            raise SpecError("pooling", f"cannot configure PgBouncer: {exc}", reason="InvalidPooling") from exc
-        digest = pooling.config_hash(ini, users)
-        ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users))
-        ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
-                                          f"{name}-config", digest, "rw"))  # fmt: skip
-        ctx.kube.apply(pooling.service(ref, name, "rw"))
-        previous = (status.status.get("pooler") or {}).get("configHash")
-        status.update(pooler={"service": name, "instances": spec.pooling.instances, "configHash": digest})
-        if previous != digest:
-            return [("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
-                     f"{spec.pooling.default_pool_size} server connections per pool", False)]  # fmt: skip
-        return []
+        """PgBouncer in front of the primary (`-pooler-rw`) and, when replicas exist, of them (`-pooler-ro`):
+        each a Secret (config and userlist), a Deployment and a Service."""
+        events: list[tuple[str, str, bool]] = []
+        previous = status.status.get("pooler") or {}
+        replicas_on = spec.read_replicas is not None and spec.read_replicas.instances > 0
+        backends: dict[pooling.Role, tuple[str, int]] = {
+            "rw": (info.host, info.port),
+            "ro": (f"{ref.name}-ro.{ref.namespace}.svc", replicas.PORT),
+        }
+        report: dict[str, Any] = {}
+        for role, (host, port) in backends.items():
+            name = pooling.pooler_name(ref.name, role)
+            wanted = spec.pooling is not None and (role == "rw" or (spec.pooling.read_replicas and replicas_on))
+            key = "service" if role == "rw" else "readOnlyService"
+            if not wanted:
+                if previous.get(key):
+                    for api, kind, obj_name in (("v1", "Service", name), ("apps/v1", "Deployment", name),
+                                                ("v1", "Secret", f"{name}-config")):  # fmt: skip
+                        ctx.kube.delete(api, kind, ref.namespace, obj_name)
+                    events.append(("PoolerRemoved", f"removed PgBouncer {name}", False))
+                continue
+            assert spec.pooling is not None
+            try:
+                ini = pooling.pgbouncer_ini(
+                    spec.pooling, backend_host=host, backend_port=port, dbname=info.dbname,
+                    auth_file=f"{pooling.CONFIG_DIR}/userlist.txt", admin_users=[info.user],
+                )  # fmt: skip
+                users = pooling.userlist(info.user, info.password or "")
+            except ValueError as exc:
+                raise SpecError("pooling", f"cannot configure PgBouncer: {exc}", reason="InvalidPooling") from exc
+            digest = pooling.config_hash(ini, users)
+            ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users, role))
+            ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
+                                              f"{name}-config", digest, role))  # fmt: skip
+            ctx.kube.apply(pooling.service(ref, name, role))
+            report[key] = name
+            report.setdefault("configHash", "")
+            report["configHash"] = pooling.config_hash(report["configHash"], digest)
+            if previous.get(key) != name:
+                events.append(("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
+                               f"{spec.pooling.default_pool_size} server connections per pool", False))  # fmt: skip
+        if report:
+            assert spec.pooling is not None
+            status.update(pooler={**report, "instances": spec.pooling.instances})
+        else:
+            status.update(pooler=None)
+        return events
 
     def _replicas(
         self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo,
