@@ -90,6 +90,19 @@ def is_partitioned(conn: psycopg.Connection, schema: str, table: str) -> bool:
     return bool(row and row[0])
 
 
+def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, definition: str) -> None:
+    """pgscale's own bookkeeping table in the profile's state schema (both created when missing).
+
+    `definition` is the column list, fixed text from this package, never from a spec.
+    """
+    s = sql.Identifier(state_schema)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))
+        )
+
+
 def qualified(schema: str, table: str) -> sql.Composed:
     """A schema-qualified, quoted table name for composing statements."""
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import qualified, table_columns
+from . import ensure_state_table, qualified, table_columns
 
 LEDGER = "file_ledger"
 
@@ -64,16 +64,12 @@ class Entry:
 
 
 def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
-    s = sql.Identifier(state_schema)
-    with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.{} (migration text NOT NULL, key text NOT NULL, object_key text, "
-                "size bigint, sha256 text, status text NOT NULL, reason text, row_xmin text, "
-                "updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (migration, key))"
-            ).format(s, sql.Identifier(LEDGER))
-        )
+    ensure_state_table(
+        conn, state_schema, LEDGER,
+        "migration text NOT NULL, key text NOT NULL, object_key text, size bigint, sha256 text, "
+        "status text NOT NULL, reason text, row_xmin text, "
+        "updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (migration, key)",
+    )  # fmt: skip
 
 
 def _ledger(state_schema: str) -> sql.Composed:
@@ -326,30 +322,27 @@ def drop_data_column(conn: psycopg.Connection, src: Source, lock_timeout_ms: int
         conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(src.relation, sql.Identifier(src.data)))
 
 
-def count_ready_to_null(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> int:
-    """Rows pointing at a verified object that still hold their data, unchanged since."""
+def _count_holding(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, status: str) -> int:
+    """Rows that still hold data, with a ledger entry of `status` from their current version."""
     row = conn.execute(
         sql.SQL(
             "SELECT count(*) FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
-            "WHERE t.{data} IS NOT NULL AND l.status = 'cutover' AND l.row_xmin = t.xmin::text"
+            "WHERE t.{data} IS NOT NULL AND l.status = %s AND l.row_xmin = t.xmin::text"
         ).format(rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key),
                  data=sql.Identifier(src.data)),
-        (migration,),
+        (migration, status),
     ).fetchone()  # fmt: skip
     return int(row[0]) if row else 0
+
+
+def count_ready_to_null(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> int:
+    """Rows pointing at a verified object that still hold their data, unchanged since."""
+    return _count_holding(conn, src, migration, state_schema, "cutover")
 
 
 def count_failed_holding(conn: psycopg.Connection, src: Source, migration: str, state_schema: str) -> int:
     """Rows that still hold data the migration could not move (malformed): they keep the column."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*) FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
-            "WHERE t.{data} IS NOT NULL AND l.status = 'failed' AND l.row_xmin = t.xmin::text"
-        ).format(rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key),
-                 data=sql.Identifier(src.data)),
-        (migration,),
-    ).fetchone()  # fmt: skip
-    return int(row[0]) if row else 0
+    return _count_holding(conn, src, migration, state_schema, "failed")
 
 
 def has_nulled(conn: psycopg.Connection, migration: str, state_schema: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import Column, qualified, table_columns
+from . import Column, ensure_state_table, qualified, table_columns
 
 RUNS_TABLE = "retention_runs"
 
@@ -294,32 +294,19 @@ def archive_columns(conn: psycopg.Connection, target: Target) -> dict[str, Colum
 
 def ensure_run_log(conn: psycopg.Connection, state_schema: str) -> None:
     """pgscale's run log: one row per run of a policy (CronJob or by hand)."""
-    s = sql.Identifier(state_schema)
-    with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.{} ("
-                "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-                "policy text NOT NULL, "
-                "started_at timestamptz NOT NULL DEFAULT now(), "
-                "updated_at timestamptz NOT NULL DEFAULT now(), "
-                "ended_at timestamptz, "
-                "outcome text NOT NULL DEFAULT 'Running', "
-                "dry_run boolean NOT NULL DEFAULT false, "
-                "rows_total bigint, "
-                "rows_archived bigint NOT NULL DEFAULT 0, "
-                "rows_deleted bigint NOT NULL DEFAULT 0, "
-                "rows_matched bigint, "
-                "batches integer NOT NULL DEFAULT 0, "
-                "message text)"
-            ).format(s, sql.Identifier(RUNS_TABLE))
+    ensure_state_table(
+        conn, state_schema, RUNS_TABLE,
+        "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, policy text NOT NULL, "
+        "started_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
+        "ended_at timestamptz, outcome text NOT NULL DEFAULT 'Running', dry_run boolean NOT NULL DEFAULT false, "
+        "rows_total bigint, rows_archived bigint NOT NULL DEFAULT 0, rows_deleted bigint NOT NULL DEFAULT 0, "
+        "rows_matched bigint, batches integer NOT NULL DEFAULT 0, message text",
+    )  # fmt: skip
+    conn.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
+            sql.Identifier(f"{RUNS_TABLE}_policy_idx"), sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE)
         )
-        conn.execute(
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
-                sql.Identifier(f"{RUNS_TABLE}_policy_idx"), s, sql.Identifier(RUNS_TABLE)
-            )
-        )
+    )
 
 
 def _runs(state_schema: str) -> sql.Composed:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import table_columns
+from . import ensure_state_table, table_columns
 
 MANAGED = "managed_settings"
 _MEMORY = {"B": 1 / 1024, "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}  # in kB
@@ -177,15 +177,11 @@ def effective(conn: psycopg.Connection, names: list[str]) -> dict[str, Effective
 
 
 def ensure_managed(conn: psycopg.Connection, state_schema: str) -> None:
-    s = sql.Identifier(state_schema)
-    with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.{} (profile text NOT NULL, name text NOT NULL, value text NOT NULL, "
-                "updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (profile, name))"
-            ).format(s, sql.Identifier(MANAGED))
-        )
+    ensure_state_table(
+        conn, state_schema, MANAGED,
+        "profile text NOT NULL, name text NOT NULL, value text NOT NULL, "
+        "updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (profile, name)",
+    )  # fmt: skip
 
 
 def managed(conn: psycopg.Connection, state_schema: str, profile: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from . import ensure_state_table
+
 TOP_TABLES = 20
 
 
@@ -108,15 +110,11 @@ SAMPLES = "size_samples"
 
 
 def ensure_samples(conn: psycopg.Connection, state_schema: str) -> None:
-    s = sql.Identifier(state_schema)
-    with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.{} (profile text NOT NULL, sampled_at timestamptz NOT NULL, "
-                "object text NOT NULL, bytes bigint NOT NULL, PRIMARY KEY (profile, object, sampled_at))"
-            ).format(s, sql.Identifier(SAMPLES))
-        )
+    ensure_state_table(
+        conn, state_schema, SAMPLES,
+        "profile text NOT NULL, sampled_at timestamptz NOT NULL, object text NOT NULL, bytes bigint NOT NULL, "
+        "PRIMARY KEY (profile, object, sampled_at)",
+    )  # fmt: skip
 
 
 def record_sample(conn: psycopg.Connection, state_schema: str, profile: str, sizes: dict[str, int]) -> None:
