@@ -1,0 +1,107 @@
+"""PartitionPolicy maintenance of a partitioned table: partitions kept ahead, trimmed behind.
+
+Runs against one connection: a DEFAULT partition when asked for; the current and
+`premake` future partitions (rows stranded in DEFAULT get a partition of their own,
+moved there before it is attached); retention of partitions past the keep window,
+never the current or future ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from . import pg
+from .api.partitionpolicy import PartitionPolicySpec
+from .checks import base_type
+from .durations import seconds
+from .errors import SpecError
+from .partitioning import Range, keep_from, range_for, wanted
+from .pg import partitions as sqlp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    created: list[str] = field(default_factory=list)
+    detached: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    moved_from_default: int = 0
+    skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
+    report = Report()
+    schema, table = spec.table.schema_, spec.table.name
+    columns = pg.table_columns(conn, schema, table) or {}
+    column_type = base_type(columns[spec.column].type)
+    lock_ms = int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+    existing = sqlp.parts(conn, schema, table)
+    default = next((p for p in existing if p.is_default), None)
+    if spec.default_partition == "create" and default is None:
+        try:
+            report.created.append(sqlp.create_default(conn, schema, table, lock_ms))
+        except psycopg.errors.LockNotAvailable:
+            report.skipped.append(f"{table}_default")
+        existing = sqlp.parts(conn, schema, table)
+        default = next((p for p in existing if p.is_default), None)
+    try:
+        targets: dict[str, Range] = {
+            r.name: r for r in wanted(spec.interval, spec.time_zone, now, spec.premake, spec.naming_pattern, table)
+        }
+        if default is not None:
+            for day in sqlp.default_days(conn, default, spec.column, column_type, spec.time_zone):
+                r = range_for(spec.interval, day, spec.naming_pattern, table)
+                targets.setdefault(r.name, r)
+    except ValueError as exc:
+        raise SpecError("namingPattern", str(exc)) from exc
+    names = {p.name for p in existing}
+    for name, r in sorted(targets.items(), key=lambda kv: kv[1].start):
+        if name in names:
+            continue
+        lower = sqlp.bound_literal(column_type, r.start, spec.time_zone)
+        upper = sqlp.bound_literal(column_type, r.end, spec.time_zone)
+        try:
+            report.moved_from_default += sqlp.create(
+                conn, schema, table, spec.column, name, lower, upper, list(columns), default, lock_ms
+            )
+            report.created.append(name)
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.InvalidObjectDefinition) as exc:
+            # A lock the application holds, or a range a hand-made partition already covers.
+            log.info("partition %s not created now: %s", name, str(exc).strip())
+            report.skipped.append(name)
+    if spec.retention:
+        cutoff = keep_from(spec.retention.keep, spec.time_zone, now, spec.interval)
+        cutoff_literal = sqlp.bound_literal(column_type, cutoff, spec.time_zone)
+        current = sqlp.parts(conn, schema, table)
+        concurrent = (
+            spec.retention.concurrently
+            and pg.server_version(conn)[1] >= 140000
+            and not any(p.is_default for p in current)
+        )
+        for part in current:
+            bounds = sqlp.bounds_of(conn, part, column_type)
+            if bounds is None or not sqlp.ends_by(conn, bounds[1], cutoff_literal, column_type):
+                continue
+            try:
+                sqlp.retire(conn, schema, table, part, action=spec.retention.action,
+                            archive_schema=spec.retention.archive_schema, concurrently=concurrent,
+                            lock_timeout_ms=lock_ms)  # fmt: skip
+            except psycopg.errors.LockNotAvailable:
+                report.skipped.append(part.name)
+                continue
+            (report.dropped if spec.retention.action == "drop" else report.detached).append(part.name)
+    for part in sqlp.parts(conn, schema, table)[:100]:
+        entry: dict[str, Any] = {"name": part.name, "isDefault": part.is_default,
+                                 "rowsEstimate": part.rows_estimate, "bytes": part.bytes}  # fmt: skip
+        bounds = sqlp.bounds_of(conn, part, column_type)
+        if bounds:
+            entry["from"], entry["to"] = bounds
+        report.partitions.append(entry)
+    return report

@@ -1,0 +1,168 @@
+"""SQL of PartitionPolicy maintenance: partitions with their bounds, creating and retiring them.
+
+A partition is never created with CREATE TABLE ... PARTITION OF while a DEFAULT
+partition holds rows of its range (pg_partman's "updated partition constraint for
+default partition would be violated"). Instead, in one transaction: a standalone
+table with a CHECK matching the bounds (so ATTACH skips scanning it), the rows of
+that range moved out of the DEFAULT partition (locked against new inserts for the
+moment), then ATTACH PARTITION, which takes only SHARE UPDATE EXCLUSIVE on the parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+
+from . import qualified
+
+
+@dataclass(frozen=True)
+class Part:
+    """A partition as the catalog describes it."""
+
+    schema: str
+    name: str
+    bound: str  # pg_get_expr(relpartbound)
+    is_default: bool
+    rows_estimate: int
+    bytes: int
+
+
+def parts(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
+    rows = conn.execute(
+        "SELECT cn.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint, "
+        "pg_total_relation_size(c.oid) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_namespace cn ON cn.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
+        "JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE pn.nspname = %s AND p.relname = %s "
+        "AND NOT i.inhdetachpending ORDER BY c.relname",
+        (schema, table),
+    ).fetchall()
+    return [Part(r[0], r[1], r[2] or "", (r[2] or "") == "DEFAULT", max(int(r[3] or 0), 0), int(r[4])) for r in rows]
+
+
+def bound_literal(column_type: str, day: date, time_zone: str) -> sql.Composable:
+    """A range bound for the column's type: local midnight in the policy's time zone."""
+    if column_type == "date":
+        return sql.Literal(day.isoformat())
+    midnight = datetime.combine(day, time(0), tzinfo=ZoneInfo(time_zone))
+    if column_type.startswith("timestamp with"):
+        return sql.Literal(midnight.isoformat())
+    return sql.Literal(midnight.replace(tzinfo=None).isoformat(sep=" "))
+
+
+def bounds_of(conn: psycopg.Connection, part: Part, column_type: str) -> tuple[str, str] | None:
+    """A range partition's (from, to) as text in the column's type (None for DEFAULT/MINVALUE/MAXVALUE)."""
+    if part.is_default or "MINVALUE" in part.bound or "MAXVALUE" in part.bound or " TO (" not in part.bound:
+        return None
+    lower = part.bound.split("FROM (", 1)[1].split(") TO (", 1)[0].strip("'")
+    upper = part.bound.split(" TO (", 1)[1].rstrip(")").strip("'")
+    return lower, upper
+
+
+def create(
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    column: str,
+    name: str,
+    lower: sql.Composable,
+    upper: sql.Composable,
+    columns: list[str],
+    default: Part | None,
+    lock_timeout_ms: int,
+) -> int:
+    """Create and attach one partition; returns the rows moved out of the DEFAULT partition."""
+    parent, child = qualified(schema, table), qualified(schema, name)
+    col = sql.Identifier(column)
+    check = sql.Identifier(f"{name}_pgscale_bounds"[:63])
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)").format(
+                child, parent
+            )
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})").format(
+                child, check, col, col, lower, col, upper
+            )
+        )
+        moved = 0
+        if default is not None:
+            dflt = qualified(default.schema, default.name)
+            # No new row of this range can land in DEFAULT until the partition exists.
+            conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(dflt))
+            cur = conn.execute(
+                sql.SQL(
+                    "WITH moved AS (DELETE FROM {d} WHERE {c} >= {lo} AND {c} < {hi} RETURNING {cols}) "
+                    "INSERT INTO {child} ({cols}) SELECT {cols} FROM moved"
+                ).format(d=dflt, c=col, lo=lower, hi=upper, cols=cols, child=child)
+            )
+            moved = cur.rowcount
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                parent, child, lower, upper
+            )
+        )
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(child, check))
+    return moved
+
+
+def create_default(conn: psycopg.Connection, schema: str, table: str, lock_timeout_ms: int) -> str:
+    name = f"{table}_default"[:63]
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, name), qualified(schema, table))
+        )
+    return name
+
+
+def default_days(
+    conn: psycopg.Connection, default: Part, column: str, column_type: str, time_zone: str, limit: int = 100
+) -> list[date]:
+    """Local days of rows sitting in the DEFAULT partition (they belong in partitions of their own)."""
+    col = sql.Identifier(column)
+    day = (
+        sql.SQL("({} AT TIME ZONE {})::date").format(col, sql.Literal(time_zone))
+        if column_type.startswith("timestamp with")
+        else sql.SQL("{}::date").format(col)
+    )
+    rows = conn.execute(
+        sql.SQL("SELECT DISTINCT {} FROM {} WHERE {} IS NOT NULL ORDER BY 1 LIMIT %s").format(
+            day, qualified(default.schema, default.name), col
+        ),
+        (limit,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def ends_by(conn: psycopg.Connection, upper: str, cutoff: sql.Composable, column_type: str) -> bool:
+    """Whether a partition's upper bound is at or before the cutoff (compared in the column's type)."""
+    row = conn.execute(
+        sql.SQL("SELECT CAST(%s AS {t}) <= CAST({c} AS {t})").format(t=sql.SQL(column_type), c=cutoff), (upper,)
+    ).fetchone()  # column_type is format_type() output from the catalog, never spec text
+    return bool(row and row[0])
+
+
+def retire(
+    conn: psycopg.Connection, schema: str, table: str, part: Part, *, action: str, archive_schema: str | None,
+    concurrently: bool, lock_timeout_ms: int,
+) -> None:  # fmt: skip
+    """Detach a partition (then drop it, or move it to the archive schema, or leave it as a table)."""
+    parent, child = qualified(schema, table), qualified(part.schema, part.name)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
+    if concurrently:
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child))
+    else:
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
+    if action == "drop":
+        conn.execute(sql.SQL("DROP TABLE {}").format(child))
+    elif archive_schema:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(archive_schema)))
+        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
