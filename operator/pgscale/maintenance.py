@@ -41,6 +41,15 @@ def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime)
     schema, table = spec.table.schema_, spec.table.name
     columns = pg.table_columns(conn, schema, table) or {}
     column_type = base_type(columns[spec.column].type)
+    key = sqlp.range_key(conn, schema, table)
+    if key != [spec.column]:
+        how = f"by {', '.join(key)}" if key else "by LIST or HASH, or by an expression"
+        raise SpecError(
+            "column",
+            f"{spec.table.qualified()} is already partitioned {how}, not by RANGE on {spec.column!r}; "
+            "pgscale maintains range partitions on the policy's column only",
+            reason="PartitionKeyMismatch",
+        )
     lock_ms = int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
     existing = sqlp.parts(conn, schema, table)
     default = next((p for p in existing if p.is_default), None)

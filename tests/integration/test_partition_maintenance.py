@@ -76,3 +76,13 @@ def test_retention_takes_exactly_the_partitions_past_the_window(conn: psycopg.Co
     assert "Event_2025_05" in detach.detached
     assert scalar(conn, "SELECT to_regclass('archive.\"Event_2025_05\"') IS NOT NULL") is True
     assert all(p >= "Event_2026_10" for p in partitions(conn)), partitions(conn)
+
+
+def test_other_partition_key_is_refused_with_the_reason(postgres: Any, database: str) -> None:
+    from pgscale.errors import SpecError
+
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        c.execute("""CREATE TABLE "Event" (id bigint, "createdAt" timestamptz NOT NULL, kind text NOT NULL)
+                     PARTITION BY LIST (kind)""")  # fmt: skip
+        with pytest.raises(SpecError, match="partitioned by LIST or HASH"):
+            maintain(c, spec(), NOW)

@@ -26,6 +26,7 @@ from ..api.retentionpolicy import RetentionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
 from ..errors import ReconcileError
+from ..pg import partitions as sqlp
 from ..pg import retention as sqlr
 from ..progress import Progress
 from ..retention import check_archive, plan
@@ -145,7 +146,7 @@ def _retire_partitions(
         and not job.options.get("partitionsOwnedElsewhere")
     ):
         return
-    if sqlr.range_key(conn, target.schema, target.table) != [target.age_column]:
+    if sqlp.range_key(conn, target.schema, target.table) != [target.age_column]:
         return
     parts = sqlr.partitions(conn, target.schema, target.table)
     column_type = pg.table_columns(conn, target.schema, target.table)[target.age_column].type  # type: ignore[index]

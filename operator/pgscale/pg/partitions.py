@@ -44,6 +44,20 @@ def parts(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
     return [Part(r[0], r[1], r[2] or "", (r[2] or "") == "DEFAULT", max(int(r[3] or 0), 0), int(r[4])) for r in rows]
 
 
+def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | None:
+    """The partition key columns of a RANGE-partitioned table, or None."""
+    row = conn.execute(
+        "SELECT p.partstrat, (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(p.partattrs) "
+        "WITH ORDINALITY k(attnum, ord) JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.attnum) "
+        "FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, table),
+    ).fetchone()
+    if row is None or row[0] != "r" or row[1] is None:
+        return None
+    return list(row[1])
+
+
 def bound_literal(column_type: str, day: date, time_zone: str) -> sql.Composable:
     """A range bound for the column's type: local midnight in the policy's time zone."""
     if column_type == "date":
