@@ -7,6 +7,7 @@ selects the replicas; `<name>-rw` points at the primary, wherever it lives.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from importlib import resources
@@ -26,9 +27,14 @@ def bootstrap_script() -> str:
 
 
 def slot_prefix(owner: ObjectRef) -> str:
-    """pgscale_<namespace>_<profile>_ (lower-case, [a-z0-9_], room for an ordinal within 63 bytes)."""
-    base = re.sub(r"[^a-z0-9_]", "_", f"pgscale_{owner.namespace}_{owner.name}".lower())[:56]
-    return base + "_"
+    """pgscale_<namespace>_<profile>_<hash>_: readable, and unique per profile.
+
+    Sanitising names alone would let two profiles share a prefix (a-b/c and a/b-c);
+    the hash of namespace/name keeps every profile's slots its own.
+    """
+    digest = hashlib.sha256(f"{owner.namespace}/{owner.name}".encode()).hexdigest()[:8]
+    base = re.sub(r"[^a-z0-9_]", "_", f"pgscale_{owner.namespace}_{owner.name}".lower())[:44]
+    return f"{base}_{digest}_"
 
 
 def slot_names(owner: ObjectRef, instances: int) -> list[str]:

@@ -59,7 +59,17 @@ def reconcile(
                 report.corrected.append(name)  # we had set it; someone changed it by hand
             else:
                 report.applied.append(name)
-            pgs.alter_system(conn, name, value)
+            try:
+                pgs.alter_system(conn, name, value)
+            except (psycopg.errors.InvalidParameterValue, psycopg.errors.UndefinedObject) as exc:
+                # Values pg_settings cannot describe (strings, settings of extensions not loaded).
+                if report.applied[:-1] or report.corrected:
+                    pgs.reload(conn)  # what was written before this one is consistent: apply it
+                raise SpecError(
+                    field_of(name, desired[name][1]),
+                    f"{name} = {value!r} was refused by the server: {str(exc).strip()}",
+                    reason="InvalidParameter",
+                ) from exc
         for name in sorted(set(before) - set(values)):
             if name in current:
                 pgs.alter_system(conn, name, None)

@@ -184,7 +184,10 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
     stalled = condition(kubectl.get("databaseprofile", "app"), "Stalled")
     assert stalled is not None and stalled["reason"] == "ReplicationNotReady"
     assert f'CREATE ROLE "{role}" WITH REPLICATION LOGIN' in stalled["message"]
-    prefix = f"pgscale_{kubectl.namespace.replace('-', '_')}_app_"
+    from pgscale import replicas
+    from pgscale.kube import ObjectRef
+
+    prefix = replicas.slot_prefix(ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", kubectl.namespace, "app", ""))
     try:
         postgres.execute(f"CREATE ROLE {role} WITH REPLICATION LOGIN PASSWORD 'secret'")
         nudge(kubectl)

@@ -9,10 +9,17 @@ SPEC = ReadReplicasSpec.model_validate({"instances": 2, "replicationSecretRef": 
                                         "storage": {"size": "50Gi", "storageClassName": "fast"}})  # fmt: skip
 
 
-def test_slot_names_are_safe_and_per_ordinal() -> None:
-    assert replicas.slot_names(OWNER, 2) == ["pgscale_team_a_app_0", "pgscale_team_a_app_1"]
+def test_slot_names_are_safe_per_ordinal_and_never_shared() -> None:
+    names = replicas.slot_names(OWNER, 2)
+    assert names[0].startswith("pgscale_team_a_app_") and names[0].endswith("_0") and names[1].endswith("_1")
     long = ObjectRef("v", "K", "n" * 60, "p" * 60, "u")
-    assert all(len(s) <= 63 for s in replicas.slot_names(long, 16))
+    assert all(len(s) <= 63 and s.isidentifier() for s in replicas.slot_names(long, 16))
+    # Names that sanitise alike, or that extend another profile's name, get prefixes of their own.
+    a = replicas.slot_prefix(ObjectRef("v", "K", "a-b", "c", "u"))
+    b = replicas.slot_prefix(ObjectRef("v", "K", "a", "b-c", "u"))
+    db = replicas.slot_prefix(ObjectRef("v", "K", "prod", "db", "u"))
+    dbx = replicas.slot_prefix(ObjectRef("v", "K", "prod", "db-x", "u"))
+    assert a != b and not dbx.startswith(db) and not db.startswith(dbx)
 
 
 def test_statefulset_runs_the_bootstrap_with_secret_credentials() -> None:
@@ -20,7 +27,7 @@ def test_statefulset_runs_the_bootstrap_with_secret_credentials() -> None:
     pod = sts["spec"]["template"]["spec"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["REPLICATION_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "repl", "key": "password"}
-    assert env["SLOT_PREFIX"]["value"] == "pgscale_team_a_app_"
+    assert env["SLOT_PREFIX"]["value"] == replicas.slot_prefix(OWNER)
     assert pod["containers"][0]["command"] == ["sh", "/pgscale/bootstrap.sh"]
     claim = sts["spec"]["volumeClaimTemplates"][0]["spec"]
     assert claim["resources"]["requests"]["storage"] == "50Gi" and claim["storageClassName"] == "fast"

@@ -53,12 +53,13 @@ def readiness_problems(conn: psycopg.Connection, user: str, wanted: int) -> list
 
 
 def slots(conn: psycopg.Connection, prefix: str) -> dict[str, SlotState]:
+    """This profile's slots: the prefix followed by an ordinal, nothing else (never another profile's)."""
     rows = conn.execute(
         "SELECT slot_name, active, active_pid FROM pg_replication_slots WHERE slot_type = 'physical' "
         "AND starts_with(slot_name, %s)",
         (prefix,),
     ).fetchall()
-    return {str(r[0]): SlotState(str(r[0]), bool(r[1]), r[2]) for r in rows}
+    return {str(r[0]): SlotState(str(r[0]), bool(r[1]), r[2]) for r in rows if str(r[0])[len(prefix) :].isdigit()}
 
 
 def create_slot(conn: psycopg.Connection, name: str) -> None:

@@ -1,0 +1,48 @@
+"""Server-wide state on a private server: a refused value names its parameter; slots are never shared."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import localenv
+import psycopg
+import pytest
+
+from pgscale import replicas, settings
+from pgscale.errors import SpecError
+from pgscale.kube import ObjectRef
+from pgscale.pg import replication
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[localenv.Postgres]:
+    pg = localenv.Postgres(tmp_path, name="private")
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
+def test_value_refused_by_the_server_names_the_parameter(server: localenv.Postgres) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        desired = {"work_mem": ("8MB", "parameters"), "log_destination": ("nonsense", "parameters")}
+        with pytest.raises(SpecError) as err:
+            settings.reconcile(conn, "pgscale", "ns/app", desired)
+        assert err.value.field == "parameters.log_destination" and "refused by the server" in err.value.message
+
+
+def test_profiles_never_see_each_others_slots(server: localenv.Postgres) -> None:
+    db = ObjectRef("v", "DatabaseProfile", "prod", "db", "u1")
+    dbx = ObjectRef("v", "DatabaseProfile", "prod", "db-x", "u2")
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        for owner in (db, dbx):
+            for name in replicas.slot_names(owner, 2):
+                replication.create_slot(conn, name)
+        mine = replication.slots(conn, replicas.slot_prefix(db))
+        assert set(mine) == set(replicas.slot_names(db, 2))
+        for slot in mine.values():
+            replication.drop_slot(conn, slot)
+        assert set(replication.slots(conn, replicas.slot_prefix(dbx))) == set(replicas.slot_names(dbx, 2))
