@@ -53,6 +53,16 @@ def postgres(workdir: Path) -> Iterator[localenv.Postgres]:
         server.stop()
 
 
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[localenv.Postgres]:
+    """A server of the test's own, for server-wide changes (ALTER SYSTEM, restarts, slots)."""
+    pg = localenv.Postgres(tmp_path, name="private")
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server(workdir: Path) -> Iterator[localenv.S3Server]:
     server = localenv.S3Server(workdir)

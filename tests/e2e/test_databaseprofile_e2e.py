@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,8 @@ STRATEGY = {
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[localenv.Postgres]:
-    pg = localenv.Postgres(tmp_path, name="private")
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
+def server(private_postgres: localenv.Postgres) -> localenv.Postgres:
+    return private_postgres
 
 
 def show(pg: localenv.Postgres, name: str) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import localenv
 import psycopg
 import pytest
@@ -18,12 +15,8 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[localenv.Postgres]:
-    pg = localenv.Postgres(tmp_path, name="private")
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
+def server(private_postgres: localenv.Postgres) -> localenv.Postgres:
+    return private_postgres
 
 
 def test_value_refused_by_the_server_names_the_parameter(server: localenv.Postgres) -> None:

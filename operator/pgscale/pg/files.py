@@ -95,21 +95,27 @@ def ensure_pointer_columns(conn: psycopg.Connection, src: Source, lock_timeout_m
     return added
 
 
-def candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *,
-               cutover: bool, batch: int) -> Iterator[Any]:  # fmt: skip
-    """Keys of rows with data that still need work, streamed by a server-side cursor in key order.
+def _needing_work(src: Source, state_schema: str, cutover: bool) -> sql.Composed:
+    """FROM ... WHERE of the rows with data that still need work (the one definition of it).
 
     A row needs work when the ledger has no entry for it, when the row changed since
     (xmin differs), or, at cutover, when its object is verified but not pointed at yet.
-    Failed rows are retried only once they change.
+    Failed rows are retried only once they change. Takes the migration as parameter %s.
     """
     pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
-    query = sql.SQL(
-        "SELECT t.{key} FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
-        "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending}) "
-        "ORDER BY t.{key}"
+    return sql.SQL(
+        "FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+        "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
     ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
              data=sql.Identifier(src.data), pending=pending)  # fmt: skip
+
+
+def candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *,
+               cutover: bool, batch: int) -> Iterator[Any]:  # fmt: skip
+    """Keys of rows that need work, streamed by a server-side cursor in key order."""
+    query = sql.SQL("SELECT t.{} {} ORDER BY t.{}").format(
+        sql.Identifier(src.key), _needing_work(src, state_schema, cutover), sql.Identifier(src.key)
+    )
     with conn.transaction(), conn.cursor(name="pgscale_file_candidates") as cur:
         cur.itersize = batch
         cur.execute(query, (migration,))
@@ -118,20 +124,8 @@ def candidates(conn: psycopg.Connection, src: Source, migration: str, state_sche
 
 
 def count_candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, cutover: bool) -> int:
-    pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*) FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
-            "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
-        ).format(
-            key=sql.Identifier(src.key),
-            rel=src.relation,
-            ledger=_ledger(state_schema),
-            data=sql.Identifier(src.data),
-            pending=pending,
-        ),
-        (migration,),
-    ).fetchone()
+    query = sql.SQL("SELECT count(*) {}").format(_needing_work(src, state_schema, cutover))
+    row = conn.execute(query, (migration,)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -358,16 +352,10 @@ def has_nulled(conn: psycopg.Connection, migration: str, state_schema: str) -> b
 
 def pending_bytes(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, cutover: bool) -> int:
     """Stored size of the rows still to migrate (for a dry run)."""
-    pending = sql.SQL(" OR (l.status = 'verified')") if cutover else sql.SQL("")
-    row = conn.execute(
-        sql.SQL(
-            "SELECT coalesce(sum(octet_length(t.{data})), 0) FROM {rel} t LEFT JOIN {ledger} l "
-            "ON l.migration = %s AND l.key = t.{key}::text "
-            "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
-        ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
-                 data=sql.Identifier(src.data), pending=pending),
-        (migration,),
-    ).fetchone()  # fmt: skip
+    query = sql.SQL("SELECT coalesce(sum(octet_length(t.{})), 0) {}").format(
+        sql.Identifier(src.data), _needing_work(src, state_schema, cutover)
+    )
+    row = conn.execute(query, (migration,)).fetchone()
     return int(row[0]) if row else 0
 
 
