@@ -309,6 +309,18 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
+        """Start, retrying with a fresh port (see OperatorProcess.start)."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+                self.endpoint = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start(self) -> S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "moto.log"
         exe = Path(sys.executable).parent / "moto_server"
@@ -334,6 +346,17 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> OperatorProcess:
+        """Start, retrying with fresh ports: a port found free can be taken before the process binds it."""
+        for attempt in range(3):
+            try:
+                return self._start(*args)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                self.metrics_port, self.liveness_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, *args: str) -> OperatorProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PGSCALE_STALLED_RETRY_SECONDS": "5",
                **self.extra_env}  # fmt: skip
