@@ -85,6 +85,17 @@ def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime)
             # A lock the application holds, or a range a hand-made partition already covers.
             log.info("partition %s not created now: %s", name, str(exc).strip())
             report.skipped.append(name)
+    for part in sqlp.pending_detaches(conn, schema, table):
+        # A concurrent detach that gave way earlier: finish it first (it blocks every other detach).
+        action = spec.retention.action if spec.retention else "detach"
+        archive = spec.retention.archive_schema if spec.retention else None
+        try:
+            sqlp.retire(conn, schema, table, part, action=action, archive_schema=archive, concurrently=False,
+                        lock_timeout_ms=lock_ms, finalize=True)  # fmt: skip
+        except psycopg.errors.LockNotAvailable:
+            report.skipped.append(part.name)
+            continue
+        (report.dropped if action == "drop" else report.detached).append(part.name)
     if spec.retention:
         cutoff = keep_from(spec.retention.keep, spec.time_zone, now, spec.interval)
         cutoff_literal = sqlp.bound_literal(column_type, cutoff, spec.time_zone)
@@ -102,9 +113,11 @@ def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime)
                 sqlp.retire(conn, schema, table, part, action=spec.retention.action,
                             archive_schema=spec.retention.archive_schema, concurrently=concurrent,
                             lock_timeout_ms=lock_ms)  # fmt: skip
-            except psycopg.errors.LockNotAvailable:
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.ObjectNotInPrerequisiteState):
+                # A concurrent detach that gave way stays pending, and no other detach of this table can
+                # start until it is finalized: stop here; the next maintenance finishes it first.
                 report.skipped.append(part.name)
-                continue
+                break
             (report.dropped if spec.retention.action == "drop" else report.detached).append(part.name)
     for part in sqlp.parts(conn, schema, table)[:100]:
         entry: dict[str, Any] = {"name": part.name, "isDefault": part.is_default,

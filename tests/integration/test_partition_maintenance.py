@@ -86,3 +86,21 @@ def test_other_partition_key_is_refused_with_the_reason(postgres: Any, database:
                      PARTITION BY LIST (kind)""")  # fmt: skip
         with pytest.raises(SpecError, match="partitioned by LIST or HASH"):
             maintain(c, spec(), NOW)
+
+
+def test_concurrent_detach_that_gave_way_is_finished_next_time(postgres: Any, database: str,
+                                                               conn: psycopg.Connection) -> None:  # fmt: skip
+    for month in (1, 2):
+        conn.execute(f"""CREATE TABLE "Event_2025_0{month}" PARTITION OF "Event"
+            FOR VALUES FROM ('2025-0{month}-01 00:00+00') TO ('2025-0{month + 1}-01 00:00+00')""")  # fmt: skip
+    policy = spec(premake=1, defaultPartition="none", retention={"keep": "6 months", "action": "drop"},
+                  conversion={"lockTimeout": "200ms"})  # fmt: skip
+    with psycopg.connect(postgres.dsn(database)) as reader:
+        reader.execute('SELECT count(*) FROM "Event"')  # an open transaction: CONCURRENTLY waits, then gives way
+        report = maintain(conn, policy, NOW)
+        assert report.dropped == [] and set(report.skipped) >= {"Event_2025_01"}
+        reader.rollback()
+    pending = scalar(conn, "SELECT count(*) FROM pg_inherits WHERE inhdetachpending")
+    report = maintain(conn, policy, NOW)
+    assert set(report.dropped) == {"Event_2025_01", "Event_2025_02"}, (pending, report)
+    assert scalar(conn, "SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 0

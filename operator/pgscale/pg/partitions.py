@@ -58,6 +58,18 @@ def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | 
     return list(row[1])
 
 
+def pending_detaches(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
+    """Partitions a DETACH ... CONCURRENTLY left half done (lock timeout, crash): FINALIZE finishes them."""
+    rows = conn.execute(
+        "SELECT cn.nspname, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_namespace cn ON cn.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
+        "JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE pn.nspname = %s AND p.relname = %s "
+        "AND i.inhdetachpending ORDER BY c.relname",
+        (schema, table),
+    ).fetchall()
+    return [Part(r[0], r[1], "", False, 0, 0) for r in rows]
+
+
 def bound_literal(column_type: str, day: date, time_zone: str) -> sql.Composable:
     """A range bound for the column's type: local midnight in the policy's time zone."""
     if column_type == "date":
@@ -166,12 +178,14 @@ def ends_by(conn: psycopg.Connection, upper: str, cutoff: sql.Composable, column
 
 def retire(
     conn: psycopg.Connection, schema: str, table: str, part: Part, *, action: str, archive_schema: str | None,
-    concurrently: bool, lock_timeout_ms: int,
+    concurrently: bool, lock_timeout_ms: int, finalize: bool = False,
 ) -> None:  # fmt: skip
     """Detach a partition (then drop it, or move it to the archive schema, or leave it as a table)."""
     parent, child = qualified(schema, table), qualified(part.schema, part.name)
     conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
-    if concurrently:
+    if finalize:
+        conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child))
+    elif concurrently:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child))
     else:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
