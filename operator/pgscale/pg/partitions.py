@@ -30,18 +30,28 @@ class Part:
     is_default: bool
     rows_estimate: int
     bytes: int
+    detach_pending: bool = False
+
+
+def children(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
+    """Every direct partition, including ones a DETACH ... CONCURRENTLY left pending (the one catalog query)."""
+    rows = conn.execute(
+        "SELECT cn.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint, "
+        "pg_total_relation_size(c.oid), i.inhdetachpending FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_namespace cn ON cn.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
+        "JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE pn.nspname = %s AND p.relname = %s "
+        "ORDER BY c.relname",
+        (schema, table),
+    ).fetchall()
+    return [
+        Part(r[0], r[1], r[2] or "", (r[2] or "") == "DEFAULT", max(int(r[3] or 0), 0), int(r[4]), bool(r[5]))
+        for r in rows
+    ]
 
 
 def parts(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
-    rows = conn.execute(
-        "SELECT cn.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint, "
-        "pg_total_relation_size(c.oid) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "JOIN pg_namespace cn ON cn.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
-        "JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE pn.nspname = %s AND p.relname = %s "
-        "AND NOT i.inhdetachpending ORDER BY c.relname",
-        (schema, table),
-    ).fetchall()
-    return [Part(r[0], r[1], r[2] or "", (r[2] or "") == "DEFAULT", max(int(r[3] or 0), 0), int(r[4])) for r in rows]
+    """The attached partitions."""
+    return [p for p in children(conn, schema, table) if not p.detach_pending]
 
 
 def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | None:
@@ -60,14 +70,7 @@ def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | 
 
 def pending_detaches(conn: psycopg.Connection, schema: str, table: str) -> list[Part]:
     """Partitions a DETACH ... CONCURRENTLY left half done (lock timeout, crash): FINALIZE finishes them."""
-    rows = conn.execute(
-        "SELECT cn.nspname, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "JOIN pg_namespace cn ON cn.oid = c.relnamespace JOIN pg_class p ON p.oid = i.inhparent "
-        "JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE pn.nspname = %s AND p.relname = %s "
-        "AND i.inhdetachpending ORDER BY c.relname",
-        (schema, table),
-    ).fetchall()
-    return [Part(r[0], r[1], "", False, 0, 0) for r in rows]
+    return [p for p in children(conn, schema, table) if p.detach_pending]
 
 
 def bound_literal(column_type: str, day: date, time_zone: str) -> sql.Composable:

@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from . import Column, ensure_state_table, qualified, table_columns
+from .partitions import children
 
 RUNS_TABLE = "retention_runs"
 
@@ -455,15 +456,9 @@ class Partition:
 
 def partitions(conn: psycopg.Connection, schema: str, table: str) -> list[Partition]:
     """Direct partitions with their upper bound text."""
-    rows = conn.execute(
-        "SELECT cn.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending "
-        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace "
-        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace "
-        "WHERE pn.nspname = %s AND p.relname = %s ORDER BY c.relname",
-        (schema, table),
-    ).fetchall()
     out = []
-    for nsp, name, bound, pending in rows:
+    for child in children(conn, schema, table):
+        nsp, name, bound, pending = child.schema, child.name, child.bound, child.detach_pending
         upper = None
         if bound and " TO (" in bound and "MAXVALUE" not in bound.split(" TO (")[1]:
             upper = bound.split(" TO (")[1].rstrip(")").strip().strip("'")
