@@ -29,4 +29,5 @@ uv sync --frozen --quiet
 
 command -v go >/dev/null || { echo "setup: Go is required to build the control plane" >&2; exit 1; }
 hack/build-controlplane.sh >/dev/null
+hack/build-helm.sh >/dev/null
 echo "setup: ready" >&2
