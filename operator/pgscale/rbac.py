@@ -1,0 +1,137 @@
+"""The Kubernetes permissions the operator needs: one declared list, read from what the code calls.
+
+The Helm chart renders its ClusterRole (or Roles) from `charts/pgscale/files/rbac.yaml`, which
+`python -m pgscale.rbac --write charts/pgscale/files/rbac.yaml` generates from this module;
+tests/unit/test_chart.py fails when the two differ, and the e2e tests run the operator with
+exactly these rules, so a call the list lacks fails there and a rule nobody needs has no place
+here. When a controller starts calling something new (see kube.Kube), add it here.
+
+Three groups, because of where Kubernetes lets a rule live:
+- NAMESPACED: what reconciles do in the namespaces of the resources. A ClusterRole by default,
+  a Role in each namespace when the operator runs with `-n NS`.
+- CLUSTER: cluster-scoped reads kopf makes in both modes.
+- WATCH_NAMESPACES: cluster-scoped reads kopf makes only when it watches named namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .api import GROUP
+
+# The four kinds, by plural (as in the CRDs).
+KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations")
+# What the operator creates, changes and deletes by server-side apply (kube.Kube.apply/delete).
+# An apply that creates the object is authorized as `patch` and then as `create`.
+WRITE = ("create", "patch", "delete")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One PolicyRule, with the reason it is needed."""
+
+    api_group: str
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+    why: str
+
+    def as_policy_rule(self) -> dict[str, Any]:
+        """The rule as it appears in a Role or ClusterRole."""
+        return {"apiGroups": [self.api_group], "resources": list(self.resources), "verbs": list(self.verbs)}
+
+
+NAMESPACED: tuple[Rule, ...] = (
+    Rule(GROUP, KINDS, ("get", "list", "watch"),
+         "kopf lists and watches the four kinds; a worker GETs the current object before each reconcile; "
+         "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table"),
+    Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
+         "status, conditions and observedGeneration are merge-patched on the status subresource"),
+    Rule(GROUP, ("databaseprofiles", "retentionpolicies"), ("patch",),
+         "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the two kinds "
+         "that keep something outside the cluster (replication slots, a pg_cron job)"),
+    Rule(GROUP, ("databaseprofiles/finalizers", "retentionpolicies/finalizers", "filemigrations/finalizers"),
+         ("update",),
+         "owned objects carry blockOwnerDeletion owner references to these kinds; clusters enforcing "
+         "OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that"),
+    Rule("", ("events",), ("create",), "Events on the resources (kube.Kube.event)"),
+    Rule("", ("secrets",), ("get",),
+         "the connection Secret of a DatabaseProfile, the replication Secret, a FileMigration's S3 credentials"),
+    Rule("", ("secrets", "services", "configmaps"), WRITE,
+         "PgBouncer's config Secret and Service; the replicas' -ro/-rw Services and bootstrap ConfigMap"),
+    Rule("apps", ("deployments", "statefulsets"), WRITE, "PgBouncer's Deployment; the replicas' StatefulSet"),
+    Rule("discovery.k8s.io", ("endpointslices",), WRITE, "the -rw Service's EndpointSlice to the primary"),
+    Rule("batch", ("cronjobs",), WRITE, "a RetentionPolicy's CronJob"),
+    Rule("batch", ("jobs",), ("get", "list", "watch", *WRITE),
+         "a FileMigration's Job per phase (read to see it finish, deleted to stop it); kopf watches the Jobs "
+         "pgscale labelled so a policy's status follows its runs"),
+    Rule("monitoring.coreos.com", ("prometheusrules",), WRITE,
+         "a DatabaseProfile's alert thresholds as a PrometheusRule (prometheus-operator)"),
+)  # fmt: skip
+
+CLUSTER: tuple[Rule, ...] = (
+    Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"),
+         "kopf observes CRDs so a kind installed or upgraded after the operator started is served"),
+)  # fmt: skip
+
+WATCH_NAMESPACES: tuple[Rule, ...] = (
+    Rule("", ("namespaces",), ("list", "watch"),
+         "with -n NS, kopf lists and watches namespaces to start and stop watching as they come and go"),
+)  # fmt: skip
+
+
+def policy_rules(namespaced_mode: bool) -> dict[str, list[dict[str, Any]]]:
+    """The rules by where they are bound: `namespaced` (ClusterRole or a Role per namespace), `cluster`."""
+    if namespaced_mode:
+        return {
+            "namespaced": [r.as_policy_rule() for r in NAMESPACED],
+            "cluster": [r.as_policy_rule() for r in (*CLUSTER, *WATCH_NAMESPACES)],
+        }
+    return {"namespaced": [], "cluster": [r.as_policy_rule() for r in (*NAMESPACED, *CLUSTER)]}
+
+
+def _flow(rule: Rule) -> str:
+    def seq(items: tuple[str, ...]) -> str:
+        return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+    return f"- apiGroups: {seq((rule.api_group,))}\n  resources: {seq(rule.resources)}\n  verbs: {seq(rule.verbs)}\n"
+
+
+def render() -> str:
+    """The chart's rules file: one list per group, each rule under a comment saying why."""
+    out = ["# Generated by `python -m pgscale.rbac --write charts/pgscale/files/rbac.yaml` from",
+           "# operator/pgscale/rbac.py; do not edit."]  # fmt: skip
+    for name, rules in (("namespaced", NAMESPACED), ("cluster", CLUSTER), ("watchNamespaces", WATCH_NAMESPACES)):
+        out.append(f"{name}:")
+        for rule in rules:
+            out.append(f"# {rule.why}")
+            out.append(_flow(rule).rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the rules file, write it, or check that a file is current."""
+    p = argparse.ArgumentParser(prog="python -m pgscale.rbac", description=main.__doc__)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--write", metavar="FILE", help="write the rules file")
+    where.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs")
+    args = p.parse_args(argv)
+    text = render()
+    if args.check:
+        path = Path(args.check)
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale; run `python -m pgscale.rbac --write {path}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        Path(args.write).write_text(text)
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
