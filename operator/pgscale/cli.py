@@ -99,6 +99,12 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import statusview
+
+    return statusview.main(args)
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     module = importlib.import_module(JOBS[args.job][1])
     return int(module.main(args))
@@ -135,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
         jp.add_argument("--name", help="name of the resource")
         jp.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
     job.set_defaults(func=cmd_job)
+
+    from . import statusview  # light: its heavy imports wait until it runs
+
+    status = sub.add_parser("status", help="each DatabaseProfile with the policies using it: conditions, progress")
+    statusview.add_arguments(status)
+    status.set_defaults(func=cmd_status)
     return p
 
 

@@ -1,0 +1,616 @@
+"""`pgscale status`: every DatabaseProfile with the policies that use it, in one view.
+
+`kubectl get pgscale` lists the four kinds side by side; what a person running a
+database wants is the other way round: per database, what works on it and how far
+it got. Reading (:func:`load`) is kept apart from formatting (:func:`build`,
+:func:`render_text`, :func:`render_json`), which is pure and unit-tested on plain
+dicts; the reads run against a real API server in the e2e tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+Obj = dict[str, Any]
+# (namespace, Secret name) -> its data; None when it does not exist; absent when it could not be read.
+Secrets = Mapping[tuple[str, str], dict[str, str] | None]
+
+PROFILE_KIND = "DatabaseProfile"
+CHILD_KINDS = ("PartitionPolicy", "RetentionPolicy", "FileMigration")
+PLURALS = {
+    "DatabaseProfile": "databaseprofiles",
+    "PartitionPolicy": "partitionpolicies",
+    "RetentionPolicy": "retentionpolicies",
+    "FileMigration": "filemigrations",
+}
+KSTATUS_CONDITIONS = ("Ready", "Reconciling", "Stalled")
+
+
+# --- health -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    """Where a resource stands, in kstatus's words (plus Suspended), and why."""
+
+    state: str  # Current, InProgress, Failed, Suspended, Terminating
+    reason: str
+    message: str
+
+
+def condition(obj: Obj, ctype: str) -> Obj | None:
+    """A condition of the object's status, or None."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == ctype), None)
+
+
+def _is_true(obj: Obj, ctype: str) -> bool:
+    found = condition(obj, ctype)
+    return found is not None and found.get("status") == "True"
+
+
+def health(obj: Obj) -> Health:
+    """kstatus's rules: an unobserved generation is InProgress, Stalled Failed, Reconciling InProgress,
+    Ready Current; a suspended resource that is not failing shows as Suspended."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return Health("Terminating", "Deleting", "waiting for finalizers: " + ", ".join(meta.get("finalizers") or []))
+    observed, generation = status.get("observedGeneration"), meta.get("generation")
+    if observed is None:
+        return Health("InProgress", "NotObserved", "the operator has not reported on this resource yet")
+    if generation is not None and observed != generation:
+        return Health(
+            "InProgress", "NotObserved", f"generation {generation} not observed yet (status is of {observed})"
+        )
+    if _is_true(obj, "Stalled"):
+        c = condition(obj, "Stalled") or {}
+        return Health("Failed", str(c.get("reason", "")), str(c.get("message", "")))
+    if (obj.get("spec") or {}).get("suspend") is True:
+        said = (condition(obj, "Ready") or {}).get("message")
+        return Health("Suspended", "Suspended", str(said or "spec.suspend is true"))
+    if _is_true(obj, "Reconciling"):
+        c = condition(obj, "Reconciling") or {}
+        return Health("InProgress", str(c.get("reason", "")), str(c.get("message", "")))
+    ready = condition(obj, "Ready")
+    if ready is None:
+        return Health("InProgress", "NoReadyCondition", "no Ready condition yet")
+    state = "Current" if ready.get("status") == "True" else "InProgress"
+    return Health(state, str(ready.get("reason", "")), str(ready.get("message", "")))
+
+
+# --- humane numbers ---------------------------------------------------------------------
+
+
+def human_bytes(n: float | None) -> str:
+    """1536 -> 1.5 KiB: binary units, as Kubernetes quantities use."""
+    if n is None:
+        return "-"
+    value, units = float(n), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    for unit in units:
+        if abs(value) < 1024 or unit == units[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float | None) -> str:
+    """46 -> 46s, 320 -> 5m20s, 7500 -> 2h5m: the two largest units, like kubectl's ages."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    for size, unit, sub, subunit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
+        if s >= size:
+            rest = (s % size) // sub
+            return f"{s // size}{unit}{rest}{subunit}" if rest else f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def human_count(n: float | None) -> str:
+    """Thousands separated, so row counts read at a glance."""
+    return "-" if n is None else f"{n:,.0f}"
+
+
+def human_rate(per_second: float | None, unit: str) -> str:
+    """A rate with precision where it matters (0.5 rows/s, 1,234 rows/s)."""
+    if per_second is None:
+        return "-"
+    return f"{per_second:,.1f} {unit}/s" if per_second < 100 else f"{per_second:,.0f} {unit}/s"
+
+
+def _percent(done: float | None, total: float | None) -> str | None:
+    if done is None or not total:
+        return None
+    return f"{100.0 * done / total:.1f}%"
+
+
+def _join(parts: Iterable[str | None], sep: str = ", ") -> str:
+    return sep.join(p for p in parts if p)
+
+
+def _age(timestamp: str | None, now: datetime) -> str:
+    if not timestamp:
+        return "-"
+    try:
+        then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return "-"
+    return human_duration((now - then).total_seconds())
+
+
+# --- progress per kind ------------------------------------------------------------------
+
+
+def profile_progress(obj: Obj) -> str:
+    """The server and its size: what a profile row says in one cell."""
+    status = obj.get("status") or {}
+    capacity = status.get("capacity") or {}
+    version = status.get("serverVersion")
+    return _join([f"PostgreSQL {version}" if version else None, capacity.get("databaseSize")]) or "-"
+
+
+def partition_progress(obj: Obj, wide: bool = False) -> str:
+    """Conversion while it runs, then the partitions and (wide) the last maintenance."""
+    status = obj.get("status") or {}
+    conv = status.get("conversion")
+    if conv:
+        done, total = conv.get("rowsDone"), conv.get("rowsTotal")
+        rows = f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows"
+        text = _join([
+            f"converting: {conv['step']}" if conv.get("step") else "converting",
+            _percent(done, total),
+            rows if done is not None else None,
+            human_rate(conv["rowsPerSecond"], "rows") if conv.get("rowsPerSecond") is not None else None,
+            f"ETA {human_duration(conv['etaSeconds'])}" if conv.get("etaSeconds") is not None else None,
+            f"longest lock {conv['longestLockMs']} ms" if wide and conv.get("longestLockMs") is not None else None,
+        ])  # fmt: skip
+    elif status.get("partitioned") is True:
+        count = status.get("partitionCount")
+        text = f"{count} partitions" if count is not None else "partitioned"
+    elif status.get("partitioned") is False:
+        text = "not partitioned"
+    else:
+        text = "-"
+    if wide:
+        last = status.get("lastMaintenance") or {}
+        if last:
+            changes = _join([
+                f"created {len(last['created'])}" if last.get("created") else None,
+                f"detached {len(last['detached'])}" if last.get("detached") else None,
+                f"dropped {len(last['dropped'])}" if last.get("dropped") else None,
+                f"{human_count(last['rowsMovedFromDefault'])} rows moved from DEFAULT"
+                if last.get("rowsMovedFromDefault") else None,
+            ]) or "no changes"  # fmt: skip
+            text += f"; last maintenance {last.get('time', '-')}: {changes}"
+        if status.get("nextMaintenanceTime"):
+            text += f"; next {status['nextMaintenanceTime']}"
+    return text
+
+
+def retention_progress(obj: Obj, wide: bool = False) -> str:
+    """The current or last run: rows, rate, ETA; (wide) next run and totals."""
+    status = obj.get("status") or {}
+    run = status.get("lastRun")
+    if not run:
+        text = "no run yet"
+    elif run.get("outcome") == "Running":
+        done = (run.get("rowsArchived") or 0) + (run.get("rowsDeleted") or 0)
+        total = run.get("rowsTotal")
+        text = _join([
+            "running",
+            _percent(done, total),
+            f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows",
+            human_rate(run["rowsPerSecond"], "rows") if run.get("rowsPerSecond") is not None else None,
+            f"ETA {human_duration(run['etaSeconds'])}" if run.get("etaSeconds") is not None else None,
+        ])  # fmt: skip
+    elif run.get("outcome") == "DryRun":
+        text = f"last run DryRun: {human_count(run.get('rowsMatched') or 0)} rows would move"
+    else:
+        moved = _join([
+            f"{human_count(run.get('rowsArchived') or 0)} archived" if run.get("rowsArchived") else None,
+            f"{human_count(run.get('rowsDeleted') or 0)} deleted" if run.get("rowsDeleted") else None,
+        ]) or "0 rows"  # fmt: skip
+        text = _join([
+            f"last run {run.get('outcome') or 'unknown'}: {moved}",
+            f"in {human_duration(run['durationSeconds'])}" if run.get("durationSeconds") is not None else None,
+            human_rate(run["rowsPerSecond"], "rows") if run.get("rowsPerSecond") is not None else None,
+        ], " ")  # fmt: skip
+    if wide:
+        if status.get("nextRunTime"):
+            text += f"; next {status['nextRunTime']}"
+        totals = status.get("totals")
+        if totals:
+            text += (
+                f"; total {human_count(totals.get('runs', 0))} runs, {human_count(totals.get('rowsArchived', 0))} "
+                f"archived, {human_count(totals.get('rowsDeleted', 0))} deleted"
+            )
+    return text
+
+
+def files_progress(obj: Obj, wide: bool = False) -> str:
+    """Phase, share done, rates and ETA; (wide) bytes, reclaimable space, the Job, the last error."""
+    status = obj.get("status") or {}
+    if not status.get("phase"):
+        return "-"
+    total, migrated = status.get("rowsTotal"), status.get("rowsMigrated")
+    counts = None
+    if total is not None:
+        counts = f"{human_count(migrated or 0)}/{human_count(total)} rows"
+        if status.get("rowsFailed"):
+            counts += f", {human_count(status['rowsFailed'])} failed"
+    running = status["phase"] not in ("Completed", "Failed")
+    text = _join([
+        f"{status['phase']} {status['progress']}" if status.get("progress") else status["phase"],
+        f"({counts})" if counts else None,
+    ], " ")  # fmt: skip
+    text = _join([
+        text,
+        human_rate(status["rowsPerSecond"], "rows") if running and status.get("rowsPerSecond") else None,
+        f"{human_bytes(status['bytesPerSecond'])}/s" if running and status.get("bytesPerSecond") else None,
+        f"ETA {human_duration(status['etaSeconds'])}" if status.get("etaSeconds") is not None else None,
+    ])  # fmt: skip
+    if wide:
+        text = _join([
+            text,
+            f"{human_bytes(status['bytesMigrated'])} written" if status.get("bytesMigrated") is not None else None,
+            f"{human_bytes(status['reclaimableBytes'])} reclaimable" if status.get("reclaimableBytes") else None,
+            f"Job {status['jobName']}" if status.get("jobName") else None,
+            f"last error: {status['lastError']}" if status.get("lastError") else None,
+        ])  # fmt: skip
+    return text
+
+
+def progress(obj: Obj, wide: bool = False) -> str:
+    """The progress cell of any pgscale kind."""
+    kind = obj.get("kind")
+    if kind == "DatabaseProfile":
+        return profile_progress(obj)
+    if kind == "PartitionPolicy":
+        return partition_progress(obj, wide)
+    if kind == "RetentionPolicy":
+        return retention_progress(obj, wide)
+    if kind == "FileMigration":
+        return files_progress(obj, wide)
+    return "-"
+
+
+# --- a profile's summary ----------------------------------------------------------------
+
+
+def database(profile: Obj, secrets: Secrets) -> str:
+    """user@host:port/dbname the profile points at (never the password), or what is known without the Secret."""
+    from .api.databaseprofile import ConnectionSpec
+    from .errors import ReconcileError
+    from .pg.connection import resolve
+
+    meta, spec = profile.get("metadata") or {}, profile.get("spec") or {}
+    raw = spec.get("connection") or {}
+    secret_name = (raw.get("secretRef") or {}).get("name", "?")
+    overrides = _join([f"{k} {raw[k]}" for k in ("host", "port", "dbname") if raw.get(k) is not None])
+    key = (meta.get("namespace", ""), secret_name)
+    if key not in secrets:
+        return _join([f"through Secret {secret_name} (not readable)", overrides])
+    secret = secrets[key]
+    if secret is None:
+        return _join([f"Secret {secret_name} not found", overrides])
+    try:
+        info = resolve(ConnectionSpec.model_validate(raw), secret, secret_name)
+    except (ReconcileError, ValueError) as exc:
+        return f"Secret {secret_name}: {exc}"
+    return f"{info.describe()} (Secret {secret_name})"
+
+
+def profile_summary(profile: Obj) -> list[tuple[str, str]]:
+    """(label, text) lines under a profile's heading: settings, pooler, replicas, capacity, alerts."""
+    spec, status = profile.get("spec") or {}, profile.get("status") or {}
+    params = status.get("parameters") or []
+    pending = status.get("pendingRestart") or []
+    sources = sorted({p.get("source", "?") for p in params})
+    settings = f"{len(params)} managed" + (f" (from {', '.join(sources)})" if sources else "")
+    settings += f", {len(pending)} pending restart: {', '.join(pending)}" if pending else ", none pending restart"
+    if spec.get("tier"):
+        settings = f"tier {spec['tier']}, {settings}"
+
+    pooler = status.get("pooler")
+    if pooler:
+        pooling = f"{pooler.get('service')} ({pooler.get('instances')} instances"
+        pooling += f", pool mode {spec['pooling'].get('poolMode', 'transaction')}" if spec.get("pooling") else ""
+        pooling += f"), read-only {pooler['readOnlyService']}" if pooler.get("readOnlyService") else ")"
+    else:
+        pooling = "requested, not running yet" if spec.get("pooling") else "off"
+
+    want = (spec.get("readReplicas") or {}).get("instances", 0) if spec.get("readReplicas") else 0
+    replicas_status = status.get("replicas") or []
+    if want or replicas_status:
+        active = sum(1 for r in replicas_status if r.get("active"))
+        lag_b = [r["lagBytes"] for r in replicas_status if r.get("lagBytes") is not None]
+        lag_s = [r["lagSeconds"] for r in replicas_status if r.get("lagSeconds") is not None]
+        replicas = f"{active}/{want} streaming"
+        if lag_b or lag_s:
+            replicas += f", max lag {human_bytes(max(lag_b)) if lag_b else '-'}"
+            replicas += f" / {max(lag_s):.1f}s" if lag_s else ""
+    else:
+        replicas = "none"
+
+    cap = status.get("capacity") or {}
+    if cap.get("databaseBytes") is not None:
+        growth = cap.get("growthBytesPerMonth")
+        capacity = _join([
+            cap.get("databaseSize") or human_bytes(cap["databaseBytes"]),
+            f"growing {human_bytes(growth)}/month" if growth is not None else "growth known after a day of samples",
+            f"{human_bytes(cap['projectedBytes'])} in {cap.get('horizonMonths', '?')} months"
+            if cap.get("projectedBytes") is not None else None,
+            f"tier {cap['recommendedTier']} advised" if cap.get("recommendedTier") else None,
+        ])  # fmt: skip
+    else:
+        capacity = "no sample yet"
+
+    alerts = status.get("alerts") or []
+    alerting = (
+        ", ".join(f"{a.get('name')} {a.get('value')} > {a.get('threshold')} since {a.get('since')}" for a in alerts)
+        or "none"
+    )
+    lines = [("settings", settings), ("pooler", pooling), ("replicas", replicas), ("capacity", capacity)]
+    lines.append(("alerts", alerting))
+    if status.get("prometheusRule"):
+        lines.append(("rules", f"PrometheusRule {status['prometheusRule']}"))
+    return lines
+
+
+# --- the view ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One resource in a profile's table."""
+
+    kind: str
+    name: str
+    ready: str
+    state: str
+    reason: str
+    message: str
+    progress: str
+    table: str
+    generation: str
+    age: str
+    conditions: list[Obj] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """A DatabaseProfile (or a missing one that resources point at) and what uses it."""
+
+    namespace: str
+    name: str
+    found: bool
+    database: str
+    summary: list[tuple[str, str]]
+    rows: list[Row]
+
+
+def row(obj: Obj, now: datetime, wide: bool = False) -> Row:
+    """One resource as a table row."""
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    h = health(obj)
+    ready = condition(obj, "Ready")
+    table = spec.get("table") or {}
+    return Row(
+        kind=str(obj.get("kind", "?")),
+        name=str(meta.get("name", "?")),
+        ready=str(ready.get("status")) if ready else "-",
+        state=h.state,
+        reason=h.reason or "-",
+        message=h.message,
+        progress=progress(obj, wide),
+        table=f"{table.get('schema', 'public')}.{table['name']}" if table.get("name") else "-",
+        generation=f"{status.get('observedGeneration', '-')}/{meta.get('generation', '-')}",
+        age=_age(meta.get("creationTimestamp"), now),
+        conditions=list(status.get("conditions") or []),
+    )
+
+
+def _sort_key(obj: Obj) -> tuple[int, str]:
+    kind = obj.get("kind", "")
+    order = CHILD_KINDS.index(kind) if kind in CHILD_KINDS else len(CHILD_KINDS)
+    return order, (obj.get("metadata") or {}).get("name", "")
+
+
+def build(
+    profiles: list[Obj],
+    children: list[Obj],
+    secrets: Secrets,
+    *,
+    now: datetime,
+    only: str | None = None,
+    wide: bool = False,
+) -> list[ProfileView]:
+    """Group resources under the profile their spec.profileRef names; a missing profile gets a heading too."""
+    by_key: dict[tuple[str, str], Obj | None] = {}
+    for p in profiles:
+        meta = p.get("metadata") or {}
+        by_key[(meta.get("namespace", ""), meta.get("name", ""))] = p
+    uses: dict[tuple[str, str], list[Obj]] = {}
+    for c in children:
+        ref = ((c.get("spec") or {}).get("profileRef") or {}).get("name", "")
+        key = ((c.get("metadata") or {}).get("namespace", ""), ref)
+        uses.setdefault(key, []).append(c)
+        by_key.setdefault(key, None)
+    views = []
+    for key in sorted(by_key):
+        if only is not None and key[1] != only:
+            continue
+        profile = by_key[key]
+        rows = [row(profile, now, wide)] if profile else []
+        rows += [row(c, now, wide) for c in sorted(uses.get(key, []), key=_sort_key)]
+        if profile is None:
+            n = len(uses.get(key, []))
+            what = f"not found; {n} resource{'s' if n != 1 else ''} point{'s' if n == 1 else ''} at it"
+            views.append(ProfileView(key[0], key[1], False, what, [], rows))
+        else:
+            views.append(ProfileView(key[0], key[1], True, database(profile, secrets), profile_summary(profile), rows))
+    return views
+
+
+def _other_conditions(conditions: list[Obj]) -> str:
+    extra = [f"{c.get('type')}={c.get('status')}" for c in conditions if c.get("type") not in KSTATUS_CONDITIONS]
+    return ",".join(extra) or "-"
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "") -> str:
+    """Columns padded to their widest cell, two spaces apart, like kubectl get; the last one unpadded."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for r in [headers, *rows]:
+        cells = [cell.ljust(widths[i]) if i < len(r) - 1 else cell for i, cell in enumerate(r)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def render_text(views: list[ProfileView], wide: bool = False) -> str:
+    """One block per profile: its heading and summary, then a table of it and its policies."""
+    blocks = []
+    for view in views:
+        version = next((r.progress for r in view.rows if r.kind == PROFILE_KIND), "")
+        head = f"DatabaseProfile {view.namespace}/{view.name}: {view.database}"
+        if view.found and version.startswith("PostgreSQL"):
+            head += f", {version.split(',')[0]}"
+        lines = [head + "\n"]
+        width = max((len(label) for label, _ in view.summary), default=0)
+        lines += [f"  {label.ljust(width)}  {text}\n" for label, text in view.summary]
+        headers = ["KIND", "NAME", "READY", "STATE", "REASON", "PROGRESS"]
+        if wide:
+            headers += ["TABLE", "GEN", "CONDITIONS", "AGE"]
+        headers.append("MESSAGE")
+        cells = []
+        for r in view.rows:
+            line = [r.kind, r.name, r.ready, r.state, r.reason, r.progress]
+            if wide:
+                line += [r.table, r.generation, _other_conditions(r.conditions), r.age]
+            line.append(" ".join(r.message.split()) or "-")
+            cells.append(line)
+        lines.append("\n" + table(headers, cells, indent="  "))
+        blocks.append("".join(lines))
+    return "\n".join(blocks)
+
+
+def render_json(views: list[ProfileView]) -> str:
+    """The view as JSON, for scripts: the same grouping, states and progress as the table."""
+    out = []
+    for view in views:
+        data = asdict(view)
+        data["summary"] = dict(view.summary)
+        out.append(data)
+    return json.dumps({"profiles": out}, indent=2) + "\n"
+
+
+# --- reading from the API server --------------------------------------------------------
+
+
+@dataclass
+class Listing:
+    """Everything the view needs, as read from the API server."""
+
+    profiles: list[Obj]
+    children: list[Obj]
+    secrets: dict[tuple[str, str], dict[str, str] | None]
+
+
+def current_namespace(context: str | None = None, kubeconfig: str | None = None) -> str:
+    """The namespace kubectl would use: the pod's own, or the kubeconfig context's, else default."""
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(sa):
+        with open(sa) as f:
+            return f.read().strip()
+    from kubernetes import config
+
+    contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    chosen = next((c for c in contexts if c.get("name") == context), active) if context else active
+    return str((chosen or {}).get("context", {}).get("namespace") or "default")
+
+
+def load(namespace: str | None, only: str | None = None) -> Listing:
+    """The four kinds in one namespace (or all), and the Secrets of the profiles shown.
+
+    A Secret that cannot be read (RBAC) is left out: the view then names it instead of
+    the database it points at.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    from .api import GROUP, VERSION
+    from .kube import Kube
+
+    kube = Kube()
+
+    def items(plural: str) -> list[Obj]:
+        if namespace is None:
+            result = kube.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        else:
+            result = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        return list(cast("Obj", result).get("items", []))
+
+    profiles = items(PLURALS[PROFILE_KIND])
+    children = [obj for kind in CHILD_KINDS for obj in items(PLURALS[kind])]
+    secrets: dict[tuple[str, str], dict[str, str] | None] = {}
+    for p in profiles:
+        ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+        secret = ((p.get("spec") or {}).get("connection") or {}).get("secretRef", {}).get("name")
+        if not secret or (only is not None and name != only):
+            continue
+        try:
+            secrets[(ns, secret)] = kube.read_secret(ns, secret)
+        except (ApiException, UnicodeDecodeError):
+            continue  # forbidden, or not text: shown as "not readable"
+    return Listing(profiles, children, secrets)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`pgscale status` options, kubectl's names where kubectl has them."""
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="namespace to show (default: the kubeconfig context's)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="show every namespace")
+    p.add_argument("-o", "--output", choices=["text", "wide", "json"], default="text", help="output format")
+    p.add_argument("--context", help="kubeconfig context to use")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("profile", nargs="?", help="show only this DatabaseProfile (and what points at it)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Read, build, print; exit 1 when a named profile is nowhere to be found."""
+    from kubernetes import config
+
+    from .kube import load_config
+
+    if args.context or args.kubeconfig:
+        config.load_kube_config(config_file=args.kubeconfig, context=args.context)  # type: ignore[no-untyped-call]
+    else:
+        load_config()
+    namespace = None if args.all_namespaces else (args.namespace or current_namespace(args.context, args.kubeconfig))
+    listing = load(namespace, args.profile)
+    views = build(
+        listing.profiles,
+        listing.children,
+        listing.secrets,
+        now=datetime.now(UTC),
+        only=args.profile,
+        wide=args.output == "wide",
+    )
+    where = "any namespace" if namespace is None else f"namespace {namespace}"
+    if not views:
+        if args.profile:
+            print(f"DatabaseProfile {args.profile!r} not found in {where}", file=sys.stderr)
+            return 1
+        if args.output != "json":
+            print(f"No pgscale resources found in {where}.", file=sys.stderr)
+    if args.output == "json":
+        sys.stdout.write(render_json(views))
+    else:
+        sys.stdout.write(render_text(views, wide=args.output == "wide"))
+    return 0

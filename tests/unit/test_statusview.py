@@ -1,0 +1,308 @@
+"""`pgscale status` formatting: objects -> health, progress, rows -> text and JSON (no API server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pgscale import cli, statusview
+from pgscale.statusview import build, health, render_json, render_text
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+CREATED = "2025-03-01T10:00:00Z"
+
+
+def cond(ctype: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": CREATED, "observedGeneration": 1}  # fmt: skip
+
+
+def obj(kind: str, name: str, spec: dict[str, Any], status: dict[str, Any] | None, *, ns: str = "shop",
+        generation: int = 1) -> dict[str, Any]:  # fmt: skip
+    out: dict[str, Any] = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": ns, "generation": generation, "creationTimestamp": CREATED},
+        "spec": spec,
+    }
+    if status is not None:
+        out["status"] = status
+    return out
+
+
+READY = [cond("Ready", "True", "Connected", "Connected to PostgreSQL 15.8")]
+
+
+def profile(name: str = "app", ns: str = "shop", **status: Any) -> dict[str, Any]:
+    spec = {"connection": {"secretRef": {"name": "app-db"}}, "parameters": {"work_mem": "4MB"}}
+    return obj("DatabaseProfile", name, spec, {"observedGeneration": 1, "conditions": READY, **status}, ns=ns)
+
+
+def child(
+    kind: str, name: str, status: dict[str, Any] | None, profile_name: str = "app", **spec: Any
+) -> dict[str, Any]:
+    return obj(kind, name, {"profileRef": {"name": profile_name}, "table": {"name": "Task"}, **spec}, status)
+
+
+SECRET = {("shop", "app-db"): {"uri": "postgresql://app:secret@db.shop:5432/shop", "password": "secret"}}
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "generation", "spec", "state", "reason"),
+    [
+        (None, 1, {}, "InProgress", "NotObserved"),
+        ({"observedGeneration": 1, "conditions": READY}, 2, {}, "InProgress", "NotObserved"),
+        ({"observedGeneration": 1, "conditions": READY}, 1, {}, "Current", "Connected"),
+        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "TableNotFound"),
+                                                  cond("Stalled", "True", "TableNotFound", "spec.table")]},
+         1, {}, "Failed", "TableNotFound"),
+        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "Copying"),
+                                                  cond("Reconciling", "True", "Copying", "1/2 rows")]},
+         1, {}, "InProgress", "Copying"),
+        ({"observedGeneration": 1, "conditions": [cond("Ready", "Unknown", "Waiting")]}, 1, {}, "InProgress",
+         "Waiting"),
+        ({"observedGeneration": 1, "conditions": []}, 1, {}, "InProgress", "NoReadyCondition"),
+        # Suspended wins over Ready and Reconciling, not over Stalled.
+        ({"observedGeneration": 1, "conditions": READY}, 1, {"suspend": True}, "Suspended", "Suspended"),
+        ({"observedGeneration": 1, "conditions": [cond("Stalled", "True", "SecretNotFound")]}, 1, {"suspend": True},
+         "Failed", "SecretNotFound"),
+    ],
+)  # fmt: skip
+def test_health(status: Any, generation: int, spec: dict[str, Any], state: str, reason: str) -> None:
+    h = health(obj("RetentionPolicy", "p", spec, status, generation=generation))
+    assert (h.state, h.reason) == (state, reason)
+
+
+def test_terminating() -> None:
+    o = profile()
+    o["metadata"] |= {"deletionTimestamp": CREATED, "finalizers": ["pgscale.io/cleanup"]}
+    assert health(o) == statusview.Health("Terminating", "Deleting", "waiting for finalizers: pgscale.io/cleanup")
+
+
+# --- humane numbers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 2**20, "12.0 MiB"), (3 * 2**40, "3.0 TiB"),
+     (None, "-")],
+)  # fmt: skip
+def test_human_bytes(value: Any, text: str) -> None:
+    assert statusview.human_bytes(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"), [(0, "0s"), (46, "46s"), (60, "1m"), (320, "5m20s"), (7500, "2h5m"), (90000, "1d1h")]
+)
+def test_human_duration(value: float, text: str) -> None:
+    assert statusview.human_duration(value) == text
+
+
+def test_human_rate() -> None:
+    assert statusview.human_rate(0.5, "rows") == "0.5 rows/s"
+    assert statusview.human_rate(1234.4, "rows") == "1,234 rows/s"
+
+
+# --- progress per kind -------------------------------------------------------------------
+
+
+def test_file_migration_progress() -> None:
+    status = {"phase": "Copying", "progress": "45.0%", "rowsTotal": 1000, "rowsMigrated": 450, "rowsFailed": 3,
+              "rowsPerSecond": 12.0, "bytesPerSecond": 1.5 * 2**20, "etaSeconds": 46, "bytesMigrated": 5 * 2**20,
+              "jobName": "files-to-s3-copy-1", "lastError": "timeout"}  # fmt: skip
+    fm = child("FileMigration", "files-to-s3", status)
+    assert statusview.files_progress(fm) == (
+        "Copying 45.0% (450/1,000 rows, 3 failed), 12.0 rows/s, 1.5 MiB/s, ETA 46s"
+    )
+    wide = statusview.files_progress(fm, wide=True)
+    assert wide.endswith("5.0 MiB written, Job files-to-s3-copy-1, last error: timeout")
+    done = child("FileMigration", "f", {"phase": "Completed", "progress": "100.0%", "rowsTotal": 2,
+                                        "rowsMigrated": 2, "rowsPerSecond": 3.0})  # fmt: skip
+    assert statusview.files_progress(done) == "Completed 100.0% (2/2 rows)"
+    assert statusview.files_progress(child("FileMigration", "f", None)) == "-"
+
+
+def test_retention_progress() -> None:
+    running = {"lastRun": {"outcome": "Running", "rowsArchived": 1200, "rowsTotal": 4800, "rowsPerSecond": 400.0,
+                           "etaSeconds": 9}}  # fmt: skip
+    rp = child("RetentionPolicy", "r", running)
+    assert statusview.retention_progress(rp) == "running, 25.0%, 1,200/4,800 rows, 400 rows/s, ETA 9s"
+    last = {
+        "lastRun": {"outcome": "Succeeded", "rowsArchived": 1200, "durationSeconds": 3.2, "rowsPerSecond": 375.0},
+        "nextRunTime": "2025-04-01T02:00:00Z",
+        "totals": {"runs": 3, "rowsArchived": 5000, "rowsDeleted": 0},
+    }
+    rp = child("RetentionPolicy", "r", last)
+    assert statusview.retention_progress(rp) == "last run Succeeded: 1,200 archived in 3s 375 rows/s"
+    assert statusview.retention_progress(rp, wide=True).endswith(
+        "; next 2025-04-01T02:00:00Z; total 3 runs, 5,000 archived, 0 deleted"
+    )
+    dry = child("RetentionPolicy", "r", {"lastRun": {"outcome": "DryRun", "rowsMatched": 42}})
+    assert statusview.retention_progress(dry) == "last run DryRun: 42 rows would move"
+    assert statusview.retention_progress(child("RetentionPolicy", "r", {})) == "no run yet"
+
+
+def test_partition_progress() -> None:
+    converting = {"partitioned": False, "conversion": {"step": "copy", "rowsTotal": 10000, "rowsDone": 2500,
+                                                       "rowsPerSecond": 500.0, "etaSeconds": 15,
+                                                       "longestLockMs": 120}}  # fmt: skip
+    pp = child("PartitionPolicy", "p", converting)
+    assert statusview.partition_progress(pp) == "converting: copy, 25.0%, 2,500/10,000 rows, 500 rows/s, ETA 15s"
+    assert statusview.partition_progress(pp, wide=True).endswith("ETA 15s, longest lock 120 ms")
+    kept = {"partitioned": True, "partitionCount": 17, "nextMaintenanceTime": "2025-03-01T13:00:00Z",
+            "lastMaintenance": {"time": "2025-03-01T12:00:00Z", "created": ["Task_2025_07"], "detached": [],
+                                "dropped": [], "rowsMovedFromDefault": 5}}  # fmt: skip
+    pp = child("PartitionPolicy", "p", kept)
+    assert statusview.partition_progress(pp) == "17 partitions"
+    assert statusview.partition_progress(pp, wide=True) == (
+        "17 partitions; last maintenance 2025-03-01T12:00:00Z: created 1, 5 rows moved from DEFAULT; "
+        "next 2025-03-01T13:00:00Z"
+    )
+    assert statusview.partition_progress(child("PartitionPolicy", "p", {"partitioned": False})) == "not partitioned"
+
+
+def test_profile_summary() -> None:
+    p = profile(
+        serverVersion="15.8",
+        parameters=[{"name": "work_mem", "desired": "4MB", "source": "parameters"},
+                    {"name": "shared_buffers", "desired": "256MB", "source": "parameters", "pendingRestart": True}],
+        pendingRestart=["shared_buffers"],
+        pooler={"service": "app-pooler", "readOnlyService": "app-pooler-ro", "instances": 2, "configHash": "x"},
+        replicas=[{"name": "app-replica-0", "slot": "s0", "active": True, "lagBytes": 2048, "lagSeconds": 0.25},
+                  {"name": "app-replica-1", "slot": "s1", "active": False}],
+        capacity={"databaseBytes": 7 * 2**30, "databaseSize": "7 GB", "growthBytesPerMonth": 2**30,
+                  "projectedBytes": 19 * 2**30, "horizonMonths": 12, "recommendedTier": "production"},
+        alerts=[{"name": "ConnectionUtilization", "value": 91.0, "threshold": 80, "since": CREATED}],
+    )  # fmt: skip
+    p["spec"] |= {"pooling": {"poolMode": "session"}, "readReplicas": {"instances": 2}}
+    assert dict(statusview.profile_summary(p)) == {
+        "settings": "2 managed (from parameters), 1 pending restart: shared_buffers",
+        "pooler": "app-pooler (2 instances, pool mode session), read-only app-pooler-ro",
+        "replicas": "1/2 streaming, max lag 2.0 KiB / 0.2s",
+        "capacity": "7 GB, growing 1.0 GiB/month, 19.0 GiB in 12 months, tier production advised",
+        "alerts": f"ConnectionUtilization 91.0 > 80 since {CREATED}",
+    }
+    bare = dict(statusview.profile_summary(profile()))
+    assert bare == {"settings": "0 managed, none pending restart", "pooler": "off", "replicas": "none",
+                    "capacity": "no sample yet", "alerts": "none"}  # fmt: skip
+
+
+def test_database_never_shows_the_password() -> None:
+    p = profile()
+    assert statusview.database(p, SECRET) == "app@db.shop:5432/shop (Secret app-db)"
+    assert "secret" not in statusview.database(p, SECRET).replace("Secret", "")
+    assert statusview.database(p, {("shop", "app-db"): None}) == "Secret app-db not found"
+    assert statusview.database(p, {}) == "through Secret app-db (not readable)"
+    p["spec"]["connection"] |= {"host": "pg.shop", "dbname": "orders"}
+    assert statusview.database(p, {}) == "through Secret app-db (not readable), host pg.shop, dbname orders"
+    assert statusview.database(p, {("shop", "app-db"): {"username": "u"}}) == "u@pg.shop:5432/orders (Secret app-db)"
+    bad = statusview.database(profile(), {("shop", "app-db"): {"username": "u"}})
+    assert bad.startswith("Secret app-db: connection has no host, dbname")
+
+
+# --- the view ----------------------------------------------------------------------------
+
+
+def sample() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    profiles = [profile(serverVersion="15.8", capacity={"databaseBytes": 8 * 2**20, "databaseSize": "8 MB"}),
+                profile("reports")]  # fmt: skip
+    stalled = [
+        cond("Ready", "False", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
+        cond("Stalled", "True", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
+    ]
+    children = [
+        child("FileMigration", "files-to-s3", {"observedGeneration": 1, "phase": "Copying", "progress": "50.0%",
+              "rowsTotal": 10, "rowsMigrated": 5, "conditions": [cond("Ready", "False", "Copying", "Copying: 5/10"),
+              cond("Reconciling", "True", "Copying", "Copying: 5/10")]}),
+        child("RetentionPolicy", "archive", {"observedGeneration": 1, "conditions": [
+              cond("Ready", "True", "Scheduled", "next run 2025-04-01T02:00:00Z"),
+              cond("LastRunSucceeded", "True", "Succeeded")]}),
+        child("PartitionPolicy", "by-month", {"observedGeneration": 1, "conditions": stalled}),
+        child("RetentionPolicy", "lost", None, profile_name="gone"),
+    ]  # fmt: skip
+    return profiles, children
+
+
+def test_build_groups_by_profile_ref() -> None:
+    profiles, children = sample()
+    views = build(profiles, children, SECRET, now=NOW)
+    assert [(v.name, v.found) for v in views] == [("app", True), ("gone", False), ("reports", True)]
+    app, gone, reports = views
+    assert [(r.kind, r.name, r.state) for r in app.rows] == [
+        ("DatabaseProfile", "app", "Current"),
+        ("PartitionPolicy", "by-month", "Failed"),
+        ("RetentionPolicy", "archive", "Current"),
+        ("FileMigration", "files-to-s3", "InProgress"),
+    ]
+    assert app.database == "app@db.shop:5432/shop (Secret app-db)"
+    assert gone.database == "not found; 1 resource points at it"
+    assert [(r.name, r.ready, r.state) for r in gone.rows] == [("lost", "-", "InProgress")]
+    assert [r.name for r in reports.rows] == ["reports"]
+    assert [v.name for v in build(profiles, children, SECRET, now=NOW, only="app")] == ["app"]
+
+
+def test_same_profile_name_in_two_namespaces_stays_apart() -> None:
+    views = build([profile(ns="a"), profile(ns="b")], [child("FileMigration", "f", None)], {}, now=NOW)
+    assert [(v.namespace, v.name, len(v.rows)) for v in views] == [("a", "app", 1), ("b", "app", 1), ("shop", "app", 1)]
+    assert views[2].found is False
+
+
+def test_render_text() -> None:
+    profiles, children = sample()
+    text = render_text(build(profiles, children, SECRET, now=NOW))
+    lines = text.splitlines()
+    assert lines[0] == "DatabaseProfile shop/app: app@db.shop:5432/shop (Secret app-db), PostgreSQL 15.8"
+    assert lines[1:6] == [
+        "  settings  0 managed, none pending restart",
+        "  pooler    off",
+        "  replicas  none",
+        "  capacity  8 MB, growth known after a day of samples",
+        "  alerts    none",
+    ]
+    header = lines[7]
+    assert header.split() == ["KIND", "NAME", "READY", "STATE", "REASON", "PROGRESS", "MESSAGE"]
+    # Columns line up: every row's STATE starts where the header's does.
+    col = header.index("STATE")
+    table = lines[7:12]
+    assert [line[col:].split()[0] for line in table] == ["STATE", "Current", "Failed", "Current", "InProgress"]
+    assert "by-month     False  Failed      TableNotFound  -" in text
+    assert 'spec.table: table "public"."task" does not exist' in text
+    assert "Copying 50.0% (5/10 rows)" in text
+    assert "DatabaseProfile shop/gone: not found; 1 resource points at it" in text
+    assert "RetentionPolicy  lost  -      InProgress  NotObserved" in text
+
+
+def test_render_wide_adds_table_generation_conditions_age() -> None:
+    profiles, children = sample()
+    text = render_text(build(profiles, children, SECRET, now=NOW, wide=True), wide=True)
+    header = next(line for line in text.splitlines() if "KIND" in line)
+    assert header.split() == ["KIND", "NAME", "READY", "STATE", "REASON", "PROGRESS", "TABLE", "GEN", "CONDITIONS",
+                              "AGE", "MESSAGE"]  # fmt: skip
+    archive = next(line for line in text.splitlines() if " archive " in line)
+    assert "public.Task" in archive and "1/1" in archive and "LastRunSucceeded=True" in archive and "2h" in archive
+
+
+def test_render_json() -> None:
+    profiles, children = sample()
+    data = json.loads(render_json(build(profiles, children, SECRET, now=NOW)))
+    app = data["profiles"][0]
+    assert app["summary"]["pooler"] == "off" and app["found"] is True
+    fm = next(r for r in app["rows"] if r["kind"] == "FileMigration")
+    assert fm["state"] == "InProgress" and fm["reason"] == "Copying" and fm["conditions"][1]["type"] == "Reconciling"
+
+
+def test_cli_parses_status_like_kubectl() -> None:
+    args = cli.parser().parse_args(["status", "-n", "shop", "-o", "wide", "app"])
+    assert (args.namespace, args.output, args.profile, args.func) == ("shop", "wide", "app", cli.cmd_status)
+    args = cli.parser().parse_args(["status", "-A"])
+    assert args.all_namespaces and args.profile is None
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["status", "-A", "-n", "shop"])
+    assert isinstance(args, argparse.Namespace)
