@@ -63,6 +63,21 @@ class ConversionSpec(Model):
             "(key, partition column) instead of per key."
         ),
     )
+    drop_referencing_foreign_keys: bool = Field(
+        default=False,
+        description=(
+            "Drop foreign keys of other tables that reference this table, at the switch (Postgres cannot "
+            "point one at a partitioned table's key unless it includes the partition column). The Event "
+            "names each one dropped."
+        ),
+    )
+    keep_old_table: bool = Field(
+        default=False,
+        description=(
+            "Keep the original table, renamed <table>_pgscale_old, after the switch; by default it is "
+            "dropped once the partitioned copy was verified (count and checksum) against it."
+        ),
+    )
 
 
 class RetentionSpec(Model):

@@ -1,0 +1,363 @@
+"""Converting a live, non-partitioned table into range partitions: plan (pure) and drive (I/O).
+
+The steps and why each is safe are in ``pg/conversion.py``. This module decides whether
+the table can be converted at all (``blockers``: nothing is changed when it cannot), which
+partitions the new table starts with, and runs the steps in order, each resumable: the
+state row in the profile's state schema says where a killed run stops, and the next run
+continues from there. ``budget`` bounds one call (the operator works in slices and
+reports progress between them); the CLI runs to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from . import faults, pg
+from .api.partitionpolicy import PartitionPolicySpec
+from .checks import base_type
+from .durations import seconds
+from .errors import DependencyError, SpecError, TransientError
+from .partitioning import Range, add_periods, partition_name, period_start, wanted
+from .pg import conversion as sqlc
+from .pg import partitions as sqlp
+from .progress import eta
+
+log = logging.getLogger(__name__)
+
+MAX_PARTITIONS = 1000  # more than this at conversion time: a coarser interval is the fix
+
+
+@dataclass
+class Report:
+    """Where a conversion stands after one call."""
+
+    phase: str  # prepared, copied, verified, swapped, done
+    rows_total: int | None = None
+    rows_copied: int = 0
+    rows_per_second: float | None = None
+    eta_seconds: int | None = None
+    longest_lock_ms: int = 0
+    lock_retries: int = 0
+    started_at: Any = None
+    finished: bool = False
+    events: list[tuple[str, str, bool]] | None = None
+
+
+def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
+    """Why the table cannot be converted as the spec stands, each with what the spec or the schema can do."""
+    name = spec.table.qualified()
+    conv = spec.conversion
+    widen = bool(conv and conv.widen_keys)
+    drop_incoming = bool(conv and conv.drop_referencing_foreign_keys)
+    out: list[str] = []
+    if not shape.primary_key:
+        out.append(f"{name} has no primary key; add one (pgscale copies rows by key, exactly once)")
+    for index in shape.indexes:
+        lacks = spec.column not in index.columns
+        if index.constraint_type == "x":
+            out.append(f"exclusion constraint {index.constraint!r} cannot be kept on a partitioned table; drop it")
+        elif index.constraint_type in ("p", "u") and lacks and not widen:
+            what = "primary key" if index.constraint_type == "p" else "unique constraint"
+            out.append(
+                f"{what} {index.constraint!r} ({', '.join(index.columns)}) lacks the partition column "
+                f"{spec.column!r}; set spec.conversion.widenKeys: true to make it ({', '.join(index.columns)}, "
+                f"{spec.column}) (uniqueness then holds per {spec.column})"
+            )
+        elif index.constraint_type is None and index.unique and lacks:
+            out.append(
+                f"unique index {index.name!r} lacks the partition column {spec.column!r}; include it, or make it "
+                "a UNIQUE constraint and set spec.conversion.widenKeys: true"
+            )
+        elif index.constraint_type is None and index.tail is None:
+            out.append(f"index {index.name!r} has a definition pgscale cannot rebuild: {index.definition}")
+    if shape.incoming and not drop_incoming:
+        names = ", ".join(f"{fk.name!r} on {fk.table}" for fk in shape.incoming)
+        out.append(
+            f"foreign keys reference {name} ({names}); Postgres cannot point a foreign key at a "
+            "partitioned table's key without the partition column: drop them, or set "
+            "spec.conversion.dropReferencingForeignKeys: true to have pgscale drop them at the switch"
+        )
+    if shape.views:
+        out.append(
+            f"views depend on {name} ({', '.join(shape.views)}); they would keep reading the old "
+            "table: drop them, and re-create them after the conversion"
+        )
+    if shape.triggers:
+        out.append(f"triggers on {name} ({', '.join(shape.triggers)}) are not carried over; drop them first")
+    if shape.rls:
+        out.append(f"{name} uses row-level security, which pgscale does not carry over; disable it first")
+    if shape.publications:
+        out.append(
+            f"{name} is in publications ({', '.join(shape.publications)}); logical replication "
+            "would stop at the switch: remove it from them first"
+        )
+    if shape.inheritance:
+        out.append(f"{name} takes part in table inheritance; pgscale converts plain tables only")
+    return out
+
+
+def starting_ranges(spec: PartitionPolicySpec, table: str, first: Any, last: Any, now: datetime) -> list[Range]:
+    """The new table's partitions: every period from the oldest row to the newest, plus the wanted ones."""
+    ahead = wanted(spec.interval, spec.time_zone, now, spec.premake, spec.naming_pattern, table)
+    start = ahead[0].start
+    end = ahead[-1].end
+    if first is not None:
+        start = min(start, period_start(spec.interval, first))
+    if last is not None:
+        end = max(end, add_periods(spec.interval, period_start(spec.interval, last), 1))
+    out: list[Range] = []
+    cursor = start
+    while cursor < end:
+        nxt = add_periods(spec.interval, cursor, 1)
+        out.append(Range(partition_name(spec.naming_pattern, spec.interval, table, cursor), cursor, nxt))
+        cursor = nxt
+        if len(out) > MAX_PARTITIONS:
+            raise SpecError(
+                "interval",
+                f"the rows of {table} span more than {MAX_PARTITIONS} {spec.interval} partitions "
+                f"(from {first} to {last}); choose a coarser interval",
+                reason="TooManyPartitions",
+            )
+    return out
+
+
+def lock_ms(spec: PartitionPolicySpec) -> int:
+    return int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+
+
+def _report(state: sqlc.State | None, now: float | None = None) -> Report:
+    if state is None:
+        return Report(phase="none")
+    rate = None
+    left = None
+    if state.copy_started_at is not None and state.rows_copied:
+        elapsed = max(((state.updated_at - state.copy_started_at).total_seconds()), 1e-3)
+        rate = state.rows_copied / elapsed
+        left = eta(state.rows_copied, state.rows_total, rate) if state.phase == "prepared" else 0
+    return Report(
+        phase=state.phase, rows_total=state.rows_total, rows_copied=state.rows_copied, rows_per_second=rate,
+        eta_seconds=left, longest_lock_ms=state.longest_lock_ms, lock_retries=state.lock_retries,
+        started_at=state.started_at, finished=state.phase == "done",
+    )  # fmt: skip
+
+
+def status(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> Report:
+    """Where the conversion of the policy's table stands, read from its state row."""
+    return _report(sqlc.load_state(conn, state_schema, spec.table.schema_, spec.table.name))
+
+
+def _with_lock_retries(
+    conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, what: str, step: Callable[[], int],
+    deadline: float | None,
+) -> int:  # fmt: skip
+    """Run a step that must lock the table, retrying while the application holds the lock."""
+    schema, table = spec.table.schema_, spec.table.name
+    retries = spec.conversion.max_retries if spec.conversion else 60
+    for attempt in range(retries + 1):
+        try:
+            return step()
+        except psycopg.errors.LockNotAvailable:
+            if what != "prepare":  # before prepare there is no state row to count in
+                sqlc.note_retry(conn, state_schema, schema, table)
+            log.info("%s of %s.%s gave way to the application (attempt %d)", what, schema, table, attempt + 1)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(min(0.2 * (attempt + 1), 2.0))
+    raise TransientError(
+        f"{what} of {schema}.{table} could not lock the table within spec.conversion.lockTimeout "
+        f"({spec.conversion.lock_timeout if spec.conversion else '1s'}); long transactions of the application "
+        "hold it: it is retried",
+        reason="LockTimeout",
+        retry_seconds=10,
+    )
+
+
+def convert(
+    conn: psycopg.Connection,
+    spec: PartitionPolicySpec,
+    state_schema: str,
+    now: datetime,
+    *,
+    budget: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Report:
+    """Advance the conversion as far as `budget` seconds allow (None: to the end)."""
+    schema, table = spec.table.schema_, spec.table.name
+    deadline = None if budget is None else time.monotonic() + budget
+    conv = spec.conversion
+    ms = lock_ms(spec)
+    events: list[tuple[str, str, bool]] = []
+    if not sqlc.try_lock(conn, schema, table):
+        report = status(conn, state_schema, spec)
+        report.events = [("ConversionBusy", "another pgscale run is working on this table", False)]
+        return report
+    try:
+        state = sqlc.load_state(conn, state_schema, schema, table)
+        partitioned = pg.is_partitioned(conn, schema, table)
+        if state is not None and state.phase == "done" and not partitioned:
+            sqlc.forget_state(conn, state_schema, schema, table)  # the table was re-created since
+            state = None
+        if state is None:
+            if partitioned:
+                return Report(phase="done", finished=True)
+            _prepare(conn, spec, state_schema, now, ms, deadline)
+            events.append(("ConversionStarted", f"copying {schema}.{table} into a partitioned table "
+                           f"{sqlc.shadow_name(table)} kept in sync by a trigger", False))  # fmt: skip
+            faults.checkpoint("after-prepare")
+            state = sqlc.load_state(conn, state_schema, schema, table)
+            assert state is not None
+        shape = sqlc.inspect(conn, schema, table) if state.phase in ("prepared", "copied", "verified") else None
+        if shape is not None and not _same_columns(conn, schema, table, state.shadow):
+            sqlc.abort(conn, state_schema, schema, table, ms)
+            raise TransientError(
+                f"the columns of {schema}.{table} changed during the conversion; it starts over",
+                reason="ConversionRestarted", retry_seconds=1,
+            )  # fmt: skip
+        if state.phase == "prepared":
+            assert shape is not None
+            batch = conv.batch_size if conv else 10000
+            pause = seconds(conv.pause_between_batches) if conv else 0.0
+            cursor = state.cursor
+            batches = 0
+            while True:
+                if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
+                    return _finish(conn, state_schema, spec, events)
+                try:
+                    read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, cursor, batch, ms)
+                except psycopg.errors.LockNotAvailable:
+                    sqlc.note_retry(conn, state_schema, schema, table)
+                    time.sleep(0.2)
+                    continue
+                batches += 1
+                faults.checkpoint(f"copy-batch-{batches}")
+                if on_batch:
+                    on_batch(read)
+                if read < batch:
+                    break
+                if pause:
+                    time.sleep(pause)
+            sqlc.update_state(conn, state_schema, schema, table, phase="copied")
+            faults.checkpoint("after-copy")
+            state.phase = "copied"
+        if state.phase == "copied":
+            assert shape is not None
+            source, copy = sqlc.verify(conn, schema, table, shape)
+            if source != copy:
+                sqlc.update_state(conn, state_schema, schema, table,
+                                  message=f"verification failed: table {source}, copy {copy}")  # fmt: skip
+                raise DependencyError(
+                    f"verification of the copy of {schema}.{table} failed ({source[0]} rows in the table, "
+                    f"{copy[0]} in the copy, checksums differ: {source[1] != copy[1]}); the table is untouched. "
+                    "Delete and re-create the PartitionPolicy to start over, and report this",
+                    reason="VerificationFailed",
+                )
+            sqlc.update_state(conn, state_schema, schema, table, phase="verified", verified_rows=source[0])
+            events.append(("ConversionVerified", f"{source[0]} rows in {schema}.{table} and in the partitioned "
+                           "copy, with equal checksums", False))  # fmt: skip
+            faults.checkpoint("after-verify")
+            state.phase = "verified"
+        if state.phase == "verified":
+            assert shape is not None
+            fresh = shape
+            drop = bool(conv and conv.drop_referencing_foreign_keys)
+            held = _with_lock_retries(
+                conn, state_schema, spec, "the switch",
+                lambda: sqlc.swap(conn, state_schema, schema, table, fresh, drop, ms, faults.checkpoint), deadline,
+            )  # fmt: skip
+            message = f"{schema}.{table} is now partitioned by {spec.column!r}; the table was locked {held} ms"
+            if drop and shape.incoming:
+                message += "; dropped foreign keys " + ", ".join(f"{fk.name} on {fk.table}" for fk in shape.incoming)
+            events.append(("ConversionSwitched", message, False))
+            faults.checkpoint("after-swap")
+            state.phase = "swapped"
+        if state.phase == "swapped":
+            oid = _old_oid(conn, schema, table)
+            keep = bool(conv and conv.keep_old_table)
+
+            def cleanup() -> int:
+                sqlc.cleanup(conn, state_schema, schema, table, oid, keep, ms)
+                return 0
+
+            _with_lock_retries(conn, state_schema, spec, "dropping the old table", cleanup, deadline)
+            if not keep:
+                events.append(("OldTableDropped", f"dropped {sqlc.old_name(table)} (verified copy in place)", False))
+        return _finish(conn, state_schema, spec, events)
+    finally:
+        sqlc.unlock(conn, schema, table)
+
+
+def _finish(
+    conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, events: list[tuple[str, str, bool]]
+) -> Report:
+    report = status(conn, state_schema, spec)
+    report.events = events
+    return report
+
+
+def _prepare(
+    conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, now: datetime, ms: int,
+    deadline: float | None,
+) -> None:  # fmt: skip
+    schema, table = spec.table.schema_, spec.table.name
+    shape = sqlc.inspect(conn, schema, table)
+    problems = blockers(shape, spec)
+    if problems:
+        raise SpecError(
+            "conversion",
+            f"{spec.table.qualified()} cannot be converted (nothing was changed): " + "; ".join(problems),
+            reason="ConversionBlocked",
+        )
+    column_type = base_type(shape.types[spec.column])
+    first, last = sqlc.local_day_range(conn, schema, table, spec.column, column_type, spec.time_zone)
+    try:
+        ranges = starting_ranges(spec, table, first, last, now)
+    except ValueError as exc:
+        raise SpecError("namingPattern", str(exc)) from exc
+    default_name = f"{table}_default"[:63]
+    taken = sqlc.existing_tables(conn, schema, [r.name for r in ranges] + [default_name, sqlc.shadow_name(table),
+                                                                         sqlc.old_name(table)])  # fmt: skip
+    if taken:
+        raise SpecError(
+            "namingPattern",
+            f"tables named like the new partitions already exist in schema {schema!r}: {', '.join(taken)}; "
+            "rename or drop them, or choose another spec.namingPattern",
+            reason="NameConflict",
+        )
+    bounds = [
+        sqlc.Bounds(r.name, sqlp.bound_literal(column_type, r.start, spec.time_zone),
+                    sqlp.bound_literal(column_type, r.end, spec.time_zone))
+        for r in ranges
+    ]  # fmt: skip
+    widen = bool(spec.conversion and spec.conversion.widen_keys)
+    total = sqlc.estimate_rows(conn, schema, table)
+
+    def step() -> int:
+        return sqlc.prepare(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen,
+                            total, ms)  # fmt: skip
+
+    _with_lock_retries(conn, state_schema, spec, "prepare", step, deadline)
+
+
+def _same_columns(conn: psycopg.Connection, schema: str, table: str, shadow: str) -> bool:
+    a, b = pg.table_columns(conn, schema, table), pg.table_columns(conn, schema, shadow)
+    if a is None or b is None:
+        return False
+    return [(c.name, c.type) for c in a.values()] == [(c.name, c.type) for c in b.values()]
+
+
+def _old_oid(conn: psycopg.Connection, schema: str, table: str) -> int:
+    """The old table's oid, which the trigger functions are named after."""
+    row = conn.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (schema, sqlc.old_name(table)),
+    ).fetchone()
+    return int(row[0]) if row else 0
