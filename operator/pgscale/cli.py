@@ -20,6 +20,10 @@ JobCommand = Callable[[argparse.Namespace], int]
 JOBS: dict[str, tuple[str, str]] = {
     "retention": ("one run of a RetentionPolicy: archive or delete old rows in batches", "pgscale.jobs.retention"),
     "file-migration": ("move the files of a FileMigration to object storage", "pgscale.jobs.files"),
+    "partition-maintenance": (
+        "convert a PartitionPolicy's table if needed, then create, detach or drop partitions",
+        "pgscale.jobs.partitions",
+    ),
 }
 
 
