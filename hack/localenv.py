@@ -26,6 +26,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a loopback-only test cluster
@@ -186,6 +188,13 @@ contexts:
 current-context: pgscale-local
 """
         )
+
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path, duration: str = "12h") -> Path:
+        """A kubeconfig with a token of a ServiceAccount (TokenRequest API): who a pod running as it would be."""
+        token = self.kubectl_run("create", "token", name, "-n", namespace, f"--duration={duration}",
+                                 check=True).stdout.strip()  # fmt: skip
+        self._write_kubeconfig(path, token, f"system:serviceaccount:{namespace}:{name}")
+        return path
 
     def kubectl_run(self, *args: str, input: str | None = None, check: bool = False,
                     timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -370,6 +379,20 @@ class OperatorProcess:
 
     def stop(self) -> None:
         _stop(self.proc, timeout=20)
+
+
+def operator_identity(cp: ControlPlane, workdir: Path, manifests: Path = ROOT / "manifests") -> Path:
+    """Install the operator's ServiceAccount and RBAC from manifests/ (rendered from the Helm chart) and
+    return a kubeconfig for that ServiceAccount: the operator then has exactly the chart's permissions."""
+    accounts: list[tuple[str, str]] = []
+    for name in ("namespace.yaml", "rbac.yaml"):
+        cp.kubectl_run("apply", "--server-side", "-f", str(manifests / name), check=True)
+        for doc in yaml.safe_load_all((manifests / name).read_text()):
+            if doc and doc["kind"] == "ServiceAccount":
+                accounts.append((doc["metadata"]["namespace"], doc["metadata"]["name"]))
+    assert len(accounts) == 1, f"expected one ServiceAccount in {manifests}, found {accounts}"
+    (workdir / "operator").mkdir(parents=True, exist_ok=True)
+    return cp.service_account_kubeconfig(*accounts[0], workdir / "operator" / "kubeconfig")
 
 
 @contextlib.contextmanager

@@ -73,8 +73,18 @@ def s3_server(workdir: Path) -> Iterator[localenv.S3Server]:
 
 
 @pytest.fixture(scope="session")
-def operator(workdir: Path, control_plane: localenv.ControlPlane) -> Iterator[localenv.OperatorProcess]:
-    op = localenv.OperatorProcess(workdir, control_plane.kubeconfig)
+def operator_kubeconfig(workdir: Path, control_plane: localenv.ControlPlane) -> Path:
+    """The identity the operator runs as: the chart's ServiceAccount with the chart's ClusterRole (manifests/).
+
+    So every e2e test also shows that operator/pgscale/rbac.py grants enough for what it exercises.
+    """
+    return localenv.operator_identity(control_plane, workdir)
+
+
+@pytest.fixture(scope="session")
+def operator(workdir: Path, control_plane: localenv.ControlPlane,
+             operator_kubeconfig: Path) -> Iterator[localenv.OperatorProcess]:  # fmt: skip
+    op = localenv.OperatorProcess(workdir, operator_kubeconfig)
     try:
         yield op.start("--all-namespaces")
     finally:
