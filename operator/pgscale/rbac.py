@@ -50,10 +50,11 @@ NAMESPACED: tuple[Rule, ...] = (
          "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table"),
     Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
          "status, conditions and observedGeneration are merge-patched on the status subresource"),
-    Rule(GROUP, ("databaseprofiles", "retentionpolicies"), ("patch",),
-         "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the two kinds "
-         "that keep something outside the cluster (replication slots, a pg_cron job)"),
-    Rule(GROUP, ("databaseprofiles/finalizers", "retentionpolicies/finalizers", "filemigrations/finalizers"),
+    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies"), ("patch",),
+         "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the kinds "
+         "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job)"),
+    Rule(GROUP, ("databaseprofiles/finalizers", "partitionpolicies/finalizers", "retentionpolicies/finalizers",
+                 "filemigrations/finalizers"),
          ("update",),
          "owned objects carry blockOwnerDeletion owner references to these kinds; clusters enforcing "
          "OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that"),
@@ -64,7 +65,7 @@ NAMESPACED: tuple[Rule, ...] = (
          "PgBouncer's config Secret and Service; the replicas' -ro/-rw Services and bootstrap ConfigMap"),
     Rule("apps", ("deployments", "statefulsets"), WRITE, "PgBouncer's Deployment; the replicas' StatefulSet"),
     Rule("discovery.k8s.io", ("endpointslices",), WRITE, "the -rw Service's EndpointSlice to the primary"),
-    Rule("batch", ("cronjobs",), WRITE, "a RetentionPolicy's CronJob"),
+    Rule("batch", ("cronjobs",), WRITE, "a RetentionPolicy's CronJob; a PartitionPolicy's maintenance CronJob"),
     Rule("batch", ("jobs",), ("get", "list", "watch", *WRITE),
          "a FileMigration's Job per phase (read to see it finish, deleted to stop it); kopf watches the Jobs "
          "pgscale labelled so a policy's status follows its runs"),
