@@ -21,6 +21,7 @@ from .checks import base_type
 from .durations import seconds
 from .errors import SpecError
 from .partitioning import Range, keep_from, range_for, wanted
+from .pg import conversion as sqlc
 from .pg import partitions as sqlp
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,22 @@ class Report:
     dropped: list[str] = field(default_factory=list)
     moved_from_default: int = 0
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
+    busy: bool = False  # another run (the CronJob, a conversion) holds the table: nothing done
     partitions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
+    """One maintenance pass; one at a time per table, whoever runs it (operator or CronJob)."""
+    schema, table = spec.table.schema_, spec.table.name
+    if not sqlc.try_lock(conn, schema, table):
+        return Report(busy=True)
+    try:
+        return _maintain(conn, spec, now)
+    finally:
+        sqlc.unlock(conn, schema, table)
+
+
+def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
     report = Report()
     schema, table = spec.table.schema_, spec.table.name
     columns = pg.table_columns(conn, schema, table) or {}
@@ -85,6 +98,14 @@ def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime)
             # A lock the application holds, or a range a hand-made partition already covers.
             log.info("partition %s not created now: %s", name, str(exc).strip())
             report.skipped.append(name)
+    if spec.default_partition == "none" and default is not None:
+        # A conversion always starts with one (writes outside every range must not fail meanwhile);
+        # once its rows have partitions of their own, it goes, as the spec asks.
+        try:
+            if sqlp.drop_if_empty(conn, default, schema, table, lock_ms):
+                report.dropped.append(default.name)
+        except psycopg.errors.LockNotAvailable:
+            report.skipped.append(default.name)
     for part in sqlp.pending_detaches(conn, schema, table):
         # A concurrent detach that gave way earlier: finish it first (it blocks every other detach).
         action = spec.retention.action if spec.retention else "detach"

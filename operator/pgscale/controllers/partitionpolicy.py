@@ -1,4 +1,4 @@
-"""PartitionPolicy controller: check the table, keep the maintenance CronJob."""
+"""PartitionPolicy controller: convert the table (in slices), keep its partitions, keep the CronJob."""
 
 from __future__ import annotations
 
@@ -11,58 +11,128 @@ from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.partitionpolicy import PartitionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
+from ..conversion import Report as Conversion
+from ..conversion import convert, lock_ms
+from ..conversion import status as conversion_status
 from ..durations import seconds
-from ..errors import SpecError
 from ..kube import ObjectRef
 from ..maintenance import maintain
+from ..pg import conversion as sqlc
 from ..schedule import rfc3339, zone
-from .base import CONFLICT, Context, Result, StatusWriter, profile_connection, same_table
+from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
+
+SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
+IN_FLIGHT = ("prepared", "copied", "verified", "swapped")
+
+
+def conversion_fields(report: Conversion) -> dict[str, Any]:
+    """status.conversion from the state row: counts, rate, ETA and the longest lock."""
+    rate = round(report.rows_per_second, 1) if report.rows_per_second is not None else None
+    started = report.started_at.astimezone(UTC) if report.started_at is not None else None
+    return {
+        "step": report.phase, "rowsTotal": report.rows_total, "rowsDone": report.rows_copied,
+        "rowsPerSecond": rate, "etaSeconds": report.eta_seconds,
+        "startedAt": rfc3339(started) if started else None, "longestLockMs": report.longest_lock_ms,
+    }  # fmt: skip
 
 
 class PartitionPolicyController:
-    """Validates the table and partition column against the database."""
+    """Converts a plain table online, then creates partitions ahead and retires them behind."""
 
     kind = PARTITION_POLICY
 
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         zone(spec.time_zone)
-        info = profile_connection(ctx, ref.namespace, spec.profile_ref.name)
+        profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        schema, table = spec.table.schema_, spec.table.name
+        maintenance = spec.maintenance
+        interval = seconds(maintenance.interval) if maintenance else 3600.0
         events: list[tuple[str, str, bool]] = []
-        report = None
+        self._cron_job(ctx, obj, ref, spec, profile)
+        self._conflict(ctx, obj, ref, spec, status)
         with pg.connect(info) as conn:
             columns = require_table(conn, spec.table)
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
-            partitioned = pg.is_partitioned(conn, spec.table.schema_, spec.table.name)
-            if partitioned and not spec.suspend:
-                report = maintain(conn, spec, datetime.now(UTC))
-        status.update(partitioned=partitioned)
+            partitioned = pg.is_partitioned(conn, schema, table)
+            progress = conversion_status(conn, profile.state_schema, spec)
+            converting = not partitioned or progress.phase in IN_FLIGHT
+            ensure_finalizer(ctx, self.kind, obj, needed=converting and progress.phase in IN_FLIGHT[:3])
+            if converting:
+                if spec.suspend:
+                    status.update(partitioned=partitioned, conversion=conversion_fields(progress))
+                    return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
+                                  f"{progress.phase}", requeue_after=interval)  # fmt: skip
+                if spec.conversion is not None and not spec.conversion.enabled:
+                    if sqlc.abort(conn, profile.state_schema, schema, table, lock_ms(spec)):
+                        events.append(("ConversionAborted", "conversion disabled: the copy and its trigger were "
+                                       f"removed; {spec.table.qualified()} is as it was", False))  # fmt: skip
+                    status.update(partitioned=False, conversion=None)
+                    return Result("NotPartitioned", f"{spec.table.qualified()} is not partitioned; conversion is "
+                                  "disabled (spec.conversion.enabled: false)", requeue_after=interval,
+                                  events=events)  # fmt: skip
+                report = convert(conn, spec, profile.state_schema, datetime.now(UTC), budget=SLICE_SECONDS)
+                events += report.events or []
+                status.update(conversion=conversion_fields(report))
+                if not report.finished:
+                    status.update(partitioned=False)
+                    done = f"{report.rows_copied}" + (f"/{report.rows_total}" if report.rows_total else "")
+                    return Result("Converting", f"{spec.table.qualified()}: {report.phase}, {done} rows copied",
+                                  done=False, requeue_after=0.5, events=events)  # fmt: skip
+                ensure_finalizer(ctx, self.kind, obj, needed=False)
+            if spec.suspend:
+                status.update(partitioned=True)
+                return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
+            report_m = maintain(conn, spec, datetime.now(UTC))
+        if report_m.busy:
+            return Result("Maintained", f"{spec.table.qualified()}: another maintenance run holds the table; "
+                          "looked at again shortly", requeue_after=30, events=events)  # fmt: skip
+        status.update(
+            partitioned=True,
+            partitions=report_m.partitions,
+            partitionCount=len(report_m.partitions),
+            lastMaintenance={"time": now_rfc3339(), "created": report_m.created, "detached": report_m.detached,
+                             "dropped": report_m.dropped, "rowsMovedFromDefault": report_m.moved_from_default},
+            nextMaintenanceTime=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
+        )  # fmt: skip
+        for verb, names in (("Created", report_m.created), ("Detached", report_m.detached),
+                            ("Dropped", report_m.dropped)):  # fmt: skip
+            if names:
+                events.append((f"Partitions{verb}", ", ".join(names), False))
+        if report_m.moved_from_default:
+            events.append(("RowsMovedFromDefault", f"{report_m.moved_from_default} rows moved out of the "
+                           "DEFAULT partition into their partitions", False))  # fmt: skip
+        message = f"{spec.table.qualified()}: {len(report_m.partitions)} partitions, {spec.interval} by {spec.column!r}"
+        if report_m.skipped:
+            message += f"; retried next time: {', '.join(report_m.skipped)}"
+        return Result("Maintained", message, requeue_after=interval, events=events)
+
+    def _cron_job(
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: Any
+    ) -> None:
+        """The optional CronJob running `pgscale job partition-maintenance` (removed when not asked for)."""
         maintenance = spec.maintenance
-        interval = seconds(maintenance.interval) if maintenance else 3600.0
-        if report is not None:
-            now = now_rfc3339()
-            status.update(
-                partitions=report.partitions,
-                partitionCount=len(report.partitions),
-                lastMaintenance={"time": now, "created": report.created, "detached": report.detached,
-                                 "dropped": report.dropped, "rowsMovedFromDefault": report.moved_from_default},
-                nextMaintenanceTime=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
-            )  # fmt: skip
-            for verb, names in (("Created", report.created), ("Detached", report.detached),
-                                ("Dropped", report.dropped)):  # fmt: skip
-                if names:
-                    events.append((f"Partitions{verb}", ", ".join(names), False))
-            if report.moved_from_default:
-                events.append(("RowsMovedFromDefault", f"{report.moved_from_default} rows moved out of the "
-                               "DEFAULT partition into their partitions", False))  # fmt: skip
-        if maintenance and maintenance.cron_job:
-            ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "partition-maintenance"))
-            raise SpecError(
-                "maintenance.cronJob",
-                "running maintenance from a CronJob is not available in this pgscale version; "
-                "set maintenance.cronJob: false",
-                reason="Unsupported",
+        name = builders.job_name(ref, "partition-maintenance")
+        if not (maintenance and maintenance.cron_job):
+            ctx.kube.delete("batch/v1", "CronJob", ref.namespace, name)
+            return
+        ctx.kube.apply(
+            builders.cron_job(
+                ref,
+                suffix="partition-maintenance",
+                schedule=maintenance.schedule,
+                time_zone="UTC",
+                suspend=spec.suspend,
+                args=builders.job_args("partition-maintenance", ref),
+                template=maintenance.job,
+                default_image=ctx.settings.image,
+                env=builders.job_env(ref, obj["spec"], profile),
             )
+        )
+
+    def _conflict(
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, status: StatusWriter
+    ) -> None:
         claimants = [
             o["metadata"]["name"]
             for o in ctx.kube.list_resources(RETENTION_POLICY, ref.namespace)
@@ -74,10 +144,13 @@ class PartitionPolicyController:
             "its partitions and the RetentionPolicy works row by row only",
             status.generation,
         )  # fmt: skip
-        if report is None:
-            state = "suspended" if partitioned else "not partitioned yet: converting a table is not available yet"
-            return Result("Validated", f"{spec.table.qualified()} ({state})", requeue_after=interval)
-        message = f"{spec.table.qualified()}: {len(report.partitions)} partitions, {spec.interval} by {spec.column!r}"
-        if report.skipped:
-            message += f"; retried next time: {', '.join(report.skipped)}"
-        return Result("Maintained", message, requeue_after=interval, events=events)
+
+    def finalize(self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec) -> None:
+        """A policy deleted mid-conversion: remove the trigger and the copy, so the table is as it was."""
+        ref = ObjectRef.of(obj)
+        profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
+        with pg.connect(info) as conn:
+            aborted = sqlc.abort(conn, profile.state_schema, spec.table.schema_, spec.table.name, lock_ms(spec))
+        if aborted:
+            ctx.kube.event(ref, "ConversionAborted", f"policy deleted: the copy and its trigger were removed; "
+                           f"{spec.table.qualified()} is as it was")  # fmt: skip

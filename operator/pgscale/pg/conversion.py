@@ -729,7 +729,10 @@ def estimate_rows(conn: psycopg.Connection, schema: str, table: str) -> int | No
         "WHERE n.nspname = %s AND c.relname = %s",
         (schema, table),
     ).fetchone()
-    return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
+    if row and row[0] is not None and row[0] >= 0:
+        return int(row[0])
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()
+    return int(counted[0]) if counted else None  # never analyzed: count once (reads, blocks nobody)
 
 
 def dumps(value: Any) -> str:

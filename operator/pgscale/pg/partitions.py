@@ -197,3 +197,16 @@ def retire(
     elif archive_schema:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(archive_schema)))
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
+
+
+def drop_if_empty(conn: psycopg.Connection, part: Part, schema: str, table: str, lock_timeout_ms: int) -> bool:
+    """Drop a partition that holds no row (checked under the lock that keeps rows from arriving)."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(qualified(schema, table)))
+        child = qualified(part.schema, part.name)
+        row = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(child)).fetchone()
+        if row and row[0]:
+            return False
+        conn.execute(sql.SQL("DROP TABLE {}").format(child))
+    return True

@@ -1,0 +1,81 @@
+"""A concurrent application writer for conversion tests and benchmarks: it records what committed."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+COLUMNS = 'id, title, status, "userId", "createdAt", "completedAt"'
+
+
+def rows(conn: psycopg.Connection) -> dict[int, tuple[Any, ...]]:
+    return {r[0]: r for r in conn.execute(f'SELECT {COLUMNS} FROM "Task"').fetchall()}
+
+
+def fingerprint(conn: psycopg.Connection) -> tuple[int, str]:
+    row = conn.execute(f"SELECT count(*), md5(string_agg(md5(ROW({COLUMNS})::text), '' ORDER BY id)) FROM \"Task\"")
+    got = row.fetchone()
+    assert got is not None
+    return int(got[0]), str(got[1])
+
+
+class Writer(threading.Thread):
+    """The application: inserts (now and back-dated), updates and deletes, recording what committed."""
+
+    def __init__(self, dsn: str, ids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.ids = dsn, list(ids)
+        self.changes: dict[int, tuple[Any, ...] | None] = {}
+        self.stop = threading.Event()
+        self.ops = 0
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        rnd = random.Random(7)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self.stop.is_set():
+                op = rnd.random()
+                started = time.monotonic()
+                try:
+                    if op < 0.4:
+                        back = rnd.choice([0, 0, 3, 40, 200])
+                        row = conn.execute(
+                            f"""INSERT INTO "Task" (title, status, "createdAt") VALUES (%s, 'PENDING',
+                                now() - make_interval(days => %s)) RETURNING {COLUMNS}""",
+                            (f"new {self.ops}", back),
+                        ).fetchone()
+                        assert row is not None
+                        self.ids.append(row[0])
+                        self.changes[row[0]] = row
+                    elif op < 0.9:
+                        victim = rnd.choice(self.ids)
+                        row = conn.execute(
+                            f"""UPDATE "Task" SET title = title || '+', status = CASE status WHEN 'PENDING'
+                                THEN 'COMPLETED' ELSE 'PENDING' END WHERE id = %s RETURNING {COLUMNS}""",
+                            (victim,),
+                        ).fetchone()
+                        if row is not None:
+                            self.changes[victim] = row
+                    else:
+                        victim = rnd.choice(self.ids)
+                        if conn.execute('DELETE FROM "Task" WHERE id = %s', (victim,)).rowcount:
+                            self.changes[victim] = None
+                except psycopg.Error as exc:  # any error the application would see is a failure of pgscale
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                self.latencies.append(time.monotonic() - started)
+                self.ops += 1
+
+
+def expected(before: dict[int, tuple[Any, ...]], writer: Writer) -> dict[int, tuple[Any, ...]]:
+    out = dict(before)
+    for key, row in writer.changes.items():
+        if row is None:
+            out.pop(key, None)
+        else:
+            out[key] = row
+    return out
