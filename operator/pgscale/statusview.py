@@ -571,6 +571,16 @@ def load(namespace: str | None, only: str | None = None) -> Listing:
     return Listing(profiles, children, secrets)
 
 
+def api_error(exc: Exception) -> str:
+    """The API server's own message (it names the verb, resource and user), else the HTTP status."""
+    body = getattr(exc, "body", None)
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or f"{getattr(exc, 'status', '')} {getattr(exc, 'reason', exc)}".strip())
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`pgscale status` options, kubectl's names where kubectl has them."""
     scope = p.add_mutually_exclusive_group()
@@ -585,6 +595,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Read, build, print; exit 1 when a named profile is nowhere to be found."""
     from kubernetes import config
+    from kubernetes.client.exceptions import ApiException
 
     from .kube import load_config
 
@@ -593,7 +604,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         load_config()
     namespace = None if args.all_namespaces else (args.namespace or current_namespace(args.context, args.kubeconfig))
-    listing = load(namespace, args.profile)
+    try:
+        listing = load(namespace, args.profile)
+    except ApiException as exc:  # forbidden, CRDs not installed: say so in one line, as kubectl does
+        print(f"pgscale status: {api_error(exc)}", file=sys.stderr)
+        return 1
     views = build(
         listing.profiles,
         listing.children,

@@ -306,3 +306,13 @@ def test_cli_parses_status_like_kubectl() -> None:
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["status", "-A", "-n", "shop"])
     assert isinstance(args, argparse.Namespace)
+
+
+def test_api_error_prefers_the_servers_message() -> None:
+    class Forbidden(Exception):
+        status, reason = 403, "Forbidden"
+        body = json.dumps({"message": 'databaseprofiles.pgscale.io is forbidden: User "x" cannot list resource'})
+
+    assert statusview.api_error(Forbidden()).startswith("databaseprofiles.pgscale.io is forbidden")
+    Forbidden.body = "not json"
+    assert statusview.api_error(Forbidden()) == "403 Forbidden"
