@@ -3,6 +3,7 @@
 Owned objects are written with server-side apply under one field manager, so
 a reconcile states the whole desired object and the API server computes the
 change; fields other managers own (an HPA's replicas, a user's label) stay.
+The permissions these calls need are declared in rbac.py (the chart's roles come from it).
 """
 
 from __future__ import annotations
