@@ -3,6 +3,7 @@ the application writes, and explains itself (Stalled, table untouched) when it c
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import ROOT, Kubectl, load_example, scalar, seed_tasks
+from conftest import ROOT, Kubectl, load_example, run_container, scalar, seed_tasks
 from writers import Writer, expected, rows
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
@@ -102,3 +103,38 @@ def test_blocked_conversion_stalls_and_leaves_the_table(operator: Any, kubectl: 
         kubectl.wait("partitionpolicy", "task-by-month", "Ready", timeout=120)
         assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "p"
         assert rows(conn) == before
+
+
+def test_maintenance_cronjob_runs_the_same_work(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
+                                                app_secret: str) -> None:  # fmt: skip
+    """maintenance.cronJob: the CronJob's pod command (run here as the kubelet would) converts and maintains."""
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        seed_tasks(conn, 3000)
+        before = rows(conn)
+        kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+        policy = load_example("partitionpolicy.yaml")[0]
+        del policy["spec"]["retention"]
+        policy["spec"]["suspend"] = True  # the operator only reports: the CronJob's run does the work
+        policy["spec"]["maintenance"] = {"cronJob": True, "schedule": "*/30 * * * *", "interval": "1h"}
+        kubectl.apply(policy)
+        kubectl.wait("partitionpolicy", "task-by-month", "Ready")
+        cron = kubectl.get("cronjob", "task-by-month-partition-maintenance")
+        assert cron["spec"]["schedule"] == "*/30 * * * *" and cron["spec"]["suspend"] is True
+        pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["args"][:2] == ["job", "partition-maintenance"]
+        secret = {k: base64.b64decode(v).decode() for k, v in kubectl.get("secret", "app-db")["data"].items()}
+        result = run_container(pod, {"app-db": secret})
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["outcome"] == "Succeeded" and report["conversion"]["phase"] == "done"
+        assert report["partitions"] >= 25 and scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "p"
+        assert rows(conn) == before
+        # Turning the CronJob off removes it.
+        policy["spec"]["maintenance"]["cronJob"] = False
+        kubectl.apply(policy)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "task-by-month-partition-maintenance" in kubectl.run(
+            "get", "cronjobs", "-o", "name"
+        ):
+            time.sleep(0.5)
+        assert "task-by-month-partition-maintenance" not in kubectl.run("get", "cronjobs", "-o", "name")
