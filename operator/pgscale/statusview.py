@@ -31,6 +31,8 @@ PLURALS = {
     "FileMigration": "filemigrations",
 }
 KSTATUS_CONDITIONS = ("Ready", "Reconciling", "Stalled")
+# status.conversion.step once no conversion is under way (it stays in status after the switch).
+CONVERSION_OVER = ("done", "none")
 
 
 # --- health -----------------------------------------------------------------------------
@@ -159,8 +161,8 @@ def profile_progress(obj: Obj) -> str:
 def partition_progress(obj: Obj, wide: bool = False) -> str:
     """Conversion while it runs, then the partitions and (wide) the last maintenance."""
     status = obj.get("status") or {}
-    conv = status.get("conversion")
-    if conv:
+    conv = status.get("conversion") or {}
+    if conv and conv.get("step") not in CONVERSION_OVER:
         done, total = conv.get("rowsDone"), conv.get("rowsTotal")
         rows = f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows"
         text = _join([
@@ -179,6 +181,8 @@ def partition_progress(obj: Obj, wide: bool = False) -> str:
     else:
         text = "-"
     if wide:
+        if conv.get("step") == "done" and conv.get("rowsDone") is not None:
+            text += f"; converted with {human_count(conv['rowsDone'])} rows"
         last = status.get("lastMaintenance") or {}
         if last:
             changes = _join([

@@ -96,6 +96,8 @@ def test_status_names_resources_and_states(
     assert 'spec.table: table "public"."task" does not exist' in rows[("PartitionPolicy", "typo")]["MESSAGE"]
     assert rows[("RetentionPolicy", "archive-completed-tasks")]["REASON"] == "Scheduled"
     assert rows[("FileMigration", "files-to-s3")]["PROGRESS"].startswith("Completed 100.0%")
+    partitions = kubectl.get("partitionpolicy", "task-by-month")["status"]["partitionCount"]
+    assert rows[("PartitionPolicy", "task-by-month")]["PROGRESS"] == f"{partitions} partitions"
     assert "  settings  9 managed (from parameters)" in result.stdout
     orphans = views[f"DatabaseProfile {ns}/gone: not found; 1 resource points at it"]
     assert [(r["NAME"], r["STATE"], r["REASON"]) for r in orphans] == [("orphan", "Failed", "ProfileNotFound")]

@@ -166,6 +166,10 @@ def test_partition_progress() -> None:
         "next 2025-03-01T13:00:00Z"
     )
     assert statusview.partition_progress(child("PartitionPolicy", "p", {"partitioned": False})) == "not partitioned"
+    converted = {"partitioned": True, "partitionCount": 6, "conversion": {"step": "done", "rowsDone": 1200}}
+    pp = child("PartitionPolicy", "p", converted)
+    assert statusview.partition_progress(pp) == "6 partitions"
+    assert statusview.partition_progress(pp, wide=True) == "6 partitions; converted with 1,200 rows"
 
 
 def test_profile_summary() -> None:
