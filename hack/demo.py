@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import localenv
+
+from pgscale.storage import s3_client
 
 ROOT = localenv.ROOT
 NAMESPACE = "demo"
@@ -60,6 +64,73 @@ def load_sample(pg: localenv.Postgres) -> None:
     print("loaded:", ", ".join(f"{name} {size}" for name, size in sizes))
 
 
+def pod_environment(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it (plain values and secretKeyRefs)."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+            continue
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref and ref["key"] in secrets.get(ref["name"], {}):
+            env[entry["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def play_kubelet(kubectl: Any, done: set[str]) -> None:
+    """There is no kubelet here: run each new pgscale Job's container command on this machine, as a pod would."""
+    jobs = json.loads(kubectl("get", "jobs", "-l", "app.kubernetes.io/managed-by=pgscale", "-o", "json"))["items"]
+    for job in jobs:
+        name = job["metadata"]["name"]
+        if name in done:
+            continue
+        done.add(name)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        names = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                 if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+        secrets = {
+            n: {k: base64.b64decode(v).decode() for k, v in json.loads(kubectl("get", "secret", n, "-o", "json"))
+                .get("data", {}).items()}
+            for n in names
+        }  # fmt: skip
+        exe = str(Path(sys.executable).parent / "pgscale")
+        args = [exe, *container.get("command", [])[1:], *container["args"]]
+        print(f"running Job {name} here, as its pod would: pgscale {' '.join(container['args'])}", flush=True)
+        result = subprocess.run(args, env=pod_environment(container, secrets), capture_output=True, text=True)
+        last = (result.stdout.strip().splitlines() or [""])[-1]
+        print(f"  exit {result.returncode}: {last[:300]}", flush=True)
+        owner = job["metadata"]["ownerReferences"][0]
+        kubectl("annotate", owner["kind"].lower(), owner["name"], f"pgscale.io/reconcile-at={time.time()}",
+                "--overwrite")  # fmt: skip
+
+
+def show_database(pg: localenv.Postgres) -> None:
+    """What the examples changed in the database."""
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as conn:
+        parts = conn.execute(
+            """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = '"Task"'::regclass ORDER BY 1"""
+        ).fetchall()
+        print(f'"Task" is partitioned: {len(parts)} partitions, e.g.')
+        for name, bound, _ in [*parts[:2], *parts[-3:]]:
+            print(f"  {name:<16} {bound}")
+        key = conn.execute(
+            """SELECT pg_get_constraintdef(oid), (SELECT count(*) FROM "Task") FROM pg_constraint
+               WHERE conname = 'Task_pkey'"""
+        ).fetchone()
+        print(f"  key: {key[0]}; rows: {key[1]}")  # type: ignore[index]
+        settings = conn.execute(
+            """SELECT name, setting, unit FROM pg_settings WHERE name IN ('work_mem', 'effective_cache_size',
+               'random_page_cost', 'max_connections') ORDER BY name"""
+        ).fetchall()
+        print("settings now: " + ", ".join(f"{n}={v}{u or ''}" for n, v, u in settings))
+        files = conn.execute(
+            """SELECT count(*), count(*) FILTER (WHERE "storageType" = 's3'), min("filePath") FROM "File" """
+        ).fetchone()
+        print(f'"File": {files[1]} of {files[0]} rows point at S3 objects (e.g. {files[2]}); '  # type: ignore[index]
+              "the Base64 column is kept until phase: dropSource")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dir", default=str(ROOT / ".tmp" / "demo"), help="working directory (state and logs)")
@@ -90,12 +161,22 @@ def main() -> int:
                 if doc["kind"] == "FileMigration":  # point the example at the local S3 server
                     doc["spec"]["destination"]["s3"]["endpoint"] = s3.endpoint
             print(kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs)).strip())
-        say("waiting for every resource to be Ready")
+        s3_client(s3.endpoint, "us-east-1", s3.ACCESS_KEY, s3.SECRET_KEY, True).create_bucket(Bucket="app-files")
+        say("waiting for every resource to be Ready (pgscale's Jobs run here, as their pods would)")
+        done: set[str] = set()
         for kind in ("databaseprofile", "partitionpolicy", "retentionpolicy", "filemigration"):
-            result = cp.kubectl_run("-n", NAMESPACE, "wait", "--for=condition=Ready", kind, "--all", "--timeout=90s")
-            print((result.stdout or result.stderr).strip())
+            deadline = time.monotonic() + 120
+            while True:
+                play_kubelet(kubectl, done)
+                result = cp.kubectl_run("-n", NAMESPACE, "wait", "--for=condition=Ready", kind, "--all",
+                                        "--timeout=5s")  # fmt: skip
+                if result.returncode == 0 or time.monotonic() > deadline:
+                    print((result.stdout or result.stderr).strip())
+                    break
         say("kubectl get pgscale -o wide")
         print(kubectl("get", "pgscale", "-o", "wide"))
+        say("what changed in the database")
+        show_database(pg)
         say("what the operator created")
         print(kubectl("get", "cronjobs"))
         say("events")
