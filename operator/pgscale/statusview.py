@@ -603,11 +603,17 @@ def main(args: argparse.Namespace) -> int:
 
     from .kube import load_config
 
-    if args.context or args.kubeconfig:
-        config.load_kube_config(config_file=args.kubeconfig, context=args.context)  # type: ignore[no-untyped-call]
-    else:
-        load_config()
-    namespace = None if args.all_namespaces else (args.namespace or current_namespace(args.context, args.kubeconfig))
+    try:
+        if args.context or args.kubeconfig:
+            config.load_kube_config(config_file=args.kubeconfig, context=args.context)  # type: ignore[no-untyped-call]
+        else:
+            load_config()
+        namespace = (
+            None if args.all_namespaces else (args.namespace or current_namespace(args.context, args.kubeconfig))
+        )
+    except config.ConfigException as exc:  # no kubeconfig, or no such context
+        print(f"pgscale status: {exc}", file=sys.stderr)
+        return 1
     try:
         listing = load(namespace, args.profile)
     except ApiException as exc:  # forbidden, CRDs not installed: say so in one line, as kubectl does

@@ -320,3 +320,15 @@ def test_api_error_prefers_the_servers_message() -> None:
     assert statusview.api_error(Forbidden()).startswith("databaseprofiles.pgscale.io is forbidden")
     Forbidden.body = "not json"
     assert statusview.api_error(Forbidden()) == "403 Forbidden"
+
+
+def test_without_a_kubeconfig_it_says_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pgscale status: ") and "Traceback" not in err
+    assert cli.main(["status", "--kubeconfig", str(tmp_path / "missing"), "--context", "nope"]) == 1
