@@ -226,16 +226,26 @@ def convert(
             batch = conv.batch_size if conv else 10000
             pause = seconds(conv.pause_between_batches) if conv else 0.0
             cursor = state.cursor
-            batches = 0
+            batches = failures = 0
+            retries = conv.max_retries if conv else 60
             while True:
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
                 try:
                     read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, cursor, batch, ms)
-                except psycopg.errors.LockNotAvailable:
+                except psycopg.errors.LockNotAvailable as exc:
+                    # A row of the batch is locked by the application (FOR SHARE waits for its writers).
                     sqlc.note_retry(conn, state_schema, schema, table)
-                    time.sleep(0.2)
+                    failures += 1
+                    if failures > retries:
+                        raise TransientError(
+                            f"copying {spec.table.qualified()} waited longer than spec.conversion.lockTimeout for "
+                            f"rows the application keeps locked, {failures} times in a row; it continues later",
+                            reason="LockTimeout",
+                        ) from exc
+                    time.sleep(min(0.2 * failures, 2.0))
                     continue
+                failures = 0
                 batches += 1
                 faults.checkpoint(f"copy-batch-{batches}")
                 if on_batch:

@@ -138,3 +138,31 @@ def test_maintenance_cronjob_runs_the_same_work(operator: Any, kubectl: Kubectl,
         ):
             time.sleep(0.5)
         assert "task-by-month-partition-maintenance" not in kubectl.run("get", "cronjobs", "-o", "name")
+
+
+def test_deleting_the_policy_mid_conversion_leaves_the_table_as_it_was(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        seed_tasks(conn, 5000)
+        before = rows(conn)
+        kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+        policy = load_example("partitionpolicy.yaml")[0]
+        del policy["spec"]["retention"]
+        policy["spec"]["conversion"].update(batchSize=100, pauseBetweenBatches="500ms")
+        kubectl.apply(policy)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            obj = kubectl.get("partitionpolicy", "task-by-month")
+            if (obj.get("status", {}).get("conversion") or {}).get("rowsDone"):
+                break
+            time.sleep(0.3)
+        assert obj["metadata"].get("finalizers") == ["pgscale.io/cleanup"]
+        assert scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgscale%'") == 2
+        kubectl.run("delete", "partitionpolicy", "task-by-month", "--timeout=60s")
+        assert scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgscale%'") == 0
+        assert scalar(conn, """SELECT to_regclass('"Task_pgscale_new"')""") is None
+        assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "r"
+        assert rows(conn) == before
+    reasons = {e["reason"] for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]}
+    assert "ConversionAborted" in reasons

@@ -111,6 +111,7 @@ def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, 
     assert scalar(conn, "SELECT obj_description('\"Task\"'::regclass, 'pg_class')").startswith("Work items")
     assert scalar(conn, "SELECT col_description('\"Task\"'::regclass, 2)") == "What to do"
     assert scalar(conn, "SELECT has_table_privilege('task_reader', '\"Task\"', 'SELECT')") is True
+    assert scalar(conn, """SELECT pg_get_serial_sequence('"Task"', 'id')""") == 'public."Task_id_seq"'
     top = max(got)
     new_id = scalar(conn, "INSERT INTO \"Task\" (title) VALUES ('after') RETURNING id")
     assert new_id > top

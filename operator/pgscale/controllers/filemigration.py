@@ -120,7 +120,8 @@ class FileMigrationController:
             running = status.status.get("jobName")
             if running and job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, running)) == "active":
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
-            return Result("Suspended", f"{phase}: suspended with {remaining} rows left", done=False,
+            # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
+            return Result("Suspended", f"{phase}: suspended with {remaining} rows left",
                           requeue_after=ctx.settings.resync_seconds)  # fmt: skip
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
         events += started

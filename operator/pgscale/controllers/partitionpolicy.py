@@ -57,13 +57,16 @@ class PartitionPolicyController:
             partitioned = pg.is_partitioned(conn, schema, table)
             progress = conversion_status(conn, profile.state_schema, spec)
             converting = not partitioned or progress.phase in IN_FLIGHT
-            ensure_finalizer(ctx, self.kind, obj, needed=converting and progress.phase in IN_FLIGHT[:3])
+            enabled = spec.conversion is None or spec.conversion.enabled
+            # Before the first step, not after it: a policy deleted between slices must not leave the
+            # sync trigger behind on the application's table.
+            ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT[:3]))
             if converting:
                 if spec.suspend:
                     status.update(partitioned=partitioned, conversion=conversion_fields(progress))
                     return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
                                   f"{progress.phase}", requeue_after=interval)  # fmt: skip
-                if spec.conversion is not None and not spec.conversion.enabled:
+                if not enabled:
                     if sqlc.abort(conn, profile.state_schema, schema, table, lock_ms(spec)):
                         events.append(("ConversionAborted", "conversion disabled: the copy and its trigger were "
                                        f"removed; {spec.table.qualified()} is as it was", False))  # fmt: skip

@@ -637,13 +637,25 @@ def swap(
                     )
                 )
         for col in sorted(shape.identity):
-            # The shadow's own identity sequence continues where the table's stopped.
+            # The shadow's own identity sequence continues where the table's stopped, and takes its name.
+            names = {"new": _regname(schema, shadow), "old": _regname(schema, table), "col": col}
             conn.execute(
                 "SELECT setval(pg_get_serial_sequence(%(new)s, %(col)s), s.last_value, true) "
                 "FROM pg_sequences s WHERE (quote_ident(s.schemaname) || '.' || quote_ident(s.sequencename)) = "
                 "pg_get_serial_sequence(%(old)s, %(col)s) AND s.last_value IS NOT NULL",
-                {"new": _regname(schema, shadow), "old": _regname(schema, table), "col": col},
+                names,
             )
+            row = conn.execute(
+                "SELECT o.oid, o.relname, n.relname FROM pg_class o, pg_class n WHERE "
+                "o.oid = pg_get_serial_sequence(%(old)s, %(col)s)::regclass AND "
+                "n.oid = pg_get_serial_sequence(%(new)s, %(col)s)::regclass",
+                names,
+            ).fetchone()
+            if row:
+                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                    qualified(schema, row[1]), _temp_name("oldseq", row[0])))  # fmt: skip
+                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                    qualified(schema, row[2]), sql.Identifier(row[1])))  # fmt: skip
         for sequence, col in shape.owned_sequences:
             conn.execute(
                 sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(sql.SQL(sequence), target, sql.Identifier(col))
