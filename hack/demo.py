@@ -175,6 +175,11 @@ def main() -> int:
                     break
         say("kubectl get pgscale -o wide")
         print(kubectl("get", "pgscale", "-o", "wide"))
+        say(f"pgscale status -n {NAMESPACE}")
+        exe = str(Path(sys.executable).parent / "pgscale")
+        status = subprocess.run([exe, "status", "-n", NAMESPACE, "--kubeconfig", str(cp.kubeconfig)],
+                                capture_output=True, text=True)  # fmt: skip
+        print((status.stdout or status.stderr).rstrip())
         say("what changed in the database")
         show_database(pg)
         say("what the operator created")
