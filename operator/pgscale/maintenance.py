@@ -36,6 +36,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
     busy: bool = False  # another run (the CronJob, a conversion) holds the table: nothing done
     partitions: list[dict[str, Any]] = field(default_factory=list)
+    count: int = 0  # every attached partition, DEFAULT included (the list above stops at 100)
 
 
 def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
@@ -140,7 +141,9 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 report.skipped.append(part.name)
                 break
             (report.dropped if spec.retention.action == "drop" else report.detached).append(part.name)
-    for part in sqlp.parts(conn, schema, table)[:100]:
+    attached = sqlp.parts(conn, schema, table)
+    report.count = len(attached)
+    for part in attached[:100]:  # status lists at most 100; partitionCount counts them all
         entry: dict[str, Any] = {"name": part.name, "isDefault": part.is_default,
                                  "rowsEstimate": part.rows_estimate, "bytes": part.bytes}  # fmt: skip
         bounds = sqlp.bounds_of(conn, part, column_type)

@@ -52,6 +52,8 @@ class PartitionPolicyController:
         self._cron_job(ctx, obj, ref, spec, profile)
         self._conflict(ctx, obj, ref, spec, status)
         with pg.connect(info) as conn:
+            # Partition bounds in status read in the policy's time zone, where they fall at midnight.
+            conn.execute("SELECT set_config('TimeZone', %s, false)", (spec.time_zone,))
             columns = require_table(conn, spec.table)
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
             partitioned = pg.is_partitioned(conn, schema, table)
@@ -93,7 +95,7 @@ class PartitionPolicyController:
         status.update(
             partitioned=True,
             partitions=report_m.partitions,
-            partitionCount=len(report_m.partitions),
+            partitionCount=report_m.count,
             lastMaintenance={"time": now_rfc3339(), "created": report_m.created, "detached": report_m.detached,
                              "dropped": report_m.dropped, "rowsMovedFromDefault": report_m.moved_from_default},
             nextMaintenanceTime=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
@@ -105,7 +107,7 @@ class PartitionPolicyController:
         if report_m.moved_from_default:
             events.append(("RowsMovedFromDefault", f"{report_m.moved_from_default} rows moved out of the "
                            "DEFAULT partition into their partitions", False))  # fmt: skip
-        message = f"{spec.table.qualified()}: {len(report_m.partitions)} partitions, {spec.interval} by {spec.column!r}"
+        message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
         if report_m.skipped:
             message += f"; retried next time: {', '.join(report_m.skipped)}"
         return Result("Maintained", message, requeue_after=interval, events=events)

@@ -77,7 +77,7 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
         done = maintain(conn, spec, datetime.now(UTC))
         report.created, report.detached, report.dropped = done.created, done.detached, done.dropped
         report.rows_moved_from_default = done.moved_from_default
-        report.partitions = len(done.partitions)
+        report.partitions = done.count
         report.message = f"{schema}.{table}: {report.partitions} partitions"
     return report
 
