@@ -86,6 +86,12 @@ def test_other_partition_key_is_refused_with_the_reason(postgres: Any, database:
                      PARTITION BY LIST (kind)""")  # fmt: skip
         with pytest.raises(SpecError, match="partitioned by LIST or HASH"):
             maintain(c, spec(), NOW)
+        # A RANGE key of the column plus an expression is not the policy's key either.
+        c.execute("""CREATE TABLE "Mixed" (id bigint, "createdAt" timestamptz NOT NULL, kind text NOT NULL)
+                     PARTITION BY RANGE ("createdAt", lower(kind))""")  # fmt: skip
+        mixed = PartitionPolicySpec.model_validate({**spec().model_dump(by_alias=True), "table": {"name": "Mixed"}})
+        with pytest.raises(SpecError, match="not by RANGE on 'createdAt'"):
+            maintain(c, mixed, NOW)
 
 
 def test_concurrent_detach_that_gave_way_is_finished_next_time(postgres: Any, database: str,

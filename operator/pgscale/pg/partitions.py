@@ -58,13 +58,14 @@ def range_key(conn: psycopg.Connection, schema: str, table: str) -> list[str] | 
     """The partition key columns of a RANGE-partitioned table, or None."""
     row = conn.execute(
         "SELECT p.partstrat, (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(p.partattrs) "
-        "WITH ORDINALITY k(attnum, ord) JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.attnum) "
+        "WITH ORDINALITY k(attnum, ord) JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.attnum), "
+        "p.partnatts "
         "FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
         (schema, table),
     ).fetchone()
-    if row is None or row[0] != "r" or row[1] is None:
-        return None
+    if row is None or row[0] != "r" or row[1] is None or len(row[1]) != int(row[2]):
+        return None  # not RANGE, or a key with an expression (it has no column name)
     return list(row[1])
 
 
