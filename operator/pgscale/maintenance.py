@@ -85,11 +85,13 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
     except ValueError as exc:
         raise SpecError("namingPattern", str(exc)) from exc
     names = {p.name for p in existing}
+    # A partition made by hand or by another tool under another name counts when its bounds match.
+    covered = sqlp.bound_values(conn, [b for p in existing if (b := sqlp.bounds_of(conn, p, column_type))], column_type)
     for name, r in sorted(targets.items(), key=lambda kv: kv[1].start):
-        if name in names:
-            continue
         lower = sqlp.bound_literal(column_type, r.start, spec.time_zone)
         upper = sqlp.bound_literal(column_type, r.end, spec.time_zone)
+        if name in names or sqlp.literal_values(conn, lower, upper, column_type) in covered:
+            continue
         try:
             report.moved_from_default += sqlp.create(
                 conn, schema, table, spec.column, name, lower, upper, list(columns), default, lock_ms

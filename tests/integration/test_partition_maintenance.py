@@ -110,3 +110,13 @@ def test_concurrent_detach_that_gave_way_is_finished_next_time(postgres: Any, da
     report = maintain(conn, policy, NOW)
     assert set(report.dropped) == {"Event_2025_01", "Event_2025_02"}, (pending, report)
     assert scalar(conn, "SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == 0
+
+
+def test_a_partition_under_another_name_with_the_same_bounds_counts(conn: psycopg.Connection) -> None:
+    """pg_partman-style or hand-made names: the range is what matters, not the name."""
+    conn.execute("""CREATE TABLE "Event_p2026_11" PARTITION OF "Event"
+                    FOR VALUES FROM ('2026-11-01 00:00+00') TO ('2026-12-01 00:00+00')""")  # fmt: skip
+    conn.execute("SET TimeZone = 'Asia/Tokyo'")  # the bounds read differently; they are the same values
+    report = maintain(conn, spec(premake=1, defaultPartition="none"), NOW)
+    assert report.created == ["Event_2026_12"] and report.skipped == []
+    assert partitions(conn) == ["Event_2026_12", "Event_p2026_11"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime, time
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -170,6 +171,29 @@ def default_days(
         (limit,),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def bound_values(conn: psycopg.Connection, bounds: list[tuple[str, str]], column_type: str) -> set[tuple[Any, Any]]:
+    """Partition bounds as values of the column's type (text bounds differ with the session's time zone)."""
+    if not bounds:
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT CAST(lo AS {t}), CAST(hi AS {t}) FROM unnest(%s::text[], %s::text[]) b(lo, hi)").format(
+            t=sql.SQL(column_type)  # format_type() output from the catalog, never spec text
+        ),
+        ([b[0] for b in bounds], [b[1] for b in bounds]),
+    ).fetchall()
+    return {(r[0], r[1]) for r in rows}
+
+
+def literal_values(
+    conn: psycopg.Connection, lower: sql.Composable, upper: sql.Composable, column_type: str
+) -> tuple[Any, Any]:
+    row = conn.execute(
+        sql.SQL("SELECT CAST({lo} AS {t}), CAST({hi} AS {t})").format(lo=lower, hi=upper, t=sql.SQL(column_type))
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
 
 
 def ends_by(conn: psycopg.Connection, upper: str, cutoff: sql.Composable, column_type: str) -> bool:
