@@ -109,10 +109,18 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 report.dropped.append(default.name)
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(default.name)
+    action = spec.retention.action if spec.retention else "detach"
+    archive = spec.retention.archive_schema if spec.retention else None
+    for leftover_schema, leftover in sqlp.retired_leftovers(conn, schema, table):
+        # Detached earlier, but its drop or move did not happen: finish it first.
+        try:
+            sqlp.finish_retire(conn, leftover_schema, leftover, action=action, archive_schema=archive)
+        except psycopg.errors.LockNotAvailable:
+            report.skipped.append(leftover)
+            continue
+        (report.dropped if action == "drop" else report.detached).append(leftover)
     for part in sqlp.pending_detaches(conn, schema, table):
         # A concurrent detach that gave way earlier: finish it first (it blocks every other detach).
-        action = spec.retention.action if spec.retention else "detach"
-        archive = spec.retention.archive_schema if spec.retention else None
         try:
             sqlp.retire(conn, schema, table, part, action=action, archive_schema=archive, concurrently=False,
                         lock_timeout_ms=lock_ms, finalize=True)  # fmt: skip

@@ -120,3 +120,20 @@ def test_a_partition_under_another_name_with_the_same_bounds_counts(conn: psycop
     report = maintain(conn, spec(premake=1, defaultPartition="none"), NOW)
     assert report.created == ["Event_2026_12"] and report.skipped == []
     assert partitions(conn) == ["Event_2026_12", "Event_p2026_11"]
+
+
+def test_a_retired_partition_whose_drop_did_not_happen_is_finished(conn: psycopg.Connection) -> None:
+    """Detached, then the process died (or the DROP's lock was not granted): the mark finds it."""
+    conn.execute("""CREATE TABLE "Event_2024_01" (LIKE "Event")""")
+    conn.execute("""COMMENT ON TABLE "Event_2024_01" IS 'pgscale: retiring from public.Event'""")
+    conn.execute("""CREATE TABLE "Event_2024_02" (LIKE "Event")""")  # no mark: not ours, left alone
+    report = maintain(conn, spec(premake=1, retention={"keep": "12 months", "action": "drop"}), NOW)
+    assert report.dropped == ["Event_2024_01"]
+    assert scalar(conn, """SELECT to_regclass('"Event_2024_01"')""") is None
+    assert scalar(conn, """SELECT to_regclass('"Event_2024_02"')""") is not None
+    # With action detach into an archive schema, the leftover is moved there and unmarked.
+    conn.execute("""CREATE TABLE "Event_2024_03" (LIKE "Event")""")
+    conn.execute("""COMMENT ON TABLE "Event_2024_03" IS 'pgscale: retiring from public.Event'""")
+    report = maintain(conn, spec(premake=1, retention={"keep": "12 months", "archiveSchema": "old"}), NOW)
+    assert report.detached == ["Event_2024_03"]
+    assert scalar(conn, """SELECT obj_description('old."Event_2024_03"'::regclass, 'pg_class')""") is None

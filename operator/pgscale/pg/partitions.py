@@ -204,24 +204,57 @@ def ends_by(conn: psycopg.Connection, upper: str, cutoff: sql.Composable, column
     return bool(row and row[0])
 
 
+RETIRING_MARK = "pgscale: retiring from "
+
+
+def _mark(schema: str, table: str) -> str:
+    return f"{RETIRING_MARK}{schema}.{table}"
+
+
 def retire(
     conn: psycopg.Connection, schema: str, table: str, part: Part, *, action: str, archive_schema: str | None,
     concurrently: bool, lock_timeout_ms: int, finalize: bool = False,
 ) -> None:  # fmt: skip
-    """Detach a partition (then drop it, or move it to the archive schema, or leave it as a table)."""
+    """Detach a partition (then drop it, or move it to the archive schema, or leave it as a table).
+
+    The partition is marked first, while still attached: if the step after the detach fails
+    (a lock not granted, a crash), ``retired_leftovers`` finds the table and the next
+    maintenance finishes it, instead of leaving a table nobody looks after.
+    """
     parent, child = qualified(schema, table), qualified(part.schema, part.name)
     conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{lock_timeout_ms}ms",))
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(child, sql.Literal(_mark(schema, table))))
     if finalize:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} FINALIZE").format(parent, child))
     elif concurrently:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY").format(parent, child))
     else:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, child))
-    if action == "drop":
-        conn.execute(sql.SQL("DROP TABLE {}").format(child))
-    elif archive_schema:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(archive_schema)))
-        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
+    finish_retire(conn, part.schema, part.name, action=action, archive_schema=archive_schema)
+
+
+def finish_retire(conn: psycopg.Connection, schema: str, name: str, *, action: str, archive_schema: str | None) -> None:
+    """What follows the detach, in one transaction with the removal of the mark."""
+    child = qualified(schema, name)
+    with conn.transaction():
+        if action == "drop":
+            conn.execute(sql.SQL("DROP TABLE {}").format(child))
+            return
+        conn.execute(sql.SQL("COMMENT ON TABLE {} IS NULL").format(child))
+        if archive_schema and archive_schema != schema:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(archive_schema)))
+            conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
+
+
+def retired_leftovers(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
+    """Tables detached from this table whose drop or move did not happen (schema, name)."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0 "
+        "WHERE c.relkind = 'r' AND NOT c.relispartition AND d.description = %s ORDER BY c.relname",
+        (_mark(schema, table),),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
 
 
 def drop_if_empty(conn: psycopg.Connection, part: Part, schema: str, table: str, lock_timeout_ms: int) -> bool:
