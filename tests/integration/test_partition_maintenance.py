@@ -137,3 +137,14 @@ def test_a_retired_partition_whose_drop_did_not_happen_is_finished(conn: psycopg
     report = maintain(conn, spec(premake=1, retention={"keep": "12 months", "archiveSchema": "old"}), NOW)
     assert report.detached == ["Event_2024_03"]
     assert scalar(conn, """SELECT obj_description('old."Event_2024_03"'::regclass, 'pg_class')""") is None
+
+
+def test_generated_columns_are_kept_when_rows_move_out_of_default(postgres: Any, database: str) -> None:
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        c.execute("""CREATE TABLE "Event" (id bigint, "createdAt" timestamptz NOT NULL, payload text,
+                     size int GENERATED ALWAYS AS (length(payload)) STORED) PARTITION BY RANGE ("createdAt")""")
+        c.execute("""CREATE TABLE "Event_default" PARTITION OF "Event" DEFAULT""")
+        c.execute("""INSERT INTO "Event" (id, "createdAt", payload) VALUES (1, '2026-03-03 08:00+00', 'abc')""")
+        report = maintain(c, spec(premake=1), NOW)
+        assert "Event_2026_03" in report.created and report.moved_from_default == 1
+        assert scalar(c, """SELECT size FROM "Event_2026_03" WHERE id = 1""") == 3

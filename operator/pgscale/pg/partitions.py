@@ -110,13 +110,22 @@ def create(
     parent, child = qualified(schema, table), qualified(schema, name)
     col = sql.Identifier(column)
     check = sql.Identifier(f"{name}_pgscale_bounds"[:63])
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    generated = {
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attgenerated <> ''",
+            (parent.as_string(conn),),
+        ).fetchall()
+    }
+    # Generated columns are computed again in the partition: never inserted.
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns if c not in generated)
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         conn.execute(
-            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)").format(
-                child, parent
-            )
+            sql.SQL(
+                "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED "
+                "INCLUDING STORAGE)"
+            ).format(child, parent)
         )
         conn.execute(
             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL AND {} >= {} AND {} < {})").format(
