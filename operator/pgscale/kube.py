@@ -192,3 +192,19 @@ class Kube:
             self.core.create_namespaced_event(ref.namespace, body)  # type: ignore[arg-type]
         except ApiException as exc:
             log.warning("could not record event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)
+
+
+def api_error(exc: ApiException) -> tuple[str, str]:
+    """(reason, one-line message) of an API server refusal, from its Status body, without HTTP headers."""
+    message = str(exc.reason or "")
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+        message = str(body.get("message") or message)
+    except (ValueError, TypeError):
+        pass
+    if exc.status == 403:
+        return "Forbidden", (
+            f"the Kubernetes API refused: {message}; the operator's ServiceAccount lacks this permission "
+            "(see docs/operations.md, RBAC, and operator/pgscale/rbac.py)"
+        )
+    return "KubernetesAPIError", f"the Kubernetes API answered {exc.status}: {message}"

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE, Kind
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
-from ..kube import Kube, ObjectRef
+from ..kube import Kube, ObjectRef, api_error
 from ..metrics import METRICS
 from ..pg.connection import ConnInfo, resolve
 
@@ -269,6 +270,14 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         status.conditions = update(status.conditions, exc.reason, exc.message, generation)
         requeue = exc.retry_seconds or ctx.settings.stalled_retry_seconds
         log.info("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, exc.reason, exc.message)
+    except ApiException as exc:  # refused by the API server: its message, not the HTTP exchange
+        outcome = "error"
+        reason, message = api_error(exc)
+        log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, reason, message)
+        stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
+        status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message,
+                                                                         generation)  # fmt: skip
+        requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
     except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
         outcome = "error"
         log.exception("%s %s/%s: reconcile failed", kind.name, ref.namespace, ref.name)
