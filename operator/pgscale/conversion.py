@@ -61,8 +61,18 @@ def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
         out.append(f"{name} has no primary key; add one (pgscale copies rows by key, exactly once)")
     for index in shape.indexes:
         lacks = spec.column not in index.columns
-        if index.constraint_type == "x":
+        if index.constraint_type in ("p", "u") and index.condef and "DEFERRABLE" in index.condef.split(")")[-1]:
+            out.append(
+                f"key {index.constraint!r} is DEFERRABLE, which cannot arbitrate the copy's ON CONFLICT; make it "
+                "NOT DEFERRABLE for the conversion (ALTER TABLE ... DROP CONSTRAINT / ADD ...), or convert by hand"
+            )
+        elif index.constraint_type == "x":
             out.append(f"exclusion constraint {index.constraint!r} cannot be kept on a partitioned table; drop it")
+        elif index.constraint_type in ("p", "u") and lacks and widen and index.widened(spec.column) is None:
+            out.append(
+                f"key {index.constraint!r} ({index.condef}) has options (INCLUDE, DEFERRABLE, NULLS NOT DISTINCT) "
+                f"that pgscale does not widen; re-create it as a plain key including {spec.column!r}"
+            )
         elif index.constraint_type in ("p", "u") and lacks and not widen:
             what = "primary key" if index.constraint_type == "p" else "unique constraint"
             out.append(
@@ -215,10 +225,16 @@ def convert(
             state = sqlc.load_state(conn, state_schema, schema, table)
             assert state is not None
         shape = sqlc.inspect(conn, schema, table) if state.phase in ("prepared", "copied", "verified") else None
+        changed = None
         if shape is not None and not _same_columns(conn, schema, table, state.shadow):
-            sqlc.abort(conn, state_schema, schema, table, ms)
+            changed = "columns"
+        elif shape is not None and (missing := sqlc.missing_on_shadow(conn, schema, shape)):
+            changed = f"indexes ({', '.join(missing)})"
+        if changed:
+            # The copy no longer matches the table: build it again rather than switch to something else.
+            sqlc.abort(conn, state_schema, schema, table, ms, locked=True)
             raise TransientError(
-                f"the columns of {schema}.{table} changed during the conversion; it starts over",
+                f"the {changed} of {spec.table.qualified()} changed during the conversion; it starts over",
                 reason="ConversionRestarted", retry_seconds=1,
             )  # fmt: skip
         if state.phase == "prepared":
@@ -276,6 +292,13 @@ def convert(
             state.phase = "verified"
         if state.phase == "verified":
             assert shape is not None
+            # What appeared on the table since the copy was built: a view or a foreign key would keep
+            # pointing at the old table after the switch, so it waits for the user (the trigger keeps
+            # the copy in sync meanwhile).
+            problems = blockers(shape, spec)
+            if problems:
+                raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot "
+                                "be switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
             fresh = shape
             drop = bool(conv and conv.drop_referencing_foreign_keys)
             held = _with_lock_retries(

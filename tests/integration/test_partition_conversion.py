@@ -162,3 +162,79 @@ def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres
     assert fingerprint(conn) == before
     assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "p"
     assert scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgscale%'") == 0
+
+
+def test_application_role_without_delete_keeps_writing_during_conversion(conn: psycopg.Connection, postgres: Any,
+                                                                         database: str) -> None:  # fmt: skip
+    """The sync trigger runs as its owner: the application's role needs no privilege on the copy."""
+    seed_tasks(conn, 300)
+    conn.execute("DROP ROLE IF EXISTS app_writer")
+    conn.execute("CREATE ROLE app_writer LOGIN PASSWORD 'w'")
+    conn.execute('GRANT SELECT, UPDATE, INSERT ON "Task" TO app_writer')
+    spec = PartitionPolicySpec.model_validate(SPEC)
+    report = convert(conn, spec, "pgscale", datetime.now(UTC), budget=0)
+    assert report.phase == "prepared"
+    dsn = (
+        postgres.dsn(database)
+        .replace("user=postgres", "user=app_writer")
+        .replace(f"password={postgres.PASSWORD}", "password=w")
+    )
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute("""UPDATE "Task" SET title = 'by the app' WHERE id = 1""")
+        app.execute("""INSERT INTO "Task" (title) VALUES ('new from the app')""")
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert scalar(conn, """SELECT title FROM "Task" WHERE id = 1""") == "by the app"
+    assert scalar(conn, """SELECT count(*) FROM "Task" WHERE title = 'new from the app'""") == 1
+
+
+def test_an_index_added_mid_conversion_restarts_it(conn: psycopg.Connection) -> None:
+    from pgscale.errors import TransientError
+
+    seed_tasks(conn, 300)
+    spec = PartitionPolicySpec.model_validate(SPEC)
+    convert(conn, spec, "pgscale", datetime.now(UTC), budget=0)
+    conn.execute("""CREATE INDEX "Task_user_idx" ON "Task" ("userId")""")
+    with pytest.raises(TransientError) as err:
+        convert(conn, spec, "pgscale", datetime.now(UTC))
+    assert err.value.reason == "ConversionRestarted" and "Task_user_idx" in err.value.message
+    assert scalar(conn, """SELECT to_regclass('"Task_pgscale_new"')""") is None  # the copy was dropped
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert scalar(conn, """SELECT indrelid::regclass::text FROM pg_index
+                           WHERE indexrelid = '"Task_user_idx"'::regclass""") == '"Task"'  # fmt: skip
+
+
+def test_a_view_added_mid_conversion_holds_the_switch_until_dropped(conn: psycopg.Connection) -> None:
+    seed_tasks(conn, 300)
+    before = fingerprint(conn)
+    spec = PartitionPolicySpec.model_validate(SPEC)
+    convert(conn, spec, "pgscale", datetime.now(UTC), budget=0)
+    conn.execute("""CREATE VIEW "Recent" AS SELECT * FROM "Task" WHERE id > 100""")
+    with pytest.raises(SpecError) as err:
+        convert(conn, spec, "pgscale", datetime.now(UTC))
+    assert err.value.reason == "ConversionBlocked" and "changed during the conversion" in err.value.message
+    assert "Recent" in err.value.message
+    assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "r"
+    conn.execute('DROP VIEW "Recent"')
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert fingerprint(conn) == before
+
+
+def test_key_options_are_kept_or_refused(conn: psycopg.Connection) -> None:
+    conn.execute("""CREATE TABLE "Note" (id bigint, "createdAt" timestamptz NOT NULL, body text,
+                    CONSTRAINT "Note_pkey" PRIMARY KEY (id, "createdAt") INCLUDE (body))""")
+    conn.execute("""CREATE TABLE "Tag" (id bigint, name text, "createdAt" timestamptz NOT NULL,
+                    PRIMARY KEY (id) INCLUDE (name))""")  # fmt: skip
+    conn.execute("""INSERT INTO "Note" VALUES (1, now(), 'x')""")
+    note = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Note"}})
+    assert convert(conn, note, "pgscale", datetime.now(UTC)).finished
+    assert scalar(conn, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'Note_pkey'") == (
+        'PRIMARY KEY (id, "createdAt") INCLUDE (body)'
+    )
+    tag = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Tag"}})
+    with pytest.raises(SpecError, match=r"has options .* that pgscale does not widen"):
+        convert(conn, tag, "pgscale", datetime.now(UTC))
+    conn.execute("""CREATE TABLE "Pin" (id bigint, "createdAt" timestamptz NOT NULL,
+                    PRIMARY KEY (id, "createdAt") DEFERRABLE)""")  # fmt: skip
+    pin = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Pin"}})
+    with pytest.raises(SpecError, match="is DEFERRABLE"):
+        convert(conn, pin, "pgscale", datetime.now(UTC))

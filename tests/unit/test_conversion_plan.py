@@ -27,7 +27,7 @@ def shape(**changes: Any) -> Shape:
         oid=1, owner="app", columns=["id", "createdAt"],
         types={"id": "bigint", "createdAt": "timestamp with time zone"},
         generated=set(), identity={"id"}, primary_key=["id"],
-        indexes=[Index(2, "Task_pkey", "", True, ["id"], "Task_pkey", "p", None),
+        indexes=[Index(2, "Task_pkey", "", True, ["id"], "Task_pkey", "p", None, "PRIMARY KEY (id)", "id"),
                  Index(3, "Task_status_idx", "", False, ["status"], None, None, "btree (status)")],
         checks=[], outgoing=[], incoming=[], views=[], triggers=[], rls=False, publications=[], inheritance=False,
         comment=None, owned_sequences=[],
@@ -37,7 +37,8 @@ def shape(**changes: Any) -> Shape:
 
 
 def test_a_plain_table_with_the_column_in_its_key_has_no_blockers() -> None:
-    key = Index(2, "Task_pkey", "", True, ["id", "createdAt"], "Task_pkey", "p", None)
+    key = Index(2, "Task_pkey", "", True, ["id", "createdAt"], "Task_pkey", "p", None,
+                'PRIMARY KEY (id, "createdAt")', 'id, "createdAt"')  # fmt: skip
     assert blockers(shape(indexes=[key]), spec()) == []
 
 
@@ -46,6 +47,15 @@ def test_key_without_the_partition_column_names_the_constraint_and_the_fix() -> 
     assert "primary key 'Task_pkey' (id) lacks the partition column 'createdAt'" in problem
     assert "spec.conversion.widenKeys: true" in problem and "(id, createdAt)" in problem
     assert blockers(shape(), spec(widenKeys=True)) == []
+
+
+def test_keys_with_options_are_widened_only_when_plain() -> None:
+    plain = Index(2, "k", "", True, ["id"], "k", "u", None, "UNIQUE (id)", "id")
+    assert plain.widened("createdAt") == 'UNIQUE (id, "createdAt")'
+    assert Index(2, "k", "", True, ["id"], "k", "u", None, "UNIQUE (id) INCLUDE (x)", "id").widened("c") is None
+    deferrable = Index(2, "k", "", True, ["id", "createdAt"], "k", "p", None,
+                       'PRIMARY KEY (id, "createdAt") DEFERRABLE', 'id, "createdAt"')  # fmt: skip
+    assert any("DEFERRABLE" in p for p in blockers(shape(indexes=[deferrable]), spec()))
 
 
 def test_every_blocker_is_listed_at_once() -> None:

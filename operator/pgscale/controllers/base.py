@@ -262,7 +262,8 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         else:
             status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
         requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
-        requeue = max(requeue, MIN_REQUEUE_SECONDS)
+        # Long work the controller paces itself (done=False) may come back sooner than a spec interval may.
+        requeue = max(requeue, MIN_REQUEUE_SECONDS if result.done else 0.5)
         events += result.events
     except ReconcileError as exc:
         outcome = "stalled" if exc.stalled else "retry"

@@ -15,6 +15,7 @@ from ..conversion import Report as Conversion
 from ..conversion import convert, lock_ms
 from ..conversion import status as conversion_status
 from ..durations import seconds
+from ..errors import TransientError
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
@@ -62,14 +63,18 @@ class PartitionPolicyController:
             enabled = spec.conversion is None or spec.conversion.enabled
             # Before the first step, not after it: a policy deleted between slices must not leave the
             # sync trigger behind on the application's table.
-            ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT[:3]))
+            ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT))
             if converting:
                 if spec.suspend:
                     status.update(partitioned=partitioned, conversion=conversion_fields(progress))
                     return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
                                   f"{progress.phase}", requeue_after=interval)  # fmt: skip
-                if not enabled:
-                    if sqlc.abort(conn, profile.state_schema, schema, table, lock_ms(spec)):
+                if not enabled and progress.phase != "swapped":  # after the switch there is no way back
+                    aborted = sqlc.abort(conn, profile.state_schema, schema, table, lock_ms(spec))
+                    if aborted is None:
+                        raise TransientError("a conversion run holds the table; disabling it waits for the run",
+                                             reason="ConversionBusy", retry_seconds=5)  # fmt: skip
+                    if aborted:
                         events.append(("ConversionAborted", "conversion disabled: the copy and its trigger were "
                                        f"removed; {spec.table.qualified()} is as it was", False))  # fmt: skip
                     status.update(partitioned=False, conversion=None)
@@ -155,7 +160,13 @@ class PartitionPolicyController:
         ref = ObjectRef.of(obj)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         with pg.connect(info) as conn:
+            if conversion_status(conn, profile.state_schema, spec).phase == "swapped":
+                convert(conn, spec, profile.state_schema, datetime.now(UTC))  # past the switch: finish, drop the old
+                return
             aborted = sqlc.abort(conn, profile.state_schema, spec.table.schema_, spec.table.name, lock_ms(spec))
+        if aborted is None:
+            raise TransientError("a conversion run holds the table; deletion waits for it", reason="ConversionBusy",
+                                 retry_seconds=5)  # fmt: skip
         if aborted:
             ctx.kube.event(ref, "ConversionAborted", f"policy deleted: the copy and its trigger were removed; "
                            f"{spec.table.qualified()} is as it was")  # fmt: skip

@@ -68,6 +68,16 @@ class Index:
     constraint: str | None = None  # the PRIMARY KEY / UNIQUE / EXCLUDE constraint it backs
     constraint_type: str | None = None  # p, u, x
     tail: str | None = None  # pg_get_indexdef after "... ON <table> USING ": None when it does not read so
+    condef: str | None = None  # pg_get_constraintdef of the key constraint, e.g. PRIMARY KEY (id) DEFERRABLE
+
+    quoted_keys: str = ""  # the key columns as pg_get_constraintdef writes them (quote_ident)
+
+    def widened(self, column: str) -> str | None:
+        """The key's definition with the partition column added; None when it has options that forbid it."""
+        kind = "PRIMARY KEY" if self.constraint_type == "p" else "UNIQUE"
+        if self.condef != f"{kind} ({self.quoted_keys})":  # INCLUDE, DEFERRABLE, NULLS NOT DISTINCT...
+            return None
+        return f"{kind} ({self.quoted_keys}, {sql.Identifier(column).as_string(None)})"
 
 
 @dataclass
@@ -128,7 +138,10 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         "SELECT i.indexrelid, ic.relname, d.def, i.indisunique, "
         "ARRAY(SELECT coalesce(a.attname, '') FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY k(n, o) "
         "LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n ORDER BY k.o), "
-        "con.conname, con.contype, CASE WHEN starts_with(d.def, d.head) THEN substr(d.def, length(d.head) + 1) END "
+        "con.conname, con.contype, CASE WHEN starts_with(d.def, d.head) THEN substr(d.def, length(d.head) + 1) END, "
+        "pg_get_constraintdef(con.oid), (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.o) "
+        "FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY k(n, o) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n) "
         "FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
         "JOIN pg_namespace tn ON tn.oid = t.relnamespace "
         "CROSS JOIN LATERAL (SELECT pg_get_indexdef(i.indexrelid) AS def, format('CREATE %%sINDEX %%s ON %%s.%%s "
@@ -138,7 +151,7 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         "AND con.contype IN ('p', 'u', 'x') WHERE i.indrelid = %s ORDER BY ic.relname",
         (oid,),
     ).fetchall():
-        indexes.append(Index(int(r[0]), r[1], r[2], bool(r[3]), list(r[4]), r[5], r[6], r[7]))
+        indexes.append(Index(int(r[0]), r[1], r[2], bool(r[3]), list(r[4]), r[5], r[6], r[7], r[8], r[9] or ""))
     primary_key = next((i.columns for i in indexes if i.constraint_type == "p"), [])
     checks = [
         r[0]
@@ -233,6 +246,18 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         acl=acl,
         column_acl=column_acl,
     )
+
+
+def missing_on_shadow(conn: psycopg.Connection, schema: str, shape: Shape) -> list[str]:
+    """Indexes and keys of the table that the copy lacks (created after the copy was built)."""
+    wanted = {f"pgscale_{'con' if i.constraint_type in ('p', 'u') else 'idx'}_{i.oid}": i.name for i in shape.indexes}
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = ANY(%s)",
+        (schema, list(wanted)),
+    ).fetchall()
+    found = {r[0] for r in rows}
+    return sorted(name for temp, name in wanted.items() if temp not in found)
 
 
 def existing_tables(conn: psycopg.Connection, schema: str, names: list[str]) -> list[str]:
@@ -404,11 +429,14 @@ def sync_function(state_schema: str, shape: Shape, schema: str, shadow: str) -> 
         t=target, m=match, cols=_key_list(cols), o=override,
         vals=sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in cols),
     )  # fmt: skip
-    row_fn = sql.SQL("CREATE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
+    # SECURITY DEFINER: the application's roles write through the trigger without any privilege on the
+    # copy (an UPDATE becomes a DELETE and an INSERT there); a fixed search_path keeps it safe.
+    definer = "RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}"
+    row_fn = sql.SQL("CREATE FUNCTION {}.{}() " + definer).format(
         sql.Identifier(state_schema), fn, sql.Literal(body.as_string(None))
     )
     trunc_body = sql.SQL("BEGIN TRUNCATE {}; RETURN NULL; END").format(target)
-    trunc_fn = sql.SQL("CREATE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
+    trunc_fn = sql.SQL("CREATE FUNCTION {}.{}() " + definer).format(
         sql.Identifier(state_schema), tfn, sql.Literal(trunc_body.as_string(None))
     )
     return row_fn, trunc_fn
@@ -450,15 +478,14 @@ def prepare(
         conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, default_name), target))
         for index in shape.indexes:
             if index.constraint_type in ("p", "u"):
-                keys = list(index.columns)
-                if column not in keys and widen:
-                    keys.append(column)
+                # The key as the catalog states it (INCLUDE, DEFERRABLE, NULLS NOT DISTINCT kept), or widened.
+                definition = index.condef if column in index.columns or not widen else index.widened(column)
+                assert definition is not None  # blockers() refused keys that cannot be widened
                 conn.execute(
-                    sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} ({})").format(
+                    sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                         target,
                         _temp_name("con", index.oid),
-                        sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE"),
-                        _key_list(keys),
+                        sql.SQL(definition),  # catalog text
                     )
                 )
             else:
@@ -708,8 +735,22 @@ def _now(conn: psycopg.Connection) -> Any:
     return row[0] if row else None
 
 
-def abort(conn: psycopg.Connection, state_schema: str, schema: str, table: str, lock_timeout_ms: int) -> bool:
-    """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then shadow."""
+def abort(
+    conn: psycopg.Connection, state_schema: str, schema: str, table: str, lock_timeout_ms: int, *,
+    locked: bool = False,
+) -> bool | None:  # fmt: skip
+    """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then shadow.
+
+    True when something was undone, False when there was nothing to undo, None when a conversion run
+    (the operator's or a CronJob's) holds the table right now: try again shortly.
+    """
+    if not locked:
+        if not try_lock(conn, schema, table):
+            return None
+        try:
+            return abort(conn, state_schema, schema, table, lock_timeout_ms, locked=True)
+        finally:
+            unlock(conn, schema, table)
     state = load_state(conn, state_schema, schema, table)
     if state is None or state.phase in ("swapped", "done"):
         return False
