@@ -90,6 +90,13 @@ def is_partitioned(conn: psycopg.Connection, schema: str, table: str) -> bool:
     return bool(row and row[0])
 
 
+def ensure_schema(conn: psycopg.Connection, schema: str) -> None:
+    """A schema, created only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the
+    database even when the schema exists, and a role may own a schema without that privilege."""
+    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
 def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, definition: str) -> None:
     """pgscale's own bookkeeping table in the profile's state schema (both created when missing).
 
@@ -97,7 +104,7 @@ def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, 
     """
     s = sql.Identifier(state_schema)
     with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        ensure_schema(conn, state_schema)
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))
         )

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from psycopg import sql
 
-from . import qualified
+from . import ensure_schema, qualified
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def finish_retire(conn: psycopg.Connection, schema: str, name: str, *, action: s
             return
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS NULL").format(child))
         if archive_schema and archive_schema != schema:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(archive_schema)))
+            ensure_schema(conn, archive_schema)
             conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import Column, ensure_state_table, qualified, table_columns
+from . import Column, ensure_schema, ensure_state_table, qualified, table_columns
 from .partitions import children
 
 RUNS_TABLE = "retention_runs"
@@ -269,7 +269,7 @@ def create_archive(conn: psycopg.Connection, target: Target) -> None:
     assert target.archive is not None and target.archive_table is not None
     schema = target.archive_schema or target.schema
     with conn.transaction():
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        ensure_schema(conn, schema)
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING COMMENTS)").format(
                 target.archive, target.source
