@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from .api.databaseprofile import AlertsSpec
-from .builders import MANAGED_BY, object_meta
+from .builders import object_meta
 from .kube import ObjectRef
 from .metrics import PREFIX
 from .monitoring import SECONDS_PER_MONTH
@@ -25,7 +25,6 @@ from .quantity import parse_quantity
 
 API_VERSION = "monitoring.coreos.com/v1"
 RULE_COMPONENT = "alerting"
-POD_MONITOR_COMPONENT = "metrics"
 MAX_NAME = 253  # a DNS subdomain: the longest object name
 
 # Alert name -> severity label.
@@ -160,30 +159,4 @@ def prometheus_rule(owner: ObjectRef, alerts: AlertsSpec, extra_labels: dict[str
         "kind": "PrometheusRule",
         "metadata": meta,
         "spec": {"groups": [{"name": f"pgscale.{owner.namespace}.{owner.name}", "rules": alert_rules(owner, alerts)}]},
-    }
-
-
-def pod_monitor(
-    namespace: str,
-    name: str,
-    selector_labels: dict[str, str],
-    extra_labels: dict[str, str],
-    port_name: str = "metrics",
-) -> dict[str, Any]:
-    """A PodMonitor that scrapes the operator's /metrics port in its own namespace.
-
-    It has no owner: it lives with the operator's pods, and owner references cannot
-    cross namespaces. extra_labels cannot override pgscale's own labels.
-    """
-    if not selector_labels:
-        raise ValueError("pod_monitor needs selector labels: an empty selector matches every pod")
-    own = {"app.kubernetes.io/managed-by": MANAGED_BY, "app.kubernetes.io/component": POD_MONITOR_COMPONENT}
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "PodMonitor",
-        "metadata": {"name": name, "namespace": namespace, "labels": {**extra_labels, **own}},
-        "spec": {
-            "selector": {"matchLabels": dict(selector_labels)},
-            "podMetricsEndpoints": [{"port": port_name, "path": "/metrics"}],
-        },
     }

@@ -89,12 +89,6 @@ def test_rendered_prometheus_rule_is_accepted_and_owned(kubectl: Kubectl, profil
     _eventually(lambda: _absent(kubectl, "prometheusrule", rule["metadata"]["name"]))
 
 
-def test_rendered_pod_monitor_is_accepted(kubectl: Kubectl, prometheus_operator_crds: list[Path]) -> None:
-    monitor = alerting.pod_monitor(kubectl.namespace, "pgscale", {"app.kubernetes.io/name": "pgscale"},
-                                   {"release": "kube-prometheus-stack"})  # fmt: skip
-    _accepted(kubectl, monitor, "podmonitor")
-
-
 def _rule_without_expr(obj: dict[str, Any]) -> None:
     del obj["spec"]["groups"][0]["rules"][0]["expr"]
 
@@ -112,22 +106,12 @@ def _group_without_name(obj: dict[str, Any]) -> None:
     del obj["spec"]["groups"][0]["name"]
 
 
-def _monitor_without_selector(obj: dict[str, Any]) -> None:
-    del obj["spec"]["selector"]
-
-
-def _monitor_with_numeric_port(obj: dict[str, Any]) -> None:
-    obj["spec"]["podMetricsEndpoints"][0]["port"] = 8080
-
-
 # (id, kind, change, text the error must contain)
 INVALID: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
     ("rule-without-expr", "PrometheusRule", _rule_without_expr, "spec.groups[0].rules[0].expr: Required value"),
     ("rule-bad-for", "PrometheusRule", _rule_with_bad_for, "spec.groups[0].rules[0].for"),
     ("rule-unknown-field", "PrometheusRule", _rule_with_unknown_field, 'unknown field "spec.groups[0].rules[0]'),
     ("group-without-name", "PrometheusRule", _group_without_name, "spec.groups[0].name: Required value"),
-    ("monitor-without-selector", "PodMonitor", _monitor_without_selector, "spec.selector: Required value"),
-    ("monitor-numeric-port", "PodMonitor", _monitor_with_numeric_port, "spec.podMetricsEndpoints[0].port"),
 ]
 
 
@@ -137,8 +121,7 @@ def test_schema_rejects_broken_objects(
     message: str,
 ) -> None:  # fmt: skip
     owner = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", kubectl.namespace, "app", "0000-uid")
-    valid = (alerting.prometheus_rule(owner, AlertsSpec(), {}) if kind == "PrometheusRule"
-             else alerting.pod_monitor(kubectl.namespace, "pgscale", {"app": "pgscale"}, {}))  # fmt: skip
+    valid = alerting.prometheus_rule(owner, AlertsSpec(), {})
     _ok(_apply(kubectl, valid, "--dry-run=server"), f"dry-run apply of the valid {kind}")
     broken = copy.deepcopy(valid)
     change(broken)

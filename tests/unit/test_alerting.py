@@ -146,32 +146,3 @@ def test_long_profile_names_fit_a_dns_subdomain() -> None:
     name = alerting.rule_name(owner)
     assert len(name) <= 253 and name.endswith("-abcdef12-pgscale")
     assert alerting.rule_name(ObjectRef("v", "K", "ns", "a" * 245, "u")) == "a" * 245 + "-pgscale"
-
-
-def test_pod_monitor() -> None:
-    obj = alerting.pod_monitor("pgscale-system", "pgscale", {"app.kubernetes.io/name": "pgscale"},
-                               {"release": "prom", "app.kubernetes.io/component": "x"})  # fmt: skip
-    assert obj == {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PodMonitor",
-        "metadata": {
-            "name": "pgscale",
-            "namespace": "pgscale-system",
-            "labels": {
-                "release": "prom",
-                "app.kubernetes.io/managed-by": "pgscale",
-                "app.kubernetes.io/component": "metrics",
-            },
-        },
-        "spec": {
-            "selector": {"matchLabels": {"app.kubernetes.io/name": "pgscale"}},
-            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
-        },
-    }
-    custom = alerting.pod_monitor("ns", "m", {"a": "b"}, {}, port_name="http-metrics")
-    assert custom["spec"]["podMetricsEndpoints"][0]["port"] == "http-metrics"
-
-
-def test_pod_monitor_refuses_empty_selector() -> None:
-    with pytest.raises(ValueError, match="selector"):
-        alerting.pod_monitor("ns", "m", {}, {})

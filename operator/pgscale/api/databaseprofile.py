@@ -298,9 +298,6 @@ class MonitoringSpec(Model):
     interval: Duration = Field(default="60s", description="How often metrics are collected.")
     statements: bool = Field(default=True, description="Read query times from pg_stat_statements when it is installed.")
     alerts: AlertsSpec | None = Field(default=None, description="Thresholds; strategy defaults when unset.")
-    pod_monitor: PrometheusObjectSpec | None = Field(
-        default=None, description="A PodMonitor for the operator's metrics endpoint."
-    )
 
 
 class CapacitySpec(Model):
