@@ -65,7 +65,7 @@ class DatabaseProfileController:
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
             report = settings.reconcile(conn, spec.state_schema, key, desired)
-            snap = stats.snapshot(conn) if monitoring.enabled else None
+            snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
             points: dict[str, list[tuple[float, int]]] = {}
             if snap is not None:
                 stats.ensure_samples(conn, spec.state_schema)

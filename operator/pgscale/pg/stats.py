@@ -41,7 +41,8 @@ class Snapshot:
     memory_settings: dict[str, str] = field(default_factory=dict)  # running values the memory estimate needs
 
 
-def snapshot(conn: psycopg.Connection) -> Snapshot:
+def snapshot(conn: psycopg.Connection, *, statements: bool = True) -> Snapshot:
+    """The database's figures for metrics and alerts; `statements`: read pg_stat_statements when installed."""
     snap = Snapshot()
     snap.connections = {
         str(r[0]): int(r[1])
@@ -71,7 +72,7 @@ def snapshot(conn: psycopg.Connection) -> Snapshot:
             "WHERE s.idx_scan = 0 AND NOT i.indisunique AND NOT i.indisprimary ORDER BY 1 LIMIT 50"
         ).fetchall()
     ]
-    if _has_statements(conn):
+    if statements and _has_statements(conn):
         row = conn.execute(
             "SELECT sum(total_exec_time) / nullif(sum(calls), 0) / 1000, max(mean_exec_time) / 1000 "
             "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
