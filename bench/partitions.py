@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
 import localenv  # noqa: E402
 
+from common import latency_ms, seed_tasks  # noqa: E402
 from pgscale.api.partitionpolicy import PartitionPolicySpec  # noqa: E402
 from pgscale.conversion import convert  # noqa: E402
 
@@ -116,15 +116,7 @@ def seed(pg: localenv.Postgres, name: str, rows: int) -> str:
     pg.execute(f'CREATE DATABASE "{name}"')
     with psycopg.connect(pg.dsn(name), autocommit=True) as conn:
         conn.execute(TABLE)
-        conn.execute(
-            """INSERT INTO task (title, status, "userId", "createdAt", "completedAt")
-               SELECT 'task ' || g, CASE WHEN g %% 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END, g %% 500,
-                      now() - (g * (730.0 / %(n)s) || ' days')::interval,
-                      CASE WHEN g %% 3 = 0 THEN NULL
-                           ELSE now() - (g * (730.0 / %(n)s) || ' days')::interval + interval '1 hour' END
-               FROM generate_series(1, %(n)s) g""",
-            {"n": rows},
-        )
+        seed_tasks(conn, "task", rows)
         conn.execute("CREATE TABLE snapshot AS SELECT * FROM task")
         conn.execute("VACUUM ANALYZE task")
     return pg.dsn(name)
@@ -166,12 +158,12 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any) -> Result:
     time.sleep(0.5)
     writer.stop.set()
     writer.join()
-    lat = sorted(writer.latencies)
+    p50, p99, longest = latency_ms(writer.latencies)
     return Result(
-        contender=name, rows=rows, seconds=round(seconds, 2), writer_ops=len(lat),
-        writer_p50_ms=round(statistics.median(lat) * 1000, 2),
-        writer_p99_ms=round(lat[int(len(lat) * 0.99) - 1] * 1000, 2),
-        writer_max_stall_ms=round(lat[-1] * 1000, 1), writer_errors=len(writer.errors),
+        contender=name, rows=rows, seconds=round(seconds, 2), writer_ops=len(writer.latencies),
+        writer_p50_ms=p50,
+        writer_p99_ms=p99,
+        writer_max_stall_ms=longest, writer_errors=len(writer.errors),
         rows_wrong=check(dsn, writer), updates_lost=writer.lost, partitions=partitions(dsn),
         extra={**(extra or {}), "first_errors": writer.errors[:3]},
     )  # fmt: skip

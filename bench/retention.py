@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
 import localenv  # noqa: E402
 
+from common import latency_ms, seed_tasks  # noqa: E402
 from pgscale.jobs import JobInput  # noqa: E402
 from pgscale.jobs.retention import run  # noqa: E402
 from pgscale.pg.connection import ConnInfo  # noqa: E402
@@ -98,15 +98,7 @@ def seed(pg: localenv.Postgres, name: str, rows: int) -> str:
     pg.execute(f'CREATE DATABASE "{name}"')
     with psycopg.connect(pg.dsn(name), autocommit=True) as conn:
         conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
-        conn.execute(
-            """INSERT INTO "Task" (title, status, "userId", "createdAt", "completedAt")
-               SELECT 'task ' || g, CASE WHEN g %% 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END, g %% 500,
-                      now() - (g * (730.0 / %(n)s) || ' days')::interval,
-                      CASE WHEN g %% 3 = 0 THEN NULL
-                           ELSE now() - (g * (730.0 / %(n)s) || ' days')::interval + interval '1 hour' END
-               FROM generate_series(1, %(n)s) g""",
-            {"n": rows},
-        )
+        seed_tasks(conn, "Task", rows)
         conn.execute('VACUUM ANALYZE "Task"')
     return pg.dsn(name)
 
@@ -136,17 +128,17 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any) -> Result:
               LEFT JOIN "Task" t ON t.id = g.id LEFT JOIN {archive} a ON a.id = g.id"""
     lost = count(dsn, f"SELECT count(*) {ids} WHERE t.id IS NULL AND a.id IS NULL")
     duplicated = count(dsn, f"SELECT count(*) {ids} WHERE t.id IS NOT NULL AND a.id IS NOT NULL")
-    lat = sorted(writer.latencies)
+    p50, p99, longest = latency_ms(writer.latencies)
     return Result(
         contender=name,
         rows_matched=matched,
         rows_moved=moved,
         seconds=round(seconds, 2),
         rows_per_second=round(moved / seconds, 1),
-        writer_ops=len(lat),
-        writer_p50_ms=round(statistics.median(lat) * 1000, 2),
-        writer_p99_ms=round(lat[int(len(lat) * 0.99) - 1] * 1000, 2),
-        writer_max_stall_ms=round(lat[-1] * 1000, 1),
+        writer_ops=len(writer.latencies),
+        writer_p50_ms=p50,
+        writer_p99_ms=p99,
+        writer_max_stall_ms=longest,
         rows_lost=lost,
         rows_duplicated=duplicated,
         extra=extra or {},
