@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 
@@ -32,6 +32,11 @@ from .progress import eta
 log = logging.getLogger(__name__)
 
 MAX_PARTITIONS = 1000  # more than this at conversion time: a coarser interval is the fix
+
+
+def sql_name(identifier: str) -> str:
+    """An identifier as it would be written in SQL, for messages."""
+    return f'"{identifier}"' if identifier != identifier.lower() or not identifier.isidentifier() else identifier
 
 
 @dataclass
@@ -108,6 +113,21 @@ def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
             f"{name} is in publications ({', '.join(shape.publications)}); logical replication "
             "would stop at the switch: remove it from them first"
         )
+    if spec.column in shape.generated:
+        out.append(f"the partition column {spec.column!r} is generated; partition by a stored, plain column")
+    if any(k in shape.generated for k in shape.primary_key):
+        out.append("the primary key has a generated column; pgscale copies rows by a plain key")
+    widened_pk = any(i.constraint_type == "p" and spec.column not in i.columns for i in shape.indexes)
+    if widen and widened_pk and spec.column not in shape.not_null:
+        out.append(
+            f"{spec.column!r} may be NULL, and a widened primary key makes it NOT NULL: writes of NULL would "
+            f"fail; ALTER TABLE {name} ALTER COLUMN {sql_name(spec.column)} SET NOT NULL first"
+        )
+    if shape.not_valid:
+        out.append(
+            f"constraints {', '.join(shape.not_valid)} are NOT VALID (rows may break them, and the copy would "
+            "enforce them); VALIDATE CONSTRAINT or drop them first"
+        )
     if shape.inheritance:
         out.append(f"{name} takes part in table inheritance; pgscale converts plain tables only")
     return out
@@ -163,6 +183,9 @@ def status(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpe
     return _report(sqlc.load_state(conn, state_schema, spec.table.schema_, spec.table.name))
 
 
+RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
+
+
 def _with_lock_retries(
     conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, what: str, step: Callable[[], int],
     deadline: float | None,
@@ -173,20 +196,50 @@ def _with_lock_retries(
     for attempt in range(retries + 1):
         try:
             return step()
-        except psycopg.errors.LockNotAvailable:
-            if what != "prepare":  # before prepare there is no state row to count in
+        except RETRYABLE as exc:
+            if sqlc.load_state(conn, state_schema, schema, table) is not None:
                 sqlc.note_retry(conn, state_schema, schema, table)
-            log.info("%s of %s.%s gave way to the application (attempt %d)", what, schema, table, attempt + 1)
+            log.info("%s of %s.%s gave way to the application (attempt %d): %s", what, schema, table, attempt + 1,
+                     type(exc).__name__)  # fmt: skip
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     raise TransientError(
-        f"{what} of {schema}.{table} could not lock the table within spec.conversion.lockTimeout "
+        f"{what} of {spec.table.qualified()} could not lock the table within spec.conversion.lockTimeout "
         f"({spec.conversion.lock_timeout if spec.conversion else '1s'}); long transactions of the application "
         "hold it: it is retried",
         reason="LockTimeout",
         retry_seconds=10,
     )
+
+
+def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, shape: sqlc.Shape,
+           batch: int, ms: int) -> None:  # fmt: skip
+    """Replay the change log until less than a batch is left (the switch replays the rest under its lock)."""
+    schema, table = spec.table.schema_, spec.table.name
+    while True:
+        try:
+            taken = sqlc.replay_batch(conn, state_schema, schema, table, shape, batch, ms)
+        except RETRYABLE:
+            time.sleep(0.2)
+            continue
+        if taken < batch:
+            return
+
+
+def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, ms: int,
+                      what: str) -> NoReturn:  # fmt: skip
+    """The table changed under the conversion: wait for the user, or build the copy again."""
+    schema, table = spec.table.schema_, spec.table.name
+    problems = blockers(sqlc.inspect(conn, schema, table), spec)
+    if problems:
+        # A view or a referencing key would keep pointing at the old table: it waits for the user (the
+        # log keeps recording the application's writes meanwhile).
+        raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot be "
+                        "switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
+    sqlc.abort(conn, state_schema, schema, table, ms, locked=True)
+    raise TransientError(f"the {what} of {spec.table.qualified()} changed during the conversion; it starts over",
+                         reason="ConversionRestarted", retry_seconds=1)  # fmt: skip
 
 
 def convert(
@@ -204,6 +257,7 @@ def convert(
     deadline = None if budget is None else time.monotonic() + budget
     conv = spec.conversion
     ms = lock_ms(spec)
+    batch = conv.batch_size if conv else 10000
     events: list[tuple[str, str, bool]] = []
     if not sqlc.try_lock(conn, schema, table):
         report = status(conn, state_schema, spec)
@@ -218,50 +272,38 @@ def convert(
         if state is None:
             if partitioned:
                 return Report(phase="done", finished=True)
-            _prepare(conn, spec, state_schema, now, ms, deadline)
-            events.append(("ConversionStarted", f"copying {schema}.{table} into a partitioned table "
-                           f"{sqlc.shadow_name(table)} kept in sync by a trigger", False))  # fmt: skip
-            faults.checkpoint("after-prepare")
+            _build(conn, spec, state_schema, now)
+            faults.checkpoint("after-build")
             state = sqlc.load_state(conn, state_schema, schema, table)
             assert state is not None
-        shape = sqlc.inspect(conn, schema, table) if state.phase in ("prepared", "copied", "verified") else None
-        changed = None
+        shape = sqlc.inspect(conn, schema, table) if state.phase in ("building", "prepared", "copied", "verified") \
+            else None  # fmt: skip
         if shape is not None and not _same_columns(conn, schema, table, state.shadow):
-            changed = "columns"
-        elif shape is not None and (missing := sqlc.missing_on_shadow(conn, schema, shape)):
-            changed = f"indexes ({', '.join(missing)})"
-        if changed:
-            # The copy no longer matches the table: build it again rather than switch to something else.
-            sqlc.abort(conn, state_schema, schema, table, ms, locked=True)
-            raise TransientError(
-                f"the {changed} of {spec.table.qualified()} changed during the conversion; it starts over",
-                reason="ConversionRestarted", retry_seconds=1,
+            _restart_or_block(conn, spec, state_schema, ms, "columns")
+        if shape is not None and (missing := sqlc.missing_on_shadow(conn, schema, shape)):
+            _restart_or_block(conn, spec, state_schema, ms, f"indexes ({', '.join(missing)})")
+        if state.phase == "building":
+            assert shape is not None
+            fixed = shape
+            _with_lock_retries(
+                conn, state_schema, spec, "installing the change log",
+                lambda: sqlc.install_log(conn, state_schema, schema, table, fixed, ms), deadline,
             )  # fmt: skip
+            events.append(("ConversionStarted", f"copying {schema}.{table} into a partitioned table "
+                           f"{sqlc.shadow_name(table)}; a trigger logs the application's writes meanwhile",
+                           False))  # fmt: skip
+            faults.checkpoint("after-prepare")
+            state.phase = "prepared"
         if state.phase == "prepared":
             assert shape is not None
-            batch = conv.batch_size if conv else 10000
+            conflict = shape.primary_key + ([] if spec.column in shape.primary_key else [spec.column])
             pause = seconds(conv.pause_between_batches) if conv else 0.0
             cursor = state.cursor
-            batches = failures = 0
-            retries = conv.max_retries if conv else 60
+            batches = 0
             while True:
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
-                try:
-                    read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, cursor, batch, ms)
-                except psycopg.errors.LockNotAvailable as exc:
-                    # A row of the batch is locked by the application (FOR SHARE waits for its writers).
-                    sqlc.note_retry(conn, state_schema, schema, table)
-                    failures += 1
-                    if failures > retries:
-                        raise TransientError(
-                            f"copying {spec.table.qualified()} waited longer than spec.conversion.lockTimeout for "
-                            f"rows the application keeps locked, {failures} times in a row; it continues later",
-                            reason="LockTimeout",
-                        ) from exc
-                    time.sleep(min(0.2 * failures, 2.0))
-                    continue
-                failures = 0
+                read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, conflict, cursor, batch, ms)
                 batches += 1
                 faults.checkpoint(f"copy-batch-{batches}")
                 if on_batch:
@@ -275,36 +317,41 @@ def convert(
             state.phase = "copied"
         if state.phase == "copied":
             assert shape is not None
-            source, copy = sqlc.verify(conn, schema, table, shape)
+            _drain(conn, state_schema, spec, shape, batch, ms)
+            source, copy = sqlc.verify(conn, state_schema, schema, table, shape)
             if source != copy:
                 sqlc.update_state(conn, state_schema, schema, table,
                                   message=f"verification failed: table {source}, copy {copy}")  # fmt: skip
                 raise DependencyError(
-                    f"verification of the copy of {schema}.{table} failed ({source[0]} rows in the table, "
+                    f"verification of the copy of {spec.table.qualified()} failed ({source[0]} rows in the table, "
                     f"{copy[0]} in the copy, checksums differ: {source[1] != copy[1]}); the table is untouched. "
                     "Delete and re-create the PartitionPolicy to start over, and report this",
                     reason="VerificationFailed",
                 )
             sqlc.update_state(conn, state_schema, schema, table, phase="verified", verified_rows=source[0])
             events.append(("ConversionVerified", f"{source[0]} rows in {schema}.{table} and in the partitioned "
-                           "copy, with equal checksums", False))  # fmt: skip
+                           "copy, with equal checksums (rows written meanwhile are replayed at the switch)",
+                           False))  # fmt: skip
             faults.checkpoint("after-verify")
             state.phase = "verified"
         if state.phase == "verified":
             assert shape is not None
-            # What appeared on the table since the copy was built: a view or a foreign key would keep
-            # pointing at the old table after the switch, so it waits for the user (the trigger keeps
-            # the copy in sync meanwhile).
             problems = blockers(shape, spec)
             if problems:
                 raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot "
                                 "be switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
-            fresh = shape
+            _drain(conn, state_schema, spec, shape, batch, ms)
+            fresh, built_from = shape, state.definition or ""
             drop = bool(conv and conv.drop_referencing_foreign_keys)
-            held = _with_lock_retries(
-                conn, state_schema, spec, "the switch",
-                lambda: sqlc.swap(conn, state_schema, schema, table, fresh, drop, ms, faults.checkpoint), deadline,
-            )  # fmt: skip
+            try:
+                held = _with_lock_retries(
+                    conn, state_schema, spec, "the switch",
+                    lambda: sqlc.swap(conn, state_schema, schema, table, fresh, built_from, drop, ms,
+                                      faults.checkpoint),
+                    deadline,
+                )  # fmt: skip
+            except sqlc.DefinitionChanged:
+                _restart_or_block(conn, spec, state_schema, ms, "definition")
             message = f"{schema}.{table} is now partitioned by {spec.column!r}; the table was locked {held} ms"
             if drop and shape.incoming:
                 message += "; dropped foreign keys " + ", ".join(f"{fk.name} on {fk.table}" for fk in shape.incoming)
@@ -335,10 +382,8 @@ def _finish(
     return report
 
 
-def _prepare(
-    conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, now: datetime, ms: int,
-    deadline: float | None,
-) -> None:  # fmt: skip
+def _build(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, now: datetime) -> None:
+    """Check what blocks the conversion, then build the partitioned copy (the table is not touched)."""
     schema, table = spec.table.schema_, spec.table.name
     shape = sqlc.inspect(conn, schema, table)
     problems = blockers(shape, spec)
@@ -372,11 +417,7 @@ def _prepare(
     widen = bool(spec.conversion and spec.conversion.widen_keys)
     total = sqlc.estimate_rows(conn, schema, table)
 
-    def step() -> int:
-        return sqlc.prepare(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen,
-                            total, ms)  # fmt: skip
-
-    _with_lock_retries(conn, state_schema, spec, "prepare", step, deadline)
+    sqlc.build(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen, total)
 
 
 def _same_columns(conn: psycopg.Connection, schema: str, table: str, shadow: str) -> bool:

@@ -130,7 +130,8 @@ def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, 
     assert report.longest_lock_ms < 1000
 
 
-FAULT_POINTS = ["after-prepare", "copy-batch-2", "after-copy", "after-verify", "swap-before-commit", "after-swap"]
+FAULT_POINTS = ["after-build", "after-prepare", "copy-batch-2", "after-copy", "after-verify", "swap-before-commit",
+                "after-swap"]  # fmt: skip
 
 
 def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres: Any, database: str) -> None:
@@ -153,7 +154,7 @@ def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres
         assert result.returncode == -9, (point, result.stderr[-2000:])  # SIGKILLed where asked
         phases.append(scalar(conn, "SELECT phase FROM pgscale.partition_conversions"))
         assert fingerprint(conn) == before, f"rows differ after a kill at {point}"
-    assert phases == ["prepared", "prepared", "copied", "verified", "verified", "swapped"]
+    assert phases == ["building", "prepared", "prepared", "copied", "verified", "verified", "swapped"]
     pod["containers"][0]["env"] = [e for e in pod["containers"][0]["env"] if e["name"] != "PGSCALE_FAULT_POINT"]
     final = run_container(pod, secrets)
     assert final.returncode == 0, final.stderr[-2000:]
@@ -238,3 +239,64 @@ def test_key_options_are_kept_or_refused(conn: psycopg.Connection) -> None:
     pin = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Pin"}})
     with pytest.raises(SpecError, match="is DEFERRABLE"):
         convert(conn, pin, "pgscale", datetime.now(UTC))
+
+
+def _until_switch(conn: psycopg.Connection, spec: PartitionPolicySpec) -> None:
+    """Copy and verify; the switch gives way (an application transaction holds the table)."""
+    from pgscale.errors import TransientError
+
+    with pytest.raises(TransientError, match="could not lock the table"):
+        convert(conn, spec, "pgscale", datetime.now(UTC))
+    assert scalar(conn, "SELECT phase FROM pgscale.partition_conversions") == "verified"
+
+
+def test_repeatable_read_writers_lose_nothing(conn: psycopg.Connection, postgres: Any, database: str) -> None:
+    """A REPEATABLE READ transaction whose snapshot predates the copy deletes and moves rows afterwards."""
+    seed_tasks(conn, 500)
+    spec = PartitionPolicySpec.model_validate({**SPEC, "conversion": {**SPEC["conversion"], "lockTimeout": "100ms",
+                                                                      "maxRetries": 0}})  # fmt: skip
+    assert convert(conn, spec, "pgscale", datetime.now(UTC), budget=0).phase == "prepared"
+    with psycopg.connect(postgres.dsn(database)) as app:
+        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        app.execute('SELECT count(*) FROM "Task"')  # the snapshot is taken now, before the copy
+        _until_switch(conn, spec)
+        app.execute('DELETE FROM "Task" WHERE id = 1')
+        app.execute("""UPDATE "Task" SET "createdAt" = "createdAt" - interval '40 days' WHERE id = 3""")
+        app.execute("""UPDATE "Task" SET title = 'rr' WHERE id = 4""")
+        app.commit()
+    expected_rows = rows(conn)
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert rows(conn) == expected_rows
+    assert scalar(conn, 'SELECT count(*) FROM "Task" WHERE id = 1') == 0
+    assert scalar(conn, 'SELECT count(*) FROM "Task" WHERE id = 3') == 1
+
+
+def test_writes_of_replication_sessions_are_followed(conn: psycopg.Connection, postgres: Any, database: str) -> None:
+    """session_replication_role = replica (logical replication apply, pg_restore) skips ordinary triggers."""
+    seed_tasks(conn, 300)
+    spec = PartitionPolicySpec.model_validate(SPEC)
+    convert(conn, spec, "pgscale", datetime.now(UTC), budget=0)
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as replica:
+        replica.execute("SET session_replication_role = replica")
+        replica.execute("""UPDATE "Task" SET title = 'applied' WHERE id = 2""")
+        replica.execute("""INSERT INTO "Task" (title) VALUES ('replicated')""")
+    before = rows(conn)
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert rows(conn) == before
+
+
+def test_sequence_set_with_is_called_false_continues_exactly(conn: psycopg.Connection) -> None:
+    seed_tasks(conn, 100)
+    conn.execute("""SELECT setval(pg_get_serial_sequence('"Task"', 'id'), 5000, false)""")
+    assert convert(conn, PartitionPolicySpec.model_validate(SPEC), "pgscale", datetime.now(UTC)).finished
+    assert scalar(conn, """INSERT INTO "Task" (title) VALUES ('next') RETURNING id""") == 5000
+
+
+def test_a_key_changed_during_the_copy_moves_no_cursor(conn: psycopg.Connection) -> None:
+    seed_tasks(conn, 2000)
+    spec = PartitionPolicySpec.model_validate(SPEC)
+    convert(conn, spec, "pgscale", datetime.now(UTC), budget=0)
+    conn.execute('UPDATE "Task" SET id = 100000 WHERE id = 150')
+    before = fingerprint(conn)
+    assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
+    assert fingerprint(conn) == before

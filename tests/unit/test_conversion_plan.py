@@ -30,7 +30,7 @@ def shape(**changes: Any) -> Shape:
         indexes=[Index(2, "Task_pkey", "", True, ["id"], "Task_pkey", "p", None, "PRIMARY KEY (id)", "id"),
                  Index(3, "Task_status_idx", "", False, ["status"], None, None, "btree (status)")],
         checks=[], outgoing=[], incoming=[], views=[], triggers=[], rls=False, publications=[], inheritance=False,
-        comment=None, owned_sequences=[],
+        comment=None, owned_sequences=[], not_null={"id", "createdAt"},
     )  # fmt: skip
     base.update(changes)
     return Shape(**base)
@@ -74,6 +74,13 @@ def test_every_blocker_is_listed_at_once() -> None:
                      "publications (pub)", "inheritance"):  # fmt: skip
         assert expected in text, expected
     assert len(problems) == 10
+
+
+def test_what_the_copy_could_not_take_is_refused() -> None:
+    nullable = blockers(shape(not_null={"id"}), spec(widenKeys=True))
+    assert len(nullable) == 1 and 'ALTER COLUMN "createdAt" SET NOT NULL first' in nullable[0]
+    assert "NOT VALID" in blockers(shape(not_valid=["Task_check"]), spec(widenKeys=True))[0]
+    assert "generated" in blockers(shape(generated={"createdAt"}), spec(widenKeys=True))[0]
 
 
 def test_dropping_referencing_keys_is_an_explicit_choice() -> None:

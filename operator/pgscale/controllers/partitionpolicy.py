@@ -23,7 +23,7 @@ from ..schedule import rfc3339, zone
 from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
-IN_FLIGHT = ("prepared", "copied", "verified", "swapped")
+IN_FLIGHT = ("building", "prepared", "copied", "verified", "swapped")
 
 
 def conversion_fields(report: Conversion) -> dict[str, Any]:

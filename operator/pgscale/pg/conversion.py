@@ -1,22 +1,30 @@
-"""SQL of converting a live table into a range-partitioned one (copy + sync trigger, then a swap).
+"""SQL of converting a live table into a range-partitioned one (copy + change log, then a swap).
 
-How it stays online and exact:
+How it stays online and exact (the method of pg_repack and pg-osc, on native partitions):
 
-1. *prepare* (one transaction): a partitioned shadow table ``<table>_pgscale_new`` with
-   the table's columns, defaults, identity, CHECK/NOT NULL constraints, comments,
-   grants, owner, primary key, unique constraints, indexes and outgoing foreign keys,
-   its partitions, and a trigger on the table that mirrors every INSERT, UPDATE,
-   DELETE and TRUNCATE into the shadow in the writer's own transaction. Only the
-   CREATE TRIGGER, last, locks the table (SHARE ROW EXCLUSIVE, for milliseconds).
-2. *copy*: committed batches in primary-key order, each reading its rows FOR SHARE
-   (a row deleted meanwhile is skipped, an updated one is read in its latest version)
-   and inserting them with ON CONFLICT DO NOTHING (a row the trigger already mirrored
-   wins). The cursor is committed with each batch.
-3. *verify*: one REPEATABLE READ snapshot counts and checksums both tables. The
-   trigger writes in the writer's transaction, so any snapshot sees both alike.
-4. *swap* (one transaction, ACCESS EXCLUSIVE on the table under ``lock_timeout``):
-   drop the trigger, hand over sequences, swap index/constraint names and table names.
-5. *cleanup*: drop the old table (it was verified) unless asked to keep it.
+1. *build* (one transaction): a partitioned shadow table ``<table>_pgscale_new`` with the
+   table's columns, defaults, identity, CHECK/NOT NULL constraints, comments, grants,
+   owner, primary key, unique constraints, indexes and outgoing foreign keys, and its
+   partitions. The table is not touched. A fingerprint of the table's definition is kept.
+2. *log* (one short transaction): a change log and a trigger (``ENABLE ALWAYS``: replication
+   and restore sessions fire it too) that records the key of every row inserted, updated
+   or deleted, in the writer's own transaction. Only CREATE TRIGGER locks the table (SHARE
+   ROW EXCLUSIVE, milliseconds). The trigger writes nothing else, so it works the same
+   for READ COMMITTED, REPEATABLE READ and SERIALIZABLE writers.
+3. *copy*: committed batches in primary-key order from a plain snapshot read (no row
+   locks), inserted with ``ON CONFLICT (key) DO NOTHING``; the cursor is committed with
+   each batch.
+4. *replay*: logged keys are taken off the log in batches; for each, the copy's row is
+   deleted and the table's current row (if any) inserted, in one READ COMMITTED
+   transaction: idempotent, and always converging on the table's latest committed state.
+5. *verify*: one REPEATABLE READ snapshot counts and checksums both tables, leaving out
+   the keys still in the log (their rows are replayed again before the switch).
+6. *swap* (one transaction, ACCESS EXCLUSIVE on the table under ``lock_timeout``): the
+   definition fingerprint is compared (a change rolls the swap back), the rest of the log
+   is replayed with no writer able to interfere, then triggers, sequences, index and
+   constraint names and table names are switched.
+7. *cleanup*: drop the old table (it was verified) unless asked to keep it, the log and
+   the trigger functions.
 
 Every statement text comes from this module; names from specs go through
 ``sql.Identifier``, values are parameters or ``sql.Literal``.
@@ -41,8 +49,10 @@ STATE_DEFINITION = (
     "cursor text[], rows_total bigint, rows_copied bigint NOT NULL DEFAULT 0, "
     "copy_started_at timestamptz, longest_lock_ms integer NOT NULL DEFAULT 0, lock_retries integer NOT NULL "
     "DEFAULT 0, verified_rows bigint, message text, started_at timestamptz NOT NULL DEFAULT now(), "
-    "updated_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, PRIMARY KEY (table_schema, table_name)"
+    "updated_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, definition text, "
+    "PRIMARY KEY (table_schema, table_name)"
 )
+LOG_ID = "pgscale_log_id"
 TRIGGER = "pgscale_partition_sync"
 TRUNCATE_TRIGGER = "pgscale_partition_sync_truncate"
 PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"})
@@ -112,6 +122,8 @@ class Shape:
     inheritance: bool
     comment: str | None
     owned_sequences: list[tuple[str, str]]  # (qualified sequence, column) owned via serial/OWNED BY
+    not_null: set[str] = field(default_factory=set)
+    not_valid: list[str] = field(default_factory=list)  # NOT VALID constraints (rows may break them)
     acl: list[tuple[str | None, str, bool]] = field(default_factory=list)  # (grantee or PUBLIC=None, priv, grantable)
     column_acl: list[tuple[str, str | None, str, bool]] = field(default_factory=list)
 
@@ -129,7 +141,7 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         raise LookupError(f"{schema}.{table} is not a plain table")
     oid = int(row[0])
     cols = conn.execute(
-        "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '', attidentity <> '' "
+        "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '', attidentity <> '', attnotnull "
         "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         (oid,),
     ).fetchall()
@@ -148,7 +160,7 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         "USING ', CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END, quote_ident(ic.relname), "
         "quote_ident(tn.nspname), quote_ident(t.relname)) AS head) d "
         "LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid "
-        "AND con.contype IN ('p', 'u', 'x') WHERE i.indrelid = %s ORDER BY ic.relname",
+        "AND con.contype IN ('p', 'u', 'x') WHERE i.indrelid = %s AND i.indisvalid ORDER BY ic.relname",
         (oid,),
     ).fetchall():
         indexes.append(Index(int(r[0]), r[1], r[2], bool(r[3]), list(r[4]), r[5], r[6], r[7], r[8], r[9] or ""))
@@ -157,6 +169,12 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         r[0]
         for r in conn.execute(
             "SELECT conname FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname", (oid,)
+        ).fetchall()
+    ]
+    not_valid = [
+        r[0]
+        for r in conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = %s AND NOT convalidated ORDER BY conname", (oid,)
         ).fetchall()
     ]
     fk_query = (
@@ -243,6 +261,8 @@ def inspect(conn: psycopg.Connection, schema: str, table: str) -> Shape:
         inheritance=bool(row[4]),
         comment=row[3],
         owned_sequences=owned,
+        not_null={c[0] for c in cols if c[4]},
+        not_valid=not_valid,
         acl=acl,
         column_acl=column_acl,
     )
@@ -258,6 +278,36 @@ def missing_on_shadow(conn: psycopg.Connection, schema: str, shape: Shape) -> li
     ).fetchall()
     found = {r[0] for r in rows}
     return sorted(name for temp, name in wanted.items() if temp not in found)
+
+
+def definition(conn: psycopg.Connection, schema: str, table: str) -> str:
+    """A fingerprint of everything about the table the copy mirrors or depends on.
+
+    Columns (type, NOT NULL, default, generated, identity), valid indexes, constraints on and
+    pointing at the table, triggers other than pgscale's, dependent views, publications and
+    row-level security. Computed when the copy is built and again under the switch's lock:
+    any difference means the copy no longer matches the table.
+    """
+    row = conn.execute(
+        "SELECT md5(concat_ws('|', "
+        "(SELECT string_agg(concat_ws(':', a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
+        "a.attgenerated::text, a.attidentity::text, pg_get_expr(d.adbin, d.adrelid)), "
+        "',' ORDER BY a.attnum) FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid "
+        "AND d.adnum = a.attnum WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), "
+        "(SELECT string_agg(pg_get_indexdef(i.indexrelid), ',' ORDER BY 1) FROM pg_index i "
+        "WHERE i.indrelid = c.oid AND i.indisvalid), "
+        "(SELECT string_agg(concat_ws(':', k.conname, pg_get_constraintdef(k.oid), k.convalidated), ',' "
+        "ORDER BY 1) FROM pg_constraint k WHERE k.conrelid = c.oid OR k.confrelid = c.oid), "
+        "(SELECT string_agg(concat_ws(':', t.tgname, t.tgenabled::text), ',' ORDER BY 1) FROM pg_trigger t "
+        "WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgname NOT IN (%s, %s)), "
+        "(SELECT string_agg(DISTINCT r.ev_class::text, ',') FROM pg_depend dp JOIN pg_rewrite r ON r.oid = dp.objid "
+        "WHERE dp.classid = 'pg_rewrite'::regclass AND dp.refobjid = c.oid AND r.ev_class <> c.oid), "
+        "(SELECT string_agg(pr.prpubid::text, ',' ORDER BY 1) FROM pg_publication_rel pr WHERE pr.prrelid = c.oid), "
+        "c.relrowsecurity::text)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (TRIGGER, TRUNCATE_TRIGGER, schema, table),
+    ).fetchone()
+    return str(row[0]) if row and row[0] else ""
 
 
 def existing_tables(conn: psycopg.Connection, schema: str, names: list[str]) -> list[str]:
@@ -277,7 +327,8 @@ def local_day_range(
     col = sql.Identifier(column)
 
     def day(agg: str) -> sql.Composed:
-        value = sql.SQL("{}({})").format(sql.SQL(agg), col)
+        # ±infinity has no partition of its own: such rows go to the DEFAULT partition.
+        value = sql.SQL("{}({}) FILTER (WHERE isfinite({}))").format(sql.SQL(agg), col, col)
         if column_type.startswith("timestamp with"):
             return sql.SQL("({} AT TIME ZONE {})::date").format(value, sql.Literal(time_zone))
         return sql.SQL("{}::date").format(value)
@@ -307,6 +358,7 @@ class State:
     started_at: Any
     updated_at: Any
     finished_at: Any
+    definition: str | None = None  # fingerprint of the table's definition when the copy was built
 
 
 def _state(state_schema: str) -> sql.Composed:
@@ -315,6 +367,7 @@ def _state(state_schema: str) -> sql.Composed:
 
 def ensure_state(conn: psycopg.Connection, state_schema: str) -> None:
     ensure_state_table(conn, state_schema, STATE_TABLE, STATE_DEFINITION)
+    conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS definition text").format(_state(state_schema)))
 
 
 def load_state(conn: psycopg.Connection, state_schema: str, schema: str, table: str) -> State | None:
@@ -324,7 +377,7 @@ def load_state(conn: psycopg.Connection, state_schema: str, schema: str, table: 
     row = conn.execute(
         sql.SQL(
             "SELECT phase, shadow, cursor, rows_total, rows_copied, copy_started_at, longest_lock_ms, lock_retries, "
-            "verified_rows, message, started_at, updated_at, finished_at FROM {} "
+            "verified_rows, message, started_at, updated_at, finished_at, definition FROM {} "
             "WHERE table_schema = %s AND table_name = %s"
         ).format(_state(state_schema)),
         (schema, table),
@@ -413,36 +466,48 @@ def _index_statement(index: Index, schema: str, shadow: str) -> sql.Composed:
     )
 
 
-def sync_function(state_schema: str, shape: Shape, schema: str, shadow: str) -> tuple[sql.Composed, sql.Composed]:
-    """The row trigger function and the TRUNCATE one that keep the shadow equal to the table."""
-    fn = sql.Identifier(f"partition_sync_{shape.oid}")
-    tfn = sql.Identifier(f"partition_sync_truncate_{shape.oid}")
-    target = qualified(schema, shadow)
-    cols = [c for c in shape.columns if c not in shape.generated]
-    override = sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL("")
-    match = sql.SQL(" AND ").join(sql.SQL("{c} = OLD.{c}").format(c=sql.Identifier(c)) for c in shape.primary_key)
+def log_name(shape: Shape) -> str:
+    """The change log of a conversion (in the state schema): the keys of rows written meanwhile."""
+    return f"partition_log_{shape.oid}"
+
+
+def _functions(shape: Shape) -> tuple[str, str]:
+    return f"partition_sync_{shape.oid}", f"partition_sync_truncate_{shape.oid}"
+
+
+def log_functions(state_schema: str, shape: Shape, schema: str, shadow: str) -> tuple[sql.Composed, sql.Composed]:
+    """The row trigger function (logs keys) and the TRUNCATE one (empties the copy and the log)."""
+    fn, tfn = _functions(shape)
+    log = qualified(state_schema, log_name(shape))
+    key = shape.primary_key
+
+    def values(row: str) -> sql.Composable:
+        return sql.SQL("INSERT INTO {} ({}) VALUES ({});").format(
+            log, _key_list(key), sql.SQL(", ").join(sql.SQL(row + ".{}").format(sql.Identifier(k)) for k in key)
+        )
+
+    moved = sql.SQL("ROW({}) IS DISTINCT FROM ROW({})").format(
+        sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(k)) for k in key),
+        sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(k)) for k in key),
+    )
     body = sql.SQL(
-        "BEGIN IF TG_OP IN ('UPDATE', 'DELETE') THEN DELETE FROM {t} WHERE {m}; END IF; "
-        "IF TG_OP IN ('INSERT', 'UPDATE') THEN INSERT INTO {t} ({cols}){o} VALUES ({vals}); END IF; "
-        "RETURN NULL; END"
-    ).format(
-        t=target, m=match, cols=_key_list(cols), o=override,
-        vals=sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in cols),
-    )  # fmt: skip
-    # SECURITY DEFINER: the application's roles write through the trigger without any privilege on the
-    # copy (an UPDATE becomes a DELETE and an INSERT there); a fixed search_path keeps it safe.
+        "BEGIN IF TG_OP = 'INSERT' THEN {new} ELSIF TG_OP = 'DELETE' THEN {old} "
+        "ELSE {old} IF {moved} THEN {new} END IF; END IF; RETURN NULL; END"
+    ).format(new=values("NEW"), old=values("OLD"), moved=moved)
+    # SECURITY DEFINER: the application's roles need no privilege on the log or the copy; a fixed
+    # search_path keeps it safe.
     definer = "RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS {}"
     row_fn = sql.SQL("CREATE FUNCTION {}.{}() " + definer).format(
-        sql.Identifier(state_schema), fn, sql.Literal(body.as_string(None))
+        sql.Identifier(state_schema), sql.Identifier(fn), sql.Literal(body.as_string(None))
     )
-    trunc_body = sql.SQL("BEGIN TRUNCATE {}; RETURN NULL; END").format(target)
+    trunc_body = sql.SQL("BEGIN TRUNCATE {}, {}; RETURN NULL; END").format(qualified(schema, shadow), log)
     trunc_fn = sql.SQL("CREATE FUNCTION {}.{}() " + definer).format(
-        sql.Identifier(state_schema), tfn, sql.Literal(trunc_body.as_string(None))
+        sql.Identifier(state_schema), sql.Identifier(tfn), sql.Literal(trunc_body.as_string(None))
     )
     return row_fn, trunc_fn
 
 
-def prepare(
+def build(
     conn: psycopg.Connection,
     state_schema: str,
     schema: str,
@@ -453,15 +518,17 @@ def prepare(
     default_name: str,
     widen: bool,
     rows_total: int | None,
-    lock_timeout_ms: int,
-) -> int:
-    """Build the shadow and install the sync trigger, in one transaction. Returns ms the table was locked."""
+) -> None:
+    """Build the partitioned copy, in one transaction that does not touch the table (phase ``building``).
 
+    Its foreign keys lock the tables they point at (SHARE ROW EXCLUSIVE) until the commit, which is
+    why this is not the transaction that then waits for the table's lock.
+    """
     shadow = shadow_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
     ensure_state(conn, state_schema)
     with conn.transaction():
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        fingerprint = definition(conn, schema, table)
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {} (LIKE {} INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING CONSTRAINTS "
@@ -478,14 +545,14 @@ def prepare(
         conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, default_name), target))
         for index in shape.indexes:
             if index.constraint_type in ("p", "u"):
-                # The key as the catalog states it (INCLUDE, DEFERRABLE, NULLS NOT DISTINCT kept), or widened.
-                definition = index.condef if column in index.columns or not widen else index.widened(column)
-                assert definition is not None  # blockers() refused keys that cannot be widened
+                # The key as the catalog states it (INCLUDE, NULLS NOT DISTINCT kept), or widened.
+                text = index.condef if column in index.columns or not widen else index.widened(column)
+                assert text is not None  # blockers() refused keys that cannot be widened
                 conn.execute(
                     sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                         target,
                         _temp_name("con", index.oid),
-                        sql.SQL(definition),  # catalog text
+                        sql.SQL(text),  # catalog text
                     )
                 )
             else:
@@ -522,33 +589,54 @@ def prepare(
                     target, sql.Identifier(fk.name), sql.SQL(fk.definition)
                 )
             )
-        row_fn, trunc_fn = sync_function(state_schema, shape, schema, shadow)
-        conn.execute(row_fn)
-        conn.execute(trunc_fn)
         conn.execute(
             sql.SQL(
-                "INSERT INTO {} (table_schema, table_name, phase, shadow, rows_total) VALUES (%s, %s, 'prepared', "
-                "%s, %s) ON CONFLICT (table_schema, table_name) DO UPDATE SET phase = 'prepared', shadow = "
-                "EXCLUDED.shadow, rows_total = EXCLUDED.rows_total, cursor = NULL, rows_copied = 0, "
-                "copy_started_at = NULL, verified_rows = NULL, message = NULL, started_at = now(), "
-                "updated_at = now(), finished_at = NULL"
+                "INSERT INTO {} (table_schema, table_name, phase, shadow, rows_total, definition) VALUES (%s, %s, "
+                "'building', %s, %s, %s) ON CONFLICT (table_schema, table_name) DO UPDATE SET phase = 'building', "
+                "shadow = EXCLUDED.shadow, rows_total = EXCLUDED.rows_total, definition = EXCLUDED.definition, "
+                "cursor = NULL, rows_copied = 0, copy_started_at = NULL, verified_rows = NULL, message = NULL, "
+                "started_at = now(), updated_at = now(), finished_at = NULL"
             ).format(_state(state_schema)),
-            (schema, table, shadow, rows_total),
+            (schema, table, shadow, rows_total, fingerprint),
         )
+
+
+def install_log(
+    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape, lock_timeout_ms: int
+) -> int:
+    """The change log and the trigger that fills it (phase ``prepared``). Returns ms the table was locked."""
+    parent = qualified(schema, table)
+    log = qualified(state_schema, log_name(shape))
+    fn, tfn = _functions(shape)
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({} bigserial PRIMARY KEY, {})").format(
+                log, sql.Identifier(LOG_ID),
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(k), sql.SQL(shape.types[k])) for k in shape.primary_key
+                ),  # types: format_type() from the catalog
+            )
+        )  # fmt: skip
+        row_fn, trunc_fn = log_functions(state_schema, shape, schema, shadow_name(table))
+        conn.execute(row_fn)
+        conn.execute(trunc_fn)
+        update_state(conn, state_schema, schema, table, phase="prepared")
         # Last: the only statements that lock the table, held until the commit right after. The time
         # counted includes the wait, during which later lockers of the table queue behind this one.
         locked = time.monotonic()
         conn.execute(
             sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}.{}()")
-            .format(sql.Identifier(TRIGGER), parent, sql.Identifier(state_schema),
-                    sql.Identifier(f"partition_sync_{shape.oid}"))
+            .format(sql.Identifier(TRIGGER), parent, sql.Identifier(state_schema), sql.Identifier(fn))
         )  # fmt: skip
         conn.execute(
             sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}()").format(
-                sql.Identifier(TRUNCATE_TRIGGER), parent, sql.Identifier(state_schema),
-                sql.Identifier(f"partition_sync_truncate_{shape.oid}"),
+                sql.Identifier(TRUNCATE_TRIGGER), parent, sql.Identifier(state_schema), sql.Identifier(tfn)
             )
-        )  # fmt: skip
+        )
+        # Replication apply workers and restores (session_replication_role = replica) must be logged too.
+        for name in (TRIGGER, TRUNCATE_TRIGGER):
+            conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(parent, sql.Identifier(name)))
     held = int((time.monotonic() - locked) * 1000)
     note_lock(conn, state_schema, schema, table, held)
     return held
@@ -563,11 +651,16 @@ def copy_batch(
     schema: str,
     table: str,
     shape: Shape,
+    conflict_key: list[str],
     cursor: list[str] | None,
     batch_size: int,
     lock_timeout_ms: int,
 ) -> tuple[int, list[str] | None]:
-    """Copy the next batch in key order and commit it with the cursor. Returns (rows read, new cursor)."""
+    """Copy the next batch in key order and commit it with the cursor. Returns (rows read, new cursor).
+
+    A plain snapshot read: rows written meanwhile are in the log and replayed, so no row is locked
+    and a key changed meanwhile cannot move the cursor. ``conflict_key`` is the copy's primary key.
+    """
     shadow = shadow_name(table)
     key = shape.primary_key
     cols = [c for c in shape.columns if c not in shape.generated]
@@ -582,14 +675,16 @@ def copy_batch(
         )
     order = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(k)) for k in key)
     statement = sql.SQL(
-        "WITH src AS MATERIALIZED (SELECT {cols} FROM {t} {after} ORDER BY {key} LIMIT {n} FOR SHARE), "
-        "ins AS (INSERT INTO {s} ({cols}){o} SELECT {cols} FROM src ON CONFLICT DO NOTHING RETURNING 1) "
+        "WITH src AS MATERIALIZED (SELECT {cols} FROM {t} {after} ORDER BY {key} LIMIT {n}), "
+        "ins AS (INSERT INTO {s} ({cols}){o} SELECT {cols} FROM src ON CONFLICT ({conflict}) DO NOTHING "
+        "RETURNING 1) "
         "SELECT (SELECT count(*) FROM src), (SELECT ARRAY[{last}] FROM src ORDER BY {order} LIMIT 1), "
         "(SELECT count(*) FROM ins)"
     ).format(
         cols=_key_list(cols), t=qualified(schema, table), after=after, key=_key_list(key),
         n=sql.Literal(batch_size), s=qualified(schema, shadow),
         o=sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL(""),
+        conflict=_key_list(conflict_key),
         last=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in key), order=order,
     )  # fmt: skip
     with conn.transaction():
@@ -608,31 +703,97 @@ def copy_batch(
     return read, last
 
 
+def _resync(conn: psycopg.Connection, schema: str, table: str, shape: Shape, keys: sql.Composable) -> None:
+    """The copy's rows of these keys replaced by the table's current rows (none where it has none)."""
+    cols = [c for c in shape.columns if c not in shape.generated]
+    key = _key_list(shape.primary_key)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE ({}) IN ({})").format(qualified(schema, shadow_name(table)), key, keys))
+    conn.execute(
+        sql.SQL("INSERT INTO {s} ({cols}){o} SELECT {cols} FROM {t} WHERE ({key}) IN ({keys})").format(
+            s=qualified(schema, shadow_name(table)), cols=_key_list(cols), t=qualified(schema, table), key=key,
+            keys=keys, o=sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL(""),
+        )
+    )  # fmt: skip
+
+
+def replay_batch(
+    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape, batch_size: int,
+    lock_timeout_ms: int,
+) -> int:  # fmt: skip
+    """Take up to batch_size keys off the log and bring their rows up to date in the copy; returns how many.
+
+    One READ COMMITTED transaction: each statement reads the latest committed rows, so a row
+    written again after its key was taken is logged again and replayed later.
+    """
+    log = qualified(state_schema, log_name(shape))
+    key = shape.primary_key
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        taken = conn.execute(
+            sql.SQL("DELETE FROM {l} WHERE {id} IN (SELECT {id} FROM {l} ORDER BY {id} LIMIT %s) RETURNING {k}").format(
+                l=log, id=sql.Identifier(LOG_ID), k=_key_list(key)
+            ),
+            (batch_size,),
+        ).fetchall()
+        if not taken:
+            return 0
+        distinct = sorted(set(taken), key=repr)
+        arrays = [list(values) for values in zip(*distinct, strict=True)]
+        keys = sql.SQL("SELECT * FROM unnest({})").format(
+            sql.SQL(", ").join(sql.SQL("{}::{}[]").format(sql.Literal(a), sql.SQL(shape.types[k]))
+                               for a, k in zip(arrays, key, strict=True))
+        )  # fmt: skip
+        _resync(conn, schema, table, shape, keys)
+    return len(taken)
+
+
+def log_size(conn: psycopg.Connection, state_schema: str, shape: Shape) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(state_schema, log_name(shape)))).fetchone()
+    return int(row[0]) if row else 0
+
+
 # --- verify -------------------------------------------------------------------------------------------
 
 
-def _fingerprint(conn: psycopg.Connection, target: sql.Composable, columns: list[str]) -> tuple[int, int]:
-    row_text = sql.SQL("ROW({})::text").format(_key_list(columns))
+def _fingerprint(
+    conn: psycopg.Connection, target: sql.Composable, shape: Shape, log: sql.Composable
+) -> tuple[int, int]:
+    row_text = sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in shape.columns)
+    )
+    pending = sql.SQL(" AND ").join(sql.SQL("l.{k} = t.{k}").format(k=sql.Identifier(k)) for k in shape.primary_key)
     row = conn.execute(
         sql.SQL(
-            "SELECT count(*), coalesce(sum(('x' || left(md5({}), 16))::bit(64)::bigint::numeric), 0) FROM {}"
-        ).format(row_text, target)
+            "SELECT count(*), coalesce(sum(('x' || left(md5({}), 16))::bit(64)::bigint::numeric), 0) FROM {} t "
+            "WHERE NOT EXISTS (SELECT 1 FROM {} l WHERE {})"
+        ).format(row_text, target, log, pending)
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
 
-def verify(conn: psycopg.Connection, schema: str, table: str, shape: Shape) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Count and checksum of the table and of the shadow, in one snapshot (no locks that block writers)."""
+def verify(
+    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Count and checksum of the table and of the copy in one snapshot, without the keys still in the log.
+
+    The trigger logs in the writer's transaction, so in any snapshot a row differs between the two
+    only if its key is in the log (its replay comes later). No lock that blocks writers is taken.
+    """
+    log = qualified(state_schema, log_name(shape))
     with conn.transaction(force_rollback=True):
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.execute("SET LOCAL TimeZone = 'UTC'")
-        source = _fingerprint(conn, qualified(schema, table), shape.columns)
-        copy = _fingerprint(conn, qualified(schema, shadow_name(table)), shape.columns)
+        source = _fingerprint(conn, qualified(schema, table), shape, log)
+        copy = _fingerprint(conn, qualified(schema, shadow_name(table)), shape, log)
     return source, copy
 
 
 # --- swap and cleanup ----------------------------------------------------------------------------------
+
+
+class DefinitionChanged(Exception):
+    """The table's definition differs from the one the copy was built from (the switch rolled back)."""
 
 
 def swap(
@@ -641,19 +802,33 @@ def swap(
     schema: str,
     table: str,
     shape: Shape,
+    built_from: str,
     drop_incoming: bool,
     lock_timeout_ms: int,
     checkpoint: Any = None,
 ) -> int:
-    """Put the partitioned table in the table's place, in one transaction. Returns ms the table was locked."""
+    """Put the partitioned table in the table's place, in one transaction. Returns ms the table was locked.
 
+    Under the lock nobody writes the table: the definition is compared with the one the copy was
+    built from (DefinitionChanged, rolled back, when it differs) and the rest of the log replayed.
+    """
     shadow, old = shadow_name(table), old_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
+    log = qualified(state_schema, log_name(shape))
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         locked = time.monotonic()
-        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(parent))
-        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target))
+        conn.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(parent, target))
+        if definition(conn, schema, table) != built_from:
+            raise DefinitionChanged(f"{schema}.{table}")
+        triggers = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s AND tgname IN (%s, %s) AND tgenabled = 'A'",
+            (shape.oid, TRIGGER, TRUNCATE_TRIGGER),
+        ).fetchone()
+        if not triggers or triggers[0] != 2:  # disabled or dropped by hand: writes may have gone unlogged
+            raise DefinitionChanged(f"{schema}.{table}: pgscale's triggers were disabled or dropped")
+        _resync(conn, schema, table, shape, sql.SQL("SELECT {} FROM {}").format(_key_list(shape.primary_key), log))
+        conn.execute(sql.SQL("DELETE FROM {}").format(log))
         conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(TRIGGER), parent))
         conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), parent))
         if drop_incoming:
@@ -664,25 +839,27 @@ def swap(
                     )
                 )
         for col in sorted(shape.identity):
-            # The shadow's own identity sequence continues where the table's stopped, and takes its name.
+            # The copy's own identity sequence continues exactly where the table's stopped, and takes its name.
             names = {"new": _regname(schema, shadow), "old": _regname(schema, table), "col": col}
-            conn.execute(
-                "SELECT setval(pg_get_serial_sequence(%(new)s, %(col)s), s.last_value, true) "
-                "FROM pg_sequences s WHERE (quote_ident(s.schemaname) || '.' || quote_ident(s.sequencename)) = "
-                "pg_get_serial_sequence(%(old)s, %(col)s) AND s.last_value IS NOT NULL",
-                names,
-            )
             row = conn.execute(
-                "SELECT o.oid, o.relname, n.relname FROM pg_class o, pg_class n WHERE "
+                "SELECT o.oid, on_.nspname, o.relname, nn.nspname, n.relname FROM pg_class o "
+                "JOIN pg_namespace on_ ON on_.oid = o.relnamespace, pg_class n "
+                "JOIN pg_namespace nn ON nn.oid = n.relnamespace WHERE "
                 "o.oid = pg_get_serial_sequence(%(old)s, %(col)s)::regclass AND "
                 "n.oid = pg_get_serial_sequence(%(new)s, %(col)s)::regclass",
                 names,
             ).fetchone()
-            if row:
-                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
-                    qualified(schema, row[1]), _temp_name("oldseq", row[0])))  # fmt: skip
-                conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
-                    qualified(schema, row[2]), sql.Identifier(row[1])))  # fmt: skip
+            if row is None:
+                continue
+            last = conn.execute(
+                sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(row[1], row[2]))
+            ).fetchone()
+            assert last is not None
+            conn.execute("SELECT setval(%s::regclass, %s, %s)", (_regname(row[3], row[4]), last[0], last[1]))
+            conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                qualified(row[1], row[2]), _temp_name("oldseq", row[0])))  # fmt: skip
+            conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                qualified(row[3], row[4]), sql.Identifier(row[2])))  # fmt: skip
         for sequence, col in shape.owned_sequences:
             conn.execute(
                 sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(sql.SQL(sequence), target, sql.Identifier(col))
@@ -724,10 +901,16 @@ def cleanup(
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         if not keep_old:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(schema, old_name(table))))
-        for fn in (f"partition_sync_{oid}", f"partition_sync_truncate_{oid}"):
-            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier(state_schema),
-                                                                          sql.Identifier(fn)))  # fmt: skip
+        _drop_helpers(conn, state_schema, oid)
         update_state(conn, state_schema, schema, table, phase="done", finished_at=_now(conn), cursor=None)
+
+
+def _drop_helpers(conn: psycopg.Connection, state_schema: str, oid: int) -> None:
+    """The trigger functions and the change log of the conversion of the table with this oid."""
+    for fn in (f"partition_sync_{oid}", f"partition_sync_truncate_{oid}"):
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier(state_schema),
+                                                                      sql.Identifier(fn)))  # fmt: skip
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(state_schema, f"partition_log_{oid}")))
 
 
 def _now(conn: psycopg.Connection) -> Any:
@@ -739,7 +922,8 @@ def abort(
     conn: psycopg.Connection, state_schema: str, schema: str, table: str, lock_timeout_ms: int, *,
     locked: bool = False,
 ) -> bool | None:  # fmt: skip
-    """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then shadow.
+    """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then
+    the copy, the log and the trigger functions.
 
     True when something was undone, False when there was nothing to undo, None when a conversion run
     (the operator's or a CronJob's) holds the table right now: try again shortly.
@@ -766,9 +950,7 @@ def abort(
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRUNCATE_TRIGGER), parent))
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(schema, state.shadow)))
         if row:
-            for fn in (f"partition_sync_{row[0]}", f"partition_sync_truncate_{row[0]}"):
-                conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(
-                    sql.Identifier(state_schema), sql.Identifier(fn)))  # fmt: skip
+            _drop_helpers(conn, state_schema, int(row[0]))
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE table_schema = %s AND table_name = %s").format(_state(state_schema)),
             (schema, table),
