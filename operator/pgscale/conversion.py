@@ -259,6 +259,9 @@ def convert(
     ms = lock_ms(spec)
     batch = conv.batch_size if conv else 10000
     events: list[tuple[str, str, bool]] = []
+    # If this process vanishes mid-transaction (a node lost, not a clean kill), the server ends the
+    # session within a minute and releases its locks: pgscale never idles inside a transaction.
+    conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '60s', false)")
     if not sqlc.try_lock(conn, schema, table):
         report = status(conn, state_schema, spec)
         report.events = [("ConversionBusy", "another pgscale run is working on this table", False)]
