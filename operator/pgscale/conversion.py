@@ -214,17 +214,23 @@ def _with_lock_retries(
 
 
 def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, shape: sqlc.Shape,
-           batch: int, ms: int) -> None:  # fmt: skip
-    """Replay the change log until less than a batch is left (the switch replays the rest under its lock)."""
+           batch: int, ms: int, deadline: float | None) -> bool:  # fmt: skip
+    """Replay the change log until less than a batch is left (the switch replays the rest under its lock).
+
+    False when the time is up first (the application writes faster than one slice replays): the
+    next slice goes on, and the switch waits until the log is short.
+    """
     schema, table = spec.table.schema_, spec.table.name
     while True:
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         try:
             taken = sqlc.replay_batch(conn, state_schema, schema, table, shape, batch, ms)
         except RETRYABLE:
             time.sleep(0.2)
             continue
         if taken < batch:
-            return
+            return True
 
 
 def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, ms: int,
@@ -275,7 +281,7 @@ def convert(
         if state is None:
             if partitioned:
                 return Report(phase="done", finished=True)
-            _build(conn, spec, state_schema, now)
+            _build(conn, spec, state_schema, now, deadline)
             faults.checkpoint("after-build")
             state = sqlc.load_state(conn, state_schema, schema, table)
             assert state is not None
@@ -302,11 +308,25 @@ def convert(
             conflict = shape.primary_key + ([] if spec.column in shape.primary_key else [spec.column])
             pause = seconds(conv.pause_between_batches) if conv else 0.0
             cursor = state.cursor
-            batches = 0
+            batches = failures = 0
             while True:
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
-                read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, conflict, cursor, batch, ms)
+                try:
+                    read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, conflict, cursor, batch,
+                                                   ms)  # fmt: skip
+                except RETRYABLE as exc:  # DDL on the table holds it: the batch waits its turn
+                    sqlc.note_retry(conn, state_schema, schema, table)
+                    failures += 1
+                    if failures > (conv.max_retries if conv else 60):
+                        raise TransientError(
+                            f"copying {spec.table.qualified()} could not read the table within "
+                            f"spec.conversion.lockTimeout, {failures} times in a row; it continues later",
+                            reason="LockTimeout",
+                        ) from exc
+                    time.sleep(min(0.2 * failures, 2.0))
+                    continue
+                failures = 0
                 batches += 1
                 faults.checkpoint(f"copy-batch-{batches}")
                 if on_batch:
@@ -320,7 +340,8 @@ def convert(
             state.phase = "copied"
         if state.phase == "copied":
             assert shape is not None
-            _drain(conn, state_schema, spec, shape, batch, ms)
+            if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
+                return _finish(conn, state_schema, spec, events)
             source, copy = sqlc.verify(conn, state_schema, schema, table, shape)
             if source != copy:
                 sqlc.update_state(conn, state_schema, schema, table,
@@ -343,7 +364,8 @@ def convert(
             if problems:
                 raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot "
                                 "be switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
-            _drain(conn, state_schema, spec, shape, batch, ms)
+            if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
+                return _finish(conn, state_schema, spec, events)
             fresh, built_from = shape, state.definition or ""
             drop = bool(conv and conv.drop_referencing_foreign_keys)
             try:
@@ -385,7 +407,9 @@ def _finish(
     return report
 
 
-def _build(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, now: datetime) -> None:
+def _build(
+    conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, now: datetime, deadline: float | None
+) -> None:
     """Check what blocks the conversion, then build the partitioned copy (the table is not touched)."""
     schema, table = spec.table.schema_, spec.table.name
     shape = sqlc.inspect(conn, schema, table)
@@ -420,7 +444,13 @@ def _build(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: st
     widen = bool(spec.conversion and spec.conversion.widen_keys)
     total = sqlc.estimate_rows(conn, schema, table)
 
-    sqlc.build(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen, total)
+    ms = lock_ms(spec)
+
+    def step() -> int:
+        sqlc.build(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen, total, ms)
+        return 0
+
+    _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)
 
 
 def _same_columns(conn: psycopg.Connection, schema: str, table: str, shadow: str) -> bool:

@@ -518,6 +518,7 @@ def build(
     default_name: str,
     widen: bool,
     rows_total: int | None,
+    lock_timeout_ms: int,
 ) -> None:
     """Build the partitioned copy, in one transaction that does not touch the table (phase ``building``).
 
@@ -528,6 +529,8 @@ def build(
     parent, target = qualified(schema, table), qualified(schema, shadow)
     ensure_state(conn, state_schema)
     with conn.transaction():
+        # Its foreign keys lock the tables they point at: never wait for them longer than lockTimeout.
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         fingerprint = definition(conn, schema, table)
         conn.execute(
             sql.SQL(
