@@ -28,3 +28,26 @@ def test_an_existing_state_schema_needs_no_create_on_the_database(postgres: Any,
         conn.execute("INSERT INTO pgscale.probe VALUES (1)")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             ensure_state_table(conn, "elsewhere", "probe", "id int")  # a new schema does need it
+
+
+def test_many_sessions_creating_the_state_schema_at_once(postgres: Any, database: str) -> None:
+    """CREATE SCHEMA/TABLE IF NOT EXISTS race each other: pgscale's controllers must not fail on it."""
+    import threading
+
+    errors: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def create(i: int) -> None:
+        with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+            barrier.wait()
+            try:
+                ensure_state_table(conn, "racing", f"t{i % 2}", "id int")
+            except psycopg.Error as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

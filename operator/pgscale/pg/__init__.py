@@ -94,7 +94,11 @@ def ensure_schema(conn: psycopg.Connection, schema: str) -> None:
     """A schema, created only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the
     database even when the schema exists, and a role may own a schema without that privilege."""
     if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        try:
+            with conn.transaction():  # a savepoint inside a caller's transaction
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+            pass  # IF NOT EXISTS is not safe against a concurrent CREATE: another session made it first
 
 
 def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, definition: str) -> None:
@@ -104,6 +108,9 @@ def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, 
     """
     s = sql.Identifier(state_schema)
     with conn.transaction():
+        # pgscale's controllers and jobs may create these at the same moment, and CREATE ... IF NOT
+        # EXISTS is not safe against that: one at a time, in this database.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('pgscale.state-ddl', 0))")
         ensure_schema(conn, state_schema)
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))
