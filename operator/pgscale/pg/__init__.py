@@ -101,6 +101,15 @@ def ensure_schema(conn: psycopg.Connection, schema: str) -> None:
             pass  # IF NOT EXISTS is not safe against a concurrent CREATE: another session made it first
 
 
+def lock_state_ddl(conn: psycopg.Connection) -> None:
+    """One session at a time creates pgscale's bookkeeping objects in this database (inside a transaction).
+
+    Controllers and jobs may create them at the same moment, and CREATE ... IF NOT EXISTS is not
+    safe against that (a unique violation in the catalog).
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('pgscale.state-ddl', 0))")
+
+
 def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, definition: str) -> None:
     """pgscale's own bookkeeping table in the profile's state schema (both created when missing).
 
@@ -108,9 +117,7 @@ def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, 
     """
     s = sql.Identifier(state_schema)
     with conn.transaction():
-        # pgscale's controllers and jobs may create these at the same moment, and CREATE ... IF NOT
-        # EXISTS is not safe against that: one at a time, in this database.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('pgscale.state-ddl', 0))")
+        lock_state_ddl(conn)
         ensure_schema(conn, state_schema)
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import Column, ensure_schema, ensure_state_table, qualified, table_columns
+from . import Column, ensure_schema, ensure_state_table, lock_state_ddl, qualified, table_columns
 from .partitions import children
 
 RUNS_TABLE = "retention_runs"
@@ -303,11 +303,13 @@ def ensure_run_log(conn: psycopg.Connection, state_schema: str) -> None:
         "rows_total bigint, rows_archived bigint NOT NULL DEFAULT 0, rows_deleted bigint NOT NULL DEFAULT 0, "
         "rows_matched bigint, batches integer NOT NULL DEFAULT 0, message text",
     )  # fmt: skip
-    conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
-            sql.Identifier(f"{RUNS_TABLE}_policy_idx"), sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE)
+    with conn.transaction():
+        lock_state_ddl(conn)
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
+                sql.Identifier(f"{RUNS_TABLE}_policy_idx"), sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE)
+            )
         )
-    )
 
 
 def _runs(state_schema: str) -> sql.Composed:
@@ -555,6 +557,7 @@ def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
     """
     s = sql.Identifier(state_schema)
     with conn.transaction():
+        lock_state_ddl(conn)
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {s}.{cfg} (policy text PRIMARY KEY, batch_sql text NOT NULL, "
