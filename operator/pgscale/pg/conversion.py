@@ -32,7 +32,6 @@ Every statement text comes from this module; names from specs go through
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -750,14 +749,6 @@ def replay_batch(
     return len(taken)
 
 
-def log_size(conn: psycopg.Connection, state_schema: str, shape: Shape) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(state_schema, log_name(shape)))).fetchone()
-    return int(row[0]) if row else 0
-
-
-# --- verify -------------------------------------------------------------------------------------------
-
-
 def _fingerprint(
     conn: psycopg.Connection, target: sql.Composable, shape: Shape, log: sql.Composable
 ) -> tuple[int, int]:
@@ -971,7 +962,3 @@ def estimate_rows(conn: psycopg.Connection, schema: str, table: str) -> int | No
         return int(row[0])
     counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()
     return int(counted[0]) if counted else None  # never analyzed: count once (reads, blocks nobody)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)
