@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("env")
 
 
-@pytest.fixture(scope="session")
-def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
+@contextmanager
+def started_control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
+    """A control plane with pgscale's CRDs established, stopped on exit."""
     cp = localenv.ControlPlane(workdir)
     try:
         cp.start()
@@ -42,6 +45,25 @@ def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
+    with started_control_plane(workdir) as cp:
+        yield cp
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "condition",
+               log: Path | None = None) -> Any:  # fmt: skip
+    """Poll check() every 0.5 s until it returns something true; fail naming what (and the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    tail = f"; operator log:\n{log.read_text()[-3000:]}" if log is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
 @pytest.fixture(scope="session")

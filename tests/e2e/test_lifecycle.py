@@ -11,21 +11,11 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, Kubectl, load_example
+from conftest import ROOT, Kubectl, load_example, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
 EXAMPLES = ["databaseprofile.yaml", "partitionpolicy.yaml", "retentionpolicy.yaml", "filemigration.yaml"]
-
-
-def wait_until(check: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import localenv
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, started_control_plane, wait_until
 from pgscale import rbac
 
 pytestmark = pytest.mark.cluster
@@ -78,14 +77,8 @@ def test_installed_rules_are_rbac_py(control_plane: localenv.ControlPlane, opera
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localenv.ControlPlane]:
     """A control plane only this module's operators watch, so nothing else reconciles its resources."""
-    cp = localenv.ControlPlane(tmp_path_factory.mktemp("rbac-cluster"))
-    try:
-        cp.start()
-        cp.kubectl_run("apply", "--server-side", "-f", str(ROOT / "crds"), check=True)
-        cp.kubectl_run("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", check=True)
+    with started_control_plane(tmp_path_factory.mktemp("rbac-cluster")) as cp:
         yield cp
-    finally:
-        cp.stop()
 
 
 def without(resources: list[str], verb: str | None = None) -> Callable[[Rules], Rules]:
@@ -164,10 +157,10 @@ def test_operator_needs_its_rules(own_cluster: localenv.ControlPlane, postgres: 
             assert "Forbidden" not in op.log.read_text()
         elif case == "no-status-patch":
             # Logged as the API server's JSON body (quotes escaped) when the status write itself fails.
-            wait_until(lambda: answer.replace('"', '\\"') in op.log.read_text(), op.log)
+            wait_until(lambda: answer.replace('"', '\\"') in op.log.read_text(), what=answer, log=op.log)
             assert not get(cp, ns).get("status"), "nothing can be reported without the status subresource"
         else:
-            stalled = wait_until(lambda: condition(get(cp, ns), "Stalled"), op.log)
+            stalled = wait_until(lambda: condition(get(cp, ns), "Stalled"), what="Stalled", log=op.log)
             assert stalled["status"] == "True" and answer in stalled["message"], stalled
             # The API server's own sentence and where to fix it, not the HTTP exchange.
             assert stalled["reason"] == "Forbidden" and "HTTP response" not in stalled["message"], stalled
@@ -187,13 +180,3 @@ def get(cp: localenv.ControlPlane, ns: str) -> dict[str, Any]:
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     found = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind]
     return found[0] if found else {}
-
-
-def wait_until(check: Callable[[], Any], log: Path, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"not seen within {timeout}s; operator log:\n{log.read_text()[-3000:]}")
