@@ -694,13 +694,12 @@ def copy_batch(
         row = conn.execute(statement).fetchone()
         assert row is not None
         read, last = int(row[0]), (list(row[1]) if row[1] is not None else cursor)
-        update_state(conn, state_schema, schema, table, cursor=last)
         conn.execute(
             sql.SQL(
-                "UPDATE {} SET rows_copied = rows_copied + %s, copy_started_at = coalesce(copy_started_at, now()) "
-                "WHERE table_schema = %s AND table_name = %s"
+                "UPDATE {} SET cursor = %s, rows_copied = rows_copied + %s, updated_at = now(), "
+                "copy_started_at = coalesce(copy_started_at, now()) WHERE table_schema = %s AND table_name = %s"
             ).format(_state(state_schema)),
-            (read, schema, table),
+            (last, read, schema, table),
         )
     return read, last
 

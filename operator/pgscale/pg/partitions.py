@@ -255,15 +255,20 @@ def finish_retire(conn: psycopg.Connection, schema: str, name: str, *, action: s
             conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(child, sql.Identifier(archive_schema)))
 
 
-def retired_leftovers(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
-    """Tables detached from this table whose drop or move did not happen (schema, name)."""
+def marked_tables(conn: psycopg.Connection, mark: str) -> list[tuple[str, str]]:
+    """Plain tables (no longer partitions) whose comment is this mark: detached, work still to finish."""
     rows = conn.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0 "
         "WHERE c.relkind = 'r' AND NOT c.relispartition AND d.description = %s ORDER BY c.relname",
-        (_mark(schema, table),),
+        (mark,),
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+def retired_leftovers(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
+    """Tables detached from this table whose drop or move did not happen (schema, name)."""
+    return marked_tables(conn, _mark(schema, table))
 
 
 def drop_if_empty(conn: psycopg.Connection, part: Part, schema: str, table: str, lock_timeout_ms: int) -> bool:

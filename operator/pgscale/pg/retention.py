@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from . import Column, ensure_schema, ensure_state_table, lock_state_ddl, qualified, table_columns
-from .partitions import children
+from .partitions import children, marked_tables
 
 RUNS_TABLE = "retention_runs"
 
@@ -499,13 +499,7 @@ def detach(conn: psycopg.Connection, target: Target, part: Partition, policy: st
 
 def detached_leftovers(conn: psycopg.Connection, policy: str) -> list[Partition]:
     """Partitions this policy detached but did not finish archiving (a crash in between)."""
-    rows = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0 "
-        "WHERE c.relkind = 'r' AND NOT c.relispartition AND d.description = %s ORDER BY c.relname",
-        (f"{DETACHED_MARK}{policy}",),
-    ).fetchall()
-    return [Partition(r[0], r[1], None) for r in rows]
+    return [Partition(schema, name, None) for schema, name in marked_tables(conn, f"{DETACHED_MARK}{policy}")]
 
 
 def archive_detached(conn: psycopg.Connection, target: Target, part: Partition, state_schema: str, run_id: int) -> int:
