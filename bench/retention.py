@@ -149,7 +149,8 @@ def run_pgscale(pg: localenv.Postgres, batch: int) -> Any:
     def action(dsn: str, db: str) -> dict[str, Any]:
         spec = {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
                 "olderThan": "90d", "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
-                "batchSize": batch, "maxRunTime": "2h", "statementTimeout": "5m"}  # fmt: skip
+                "batchSize": batch, "maxRunTime": "2h", "statementTimeout": "5m",
+                "children": {"mode": "archive"}}  # fmt: skip
         conn = ConnInfo(host=pg.host, port=pg.port, dbname=db, user="postgres", password=pg.PASSWORD)
         report = run(JobInput("bench", "retention", spec, "pgscale", conn))
         assert report.outcome == "Succeeded", report

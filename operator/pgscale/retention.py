@@ -6,11 +6,17 @@ in; everything decided from them is here and unit-tested.
 
 from __future__ import annotations
 
-from .api.retentionpolicy import RetentionPolicySpec
+from dataclasses import dataclass, field
+
+from .api.retentionpolicy import ChildrenSpec, RetentionPolicySpec
 from .durations import Age
 from .errors import SpecError
 from .pg import Column
-from .pg.retention import Filter, Target, archive_problems
+from .pg.relationships import DESTRUCTIVE, MAX_EDGES, ForeignKey
+from .pg.retention import ChildPlan, Filter, Target, archive_problems
+
+MAX_DEPTH = 8
+MAX_PLANS = 64
 
 
 def archive_name(spec: RetentionPolicySpec) -> tuple[str, str] | None:
@@ -27,12 +33,139 @@ def archive_name(spec: RetentionPolicySpec) -> tuple[str, str] | None:
     return schema, table
 
 
+@dataclass(frozen=True)
+class TableFacts:
+    """What the planner needs to know of a referencing table (read from the catalog by the caller)."""
+
+    columns: tuple[str, ...]
+    partitioned: bool = False
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One foreign key as status shows it, with the chain of keys that leads to it from the table."""
+
+    fk: ForeignKey
+    mode: str | None
+    effect: str  # as ChildPlan.effect, or "unset"
+    chain: tuple[ForeignKey, ...]
+
+
+@dataclass
+class Relationships:
+    """The planned handling of every foreign key reachable from the table, and what stops a run."""
+
+    plans: tuple[ChildPlan, ...] = ()
+    unresolved: list[ForeignKey] = field(default_factory=list)  # destructive, and children.mode unset
+    listed: list[Listed] = field(default_factory=list)
+
+
+def effect_of(mode: str | None, action: str, *, listed: bool = False) -> str | None:
+    """What a run does to rows that reference a removed row (None: the spec must say).
+
+    A RESTRICT / NO ACTION reference says "not while children exist": its parents are
+    skipped, unless the table is listed in children.tables with mode archive.
+    """
+    if action not in DESTRUCTIVE:
+        return "archive" if listed and mode == "archive" else "skipParent"
+    if mode == "archive":
+        return "archive"
+    if mode == "keep":
+        return "skipParent"
+    if mode == "delete":
+        return {"CASCADE": "delete", "SET NULL": "setNull", "SET DEFAULT": "setDefault"}[action]
+    return None
+
+
+def child_archive(spec: RetentionPolicySpec, fk: ForeignKey) -> tuple[str, str]:
+    """(schema, table) of a referencing table's archive: the policy's archive schema if set, else its own."""
+    children = spec.children_or_default
+    table = children.archive_table_of(fk.schema, fk.table) or f"{fk.table}_archive"
+    if len(table.encode()) > 63:
+        raise SpecError(
+            "children.tables",
+            f"the default archive name {table!r} of {fk.schema}.{fk.table} is longer than 63 bytes; "
+            "set archiveTable for it",
+        )
+    schema = (spec.archive.schema_ if spec.archive else None) or fk.schema
+    if (schema, table) == fk.child:
+        raise SpecError("children.tables", f"the archive of {fk.schema}.{fk.table} cannot be the table itself")
+    return schema, table
+
+
+def plan_relationships(
+    spec: RetentionPolicySpec, edges: list[ForeignKey], facts: dict[tuple[str, str], TableFacts]
+) -> Relationships:
+    """Decide, for every foreign key that reaches the rows a run removes, what happens through it.
+
+    Recursive: the children of archived or deleted children face the same choice. Refused
+    with a SpecError: a cycle through other tables, more than MAX_DEPTH levels or
+    MAX_PLANS keys. A self-reference archives or deletes descendants with their parent.
+    """
+    if len(edges) > MAX_EDGES:
+        raise SpecError("children", f"more than {MAX_EDGES} foreign keys reach {spec.table.qualified()}; "
+                        "pgscale cannot plan runs for it", reason="TooManyRelationships")  # fmt: skip
+    children: ChildrenSpec = spec.children_or_default
+    by_parent: dict[tuple[str, str], list[ForeignKey]] = {}
+    for fk in edges:
+        by_parent.setdefault(fk.parent, []).append(fk)
+    out = Relationships()
+    root = (spec.table.schema_, spec.table.name)
+
+    def expand(
+        table: tuple[str, str], path: tuple[tuple[str, str], ...], chain: tuple[ForeignKey, ...]
+    ) -> tuple[ChildPlan, ...]:
+        plans = []
+        for fk in by_parent.get(table, []):
+            if len(out.listed) >= MAX_PLANS:
+                raise SpecError("children", f"more than {MAX_PLANS} foreign-key paths reach "
+                                f"{spec.table.qualified()}; pgscale cannot plan runs for it",
+                                reason="TooManyRelationships")  # fmt: skip
+            mode = children.mode_of(fk.schema, fk.table)
+            listed = any((t.schema_, t.name) == fk.child for t in children.tables)
+            effect = effect_of(mode, fk.action, listed=listed)
+            if effect is None:
+                out.unresolved.append(fk)
+                effect = "unset"
+            out.listed.append(Listed(fk, mode, effect, (*chain, fk)))
+            if effect == "unset":
+                continue
+            archive = None
+            if effect == "archive":
+                archive = archive_name(spec) if fk.child == root else child_archive(spec, fk)
+            sub: tuple[ChildPlan, ...] = ()
+            if effect in ("archive", "delete") and not fk.self_reference:
+                if fk.child in path:
+                    loop = " -> ".join(f"{s}.{t}" for s, t in (*path, fk.child))
+                    raise SpecError(
+                        "children",
+                        f"foreign keys form a cycle ({loop});  pgscale cannot archive "
+                        "through it: set mode keep for one of these tables",
+                        reason="ForeignKeyCycle",
+                    )
+                if len(path) >= MAX_DEPTH:
+                    raise SpecError("children", f"foreign keys nest deeper than {MAX_DEPTH} levels below "
+                                    f"{spec.table.qualified()}", reason="TooManyRelationships")  # fmt: skip
+                sub = expand(fk.child, (*path, fk.child), (*chain, fk))
+            info = facts.get(fk.child, TableFacts(()))
+            plans.append(ChildPlan(
+                fk=fk, effect=effect, mode=mode, archive_schema=archive[0] if archive else None,
+                archive_table=archive[1] if archive else None, columns=info.columns,
+                partitioned=info.partitioned, children=sub,
+            ))  # fmt: skip
+        return tuple(plans)
+
+    out.plans = expand(root, (root,), ())
+    return out
+
+
 def plan(
     spec: RetentionPolicySpec,
     columns: dict[str, Column],
     *,
     key_columns: list[str],
     partitioned: bool,
+    children: tuple[ChildPlan, ...] = (),
 ) -> Target:
     """The batch target for a spec, given the source table's columns and primary key."""
     archive = archive_name(spec)
@@ -48,6 +181,8 @@ def plan(
         batch_size=spec.batch_size,
         partitioned=partitioned,
         key_columns=tuple(key_columns),
+        children=children,
+        max_batch_size=spec.batch_limit,
     )
 
 

@@ -106,7 +106,8 @@ def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
     policy = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": "by-cron"},
               "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
                        "olderThan": "90d", "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
-                       "batchSize": 200, "scheduler": "pg_cron", "schedule": "* * * * *"}}  # fmt: skip
+                       "batchSize": 200, "scheduler": "pg_cron", "schedule": "* * * * *",
+                       "children": {"mode": "archive"}}}  # fmt: skip
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn, \
             psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:  # fmt: skip
         seed_tasks(conn, 2000)

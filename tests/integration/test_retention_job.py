@@ -31,6 +31,7 @@ PREDICATE = """status = 'COMPLETED' AND "completedAt" < now() - interval '90 day
 SPEC: dict[str, Any] = {
     "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",
     "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}], "batchSize": 250,
+    "maxBatchSize": 250, "children": {"mode": "archive"},
 }  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-    spec = {**SPEC, "batchSize": 100}
+    spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100}
     cron = builders.cron_job(owner, suffix="retention", schedule="@daily", time_zone="UTC", suspend=False,
                              args=builders.job_args("retention", owner), template=None, default_image="pgscale",
                              env=builders.job_env(owner, spec, profile))  # fmt: skip

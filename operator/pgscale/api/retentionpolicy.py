@@ -67,6 +67,53 @@ class ArchiveSpec(Model):
     )
 
 
+ChildMode = Literal["archive", "delete", "keep"]
+
+
+class ChildTable(Model):
+    """What happens to the rows of one referencing table whose parent rows leave."""
+
+    schema_: Identifier = Field(default="public", alias="schema", description="Schema of the referencing table.")
+    name: Identifier = Field(description="Name of the referencing table, exactly as in the database.")
+    mode: ChildMode = Field(description="archive, delete or keep, for the rows of this table (see children.mode).")
+    archive_table: Identifier | None = Field(
+        default=None, description="Archive table of this table's rows, for archive; `<name>_archive` when unset."
+    )
+
+
+class ChildrenSpec(Model):
+    """Rows of other tables (and of this one) that reference the rows a run removes, through foreign keys."""
+
+    mode: ChildMode | None = Field(
+        default=None,
+        description=(
+            "For every referencing table not listed in tables: archive moves child rows into their own archive "
+            "tables in the same batch as their parents (children first, recursively); delete lets them go the "
+            "way their ON DELETE action says, counted; keep skips parents that still have children. Unset: a "
+            "policy whose table is referenced with ON DELETE CASCADE, SET NULL or SET DEFAULT is Stalled."
+        ),
+    )
+    tables: list[ChildTable] = Field(
+        default_factory=list,
+        description="Per referencing table, overriding mode.",
+        json_schema_extra={"maxItems": 64},
+    )
+
+    def mode_of(self, schema: str, table: str) -> ChildMode | None:
+        """The mode for one referencing table: its own entry, else the default."""
+        for entry in self.tables:
+            if (entry.schema_, entry.name) == (schema, table):
+                return entry.mode
+        return self.mode
+
+    def archive_table_of(self, schema: str, table: str) -> str | None:
+        """The archive table named for one referencing table, if any."""
+        for entry in self.tables:
+            if (entry.schema_, entry.name) == (schema, table):
+                return entry.archive_table
+        return None
+
+
 class RetentionPolicySpec(Model):
     """Desired state of a RetentionPolicy."""
 
@@ -75,6 +122,16 @@ class RetentionPolicySpec(Model):
             (
                 "self.action == 'archive' || !has(self.archive)",
                 "archive: only allowed when action is archive",
+            ),
+            (
+                "self.action == 'archive' || !has(self.children) || ((!has(self.children.mode) "
+                "|| self.children.mode != 'archive') && (!has(self.children.tables) "
+                "|| self.children.tables.all(t, t.mode != 'archive')))",
+                "children: archive needs action archive (with action delete, use delete or keep)",
+            ),
+            (
+                "!has(self.maxBatchSize) || self.maxBatchSize >= self.batchSize",
+                "maxBatchSize: must be at least batchSize",
             ),
         )
     }
@@ -95,7 +152,26 @@ class RetentionPolicySpec(Model):
         default="archive", description="archive moves rows into the archive table; delete only deletes."
     )
     archive: ArchiveSpec | None = Field(default=None, description="Archive table, for action archive.")
-    batch_size: int = Field(default=1000, ge=1, le=100000, description="Rows moved per committed batch.")
+    children: ChildrenSpec | None = Field(
+        default=None,
+        description="What happens to rows that reference the removed rows through foreign keys (see docs).",
+    )
+    batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=100000,
+        description="Rows in the first committed batch, and the fewest a full batch takes; see maxBatchSize.",
+    )
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000000,
+        description=(
+            "Largest batch: from batchSize, batches double while one takes under 2.5% of lockTimeout, and "
+            "shrink (not below batchSize) when one takes over 5%. Unset: 50000 (or batchSize, if larger); "
+            "set it to batchSize for fixed batches."
+        ),
+    )
     pause_between_batches: Duration = Field(
         default="0s", description="Pause after each batch, to leave room for the application."
     )
@@ -125,6 +201,18 @@ class RetentionPolicySpec(Model):
     suspend: bool = Field(default=False, description="Pause scheduled runs.")
     job: JobTemplate | None = Field(default=None, description="How the CronJob's pods run.")
 
+    @property
+    def batch_limit(self) -> int:
+        """The largest batch a run may grow to."""
+        return self.max_batch_size or max(DEFAULT_MAX_BATCH, self.batch_size)
+
+    @property
+    def children_or_default(self) -> ChildrenSpec:
+        return self.children or ChildrenSpec()
+
+
+DEFAULT_MAX_BATCH = 50000
+
 
 class RunStatus(Model):
     """One run of the policy."""
@@ -143,6 +231,24 @@ class RunStatus(Model):
         default=None, description="How the run ended; Partial when maxRunTime cut it short."
     )
     message: str | None = Field(default=None, max_length=4096, description="Error or remark.")
+    tables: dict[str, int] | None = Field(
+        default=None,
+        description="Rows per referencing table and effect, e.g. {'public.Message archived': 30}, "
+        "and parents skipped per constraint.",
+        json_schema_extra={"maxProperties": 256},
+    )
+
+
+class RelationshipStatus(Model):
+    """A foreign key that references the policy's table, or one of the tables whose rows a run moves."""
+
+    table: str = Field(max_length=200, description="The referencing table, schema-qualified.")
+    constraint: str = Field(max_length=200, description="The foreign key constraint.")
+    references: str = Field(max_length=200, description="The referenced table, schema-qualified.")
+    on_delete: str = Field(max_length=16, description="Its ON DELETE action (CASCADE, SET NULL, RESTRICT, ...).")
+    mode: str = Field(max_length=16, description="What runs do: archive, delete, keep, or unset.")
+    effect: str = Field(max_length=16, description="archive, delete, setNull, setDefault or skipParent.")
+    rows: int | None = Field(default=None, description="Rows of this table the next run would touch (estimate).")
 
 
 class TotalsStatus(Model):
@@ -161,6 +267,11 @@ class RetentionPolicyStatus(BaseStatus):
     last_run: RunStatus | None = Field(default=None, description="The most recent run.")
     next_run_time: Timestamp | None = Field(default=None, description="When the next run is due.")
     totals: TotalsStatus | None = Field(default=None, description="Totals since creation.")
+    relationships: list[RelationshipStatus] | None = Field(
+        default=None,
+        description="Foreign keys that reference the rows runs remove, recursively, and what runs do with them.",
+        json_schema_extra={"maxItems": 100},
+    )
 
 
 INFO = KindInfo(

@@ -19,7 +19,7 @@ from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
-from ..jobs.retention import prepare
+from ..jobs.retention import Prepared, at_stake, prepare, unresolved_error
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
@@ -58,6 +58,8 @@ def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
         "message": (last["message"] or "")[:4096],
         "rowsPerSecond": round(rate, 1),
     }
+    if last.get("tables"):
+        status["tables"] = {str(k): int(v) for k, v in list(last["tables"].items())[:256]}
     if last["rows_matched"] is not None:
         status["rowsMatched"] = int(last["rows_matched"])
     if last["rows_total"] is not None:
@@ -65,6 +67,25 @@ def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
         if last["outcome"] == "Running":
             status["etaSeconds"] = eta(done, int(last["rows_total"]), rate)
     return status
+
+
+def relationships_status(prepared: Prepared, stake: dict[str, int | None]) -> list[dict[str, Any]]:
+    """status.relationships: every foreign key that reaches the rows runs remove (pure)."""
+    out = []
+    for item in prepared.relationships.listed[:100]:
+        fk = item.fk
+        entry: dict[str, Any] = {
+            "table": f"{fk.schema}.{fk.table}",
+            "constraint": fk.name,
+            "references": f"{fk.ref_schema}.{fk.ref_table}",
+            "onDelete": fk.action,
+            "mode": item.mode or "unset",
+            "effect": item.effect,
+        }
+        if stake.get(fk.name) is not None:
+            entry["rows"] = stake[fk.name]
+        out.append(entry)
+    return out
 
 
 def cron_job_name(ref: ObjectRef) -> str:
@@ -86,15 +107,14 @@ class RetentionPolicyController:
         owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
         events: list[tuple[str, str, bool]] = []
         with pg.connect(info) as conn:
-            target, created = prepare(conn, spec, profile.state_schema)
-            if created:
-                events.append(
-                    (
-                        "ArchiveTableCreated",
-                        f"created archive table {target.archive_schema}.{target.archive_table}",
-                        False,
-                    )
-                )
+            prepared = prepare(conn, spec, profile.state_schema)
+            target = prepared.target
+            stake = at_stake(conn, prepared, sqlr.cutoff_for(conn, target.age_interval))
+            status.update(relationships=relationships_status(prepared, stake) or None)
+            if prepared.relationships.unresolved:
+                raise unresolved_error(prepared, stake)
+            for name in prepared.created:
+                events.append(("ArchiveTableCreated", f"created archive table {name}", False))
             sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.scheduler == "pg_cron":

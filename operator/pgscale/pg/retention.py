@@ -12,6 +12,7 @@ is updated in the same transaction, so a crash loses nothing and repeats nothing
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,7 @@ from psycopg import sql
 
 from . import Column, ensure_schema, ensure_state_table, lock_state_ddl, qualified, table_columns
 from .partitions import children, marked_tables
+from .relationships import ForeignKey
 
 RUNS_TABLE = "retention_runs"
 
@@ -32,6 +34,42 @@ class Filter:
     column: str
     operator: str
     values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChildPlan:
+    """What a batch does to the rows of one table that reference the rows it removes.
+
+    ``effect``: ``archive`` (moved into its own archive table, children first),
+    ``delete`` (deleted by the batch itself, counted), ``setNull`` / ``setDefault``
+    (left to the database's ON DELETE action, counted), ``skipParent`` (a parent with
+    such children stays, counted). A self-reference (``fk.self_reference``) with
+    ``archive`` or ``delete`` makes its table's removed set recursive: descendants go too.
+    """
+
+    fk: ForeignKey
+    effect: str
+    mode: str | None = None
+    archive_schema: str | None = None
+    archive_table: str | None = None
+    columns: tuple[str, ...] = ()
+    partitioned: bool = False
+    children: tuple[ChildPlan, ...] = ()
+
+    @property
+    def removes(self) -> bool:
+        return self.effect in ("archive", "delete")
+
+    @property
+    def archive(self) -> sql.Composed | None:
+        if self.effect != "archive" or self.archive_table is None:
+            return None
+        return qualified(self.archive_schema or self.fk.schema, self.archive_table)
+
+    def walk(self) -> Iterator[ChildPlan]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
 
 
 @dataclass(frozen=True)
@@ -49,6 +87,8 @@ class Target:
     batch_size: int = 1000
     partitioned: bool = False
     key_columns: tuple[str, ...] = ()  # the primary key; empty: rows are named by ctid
+    children: tuple[ChildPlan, ...] = ()
+    max_batch_size: int = 0  # 0: batch_size
 
     @property
     def source(self) -> sql.Composed:
@@ -59,6 +99,23 @@ class Target:
         if self.archive_table is None:
             return None
         return qualified(self.archive_schema or self.schema, self.archive_table)
+
+    def plans(self) -> Iterator[ChildPlan]:
+        """Every child plan, depth first."""
+        for child in self.children:
+            yield from child.walk()
+
+    @property
+    def snapshot_checked(self) -> bool:
+        """Whether batches must run in REPEATABLE READ.
+
+        When children are archived or keep their parents, a child inserted after the batch's
+        snapshot but before it locks the parent would be invisible to the batch, and the
+        parent's ON DELETE action would then delete or change it unseen. In REPEATABLE READ,
+        PostgreSQL's foreign-key triggers check for rows newer than the snapshot and fail
+        the batch instead (a serialization failure; the batch is retried).
+        """
+        return any(p.effect in ("archive", "skipParent") for p in self.plans())
 
 
 _COMPARISONS = {"Equals": "=", "NotEquals": "<>", "LessThan": "<", "GreaterThan": ">"}
@@ -106,83 +163,296 @@ def _params(target: Target, cutoff: datetime, extra: dict[str, Any] | None = Non
     return {"cutoff": cutoff, **dict(filter_params), **(extra or {})}
 
 
-def _row_match(target: Target) -> tuple[sql.Composable, sql.Composable]:
-    """How a batch names its rows, in a form the planner turns into index or TID lookups.
+def _cols(alias: str, columns: tuple[str, ...] | list[str]) -> sql.Composable:
+    a = sql.Identifier(alias)
+    return sql.SQL(", ").join(sql.SQL("{}.{}").format(a, sql.Identifier(c)) for c in columns)
 
-    By primary key when there is one (an index scan per row); otherwise by ctid with
-    ``= ANY(ARRAY(...))`` (a TID scan); a join on ctid would scan the whole table.
+
+def _names(columns: tuple[str, ...] | list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+
+
+def _references(alias: str, fk: ForeignKey, parents: str) -> sql.Composable:
+    """Rows of ``alias`` (the referencing table) whose key points at a row of the ``parents`` CTE.
+
+    One column: ``= ANY(ARRAY(...))``, which the planner turns into an index scan on the
+    referencing column; several: a row IN, which it may hash.
     """
-    if target.key_columns:
-        keys = sql.SQL(", ").join(sql.Identifier(c) for c in target.key_columns)
-        select = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in target.key_columns)
-        tkeys = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in target.key_columns)
-        return select, sql.SQL("({}) IN (SELECT {} FROM batch)").format(tkeys, keys)
-    if target.partitioned:
-        return sql.SQL("s.tableoid, s.ctid"), sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
-    return sql.SQL("s.ctid"), sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
+    if len(fk.columns) == 1:
+        return sql.SQL("{}.{} = ANY (ARRAY(SELECT p.{} FROM {} p))").format(
+            sql.Identifier(alias), sql.Identifier(fk.columns[0]), sql.Identifier(fk.ref_columns[0]),
+            sql.Identifier(parents),
+        )  # fmt: skip
+    return sql.SQL("({}) IN (SELECT {} FROM {} p)").format(
+        _cols(alias, fk.columns), _cols("p", fk.ref_columns), sql.Identifier(parents)
+    )
 
 
-def batch_statement(target: Target, *, after: bool = False, upto: bool = False, inline: bool = False) -> sql.Composed:
-    """Move (archive) or delete one batch of matching rows, atomically.
+class _Aliases:
+    """Fresh names for the CTEs and table aliases of one statement."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+
+def _blockers(
+    alias: str, plans: tuple[ChildPlan, ...], names: _Aliases, depth: int = 0
+) -> list[tuple[str, sql.Composable]]:
+    """Conditions on a row (``alias``) that keep it where it is, each with the constraint it counts under.
+
+    A row is kept when a ``skipParent`` child points at it, or when a row that would go
+    with it (an archived or deleted child, at any depth) is itself kept. A self-reference
+    is followed one level for the latter; a deeper one that blocks makes the database
+    refuse the batch, which is rolled back whole and retried.
+    """
+    out: list[tuple[str, sql.Composable]] = []
+    others = tuple(p for p in plans if not p.fk.self_reference)
+    for plan in plans:
+        if depth > 8:
+            break
+        c = names("k")
+        link = sql.SQL("({}) = ({})").format(_cols(c, plan.fk.columns), _cols(alias, plan.fk.ref_columns))
+        head = sql.SQL("EXISTS (SELECT 1 FROM {} {} WHERE {}").format(
+            qualified(plan.fk.schema, plan.fk.table), sql.Identifier(c), link
+        )
+        if plan.effect == "skipParent":
+            out.append((f"skipped: {plan.fk.name}", sql.Composed([head, sql.SQL(")")])))
+        elif plan.removes:
+            below = others if plan.fk.self_reference else plan.children
+            if plan.fk.self_reference and depth > 0:
+                continue
+            for label, cond in _blockers(c, below, names, depth + 1):
+                out.append((label, sql.Composed([head, sql.SQL(" AND "), cond, sql.SQL(")")])))
+    return out
+
+
+def _self_edges(plans: tuple[ChildPlan, ...]) -> list[ChildPlan]:
+    return [p for p in plans if p.fk.self_reference and p.removes]
+
+
+def _closure(name: str, table: sql.Composable, partitioned: bool, seed: sql.Composable,
+             edges: list[ChildPlan]) -> sql.Composable:  # fmt: skip
+    """A recursive CTE: the seed rows' (tableoid,) ctid and referenced columns, plus their descendants
+    through the table's self-references (UNION: a cycle in the data ends the recursion)."""
+    refs = sorted({c for e in edges for c in e.fk.ref_columns})
+    ident = ["tableoid", "ctid"] if partitioned else ["ctid"]
+    step = sql.SQL(", ").join([*(sql.SQL("t.") + sql.SQL(i) for i in ident), _cols("t", refs)])
+    join = sql.SQL(" OR ").join(
+        sql.SQL("({}) = ({})").format(_cols("t", e.fk.columns), _cols("d", e.fk.ref_columns)) for e in edges
+    )
+    return sql.SQL("{name} AS ({seed} UNION SELECT {step} FROM {table} t JOIN {name} d ON {join})").format(
+        name=sql.Identifier(name), seed=seed, step=step, table=table, join=join
+    )
+
+
+def _closure_seed(partitioned: bool, refs: list[str], source: sql.Composable) -> sql.Composable:
+    ident = "tableoid, ctid" if partitioned else "ctid"
+    return sql.SQL("SELECT {}, {} FROM {}").format(sql.SQL(ident), _names(refs), source)
+
+
+def _by_ctid(alias: str, partitioned: bool, rows: str) -> sql.Composable:
+    if partitioned:
+        return sql.SQL("({a}.tableoid, {a}.ctid) IN (SELECT tableoid, ctid FROM {r})").format(
+            a=sql.Identifier(alias), r=sql.Identifier(rows)
+        )
+    return sql.SQL("{}.ctid = ANY (ARRAY(SELECT ctid FROM {}))").format(sql.Identifier(alias), sql.Identifier(rows))
+
+
+def _children_parts(
+    parent: str, plans: tuple[ChildPlan, ...], names: _Aliases, parts: list[sql.Composable],
+    counters: list[tuple[str, sql.Composable]],
+) -> None:  # fmt: skip
+    """CTEs that archive or delete the children of the rows of ``parent`` (a DELETE ... RETURNING
+    CTE), recursively, and count what the database's own actions will change."""
+    for plan in plans:
+        fk = plan.fk
+        table = qualified(fk.schema, fk.table)
+        label = f"{fk.schema}.{fk.table}"
+        if plan.effect == "skipParent" or (plan.fk.self_reference and plan.removes):
+            continue  # handled by the blockers, or by the parent's closure
+        if plan.effect in ("setNull", "setDefault"):
+            counters.append((f"{label} {plan.effect}", sql.SQL("(SELECT count(*) FROM {} c WHERE {})").format(
+                table, _references("c", fk, parent))))  # fmt: skip
+            continue
+        selfs = _self_edges(plan.children)
+        d = names("d")
+        if selfs:
+            r = names("r")
+            refs = sorted({c for e in selfs for c in e.fk.ref_columns})
+            seed = sql.SQL("SELECT {} FROM {} c WHERE {}").format(
+                sql.SQL(", ").join([
+                    *(sql.SQL("c.") + sql.SQL(i) for i in (["tableoid", "ctid"] if plan.partitioned else ["ctid"])),
+                    _cols("c", refs),
+                ]),
+                table, _references("c", fk, parent),
+            )  # fmt: skip
+            parts.append(_closure(r, table, plan.partitioned, seed, selfs))
+            where = _by_ctid("c", plan.partitioned, r)
+        else:
+            where = _references("c", fk, parent)
+        parts.append(sql.SQL("{} AS (DELETE FROM {} c WHERE {} RETURNING c.*)").format(sql.Identifier(d), table, where))
+        if plan.archive is not None:
+            parts.append(
+                sql.SQL("{} AS (INSERT INTO {} ({}) SELECT {} FROM {} RETURNING 1)").format(
+                    sql.Identifier(names("a")), plan.archive, _names(plan.columns), _names(plan.columns),
+                    sql.Identifier(d),
+                )
+            )  # fmt: skip
+        verb = "archived" if plan.effect == "archive" else "deleted"
+        counters.append((f"{label} {verb}", sql.SQL("(SELECT count(*) FROM {})").format(sql.Identifier(d))))
+        _children_parts(d, plan.children, names, parts, counters)
+
+
+def runs_table(state_schema: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE))
+
+
+def batch_statement(
+    target: Target, *, after: bool = False, upto: bool = False, inline: bool = False, runs: sql.Composable | None = None
+) -> sql.Composed:
+    """Move (archive) or delete one batch of matching rows, with their children, atomically.
 
     With a primary key, batches walk the key in order (``after``: continue past the
     last key of the previous batch), so a run passes over the table once instead
     of re-scanning it, and its dead tuples, for every batch; ``upto`` stops the walk
     at the highest key the table had when the run started, so a run has a bounded
-    scope and never chases an application that keeps inserting. The statement
-    returns the number of rows moved and the last key of the batch.
+    scope and never chases an application that keeps inserting.
+
+    Children: every table that references removed rows is handled in the same
+    statement (archived or deleted before their parents, so an ON DELETE action finds
+    nothing; or counted), and parents whose children must stay are skipped and counted.
+    ``runs`` folds the run-log update into the statement: one round trip per batch.
+
+    Returns: rows looked at (the batch; fewer than the limit ends a run), rows moved,
+    the batch's counts per child table and skipped constraint (jsonb), and the last key.
+    ``inline`` (pg_cron) returns only the rows looked at; blocked parents are filtered
+    out instead of counted, since its batches do not walk the key.
     """
     where, _ = predicate(target, inline=inline)
     keys = target.key_columns
-    tuple_ = sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in keys)
+    names = _Aliases()
+    tuple_ = _cols("s", keys)
     for flag, name, op in ((after, "after", ">"), (upto, "upto", "<=")):
         if flag and keys:
             bound = sql.SQL(", ").join(sql.Placeholder(f"{name}_{i}") for i in range(len(keys)))
             where = sql.SQL("{} AND ({}) {} ({})").format(where, tuple_, sql.SQL(op), bound)
-    order = (
-        sql.SQL(" ORDER BY {}").format(sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in keys))
-        if keys
-        else sql.SQL("")
-    )
-    select_key, match = _row_match(target)
-    batch = sql.SQL(
-        "WITH batch AS MATERIALIZED ("
-        "SELECT {key} FROM {source} s WHERE {where}{order} LIMIT {limit} FOR UPDATE OF s SKIP LOCKED), "
-        "moved AS (DELETE FROM {source} t WHERE {match} RETURNING t.*)"
-    ).format(
-        key=select_key,
-        source=target.source,
-        where=where,
-        order=order,
-        match=match,
-        limit=sql.SQL("$2") if inline else sql.Placeholder("limit"),
-    )
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in target.columns)
-    parts: list[sql.Composable] = [batch]
-    if target.archive is None:
-        counted = sql.SQL("moved")
+    order = sql.SQL(" ORDER BY {}").format(tuple_) if keys else sql.SQL("")
+    selfs = _self_edges(target.children)
+    blockers = _blockers("s" if inline else "c", target.children, names)
+    if inline and blockers:
+        where = sql.SQL("{} AND NOT ({})").format(where, sql.SQL(" OR ").join(b for _, b in blockers))
+    # What the batch keeps of each row: the key, the columns its blockers and self-references read.
+    wanted = list(keys)
+    for plan in target.children:
+        wanted += [c for c in plan.fk.ref_columns if c not in wanted]
+    ident = ["tableoid", "ctid"] if target.partitioned or selfs else ["ctid"]
+    selected: list[sql.Composable] = []
+    if not keys or selfs:
+        selected += [sql.SQL("s.") + sql.SQL(i) for i in ident]
+    if wanted:
+        selected.append(_cols("s", wanted))
+    wanted_sql = sql.SQL(", ").join(selected)
+    limit = sql.SQL("$2") if inline else sql.Placeholder("limit")
+    parts: list[sql.Composable] = [
+        sql.SQL("cand AS MATERIALIZED (SELECT {} FROM {} s WHERE {}{} LIMIT {} FOR UPDATE OF s SKIP LOCKED)").format(
+            wanted_sql, target.source, where, order, limit
+        )
+    ]
+    counters: list[tuple[str, sql.Composable]] = []
+    if blockers and not inline:
+        flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, sql.Identifier(f"b{i}")) for i, (_, b) in
+                                   enumerate(blockers))  # fmt: skip
+        parts.append(sql.SQL("flags AS MATERIALIZED (SELECT c.*, {} FROM cand c)").format(flags))
+        any_flag = sql.SQL(" OR ").join(sql.Identifier(f"b{i}") for i in range(len(blockers)))
+        parts.append(sql.SQL("batch AS (SELECT * FROM flags WHERE NOT ({}))").format(any_flag))
+        for i, (label, _) in enumerate(blockers):
+            counters.append((label, sql.SQL("(SELECT count(*) FROM flags WHERE {})").format(sql.Identifier(f"b{i}"))))
     else:
+        parts.append(sql.SQL("batch AS (SELECT * FROM cand)"))
+    if selfs:
+        refs = sorted({c for e in selfs for c in e.fk.ref_columns})
         parts.append(
-            sql.SQL(", archived AS (INSERT INTO {archive} ({cols}) SELECT {cols} FROM moved RETURNING 1)").format(
-                archive=target.archive, cols=cols
+            _closure(
+                "r0",
+                target.source,
+                target.partitioned,
+                _closure_seed(target.partitioned, refs, sql.SQL("batch")),
+                selfs,
             )
         )
-        counted = sql.SQL("archived")
-    if keys and not inline:
-        idents = [sql.Identifier(c) for c in keys]
+        match = _by_ctid("t", target.partitioned, "r0")
+    elif keys:
+        match = sql.SQL("({}) IN (SELECT {} FROM batch)").format(_cols("t", keys), _names(keys))
+    elif target.partitioned:
+        match = sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
+    else:
+        match = sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
+    parts.append(sql.SQL("moved AS (DELETE FROM {} t WHERE {} RETURNING t.*)").format(target.source, match))
+    if target.archive is not None:
+        cols = _names(target.columns)
+        parts.append(
+            sql.SQL("archived AS (INSERT INTO {} ({}) SELECT {} FROM moved RETURNING 1)").format(
+                target.archive, cols, cols
+            )
+        )
+    _children_parts("moved", target.children, names, parts, counters)
+    values = sql.SQL(", ").join(sql.SQL("({}, {})").format(sql.Literal(k), v) for k, v in counters)
+    parts.append(sql.SQL("mc AS (SELECT count(*) AS n FROM moved)"))
+    if counters:
+        parts.append(sql.SQL("counts AS MATERIALIZED (SELECT k, v FROM (VALUES {}) x(k, v))").format(values))
+    if runs is not None:
+        run_id = sql.SQL("$3") if inline else sql.Placeholder("run")
+        archiving = target.archive is not None
+        merged = (
+            sql.SQL(", tables = (SELECT jsonb_object_agg(k, v) FROM (SELECT k, sum(v)::bigint AS v FROM ("
+                    "SELECT key, value::bigint FROM jsonb_each_text(coalesce({runs}.tables, '{{}}'::jsonb)) "
+                    "UNION ALL SELECT k, v FROM counts) y(k, v) WHERE v > 0 GROUP BY k) z)").format(runs=runs)
+            if counters else sql.SQL("")
+        )  # fmt: skip
         parts.append(
             sql.SQL(
-                " SELECT (SELECT count(*) FROM {counted}), last.* FROM (SELECT 1) one "
-                "LEFT JOIN LATERAL (SELECT {keys} FROM batch ORDER BY {desc} LIMIT 1) last ON true"
+                "log AS (UPDATE {runs} SET rows_archived = rows_archived + {a}, rows_deleted = rows_deleted + {d}, "
+                "batches = batches + 1, updated_at = clock_timestamp(){merged} WHERE id = {run} RETURNING 1)"
             ).format(
-                counted=counted,
-                keys=sql.SQL(", ").join(idents),
-                desc=sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents),
+                runs=runs,
+                a=sql.SQL("(SELECT n FROM mc)") if archiving else sql.SQL("0"),
+                d=sql.SQL("0") if archiving else sql.SQL("(SELECT n FROM mc)"),
+                merged=merged,
+                run=run_id,
             )
         )
+    head = sql.SQL("WITH RECURSIVE " if any(_self_edges(p.children) for p in target.plans()) or selfs else "WITH ")
+    body = sql.Composed([head, sql.SQL(", ").join(parts)])
+    if inline:
+        return sql.Composed([body, sql.SQL(" SELECT count(*) FROM cand")])
+    batch_counts = sql.SQL("(SELECT jsonb_object_agg(k, v) FROM counts WHERE v > 0)") if counters else sql.SQL("NULL")
+    if keys:
+        idents = [sql.Identifier(c) for c in keys]
+        tail = sql.SQL(
+            " SELECT (SELECT count(*) FROM cand), (SELECT n FROM mc), {counts}, last.* FROM (SELECT 1) one "
+            "LEFT JOIN LATERAL (SELECT {keys} FROM cand ORDER BY {desc} LIMIT 1) last ON true"
+        ).format(
+            counts=batch_counts,
+            keys=sql.SQL(", ").join(idents),
+            desc=sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents),
+        )
     else:
-        parts.append(sql.SQL(" SELECT count(*) FROM {}").format(counted))
-    return sql.Composed(parts)
+        tail = sql.SQL(" SELECT (SELECT count(*) FROM cand), (SELECT n FROM mc), {}").format(batch_counts)
+    return sql.Composed([body, tail])
+
+
+@dataclass
+class Batch:
+    """What one committed batch did."""
+
+    taken: int  # rows the batch looked at; fewer than its limit: the run is done
+    moved: int  # rows removed from the table (with a self-reference: descendants included)
+    tables: dict[str, int]  # per child table and effect, and parents skipped per constraint
+    last: tuple[Any, ...] | None
 
 
 def move_batch(
@@ -191,18 +461,26 @@ def move_batch(
     cutoff: datetime,
     after: tuple[Any, ...] | None = None,
     upto: tuple[Any, ...] | None = None,
-) -> tuple[int, tuple[Any, ...] | None]:
-    """Run one batch in the caller's transaction; returns rows moved and the batch's last key."""
-    extra: dict[str, Any] = {"limit": target.batch_size}
+    *,
+    limit: int | None = None,
+    state_schema: str | None = None,
+    run_id: int | None = None,
+) -> Batch:
+    """Run one batch as one statement (its own transaction on an autocommit connection).
+
+    With ``state_schema`` and ``run_id``, the run log is updated by the same statement.
+    """
+    extra: dict[str, Any] = {"limit": limit or target.batch_size, "run": run_id}
     for name, bound in (("after", after), ("upto", upto)):
         if bound is not None:
             extra.update({f"{name}_{i}": v for i, v in enumerate(bound)})
-    statement = batch_statement(target, after=after is not None, upto=upto is not None)
+    runs = runs_table(state_schema) if state_schema is not None and run_id is not None else None
+    statement = batch_statement(target, after=after is not None, upto=upto is not None, runs=runs)
     row = conn.execute(statement, _params(target, cutoff, extra)).fetchone()
     if row is None:
-        return 0, after
-    last = tuple(row[1:]) if target.key_columns and row[1] is not None else after
-    return int(row[0]), last
+        return Batch(0, 0, {}, after)
+    last = tuple(row[3:]) if target.key_columns and row[3] is not None else after
+    return Batch(int(row[0]), int(row[1]), dict(row[2] or {}), last)
 
 
 def highest_key(conn: psycopg.Connection, target: Target) -> tuple[Any, ...] | None:
@@ -222,6 +500,32 @@ def count_matching(conn: psycopg.Connection, target: Target, cutoff: datetime) -
     where, _ = predicate(target)
     query = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where)
     row = conn.execute(query, _params(target, cutoff)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def count_referencing(conn: psycopg.Connection, target: Target, cutoff: datetime,
+                      chain: tuple[ForeignKey, ...]) -> int | None:  # fmt: skip
+    """Rows of the last table of ``chain`` that point (through the chain) at rows a run would remove now.
+
+    An estimate for status and messages: None when it takes longer than the session allows.
+    """
+    where, _ = predicate(target)
+    inner: sql.Composed = sql.SQL("SELECT {} FROM {} s WHERE {}").format(
+        _cols("s", chain[0].ref_columns), target.source, where
+    )
+    for i, fk in enumerate(chain):
+        alias = f"x{i}"
+        cols = chain[i + 1].ref_columns if i + 1 < len(chain) else None
+        select = sql.SQL("count(*)") if cols is None else _cols(alias, cols)
+        inner = sql.SQL("SELECT {} FROM {} {} WHERE ({}) IN ({})").format(
+            select, qualified(fk.schema, fk.table), sql.Identifier(alias), _cols(alias, fk.columns), inner
+        )
+    try:
+        with conn.transaction():
+            conn.execute("SELECT set_config('statement_timeout', '10s', true)")
+            row = conn.execute(inner, _params(target, cutoff)).fetchone()
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
+        return None
     return int(row[0]) if row else 0
 
 
@@ -266,20 +570,29 @@ def create_archive(conn: psycopg.Connection, target: Target) -> None:
     The primary key makes a duplicate archive row impossible: a batch that would
     insert one fails and rolls back whole, deleting nothing.
     """
-    assert target.archive is not None and target.archive_table is not None
-    schema = target.archive_schema or target.schema
+    assert target.archive_table is not None
+    _create_like(conn, (target.schema, target.table), (target.archive_schema or target.schema, target.archive_table))
+
+
+def create_child_archive(conn: psycopg.Connection, child: ChildPlan) -> None:
+    """The archive table of a referencing table, made like create_archive() makes the policy's."""
+    assert child.archive_table is not None
+    _create_like(conn, child.fk.child, (child.archive_schema or child.fk.schema, child.archive_table))
+
+
+def _create_like(conn: psycopg.Connection, source: tuple[str, str], archive: tuple[str, str]) -> None:
     with conn.transaction():
-        ensure_schema(conn, schema)
+        ensure_schema(conn, archive[0])
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS INCLUDING COMMENTS)").format(
-                target.archive, target.source
+                qualified(*archive), qualified(*source)
             )
         )
-        pk = primary_key(conn, target.schema, target.table)
-        if pk and not primary_key(conn, schema, target.archive_table):
+        pk = primary_key(conn, *source)
+        if pk and not primary_key(conn, *archive):
             conn.execute(
                 sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-                    target.archive, sql.SQL(", ").join(sql.Identifier(c) for c in pk)
+                    qualified(*archive), sql.SQL(", ").join(sql.Identifier(c) for c in pk)
                 )
             )
 
@@ -301,10 +614,14 @@ def ensure_run_log(conn: psycopg.Connection, state_schema: str) -> None:
         "started_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
         "ended_at timestamptz, outcome text NOT NULL DEFAULT 'Running', dry_run boolean NOT NULL DEFAULT false, "
         "rows_total bigint, rows_archived bigint NOT NULL DEFAULT 0, rows_deleted bigint NOT NULL DEFAULT 0, "
-        "rows_matched bigint, batches integer NOT NULL DEFAULT 0, message text",
+        "rows_matched bigint, batches integer NOT NULL DEFAULT 0, message text, tables jsonb",
     )  # fmt: skip
     with conn.transaction():
         lock_state_ddl(conn)
+        if "tables" not in (table_columns(conn, state_schema, RUNS_TABLE) or {}):  # made by an earlier version
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS tables jsonb").format(runs_table(state_schema))
+            )
         conn.execute(
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (policy, id DESC)").format(
                 sql.Identifier(f"{RUNS_TABLE}_policy_idx"), sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE)
@@ -419,7 +736,7 @@ def summary(conn: psycopg.Connection, state_schema: str, policy: str) -> RunSumm
     cur = conn.execute(
         sql.SQL(
             "SELECT id, started_at, updated_at, ended_at, outcome, dry_run, rows_total, rows_archived, "
-            "rows_deleted, rows_matched, batches, message FROM {} WHERE policy = %s ORDER BY id DESC LIMIT 1"
+            "rows_deleted, rows_matched, batches, message, tables FROM {} WHERE policy = %s ORDER BY id DESC LIMIT 1"
         ).format(_runs(state_schema)),
         (policy,),
     )
@@ -558,14 +875,17 @@ def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
                 "count_sql text NOT NULL, age interval NOT NULL, batch_size integer NOT NULL, "
                 "archiving boolean NOT NULL, dry_run boolean NOT NULL, lock_timeout text NOT NULL, "
                 "statement_timeout text NOT NULL, max_run interval NOT NULL, pause double precision NOT NULL, "
-                "lock_key bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now())"
+                "lock_key bigint NOT NULL DEFAULT 0, isolation text NOT NULL DEFAULT '', "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE))
         )
-        conn.execute(  # tables created by an earlier version lack it
-            sql.SQL("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS lock_key bigint NOT NULL DEFAULT 0").format(
-                s, sql.Identifier(CONFIG_TABLE)
+        if "isolation" not in (table_columns(conn, state_schema, CONFIG_TABLE) or {}):
+            conn.execute(  # tables created by an earlier version lack them
+                sql.SQL(
+                    "ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS lock_key bigint NOT NULL DEFAULT 0, "
+                    "ADD COLUMN IF NOT EXISTS isolation text NOT NULL DEFAULT ''"
+                ).format(s, sql.Identifier(CONFIG_TABLE))
             )
-        )
         conn.execute(
             sql.SQL(
                 """CREATE OR REPLACE PROCEDURE {s}.retention_run(p_policy text) LANGUAGE plpgsql AS $proc$
@@ -575,6 +895,7 @@ DECLARE
   v_deadline timestamptz;
   v_moved bigint;
   v_run bigint;
+  v_retries integer := 0;
 BEGIN
   SELECT * INTO cfg FROM {s}.{cfg} WHERE policy = p_policy;
   IF NOT FOUND THEN
@@ -601,13 +922,30 @@ BEGIN
     COMMIT;
     RETURN;
   END IF;
-  LOOP
-    EXECUTE cfg.batch_sql INTO v_moved USING v_cutoff, cfg.batch_size;
-    UPDATE {s}.{runs} SET
-      rows_archived = rows_archived + CASE WHEN cfg.archiving THEN v_moved ELSE 0 END,
-      rows_deleted = rows_deleted + CASE WHEN cfg.archiving THEN 0 ELSE v_moved END,
-      batches = batches + 1, updated_at = clock_timestamp() WHERE id = v_run;
+  IF cfg.isolation <> '' THEN
+    -- Children archived or kept: REPEATABLE READ, so a child newer than a batch's snapshot
+    -- fails the batch (retried) instead of being deleted by its parent's ON DELETE action.
+    PERFORM set_config('default_transaction_isolation', cfg.isolation, false);
     COMMIT;
+  END IF;
+  LOOP
+    BEGIN
+      -- The statement updates the run log itself ($3), in the same transaction.
+      EXECUTE cfg.batch_sql INTO v_moved USING v_cutoff, cfg.batch_size, v_run;
+    EXCEPTION WHEN serialization_failure OR lock_not_available OR deadlock_detected OR foreign_key_violation
+                   OR query_canceled THEN
+      v_retries := v_retries + 1;
+      IF v_retries > 10 THEN
+        RAISE;
+      END IF;
+      v_moved := -1;
+    END;
+    COMMIT;
+    IF v_moved < 0 THEN
+      PERFORM pg_sleep(0.2 * v_retries);
+      CONTINUE;
+    END IF;
+    v_retries := 0;
     EXIT WHEN v_moved < cfg.batch_size;
     IF clock_timestamp() > v_deadline THEN
       UPDATE {s}.{runs} SET outcome = 'Partial', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
@@ -630,12 +968,13 @@ $proc$"""
 
 def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target: Target, **settings: Any) -> None:
     """Store the rendered statements and settings the procedure runs with."""
-    batch_sql = batch_statement(target, inline=True).as_string(conn)
+    batch_sql = batch_statement(target, inline=True, runs=runs_table(state_schema)).as_string(conn)
     where, _ = predicate(target, inline=True)
     count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where).as_string(conn)
     row = {"batch_sql": batch_sql, "count_sql": count_sql, "age": target.age_interval,
            "batch_size": target.batch_size, "archiving": target.archive is not None,
-           "lock_key": run_lock_key(policy), **settings}  # fmt: skip
+           "lock_key": run_lock_key(policy),
+           "isolation": "repeatable read" if target.snapshot_checked else "", **settings}  # fmt: skip
     names = list(row)
     conn.execute(
         sql.SQL(
