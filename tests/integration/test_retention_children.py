@@ -136,7 +136,7 @@ def test_no_children_setting_stalls_naming_every_constraint(postgres: Any, datab
     assert "ON DELETE CASCADE" in err.message and "ON DELETE SET NULL" in err.message
     assert "Invoice" not in err.message  # RESTRICT never deletes anything: its parents are only skipped
     assert snapshot(conn) == before  # nothing changed
-    assert scalar(conn, "SELECT to_regclass('\"app data\".\"Task_archive\"')") is None
+    assert scalar(conn, 'SELECT to_regclass(\'"app data"."Task_archive"\')') is None
 
 
 def test_archive_moves_children_with_their_parents(postgres: Any, database: str, conn: Any) -> None:
@@ -189,7 +189,7 @@ def test_delete_lets_children_go_and_counts_them(postgres: Any, database: str, c
 
 
 def test_keep_skips_parents_with_children_and_touches_no_child(postgres: Any, database: str, conn: Any) -> None:
-    conn.execute('INSERT INTO app_data."Task" (id, state, "doneAt") VALUES (\'lonely\', \'DONE\', \'2020-01-01\')')
+    conn.execute("INSERT INTO app_data.\"Task\" (id, state, \"doneAt\") VALUES ('lonely', 'DONE', '2020-01-01')")
     before = snapshot(conn)
     report = run(job_for(postgres, database, children={"mode": "keep"}))
     assert report.outcome == "Succeeded", report.message

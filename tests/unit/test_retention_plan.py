@@ -11,10 +11,12 @@ from pgscale.api.retentionpolicy import RetentionPolicySpec
 from pgscale.controllers.retentionpolicy import run_status
 from pgscale.errors import SpecError
 from pgscale.jobs import from_env
+from pgscale.jobs.retention import next_batch_size
 from pgscale.kube import ObjectRef
 from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
-from pgscale.retention import check_archive, plan
+from pgscale.pg.relationships import ForeignKey
+from pgscale.retention import TableFacts, check_archive, effect_of, plan, plan_relationships
 
 SPEC = {
     "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",
@@ -46,11 +48,96 @@ def test_predicate_binds_values_and_quotes_identifiers() -> None:
 
 def test_batch_statement_is_one_atomic_statement_by_key() -> None:
     target = plan(RetentionPolicySpec.model_validate(SPEC), COLUMNS, key_columns=["id"], partitioned=False)
-    text = sqlr.batch_statement(target, after=True).as_string(None)
-    assert text.count("WITH batch AS MATERIALIZED") == 1
-    assert "FOR UPDATE OF s SKIP LOCKED" in text and 'ORDER BY s."id"' in text and '(s."id") > (%(after_0)s)' in text
-    assert 'DELETE FROM "public"."Task" t WHERE (t."id") IN (SELECT "id" FROM batch) RETURNING t.*' in text
+    text = sqlr.batch_statement(target, after=True, runs=sqlr.runs_table("pgscale")).as_string(None)
+    assert text.count("WITH cand AS MATERIALIZED") == 1
+    assert "FOR UPDATE OF s SKIP LOCKED" in text and 'ORDER BY "s"."id"' in text
+    assert '("s"."id") > (%(after_0)s)' in text
+    # The batch's rows are locked: deleted by ctid (a TID scan), not looked up again by key.
+    assert 'SELECT s.ctid, "s"."id" FROM' in text
+    assert 'DELETE FROM "public"."Task" t WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM batch)) RETURNING t.*' in text
     assert 'INSERT INTO "public"."Task_archive"' in text
+    assert 'log AS (UPDATE "pgscale"."retention_runs" SET' in text  # the run log, in the same statement
+
+
+def fk(name: str, table: str, action: str, parent: str = "Task", schema: str = "public") -> ForeignKey:
+    return ForeignKey(name, schema, table, (f"{parent.lower()}Id",), "public", parent, ("id",), action)
+
+
+FACTS = {("public", t): TableFacts(("id", "taskId")) for t in ("Message", "File", "Invoice", "Reaction", "Task")}
+
+
+def test_effects_of_modes_and_actions() -> None:
+    assert effect_of(None, "CASCADE") is None and effect_of(None, "SET NULL") is None
+    assert effect_of(None, "RESTRICT") == "skipParent" and effect_of(None, "NO ACTION") == "skipParent"
+    assert effect_of("archive", "SET NULL") == "archive" and effect_of("archive", "RESTRICT") == "skipParent"
+    assert effect_of("archive", "RESTRICT", listed=True) == "archive"
+    assert effect_of("delete", "CASCADE") == "delete" and effect_of("delete", "SET NULL") == "setNull"
+    assert effect_of("delete", "SET DEFAULT") == "setDefault" and effect_of("delete", "NO ACTION") == "skipParent"
+    assert effect_of("keep", "CASCADE") == "skipParent"
+
+
+def test_unset_children_leaves_destructive_keys_unresolved() -> None:
+    spec = RetentionPolicySpec.model_validate(SPEC)
+    edges = [fk("m", "Message", "CASCADE"), fk("i", "Invoice", "RESTRICT"), fk("r", "Reaction", "CASCADE", "Message")]
+    rels = plan_relationships(spec, edges, FACTS)
+    assert [f.name for f in rels.unresolved] == ["m"]
+    assert [(i.fk.name, i.effect) for i in rels.listed] == [("m", "unset"), ("i", "skipParent")]
+
+
+def test_archive_plans_children_recursively_with_their_archives() -> None:
+    spec = RetentionPolicySpec.model_validate(
+        {
+            **SPEC,
+            "children": {
+                "mode": "archive",
+                "tables": [
+                    {"name": "Reaction", "mode": "delete"},
+                    {"name": "File", "mode": "archive", "archiveTable": "File_old"},
+                ],
+            },
+        }
+    )
+    edges = [fk("m", "Message", "CASCADE"), fk("f", "File", "SET NULL"), fk("r", "Reaction", "CASCADE", "Message")]
+    rels = plan_relationships(spec, edges, FACTS)
+    message, file = rels.plans
+    assert (message.effect, message.archive_table, file.archive_table) == ("archive", "Message_archive", "File_old")
+    assert [(c.fk.name, c.effect) for c in message.children] == [("r", "delete")]
+    target = plan(spec, COLUMNS, key_columns=["id"], partitioned=False, children=rels.plans)
+    assert target.snapshot_checked
+    text = sqlr.batch_statement(target).as_string(None)
+    assert 'DELETE FROM "public"."Message" c WHERE "c"."taskId" = ANY (ARRAY(SELECT p."id" FROM "moved" p))' in text
+    assert 'INSERT INTO "public"."File_old"' in text and '"public.Reaction deleted"' not in text
+    assert "'public.Reaction deleted'" in text
+
+
+def test_cycles_through_other_tables_are_refused() -> None:
+    spec = RetentionPolicySpec.model_validate({**SPEC, "children": {"mode": "archive"}})
+    edges = [fk("m", "Message", "CASCADE"), ForeignKey("t", "public", "Task", ("lastMessageId",), "public",
+                                                       "Message", ("id",), "CASCADE")]  # fmt: skip
+    with pytest.raises(SpecError) as err:
+        plan_relationships(spec, edges, FACTS)
+    assert err.value.reason == "ForeignKeyCycle" and "public.Task -> public.Message -> public.Task" in err.value.message
+
+
+def test_kept_children_become_counted_blockers() -> None:
+    spec = RetentionPolicySpec.model_validate({**SPEC, "children": {"mode": "keep"}})
+    rels = plan_relationships(spec, [fk("m", "Message", "CASCADE")], FACTS)
+    target = plan(spec, COLUMNS, key_columns=["id"], partitioned=False, children=rels.plans)
+    text = sqlr.batch_statement(target).as_string(None)
+    assert "flags AS MATERIALIZED" in text and "'skipped: m'" in text
+    inline = sqlr.batch_statement(target, inline=True).as_string(None)
+    assert "AND NOT (EXISTS (SELECT 1 FROM" in inline  # pg_cron does not walk the key: blocked rows are filtered
+
+
+def test_batches_grow_while_fast_and_shrink_when_slow() -> None:
+    def size(current: int, taken: int, elapsed: float) -> int:
+        return next_batch_size(current, taken, elapsed, budget=1.0, smallest=100, largest=1000)
+
+    assert size(100, 100, 0.01) == 200  # the aim is 10% of lockTimeout: grow under 5%
+    assert size(800, 800, 0.01) == 1000
+    assert size(400, 120, 0.01) == 400  # not full: the run is ending
+    assert size(1000, 1000, 0.2) == 500
+    assert size(200, 200, 1.0) == 100  # never below batchSize
 
 
 def test_without_primary_key_rows_are_named_by_ctid() -> None:

@@ -167,8 +167,8 @@ class RetentionPolicySpec(Model):
         ge=1,
         le=1000000,
         description=(
-            "Largest batch: from batchSize, batches double while one takes under 2.5% of lockTimeout, and "
-            "shrink (not below batchSize) when one takes over 5%. Unset: 50000 (or batchSize, if larger); "
+            "Largest batch: from batchSize, batches double while one takes under 5% of lockTimeout, and "
+            "shrink (not below batchSize) when one takes over 10%. Unset: 50000 (or batchSize, if larger); "
             "set it to batchSize for fixed batches."
         ),
     )

@@ -256,7 +256,7 @@ def _count(report: RunReport, target: sqlr.Target, rows: int) -> None:
     report.batches += 1
 
 
-BATCH_TIME_SHARE = 0.05  # a batch aims at this share of lockTimeout: what a writer may wait on its rows
+BATCH_TIME_SHARE = 0.1  # a batch aims at this share of lockTimeout: what a writer may wait on its rows
 
 
 def next_batch_size(size: int, taken: int, elapsed: float, *, budget: float, smallest: int, largest: int) -> int:

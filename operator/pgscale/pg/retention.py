@@ -351,7 +351,7 @@ def batch_statement(
         wanted += [c for c in plan.fk.ref_columns if c not in wanted]
     ident = ["tableoid", "ctid"] if target.partitioned or selfs else ["ctid"]
     selected: list[sql.Composable] = []
-    if not keys or selfs:
+    if not keys or selfs or not target.partitioned:
         selected += [sql.SQL("s.") + sql.SQL(i) for i in ident]
     if wanted:
         selected.append(_cols("s", wanted))
@@ -385,7 +385,7 @@ def batch_statement(
             )
         )
         match = _by_ctid("t", target.partitioned, "r0")
-    elif keys:
+    elif keys and target.partitioned:
         match = sql.SQL("({}) IN (SELECT {} FROM batch)").format(_cols("t", keys), _names(keys))
     elif target.partitioned:
         match = sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
