@@ -23,6 +23,8 @@ from .errors import SpecError
 from .partitioning import Range, keep_from, range_for, wanted
 from .pg import conversion as sqlc
 from .pg import partitions as sqlp
+from .pg import relationships
+from .pg.relationships import ForeignKey
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,14 @@ class Report:
     dropped: list[str] = field(default_factory=list)
     moved_from_default: int = 0
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
+    kept: list[str] = field(default_factory=list)  # past the window, but rows of other tables point into them
     busy: bool = False  # another run (the CronJob, a conversion) holds the table: nothing done
     partitions: list[dict[str, Any]] = field(default_factory=list)
     count: int = 0  # every attached partition, DEFAULT included (the list above stops at 100)
+
+
+def _kept(name: str, holders: list[ForeignKey]) -> str:
+    return f"{name} (referenced by {', '.join(fk.describe() for fk in holders)})"
 
 
 def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
@@ -137,14 +144,25 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
             and pg.server_version(conn)[1] >= 140000
             and not any(p.is_default for p in current)
         )
+        references = relationships.references(conn, schema, table)
         for part in current:
             bounds = sqlp.bounds_of(conn, part, column_type)
             if bounds is None or not sqlp.ends_by(conn, bounds[1], cutoff_literal, column_type):
                 continue
+            # A partition that rows of another table point into is never detached or dropped with
+            # them pointing into it (a drop would take their parents, a detach is refused): kept.
+            holders = [fk for fk in references if sqlp.referenced_rows(conn, part, fk)]
+            if holders:
+                report.kept.append(_kept(part.name, holders))
+                continue
             try:
                 sqlp.retire(conn, schema, table, part, action=spec.retention.action,
-                            archive_schema=spec.retention.archive_schema, concurrently=concurrent,
+                            archive_schema=spec.retention.archive_schema, concurrently=concurrent and not references,
                             lock_timeout_ms=lock_ms)  # fmt: skip
+            except psycopg.errors.ForeignKeyViolation:
+                # A referencing row arrived after the check: PostgreSQL refused the detach; nothing changed.
+                report.kept.append(_kept(part.name, references))
+                continue
             except (psycopg.errors.LockNotAvailable, psycopg.errors.ObjectNotInPrerequisiteState):
                 # A concurrent detach that gave way stays pending, and no other detach of this table can
                 # start until it is finalized: stop here; the next maintenance finishes it first.

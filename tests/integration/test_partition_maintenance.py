@@ -148,3 +148,23 @@ def test_generated_columns_are_kept_when_rows_move_out_of_default(postgres: Any,
         report = maintain(c, spec(premake=1), NOW)
         assert "Event_2026_03" in report.created and report.moved_from_default == 1
         assert scalar(c, """SELECT size FROM "Event_2026_03" WHERE id = 1""") == 3
+
+
+def test_retention_keeps_partitions_that_other_rows_reference(conn: psycopg.Connection) -> None:
+    """A partition past the window that a foreign key's rows point into is neither dropped (which would take
+    rows the children need) nor detached (PostgreSQL refuses); it is kept and reported, the others go."""
+    maintain(conn, spec(premake=1), datetime(2025, 1, 10, tzinfo=UTC))  # partitions from 2025-01 on
+    maintain(conn, spec(premake=1), NOW)
+    conn.execute("""INSERT INTO "Event" ("createdAt", payload) VALUES ('2025-01-05', 'a'), ('2025-02-05', 'b')""")
+    conn.execute("""CREATE TABLE "Note" (id int PRIMARY KEY, "eventId" bigint, "eventAt" timestamptz,
+                    FOREIGN KEY ("eventId", "eventAt") REFERENCES "Event" (id, "createdAt") ON DELETE CASCADE)""")
+    conn.execute("""INSERT INTO "Note" SELECT 1, id, "createdAt" FROM "Event" WHERE payload = 'a'""")
+    report = maintain(conn, spec(premake=1, retention={"keep": "12 months", "action": "drop"}), NOW)
+    assert "Event_2025_01" not in report.dropped and report.kept[0].startswith("Event_2025_01 (referenced by")
+    assert '"Note_eventId_eventAt_fkey" on "public"."Note"' in report.kept[0]
+    assert "Event_2025_02" in report.dropped
+    assert "Event_2025_01" in partitions(conn) and scalar(conn, 'SELECT count(*) FROM "Note"') == 1
+    # Once the referencing row is gone, the next maintenance retires it.
+    conn.execute('DELETE FROM "Note"')
+    again = maintain(conn, spec(premake=1, retention={"keep": "12 months", "action": "drop"}), NOW)
+    assert "Event_2025_01" in again.dropped and again.kept == []

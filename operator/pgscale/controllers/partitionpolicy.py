@@ -25,6 +25,8 @@ from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, loa
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
 IN_FLIGHT = ("building", "prepared", "copied", "verified", "swapped")
 
+RETENTION_BLOCKED = "RetentionBlocked"
+
 
 def conversion_fields(report: Conversion) -> dict[str, Any]:
     """status.conversion from the state row: counts, rate, ETA and the longest lock."""
@@ -94,6 +96,7 @@ class PartitionPolicyController:
                 status.update(partitioned=True)
                 return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
             report_m = maintain(conn, spec, datetime.now(UTC))
+            before = [c for c in status.conditions if c.get("status") == "True"]
         if report_m.busy:
             return Result("Maintained", f"{spec.table.qualified()}: another maintenance run holds the table; "
                           "looked at again shortly", requeue_after=30, events=events)  # fmt: skip
@@ -112,6 +115,15 @@ class PartitionPolicyController:
         if report_m.moved_from_default:
             events.append(("RowsMovedFromDefault", f"{report_m.moved_from_default} rows moved out of the "
                            "DEFAULT partition into their partitions", False))  # fmt: skip
+        status.conditions = cond.flag(
+            status.conditions, RETENTION_BLOCKED, bool(report_m.kept), "PartitionReferenced",
+            "partitions past spec.retention.keep stay attached because rows of other tables reference them: "
+            f"{'; '.join(report_m.kept)}. Archive or delete those rows first (a RetentionPolicy with "
+            "spec.children does it), or drop the foreign key",
+            status.generation,
+        )  # fmt: skip
+        if report_m.kept and not any(c.get("type") == RETENTION_BLOCKED for c in before):
+            events.append(("PartitionsKept", "; ".join(report_m.kept)[:1000], True))
         message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
         if report_m.skipped:
             message += f"; retried next time: {', '.join(report_m.skipped)}"

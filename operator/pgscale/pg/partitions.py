@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from . import ensure_schema, qualified
+from .relationships import ForeignKey
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,21 @@ RETIRING_MARK = "pgscale: retiring from "
 
 def _mark(schema: str, table: str) -> str:
     return f"{RETIRING_MARK}{schema}.{table}"
+
+
+def referenced_rows(conn: psycopg.Connection, part: Part, fk: ForeignKey) -> bool:
+    """Whether any row of the foreign key's table points at a row of this partition."""
+    child, ref = sql.Identifier("c"), sql.Identifier("p")
+    link = sql.SQL(" AND ").join(
+        sql.SQL("{}.{} = {}.{}").format(child, sql.Identifier(a), ref, sql.Identifier(b))
+        for a, b in zip(fk.columns, fk.ref_columns, strict=True)
+    )
+    row = conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} c JOIN {} p ON {})").format(
+            qualified(fk.schema, fk.table), qualified(part.schema, part.name), link
+        )
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def retire(
