@@ -162,3 +162,45 @@ def test_switching_scheduler_moves_the_schedule(
     assert not obj["metadata"].get("finalizers")
     with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:
         assert scalar(cron, "SELECT count(*) FROM cron.job WHERE jobname LIKE %s", (f"%{kubectl.namespace}%",)) == 0
+
+
+def test_referenced_table_stalls_until_children_is_set(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
+    """The sample app's "Message"."taskId" references "Task" ON DELETE SET NULL: without spec.children the
+    policy is Stalled naming the constraint and the rows at stake, and nothing changes; with it, Ready."""
+    policy = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": "trim"},
+              "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
+                       "olderThan": "90d",
+                       "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}]}}  # fmt: skip
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        seed_tasks(conn, 300)
+        conn.execute("""INSERT INTO "Message" ("taskId", body) SELECT id, 'hi' FROM "Task" WHERE id <= 200""")
+        at_stake = scalar(
+            conn,
+            """SELECT count(*) FROM "Message" m JOIN "Task" t ON t.id = m."taskId"
+                                   WHERE t.status = 'COMPLETED' AND t."completedAt" < now() - interval '90 days'""",
+        )
+        original = scalar(conn, CHECKSUM.format('"Message"'))
+        kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+        kubectl.apply(policy)
+        kubectl.wait("retentionpolicy", "trim", "Stalled")
+        obj = kubectl.get("retentionpolicy", "trim")
+        stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+        assert stalled["reason"] == "ReferencedByForeignKeys"
+        assert '"Message_taskId_fkey" on "public"."Message" (taskId) ON DELETE SET NULL' in stalled["message"]
+        assert f"({at_stake} rows reference" in stalled["message"] and "spec.children.mode" in stalled["message"]
+        assert obj["status"]["relationships"] == [{
+            "table": "public.Message", "constraint": "Message_taskId_fkey", "references": "public.Task",
+            "onDelete": "SET NULL", "mode": "unset", "effect": "unset", "rows": at_stake}]  # fmt: skip
+        assert scalar(conn, "SELECT to_regclass('\"Task_archive\"')") is None  # nothing created
+        assert scalar(conn, CHECKSUM.format('"Message"')) == original
+        kubectl.run(
+            "patch", "retentionpolicy", "trim", "--type=merge", "-p", '{"spec":{"children":{"mode":"archive"}}}'
+        )
+        kubectl.wait("retentionpolicy", "trim", "Ready")
+        obj = kubectl.get("retentionpolicy", "trim")
+        assert obj["status"]["relationships"][0]["effect"] == "archive"
+        assert scalar(conn, "SELECT to_regclass('\"Message_archive\"')") is not None
+        events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+        assert any(e["reason"] == "ArchiveTableCreated" and "Message_archive" in e["message"] for e in events)
