@@ -23,7 +23,7 @@ from psycopg import sql
 from conftest import run_container, scalar, start_container
 from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
-from pgscale.errors import SpecError
+from pgscale.errors import ReconcileError, SpecError
 from pgscale.jobs import JobInput
 from pgscale.jobs.retention import run
 from pgscale.kube import ObjectRef
@@ -302,13 +302,51 @@ def test_killed_job_resumes_and_loses_nothing_in_any_table(postgres: Any, databa
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     secrets = {"app-db": {"uri": postgres.uri(database)}}
     rng = random.Random(5)
+    last_id = 0
     for _ in range(4):
         proc = start_container(pod, secrets)
-        time.sleep(rng.uniform(1.0, 2.5))
+        target, deadline = rng.randint(2, 12), time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill it after a random number of committed batches
+            row = None
+            if scalar(conn, "SELECT to_regclass('pgscale.retention_runs')"):
+                row = conn.execute("SELECT id, batches FROM pgscale.retention_runs WHERE outcome = 'Running' "
+                                   "AND id > %s ORDER BY id DESC LIMIT 1", (last_id,)).fetchone()  # fmt: skip
+            if row and row[1] >= target:
+                last_id = row[0]
+                break
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     final = run_container(pod, secrets)
     assert final.returncode == 0, final.stderr
     assert json.loads(final.stdout.strip().splitlines()[-1])["outcome"] == "Succeeded"
     assert_union_is_original(conn, before)
-    assert scalar(conn, "SELECT count(*) FROM pgscale.retention_runs WHERE outcome = 'Failed'") >= 1
+    assert scalar(conn, "SELECT count(*) FROM pgscale.retention_runs WHERE outcome = 'Failed'") == 4
+
+
+def test_a_role_without_superuser_gets_the_grants_it_lacks(postgres: Any, database: str, conn: Any) -> None:
+    """An application role that owns nothing but its grants: told exactly what to grant, then it runs."""
+    role = f"app_{database[-6:]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
+    conn.execute(f'GRANT USAGE, CREATE ON SCHEMA app_data, "odd schema" TO {role}')
+    conn.execute(f"GRANT CREATE ON DATABASE {database} TO {role}")
+    conn.execute(f'GRANT SELECT, INSERT, DELETE ON app_data."Task", app_data."File", app_data."Invoice", '
+                 f'app_data."Event" TO {role}')  # fmt: skip
+    before = snapshot(conn)
+    job = job_for(postgres, database, children={"mode": "archive"})
+    job = JobInput(job.namespace, job.name, job.spec, "pgscale_app",
+                   ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=role,
+                            password=f"pw-{role}"))  # fmt: skip
+    with pytest.raises(ReconcileError) as caught:
+        run(job)
+    assert caught.value.reason == "InsufficientPrivilege"
+    assert f'GRANT DELETE, SELECT ON "app_data"."Message" TO "{role}"' in caught.value.message
+    assert f'GRANT DELETE, SELECT ON "odd schema"."Re""action" TO "{role}"' in caught.value.message
+    assert f'GRANT UPDATE ON "app_data"."Task" TO "{role}"' in caught.value.message  # FOR UPDATE needs it
+    assert "File" not in caught.value.message and "Invoice" not in caught.value.message
+    assert snapshot(conn) == before
+    conn.execute(f'GRANT SELECT, DELETE ON app_data."Message", "odd schema"."Re""action" TO {role}')
+    conn.execute(f'GRANT UPDATE ON app_data."Task" TO {role}')
+    report = run(job)
+    assert report.outcome == "Succeeded" and report.rows_archived > 0, report.message
+    assert_union_is_original(conn, before)

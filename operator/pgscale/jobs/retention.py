@@ -25,7 +25,7 @@ from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
-from ..errors import ReconcileError, SpecError
+from ..errors import DependencyError, ReconcileError, SpecError
 from ..pg import partitions as sqlp
 from ..pg import relationships
 from ..pg import retention as sqlr
@@ -94,6 +94,13 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
     prepared = Prepared(target, rels)
     if rels.unresolved:
         return prepared
+    if grants := sqlr.missing_privileges(conn, target):
+        raise DependencyError(
+            f"the role cannot lock, read or move the rows runs of this policy touch: {'; '.join(grants)} "
+            "(for a table that references the policy's table, setting spec.children to keep for it needs "
+            "only SELECT)",
+            reason="InsufficientPrivilege",
+        )
     sqlr.ensure_run_log(conn, state_schema)
     if target.archive is not None:
         existing = sqlr.archive_columns(conn, target)
@@ -110,7 +117,15 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
         existing = pg.table_columns(conn, child.archive_schema or child.fk.schema, child.archive_table or "")
         field_name = "children.tables"
         if existing is None:
-            sqlr.create_child_archive(conn, child)
+            try:
+                sqlr.create_child_archive(conn, child)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise DependencyError(
+                    f'the role cannot create the archive table "{child.archive_schema}"."{child.archive_table}" '
+                    f'({str(exc).strip()}): grant it CREATE on schema "{child.archive_schema}", or create the '
+                    "table yourself with the columns of the table it archives",
+                    reason="InsufficientPrivilege",
+                ) from exc
             prepared.created.append(f"{child.archive_schema}.{child.archive_table}")
         elif problems := sqlr.archive_problems(source, existing):
             raise SpecError(

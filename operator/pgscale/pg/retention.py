@@ -524,9 +524,35 @@ def count_referencing(conn: psycopg.Connection, target: Target, cutoff: datetime
         with conn.transaction():
             conn.execute("SELECT set_config('statement_timeout', '10s', true)")
             row = conn.execute(inner, _params(target, cutoff)).fetchone()
-    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable, psycopg.errors.InsufficientPrivilege):
         return None
     return int(row[0]) if row else 0
+
+
+def missing_privileges(conn: psycopg.Connection, target: Target) -> list[str]:
+    """GRANT statements the session's role lacks for the tables a run reads, locks, moves or deletes.
+
+    Deleting the parent needs nothing on the children (ON DELETE actions run as the table's
+    owner), but pgscale's own steps read them (blockers, counts) and delete what it moves.
+    """
+    # The table itself: SELECT ... FOR UPDATE needs UPDATE too.
+    needs: dict[tuple[str, str], set[str]] = {(target.schema, target.table): {"SELECT", "UPDATE", "DELETE"}}
+    for plan in target.plans():
+        wanted = needs.setdefault(plan.fk.child, set())
+        wanted.add("SELECT")
+        if plan.removes:
+            wanted.add("DELETE")
+    out = []
+    for (schema, table), privileges in needs.items():
+        name = qualified(schema, table).as_string(conn)
+        lacking = [
+            p for p in sorted(privileges)
+            if not conn.execute("SELECT has_table_privilege(%s, %s)", (name, p)).fetchone()[0]  # type: ignore[index]
+        ]  # fmt: skip
+        if lacking:
+            role = sql.Identifier(str(conn.info.user)).as_string(conn)
+            out.append(f"GRANT {', '.join(lacking)} ON {name} TO {role}")
+    return out
 
 
 def cutoff_for(conn: psycopg.Connection, interval: str) -> datetime:
