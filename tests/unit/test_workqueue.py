@@ -41,3 +41,38 @@ def test_failures_back_off_exponentially_and_reset_on_success() -> None:
     assert delays[:4] == [10.0, 20.0, 40.0, 80.0] and delays[-1] == MAX_BACKOFF_SECONDS
     assert runtime.delay(key, Outcome(300.0, failed=False)) == 300.0
     assert runtime.delay(key, Outcome(10.0, failed=True)) == 10.0
+
+
+def test_clear_drops_queued_keys_and_timers() -> None:
+    """A deposed leader takes no new work: nothing queued, nothing scheduled."""
+
+    async def scenario() -> int:
+        q = WorkQueue()
+        q.add("a")
+        q.add("b")
+        q.add_after("c", 0.05)
+        q.clear()
+        await asyncio.sleep(0.1)
+        return len(q)
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_standby_queues_nothing_until_it_leads() -> None:
+    """Events are remembered while standing by; leading queues every resource seen."""
+    from types import SimpleNamespace
+
+    from pgscale.controllers.base import Context, Settings
+    from pgscale.runtime import Runtime
+
+    async def scenario() -> tuple[int, int, int]:
+        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        body = {"metadata": {"namespace": "ns", "name": "p", "generation": 1}}
+        await runtime.on_event(event={"type": "ADDED"}, body=body, resource=SimpleNamespace(plural="databaseprofiles"))  # type: ignore[arg-type]
+        standing_by = len(runtime.queue)
+        runtime.lead()
+        leading = len(runtime.queue)
+        runtime.follow()
+        return standing_by, leading, len(runtime.queue)
+
+    assert asyncio.run(scenario()) == (0, 1, 0)
