@@ -114,6 +114,7 @@ def test_standby_takes_over_a_conversion_after_the_leader_is_killed(
                 assert set(events_by_instance(kubectl)) == {"op-a"}
                 rows_at_kill = kubectl.get("partitionpolicy", "task-by-month")["status"]["conversion"]["rowsDone"]
 
+                assert a.proc is not None
                 a.proc.kill()  # SIGKILL: no release of the Lease, the standby must wait it out
                 a.proc.wait()
                 killed = time.monotonic()

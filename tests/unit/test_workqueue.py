@@ -68,7 +68,7 @@ def test_a_standby_queues_nothing_until_it_leads() -> None:
     async def scenario() -> tuple[int, int, int]:
         runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
         body = {"metadata": {"namespace": "ns", "name": "p", "generation": 1}}
-        await runtime.on_event(event={"type": "ADDED"}, body=body, resource=SimpleNamespace(plural="databaseprofiles"))  # type: ignore[arg-type]
+        await runtime.on_event(event={"type": "ADDED"}, body=body, resource=SimpleNamespace(plural="databaseprofiles"))  # type: ignore[arg-type,typeddict-item]
         standing_by = len(runtime.queue)
         runtime.lead()
         leading = len(runtime.queue)
