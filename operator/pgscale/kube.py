@@ -97,6 +97,13 @@ class Kube:
         result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, kind.plural)
         return list(cast("dict[str, Any]", result).get("items", []))
 
+    def list_watched(self, kind: Kind, namespaces: list[str]) -> list[dict[str, Any]]:
+        """Every resource of a kind the operator watches: in every namespace, or in the named ones."""
+        if namespaces:
+            return [obj for ns in namespaces for obj in self.list_resources(kind, ns)]
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, kind.plural)
+        return list(cast("dict[str, Any]", result).get("items", []))
+
     def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (lists, like conditions, are replaced whole)."""
         try:

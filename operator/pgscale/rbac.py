@@ -49,7 +49,8 @@ class Rule:
 NAMESPACED: tuple[Rule, ...] = (
     Rule(GROUP, KINDS, ("get", "list", "watch"),
          "kopf lists and watches the four kinds; a worker GETs the current object before each reconcile; "
-         "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table"),
+         "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table, and "
+         "DatabaseProfiles in every watched namespace to find two that set the settings of one server"),
     Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
          "status, conditions and observedGeneration are merge-patched on the status subresource"),
     Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies"), ("patch",),

@@ -283,7 +283,7 @@ async def run(
     lease: LeaseConfig | None = None,
 ) -> None:
     """Run the operator until it is stopped; with a lease, reconcile only while holding it."""
-    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds))
+    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds, namespaces=list(namespaces)))
     registry = make_registry(ctx, workers, LeaderElector(lease, Kube()) if lease else None)
     await kopf.operator(
         registry=registry,

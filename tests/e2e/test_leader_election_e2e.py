@@ -67,9 +67,12 @@ def events_by_instance(kubectl: Kubectl) -> dict[str, set[str]]:
     return out
 
 
-def profile(name: str) -> dict[str, Any]:
+def profile(name: str, *, parameters: bool = True) -> dict[str, Any]:
+    """The example profile; without parameters for a second one on the same server (one settings owner)."""
     doc = load_example("databaseprofile.yaml")[0]
     doc["metadata"]["name"] = name
+    if not parameters:
+        del doc["spec"]["parameters"]
     return doc
 
 
@@ -118,7 +121,7 @@ def test_standby_takes_over_a_conversion_after_the_leader_is_killed(
                 a.proc.kill()  # SIGKILL: no release of the Lease, the standby must wait it out
                 a.proc.wait()
                 killed = time.monotonic()
-                kubectl.apply(profile("after-kill"))  # a new object only a leader would reconcile
+                kubectl.apply(profile("after-kill", parameters=False))  # a new object only a leader would reconcile
 
                 def probe_reconciled() -> bool:
                     status = kubectl.get("databaseprofile", "after-kill").get("status") or {}
