@@ -27,6 +27,7 @@ from .controllers.base import Context, Controller, Outcome, Settings, run_reconc
 from .kube import Kube
 from .leader import LeaderElector, LeaseConfig
 from .metrics import METRICS
+from .monitoring import COLLECTOR
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Runtime:
         self.leading.clear()
         METRICS.leader.set(0)
         self.queue.clear()
+        COLLECTOR.clear()
 
     async def stop(self, **_: Any) -> None:
         """Stop the workers; with an elector, release the Lease once the reconciles under way are done."""

@@ -96,7 +96,7 @@ def test_everything_rendering() -> None:
     shipped = (CHART / "dashboards" / "pgscale.json").read_text()
     assert json.loads(dashboard["data"]["pgscale.json"]) == json.loads(shipped)
     alerts = only(objs, "PrometheusRule")["spec"]["groups"][0]["rules"]
-    assert {a["alert"] for a in alerts} >= {"PgscaleOperatorDown", "PgscaleReconcileErrors"}
+    assert {a["alert"] for a in alerts} >= {"PgscaleOperatorDown", "PgscaleNoLeader", "PgscaleReconcileErrors"}
     assert all(a["labels"]["team"] == "platform" for a in alerts)
     container = only(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/pgscale/pgscale:0.1.0-test"
@@ -108,8 +108,9 @@ def test_alerts_use_the_operators_metric_names() -> None:
     families = {m.name: m.type for m in METRICS.registry.collect()}
     alerts = only(render("--set", "prometheusRule.enabled=true"), "PrometheusRule")["spec"]["groups"][0]["rules"]
     used = {name for a in alerts for name in re.findall(r"\b(pgscale_[a-z_]+)\b", a["expr"])}
-    assert used == {"pgscale_reconcile_total", "pgscale_workqueue_depth"}
+    assert used == {"pgscale_reconcile_total", "pgscale_workqueue_depth", "pgscale_leader"}
     assert families["pgscale_reconcile"] == "counter" and families["pgscale_workqueue_depth"] == "gauge"
+    assert families["pgscale_leader"] == "gauge"
     assert set(METRICS.reconcile_total._labelnames) == {"kind", "outcome"}
     # `up` and the metrics are selected by the job the monitors name after the release.
     assert all('job="pgscale"' in a["expr"] for a in alerts)
