@@ -132,13 +132,15 @@ class Kube:
         return {k: base64.b64decode(v).decode("utf-8") for k, v in data.items()}
 
     def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
-                 body: Any = None, content_type: str = "application/json") -> Any:  # fmt: skip
+                 body: Any = None, content_type: str = "application/json",
+                 timeout: float | None = None) -> Any:  # fmt: skip
         """One raw API call (for kinds the typed client has no method for, and apply)."""
         _, url, headers, payload, post = self.api.param_serialize(
             method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
         )  # fmt: skip
-        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
+        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post,
+                                     _request_timeout=timeout)  # fmt: skip
         response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)

@@ -12,14 +12,15 @@ client-go's algorithm (k8s.io/client-go/tools/leaderelection), kept small:
   most one wins;
 - the leader renews every `renew_seconds`, and stops leading when it could not renew for
   `renew_deadline` seconds, which is shorter than the lease: it has stopped before anyone else
-  may start;
+  may start (each request times out after a third of the deadline, so a hung one cannot
+  stretch that);
 - on a clean shutdown the leader releases the Lease (no holder), so a standby takes over at its
   next retry instead of waiting for the lease to run out.
 
 A standby therefore leads at most lease_duration + retry_seconds after the leader last renewed
-(about 17 s with the defaults), and the deposed leader takes no new work renew_deadline after
-its last renewal (the work it had started finishes: conversions run in slices of seconds and
-hold an advisory lock per table, so a slice of two operators never overlaps).
+(17 s with the defaults, so 10-17 s after the leader died), and the deposed leader takes no new
+work renew_deadline after its last renewal (the work it had started finishes: conversions run in
+slices of seconds and hold an advisory lock per table, so a slice of two operators never overlaps).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class LeaseConfig:
         """How long a leader keeps leading without a successful renewal: two thirds of the lease."""
         return self.lease_duration * 2 / 3
 
+    @property
+    def request_timeout(self) -> float:
+        """A hung request must not keep a leader leading: its last try ends before the lease does."""
+        return self.renew_deadline / 3
+
     def problems(self) -> list[str]:
         """What is inconsistent in the timing; empty when it is usable."""
         out = []
@@ -66,6 +72,14 @@ class LeaseConfig:
         if not self.identity:
             out.append("the identity must not be empty")
         return out
+
+
+def _call(callback: Callable[[], None]) -> None:
+    """A callback's failure (e.g. the event loop already closed at shutdown) must not end the campaign."""
+    try:
+        callback()
+    except Exception:
+        log.exception("leader election: a callback failed")
 
 
 def _micro_time(when: datetime) -> str:
@@ -104,23 +118,24 @@ class LeaderElector:
         last_renewal = 0.0
         log.info("leader election: %s campaigns for Lease %s/%s", cfg.identity, cfg.namespace, cfg.name)
         while not self._stop.is_set():
+            attempted = time.monotonic()  # a renewal counts from when it was sent: the conservative end
             ok = self.try_acquire_or_renew()
             now = time.monotonic()
             if ok:
-                last_renewal = now
+                last_renewal = attempted
                 if not self.leading:
                     self._set_leading(True)
                     log.info("leader election: %s leads (Lease %s/%s)", cfg.identity, cfg.namespace, cfg.name)
-                    on_started()
+                    _call(on_started)
             elif self.leading and (now - last_renewal >= cfg.renew_deadline or self._held_by_other()):
                 self._set_leading(False)
                 log.warning("leader election: %s lost the Lease %s/%s; standing by", cfg.identity, cfg.namespace,
                             cfg.name)  # fmt: skip
-                on_stopped()
+                _call(on_stopped)
             self._stop.wait(cfg.renew_seconds if ok else cfg.retry_seconds)
         if self.leading:
             self._set_leading(False)
-            on_stopped()
+            _call(on_stopped)
             self.release()
 
     def _set_leading(self, leading: bool) -> None:
@@ -135,7 +150,7 @@ class LeaderElector:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return dict(self.kube._request("GET", self._path(self.config.name)))
+            return dict(self.kube._request("GET", self._path(self.config.name), timeout=self.config.request_timeout))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -146,10 +161,10 @@ class LeaderElector:
         meta: dict[str, Any] = {"name": self.config.name, "namespace": self.config.namespace}
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
         if lease is None:
-            self.kube._request("POST", self._path(), body=body)
+            self.kube._request("POST", self._path(), body=body, timeout=self.config.request_timeout)
         else:
             meta["resourceVersion"] = lease["metadata"]["resourceVersion"]
-            self.kube._request("PUT", self._path(self.config.name), body=body)
+            self.kube._request("PUT", self._path(self.config.name), body=body, timeout=self.config.request_timeout)
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt; True when we hold the Lease afterwards. API failures are logged, not raised."""

@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,15 @@ def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[loca
         yield cp, localenv.operator_identity(cp, workdir)
 
 
-def start_operator(tmp_path: Path, kubeconfig: Path, name: str) -> localenv.OperatorProcess:
+def start_operator(tmp_path: Path, kubeconfig: Path, name: str, lease: str = LEASE) -> localenv.OperatorProcess:
     """`pgscale run` as the chart's Deployment runs it; POD_NAME is its identity in the Lease."""
     op = localenv.OperatorProcess(tmp_path / name, kubeconfig, extra_env={"POD_NAME": name})
     return op.start("--all-namespaces", "--leader-election", f"--leader-election-namespace={LEASE_NS}",
-                    f"--leader-election-name={LEASE}")  # fmt: skip
+                    f"--leader-election-name={lease}")  # fmt: skip
 
 
-def holder(cp: localenv.ControlPlane) -> str | None:
-    result = cp.kubectl_run("-n", LEASE_NS, "get", "lease", LEASE, "-o", "json")
+def holder(cp: localenv.ControlPlane, lease: str = LEASE) -> str | None:
+    result = cp.kubectl_run("-n", LEASE_NS, "get", "lease", lease, "-o", "json")
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)["spec"].get("holderIdentity") or None
@@ -163,6 +164,42 @@ def test_standby_takes_over_a_conversion_after_the_leader_is_killed(
     finally:
         for op in ops:
             op.stop()
+        cp.kubectl_run("delete", "namespace", namespace, "--wait=false")
+
+
+def test_a_leader_whose_lease_is_taken_stops_reconciling(
+    own_cluster: tuple[localenv.ControlPlane, Path], tmp_path: Path, postgres: Any, database: str
+) -> None:
+    """Someone else's name in the Lease (as after a partition): the leader stands by at its next
+    renewal, reconciles nothing while the other holds it, and leads again once it runs out."""
+    cp, kubeconfig = own_cluster
+    namespace = f"t-{uuid.uuid4().hex[:10]}"
+    cp.kubectl_run("create", "namespace", namespace, check=True)
+    kubectl = Kubectl(cp, namespace)
+    kubectl.secret("app-db", {"uri": postgres.uri(database)})
+    op = start_operator(tmp_path, kubeconfig, "op-x", lease="pgscale-taken")
+    try:
+        wait_until(lambda: holder(cp, "pgscale-taken") == "op-x", timeout=30, what="op-x leading", log=op.log)
+        kubectl.apply(profile("app", parameters=False))
+        kubectl.wait("databaseprofile", "app", "Ready")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        cp.kubectl_run("-n", LEASE_NS, "patch", "lease", "pgscale-taken", "--type=merge", "-p",
+                       json.dumps({"spec": {"holderIdentity": "intruder", "renewTime": now}}), check=True)  # fmt: skip
+        taken = time.monotonic()
+        wait_until(lambda: metric(op, "pgscale_leader") == 0, timeout=15, what="op-x standing by", log=op.log)
+        assert "lost the Lease" in op.log.read_text()
+        reconciles = metric(op, "pgscale_reconcile_total")
+        kubectl.run("annotate", "dbp", "app", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
+        time.sleep(3)
+        assert metric(op, "pgscale_reconcile_total") == reconciles  # a standby does not reconcile
+        assert holder(cp, "pgscale-taken") == "intruder"
+        # The intruder never renews: op-x takes the Lease back once it has run out, and catches up.
+        wait_until(lambda: metric(op, "pgscale_reconcile_total") > reconciles, timeout=40,
+                   what="op-x leading and reconciling again", log=op.log)  # fmt: skip
+        back = time.monotonic() - taken
+        assert holder(cp, "pgscale-taken") == "op-x" and 15 <= back < BOUND_SECONDS, back
+    finally:
+        op.stop()
         cp.kubectl_run("delete", "namespace", namespace, "--wait=false")
 
 

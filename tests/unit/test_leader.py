@@ -12,6 +12,8 @@ from pgscale.leader import LeaseConfig, _micro_time
 def test_default_timing_is_consistent() -> None:
     cfg = LeaseConfig(name="pgscale", namespace="ns", identity="pod-0")
     assert (cfg.lease_duration, cfg.renew_seconds, cfg.renew_deadline) == (15.0, 5.0, 10.0)
+    # The last try before the deadline ends (timed out) before the lease runs out for a standby.
+    assert cfg.renew_deadline + cfg.request_timeout < cfg.lease_duration
     assert cfg.problems() == []
 
 
