@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from .api import GROUP, VERSION
+from .api import DATABASE_PROFILE, GROUP, VERSION
 from .builders import LABEL_PREFIX, MANAGED_BY
 from .controllers import all_controllers
 from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
@@ -142,14 +142,28 @@ class Runtime:
                 forget(key[1], key[2])
             self.queue.forget(key)
             self._count()
+            self._wake_failing(key)
             return
         fingerprint = (meta.get("generation"), dict(meta.get("annotations") or {}), "deletionTimestamp" in meta)
         if self._seen.get(key) != fingerprint:
+            previous = self._seen.get(key)
             self._seen[key] = fingerprint
             self._failures.pop(key, None)  # a changed spec deserves a prompt look
             if self.leading.is_set():
                 self.queue.add(key)
             self._count()
+            if previous is not None and previous[0] != fingerprint[0]:
+                self._wake_failing(key)
+
+    def _wake_failing(self, changed: Key) -> None:
+        """A DatabaseProfile was deleted or its spec changed: failing profiles may have waited for exactly
+        that (SettingsConflict names an earlier profile on the same server), so look at them now, not
+        after their backoff."""
+        if changed[0] != DATABASE_PROFILE.plural or not self.leading.is_set():
+            return
+        for key in [k for k in self._failures if k[0] == changed[0] and k != changed]:
+            self._failures.pop(key, None)
+            self.queue.add(key)
 
     async def on_owned_event(self, *, body: kopf.Body, **_: Any) -> None:
         """A Job of a resource changed (started, finished): look at the resource again now."""

@@ -274,10 +274,10 @@ def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubec
         assert len(drift) == 1 and drift[0]["message"].startswith("changed outside pgscale, set back: work_mem")
         assert "by hand" not in drift[0]["message"]
 
-        # The owner gone, the other profile takes the server's settings over.
+        # The owner gone, the other profile takes the server's settings over (woken by the deletion).
         kubectl.run("delete", "dbp", "app", "--timeout=30s")
-        other.run("annotate", "dbp", "app", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
         other.wait("databaseprofile", "app", "Ready", timeout=60)
         assert show(server, "work_mem") == "16MB"
     finally:
+        kubectl.cp.kubectl_run("delete", "databaseprofiles", "--all", "-n", other.namespace, "--wait=false")
         kubectl.cp.kubectl_run("delete", "namespace", other.namespace, "--wait=false")

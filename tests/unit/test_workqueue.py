@@ -76,3 +76,37 @@ def test_a_standby_queues_nothing_until_it_leads() -> None:
         return standing_by, leading, len(runtime.queue)
 
     assert asyncio.run(scenario()) == (0, 1, 0)
+
+
+def test_a_profile_deleted_or_changed_wakes_failing_profiles() -> None:
+    """A profile Stalled by SettingsConflict waits for the earlier one: its deletion brings a prompt look."""
+    from types import SimpleNamespace
+
+    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.runtime import Runtime
+
+    async def scenario() -> tuple[list[object], list[object]]:
+        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime.lead()
+        res = SimpleNamespace(plural="databaseprofiles")
+        for name in ("owner", "waiting"):
+            body = {"metadata": {"namespace": "ns", "name": name, "generation": 1}}
+            await runtime.on_event(event={"type": "ADDED"}, body=body, resource=res)  # type: ignore[arg-type,typeddict-item]
+        while len(runtime.queue):
+            runtime.queue.done(await runtime.queue.get())
+        runtime.delay(("databaseprofiles", "ns", "waiting"), Outcome(30.0, failed=True))
+        changed = {"metadata": {"namespace": "ns", "name": "owner", "generation": 2}}
+        await runtime.on_event(event={"type": "MODIFIED"}, body=changed, resource=res)  # type: ignore[arg-type,typeddict-item]
+        after_change = []
+        while len(runtime.queue):
+            key = await runtime.queue.get()
+            after_change.append(key)
+            runtime.queue.done(key)
+        runtime.delay(("databaseprofiles", "ns", "waiting"), Outcome(30.0, failed=True))
+        await runtime.on_event(event={"type": "DELETED"}, body=changed, resource=res)  # type: ignore[arg-type,typeddict-item]
+        after_delete = [await runtime.queue.get() for _ in range(len(runtime.queue))]
+        return after_change, after_delete
+
+    after_change, after_delete = asyncio.run(scenario())
+    assert sorted(after_change) == [("databaseprofiles", "ns", "owner"), ("databaseprofiles", "ns", "waiting")]  # type: ignore[type-var]
+    assert after_delete == [("databaseprofiles", "ns", "waiting")]
