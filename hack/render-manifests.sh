@@ -45,7 +45,7 @@ metadata:
 YAML
 render crds.yaml crds.yaml
 render rbac.yaml serviceaccount.yaml rbac.yaml aggregate-roles.yaml
-render operator.yaml deployment.yaml service.yaml
+render operator.yaml deployment.yaml poddisruptionbudget.yaml service.yaml
 
 status=0
 sync() {  # sync SRC DST: copy, or in --check mode report a difference

@@ -147,6 +147,9 @@ def namespace(control_plane: localenv.ControlPlane) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     control_plane.kubectl_run("create", "namespace", name, check=True)
     yield name
+    # Profiles go at once (no waiting for the namespace controller): a profile left on the shared server
+    # would own its settings and stall the next test's profile (SettingsConflict).
+    control_plane.kubectl_run("delete", "databaseprofiles", "--all", "-n", name, "--wait=false")
     control_plane.kubectl_run("delete", "namespace", name, "--wait=false")
 
 

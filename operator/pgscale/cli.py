@@ -9,11 +9,17 @@ import importlib
 import json
 import logging
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .leader import LeaseConfig
 
 JobCommand = Callable[[argparse.Namespace], int]
 # `pgscale job <name>`: the commands Jobs and CronJobs run -> (summary, module with main(args)).
@@ -63,15 +69,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         METRICS.registry.register(COLLECTOR)  # every profile's database figures
         METRICS.serve(args.metrics_port)
     namespaces = [] if args.all_namespaces else (args.namespace or [])
+    lease = lease_config(args) if args.leader_election else None
+    if lease is not None and lease.problems():
+        print(f"pgscale run: {'; '.join(lease.problems())}", file=sys.stderr)
+        return 2
     asyncio.run(
         runtime.run(
             namespaces=namespaces,
             liveness_port=args.liveness_port,
             workers=args.workers,
             resync_seconds=args.resync_seconds,
+            lease=lease,
         )
     )
     return 0
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def lease_config(args: argparse.Namespace) -> LeaseConfig:
+    """The Lease from the flags; namespace and identity default to the pod's own."""
+    from .leader import LeaseConfig
+
+    namespace = args.leader_election_namespace or os.environ.get("POD_NAMESPACE")
+    if not namespace and SERVICE_ACCOUNT_NAMESPACE.exists():
+        namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    identity = args.leader_election_identity or os.environ.get("POD_NAME")
+    if not identity:
+        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    return LeaseConfig(name=args.leader_election_name, namespace=namespace or "default", identity=identity,
+                       lease_duration=args.lease_duration_seconds, renew_seconds=args.lease_renew_seconds)  # fmt: skip
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -129,6 +157,31 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=9090, help="serve /metrics here; 0 disables")
     run.add_argument("--workers", type=int, default=4, help="reconciles running at once")
     run.add_argument("--resync-seconds", type=float, default=300.0, help="re-check interval of Ready resources")
+    le = run.add_argument_group("leader election", "with several replicas, only the holder of a Lease reconciles")
+    le.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reconcile only while holding the Lease (the chart turns it on)",
+    )
+    le.add_argument("--leader-election-name", default="pgscale", metavar="NAME", help="the Lease's name")
+    le.add_argument(
+        "--leader-election-namespace",
+        metavar="NS",
+        help="the Lease's namespace (default: $POD_NAMESPACE, else the pod's own namespace)",
+    )
+    le.add_argument(
+        "--leader-election-identity",
+        metavar="ID",
+        help="this replica's name in the Lease (default: $POD_NAME, else host name and a random suffix)",
+    )
+    le.add_argument(
+        "--lease-duration-seconds",
+        type=float,
+        default=15.0,
+        help="a standby takes over when the leader has not renewed for this long",
+    )
+    le.add_argument("--lease-renew-seconds", type=float, default=5.0, help="how often the leader renews")
     run.set_defaults(func=cmd_run)
 
     crds = sub.add_parser("crds", help="print, write or check the CustomResourceDefinitions")

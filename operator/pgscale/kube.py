@@ -97,6 +97,13 @@ class Kube:
         result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, kind.plural)
         return list(cast("dict[str, Any]", result).get("items", []))
 
+    def list_watched(self, kind: Kind, namespaces: list[str]) -> list[dict[str, Any]]:
+        """Every resource of a kind the operator watches: in every namespace, or in the named ones."""
+        if namespaces:
+            return [obj for ns in namespaces for obj in self.list_resources(kind, ns)]
+        result = self.custom.list_cluster_custom_object(GROUP, VERSION, kind.plural)
+        return list(cast("dict[str, Any]", result).get("items", []))
+
     def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (lists, like conditions, are replaced whole)."""
         try:
@@ -125,13 +132,15 @@ class Kube:
         return {k: base64.b64decode(v).decode("utf-8") for k, v in data.items()}
 
     def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
-                 body: Any = None, content_type: str = "application/json") -> Any:  # fmt: skip
+                 body: Any = None, content_type: str = "application/json",
+                 timeout: float | None = None) -> Any:  # fmt: skip
         """One raw API call (for kinds the typed client has no method for, and apply)."""
         _, url, headers, payload, post = self.api.param_serialize(
             method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
         )  # fmt: skip
-        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
+        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post,
+                                     _request_timeout=timeout)  # fmt: skip
         response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)

@@ -26,6 +26,9 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(f"{PREFIX}_workqueue_depth", "Resources waiting for a worker.", registry=r)
         self.resources = Gauge(f"{PREFIX}_resources", "Resources watched, by kind.", ["kind"], registry=r)
+        self.leader = Gauge(
+            f"{PREFIX}_leader", "1 on the replica that reconciles (holds the leader Lease), 0 on a standby.", registry=r
+        )
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's metrics port
         """Serve /metrics on a background thread."""

@@ -94,6 +94,11 @@ class ProfileCollector(Collector):
         with self._lock:
             self._snapshots.pop(profile, None)
 
+    def clear(self) -> None:
+        """Leadership lost: the new leader exports the figures; stale copies here would mislead."""
+        with self._lock:
+            self._snapshots.clear()
+
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         with self._lock:
             items = sorted(self._snapshots.items())

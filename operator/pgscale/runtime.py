@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from .api import GROUP, VERSION
+from .api import DATABASE_PROFILE, GROUP, VERSION
 from .builders import LABEL_PREFIX, MANAGED_BY
 from .controllers import all_controllers
 from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
 from .kube import Kube
+from .leader import LeaderElector, LeaseConfig
 from .metrics import METRICS
+from .monitoring import COLLECTOR
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +85,35 @@ class WorkQueue:
             self._dirty.discard(key)
             self.add(key)
 
+    def clear(self) -> None:
+        """Drop every queued key and timer (leadership lost: the new leader lists everything anyway)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._dirty.clear()
+        self._queued.clear()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        METRICS.queue_depth.set(0)
+
     def __len__(self) -> int:
         return len(self._queued)
 
 
 class Runtime:
-    """Wires controllers to kopf's watches and runs the workers."""
+    """Wires controllers to kopf's watches and runs the workers.
 
-    def __init__(self, ctx: Context, workers: int = 4) -> None:
+    With an elector, both replicas watch (the standby knows every resource when it takes
+    over), but only the leader queues keys and runs workers, so only it reconciles, writes
+    status and records Events. Taking over queues every known resource: level-triggered
+    reconciles pick up whatever the old leader left half done.
+    """
+
+    def __init__(self, ctx: Context, workers: int = 4, elector: LeaderElector | None = None) -> None:
         self.ctx = ctx
         self.workers = workers
+        self.elector = elector
+        self.leading = asyncio.Event()
         self.controllers: dict[str, Controller[Any]] = {c.kind.plural: c for c in all_controllers()}
         self.queue = WorkQueue()
         self._seen: dict[Key, tuple[Any, Any, bool]] = {}
@@ -119,13 +142,28 @@ class Runtime:
                 forget(key[1], key[2])
             self.queue.forget(key)
             self._count()
+            self._wake_failing(key)
             return
         fingerprint = (meta.get("generation"), dict(meta.get("annotations") or {}), "deletionTimestamp" in meta)
         if self._seen.get(key) != fingerprint:
+            previous = self._seen.get(key)
             self._seen[key] = fingerprint
             self._failures.pop(key, None)  # a changed spec deserves a prompt look
-            self.queue.add(key)
+            if self.leading.is_set():
+                self.queue.add(key)
             self._count()
+            if previous is not None and previous[0] != fingerprint[0]:
+                self._wake_failing(key)
+
+    def _wake_failing(self, changed: Key) -> None:
+        """A DatabaseProfile was deleted or its spec changed: failing profiles may have waited for exactly
+        that (SettingsConflict names an earlier profile on the same server), so look at them now, not
+        after their backoff."""
+        if changed[0] != DATABASE_PROFILE.plural or not self.leading.is_set():
+            return
+        for key in [k for k in self._failures if k[0] == changed[0] and k != changed]:
+            self._failures.pop(key, None)
+            self.queue.add(key)
 
     async def on_owned_event(self, *, body: kopf.Body, **_: Any) -> None:
         """A Job of a resource changed (started, finished): look at the resource again now."""
@@ -134,7 +172,7 @@ class Runtime:
         for plural, ctrl in self.controllers.items():
             owner = labels.get(f"{LABEL_PREFIX}/{ctrl.kind.name.lower()}")
             key: Key = (plural, meta.get("namespace", ""), owner or "")
-            if owner and key in self._seen:
+            if owner and key in self._seen and self.leading.is_set():
                 self.queue.add(key)
 
     def _count(self) -> None:
@@ -142,19 +180,65 @@ class Runtime:
             METRICS.resources.labels(kind=ctrl.kind.name).set(sum(1 for k in self._seen if k[0] == plural))
 
     async def start(self, **_: Any) -> None:
-        asyncio.get_running_loop().set_default_executor(self._executor)
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(self._executor)
         self._tasks = [asyncio.create_task(self._work(i)) for i in range(self.workers)]
         log.info("pgscale started %d workers for %s", self.workers, ", ".join(self.controllers))
+        if self.elector is None:
+            self.lead()
+        else:
+            elector = self.elector
+
+            def started() -> None:
+                loop.call_soon_threadsafe(self.lead)
+
+            def stopped() -> None:
+                loop.call_soon_threadsafe(self.follow)
+
+            elector.start(on_started=started, on_stopped=stopped)
+
+    def lead(self) -> None:
+        """Leadership gained (or no election): reconcile every resource seen so far."""
+        self.leading.set()
+        METRICS.leader.set(1)
+        for key in self._seen:
+            self.queue.add(key)
+
+    def follow(self) -> None:
+        """Leadership lost: take no new work; reconciles under way finish their step."""
+        self.leading.clear()
+        METRICS.leader.set(0)
+        self.queue.clear()
+        COLLECTOR.clear()
 
     async def stop(self, **_: Any) -> None:
+        """Stop the workers; with an elector, release the Lease once the reconciles under way are done."""
+        self.leading.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.elector is not None:
+            elector, executor = self.elector, self._executor
+            done = threading.Event()
+
+            def finish() -> None:
+                executor.shutdown(wait=True)  # the step a worker thread is in
+                elector.stop()
+                done.set()
+
+            threading.Thread(target=finish, name="release-lease", daemon=True).start()
+            deadline = time.monotonic() + 30.0
+            while not done.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
 
     async def _work(self, index: int) -> None:
         while True:
+            await self.leading.wait()
             key = await self.queue.get()
             assert isinstance(key, tuple)
+            if not self.leading.is_set():  # lost while waiting: the next leader takes it
+                self.queue.done(key)
+                continue
             try:
                 outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
             except Exception:  # the scaffold catches reconcile errors; this is I/O around it
@@ -162,7 +246,7 @@ class Runtime:
                 outcome = Outcome(10.0, failed=True)
             finally:
                 self.queue.done(key)
-            if outcome is not None and key in self._seen:
+            if outcome is not None and key in self._seen and self.leading.is_set():
                 self.queue.add_after(key, self.delay(key, outcome))
 
     def delay(self, key: Key, outcome: Outcome) -> float:
@@ -195,10 +279,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.error_backoffs = [1, 2, 5, 10]
 
 
-def make_registry(ctx: Context, workers: int) -> kopf.OperatorRegistry:
+def make_registry(ctx: Context, workers: int, elector: LeaderElector | None = None) -> kopf.OperatorRegistry:
     """A kopf registry with pgscale's watches and settings."""
     registry = kopf.OperatorRegistry()
-    runtime = Runtime(ctx, workers)
+    runtime = Runtime(ctx, workers, elector)
     runtime.register(registry)
     kopf.on.startup(registry=registry)(lambda settings, **_: configure(settings))
     # The same identity as the kubernetes client: in-cluster ServiceAccount or kubeconfig.
@@ -212,10 +296,11 @@ async def run(
     liveness_port: int | None,
     workers: int,
     resync_seconds: float,
+    lease: LeaseConfig | None = None,
 ) -> None:
-    """Run the operator until it is stopped."""
-    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds))
-    registry = make_registry(ctx, workers)
+    """Run the operator until it is stopped; with a lease, reconcile only while holding it."""
+    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds, namespaces=list(namespaces)))
+    registry = make_registry(ctx, workers, LeaderElector(lease, Kube()) if lease else None)
     await kopf.operator(
         registry=registry,
         standalone=True,

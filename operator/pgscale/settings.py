@@ -96,3 +96,74 @@ def reconcile(
                 report.overridden[name] = now.source
         report.parameters.append(entry)
     return report
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A DatabaseProfile that keeps server-wide settings on a server (by its system identifier)."""
+
+    namespace: str
+    name: str
+    created: str  # metadata.creationTimestamp (RFC 3339, so it sorts as text)
+    system_identifier: str
+    parameters: frozenset[str]
+
+    @property
+    def order(self) -> tuple[str, str, str]:
+        """Earlier first: by creationTimestamp, then name (then namespace, for a total order)."""
+        return (self.created, self.name, self.namespace)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Another profile owns this server's settings: what to say, and which field of ours it is about."""
+
+    owner: Claim
+    parameters: list[str]  # ours that the owner sets too, else all of ours
+
+    def message(self, system_identifier: str) -> str:
+        return (
+            f"the server-wide settings of this server (system identifier {system_identifier}) are kept by "
+            f"DatabaseProfile {self.owner.namespace}/{self.owner.name}, created earlier; this profile would "
+            f"change {', '.join(self.parameters)} there too, so it applies nothing (two owners would set them "
+            "back and forth). Set server parameters in one profile per server: remove them from this one "
+            f"(parameters, tier, resources), or from {self.owner.namespace}/{self.owner.name}"
+        )
+
+
+def settings_owner(me: Claim, others: list[Claim]) -> Conflict | None:
+    """The earliest other profile setting server-wide parameters on my server, if it is earlier than me.
+
+    Every setting pgscale writes is server-wide (ALTER SYSTEM); one profile per server owns them,
+    the earliest, so two profiles never undo each other's values."""
+    if not me.parameters:
+        return None
+    rivals = [o for o in others if o.system_identifier == me.system_identifier and o.parameters
+              and (o.namespace, o.name) != (me.namespace, me.name)]  # fmt: skip
+    if not rivals:
+        return None
+    owner = min(rivals, key=lambda c: c.order)
+    if owner.order > me.order:
+        return None
+    shared = sorted(me.parameters & owner.parameters)
+    return Conflict(owner, shared or sorted(me.parameters))
+
+
+class DriftEvents:
+    """At most one DriftCorrected Event per profile and parameter per interval; corrections still happen."""
+
+    def __init__(self, interval_seconds: float = 600.0) -> None:
+        self.interval = interval_seconds
+        self._last: dict[tuple[str, str], float] = {}
+
+    def due(self, profile: str, names: list[str], now: float) -> list[str]:
+        """The names to mention in an Event now, remembering that they were."""
+        out = [n for n in names if now - self._last.get((profile, n), float("-inf")) >= self.interval]
+        for name in out:
+            self._last[(profile, name)] = now
+        return out
+
+    def forget(self, profile: str) -> None:
+        """The profile is gone."""
+        for key in [k for k in self._last if k[0] == profile]:
+            del self._last[key]

@@ -96,7 +96,8 @@ def test_rendering_passes_server_side_validation(control_plane: localenv.Control
     ok(result, f"server dry-run of the {variant} rendering")
     assert "Warning" not in result.stderr, result.stderr  # e.g. would violate PodSecurity "restricted"
     assert result.stdout.count("(server dry run)") == len([d for d in yaml.safe_load_all(rendered) if d])
-    expected = {"default": {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"},
+    expected = {"default": {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount",
+                            "PodDisruptionBudget", "Role", "RoleBinding"},
                 "everything": {"ServiceMonitor", "PrometheusRule", "ConfigMap", "CustomResourceDefinition"},
                 "podmonitor": {"PodMonitor", "PrometheusRule"},
                 "watch-namespaces": {"Role", "RoleBinding", "ClusterRole"}}[variant]  # fmt: skip
@@ -175,12 +176,15 @@ def test_kubectl_apply_k_manifests(fresh_cluster: localenv.ControlPlane) -> None
         "deployment": ({"pgscale"}, ns), "serviceaccount": ({"pgscale"}, ns), "service": ({"pgscale-metrics"}, ns),
         "clusterrole": ({"pgscale", "pgscale-view", "pgscale-edit"}, None), "clusterrolebinding": ({"pgscale"}, None),
         "crd": ({f"{p}.pgscale.io" for p in PGSCALE_CRDS}, None),
+        "role": ({"pgscale-leader-election"}, ns), "rolebinding": ({"pgscale-leader-election"}, ns),
+        "poddisruptionbudget": ({"pgscale"}, ns),
     }  # fmt: skip
     for kind, (wanted, namespace) in expected.items():
         assert wanted <= names(cp, kind, namespace), kind
     assert sorted(d["kind"] for d in built) == sorted(
         ["CustomResourceDefinition"] * 4 + ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
-                                            "ClusterRoleBinding", "Deployment", "Service"]
+                                            "ClusterRoleBinding", "Deployment", "Service", "Role", "RoleBinding",
+                                            "PodDisruptionBudget"]
     )  # fmt: skip
     deployment = json.loads(ok(cp.kubectl_run("get", "deployment", "pgscale", "-n", ns, "-o", "json"), "get"))
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "pgscale"

@@ -219,3 +219,65 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
             )
     finally:
         postgres.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubectl: Kubectl,
+                                                           server: localenv.Postgres) -> None:  # fmt: skip
+    """Issue 11, item 2: a later profile in another namespace with another work_mem is Stalled naming
+    the first; work_mem never flips; drift is reported as "changed outside pgscale", rate-limited."""
+    other = Kubectl(kubectl.cp, f"{kubectl.namespace}-b")
+    kubectl.cp.kubectl_run("create", "namespace", other.namespace, check=True)
+    try:
+        for k in (kubectl, other):
+            k.secret("app-db", {"uri": server.uri("postgres")})
+
+        def profile(work_mem: str) -> dict[str, Any]:
+            return {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
+                    "spec": {"connection": {"secretRef": {"name": "app-db"}},
+                             "parameters": {"work_mem": work_mem}, "monitoring": {"enabled": False}}}  # fmt: skip
+
+        kubectl.apply(profile("8MB"))
+        kubectl.wait("databaseprofile", "app", "Ready")
+        assert show(server, "work_mem") == "8MB"
+        other.apply(profile("16MB"))
+        other.wait("databaseprofile", "app", "Stalled")
+        later = other.get("databaseprofile", "app")
+        stalled = condition(later, "Stalled")
+        assert stalled is not None and stalled["reason"] == "SettingsConflict", stalled
+        assert stalled["message"].startswith("spec.parameters.work_mem: ")
+        assert f"DatabaseProfile {kubectl.namespace}/app" in stalled["message"] and "work_mem" in stalled["message"]
+        first = kubectl.get("databaseprofile", "app")
+        assert later["status"]["systemIdentifier"] == first["status"]["systemIdentifier"]
+        assert condition(first, "Ready")["status"] == "True"  # type: ignore[index]
+        # No flip-flopping: ~20 s of samples, each reconcile of either profile nudged along.
+        samples = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for k in (kubectl, other):
+                k.run("annotate", "dbp", "app", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
+            samples.add(show(server, "work_mem"))
+            time.sleep(1)
+        assert samples == {"8MB"}
+        assert condition(other.get("databaseprofile", "app"), "Stalled")["reason"] == "SettingsConflict"  # type: ignore[index]
+        assert not [e for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+                    if e["reason"] == "DriftCorrected"]  # fmt: skip
+
+        # Drift from outside pgscale is set back every time, but told once per parameter per 10 minutes.
+        for _ in range(2):
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET work_mem = '64MB'")
+                conn.execute("SELECT pg_reload_conf()")
+            nudge(kubectl)
+            wait(kubectl, lambda o: show(server, "work_mem") == "8MB")
+        drift = [e for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+                 if e["reason"] == "DriftCorrected"]  # fmt: skip
+        assert len(drift) == 1 and drift[0]["message"].startswith("changed outside pgscale, set back: work_mem")
+        assert "by hand" not in drift[0]["message"]
+
+        # The owner gone, the other profile takes the server's settings over (woken by the deletion).
+        kubectl.run("delete", "dbp", "app", "--timeout=30s")
+        other.wait("databaseprofile", "app", "Ready", timeout=60)
+        assert show(server, "work_mem") == "16MB"
+    finally:
+        kubectl.cp.kubectl_run("delete", "databaseprofiles", "--all", "-n", other.namespace, "--wait=false")
+        kubectl.cp.kubectl_run("delete", "namespace", other.namespace, "--wait=false")

@@ -131,7 +131,7 @@ def test_operator_needs_its_rules(own_cluster: localenv.ControlPlane, postgres: 
             doc["metadata"]["name"] = f"op-{ns}"  # one cluster-wide pair per test
             if doc["kind"] == "ClusterRoleBinding":
                 doc["roleRef"]["name"] = f"op-{ns}"
-    role = next(d for d in docs if d["kind"] == "Role")
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "op-pgscale")  # not the Lease's
     assert role["rules"] == [r.as_policy_rule() for r in rbac.NAMESPACED]
     if mutate is not None:
         role["rules"] = mutate(role["rules"])

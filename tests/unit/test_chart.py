@@ -73,7 +73,7 @@ def test_default_rendering() -> None:
     assert kinds(objs) == sorted([
         "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",
         "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterRole",
-        "ClusterRole", "Deployment", "Service",
+        "ClusterRole", "Deployment", "Service", "Role", "RoleBinding", "PodDisruptionBudget",
     ])  # fmt: skip
     for obj in objs:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
@@ -96,7 +96,7 @@ def test_everything_rendering() -> None:
     shipped = (CHART / "dashboards" / "pgscale.json").read_text()
     assert json.loads(dashboard["data"]["pgscale.json"]) == json.loads(shipped)
     alerts = only(objs, "PrometheusRule")["spec"]["groups"][0]["rules"]
-    assert {a["alert"] for a in alerts} >= {"PgscaleOperatorDown", "PgscaleReconcileErrors"}
+    assert {a["alert"] for a in alerts} >= {"PgscaleOperatorDown", "PgscaleNoLeader", "PgscaleReconcileErrors"}
     assert all(a["labels"]["team"] == "platform" for a in alerts)
     container = only(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/pgscale/pgscale:0.1.0-test"
@@ -108,8 +108,9 @@ def test_alerts_use_the_operators_metric_names() -> None:
     families = {m.name: m.type for m in METRICS.registry.collect()}
     alerts = only(render("--set", "prometheusRule.enabled=true"), "PrometheusRule")["spec"]["groups"][0]["rules"]
     used = {name for a in alerts for name in re.findall(r"\b(pgscale_[a-z_]+)\b", a["expr"])}
-    assert used == {"pgscale_reconcile_total", "pgscale_workqueue_depth"}
+    assert used == {"pgscale_reconcile_total", "pgscale_workqueue_depth", "pgscale_leader"}
     assert families["pgscale_reconcile"] == "counter" and families["pgscale_workqueue_depth"] == "gauge"
+    assert families["pgscale_leader"] == "gauge"
     assert set(METRICS.reconcile_total._labelnames) == {"kind", "outcome"}
     # `up` and the metrics are selected by the job the monitors name after the release.
     assert all('job="pgscale"' in a["expr"] for a in alerts)
@@ -129,8 +130,9 @@ def test_image_defaults_to_the_app_version() -> None:
 
 def test_deployment_is_hardened_and_probed() -> None:
     deployment = only(render(), "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two standalone operators at once
+    assert deployment["spec"]["replicas"] == 2  # a leader and a standby
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}  # fmt: skip
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "pgscale"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -185,7 +187,9 @@ def test_rbac_file_is_generated_from_rbac_py() -> None:
 def test_cluster_wide_rules_are_exactly_rbac_py() -> None:
     objs = render()
     assert only(objs, "ClusterRole", "pgscale")["rules"] == rules(rbac.NAMESPACED + rbac.CLUSTER)
-    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
+    # The only Role is leader election's, in the release namespace.
+    assert [o["metadata"]["name"] for o in objs if o["kind"] in ("Role", "RoleBinding")] == [
+        "pgscale-leader-election", "pgscale-leader-election"]  # fmt: skip
     binding = only(objs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == "pgscale"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pgscale", "namespace": "pgscale-system"}]
@@ -193,7 +197,7 @@ def test_cluster_wide_rules_are_exactly_rbac_py() -> None:
 
 def test_namespaced_rules_are_exactly_rbac_py() -> None:
     objs = render("--values", str(NAMESPACED))
-    roles = [o for o in objs if o["kind"] == "Role"]
+    roles = [o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == "pgscale"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(r["rules"] == rules(rbac.NAMESPACED) for r in roles)
     for ns in ("team-a", "team-b"):
@@ -205,9 +209,53 @@ def test_namespaced_rules_are_exactly_rbac_py() -> None:
     assert only(objs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
+def test_leader_election_is_on_with_two_replicas_a_lease_role_and_a_pdb() -> None:
+    """Only the Lease's holder reconciles, so two replicas and a RollingUpdate are safe."""
+    from pgscale.cli import parser
+
+    for values in ([], ["--values", str(NAMESPACED)]):
+        objs = render(*values)
+        role = only(objs, "Role", "pgscale-leader-election")
+        assert role["metadata"]["namespace"] == "pgscale-system"  # the Lease's namespace, nowhere else
+        assert role["rules"] == rules(rbac.LEADER_ELECTION)
+        binding = only(objs, "RoleBinding", "pgscale-leader-election")
+        assert binding["roleRef"]["name"] == "pgscale-leader-election"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pgscale", "namespace": "pgscale-system"}]
+        assert not any("leases" in r["resources"] for o in objs if o["kind"] == "ClusterRole" for r in o["rules"])
+    objs = render()
+    pod = only(objs, "Deployment")["spec"]["template"]["spec"]
+    args = parser().parse_args(pod["containers"][0]["args"])
+    assert args.leader_election and args.leader_election_name == "pgscale"
+    assert args.leader_election_namespace == "pgscale-system"
+    assert args.lease_duration_seconds == 15 and args.lease_renew_seconds == 5
+    # Replicas prefer different nodes; a drain keeps one of them.
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    pdb = only(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(objs).items()
+
+
+def pod_labels(objs: list[dict[str, Any]]) -> dict[str, str]:
+    return dict(only(objs, "Deployment")["spec"]["template"]["metadata"]["labels"])
+
+
+def test_without_leader_election_one_replica_recreate_no_lease_no_pdb() -> None:
+    objs = render("--set", "leaderElection.enabled=false", "--set", "replicas=1")
+    deployment = only(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-election" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding", "PodDisruptionBudget")]
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    # Two replicas that would both reconcile are refused, and so is a renewal slower than the deadline.
+    for bad in (["--set", "leaderElection.enabled=false"], ["--set", "leaderElection.renewSeconds=10"]):
+        result = run_helm("template", "pgscale", str(CHART), *bad)
+        assert result.returncode != 0 and ("leaderElection" in result.stderr), result.stderr
+
+
 def test_rbac_py_names_only_real_verbs_and_no_wildcards() -> None:
     verbs = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
-    for rule in rbac.NAMESPACED + rbac.CLUSTER + rbac.WATCH_NAMESPACES:
+    for rule in rbac.NAMESPACED + rbac.CLUSTER + rbac.WATCH_NAMESPACES + rbac.LEADER_ELECTION:
         assert set(rule.verbs) <= verbs and "*" not in rule.resources and rule.why, rule
     secrets = [r for r in rbac.NAMESPACED if "secrets" in r.resources]
     assert not any({"list", "watch"} & set(r.verbs) for r in secrets), "reading every Secret is never needed"

@@ -41,3 +41,72 @@ def test_failures_back_off_exponentially_and_reset_on_success() -> None:
     assert delays[:4] == [10.0, 20.0, 40.0, 80.0] and delays[-1] == MAX_BACKOFF_SECONDS
     assert runtime.delay(key, Outcome(300.0, failed=False)) == 300.0
     assert runtime.delay(key, Outcome(10.0, failed=True)) == 10.0
+
+
+def test_clear_drops_queued_keys_and_timers() -> None:
+    """A deposed leader takes no new work: nothing queued, nothing scheduled."""
+
+    async def scenario() -> int:
+        q = WorkQueue()
+        q.add("a")
+        q.add("b")
+        q.add_after("c", 0.05)
+        q.clear()
+        await asyncio.sleep(0.1)
+        return len(q)
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_standby_queues_nothing_until_it_leads() -> None:
+    """Events are remembered while standing by; leading queues every resource seen."""
+    from types import SimpleNamespace
+
+    from pgscale.controllers.base import Context, Settings
+    from pgscale.runtime import Runtime
+
+    async def scenario() -> tuple[int, int, int]:
+        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        body = {"metadata": {"namespace": "ns", "name": "p", "generation": 1}}
+        await runtime.on_event(event={"type": "ADDED"}, body=body, resource=SimpleNamespace(plural="databaseprofiles"))  # type: ignore[arg-type,typeddict-item]
+        standing_by = len(runtime.queue)
+        runtime.lead()
+        leading = len(runtime.queue)
+        runtime.follow()
+        return standing_by, leading, len(runtime.queue)
+
+    assert asyncio.run(scenario()) == (0, 1, 0)
+
+
+def test_a_profile_deleted_or_changed_wakes_failing_profiles() -> None:
+    """A profile Stalled by SettingsConflict waits for the earlier one: its deletion brings a prompt look."""
+    from types import SimpleNamespace
+
+    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.runtime import Runtime
+
+    async def scenario() -> tuple[list[object], list[object]]:
+        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime.lead()
+        res = SimpleNamespace(plural="databaseprofiles")
+        for name in ("owner", "waiting"):
+            body = {"metadata": {"namespace": "ns", "name": name, "generation": 1}}
+            await runtime.on_event(event={"type": "ADDED"}, body=body, resource=res)  # type: ignore[arg-type,typeddict-item]
+        while len(runtime.queue):
+            runtime.queue.done(await runtime.queue.get())
+        runtime.delay(("databaseprofiles", "ns", "waiting"), Outcome(30.0, failed=True))
+        changed = {"metadata": {"namespace": "ns", "name": "owner", "generation": 2}}
+        await runtime.on_event(event={"type": "MODIFIED"}, body=changed, resource=res)  # type: ignore[arg-type,typeddict-item]
+        after_change = []
+        while len(runtime.queue):
+            key = await runtime.queue.get()
+            after_change.append(key)
+            runtime.queue.done(key)
+        runtime.delay(("databaseprofiles", "ns", "waiting"), Outcome(30.0, failed=True))
+        await runtime.on_event(event={"type": "DELETED"}, body=changed, resource=res)  # type: ignore[arg-type,typeddict-item]
+        after_delete = [await runtime.queue.get() for _ in range(len(runtime.queue))]
+        return after_change, after_delete
+
+    after_change, after_delete = asyncio.run(scenario())
+    assert sorted(after_change) == [("databaseprofiles", "ns", "owner"), ("databaseprofiles", "ns", "waiting")]  # type: ignore[type-var]
+    assert after_delete == [("databaseprofiles", "ns", "waiting")]

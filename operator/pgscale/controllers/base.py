@@ -41,6 +41,8 @@ class Settings:
     )
     postgres_image: str = field(default_factory=lambda: os.environ.get("PGSCALE_POSTGRES_IMAGE", "postgres:15"))
     resync_seconds: float = 300.0
+    # The namespaces the operator watches; empty: every namespace.
+    namespaces: list[str] = field(default_factory=list)
     # How soon a Stalled resource is looked at again (its dependency may have appeared).
     stalled_retry_seconds: float = field(
         default_factory=lambda: float(os.environ.get("PGSCALE_STALLED_RETRY_SECONDS", "30"))

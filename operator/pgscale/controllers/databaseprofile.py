@@ -8,10 +8,13 @@ thresholds, and say all of it in status, conditions and Events.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import psycopg
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from .. import alerting, pg, pooling, replicas, settings, tuning
 from .. import conditions as cond
@@ -23,11 +26,24 @@ from ..errors import DependencyError, SpecError
 from ..kube import ObjectRef
 from ..monitoring import COLLECTOR, evaluate, growth_per_month
 from ..pg import replication, stats
+from ..pg import settings as pgs
 from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
 from .base import Context, Result, StatusWriter, ensure_finalizer, secret_connection
 
+log = logging.getLogger(__name__)
+
 RESTART_REQUIRED = "RestartRequired"
+SETTINGS_CONFLICT = "SettingsConflict"
+DRIFT_EVENTS = settings.DriftEvents(600.0)  # per operator process: a new leader may say it once more
+
+
+def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> settings.Claim:
+    meta = obj["metadata"]
+    return settings.Claim(meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""),
+                          system_id, frozenset(desired))  # fmt: skip
+
+
 OVERRIDDEN = "ParametersOverridden"
 ALERTING = "AlertsFiring"
 
@@ -64,6 +80,9 @@ class DatabaseProfileController:
         desired = tuning.desired(spec)
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
+            system_id = pgs.system_identifier(conn)
+            status.update(serverVersion=version, systemIdentifier=system_id)
+            self._check_owner(ctx, obj, system_id, desired)
             report = settings.reconcile(conn, spec.state_schema, key, desired)
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
             points: dict[str, list[tuple[float, int]]] = {}
@@ -78,7 +97,11 @@ class DatabaseProfileController:
         if report.applied:
             events.append(("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}", False))
         if report.corrected:
-            events.append(("DriftCorrected", f"changed by hand, set back: {', '.join(report.corrected)}", True))
+            log.info("DatabaseProfile %s: changed outside pgscale, set back: %s", key, ", ".join(report.corrected))
+            due = DRIFT_EVENTS.due(key, report.corrected, time.monotonic())
+            if due:
+                events.append(("DriftCorrected", f"changed outside pgscale, set back: {', '.join(due)} (at most one "
+                               "Event per parameter every 10 minutes)", True))  # fmt: skip
         if report.reset:
             events.append(("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}", False))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
@@ -95,7 +118,6 @@ class DatabaseProfileController:
             status.generation,
         )  # fmt: skip
         status.update(
-            serverVersion=version,
             parameters=report.parameters,
             pendingRestart=report.pending_restart,
             lastReconcileTime=now_rfc3339(),
@@ -110,6 +132,29 @@ class DatabaseProfileController:
         if report.pending_restart:
             message += f", {len(report.pending_restart)} waiting for a restart"
         return Result("Connected", message, requeue_after=requeue, events=events)
+
+    def _check_owner(
+        self, ctx: Context, obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]
+    ) -> None:
+        """Stall (SettingsConflict) when an earlier profile keeps server-wide settings on the same server."""
+        if not desired:
+            return
+        me = claim(obj, system_id, desired)
+        others = []
+        for other in ctx.kube.list_watched(self.kind, ctx.settings.namespaces):
+            other_id = (other.get("status") or {}).get("systemIdentifier")
+            if not other_id or other["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                other_spec = DatabaseProfileSpec.model_validate(other.get("spec") or {})
+            except ValidationError:
+                continue  # an invalid profile applies nothing
+            others.append(claim(other, str(other_id), tuning.desired(other_spec)))
+        conflict = settings.settings_owner(me, others)
+        if conflict is not None:
+            first = conflict.parameters[0]
+            source = desired[first][1] if first in desired else "parameters"
+            raise SpecError(settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT)
 
     def _capacity_and_alerts(
         self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
@@ -314,3 +359,4 @@ class DatabaseProfileController:
     def forget(self, namespace: str, name: str) -> None:
         """The profile is gone: stop exporting its metrics."""
         COLLECTOR.forget(f"{namespace}/{name}")
+        DRIFT_EVENTS.forget(f"{namespace}/{name}")

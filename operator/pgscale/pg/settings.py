@@ -5,7 +5,7 @@ setting (type, unit, range, allowed values) before anything is applied, so a bad
 value stops the whole change. Values are compared in the setting's own unit, so
 '256MB' and shared_buffers' '32768' (8kB pages) are the same value. What pgscale
 manages is remembered in <stateSchema>.managed_settings: a setting removed from
-the spec is reset, and a value someone changed by hand is put back.
+the spec is reset, and a value changed outside pgscale is put back.
 """
 
 from __future__ import annotations
@@ -123,6 +123,15 @@ def problems(conn: psycopg.Connection, desired: dict[str, str]) -> dict[str, str
 
 def _name(name: str) -> sql.Composable:
     return sql.SQL(".").join(sql.Identifier(part) for part in name.split("."))
+
+
+def system_identifier(conn: psycopg.Connection) -> str:
+    """The server's identity (the same on its physical replicas): what ALTER SYSTEM's settings belong to.
+
+    pg_control_system() is executable by every role."""
+    row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 def configured(conn: psycopg.Connection) -> dict[str, str]:
