@@ -184,3 +184,14 @@ def test_run_status_of_a_running_run_has_rate_and_eta() -> None:
            "rows_total": 1000}  # fmt: skip
     status = run_status(row, now)
     assert status["rowsPerSecond"] == 50.0 and status["etaSeconds"] == 10 and status["endTime"] is None
+
+
+def test_run_status_shows_the_counts_per_table() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 12, 3, tzinfo=UTC)
+    last = {"started_at": now, "ended_at": now, "rows_archived": 10, "rows_deleted": 0, "batches": 1,
+            "dry_run": False, "outcome": "Succeeded", "message": "ok", "rows_matched": None, "rows_total": 10,
+            "tables": {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}}  # fmt: skip
+    assert run_status(last, now)["tables"] == {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}
+    assert "tables" not in run_status({**last, "tables": None}, now)

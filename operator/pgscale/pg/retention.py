@@ -22,7 +22,7 @@ from psycopg import sql
 
 from . import Column, ensure_schema, ensure_state_table, lock_state_ddl, qualified, table_columns
 from .partitions import children, marked_tables
-from .relationships import ForeignKey
+from .relationships import DESTRUCTIVE, ForeignKey
 
 RUNS_TABLE = "retention_runs"
 
@@ -109,13 +109,16 @@ class Target:
     def snapshot_checked(self) -> bool:
         """Whether batches must run in REPEATABLE READ.
 
-        When children are archived or keep their parents, a child inserted after the batch's
-        snapshot but before it locks the parent would be invisible to the batch, and the
-        parent's ON DELETE action would then delete or change it unseen. In REPEATABLE READ,
+        When children are archived or keep their parents through a CASCADE / SET NULL / SET
+        DEFAULT key, a child inserted after the batch's snapshot but before it locks the parent
+        would be invisible to the batch, and the parent's ON DELETE action would then delete
+        or change it unseen. (A RESTRICT / NO ACTION key refuses instead: the batch is retried.) In REPEATABLE READ,
         PostgreSQL's foreign-key triggers check for rows newer than the snapshot and fail
         the batch instead (a serialization failure; the batch is retried).
         """
-        return any(p.effect in ("archive", "skipParent") for p in self.plans())
+        return any(
+            p.effect == "archive" or (p.effect == "skipParent" and p.fk.action in DESTRUCTIVE) for p in self.plans()
+        )
 
 
 _COMPARISONS = {"Equals": "=", "NotEquals": "<>", "LessThan": "<", "GreaterThan": ">"}
