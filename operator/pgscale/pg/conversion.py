@@ -951,6 +951,22 @@ def abort(
     return True
 
 
+def manual_abort(state_schema: str, schema: str, table: str) -> str:
+    """The SQL that undoes an unfinished conversion by hand (what ``abort`` does), for a person to run."""
+    text = sql.SQL(
+        "DROP TRIGGER IF EXISTS {trigger} ON {parent}; DROP TRIGGER IF EXISTS {truncate} ON {parent}; "
+        "DROP TABLE IF EXISTS {shadow}; then, with <oid> = SELECT {name}::regclass::oid: DROP FUNCTION IF EXISTS "
+        "{state}.partition_sync_<oid>(), {state}.partition_sync_truncate_<oid>(); DROP TABLE IF EXISTS "
+        "{state}.partition_log_<oid>; DELETE FROM {states} WHERE table_schema = {schema} AND table_name = {table}"
+    ).format(
+        trigger=sql.Identifier(TRIGGER), truncate=sql.Identifier(TRUNCATE_TRIGGER), parent=qualified(schema, table),
+        shadow=qualified(schema, shadow_name(table)), name=sql.Literal(qualified(schema, table).as_string(None)),
+        state=sql.Identifier(state_schema), states=_state(state_schema), schema=sql.Literal(schema),
+        table=sql.Literal(table),
+    )  # fmt: skip
+    return text.as_string(None)
+
+
 def estimate_rows(conn: psycopg.Connection, schema: str, table: str) -> int | None:
     row = conn.execute(
         "SELECT c.reltuples::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
