@@ -24,6 +24,7 @@ from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
 from ..kube import Kube, ObjectRef, api_error
 from ..metrics import METRICS
+from ..pg import classify
 from ..pg.connection import ConnInfo, resolve
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,14 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
     outcome = "success"
     events: list[tuple[str, str, bool]] = []
     try:
-        spec = parse_spec(kind, obj)
-        result = ctrl.reconcile(ctx, obj, spec, status)
+        try:
+            spec = parse_spec(kind, obj)
+            result = ctrl.reconcile(ctx, obj, spec, status)
+        except psycopg.Error as exc:  # a known database failure is a named condition, not an InternalError
+            known = classify(exc)
+            if known is None:
+                raise
+            raise known from exc
         if result.done:
             status.conditions = cond.ready(status.conditions, result.reason, result.message, generation)
         else:

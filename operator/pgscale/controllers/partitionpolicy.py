@@ -55,7 +55,7 @@ class PartitionPolicyController:
         with pg.connect(info) as conn:
             # Partition bounds in status read in the policy's time zone, where they fall at midnight.
             conn.execute("SELECT set_config('TimeZone', %s, false)", (spec.time_zone,))
-            columns = require_table(conn, spec.table)
+            columns = require_table(conn, spec.table, owner=True)
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
             partitioned = pg.is_partitioned(conn, schema, table)
             progress = conversion_status(conn, profile.state_schema, spec)

@@ -430,8 +430,16 @@ def try_lock(conn: psycopg.Connection, schema: str, table: str) -> bool:
 
 
 def unlock(conn: psycopg.Connection, schema: str, table: str) -> None:
-    conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))",
-                 (schema, table))  # fmt: skip
+    """Release the table's lock. Called in ``finally``: on a dead connection the lock died with the session,
+    and raising here ("the connection is closed") would hide the error that killed it."""
+    if conn.closed or conn.broken:
+        return
+    try:
+        conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))",
+                     (schema, table))  # fmt: skip
+    except psycopg.OperationalError:
+        if not (conn.closed or conn.broken):
+            raise
 
 
 # --- prepare -----------------------------------------------------------------------------------------
