@@ -19,7 +19,7 @@ from ..errors import SpecError, TransientError
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
-from ..schedule import rfc3339, zone
+from ..schedule import next_run, rfc3339, zone
 from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
@@ -130,6 +130,7 @@ class PartitionPolicyController:
         if not (maintenance and maintenance.cron_job):
             ctx.kube.delete("batch/v1", "CronJob", ref.namespace, name)
             return
+        next_run(maintenance.schedule, spec.time_zone, field="maintenance.schedule")  # a schedule that never fires
         ctx.kube.apply(
             builders.cron_job(
                 ref,
