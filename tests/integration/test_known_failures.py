@@ -107,3 +107,18 @@ def test_connection_killed_mid_step_keeps_the_original_error(postgres: Any, data
 def _grant(postgres: Any, database: str, statement: str) -> None:
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         conn.execute(statement)
+
+
+def test_a_role_without_replication_is_named_with_the_fix(
+    postgres: Any, database: str, limited: tuple[str, str]
+) -> None:
+    """readReplicas with a profile role that may not create slots: a named problem, not a refused statement."""
+    from pgscale.pg import replication
+
+    role, dsn = limited
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        problems = replication.readiness_problems(conn, "postgres", 1)
+    assert any(f'ALTER ROLE "{role}" WITH REPLICATION' in p for p in problems), problems
+    assert any(f'GRANT EXECUTE ON FUNCTION pg_catalog.pg_hba_file_rules() TO "{role}"' in p for p in problems)
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        assert not replication.own_role_problems(conn)  # a superuser may do all
