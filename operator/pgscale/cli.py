@@ -58,6 +58,8 @@ def setup_logging(fmt: str, level: str) -> None:
     logging.captureWarnings(True)  # warnings.warn texts pass the same filter
     for noisy in ("kubernetes.client.rest", "urllib3", "botocore", "s3transfer", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its "Retrying ... connection broken" warnings repeat what the worker's one line per retry says.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
