@@ -14,7 +14,7 @@ from pgscale import redact
 from pgscale.api.databaseprofile import ConnectionSpec
 from pgscale.cli import setup_logging
 from pgscale.errors import DependencyError
-from pgscale.pg.connection import resolve
+from pgscale.pg.connection import resolve, uri_problem
 
 
 @pytest.fixture(autouse=True)
@@ -125,3 +125,12 @@ def test_stream_redacts_whole_lines(capsys: pytest.CaptureFixture[str]) -> None:
     stream.flush()
     out = capsys.readouterr().out
     assert PASSWORD not in out and out.endswith("next ")
+
+
+@pytest.mark.parametrize(
+    "raw", ["mysql://a:b@c/d", "host=h password='x", "host=h password=x 'y", "postgresql://a@[::1/db", "%zz"]
+)
+def test_invalid_secret_messages_survive_redaction_intact(raw: str) -> None:
+    """pgscale's own explanation is not mistaken for a secret (it quotes none)."""
+    message = uri_problem(raw)
+    assert redact.redact(message) == message

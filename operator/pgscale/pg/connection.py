@@ -130,7 +130,7 @@ def uri_problem(raw: str) -> str:
             return f"a query parameter after ? is not key=value; {hint}"
         return f"libpq cannot parse the URI; {hint}"
     if "://" in text.split("=", 1)[0] or "=" not in text:
-        return "it is neither a postgresql:// URI nor key=value pairs (host=... dbname=... user=... password=...)"
+        return "it is neither a postgresql:// URI nor key=value words (host, port, dbname, user, password)"
     if text.count("'") % 2 == 1 or re.search(r"=\s*'(?:[^'\\]|\\.)*$", text):
         return "a quoted value is not closed (quote values with spaces as key='value', escape ' as \\')"
     return "a key=value pair is malformed (each word must be key=value; quote values with spaces as key='value')"
