@@ -122,3 +122,26 @@ def test_a_role_without_replication_is_named_with_the_fix(
     assert any(f'GRANT EXECUTE ON FUNCTION pg_catalog.pg_hba_file_rules() TO "{role}"' in p for p in problems)
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         assert not replication.own_role_problems(conn)  # a superuser may do all
+
+
+def test_bookkeeping_of_another_role_names_the_grant(postgres: Any, database: str, limited: tuple[str, str]) -> None:
+    """Two profiles with different roles on one database: the second may not use the first one's tables."""
+    from pgscale.pg import ensure_state_table
+
+    role, dsn = limited
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
+        ensure_state_table(conn, "pgscale_books", "runs", "id int PRIMARY KEY")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(DependencyError) as err:
+            ensure_state_table(conn, "pgscale_books", "runs", "id int PRIMARY KEY")
+        assert err.value.reason == "InsufficientPrivilege"
+        assert f'GRANT USAGE ON SCHEMA "pgscale_books" TO "{role}"' in err.value.message
+        assert "owned by 'postgres'" in err.value.message
+    _grant(postgres, database, f'GRANT USAGE ON SCHEMA pgscale_books TO "{role}"')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(DependencyError) as err:
+            ensure_state_table(conn, "pgscale_books", "runs", "id int PRIMARY KEY")
+        assert f'GRANT SELECT, INSERT, UPDATE, DELETE ON "pgscale_books"."runs" TO "{role}"' in err.value.message
+    _grant(postgres, database, f'GRANT SELECT, INSERT, UPDATE, DELETE ON pgscale_books.runs TO "{role}"')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_state_table(conn, "pgscale_books", "runs", "id int PRIMARY KEY")  # nothing to create, all granted

@@ -193,9 +193,45 @@ def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, 
     with conn.transaction():
         lock_state_ddl(conn)
         ensure_schema(conn, state_schema)
+        if require_state_access(conn, state_schema, table):
+            return  # it exists: CREATE ... IF NOT EXISTS would still need CREATE on the schema
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))
         )
+
+
+STATE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def require_state_access(conn: psycopg.Connection, state_schema: str, table: str) -> bool:
+    """Whether the bookkeeping table exists; DependencyError with the exact GRANT when the role may not use it:
+    typically two profiles with different roles on one database, the schema or table created by the other."""
+    row = conn.execute(
+        "SELECT current_user::text, pg_get_userbyid(n.nspowner)::text, has_schema_privilege(n.oid, 'USAGE'), "
+        "has_schema_privilege(n.oid, 'CREATE'), c.oid IS NOT NULL, coalesce(pg_get_userbyid(c.relowner)::text, ''), "
+        "array(SELECT p FROM unnest(%s::text[]) p WHERE c.oid IS NOT NULL AND NOT has_table_privilege(c.oid, p)) "
+        "FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s WHERE n.nspname = %s",
+        (list(STATE_PRIVILEGES), table, state_schema),
+    ).fetchone()
+    if row is None:
+        return False
+    role, schema_owner, usage, create, exists, table_owner, missing = row
+    who = sql.Identifier(role).as_string(None)
+    schema = sql.Identifier(state_schema).as_string(None)
+    if not usage or (not exists and not create):
+        privileges, owner = ("USAGE, CREATE" if not exists else "USAGE"), schema_owner
+        what, grant = f"schema {schema}", f"GRANT {privileges} ON SCHEMA {schema} TO {who}"
+    elif missing:
+        owner = table_owner
+        what = f"pgscale's bookkeeping table {schema}.{sql.Identifier(table).as_string(None)}"
+        grant = f"GRANT {', '.join(missing)} ON {qualified(state_schema, table).as_string(None)} TO {who}"
+    else:
+        return bool(exists)
+    raise DependencyError(
+        f"role {role!r} may not use {what} (owned by {owner!r}: another profile with another role on this "
+        f"database?): run `{grant}` as {owner!r}, or give both profiles the same role or different stateSchema",
+        reason="InsufficientPrivilege",
+    )
 
 
 def qualified(schema: str, table: str) -> sql.Composed:
