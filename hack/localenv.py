@@ -418,6 +418,17 @@ def environment(workdir: Path, *, operator: bool = True) -> Iterator[tuple[Contr
         cp.stop()
 
 
+def stop_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP end `up` through its cleanup. Run in the background (`&`), a shell
+    starts it with SIGINT ignored, and SIGTERM's default would kill it and leave everything running."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("command", choices=["up", "build"])
@@ -426,6 +437,7 @@ def main() -> int:
     if args.command == "build":
         print(controlplane_bin())
         return 0
+    stop_on_signals()
     workdir = Path(args.dir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

@@ -43,20 +43,29 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry)
 
 
 def setup_logging(fmt: str, level: str) -> None:
+    """One handler on the root logger, in the chosen format, behind the redaction filter."""
+    from .redact import install_logging_filter
+
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    install_logging_filter()
+    logging.captureWarnings(True)  # warnings.warn texts pass the same filter
     for noisy in ("kubernetes.client.rest", "urllib3", "botocore", "s3transfer", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its "Retrying ... connection broken" warnings repeat what the worker's one line per retry says.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -209,6 +218,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command != "crds":  # everything but the CRDs may print what a Secret holds: redact it
+        from .redact import redact_std_streams, remember_environment
+
+        remember_environment()
+        redact_std_streams()
     setup_logging(args.log_format, args.log_level)
     return int(args.func(args))
 

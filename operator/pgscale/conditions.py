@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from .redact import redact
+
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
@@ -56,7 +58,7 @@ def set_condition(
         "type": ctype,
         "status": status,
         "reason": reason,
-        "message": message[:32768],
+        "message": redact(message)[:32768],
         "observedGeneration": generation,
         "lastTransitionTime": (now or now_rfc3339()) if changed else old["lastTransitionTime"],  # type: ignore[index]
     }

@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import GROUP, VERSION, Kind
 from .conditions import now_rfc3339
+from .redact import redact, redact_any, remember_secret
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Kube:
         """Merge-patch the status subresource (lists, like conditions, are replaced whole)."""
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, kind.plural, name, {"status": status}
+                GROUP, VERSION, namespace, kind.plural, name, {"status": redact_any(status)}
             )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
@@ -129,7 +130,9 @@ class Kube:
                 return None
             raise
         data = secret.data or {}
-        return {k: base64.b64decode(v).decode("utf-8") for k, v in data.items()}
+        decoded = {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in data.items()}
+        remember_secret(decoded)  # from now on redacted from every message (redact.py)
+        return decoded
 
     def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
                  body: Any = None, content_type: str = "application/json",
@@ -188,7 +191,7 @@ class Kube:
                 "uid": ref.uid,
             },
             "reason": reason,
-            "message": message[:1024],
+            "message": redact(message)[:1024],
             "type": "Warning" if warning else "Normal",
             "source": {"component": "pgscale"},
             "reportingComponent": "pgscale.io/operator",

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
+import urllib3
+from kubernetes.client.exceptions import ApiException
 
 from .api import DATABASE_PROFILE, GROUP, VERSION
 from .builders import LABEL_PREFIX, MANAGED_BY
@@ -100,6 +102,20 @@ class WorkQueue:
         return len(self._queued)
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether an error means the API server could not be reached or answered 5xx (an outage, not a bug)."""
+    if isinstance(exc, ApiException):
+        return exc.status in (0, None) or exc.status >= 500
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the innermost reason of a urllib3 retry error, or the exception's first line."""
+    reason = getattr(exc, "reason", None)
+    text = str(reason if isinstance(reason, BaseException) else exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 class Runtime:
     """Wires controllers to kopf's watches and runs the workers.
 
@@ -118,6 +134,7 @@ class Runtime:
         self.queue = WorkQueue()
         self._seen: dict[Key, tuple[Any, Any, bool]] = {}
         self._failures: dict[Key, int] = {}
+        self._profile_refs: dict[Key, str] = {}  # a policy's key -> the DatabaseProfile it uses
         self._tasks: list[asyncio.Task[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
 
@@ -137,6 +154,7 @@ class Runtime:
         if event.get("type") == "DELETED":
             self._seen.pop(key, None)
             self._failures.pop(key, None)
+            self._profile_refs.pop(key, None)
             forget = getattr(self.controllers[resource.plural], "forget", None)
             if forget is not None:
                 forget(key[1], key[2])
@@ -145,6 +163,9 @@ class Runtime:
             self._wake_failing(key)
             return
         fingerprint = (meta.get("generation"), dict(meta.get("annotations") or {}), "deletionTimestamp" in meta)
+        profile = ((body.get("spec") or {}).get("profileRef") or {}).get("name")
+        if profile:
+            self._profile_refs[key] = str(profile)
         if self._seen.get(key) != fingerprint:
             previous = self._seen.get(key)
             self._seen[key] = fingerprint
@@ -154,6 +175,8 @@ class Runtime:
             self._count()
             if previous is not None and previous[0] != fingerprint[0]:
                 self._wake_failing(key)
+            if resource.plural == DATABASE_PROFILE.plural:
+                self._wake_dependents(key[1], key[2])
 
     def _wake_failing(self, changed: Key) -> None:
         """A DatabaseProfile was deleted or its spec changed: failing profiles may have waited for exactly
@@ -164,6 +187,15 @@ class Runtime:
         for key in [k for k in self._failures if k[0] == changed[0] and k != changed]:
             self._failures.pop(key, None)
             self.queue.add(key)
+
+    def _wake_dependents(self, namespace: str, profile: str) -> None:
+        """A profile appeared or changed: policies failing on it look again now, not after their backoff."""
+        if not self.leading.is_set():
+            return
+        for key, name in self._profile_refs.items():
+            if key[1] == namespace and name == profile and key in self._failures:
+                self._failures.pop(key, None)
+                self.queue.add(key)
 
     async def on_owned_event(self, *, body: kopf.Body, **_: Any) -> None:
         """A Job of a resource changed (started, finished): look at the resource again now."""
@@ -241,8 +273,12 @@ class Runtime:
                 continue
             try:
                 outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
-            except Exception:  # the scaffold catches reconcile errors; this is I/O around it
-                log.exception("worker %d: %s failed", index, "/".join(key))
+            except Exception as exc:  # the scaffold catches reconcile errors; this is I/O around it
+                if unreachable(exc):  # an API server outage: one line per retry, not a traceback
+                    log.warning("worker %d: %s: Kubernetes API unreachable (%s); retried with backoff",
+                                index, "/".join(key), describe(exc))  # fmt: skip
+                else:
+                    log.exception("worker %d: %s failed", index, "/".join(key))
                 outcome = Outcome(10.0, failed=True)
             finally:
                 self.queue.done(key)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
+from croniter.croniter import CroniterBadDateError
 
 from .errors import SpecError
 
@@ -24,7 +25,15 @@ def next_run(schedule: str, time_zone: str, now: datetime | None = None, *, fiel
     if not croniter.is_valid(schedule):
         raise SpecError(field, f"{schedule!r} is not a valid cron expression (minute hour day-of-month month weekday)")
     start = (now or datetime.now(UTC)).astimezone(tz)
-    return croniter(schedule, start).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
+    try:
+        return croniter(schedule, start).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
+    except CroniterBadDateError as exc:  # accepted by the syntax, but no date matches (0 0 31 4 *)
+        raise SpecError(
+            field,
+            f"{schedule!r} never fires: no date matches its day-of-month and month (like April 31 or "
+            "February 30); pick a day every chosen month has",
+            reason="ScheduleNeverFires",
+        ) from exc
 
 
 def rfc3339(value: datetime | None) -> str | None:

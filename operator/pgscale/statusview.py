@@ -602,6 +602,7 @@ def main(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
     from .kube import load_config
+    from .redact import redact
 
     try:
         if args.context or args.kubeconfig:
@@ -635,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
         if args.output != "json":
             print(f"No pgscale resources found in {where}.", file=sys.stderr)
     if args.output == "json":
-        sys.stdout.write(render_json(views))
+        sys.stdout.write(redact(render_json(views)))
     else:
-        sys.stdout.write(render_text(views, wide=args.output == "wide"))
+        sys.stdout.write(redact(render_text(views, wide=args.output == "wide")))
     return 0

@@ -10,6 +10,10 @@ from pydantic import ValidationError
 
 from pgscale.api import KINDS
 from pgscale.api.databaseprofile import DatabaseProfileSpec
+from pgscale.api.partitionpolicy import PartitionPolicySpec
+from pgscale.durations import seconds
+from pgscale.errors import SpecError
+from pgscale.schedule import next_run
 
 ROOT = Path(__file__).resolve().parents[2]
 BY_KIND = {k.name: k for k in KINDS}
@@ -46,3 +50,33 @@ def test_prisma_timestamp_precision_is_a_time_type() -> None:
     assert base_type("timestamp(6) with time zone") in TIME_TYPES
     assert base_type("character varying(20)") == "character varying"
     assert base_type("numeric(10,2)") == "numeric"
+
+
+@pytest.mark.parametrize("interval", ["999999999w", "100w", "1000d", "10000h", "99999999s"])
+def test_maintenance_interval_is_bounded(interval: str) -> None:
+    """Accepted, 999999999w overflowed a date in the operator (OverflowError -> InternalError)."""
+    with pytest.raises(ValidationError, match=r"maintenance\.interval"):
+        PartitionPolicySpec.model_validate(
+            {"profileRef": {"name": "a"}, "table": {"name": "T"}, "column": "c", "interval": "monthly",
+             "maintenance": {"interval": interval}}
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("interval", ["999999999ms", "9999999s", "99w", "999d", "1h"])
+def test_sensible_intervals_are_accepted(interval: str) -> None:
+    spec = PartitionPolicySpec.model_validate(
+        {"profileRef": {"name": "a"}, "table": {"name": "T"}, "column": "c", "interval": "monthly",
+         "maintenance": {"interval": interval}}
+    )  # fmt: skip
+    assert spec.maintenance is not None and seconds(spec.maintenance.interval) < 3 * 366 * 86400
+
+
+@pytest.mark.parametrize("schedule", ["0 0 31 4 *", "0 0 30,31 2 *", "0 0 31 jun *"])
+def test_a_schedule_that_never_fires_names_the_field(schedule: str) -> None:
+    with pytest.raises(SpecError) as err:
+        next_run(schedule, "UTC", field="maintenance.schedule")
+    assert err.value.reason == "ScheduleNeverFires" and err.value.field == "maintenance.schedule"
+
+
+def test_february_29_fires() -> None:
+    assert next_run("0 0 29 2 *", "UTC").month == 2

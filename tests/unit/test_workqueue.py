@@ -110,3 +110,53 @@ def test_a_profile_deleted_or_changed_wakes_failing_profiles() -> None:
     after_change, after_delete = asyncio.run(scenario())
     assert sorted(after_change) == [("databaseprofiles", "ns", "owner"), ("databaseprofiles", "ns", "waiting")]  # type: ignore[type-var]
     assert after_delete == [("databaseprofiles", "ns", "waiting")]
+
+
+def test_a_new_profile_wakes_the_policies_waiting_for_it() -> None:
+    """A policy created before its profile looks again when the profile appears, not after its backoff."""
+    from typing import Any, cast
+
+    import kopf
+
+    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.runtime import Runtime
+
+    async def scenario() -> list[Any]:
+        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime.lead()
+
+        async def event(plural: str, name: str, spec: dict[str, Any]) -> None:
+            raw = cast("kopf.RawBody", {"metadata": {"namespace": "ns", "name": name, "generation": 1}, "spec": spec})
+            await runtime.on_event(event={"type": "ADDED", "object": raw}, body=kopf.Body(raw),
+                                   resource=kopf.Resource("pgscale.io", "v1alpha1", plural))  # fmt: skip
+
+        await event("partitionpolicies", "pp", {"profileRef": {"name": "app"}})
+        await event("retentionpolicies", "other", {"profileRef": {"name": "elsewhere"}})
+        for key in [await runtime.queue.get(), await runtime.queue.get()]:
+            runtime.queue.done(key)
+            assert isinstance(key, tuple)
+            runtime.delay(key, Outcome(30.0, failed=True))  # both fail: ProfileNotFound
+        await event("databaseprofiles", "app", {"connection": {}})
+        woken = [await runtime.queue.get(), await runtime.queue.get()]
+        return [woken, len(runtime.queue), runtime.delay(("partitionpolicies", "ns", "pp"), Outcome(5.0, True))]
+
+    woken, left, delay = asyncio.run(scenario())
+    assert sorted(woken) == [("databaseprofiles", "ns", "app"), ("partitionpolicies", "ns", "pp")]
+    assert left == 0 and delay == 5.0  # the backoff started over
+
+
+def test_an_api_outage_is_one_line() -> None:
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from pgscale.runtime import describe, unreachable
+
+    refused = urllib3.exceptions.MaxRetryError(
+        None,  # type: ignore[arg-type]
+        "/apis/pgscale.io/v1alpha1",
+        reason=urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: refused"),  # type: ignore[arg-type]
+    )
+    assert unreachable(refused) and unreachable(ApiException(status=503)) and unreachable(ConnectionRefusedError())
+    assert not unreachable(ApiException(status=404)) and not unreachable(KeyError("x"))
+    line = describe(refused)
+    assert "\n" not in line and line.startswith("MaxRetryError: ") and "refused" in line

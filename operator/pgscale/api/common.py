@@ -40,6 +40,16 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=IDENTIFIER_PATTERN)]
 Duration = Annotated[str, StringConstraints(max_length=12, pattern=DURATION_PATTERN)]
+# How long the operator waits between two looks at a resource: bounded per unit (under three years),
+# so that 999999999w cannot overflow a timer or a date (OverflowError) after the API server accepted it.
+PERIOD_PATTERN = r"^([0-9]{1,9}ms|[0-9]{1,7}s|[0-9]{1,6}m|[0-9]{1,4}h|[0-9]{1,3}d|[0-9]{1,2}w)$"
+Period = Annotated[str, StringConstraints(max_length=12, pattern=PERIOD_PATTERN)]
+# A fixed day-of-month in a fixed month that has no such day (April 31, February 30): never fires.
+_SHORT_MONTHS = "4|6|9|11|apr|jun|sep|nov|APR|JUN|SEP|NOV|Apr|Jun|Sep|Nov"
+NEVER_FIRES_RULE = (
+    rf"!self.matches('^\\S+\\s+\\S+\\s+(3[01]\\s+(2|feb|FEB|Feb)|31\\s+({_SHORT_MONTHS}))\\s+[*?]$')",
+    "schedule never fires: that month has no such day (April 31, February 30); pick a day the month has",
+)
 Age = Annotated[str, StringConstraints(max_length=16, pattern=AGE_PATTERN)]
 Cron = Annotated[str, StringConstraints(max_length=100, pattern=CRON_PATTERN)]
 ObjectName = Annotated[

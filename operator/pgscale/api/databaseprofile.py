@@ -15,12 +15,12 @@ from .common import (
     AGE_COLUMN,
     READY_COLUMNS,
     BaseStatus,
-    Duration,
     Identifier,
     KindInfo,
     LocalObjectReference,
     Model,
     ObjectName,
+    Period,
     PrinterColumn,
     Quantity,
     ResourceRequirements,
@@ -295,7 +295,7 @@ class MonitoringSpec(Model):
     """Metrics, alerts and capacity sampling."""
 
     enabled: bool = Field(default=True, description="Export metrics for this database.")
-    interval: Duration = Field(default="60s", description="How often metrics are collected.")
+    interval: Period = Field(default="60s", description="How often metrics are collected.")
     statements: bool = Field(default=True, description="Read query times from pg_stat_statements when it is installed.")
     alerts: AlertsSpec | None = Field(default=None, description="Thresholds; strategy defaults when unset.")
 
@@ -303,7 +303,7 @@ class MonitoringSpec(Model):
 class CapacitySpec(Model):
     """Size sampling and the projection of growth."""
 
-    sample_interval: Duration = Field(default="1h", description="How often database and table sizes are sampled.")
+    sample_interval: Period = Field(default="1h", description="How often database and table sizes are sampled.")
     horizon_months: int = Field(default=12, ge=1, le=120, description="How far ahead sizes are projected.")
 
 
@@ -361,7 +361,7 @@ class DatabaseProfileSpec(Model):
     read_replicas: ReadReplicasSpec | None = Field(default=None, description="Run streaming read replicas.")
     monitoring: MonitoringSpec | None = Field(default=None, description="Metrics and alerts; on by default.")
     capacity: CapacitySpec | None = Field(default=None, description="Capacity sampling; on by default.")
-    reconcile_interval: Duration = Field(
+    reconcile_interval: Period = Field(
         default="5m", description="How often settings are re-checked and drift corrected."
     )
 

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .common import (
     AGE_COLUMN,
+    NEVER_FIRES_RULE,
     READY_COLUMNS,
     Age,
     BaseStatus,
@@ -17,6 +18,7 @@ from .common import (
     JobTemplate,
     KindInfo,
     Model,
+    Period,
     PrinterColumn,
     ProfileReference,
     TableReference,
@@ -100,12 +102,17 @@ class RetentionSpec(Model):
 class MaintenanceSpec(Model):
     """When partitions are created ahead and trimmed behind."""
 
-    interval: Duration = Field(default="1h", description="How often the operator runs maintenance.")
+    interval: Period = Field(
+        default="1h",
+        description="How often the operator runs maintenance; at most 9999999s, 999999m, 9999h, 999d or 99w.",
+    )
     cron_job: bool = Field(
         default=False,
         description="Also run `pgscale job partition-maintenance` from a CronJob on `schedule`.",
     )
-    schedule: Cron = Field(default="@hourly", description="Cron schedule of the CronJob.")
+    schedule: Cron = Field(
+        default="@hourly", description="Cron schedule of the CronJob.", json_schema_extra=cel(NEVER_FIRES_RULE)
+    )
     job: JobTemplate | None = Field(default=None, description="How the CronJob's pods run.")
 
 

@@ -24,6 +24,7 @@ from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
 from ..kube import Kube, ObjectRef, api_error
 from ..metrics import METRICS
+from ..pg import classify
 from ..pg.connection import ConnInfo, resolve
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,13 @@ class Outcome:
 
 
 MIN_REQUEUE_SECONDS = 5.0  # a 0s interval in a spec must not turn into a busy loop
+# Cleanup reaches the database through the profile and its Secret: without them it can never
+# succeed, and holding the finalizer would keep the resource (and its namespace) forever.
+CLEANUP_IMPOSSIBLE = frozenset({"ProfileNotFound", "SecretNotFound"})
+LEFT_BEHIND = (
+    "whatever pgscale had created for it in the database (see docs/troubleshooting.md, "
+    "'Finalizer released', for what each kind keeps there and how to remove it)"
+)
 
 
 def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
@@ -201,6 +209,8 @@ def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcom
         if cleanup is not None:
             cleanup(ctx, obj, parse_spec(ctrl.kind, obj))
     except ReconcileError as exc:
+        if exc.reason in CLEANUP_IMPOSSIBLE:
+            return release(ctrl, ctx, obj, exc)
         ctx.kube.event(ref, "CleanupFailed", f"{exc.message}; deletion waits and retries", warning=True)
         return Outcome(exc.retry_seconds or ctx.settings.stalled_retry_seconds, failed=True)
     except psycopg.Error as exc:
@@ -208,6 +218,21 @@ def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcom
         return Outcome(ctx.settings.stalled_retry_seconds, failed=True)
     ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
     log.info("%s %s/%s: cleaned up", ctrl.kind.name, ref.namespace, ref.name)
+    return Outcome(30.0, failed=False)
+
+
+def release(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any], exc: ReconcileError) -> Outcome:
+    """Cleanup is impossible: let the resource go, with a Warning that says what stayed and how to remove it."""
+    ref = ObjectRef.of(obj)
+    describe = getattr(ctrl, "left_behind", None)
+    try:
+        what = describe(obj, parse_spec(ctrl.kind, obj)) if describe is not None else LEFT_BEHIND
+    except ReconcileError:
+        what = LEFT_BEHIND
+    message = f"cleanup is impossible ({exc.message}); the finalizer was released. Left behind: {what}"
+    ctx.kube.event(ref, "FinalizerReleased", message, warning=True)
+    log.warning("%s %s/%s: %s", ctrl.kind.name, ref.namespace, ref.name, message)
+    ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
     return Outcome(30.0, failed=False)
 
 
@@ -257,8 +282,14 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
     outcome = "success"
     events: list[tuple[str, str, bool]] = []
     try:
-        spec = parse_spec(kind, obj)
-        result = ctrl.reconcile(ctx, obj, spec, status)
+        try:
+            spec = parse_spec(kind, obj)
+            result = ctrl.reconcile(ctx, obj, spec, status)
+        except psycopg.Error as exc:  # a known database failure is a named condition, not an InternalError
+            known = classify(exc)
+            if known is None:
+                raise
+            raise known from exc
         if result.done:
             status.conditions = cond.ready(status.conditions, result.reason, result.message, generation)
         else:

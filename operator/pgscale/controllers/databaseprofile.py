@@ -347,6 +347,15 @@ class DatabaseProfileController:
         status.update(prometheusRule=name)
         return [("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}", False)] if first else []
 
+    def left_behind(self, obj: dict[str, Any], spec: DatabaseProfileSpec) -> str:
+        """The replication slots a profile whose Secret is gone could not drop, and how to drop them."""
+        prefix = replicas.slot_prefix(ObjectRef.of(obj))
+        drop = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE "
+        return (  # for a person to run; the prefix holds only [a-z0-9_]
+            f"its physical replication slots ({prefix}*), which keep WAL on the primary. Drop them there: "
+            f"{drop}'{prefix}%';"
+        )
+
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec) -> None:
         """Drop this profile's replication slots: left behind, they would keep WAL on the primary forever."""
         ref = ObjectRef.of(obj)

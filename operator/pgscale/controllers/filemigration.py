@@ -50,7 +50,7 @@ class FileMigrationController:
         src = source(spec)
         policy = f"{ref.namespace}/{ref.name}"
         with pg.connect(info) as conn:
-            columns = require_table(conn, spec.table)
+            columns = require_table(conn, spec.table, privileges=("SELECT", "UPDATE"))
             require_column(columns, spec.key_column, "keyColumn", spec.table)
             for field, column in (spec.columns.wire() if spec.columns else {}).items():
                 require_column(columns, column, f"columns.{field}", spec.table)

@@ -15,11 +15,11 @@ from ..conversion import Report as Conversion
 from ..conversion import convert, lock_ms
 from ..conversion import status as conversion_status
 from ..durations import seconds
-from ..errors import TransientError
+from ..errors import SpecError, TransientError
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
-from ..schedule import rfc3339, zone
+from ..schedule import next_run, rfc3339, zone
 from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
@@ -57,7 +57,7 @@ class PartitionPolicyController:
         with pg.connect(info) as conn:
             # Partition bounds in status read in the policy's time zone, where they fall at midnight.
             conn.execute("SELECT set_config('TimeZone', %s, false)", (spec.time_zone,))
-            columns = require_table(conn, spec.table)
+            columns = require_table(conn, spec.table, owner=True)
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
             partitioned = pg.is_partitioned(conn, schema, table)
             progress = conversion_status(conn, profile.state_schema, spec)
@@ -83,7 +83,11 @@ class PartitionPolicyController:
                     return Result("NotPartitioned", f"{spec.table.qualified()} is not partitioned; conversion is "
                                   "disabled (spec.conversion.enabled: false)", requeue_after=interval,
                                   events=events)  # fmt: skip
-                report = convert(conn, spec, profile.state_schema, datetime.now(UTC), budget=SLICE_SECONDS)
+                try:
+                    report = convert(conn, spec, profile.state_schema, datetime.now(UTC), budget=SLICE_SECONDS)
+                except SpecError:
+                    self._release_if_untouched(ctx, obj, conn, profile.state_schema, spec)
+                    raise
                 events += report.events or []
                 status.update(conversion=conversion_fields(report))
                 if not report.finished:
@@ -138,6 +142,7 @@ class PartitionPolicyController:
         if not (maintenance and maintenance.cron_job):
             ctx.kube.delete("batch/v1", "CronJob", ref.namespace, name)
             return
+        next_run(maintenance.schedule, spec.time_zone, field="maintenance.schedule")  # a schedule that never fires
         ctx.kube.apply(
             builders.cron_job(
                 ref,
@@ -166,6 +171,26 @@ class PartitionPolicyController:
             "its partitions and the RetentionPolicy works row by row only",
             status.generation,
         )  # fmt: skip
+
+    def _release_if_untouched(
+        self, ctx: Context, obj: dict[str, Any], conn: Any, state_schema: str, spec: PartitionPolicySpec
+    ) -> None:
+        """A conversion refused before its first step changed nothing: no finalizer to strand a namespace."""
+        try:
+            phase = conversion_status(conn, state_schema, spec).phase
+        except Exception:  # the original error matters more; the finalizer stays, which is safe
+            return
+        if phase not in IN_FLIGHT:
+            ensure_finalizer(ctx, self.kind, obj, needed=False)
+
+    def left_behind(self, obj: dict[str, Any], spec: PartitionPolicySpec) -> str:
+        """What an unfinished conversion keeps in the database when its profile is gone, and the SQL to remove it."""
+        schema, table = spec.table.schema_, spec.table.name
+        return (
+            f"if a conversion of {spec.table.qualified()} was under way, its sync trigger on the table, the "
+            "partitioned copy, the change log and the trigger functions (in the profile's stateSchema, default "
+            f"pgscale). Remove them as the table's owner: {sqlc.manual_abort('pgscale', schema, table)}"
+        )
 
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: PartitionPolicySpec) -> None:
         """A policy deleted mid-conversion: remove the trigger and the copy, so the table is as it was."""

@@ -121,7 +121,7 @@ class Migration:
     def run(self) -> Report:
         with pg.connect(self.job.conn) as conn:
             sqlf.ensure_ledger(conn, self.job.state_schema)
-            columns = require_table(conn, self.spec.table)
+            columns = require_table(conn, self.spec.table, privileges=("SELECT", "UPDATE"))
             require_column(columns, self.spec.key_column, "keyColumn", self.spec.table)
             if self.spec.data_column not in columns:
                 self.report.phase, self.report.column_dropped = "Completed", True

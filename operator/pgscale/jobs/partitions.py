@@ -50,7 +50,7 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
     schema, table = spec.table.schema_, spec.table.name
     with pg.connect(job.conn) as conn:
         conn.execute("SELECT set_config('application_name', %s, false)", (f"pgscale-partitions {job.policy_key}"[:63],))
-        columns = require_table(conn, spec.table)
+        columns = require_table(conn, spec.table, owner=True)
         require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
         report = RunReport("Succeeded")
         state = sqlc.load_state(conn, job.state_schema, schema, table)

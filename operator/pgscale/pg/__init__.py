@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from ..errors import DependencyError, TransientError
+from ..errors import DependencyError, ReconcileError, TransientError
 from .connection import ConnInfo
 
-__all__ = ["Column", "ConnInfo", "connect", "server_version", "table_columns"]
+__all__ = ["Column", "ConnInfo", "TableAccess", "connect", "relation_kind", "server_version", "table_access",
+           "table_columns"]  # fmt: skip
 
 
 @contextmanager
@@ -43,6 +44,41 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
         yield conn
     finally:
         conn.close()
+
+
+# SQLSTATEs of a session that ended under a statement: admin or crash shutdown, server starting.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+
+
+def classify(exc: psycopg.Error) -> ReconcileError | None:
+    """A database error that is a known failure, as the condition it deserves; None for anything else.
+
+    The connection lost mid-step (a server restart) is retried fast with the original error kept; a
+    privilege the role lacks names the server's message (which names the object); a lock not granted
+    in time is retried. Everything else stays an InternalError: it is a bug or unforeseen.
+    """
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    state = exc.sqlstate
+    if isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith("08") or
+                                                       state in _SESSION_ENDED):  # fmt: skip
+        return TransientError(
+            f"the connection to the database was lost mid-step ({type(exc).__name__}: {text}); the step is "
+            "resumed from its last committed state",
+            reason="ConnectionLost",
+            retry_seconds=2.0,
+        )
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return DependencyError(
+            f"the database refused: {text}; GRANT that privilege to the role in the profile's Secret (or use "
+            "the object's owner)",
+            reason="InsufficientPrivilege",
+        )
+    if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected):
+        return TransientError(f"a lock was not granted in time ({text}); retried", reason="LockTimeout")
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return TransientError(f"an object vanished under a query ({text}); retried", reason="ObjectVanished",
+                              retry_seconds=2.0)  # fmt: skip
+    return None
 
 
 def server_version(conn: psycopg.Connection) -> tuple[str, int]:
@@ -78,6 +114,44 @@ def table_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str
         (row[0],),
     ).fetchall()
     return {r[0]: Column(r[0], r[1], r[2]) for r in rows}
+
+
+RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
+                  "i": "an index", "I": "a partitioned index", "c": "a composite type"}  # fmt: skip
+
+
+def relation_kind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
+    """What a relation of that name is ("a view", ...), or None when there is none (or it is a table)."""
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name),
+    ).fetchone()
+    return RELATION_KINDS.get(str(row[0])) if row else None
+
+
+@dataclass(frozen=True)
+class TableAccess:
+    """What the connection's role may do with a table, from the catalog (a superuser may do all)."""
+
+    role: str
+    owner: str
+    schema_usage: bool
+    is_owner: bool
+    missing: tuple[str, ...]  # table privileges the role lacks, of those asked for
+
+
+def table_access(conn: psycopg.Connection, schema: str, table: str, privileges: tuple[str, ...]) -> TableAccess:
+    """The role's access to an existing table: schema USAGE, ownership, and which privileges it lacks."""
+    row = conn.execute(
+        "SELECT current_user::text, pg_get_userbyid(c.relowner)::text, has_schema_privilege(n.oid, 'USAGE'), "
+        "pg_has_role(c.relowner, 'USAGE'), "
+        "array(SELECT p FROM unnest(%s::text[]) p WHERE NOT has_table_privilege(c.oid, p)) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (list(privileges), schema, table),
+    ).fetchone()
+    assert row is not None
+    return TableAccess(str(row[0]), str(row[1]), bool(row[2]), bool(row[3]), tuple(row[4] or ()))
 
 
 def is_partitioned(conn: psycopg.Connection, schema: str, table: str) -> bool:
@@ -119,9 +193,45 @@ def ensure_state_table(conn: psycopg.Connection, state_schema: str, table: str, 
     with conn.transaction():
         lock_state_ddl(conn)
         ensure_schema(conn, state_schema)
+        if require_state_access(conn, state_schema, table):
+            return  # it exists: CREATE ... IF NOT EXISTS would still need CREATE on the schema
         conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(s, sql.Identifier(table), sql.SQL(definition))
         )
+
+
+STATE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def require_state_access(conn: psycopg.Connection, state_schema: str, table: str) -> bool:
+    """Whether the bookkeeping table exists; DependencyError with the exact GRANT when the role may not use it:
+    typically two profiles with different roles on one database, the schema or table created by the other."""
+    row = conn.execute(
+        "SELECT current_user::text, pg_get_userbyid(n.nspowner)::text, has_schema_privilege(n.oid, 'USAGE'), "
+        "has_schema_privilege(n.oid, 'CREATE'), c.oid IS NOT NULL, coalesce(pg_get_userbyid(c.relowner)::text, ''), "
+        "array(SELECT p FROM unnest(%s::text[]) p WHERE c.oid IS NOT NULL AND NOT has_table_privilege(c.oid, p)) "
+        "FROM pg_namespace n LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s WHERE n.nspname = %s",
+        (list(STATE_PRIVILEGES), table, state_schema),
+    ).fetchone()
+    if row is None:
+        return False
+    role, schema_owner, usage, create, exists, table_owner, missing = row
+    who = sql.Identifier(role).as_string(None)
+    schema = sql.Identifier(state_schema).as_string(None)
+    if not usage or (not exists and not create):
+        privileges, owner = ("USAGE, CREATE" if not exists else "USAGE"), schema_owner
+        what, grant = f"schema {schema}", f"GRANT {privileges} ON SCHEMA {schema} TO {who}"
+    elif missing:
+        owner = table_owner
+        what = f"pgscale's bookkeeping table {schema}.{sql.Identifier(table).as_string(None)}"
+        grant = f"GRANT {', '.join(missing)} ON {qualified(state_schema, table).as_string(None)} TO {who}"
+    else:
+        return bool(exists)
+    raise DependencyError(
+        f"role {role!r} may not use {what} (owned by {owner!r}: another profile with another role on this "
+        f"database?): run `{grant}` as {owner!r}, or give both profiles the same role or different stateSchema",
+        reason="InsufficientPrivilege",
+    )
 
 
 def qualified(schema: str, table: str) -> sql.Composed:

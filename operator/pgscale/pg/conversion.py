@@ -430,8 +430,16 @@ def try_lock(conn: psycopg.Connection, schema: str, table: str) -> bool:
 
 
 def unlock(conn: psycopg.Connection, schema: str, table: str) -> None:
-    conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))",
-                 (schema, table))  # fmt: skip
+    """Release the table's lock. Called in ``finally``: on a dead connection the lock died with the session,
+    and raising here ("the connection is closed") would hide the error that killed it."""
+    if conn.closed or conn.broken:
+        return
+    try:
+        conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))",
+                     (schema, table))  # fmt: skip
+    except psycopg.OperationalError:
+        if not (conn.closed or conn.broken):
+            raise
 
 
 # --- prepare -----------------------------------------------------------------------------------------
@@ -949,6 +957,22 @@ def abort(
             (schema, table),
         )
     return True
+
+
+def manual_abort(state_schema: str, schema: str, table: str) -> str:
+    """The SQL that undoes an unfinished conversion by hand (what ``abort`` does), for a person to run."""
+    text = sql.SQL(
+        "DROP TRIGGER IF EXISTS {trigger} ON {parent}; DROP TRIGGER IF EXISTS {truncate} ON {parent}; "
+        "DROP TABLE IF EXISTS {shadow}; then, with <oid> = SELECT {name}::regclass::oid: DROP FUNCTION IF EXISTS "
+        "{state}.partition_sync_<oid>(), {state}.partition_sync_truncate_<oid>(); DROP TABLE IF EXISTS "
+        "{state}.partition_log_<oid>; DELETE FROM {states} WHERE table_schema = {schema} AND table_name = {table}"
+    ).format(
+        trigger=sql.Identifier(TRIGGER), truncate=sql.Identifier(TRUNCATE_TRIGGER), parent=qualified(schema, table),
+        shadow=qualified(schema, shadow_name(table)), name=sql.Literal(qualified(schema, table).as_string(None)),
+        state=sql.Identifier(state_schema), states=_state(state_schema), schema=sql.Literal(schema),
+        table=sql.Literal(table),
+    )  # fmt: skip
+    return text.as_string(None)
 
 
 def estimate_rows(conn: psycopg.Connection, schema: str, table: str) -> int | None:

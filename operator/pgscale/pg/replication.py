@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,14 @@ def readiness_problems(conn: psycopg.Connection, user: str, wanted: int) -> list
             "'max_replication_slots')"
         ).fetchall()
     )
+    out += own_role_problems(conn)
     if settings.get("wal_level") == "minimal":
         out.append("wal_level is minimal: set it to replica (needs a restart)")
     for name in ("max_wal_senders", "max_replication_slots"):
         if int(settings.get(name, 0)) < wanted:
             out.append(f"{name} is {settings.get(name)}, below the {wanted} replicas: raise it (needs a restart)")
+    if not _can_read_hba(conn):
+        return out  # own_role_problems named the GRANT; without the rules there is nothing more to check
     rules = conn.execute(
         "SELECT database, user_name FROM pg_hba_file_rules WHERE type IN ('host', 'hostssl', 'hostnossl') "
         "AND error IS NULL AND auth_method NOT IN ('reject')"
@@ -50,6 +54,33 @@ def readiness_problems(conn: psycopg.Connection, user: str, wanted: int) -> list
         out.append(f"pg_hba.conf has no line for replication connections of {user!r}: add "
                    f"'host replication {user} <replica network> scram-sha-256' and reload")  # fmt: skip
     return out
+
+
+def own_role_problems(conn: psycopg.Connection) -> list[str]:
+    """What the profile's own role lacks to manage replicas (create slots, read pg_hba_file_rules), with the fix;
+    checked first, so a missing privilege is a named condition instead of a refused statement later."""
+    row = conn.execute("SELECT current_user::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
+                       ).fetchone()  # fmt: skip
+    if row is None or row[1]:
+        return []
+    role = sql.Identifier(str(row[0])).as_string(None)
+    out = []
+    if not row[2]:
+        out.append(f"the profile's role {row[0]!r} may not create replication slots: ALTER ROLE {role} WITH "
+                   "REPLICATION (or connect as a superuser)")  # fmt: skip
+    if not _can_read_hba(conn):
+        out.append(f"the profile's role {row[0]!r} may not read pg_hba_file_rules: GRANT SELECT ON "
+                   f"pg_catalog.pg_hba_file_rules TO {role}; GRANT EXECUTE ON FUNCTION "
+                   f"pg_catalog.pg_hba_file_rules() TO {role}")  # fmt: skip
+    return out
+
+
+def _can_read_hba(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT has_table_privilege('pg_catalog.pg_hba_file_rules', 'SELECT') "
+        "AND has_function_privilege('pg_catalog.pg_hba_file_rules()', 'EXECUTE')"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def slots(conn: psycopg.Connection, prefix: str) -> dict[str, SlotState]:

@@ -55,14 +55,18 @@ def snapshot(conn: psycopg.Connection, *, statements: bool = True) -> Snapshot:
         "SELECT current_setting('max_connections')::int, pg_database_size(current_database())"
     ).fetchone()
     assert row is not None
-    snap.max_connections, snap.database_bytes = int(row[0]), int(row[1])
+    snap.max_connections, snap.database_bytes = int(row[0]), int(row[1] or 0)
+    # A table dropped while this runs (pgscale's own conversion cleanup does it) has no size: it is
+    # left out, not an int(None) that would stall every profile on the database.
     snap.tables = [
         TableStats(str(r[0]), int(r[1]), int(r[2] or 0), int(r[3] or 0), int(r[4] or 0), int(r[5] or 0))
         for r in conn.execute(
-            "SELECT schemaname || '.' || relname, pg_total_relation_size(relid), seq_scan, idx_scan, "
-            "n_dead_tup, n_live_tup FROM pg_stat_user_tables ORDER BY 2 DESC LIMIT %s",
+            "SELECT * FROM (SELECT schemaname || '.' || relname, pg_total_relation_size(relid) AS size, seq_scan, "
+            "idx_scan, n_dead_tup, n_live_tup FROM pg_stat_user_tables) t WHERE size IS NOT NULL "
+            "ORDER BY size DESC LIMIT %s",
             (TOP_TABLES,),
         ).fetchall()
+        if r[1] is not None
     ]
     snap.unused_indexes = [
         str(r[0])
