@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .common import (
     AGE_COLUMN,
+    NEVER_FIRES_RULE,
     READY_COLUMNS,
     Age,
     BaseStatus,
@@ -181,7 +182,9 @@ class RetentionPolicySpec(Model):
         default="1h", description="A run stops cleanly after this long; the next run continues."
     )
     schedule: Cron = Field(
-        default="0 2 1 * *", description="Cron schedule; monthly at 02:00 on the 1st, like the strategy."
+        default="0 2 1 * *",
+        description="Cron schedule; monthly at 02:00 on the 1st, like the strategy.",
+        json_schema_extra=cel(NEVER_FIRES_RULE),
     )
     time_zone: str = Field(
         default="UTC",

@@ -198,7 +198,14 @@ class RetentionPolicyController:
                 sqlr.cron_unschedule(cron, cron_job_name(ref))
                 return 0
             command = sqlr.cron_command(state_schema, policy).as_string(conn)
-            return sqlr.cron_schedule(cron, cron_job_name(ref), spec.schedule, command, info.dbname)
+            try:
+                return sqlr.cron_schedule(cron, cron_job_name(ref), spec.schedule, command, info.dbname)
+            except psycopg.errors.InvalidParameterValue as exc:  # pg_cron reads fewer forms than croniter
+                raise SpecError(
+                    "schedule",
+                    f"pg_cron does not accept the schedule {spec.schedule!r} ({str(exc).strip()}); use plain cron "
+                    "fields (numbers, ranges, lists, steps, *), or scheduler: cronjob",
+                ) from exc
 
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: RetentionPolicySpec) -> None:
         """Remove the pg_cron job (the only thing this kind keeps outside the cluster)."""
