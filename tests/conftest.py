@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -243,3 +244,24 @@ def seed_tasks(conn: psycopg.Connection, n: int) -> None:
            FROM generate_series(1, %(n)s) g""",
         {"n": n},
     )
+
+
+def kill_after_batches(proc: subprocess.Popen[str], conn: psycopg.Connection, after_run: int, batches: int) -> int:
+    """SIGKILL a running `pgscale job retention` once its run (newer than ``after_run``) has committed
+    ``batches`` batches, or after 60 s; returns that run's id (``after_run`` when none started)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = None
+        if scalar(conn, "SELECT to_regclass('pgscale.retention_runs')"):
+            row = conn.execute(
+                "SELECT id, batches FROM pgscale.retention_runs WHERE outcome = 'Running' AND id > %s "
+                "ORDER BY id DESC LIMIT 1",
+                (after_run,),
+            ).fetchone()
+        if row and row[1] >= batches:
+            after_run = row[0]
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return after_run

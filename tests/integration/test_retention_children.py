@@ -9,9 +9,7 @@ a self-reference, and a child that is itself partitioned.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import threading
 import time
 from typing import Any
@@ -20,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import run_container, scalar, start_container
+from conftest import kill_after_batches, run_container, scalar, start_container
 from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.errors import ReconcileError, SpecError
@@ -305,18 +303,7 @@ def test_killed_job_resumes_and_loses_nothing_in_any_table(postgres: Any, databa
     last_id = 0
     for _ in range(4):
         proc = start_container(pod, secrets)
-        target, deadline = rng.randint(2, 12), time.monotonic() + 60
-        while time.monotonic() < deadline:  # kill it after a random number of committed batches
-            row = None
-            if scalar(conn, "SELECT to_regclass('pgscale.retention_runs')"):
-                row = conn.execute("SELECT id, batches FROM pgscale.retention_runs WHERE outcome = 'Running' "
-                                   "AND id > %s ORDER BY id DESC LIMIT 1", (last_id,)).fetchone()  # fmt: skip
-            if row and row[1] >= target:
-                last_id = row[0]
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        last_id = kill_after_batches(proc, conn, last_id, rng.randint(2, 12))
     final = run_container(pod, secrets)
     assert final.returncode == 0, final.stderr
     assert json.loads(final.stdout.strip().splitlines()[-1])["outcome"] == "Succeeded"

@@ -7,9 +7,7 @@ runs it: `pgscale job retention` with the environment the operator renders.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import threading
 import time
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import run_container, scalar, seed_tasks, start_container
+from conftest import kill_after_batches, run_container, scalar, seed_tasks, start_container
 from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.jobs import JobInput
@@ -224,22 +222,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     last_id = 0
     for _ in range(3):
         proc = start_container(pod, secrets)
-        deadline = time.monotonic() + 60
-        target_batches = random.randint(2, 6)
-        while time.monotonic() < deadline:
-            row = None
-            if scalar(conn, "SELECT to_regclass('pgscale.retention_runs')"):
-                row = conn.execute(
-                    "SELECT id, batches FROM pgscale.retention_runs WHERE outcome = 'Running' AND id > %s "
-                    "ORDER BY id DESC LIMIT 1",
-                    (last_id,),
-                ).fetchone()
-            if row and row[1] >= target_batches:
-                last_id = row[0]
-                break
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        last_id = kill_after_batches(proc, conn, last_id, random.randint(2, 6))
     final = run_container(pod, secrets)
     assert final.returncode == 0, final.stderr
     report = json.loads(final.stdout.strip().splitlines()[-1])
