@@ -311,7 +311,7 @@ def _run_batches(
     progress: Progress | None,
 ) -> None:
     try:
-        total = sqlr.count_matching(conn, target, cutoff)
+        total = sqlr.rows_to_move(conn, target, cutoff)
     except errors.QueryCanceled:
         total = None  # too large to count within statement_timeout: no ETA
     sqlr.update_run(conn, job.state_schema, report.run_id or 0, rows_total=total)

@@ -506,6 +506,22 @@ def count_matching(conn: psycopg.Connection, target: Target, cutoff: datetime) -
     return int(row[0]) if row else 0
 
 
+EXACT_COUNT_UP_TO = 200_000
+
+
+def rows_to_move(conn: psycopg.Connection, target: Target, cutoff: datetime) -> int:
+    """How many rows a run will move, for progress: exact when the planner expects few, else its estimate.
+
+    Counting a large table exactly reads all of it once more before the first batch (a few
+    percent of a run's time, and the cache it evicts); an ETA needs no more than an estimate.
+    """
+    where, _ = predicate(target)
+    query = sql.SQL("SELECT 1 FROM {} s WHERE {}").format(target.source, where)
+    row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, _params(target, cutoff)).fetchone()
+    estimate = int(row[0][0]["Plan"]["Plan Rows"]) if row else 0
+    return estimate if estimate > EXACT_COUNT_UP_TO else count_matching(conn, target, cutoff)
+
+
 def count_referencing(conn: psycopg.Connection, target: Target, cutoff: datetime,
                       chain: tuple[ForeignKey, ...]) -> int | None:  # fmt: skip
     """Rows of the last table of ``chain`` that point (through the chain) at rows a run would remove now.
