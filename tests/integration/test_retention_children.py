@@ -221,7 +221,7 @@ def test_pg_cron_procedure_moves_children_too(postgres: Any, database: str, conn
     job = job_for(postgres, database, children={"mode": "archive"}, dryRun=True)
     run(job)  # creates the archive tables and the run log
     from pgscale.api.retentionpolicy import RetentionPolicySpec
-    from pgscale.jobs.retention import prepare
+    from pgscale.retention import prepare
 
     prepared = prepare(conn, RetentionPolicySpec.model_validate(job.spec), "pgscale")
     sqlr.ensure_procedure(conn, "pgscale")

@@ -11,12 +11,11 @@ from pgscale.api.retentionpolicy import RetentionPolicySpec
 from pgscale.controllers.retentionpolicy import run_status
 from pgscale.errors import SpecError
 from pgscale.jobs import from_env
-from pgscale.jobs.retention import next_batch_size
 from pgscale.kube import ObjectRef
 from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
-from pgscale.retention import TableFacts, check_archive, effect_of, plan, plan_relationships
+from pgscale.retention import TableFacts, check_archive, effect_of, next_batch_size, plan, plan_relationships
 
 SPEC = {
     "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",

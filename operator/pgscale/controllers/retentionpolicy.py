@@ -19,11 +19,11 @@ from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
-from ..jobs.retention import Prepared, at_stake, prepare, unresolved_error
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
 from ..progress import eta
+from ..retention import Prepared, at_stake, prepare, unresolved_error
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
 from .base import (

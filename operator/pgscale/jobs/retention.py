@@ -23,14 +23,12 @@ from psycopg import errors
 from .. import pg
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
-from ..checks import TIME_TYPES, require_column, require_table
 from ..durations import seconds
-from ..errors import DependencyError, ReconcileError, SpecError
+from ..errors import ReconcileError
 from ..pg import partitions as sqlp
-from ..pg import relationships
 from ..pg import retention as sqlr
 from ..progress import Progress
-from ..retention import Relationships, TableFacts, check_archive, plan, plan_relationships
+from ..retention import at_stake, next_batch_size, prepare, unresolved_error
 from . import JobInput, start
 
 log = logging.getLogger(__name__)
@@ -57,110 +55,6 @@ class RunReport:
 
 def _set(conn: psycopg.Connection, name: str, value: str) -> None:
     conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-
-
-@dataclass
-class Prepared:
-    """A checked, planned policy: the batch target, its relationships, the archive tables created now."""
-
-    target: sqlr.Target
-    relationships: Relationships
-    created: list[str] = field(default_factory=list)
-
-
-def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: str) -> Prepared:
-    """Check the table, plan the batches with every foreign key into the rows they remove,
-    make the archive tables and the run log exist.
-
-    Nothing is created while a relationship is unresolved (the caller refuses to run).
-    """
-    columns = require_table(conn, spec.table)
-    require_column(columns, spec.age_column, "ageColumn", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
-    for i, row_filter in enumerate(spec.filters):
-        require_column(columns, row_filter.column, f"filters[{i}].column", spec.table)
-    edges = relationships.reachable(conn, spec.table.schema_, spec.table.name)
-    facts = {}
-    for fk in edges:
-        child_columns = pg.table_columns(conn, fk.schema, fk.table) or {}
-        facts[fk.child] = TableFacts(tuple(child_columns), pg.is_partitioned(conn, fk.schema, fk.table))
-    rels = plan_relationships(spec, edges, facts)
-    target = plan(
-        spec,
-        columns,
-        key_columns=sqlr.primary_key(conn, spec.table.schema_, spec.table.name),
-        partitioned=pg.is_partitioned(conn, spec.table.schema_, spec.table.name),
-        children=rels.plans,
-    )
-    prepared = Prepared(target, rels)
-    if rels.unresolved:
-        return prepared
-    if grants := sqlr.missing_privileges(conn, target):
-        raise DependencyError(
-            f"the role cannot lock, read or move the rows runs of this policy touch: {'; '.join(grants)} "
-            "(for a table that references the policy's table, setting spec.children to keep for it needs "
-            "only SELECT)",
-            reason="InsufficientPrivilege",
-        )
-    sqlr.ensure_run_log(conn, state_schema)
-    if target.archive is not None:
-        existing = sqlr.archive_columns(conn, target)
-        check_archive(spec, columns, existing)
-        if existing is None:
-            sqlr.create_archive(conn, target)
-            prepared.created.append(f"{target.archive_schema or target.schema}.{target.archive_table}")
-    seen: set[tuple[str | None, str | None]] = {(target.archive_schema or target.schema, target.archive_table)}
-    for child in target.plans():
-        if child.archive is None or (child.archive_schema, child.archive_table) in seen or child.fk.self_reference:
-            continue
-        seen.add((child.archive_schema, child.archive_table))
-        source = pg.table_columns(conn, child.fk.schema, child.fk.table) or {}
-        existing = pg.table_columns(conn, child.archive_schema or child.fk.schema, child.archive_table or "")
-        field_name = "children.tables"
-        if existing is None:
-            try:
-                sqlr.create_child_archive(conn, child)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise DependencyError(
-                    f'the role cannot create the archive table "{child.archive_schema}"."{child.archive_table}" '
-                    f'({str(exc).strip()}): grant it CREATE on schema "{child.archive_schema}", or create the '
-                    "table yourself with the columns of the table it archives",
-                    reason="InsufficientPrivilege",
-                ) from exc
-            prepared.created.append(f"{child.archive_schema}.{child.archive_table}")
-        elif problems := sqlr.archive_problems(source, existing):
-            raise SpecError(
-                field_name,
-                f'archive table "{child.archive_schema}"."{child.archive_table}" cannot hold the rows of '
-                f'"{child.fk.schema}"."{child.fk.table}": {"; ".join(problems)}. Add the columns or set '
-                "archiveTable for it",
-                reason="ArchiveMismatch",
-            )
-    return prepared
-
-
-def unresolved_error(prepared: Prepared, at_stake: dict[str, int | None]) -> SpecError:
-    """The Stalled condition of a policy whose table is referenced destructively and children is unset."""
-    lines = []
-    for fk in prepared.relationships.unresolved:
-        rows = at_stake.get(fk.name)
-        count = "an unknown number of" if rows is None else str(rows)
-        lines.append(f"{fk.describe()} ({count} rows reference rows the next run would remove)")
-    return SpecError(
-        "children.mode",
-        "rows of other tables reference the rows this policy removes, and deleting their parents would "
-        f"delete or change them: {'; '.join(lines)}. Nothing was changed. Set spec.children.mode "
-        "(archive: move them with their parents; delete: let them go as ON DELETE says; keep: skip "
-        "parents that have them), or set it per table in spec.children.tables",
-        reason="ReferencedByForeignKeys",
-    )
-
-
-def at_stake(conn: psycopg.Connection, prepared: Prepared, cutoff: Any) -> dict[str, int | None]:
-    """Rows per constraint that the next run would touch, for status, messages and dry runs."""
-    return {
-        item.fk.name: sqlr.count_referencing(conn, prepared.target, cutoff, item.chain)
-        for item in prepared.relationships.listed
-    }
 
 
 def run(
@@ -269,24 +163,6 @@ def _count(report: RunReport, target: sqlr.Target, rows: int) -> None:
     else:
         report.rows_deleted += rows
     report.batches += 1
-
-
-BATCH_TIME_SHARE = 0.1  # a batch aims at this share of lockTimeout: what a writer may wait on its rows
-
-
-def next_batch_size(size: int, taken: int, elapsed: float, *, budget: float, smallest: int, largest: int) -> int:
-    """The next batch's size, from how long this one took (pure).
-
-    Batches grow (doubling) while a full one takes under half the aim, and shrink in
-    proportion when one takes longer than the aim, so each stays far under the lock
-    budget whatever the row width, the indexes and the machine's load.
-    """
-    aim = max(budget * BATCH_TIME_SHARE, 0.01)
-    if elapsed > aim:
-        return max(smallest, min(size, int(size * aim / elapsed)))
-    if taken >= size and elapsed < aim / 2:
-        return min(largest, size * 2)
-    return size
 
 
 RETRYABLE = (

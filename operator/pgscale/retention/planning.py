@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .api.retentionpolicy import ChildrenSpec, RetentionPolicySpec
-from .durations import Age
-from .errors import SpecError
-from .pg import Column
-from .pg.relationships import DESTRUCTIVE, MAX_EDGES, ForeignKey
-from .pg.retention import ChildPlan, Filter, Target, archive_problems
+from ..api.retentionpolicy import ChildrenSpec, RetentionPolicySpec
+from ..durations import Age
+from ..errors import SpecError
+from ..pg import Column
+from ..pg.relationships import DESTRUCTIVE, MAX_EDGES, ForeignKey
+from ..pg.retention import ChildPlan, Filter, Target, archive_problems
 
 MAX_DEPTH = 8
 MAX_PLANS = 64
@@ -208,3 +208,21 @@ def check_archive(spec: RetentionPolicySpec, source: dict[str, Column], archive:
             "Add the columns or name another archive table",
             reason="ArchiveMismatch",
         )
+
+
+BATCH_TIME_SHARE = 0.1  # a batch aims at this share of lockTimeout: what a writer may wait on its rows
+
+
+def next_batch_size(size: int, taken: int, elapsed: float, *, budget: float, smallest: int, largest: int) -> int:
+    """The next batch's size, from how long this one took (pure).
+
+    Batches grow (doubling) while a full one takes under half the aim, and shrink in
+    proportion when one takes longer than the aim, so each stays far under the lock
+    budget whatever the row width, the indexes and the machine's load.
+    """
+    aim = max(budget * BATCH_TIME_SHARE, 0.01)
+    if elapsed > aim:
+        return max(smallest, min(size, int(size * aim / elapsed)))
+    if taken >= size and elapsed < aim / 2:
+        return min(largest, size * 2)
+    return size

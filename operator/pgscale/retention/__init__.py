@@ -1,0 +1,31 @@
+"""RetentionPolicy's logic: pure planning (planning.py) and the preparation its controller and
+its job share (preparation.py). The SQL is in pg/retention.py and pg/relationships.py."""
+
+from .planning import (
+    Listed,
+    Relationships,
+    TableFacts,
+    archive_name,
+    check_archive,
+    effect_of,
+    next_batch_size,
+    plan,
+    plan_relationships,
+)
+from .preparation import Prepared, at_stake, prepare, unresolved_error
+
+__all__ = [
+    "Listed",
+    "Prepared",
+    "Relationships",
+    "TableFacts",
+    "archive_name",
+    "at_stake",
+    "check_archive",
+    "effect_of",
+    "next_batch_size",
+    "plan",
+    "plan_relationships",
+    "prepare",
+    "unresolved_error",
+]
