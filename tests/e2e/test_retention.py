@@ -157,7 +157,14 @@ def test_switching_scheduler_moves_the_schedule(
     assert "pgscale.io/cleanup" in obj["metadata"]["finalizers"]
     gone = kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "cronjob", "archive-completed-tasks-retention")
     assert "NotFound" in gone.stderr
-    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p", '{"spec": {"scheduler": "cronjob"}}')
+    # A schedule croniter reads but pg_cron does not: a named condition on spec.schedule, not an InternalError.
+    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p", '{"spec": {"schedule": "0 0 1W * *"}}')
+    kubectl.wait("retentionpolicy", "archive-completed-tasks", "Stalled")
+    stalled = next(c for c in kubectl.get("rp", "archive-completed-tasks")["status"]["conditions"]
+                   if c["type"] == "Stalled")  # fmt: skip
+    assert stalled["reason"] == "InvalidSpec" and "spec.schedule: pg_cron does not accept" in stalled["message"]
+    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p",
+                '{"spec": {"scheduler": "cronjob", "schedule": "0 2 1 * *"}}')  # fmt: skip
     obj = wait_status(kubectl, "archive-completed-tasks", lambda s: s.get("cronJobName") and not s.get("pgCronJobId"))
     assert not obj["metadata"].get("finalizers")
     with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:
