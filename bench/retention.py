@@ -228,7 +228,7 @@ def run_pgscale(pg: localenv.Postgres, batch: int) -> Any:
         conn = ConnInfo(host=pg.host, port=pg.port, dbname=db, user="postgres", password=pg.PASSWORD)
         report = run(JobInput("bench", "retention", spec, "pgscale", conn))
         assert report.outcome == "Succeeded", report
-        return {"batches": report.batches, "batch_size": batch}
+        return {"batches": report.batches, "batch_size": batch, "retries": report.retries}
 
     return action
 

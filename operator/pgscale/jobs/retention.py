@@ -50,6 +50,7 @@ class RunReport:
     message: str = ""
     partitions: list[str] = field(default_factory=list)  # retired as a whole
     tables: dict[str, int] = field(default_factory=dict)  # per child table and effect; parents skipped
+    retries: int = 0  # batches rolled back and retried (lock timeouts, serialization failures, ...)
     children: dict[str, int] = field(default_factory=dict)  # dry run: rows per referencing table at stake
 
 
@@ -213,6 +214,7 @@ def _run_batches(
                                     state_schema=job.state_schema, run_id=report.run_id)  # fmt: skip
         except RETRYABLE as exc:
             failures += 1
+            report.retries += 1
             if failures > LOCK_RETRIES:
                 raise
             log.warning("batch gave way to the application (%s); retrying", type(exc).__name__)
