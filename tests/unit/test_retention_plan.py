@@ -53,7 +53,7 @@ def test_batch_statement_is_one_atomic_statement_by_key() -> None:
     assert '("s"."id") > (%(after_0)s)' in text
     # The batch's rows are locked: deleted by ctid (a TID scan), not looked up again by key.
     assert 'SELECT s.ctid, "s"."id" FROM' in text
-    assert 'DELETE FROM "public"."Task" t WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM batch)) RETURNING t.*' in text
+    assert 'DELETE FROM ONLY "public"."Task" t WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM batch)) RETURNING t.*' in text
     assert 'INSERT INTO "public"."Task_archive"' in text
     assert 'log AS (UPDATE "pgscale"."retention_runs" SET' in text  # the run log, in the same statement
 
@@ -104,7 +104,9 @@ def test_archive_plans_children_recursively_with_their_archives() -> None:
     target = plan(spec, COLUMNS, key_columns=["id"], partitioned=False, children=rels.plans)
     assert target.snapshot_checked
     text = sqlr.batch_statement(target).as_string(None)
-    assert 'DELETE FROM "public"."Message" c WHERE "c"."taskId" = ANY (ARRAY(SELECT p."id" FROM "moved" p))' in text
+    assert (
+        'DELETE FROM ONLY "public"."Message" c WHERE "c"."taskId" = ANY (ARRAY(SELECT p."id" FROM "moved" p))' in text
+    )
     assert 'INSERT INTO "public"."File_old"' in text and '"public.Reaction deleted"' not in text
     assert "'public.Reaction deleted'" in text
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from .common import (
     AGE_COLUMN,
@@ -69,15 +69,20 @@ class ArchiveSpec(Model):
 
 
 ChildMode = Literal["archive", "delete", "keep"]
+# A name read from the catalog, matched as text and always quoted as an identifier: any characters
+# PostgreSQL allows (up to 63 bytes), not only the plain identifiers a spec's own fields take.
+CatalogName = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[^\x00]+$")]
 
 
 class ChildTable(Model):
     """What happens to the rows of one referencing table whose parent rows leave."""
 
-    schema_: Identifier = Field(default="public", alias="schema", description="Schema of the referencing table.")
-    name: Identifier = Field(description="Name of the referencing table, exactly as in the database.")
+    schema_: CatalogName = Field(default="public", alias="schema", description="Schema of the referencing table.")
+    name: CatalogName = Field(
+        description="Name of the referencing table, exactly as in the database (any name; compared, never SQL)."
+    )
     mode: ChildMode = Field(description="archive, delete or keep, for the rows of this table (see children.mode).")
-    archive_table: Identifier | None = Field(
+    archive_table: CatalogName | None = Field(
         default=None, description="Archive table of this table's rows, for archive; `<name>_archive` when unset."
     )
 

@@ -23,7 +23,7 @@ from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
 from ..progress import eta
-from ..retention import Prepared, at_stake, prepare, unresolved_error
+from ..retention import Prepared, Stake, at_stake, prepare, unresolved_error
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
 from .base import (
@@ -69,7 +69,7 @@ def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
     return status
 
 
-def relationships_status(prepared: Prepared, stake: dict[str, int | None]) -> list[dict[str, Any]]:
+def relationships_status(prepared: Prepared, stake: Stake) -> list[dict[str, Any]]:
     """status.relationships: every foreign key that reaches the rows runs remove (pure)."""
     out = []
     for item in prepared.relationships.listed[:100]:
@@ -82,8 +82,8 @@ def relationships_status(prepared: Prepared, stake: dict[str, int | None]) -> li
             "mode": item.mode or "unset",
             "effect": item.effect,
         }
-        if stake.get(fk.name) is not None:
-            entry["rows"] = stake[fk.name]
+        if stake.get(fk) is not None:
+            entry["rows"] = stake[fk]
         out.append(entry)
     return out
 

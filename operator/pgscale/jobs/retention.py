@@ -24,8 +24,9 @@ from .. import pg
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
-from ..errors import ReconcileError
+from ..errors import ReconcileError, SpecError
 from ..pg import partitions as sqlp
+from ..pg import relationships
 from ..pg import retention as sqlr
 from ..progress import Progress
 from ..retention import at_stake, next_batch_size, prepare, unresolved_error
@@ -96,7 +97,7 @@ def run(
                 stake = at_stake(conn, prepared, cutoff)
                 for item in prepared.relationships.listed:
                     key = f"{item.fk.schema}.{item.fk.table} via {item.fk.name} ({item.effect})"
-                    report.children[key] = stake.get(item.fk.name) or 0
+                    report.children[key] = stake.get(item.fk) or 0
                 if report.children:
                     report.message += "; referencing rows: " + ", ".join(
                         f"{k}: {v}" for k, v in report.children.items()
@@ -231,6 +232,13 @@ def _run_batches(
         if progress:
             progress.advance(batch.moved)
         if batch.taken < size:
+            if target.fingerprint and relationships.fingerprint(conn, target.tables) != target.fingerprint:
+                raise SpecError(
+                    "children",
+                    "foreign keys into the tables this run moves changed during the run (a migration?); the "
+                    "batches after the change moved nothing; the next run plans again with them",
+                    reason="RelationshipsChanged",
+                )
             report.outcome = "Succeeded"
             report.message = f"{report.rows_archived + report.rows_deleted} rows older than {spec.older_than} " + (
                 f"archived into {target.archive_schema or target.schema}.{target.archive_table}"

@@ -22,7 +22,7 @@ from psycopg import sql
 
 from . import Column, ensure_schema, ensure_state_table, lock_state_ddl, qualified, table_columns
 from .partitions import children, marked_tables
-from .relationships import DESTRUCTIVE, ForeignKey
+from .relationships import DESTRUCTIVE, ForeignKey, fingerprint_query
 
 RUNS_TABLE = "retention_runs"
 
@@ -34,6 +34,15 @@ class Filter:
     column: str
     operator: str
     values: tuple[str, ...] = ()
+
+
+def relation(schema: str, table: str, partitioned: bool) -> sql.Composed:
+    """A table's own rows: ``ONLY`` for a plain table, so the rows of tables that INHERIT from it
+    (other columns, other ctids) are never read, matched by ctid or deleted, as foreign keys and
+    their ON DELETE actions never see them either; a partitioned table has rows only in its
+    partitions."""
+    name = qualified(schema, table)
+    return name if partitioned else sql.Composed([sql.SQL("ONLY "), name])
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class ChildPlan:
             return None
         return qualified(self.archive_schema or self.fk.schema, self.archive_table)
 
+    @property
+    def scan(self) -> sql.Composed:
+        return relation(self.fk.schema, self.fk.table, self.partitioned)
+
     def walk(self) -> Iterator[ChildPlan]:
         yield self
         for child in self.children:
@@ -89,10 +102,25 @@ class Target:
     key_columns: tuple[str, ...] = ()  # the primary key; empty: rows are named by ctid
     children: tuple[ChildPlan, ...] = ()
     max_batch_size: int = 0  # 0: batch_size
+    fingerprint: str = ""  # of the foreign keys into the tables the plan covers, when it was made
+
+    @property
+    def tables(self) -> list[tuple[str, str]]:
+        """The table and every table the plan reads or changes through foreign keys."""
+        out = [(self.schema, self.table)]
+        for plan in self.plans():
+            if plan.fk.child not in out:
+                out.append(plan.fk.child)
+        return out
 
     @property
     def source(self) -> sql.Composed:
         return qualified(self.schema, self.table)
+
+    @property
+    def scan(self) -> sql.Composed:
+        """The table for reading and deleting rows: its own rows only (see ``relation``)."""
+        return relation(self.schema, self.table, self.partitioned)
 
     @property
     def archive(self) -> sql.Composed | None:
@@ -117,7 +145,10 @@ class Target:
         the batch instead (a serialization failure; the batch is retried).
         """
         return any(
-            p.effect == "archive" or (p.effect == "skipParent" and p.fk.action in DESTRUCTIVE) for p in self.plans()
+            p.effect == "archive"
+            or (p.effect == "skipParent" and p.fk.action in DESTRUCTIVE)
+            or (p.fk.self_reference and p.removes)  # descendants found in the snapshot go, none deleted
+            for p in self.plans()
         )
 
 
@@ -203,32 +234,45 @@ class _Aliases:
 
 
 def _blockers(
-    alias: str, plans: tuple[ChildPlan, ...], names: _Aliases, depth: int = 0
+    alias: str, table: sql.Composable, plans: tuple[ChildPlan, ...], names: _Aliases
 ) -> list[tuple[str, sql.Composable]]:
-    """Conditions on a row (``alias``) that keep it where it is, each with the constraint it counts under.
+    """Conditions on a row (``alias``, of ``table``) that keep it where it is, each with the constraint
+    it counts under.
 
-    A row is kept when a ``skipParent`` child points at it, or when a row that would go
-    with it (an archived or deleted child, at any depth) is itself kept. A self-reference
-    is followed one level for the latter; a deeper one that blocks makes the database
-    refuse the batch, which is rolled back whole and retried.
+    A row is kept when a ``skipParent`` child points at it, or when a row that would go with it
+    (an archived or deleted child, at any depth) is itself kept. Through a self-reference that
+    removes descendants, every descendant is checked (a recursive query from the row), since
+    they all go with it.
     """
     out: list[tuple[str, sql.Composable]] = []
-    others = tuple(p for p in plans if not p.fk.self_reference)
+    selfs = _self_edges(plans)
+    others = tuple(p for p in plans if not (p.fk.self_reference and p.removes))
+    if selfs:
+        d = names("d")
+        inner = _blockers(d, table, others, names)
+        if not inner:
+            return out
+        refs = sorted({c for p in (*others, *selfs) for c in p.fk.ref_columns})
+        seed = sql.SQL("SELECT {}").format(_cols(alias, refs))
+        step = sql.SQL("SELECT {} FROM {} t JOIN {} ON {}").format(
+            _cols("t", refs), table, sql.Identifier(d),
+            sql.SQL(" OR ").join(
+                sql.SQL("({}) = ({})").format(_cols("t", e.fk.columns), _cols(d, e.fk.ref_columns)) for e in selfs
+            ),
+        )  # fmt: skip
+        for label, cond in inner:
+            out.append((label, sql.SQL("EXISTS (WITH RECURSIVE {d}({cols}) AS ({seed} UNION {step}) "
+                                       "SELECT 1 FROM {d} WHERE {cond})").format(
+                d=sql.Identifier(d), cols=_names(refs), seed=seed, step=step, cond=cond)))  # fmt: skip
+        return out
     for plan in plans:
-        if depth > 8:
-            break
         c = names("k")
         link = sql.SQL("({}) = ({})").format(_cols(c, plan.fk.columns), _cols(alias, plan.fk.ref_columns))
-        head = sql.SQL("EXISTS (SELECT 1 FROM {} {} WHERE {}").format(
-            qualified(plan.fk.schema, plan.fk.table), sql.Identifier(c), link
-        )
+        head = sql.SQL("EXISTS (SELECT 1 FROM {} {} WHERE {}").format(plan.scan, sql.Identifier(c), link)
         if plan.effect == "skipParent":
             out.append((f"skipped: {plan.fk.name}", sql.Composed([head, sql.SQL(")")])))
         elif plan.removes:
-            below = others if plan.fk.self_reference else plan.children
-            if plan.fk.self_reference and depth > 0:
-                continue
-            for label, cond in _blockers(c, below, names, depth + 1):
+            for label, cond in _blockers(c, plan.scan, plan.children, names):
                 out.append((label, sql.Composed([head, sql.SQL(" AND "), cond, sql.SQL(")")])))
     return out
 
@@ -273,7 +317,7 @@ def _children_parts(
     CTE), recursively, and count what the database's own actions will change."""
     for plan in plans:
         fk = plan.fk
-        table = qualified(fk.schema, fk.table)
+        table = plan.scan
         label = f"{fk.schema}.{fk.table}"
         if plan.effect == "skipParent" or (plan.fk.self_reference and plan.removes):
             continue  # handled by the blockers, or by the parent's closure
@@ -345,8 +389,17 @@ def batch_statement(
             where = sql.SQL("{} AND ({}) {} ({})").format(where, tuple_, sql.SQL(op), bound)
     order = sql.SQL(" ORDER BY {}").format(tuple_) if keys else sql.SQL("")
     selfs = _self_edges(target.children)
-    blockers = _blockers("s" if inline else "c", target.children, names)
-    if inline and blockers:
+    blockers = _blockers("s" if inline or not keys else "c", target.scan, target.children, names)
+    # Without a key walk (pg_cron, or no primary key) a kept row would be taken again by every
+    # batch: such rows are left out of the batch instead of flagged and counted.
+    filtered = inline or not keys
+    if target.fingerprint:
+        # Planned for these foreign keys: if a migration added or changed one since, the batch takes
+        # nothing (its ON DELETE action would act unseen), and the run reports it.
+        where = sql.SQL("{} AND ({}) = {}").format(
+            where, fingerprint_query(target.tables), sql.Literal(target.fingerprint)
+        )
+    if filtered and blockers:
         where = sql.SQL("{} AND NOT ({})").format(where, sql.SQL(" OR ").join(b for _, b in blockers))
     # What the batch keeps of each row: the key, the columns its blockers and self-references read.
     wanted = list(keys)
@@ -362,18 +415,17 @@ def batch_statement(
     limit = sql.SQL("$2") if inline else sql.Placeholder("limit")
     parts: list[sql.Composable] = [
         sql.SQL("cand AS MATERIALIZED (SELECT {} FROM {} s WHERE {}{} LIMIT {} FOR UPDATE OF s SKIP LOCKED)").format(
-            wanted_sql, target.source, where, order, limit
+            wanted_sql, target.scan, where, order, limit
         )
     ]
     counters: list[tuple[str, sql.Composable]] = []
-    if blockers and not inline:
-        flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, sql.Identifier(f"b{i}")) for i, (_, b) in
-                                   enumerate(blockers))  # fmt: skip
+    if blockers and not filtered:
+        kept = [sql.Identifier(f"pgscale kept {i}") for i in range(len(blockers))]  # never a column's name
+        flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, f) for (_, b), f in zip(blockers, kept, strict=True))
         parts.append(sql.SQL("flags AS MATERIALIZED (SELECT c.*, {} FROM cand c)").format(flags))
-        any_flag = sql.SQL(" OR ").join(sql.Identifier(f"b{i}") for i in range(len(blockers)))
-        parts.append(sql.SQL("batch AS (SELECT * FROM flags WHERE NOT ({}))").format(any_flag))
-        for i, (label, _) in enumerate(blockers):
-            counters.append((label, sql.SQL("(SELECT count(*) FROM flags WHERE {})").format(sql.Identifier(f"b{i}"))))
+        parts.append(sql.SQL("batch AS (SELECT * FROM flags WHERE NOT ({}))").format(sql.SQL(" OR ").join(kept)))
+        for (label, _), f in zip(blockers, kept, strict=True):
+            counters.append((label, sql.SQL("(SELECT count(*) FROM flags WHERE {})").format(f)))
     else:
         parts.append(sql.SQL("batch AS (SELECT * FROM cand)"))
     if selfs:
@@ -381,7 +433,7 @@ def batch_statement(
         parts.append(
             _closure(
                 "r0",
-                target.source,
+                target.scan,
                 target.partitioned,
                 _closure_seed(target.partitioned, refs, sql.SQL("batch")),
                 selfs,
@@ -394,7 +446,7 @@ def batch_statement(
         match = sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
     else:
         match = sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
-    parts.append(sql.SQL("moved AS (DELETE FROM {} t WHERE {} RETURNING t.*)").format(target.source, match))
+    parts.append(sql.SQL("moved AS (DELETE FROM {} t WHERE {} RETURNING t.*)").format(target.scan, match))
     if target.archive is not None:
         cols = _names(target.columns)
         parts.append(
@@ -406,7 +458,11 @@ def batch_statement(
     values = sql.SQL(", ").join(sql.SQL("({}, {})").format(sql.Literal(k), v) for k, v in counters)
     parts.append(sql.SQL("mc AS (SELECT count(*) AS n FROM moved)"))
     if counters:
-        parts.append(sql.SQL("counts AS MATERIALIZED (SELECT k, v FROM (VALUES {}) x(k, v))").format(values))
+        parts.append(  # a table reached by two paths counts once per label: summed
+            sql.SQL(
+                "counts AS MATERIALIZED (SELECT k, sum(v)::bigint AS v FROM (VALUES {}) x(k, v) GROUP BY k)"
+            ).format(values)
+        )
     if runs is not None:
         run_id = sql.SQL("$3") if inline else sql.Placeholder("run")
         archiving = target.archive is not None
@@ -492,7 +548,7 @@ def highest_key(conn: psycopg.Connection, target: Target) -> tuple[Any, ...] | N
         return None
     idents = [sql.Identifier(c) for c in target.key_columns]
     query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
-        sql.SQL(", ").join(idents), target.source, sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents)
+        sql.SQL(", ").join(idents), target.scan, sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents)
     )
     row = conn.execute(query).fetchone()
     return tuple(row) if row else None
@@ -501,7 +557,7 @@ def highest_key(conn: psycopg.Connection, target: Target) -> tuple[Any, ...] | N
 def count_matching(conn: psycopg.Connection, target: Target, cutoff: datetime) -> int:
     """Rows a run would move now (the dry run's answer)."""
     where, _ = predicate(target)
-    query = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where)
+    query = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.scan, where)
     row = conn.execute(query, _params(target, cutoff)).fetchone()
     return int(row[0]) if row else 0
 
@@ -516,7 +572,7 @@ def rows_to_move(conn: psycopg.Connection, target: Target, cutoff: datetime) -> 
     percent of a run's time, and the cache it evicts); an ETA needs no more than an estimate.
     """
     where, _ = predicate(target)
-    query = sql.SQL("SELECT 1 FROM {} s WHERE {}").format(target.source, where)
+    query = sql.SQL("SELECT 1 FROM {} s WHERE {}").format(target.scan, where)
     row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, _params(target, cutoff)).fetchone()
     estimate = int(row[0][0]["Plan"]["Plan Rows"]) if row else 0
     return estimate if estimate > EXACT_COUNT_UP_TO else count_matching(conn, target, cutoff)
@@ -530,7 +586,7 @@ def count_referencing(conn: psycopg.Connection, target: Target, cutoff: datetime
     """
     where, _ = predicate(target)
     inner: sql.Composed = sql.SQL("SELECT {} FROM {} s WHERE {}").format(
-        _cols("s", chain[0].ref_columns), target.source, where
+        _cols("s", chain[0].ref_columns), target.scan, where
     )
     for i, fk in enumerate(chain):
         alias = f"x{i}"
@@ -921,14 +977,17 @@ def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
                 "archiving boolean NOT NULL, dry_run boolean NOT NULL, lock_timeout text NOT NULL, "
                 "statement_timeout text NOT NULL, max_run interval NOT NULL, pause double precision NOT NULL, "
                 "lock_key bigint NOT NULL DEFAULT 0, isolation text NOT NULL DEFAULT '', "
+                "check_sql text NOT NULL DEFAULT 'SELECT repeat(''x'', 0)', fingerprint text NOT NULL DEFAULT '', "
                 "updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE))
         )
-        if "isolation" not in (table_columns(conn, state_schema, CONFIG_TABLE) or {}):
+        if "check_sql" not in (table_columns(conn, state_schema, CONFIG_TABLE) or {}):
             conn.execute(  # tables created by an earlier version lack them
                 sql.SQL(
                     "ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS lock_key bigint NOT NULL DEFAULT 0, "
-                    "ADD COLUMN IF NOT EXISTS isolation text NOT NULL DEFAULT ''"
+                    "ADD COLUMN IF NOT EXISTS isolation text NOT NULL DEFAULT '', "
+                    "ADD COLUMN IF NOT EXISTS check_sql text NOT NULL DEFAULT 'SELECT repeat(''x'', 0)', "
+                    "ADD COLUMN IF NOT EXISTS fingerprint text NOT NULL DEFAULT ''"
                 ).format(s, sql.Identifier(CONFIG_TABLE))
             )
         conn.execute(
@@ -941,6 +1000,7 @@ DECLARE
   v_moved bigint;
   v_run bigint;
   v_retries integer := 0;
+  v_fingerprint text;
 BEGIN
   SELECT * INTO cfg FROM {s}.{cfg} WHERE policy = p_policy;
   IF NOT FOUND THEN
@@ -1000,6 +1060,15 @@ BEGIN
     END IF;
     PERFORM pg_sleep(cfg.pause);
   END LOOP;
+  EXECUTE cfg.check_sql INTO v_fingerprint;
+  IF v_fingerprint IS DISTINCT FROM cfg.fingerprint THEN
+    UPDATE {s}.{runs} SET outcome = 'Failed', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
+      message = 'foreign keys into the tables this policy moves changed since the operator planned its batches; '
+                || 'the batches after the change moved nothing; the operator plans again at its next reconcile'
+      WHERE id = v_run;
+    COMMIT;
+    RETURN;
+  END IF;
   UPDATE {s}.{runs} SET outcome = 'Succeeded', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
     message = (rows_archived + rows_deleted) || ' rows ' ||
               CASE WHEN cfg.archiving THEN 'archived' ELSE 'deleted' END || ' by pg_cron'
@@ -1015,10 +1084,11 @@ def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target
     """Store the rendered statements and settings the procedure runs with."""
     batch_sql = batch_statement(target, inline=True, runs=runs_table(state_schema)).as_string(conn)
     where, _ = predicate(target, inline=True)
-    count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.source, where).as_string(conn)
+    count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.scan, where).as_string(conn)
     row = {"batch_sql": batch_sql, "count_sql": count_sql, "age": target.age_interval,
            "batch_size": target.batch_size, "archiving": target.archive is not None,
-           "lock_key": run_lock_key(policy),
+           "lock_key": run_lock_key(policy), "fingerprint": target.fingerprint,
+           "check_sql": fingerprint_query(target.tables).as_string(conn),
            "isolation": "repeatable read" if target.snapshot_checked else "", **settings}  # fmt: skip
     names = list(row)
     conn.execute(

@@ -12,12 +12,13 @@ from .planning import (
     plan,
     plan_relationships,
 )
-from .preparation import Prepared, at_stake, prepare, unresolved_error
+from .preparation import Prepared, Stake, at_stake, prepare, unresolved_error
 
 __all__ = [
     "Listed",
     "Prepared",
     "Relationships",
+    "Stake",
     "TableFacts",
     "archive_name",
     "at_stake",

@@ -156,7 +156,32 @@ def plan_relationships(
         return tuple(plans)
 
     out.plans = expand(root, (root,), ())
+    _check_archives(spec, out.plans)
     return out
+
+
+def _check_archives(spec: RetentionPolicySpec, plans: tuple[ChildPlan, ...]) -> None:
+    """Each archive table takes the rows of one table only: rows of two tables in one archive
+    could no longer be told apart (and their keys could collide)."""
+    owner: dict[tuple[str, str], tuple[str, str]] = {}
+    root = archive_name(spec)
+    if root is not None:
+        owner[root] = (spec.table.schema_, spec.table.name)
+    stack = list(plans)
+    while stack:
+        plan = stack.pop()
+        stack.extend(plan.children)
+        if plan.archive_table is None or plan.fk.self_reference:
+            continue
+        name = (plan.archive_schema or plan.fk.schema, plan.archive_table)
+        if owner.setdefault(name, plan.fk.child) != plan.fk.child:
+            other = owner[name]
+            raise SpecError(
+                "children.tables",
+                f'the archive table "{name[0]}"."{name[1]}" would receive the rows of both "{other[0]}"."{other[1]}" '
+                f'and "{plan.fk.schema}"."{plan.fk.table}": set archiveTable for one of them',
+                reason="ArchiveConflict",
+            )
 
 
 def plan(

@@ -8,7 +8,7 @@ run is never Ready.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from ..checks import TIME_TYPES, require_column, require_table
 from ..errors import DependencyError, SpecError
 from ..pg import relationships
 from ..pg import retention as sqlr
+from ..pg.relationships import ForeignKey
 from .planning import Relationships, TableFacts, check_archive, plan, plan_relationships
 
 
@@ -54,9 +55,18 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
         partitioned=pg.is_partitioned(conn, spec.table.schema_, spec.table.name),
         children=rels.plans,
     )
+    if rels.plans:  # what the plan was made for: a batch after a change of these keys moves nothing
+        target = replace(target, fingerprint=relationships.fingerprint(conn, target.tables))
     prepared = Prepared(target, rels)
     if rels.unresolved:
         return prepared
+    if hidden := relationships.row_security_hides(conn, target.tables):
+        raise DependencyError(
+            f"row-level security on {', '.join(hidden)} hides rows from the role, while ON DELETE actions "
+            f"act on every row: a run could delete rows it never saw. Run it as the tables' owner, or "
+            f"ALTER ROLE {conn.info.user} BYPASSRLS",
+            reason="InsufficientPrivilege",
+        )
     if grants := sqlr.missing_privileges(conn, target):
         raise DependencyError(
             f"the role cannot lock, read or move the rows runs of this policy touch: {'; '.join(grants)} "
@@ -101,11 +111,14 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
     return prepared
 
 
-def unresolved_error(prepared: Prepared, at_stake: dict[str, int | None]) -> SpecError:
+Stake = dict[ForeignKey, int | None]
+
+
+def unresolved_error(prepared: Prepared, at_stake: Stake) -> SpecError:
     """The Stalled condition of a policy whose table is referenced destructively and children is unset."""
     lines = []
     for fk in prepared.relationships.unresolved:
-        rows = at_stake.get(fk.name)
+        rows = at_stake.get(fk)
         count = "an unknown number of" if rows is None else str(rows)
         lines.append(f"{fk.describe()} ({count} rows reference rows the next run would remove)")
     return SpecError(
@@ -118,9 +131,9 @@ def unresolved_error(prepared: Prepared, at_stake: dict[str, int | None]) -> Spe
     )
 
 
-def at_stake(conn: psycopg.Connection, prepared: Prepared, cutoff: Any) -> dict[str, int | None]:
+def at_stake(conn: psycopg.Connection, prepared: Prepared, cutoff: Any) -> Stake:
     """Rows per constraint that the next run would touch, for status, messages and dry runs."""
     return {
-        item.fk.name: sqlr.count_referencing(conn, prepared.target, cutoff, item.chain)
+        item.fk: sqlr.count_referencing(conn, prepared.target, cutoff, item.chain)
         for item in prepared.relationships.listed
     }
