@@ -109,10 +109,13 @@ class RetentionPolicyController:
         with pg.connect(info) as conn:
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
-            stake = at_stake(conn, prepared, sqlr.cutoff_for(conn, target.age_interval))
-            status.update(relationships=relationships_status(prepared, stake) or None)
-            if prepared.relationships.unresolved:
-                raise unresolved_error(prepared, stake)
+            running = sqlr.run_lock_held(conn, f"{ref.namespace}/{ref.name}")
+            if prepared.relationships.unresolved or not (running and status.status.get("relationships")):
+                # Counting reads the tables: not while a run moves their rows (the last counts stay).
+                stake = at_stake(conn, prepared, sqlr.cutoff_for(conn, target.age_interval))
+                status.update(relationships=relationships_status(prepared, stake) or None)
+                if prepared.relationships.unresolved:
+                    raise unresolved_error(prepared, stake)
             for name in prepared.created:
                 events.append(("ArchiveTableCreated", f"created archive table {name}", False))
             sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
