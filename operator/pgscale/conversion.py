@@ -22,7 +22,6 @@ import psycopg
 from . import faults, pg
 from .api.partitionpolicy import PartitionPolicySpec
 from .checks import base_type
-from .durations import seconds
 from .errors import DependencyError, SpecError, TransientError
 from .partitioning import Range, add_periods, partition_name, period_start, wanted
 from .pg import conversion as sqlc
@@ -58,9 +57,9 @@ class Report:
 def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
     """Why the table cannot be converted as the spec stands, each with what the spec or the schema can do."""
     name = spec.table.qualified()
-    conv = spec.conversion
-    widen = bool(conv and conv.widen_keys)
-    drop_incoming = bool(conv and conv.drop_referencing_foreign_keys)
+    conv = spec.conversion_or_default
+    widen = conv.widen_keys
+    drop_incoming = conv.drop_referencing_foreign_keys
     out: list[str] = []
     if not shape.primary_key:
         out.append(f"{name} has no primary key; add one (pgscale copies rows by key, exactly once)")
@@ -159,7 +158,7 @@ def starting_ranges(spec: PartitionPolicySpec, table: str, first: Any, last: Any
 
 
 def lock_ms(spec: PartitionPolicySpec) -> int:
-    return int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+    return spec.conversion_or_default.lock_timeout_ms
 
 
 def _report(state: sqlc.State | None, now: float | None = None) -> Report:
@@ -192,7 +191,7 @@ def _with_lock_retries(
 ) -> int:  # fmt: skip
     """Run a step that must lock the table, retrying while the application holds the lock."""
     schema, table = spec.table.schema_, spec.table.name
-    retries = spec.conversion.max_retries if spec.conversion else 60
+    retries = spec.conversion_or_default.max_retries
     for attempt in range(retries + 1):
         try:
             return step()
@@ -206,7 +205,7 @@ def _with_lock_retries(
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     raise TransientError(
         f"{what} of {spec.table.qualified()} could not lock the table within spec.conversion.lockTimeout "
-        f"({spec.conversion.lock_timeout if spec.conversion else '1s'}); long transactions of the application "
+        f"({spec.conversion_or_default.lock_timeout}); long transactions of the application "
         "hold it: it is retried",
         reason="LockTimeout",
         retry_seconds=10,
@@ -261,9 +260,9 @@ def convert(
     """Advance the conversion as far as `budget` seconds allow (None: to the end)."""
     schema, table = spec.table.schema_, spec.table.name
     deadline = None if budget is None else time.monotonic() + budget
-    conv = spec.conversion
+    conv = spec.conversion_or_default
     ms = lock_ms(spec)
-    batch = conv.batch_size if conv else 10000
+    batch = conv.batch_size
     events: list[tuple[str, str, bool]] = []
     # If this process vanishes mid-transaction (a node lost, not a clean kill), the server ends the
     # session within a minute and releases its locks: pgscale never idles inside a transaction.
@@ -306,7 +305,7 @@ def convert(
         if state.phase == "prepared":
             assert shape is not None
             conflict = shape.primary_key + ([] if spec.column in shape.primary_key else [spec.column])
-            pause = seconds(conv.pause_between_batches) if conv else 0.0
+            pause = conv.pause_seconds
             cursor = state.cursor
             batches = failures = 0
             while True:
@@ -318,7 +317,7 @@ def convert(
                 except RETRYABLE as exc:  # DDL on the table holds it: the batch waits its turn
                     sqlc.note_retry(conn, state_schema, schema, table)
                     failures += 1
-                    if failures > (conv.max_retries if conv else 60):
+                    if failures > conv.max_retries:
                         raise TransientError(
                             f"copying {spec.table.qualified()} could not read the table within "
                             f"spec.conversion.lockTimeout, {failures} times in a row; it continues later",
@@ -367,7 +366,7 @@ def convert(
             if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
                 return _finish(conn, state_schema, spec, events)
             fresh, built_from = shape, state.definition or ""
-            drop = bool(conv and conv.drop_referencing_foreign_keys)
+            drop = conv.drop_referencing_foreign_keys
             try:
                 held = _with_lock_retries(
                     conn, state_schema, spec, "the switch",
@@ -385,7 +384,7 @@ def convert(
             state.phase = "swapped"
         if state.phase == "swapped":
             oid = _old_oid(conn, schema, table)
-            keep = bool(conv and conv.keep_old_table)
+            keep = conv.keep_old_table
 
             def cleanup() -> int:
                 sqlc.cleanup(conn, state_schema, schema, table, oid, keep, ms)
@@ -441,7 +440,7 @@ def _build(
                     sqlp.bound_literal(column_type, r.end, spec.time_zone))
         for r in ranges
     ]  # fmt: skip
-    widen = bool(spec.conversion and spec.conversion.widen_keys)
+    widen = spec.conversion_or_default.widen_keys
     total = sqlc.estimate_rows(conn, schema, table)
 
     ms = lock_ms(spec)

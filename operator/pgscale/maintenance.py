@@ -18,7 +18,6 @@ import psycopg
 from . import pg
 from .api.partitionpolicy import PartitionPolicySpec
 from .checks import base_type
-from .durations import seconds
 from .errors import SpecError
 from .partitioning import Range, keep_from, range_for, wanted
 from .pg import conversion as sqlc
@@ -71,7 +70,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
             "pgscale maintains range partitions on the policy's column only",
             reason="PartitionKeyMismatch",
         )
-    lock_ms = int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+    lock_ms = spec.conversion_or_default.lock_timeout_ms
     existing = sqlp.parts(conn, schema, table)
     default = next((p for p in existing if p.is_default), None)
     if spec.default_partition == "create" and default is None:
@@ -116,7 +115,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 report.dropped.append(default.name)
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(default.name)
-    action = spec.retention.action if spec.retention else "detach"
+    action = spec.retention_action
     archive = spec.retention.archive_schema if spec.retention else None
     for leftover_schema, leftover in sqlp.retired_leftovers(conn, schema, table):
         # Detached earlier, but its drop or move did not happen: finish it first.

@@ -324,8 +324,12 @@ def profile_summary(profile: Obj) -> list[tuple[str, str]]:
 
     pooler = status.get("pooler")
     if pooler:
+        from .api.common import default_of
+        from .api.databaseprofile import PoolingSpec
+
+        mode = default_of(PoolingSpec, "pool_mode")
         pooling = f"{pooler.get('service')} ({pooler.get('instances')} instances"
-        pooling += f", pool mode {spec['pooling'].get('poolMode', 'transaction')}" if spec.get("pooling") else ""
+        pooling += f", pool mode {spec['pooling'].get('poolMode', mode)}" if spec.get("pooling") else ""
         pooling += f"), read-only {pooler['readOnlyService']}" if pooler.get("readOnlyService") else ")"
     else:
         pooling = "requested, not running yet" if spec.get("pooling") else "off"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE, Kind
+from ..api.common import TableReference, default_of
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
 from ..kube import Kube, ObjectRef, api_error
@@ -242,10 +243,11 @@ CONFLICT = "Conflict"
 def same_table(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two specs name the same table through the same profile."""
     ta, tb = a.get("table") or {}, b.get("table") or {}
+    schema = default_of(TableReference, "schema_")
     return (
         a.get("profileRef") == b.get("profileRef")
         and ta.get("name") == tb.get("name")
-        and ta.get("schema", "public") == tb.get("schema", "public")
+        and ta.get("schema", schema) == tb.get("schema", schema)
     )
 
 

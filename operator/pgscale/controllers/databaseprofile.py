@@ -74,8 +74,8 @@ class DatabaseProfileController:
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         key = f"{ref.namespace}/{ref.name}"
-        monitoring = spec.monitoring or MonitoringSpec()
-        capacity = spec.capacity or CapacitySpec()
+        monitoring = spec.monitoring_or_default
+        capacity = spec.capacity_or_default
         info = secret_connection(ctx, ref.namespace, spec)
         desired = tuning.desired(spec)
         with pg.connect(info) as conn:
@@ -125,7 +125,7 @@ class DatabaseProfileController:
         events += self._pooler(ctx, ref, spec, info, status)
         if snap is not None:
             COLLECTOR.update(key, snap, len(report.pending_restart))
-            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts)
+            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts_or_default)
         events += self._prometheus_rule(ctx, ref, monitoring, status)
         requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
         message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
@@ -158,7 +158,7 @@ class DatabaseProfileController:
 
     def _capacity_and_alerts(
         self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
-        points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec | None,
+        points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec,
     ) -> list[tuple[str, str, bool]]:  # fmt: skip
         growth = growth_per_month(points.get("", []))
         projected = int(snap.database_bytes + max(growth or 0.0, 0.0) * capacity.horizon_months)
@@ -181,7 +181,6 @@ class DatabaseProfileController:
         if growth is not None:
             cap["growthBytesPerMonth"] = int(growth)
         status.update(capacity=cap)
-        alerts_spec = alerts_spec or AlertsSpec()
         if not alerts_spec.enabled:
             status.update(alerts=[])
             status.conditions = cond.remove(status.conditions, ALERTING)
@@ -324,7 +323,7 @@ class DatabaseProfileController:
         self, ctx: Context, ref: ObjectRef, monitoring: MonitoringSpec, status: StatusWriter
     ) -> list[tuple[str, str, bool]]:
         """The thresholds as a PrometheusRule (prometheus-operator), when asked for."""
-        alerts = monitoring.alerts or AlertsSpec()
+        alerts = monitoring.alerts_or_default
         wanted = alerts.prometheus_rule is not None and alerts.prometheus_rule.enabled and monitoring.enabled
         name = alerting.rule_name(ref)
         if not wanted:

@@ -8,13 +8,14 @@ from typing import Any
 from .. import builders, pg
 from .. import conditions as cond
 from ..api import PARTITION_POLICY, RETENTION_POLICY
+from ..api.common import default_of
 from ..api.partitionpolicy import PartitionPolicySpec
+from ..api.retentionpolicy import RetentionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..conversion import Report as Conversion
 from ..conversion import convert, lock_ms
 from ..conversion import status as conversion_status
-from ..durations import seconds
 from ..errors import SpecError, TransientError
 from ..kube import ObjectRef
 from ..maintenance import maintain
@@ -26,6 +27,7 @@ SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress a
 IN_FLIGHT = ("building", "prepared", "copied", "verified", "swapped")
 
 RETENTION_BLOCKED = "RetentionBlocked"
+AWARE = default_of(RetentionPolicySpec, "partition_aware")
 
 
 def conversion_fields(report: Conversion) -> dict[str, Any]:
@@ -49,8 +51,7 @@ class PartitionPolicyController:
         zone(spec.time_zone)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         schema, table = spec.table.schema_, spec.table.name
-        maintenance = spec.maintenance
-        interval = seconds(maintenance.interval) if maintenance else 3600.0
+        interval = spec.maintenance_or_default.interval_seconds
         events: list[tuple[str, str, bool]] = []
         self._cron_job(ctx, obj, ref, spec, profile)
         self._conflict(ctx, obj, ref, spec, status)
@@ -62,7 +63,7 @@ class PartitionPolicyController:
             partitioned = pg.is_partitioned(conn, schema, table)
             progress = conversion_status(conn, profile.state_schema, spec)
             converting = not partitioned or progress.phase in IN_FLIGHT
-            enabled = spec.conversion is None or spec.conversion.enabled
+            enabled = spec.conversion_or_default.enabled
             # Before the first step, not after it: a policy deleted between slices must not leave the
             # sync trigger behind on the application's table.
             ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT))
@@ -137,9 +138,9 @@ class PartitionPolicyController:
         self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: Any
     ) -> None:
         """The optional CronJob running `pgscale job partition-maintenance` (removed when not asked for)."""
-        maintenance = spec.maintenance
+        maintenance = spec.maintenance_or_default
         name = builders.job_name(ref, "partition-maintenance")
-        if not (maintenance and maintenance.cron_job):
+        if not maintenance.cron_job:
             ctx.kube.delete("batch/v1", "CronJob", ref.namespace, name)
             return
         next_run(maintenance.schedule, spec.time_zone, field="maintenance.schedule")  # a schedule that never fires
@@ -163,7 +164,7 @@ class PartitionPolicyController:
         claimants = [
             o["metadata"]["name"]
             for o in ctx.kube.list_resources(RETENTION_POLICY, ref.namespace)
-            if same_table(o.get("spec") or {}, obj["spec"]) and (o.get("spec") or {}).get("partitionAware", True)
+            if same_table(o.get("spec") or {}, obj["spec"]) and (o.get("spec") or {}).get("partitionAware", AWARE)
         ]
         status.conditions = cond.flag(
             status.conditions, CONFLICT, bool(spec.retention and claimants), "RetentionPolicyOnSameTable",

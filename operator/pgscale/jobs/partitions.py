@@ -56,7 +56,7 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
         state = sqlc.load_state(conn, job.state_schema, schema, table)
         converting = not pg.is_partitioned(conn, schema, table) or (state is not None and state.phase != "done")
         if converting:
-            if dry_run or (spec.conversion is not None and not spec.conversion.enabled):
+            if dry_run or not spec.conversion_or_default.enabled:
                 report.outcome = "NotPartitioned"
                 report.message = f"{schema}.{table} is not partitioned; conversion " + (
                     "not run (dry run)" if dry_run else "disabled in spec.conversion.enabled"
