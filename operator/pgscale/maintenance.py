@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import psycopg
 
 from . import pg
-from .api.partitionpolicy import PartitionPolicySpec
+from .api.partitionpolicy import PartitionInfo, PartitionPolicySpec
 from .checks import base_type
 from .errors import SpecError
 from .partitioning import Range, keep_from, range_for, wanted
@@ -37,7 +36,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
     kept: list[str] = field(default_factory=list)  # past the window, but rows of other tables point into them
     busy: bool = False  # another run (the CronJob, a conversion) holds the table: nothing done
-    partitions: list[dict[str, Any]] = field(default_factory=list)
+    partitions: list[PartitionInfo] = field(default_factory=list)
     count: int = 0  # every attached partition, DEFAULT included (the list above stops at 100)
 
 
@@ -171,10 +170,10 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
     attached = sqlp.parts(conn, schema, table)
     report.count = len(attached)
     for part in attached[:100]:  # status lists at most 100; partitionCount counts them all
-        entry: dict[str, Any] = {"name": part.name, "isDefault": part.is_default,
-                                 "rowsEstimate": part.rows_estimate, "bytes": part.bytes}  # fmt: skip
+        entry = PartitionInfo(name=part.name, is_default=part.is_default, rows_estimate=part.rows_estimate,
+                              bytes=part.bytes)  # fmt: skip
         bounds = sqlp.bounds_of(conn, part, column_type)
         if bounds:
-            entry["from"], entry["to"] = bounds
+            entry.from_, entry.to = bounds
         report.partitions.append(entry)
     return report

@@ -464,8 +464,8 @@ class DatabaseProfileStatus(BaseStatus):
         description="Settings that take effect only after a restart.",
         json_schema_extra={"maxItems": 512},
     )
-    replicas: list[ReplicaStatus] = Field(
-        default_factory=list, description="Read replicas and their lag.", json_schema_extra={"maxItems": 16}
+    replicas: list[ReplicaStatus] | None = Field(
+        default=None, description="Read replicas and their lag.", json_schema_extra={"maxItems": 16}
     )
     capacity: CapacityStatus | None = Field(default=None, description="Size and growth.")
     alerts: list[ActiveAlert] = Field(

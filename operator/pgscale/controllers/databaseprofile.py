@@ -19,7 +19,18 @@ from pydantic import ValidationError
 from .. import alerting, pg, pooling, replicas, settings, tuning
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE
-from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
+from ..api.databaseprofile import (
+    ActiveAlert,
+    AlertsSpec,
+    CapacitySpec,
+    CapacityStatus,
+    DatabaseProfileSpec,
+    MonitoringSpec,
+    PoolerStatus,
+    ReplicaStatus,
+    TableCapacity,
+)
+from ..api.databaseprofile import DatabaseProfileStatus as Status
 from ..conditions import now_rfc3339
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
@@ -81,7 +92,7 @@ class DatabaseProfileController:
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
             system_id = pgs.system_identifier(conn)
-            status.update(serverVersion=version, systemIdentifier=system_id)
+            status.update(Status(server_version=version, system_identifier=system_id))
             self._check_owner(ctx, obj, system_id, desired)
             report = settings.reconcile(conn, spec.state_schema, key, desired)
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
@@ -118,9 +129,9 @@ class DatabaseProfileController:
             status.generation,
         )  # fmt: skip
         status.update(
-            parameters=report.parameters,
-            pendingRestart=report.pending_restart,
-            lastReconcileTime=now_rfc3339(),
+            Status(
+                parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
+            )
         )
         events += self._pooler(ctx, ref, spec, info, status)
         if snap is not None:
@@ -165,24 +176,24 @@ class DatabaseProfileController:
         tables = []
         for t in snap.tables:
             table_growth = growth_per_month(points.get(t.name, []))
-            entry: dict[str, Any] = {"name": t.name[:256], "bytes": t.bytes}
+            entry = TableCapacity(name=t.name[:256], bytes=t.bytes)
             if table_growth is not None:
-                entry["growthBytesPerMonth"] = int(table_growth)
+                entry.growth_bytes_per_month = int(table_growth)
             tables.append(entry)
-        cap: dict[str, Any] = {
-            "sampledAt": now_rfc3339(),
-            "databaseBytes": snap.database_bytes,
-            "databaseSize": human(snap.database_bytes),
-            "projectedBytes": projected,
-            "horizonMonths": capacity.horizon_months,
-            "recommendedTier": tuning.recommend_tier(projected),
-            "tables": tables,
-        }
+        cap = CapacityStatus(
+            sampled_at=now_rfc3339(),
+            database_bytes=snap.database_bytes,
+            database_size=human(snap.database_bytes),
+            projected_bytes=projected,
+            horizon_months=capacity.horizon_months,
+            recommended_tier=tuning.recommend_tier(projected),
+            tables=tables,
+        )
         if growth is not None:
-            cap["growthBytesPerMonth"] = int(growth)
-        status.update(capacity=cap)
+            cap.growth_bytes_per_month = int(growth)
+        status.update(Status(capacity=cap))
         if not alerts_spec.enabled:
-            status.update(alerts=[])
+            status.update(Status(alerts=[]))
             status.conditions = cond.remove(status.conditions, ALERTING)
             return []
         alerts = evaluate(
@@ -193,10 +204,11 @@ class DatabaseProfileController:
             memory_estimate=tuning.estimated_memory_bytes(snap.memory_settings),
             memory_bytes=memory_of(spec),
         )
-        since = {a["name"]: a["since"] for a in status.status.get("alerts") or []}
+        since = {a.name: a.since for a in status.read(Status).alerts}
         now = now_rfc3339()
-        status.update(alerts=[{"name": a.name, "value": a.value, "threshold": a.threshold,
-                               "since": since.get(a.name, now)} for a in alerts])  # fmt: skip
+        active = [ActiveAlert(name=a.name, value=a.value, threshold=a.threshold, since=since.get(a.name, now))
+                  for a in alerts]  # fmt: skip
+        status.update(Status(alerts=active))
         status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
                                       "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
         return [(f"Alert{a.name}", a.message, True) for a in alerts if a.name not in since]
@@ -207,19 +219,20 @@ class DatabaseProfileController:
         """PgBouncer in front of the primary (`-pooler-rw`) and, when replicas exist, of them (`-pooler-ro`):
         each a Secret (config and userlist), a Deployment and a Service."""
         events: list[tuple[str, str, bool]] = []
-        previous = status.status.get("pooler") or {}
+        previous = status.read(Status).pooler
         replicas_on = spec.read_replicas is not None and spec.read_replicas.instances > 0
         backends: dict[pooling.Role, tuple[str, int]] = {
             "rw": (info.host, info.port),
             "ro": (f"{ref.name}-ro.{ref.namespace}.svc", replicas.PORT),
         }
-        report: dict[str, Any] = {}
+        names: dict[pooling.Role, str] = {}
+        config_hash = ""
         for role, (host, port) in backends.items():
             name = pooling.pooler_name(ref.name, role)
             wanted = spec.pooling is not None and (role == "rw" or (spec.pooling.read_replicas and replicas_on))
-            key = "service" if role == "rw" else "readOnlyService"
+            before = previous and (previous.service if role == "rw" else previous.read_only_service)
             if not wanted:
-                if previous.get(key):
+                if before:
                     for api, kind, obj_name in (("v1", "Service", name), ("apps/v1", "Deployment", name),
                                                 ("v1", "Secret", f"{name}-config")):  # fmt: skip
                         ctx.kube.delete(api, kind, ref.namespace, obj_name)
@@ -239,17 +252,19 @@ class DatabaseProfileController:
             ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
                                               f"{name}-config", digest, role))  # fmt: skip
             ctx.kube.apply(pooling.service(ref, name, role))
-            report[key] = name
-            report.setdefault("configHash", "")
-            report["configHash"] = pooling.config_hash(report["configHash"], digest)
-            if previous.get(key) != name:
+            names[role] = name
+            config_hash = pooling.config_hash(config_hash, digest)
+            if before != name:
                 events.append(("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
                                f"{spec.pooling.default_pool_size} server connections per pool", False))  # fmt: skip
-        if report:
+        if names:
             assert spec.pooling is not None
-            status.update(pooler={**report, "instances": spec.pooling.instances})
+            pooler = PoolerStatus(service=names["rw"], instances=spec.pooling.instances, config_hash=config_hash)
+            if "ro" in names:
+                pooler.read_only_service = names["ro"]
+            status.update(Status(pooler=pooler))
         else:
-            status.update(pooler=None)
+            status.update(Status(pooler=None))
         return events
 
     def _replicas(
@@ -266,13 +281,13 @@ class DatabaseProfileController:
                 replication.drop_slot(conn, slot)
                 events.append(("SlotDropped", f"dropped replication slot {name}", False))
         if not wanted:
-            if status.status.get("replicas") is not None:
+            if status.read(Status).replicas is not None:
                 sts = replicas.statefulset_name(ref)
                 for api, kind, name in (("apps/v1", "StatefulSet", sts), ("v1", "ConfigMap", f"{sts}-bootstrap"),
                                         ("v1", "Service", f"{ref.name}-ro"), ("v1", "Service", f"{ref.name}-rw"),
                                         ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw")):  # fmt: skip
                     ctx.kube.delete(api, kind, ref.namespace, name)
-                status.update(replicas=None)
+                status.update(Status(replicas=None))
             ensure_finalizer(ctx, self.kind, obj, needed=False)
             return events
         assert wanted_spec is not None
@@ -298,7 +313,7 @@ class DatabaseProfileController:
             ref, wanted_spec, image=ctx.settings.postgres_image, primary_host=host, primary_port=info.port
         )
         services = [replicas.read_only_service(ref), *replicas.read_write_service(ref, info.host, info.port)]
-        if replicas.unreachable_from_pods(info.host) and status.status.get("replicas") is None:
+        if replicas.unreachable_from_pods(info.host) and status.read(Status).replicas is None:
             events.append(("ReadWriteServiceSkipped", f"no {ref.name}-rw Service: the primary's host {info.host} is "
                            "a loopback address pods cannot reach; set spec.connection.host", True))  # fmt: skip
         for item in (replicas.config_map(ref), standbys, *services):
@@ -309,14 +324,12 @@ class DatabaseProfileController:
         report = []
         for i, name in enumerate(wanted):
             pod = f"{sts}-{i}"
-            entry: dict[str, Any] = {"name": pod, "slot": name, "active": bool(now.get(name) and now[name].active)}
+            entry = ReplicaStatus(name=pod, slot=name, active=bool(now.get(name) and now[name].active))
             if pod in streaming:
-                if streaming[pod].lag_bytes is not None:
-                    entry["lagBytes"] = streaming[pod].lag_bytes
-                if streaming[pod].lag_seconds is not None:
-                    entry["lagSeconds"] = streaming[pod].lag_seconds
+                entry.lag_bytes = streaming[pod].lag_bytes
+                entry.lag_seconds = streaming[pod].lag_seconds
             report.append(entry)
-        status.update(replicas=report)
+        status.update(Status(replicas=report))
         return events
 
     def _prometheus_rule(
@@ -327,9 +340,9 @@ class DatabaseProfileController:
         wanted = alerts.prometheus_rule is not None and alerts.prometheus_rule.enabled and monitoring.enabled
         name = alerting.rule_name(ref)
         if not wanted:
-            if status.status.get("prometheusRule"):
+            if status.read(Status).prometheus_rule:
                 ctx.kube.delete("monitoring.coreos.com/v1", "PrometheusRule", ref.namespace, name)
-                status.update(prometheusRule=None)
+                status.update(Status(prometheus_rule=None))
             return []
         assert alerts.prometheus_rule is not None
         try:
@@ -342,8 +355,8 @@ class DatabaseProfileController:
                     reason="PrometheusRuleCRDMissing",
                 ) from exc
             raise
-        first = status.status.get("prometheusRule") != name
-        status.update(prometheusRule=name)
+        first = status.read(Status).prometheus_rule != name
+        status.update(Status(prometheus_rule=name))
         return [("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}", False)] if first else []
 
     def left_behind(self, obj: dict[str, Any], spec: DatabaseProfileSpec) -> str:

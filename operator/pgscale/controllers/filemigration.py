@@ -12,7 +12,8 @@ from typing import Any
 
 from .. import builders, pg
 from ..api import FILE_MIGRATION
-from ..api.filemigration import FileMigrationSpec
+from ..api.filemigration import FailedRow, FileMigrationSpec, MigrationPhase
+from ..api.filemigration import FileMigrationStatus as Status
 from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
@@ -73,6 +74,7 @@ class FileMigrationController:
         by = counts.by_status
         migrated = by.get("verified", 0) + by.get("cutover", 0) + by.get("nulled", 0)
         failed = by.get("failed", 0)
+        phase: MigrationPhase
         if dropped:
             phase = "Completed"
         elif remaining:
@@ -84,28 +86,31 @@ class FileMigrationController:
         else:
             phase = "Completed"
         events: list[tuple[str, str, bool]] = []
-        if status.status.get("phase") != phase:
-            events.append((f"Phase{phase}", f"{status.status.get('phase') or 'Pending'} -> {phase}", False))
+        current = status.read(Status)
+        if current.phase != phase:
+            events.append((f"Phase{phase}", f"{current.phase or 'Pending'} -> {phase}", False))
         rate = counts.rows_last_minute / 60.0
         total = migrated + failed + remaining
         status.update(
-            phase=phase,
-            rowsTotal=total,
-            rowsMigrated=migrated,
-            rowsFailed=failed,
-            rowsRemaining=remaining,
-            bytesMigrated=counts.bytes_done,
-            rowsPerSecond=round(rate, 2),
-            bytesPerSecond=round(counts.bytes_last_minute / 60.0, 1),
-            etaSeconds=eta(migrated, migrated + remaining, rate) if remaining else None,
-            progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
-            failedRows=[{"key": k[:1024], "reason": r[:1024]} for k, r in counts.failed],
-            # Base64 text takes 4/3 of the file's size in the table (before TOAST compression).
-            reclaimableBytes=counts.bytes_nulled * 4 // 3 if spec.encoding == "base64" else counts.bytes_nulled,
-            startedAt=status.status.get("startedAt") or now_rfc3339(),
+            Status(
+                phase=phase,
+                rows_total=total,
+                rows_migrated=migrated,
+                rows_failed=failed,
+                rows_remaining=remaining,
+                bytes_migrated=counts.bytes_done,
+                rows_per_second=round(rate, 2),
+                bytes_per_second=round(counts.bytes_last_minute / 60.0, 1),
+                eta_seconds=eta(migrated, migrated + remaining, rate) if remaining else None,
+                progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
+                failed_rows=[FailedRow(key=k[:1024], reason=r[:1024]) for k, r in counts.failed],
+                # Base64 text takes 4/3 of the file's size in the table (before TOAST compression).
+                reclaimable_bytes=counts.bytes_nulled * 4 // 3 if spec.encoding == "base64" else counts.bytes_nulled,
+                started_at=current.started_at or now_rfc3339(),
+            )
         )
         if phase == "Completed":
-            status.update(completedAt=status.status.get("completedAt") or now_rfc3339())
+            status.update(Status(completed_at=current.completed_at or now_rfc3339()))
             if spec.phase == "dropSource" and spec.drop_column and not dropped and stuck:
                 raise SpecError(
                     "phase",
@@ -115,9 +120,9 @@ class FileMigrationController:
                     reason="RowsFailed",
                 )
             return Result("Completed", self._summary(spec, migrated, failed, dropped), events=events)
-        status.update(completedAt=None)
+        status.update(Status(completed_at=None))
         if spec.suspend:
-            running = status.status.get("jobName")
+            running = current.job_name
             if running and job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, running)) == "active":
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
@@ -156,7 +161,7 @@ class FileMigrationController:
     ) -> tuple[str, list[tuple[str, str, bool]]]:  # fmt: skip
         """One Job per generation; another when the last one finished with work left."""
         generation = obj["metadata"].get("generation", 1)
-        current = status.status.get("jobName")
+        current = status.read(Status).job_name
         prefix = builders.job_name(ref, f"files-{generation}")
         attempt = 0
         if current and current.startswith(prefix + "-"):
@@ -192,5 +197,5 @@ class FileMigrationController:
         job = builders.job(ref, name=name, suffix="file-migration", args=builders.job_args("file-migration", ref),
                            template=spec.job, default_image=ctx.settings.image, env=env, volumes=volumes)  # fmt: skip
         ctx.kube.apply(job)
-        status.update(jobName=name)
+        status.update(Status(job_name=name))
         return name, [("JobStarted", f"started Job {name} for phase {spec.phase}", False)]

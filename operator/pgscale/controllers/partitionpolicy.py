@@ -9,7 +9,8 @@ from .. import builders, pg
 from .. import conditions as cond
 from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.common import default_of
-from ..api.partitionpolicy import PartitionPolicySpec
+from ..api.partitionpolicy import MaintenanceRun, PartitionPolicySpec, ProgressStatus
+from ..api.partitionpolicy import PartitionPolicyStatus as Status
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
@@ -30,15 +31,19 @@ RETENTION_BLOCKED = "RetentionBlocked"
 AWARE = default_of(RetentionPolicySpec, "partition_aware")
 
 
-def conversion_fields(report: Conversion) -> dict[str, Any]:
+def conversion_fields(report: Conversion) -> ProgressStatus:
     """status.conversion from the state row: counts, rate, ETA and the longest lock."""
     rate = round(report.rows_per_second, 1) if report.rows_per_second is not None else None
     started = report.started_at.astimezone(UTC) if report.started_at is not None else None
-    return {
-        "step": report.phase, "rowsTotal": report.rows_total, "rowsDone": report.rows_copied,
-        "rowsPerSecond": rate, "etaSeconds": report.eta_seconds,
-        "startedAt": rfc3339(started) if started else None, "longestLockMs": report.longest_lock_ms,
-    }  # fmt: skip
+    return ProgressStatus(
+        step=report.phase,
+        rows_total=report.rows_total,
+        rows_done=report.rows_copied,
+        rows_per_second=rate,
+        eta_seconds=report.eta_seconds,
+        started_at=rfc3339(started) if started else None,
+        longest_lock_ms=report.longest_lock_ms,
+    )
 
 
 class PartitionPolicyController:
@@ -69,7 +74,7 @@ class PartitionPolicyController:
             ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT))
             if converting:
                 if spec.suspend:
-                    status.update(partitioned=partitioned, conversion=conversion_fields(progress))
+                    status.update(Status(partitioned=partitioned, conversion=conversion_fields(progress)))
                     return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
                                   f"{progress.phase}", requeue_after=interval)  # fmt: skip
                 if not enabled and progress.phase != "swapped":  # after the switch there is no way back
@@ -80,7 +85,7 @@ class PartitionPolicyController:
                     if aborted:
                         events.append(("ConversionAborted", "conversion disabled: the copy and its trigger were "
                                        f"removed; {spec.table.qualified()} is as it was", False))  # fmt: skip
-                    status.update(partitioned=False, conversion=None)
+                    status.update(Status(partitioned=False, conversion=None))
                     return Result("NotPartitioned", f"{spec.table.qualified()} is not partitioned; conversion is "
                                   "disabled (spec.conversion.enabled: false)", requeue_after=interval,
                                   events=events)  # fmt: skip
@@ -90,29 +95,37 @@ class PartitionPolicyController:
                     self._release_if_untouched(ctx, obj, conn, profile.state_schema, spec)
                     raise
                 events += report.events or []
-                status.update(conversion=conversion_fields(report))
+                status.update(Status(conversion=conversion_fields(report)))
                 if not report.finished:
-                    status.update(partitioned=False)
+                    status.update(Status(partitioned=False))
                     done = f"{report.rows_copied}" + (f"/{report.rows_total}" if report.rows_total else "")
                     return Result("Converting", f"{spec.table.qualified()}: {report.phase}, {done} rows copied",
                                   done=False, requeue_after=0.5, events=events)  # fmt: skip
                 ensure_finalizer(ctx, self.kind, obj, needed=False)
             if spec.suspend:
-                status.update(partitioned=True)
+                status.update(Status(partitioned=True))
                 return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
             report_m = maintain(conn, spec, datetime.now(UTC))
             before = [c for c in status.conditions if c.get("status") == "True"]
         if report_m.busy:
             return Result("Maintained", f"{spec.table.qualified()}: another maintenance run holds the table; "
                           "looked at again shortly", requeue_after=30, events=events)  # fmt: skip
+        last = MaintenanceRun(
+            time=now_rfc3339(),
+            created=report_m.created,
+            detached=report_m.detached,
+            dropped=report_m.dropped,
+            rows_moved_from_default=report_m.moved_from_default,
+        )
         status.update(
-            partitioned=True,
-            partitions=report_m.partitions,
-            partitionCount=report_m.count,
-            lastMaintenance={"time": now_rfc3339(), "created": report_m.created, "detached": report_m.detached,
-                             "dropped": report_m.dropped, "rowsMovedFromDefault": report_m.moved_from_default},
-            nextMaintenanceTime=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
-        )  # fmt: skip
+            Status(
+                partitioned=True,
+                partitions=report_m.partitions,
+                partition_count=report_m.count,
+                last_maintenance=last,
+                next_maintenance_time=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
+            )
+        )
         for verb, names in (("Created", report_m.created), ("Detached", report_m.detached),
                             ("Dropped", report_m.dropped)):  # fmt: skip
             if names:
