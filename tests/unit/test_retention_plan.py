@@ -5,7 +5,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.api.retentionpolicy import RetentionPolicySpec
 from pgscale.controllers.retentionpolicy import run_status
@@ -17,6 +16,7 @@ from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
 from pgscale.retention import TableFacts, check_archive, effect_of, plan, plan_relationships
+from pgscale.specs import builders
 
 SPEC = {
     "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",

@@ -16,8 +16,8 @@ import psycopg
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import alerting, pg, pooling, replicas, settings, tuning
 from .. import conditions as cond
+from .. import pg, settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import (
     ActiveAlert,
@@ -40,6 +40,7 @@ from ..pg import replication, stats
 from ..pg import settings as pgs
 from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
+from ..specs import alerting, pooling, replicas
 from .base import Context, Result, StatusWriter, ensure_finalizer, secret_connection
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import builders, pg
+from .. import pg
 from ..api import FILE_MIGRATION
 from ..api.filemigration import FailedRow, FileMigrationSpec, MigrationPhase
 from ..api.filemigration import FileMigrationStatus as Status
@@ -21,6 +21,7 @@ from ..jobs.files import FS_MOUNT, source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
 from ..progress import eta
+from ..specs import builders
 from .base import Context, Result, StatusWriter, load_profile
 
 POLL_SECONDS = 10.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .. import builders, pg
 from .. import conditions as cond
+from .. import pg
 from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.common import default_of
 from ..api.partitionpolicy import MaintenanceRun, PartitionPolicySpec, ProgressStatus
@@ -22,6 +22,7 @@ from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
 from ..schedule import next_run, rfc3339, zone
+from ..specs import builders
 from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back

@@ -12,8 +12,8 @@ from typing import Any
 
 import psycopg
 
-from .. import builders, pg
 from .. import conditions as cond
+from .. import pg
 from ..api import RETENTION_POLICY
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.retentionpolicy import RelationshipStatus, RetentionPolicySpec, RunStatus, TotalsStatus
@@ -27,6 +27,7 @@ from ..pg.connection import ConnInfo
 from ..progress import eta
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
+from ..specs import builders
 from .base import (
     CONFLICT,
     Context,
