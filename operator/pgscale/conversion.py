@@ -23,6 +23,7 @@ from . import faults, pg
 from .api.partitionpolicy import PartitionPolicySpec
 from .checks import base_type
 from .errors import DependencyError, SpecError, TransientError
+from .events import Event
 from .partitioning import Range, add_periods, partition_name, period_start, wanted
 from .pg import conversion as sqlc
 from .pg import partitions as sqlp
@@ -51,7 +52,7 @@ class Report:
     lock_retries: int = 0
     started_at: Any = None
     finished: bool = False
-    events: list[tuple[str, str, bool]] | None = None
+    events: list[Event] | None = None
 
 
 def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
@@ -263,13 +264,13 @@ def convert(
     conv = spec.conversion_or_default
     ms = lock_ms(spec)
     batch = conv.batch_size
-    events: list[tuple[str, str, bool]] = []
+    events: list[Event] = []
     # If this process vanishes mid-transaction (a node lost, not a clean kill), the server ends the
     # session within a minute and releases its locks: pgscale never idles inside a transaction.
     conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '60s', false)")
     if not sqlc.try_lock(conn, schema, table):
         report = status(conn, state_schema, spec)
-        report.events = [("ConversionBusy", "another pgscale run is working on this table", False)]
+        report.events = [Event("ConversionBusy", "another pgscale run is working on this table")]
         return report
     try:
         state = sqlc.load_state(conn, state_schema, schema, table)
@@ -297,9 +298,13 @@ def convert(
                 conn, state_schema, spec, "installing the change log",
                 lambda: sqlc.install_log(conn, state_schema, schema, table, fixed, ms), deadline,
             )  # fmt: skip
-            events.append(("ConversionStarted", f"copying {schema}.{table} into a partitioned table "
-                           f"{sqlc.shadow_name(table)}; a trigger logs the application's writes meanwhile",
-                           False))  # fmt: skip
+            events.append(
+                Event(
+                    "ConversionStarted",
+                    f"copying {schema}.{table} into a partitioned table "
+                    f"{sqlc.shadow_name(table)}; a trigger logs the application's writes meanwhile",
+                )
+            )
             faults.checkpoint("after-prepare")
             state.phase = "prepared"
         if state.phase == "prepared":
@@ -352,9 +357,13 @@ def convert(
                     reason="VerificationFailed",
                 )
             sqlc.update_state(conn, state_schema, schema, table, phase="verified", verified_rows=source[0])
-            events.append(("ConversionVerified", f"{source[0]} rows in {schema}.{table} and in the partitioned "
-                           "copy, with equal checksums (rows written meanwhile are replayed at the switch)",
-                           False))  # fmt: skip
+            events.append(
+                Event(
+                    "ConversionVerified",
+                    f"{source[0]} rows in {schema}.{table} and in the partitioned "
+                    "copy, with equal checksums (rows written meanwhile are replayed at the switch)",
+                )
+            )
             faults.checkpoint("after-verify")
             state.phase = "verified"
         if state.phase == "verified":
@@ -379,7 +388,7 @@ def convert(
             message = f"{schema}.{table} is now partitioned by {spec.column!r}; the table was locked {held} ms"
             if drop and shape.incoming:
                 message += "; dropped foreign keys " + ", ".join(f"{fk.name} on {fk.table}" for fk in shape.incoming)
-            events.append(("ConversionSwitched", message, False))
+            events.append(Event("ConversionSwitched", message))
             faults.checkpoint("after-swap")
             state.phase = "swapped"
         if state.phase == "swapped":
@@ -392,15 +401,13 @@ def convert(
 
             _with_lock_retries(conn, state_schema, spec, "dropping the old table", cleanup, deadline)
             if not keep:
-                events.append(("OldTableDropped", f"dropped {sqlc.old_name(table)} (verified copy in place)", False))
+                events.append(Event("OldTableDropped", f"dropped {sqlc.old_name(table)} (verified copy in place)"))
         return _finish(conn, state_schema, spec, events)
     finally:
         sqlc.unlock(conn, schema, table)
 
 
-def _finish(
-    conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, events: list[tuple[str, str, bool]]
-) -> Report:
+def _finish(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, events: list[Event]) -> Report:
     report = status(conn, state_schema, spec)
     report.events = events
     return report

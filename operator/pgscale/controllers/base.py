@@ -23,6 +23,7 @@ from ..api import DATABASE_PROFILE, Kind
 from ..api.common import BaseStatus, TableReference, default_of
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
+from ..events import Event
 from ..kube import Kube, ObjectRef, api_error
 from ..metrics import METRICS
 from ..pg import classify
@@ -68,7 +69,7 @@ class Result:
     message: str
     done: bool = True  # False: long work under way (Ready False, Reconciling True)
     requeue_after: float | None = None
-    events: list[tuple[str, str, bool]] = field(default_factory=list)  # (reason, message, warning) of actions
+    events: list[Event] = field(default_factory=list)  # (reason, message, warning) of actions
 
 
 class StatusWriter:
@@ -314,7 +315,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         status.flush()
     requeue: float
     outcome = "success"
-    events: list[tuple[str, str, bool]] = []
+    events: list[Event] = []
     try:
         try:
             spec = parse_spec(kind, obj)
@@ -356,12 +357,12 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
     after = cond.get(status.conditions, cond.READY) or {}
     if (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")):
         warning = after.get("status") == "False" and cond.is_true(status.conditions, cond.STALLED)
-        events.append((str(after.get("reason")), str(after.get("message")), warning))
+        events.append(Event(str(after.get("reason")), str(after.get("message")), warning=warning))
     try:
         status.flush()
     finally:
-        for reason, message, warning in events:
-            ctx.kube.event(ref, reason, message, warning=warning)
+        for event in events:
+            ctx.kube.event(ref, event.reason, event.message, warning=event.warning)
         METRICS.reconcile_total.labels(kind=kind.name, outcome=outcome).inc()
         METRICS.reconcile_seconds.labels(kind=kind.name).observe(time.monotonic() - started)
     return Outcome(requeue, outcome != "success")

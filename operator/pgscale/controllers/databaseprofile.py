@@ -34,6 +34,7 @@ from ..api.databaseprofile import DatabaseProfileStatus as Status
 from ..conditions import now_rfc3339
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
+from ..events import Event
 from ..kube import ObjectRef
 from ..monitoring import COLLECTOR, evaluate, growth_per_month
 from ..pg import replication, stats
@@ -105,23 +106,29 @@ class DatabaseProfileController:
                     sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
                     stats.record_sample(conn, spec.state_schema, key, sizes)
                 points = stats.samples(conn, spec.state_schema, key)
-            events: list[tuple[str, str, bool]] = self._replicas(ctx, obj, ref, spec, info, conn, status)
+            events: list[Event] = self._replicas(ctx, obj, ref, spec, info, conn, status)
         if report.applied:
-            events.append(("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}", False))
+            events.append(Event("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}"))
         if report.corrected:
             log.info("DatabaseProfile %s: changed outside pgscale, set back: %s", key, ", ".join(report.corrected))
             due = DRIFT_EVENTS.due(key, report.corrected, time.monotonic())
             if due:
-                events.append(("DriftCorrected", f"changed outside pgscale, set back: {', '.join(due)} (at most one "
-                               "Event per parameter every 10 minutes)", True))  # fmt: skip
+                events.append(
+                    Event(
+                        "DriftCorrected",
+                        f"changed outside pgscale, set back: {', '.join(due)} (at most one "
+                        "Event per parameter every 10 minutes)",
+                        warning=True,
+                    )
+                )
         if report.reset:
-            events.append(("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}", False))
+            events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
         status.conditions = cond.flag(status.conditions, RESTART_REQUIRED, bool(report.pending_restart),
                                       "PendingRestart", restart_message, status.generation)  # fmt: skip
         if report.pending_restart and previous_restart.get("message") != restart_message:
-            events.append(("RestartRequired", restart_message, True))
+            events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
         status.conditions = cond.flag(
             status.conditions, OVERRIDDEN, bool(report.overridden), "OverriddenBySource",
@@ -171,7 +178,7 @@ class DatabaseProfileController:
     def _capacity_and_alerts(
         self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
         points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec,
-    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+    ) -> list[Event]:  # fmt: skip
         growth = growth_per_month(points.get("", []))
         projected = int(snap.database_bytes + max(growth or 0.0, 0.0) * capacity.horizon_months)
         tables = []
@@ -212,14 +219,14 @@ class DatabaseProfileController:
         status.update(Status(alerts=active))
         status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
                                       "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
-        return [(f"Alert{a.name}", a.message, True) for a in alerts if a.name not in since]
+        return [Event(f"Alert{a.name}", a.message, warning=True) for a in alerts if a.name not in since]
 
     def _pooler(
         self, ctx: Context, ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo, status: StatusWriter
-    ) -> list[tuple[str, str, bool]]:
+    ) -> list[Event]:
         """PgBouncer in front of the primary (`-pooler-rw`) and, when replicas exist, of them (`-pooler-ro`):
         each a Secret (config and userlist), a Deployment and a Service."""
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         previous = status.read(Status).pooler
         replicas_on = spec.read_replicas is not None and spec.read_replicas.instances > 0
         backends: dict[pooling.Role, tuple[str, int]] = {
@@ -237,7 +244,7 @@ class DatabaseProfileController:
                     for api, kind, obj_name in (("v1", "Service", name), ("apps/v1", "Deployment", name),
                                                 ("v1", "Secret", f"{name}-config")):  # fmt: skip
                         ctx.kube.delete(api, kind, ref.namespace, obj_name)
-                    events.append(("PoolerRemoved", f"removed PgBouncer {name}", False))
+                    events.append(Event("PoolerRemoved", f"removed PgBouncer {name}"))
                 continue
             assert spec.pooling is not None
             try:
@@ -256,8 +263,13 @@ class DatabaseProfileController:
             names[role] = name
             config_hash = pooling.config_hash(config_hash, digest)
             if before != name:
-                events.append(("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
-                               f"{spec.pooling.default_pool_size} server connections per pool", False))  # fmt: skip
+                events.append(
+                    Event(
+                        "PoolerConfigured",
+                        f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
+                        f"{spec.pooling.default_pool_size} server connections per pool",
+                    )
+                )
         if names:
             assert spec.pooling is not None
             pooler = PoolerStatus(service=names["rw"], instances=spec.pooling.instances, config_hash=config_hash)
@@ -271,16 +283,16 @@ class DatabaseProfileController:
     def _replicas(
         self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo,
         conn: psycopg.Connection, status: StatusWriter,
-    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+    ) -> list[Event]:  # fmt: skip
         """Slots on the primary, the StatefulSet of standbys, and the -ro/-rw Services."""
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         wanted_spec = spec.read_replicas
         existing = replication.slots(conn, replicas.slot_prefix(ref))
         wanted = replicas.slot_names(ref, wanted_spec.instances) if wanted_spec else []
         for name, slot in sorted(existing.items()):
             if name not in wanted:  # scaled down or switched off: the slot would keep WAL forever
                 replication.drop_slot(conn, slot)
-                events.append(("SlotDropped", f"dropped replication slot {name}", False))
+                events.append(Event("SlotDropped", f"dropped replication slot {name}"))
         if not wanted:
             if status.read(Status).replicas is not None:
                 sts = replicas.statefulset_name(ref)
@@ -308,15 +320,21 @@ class DatabaseProfileController:
         for name in wanted:
             if name not in existing:
                 replication.create_slot(conn, name)
-                events.append(("SlotCreated", f"created replication slot {name}", False))
+                events.append(Event("SlotCreated", f"created replication slot {name}"))
         host = wanted_spec.primary_host or info.host
         standbys = replicas.statefulset(
             ref, wanted_spec, image=ctx.settings.postgres_image, primary_host=host, primary_port=info.port
         )
         services = [replicas.read_only_service(ref), *replicas.read_write_service(ref, info.host, info.port)]
         if replicas.unreachable_from_pods(info.host) and status.read(Status).replicas is None:
-            events.append(("ReadWriteServiceSkipped", f"no {ref.name}-rw Service: the primary's host {info.host} is "
-                           "a loopback address pods cannot reach; set spec.connection.host", True))  # fmt: skip
+            events.append(
+                Event(
+                    "ReadWriteServiceSkipped",
+                    f"no {ref.name}-rw Service: the primary's host {info.host} is "
+                    "a loopback address pods cannot reach; set spec.connection.host",
+                    warning=True,
+                )
+            )
         for item in (replicas.config_map(ref), standbys, *services):
             ctx.kube.apply(item)
         now = replication.slots(conn, replicas.slot_prefix(ref))
@@ -335,7 +353,7 @@ class DatabaseProfileController:
 
     def _prometheus_rule(
         self, ctx: Context, ref: ObjectRef, monitoring: MonitoringSpec, status: StatusWriter
-    ) -> list[tuple[str, str, bool]]:
+    ) -> list[Event]:
         """The thresholds as a PrometheusRule (prometheus-operator), when asked for."""
         alerts = monitoring.alerts_or_default
         wanted = alerts.prometheus_rule is not None and alerts.prometheus_rule.enabled and monitoring.enabled
@@ -358,7 +376,7 @@ class DatabaseProfileController:
             raise
         first = status.read(Status).prometheus_rule != name
         status.update(Status(prometheus_rule=name))
-        return [("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}", False)] if first else []
+        return [Event("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}")] if first else []
 
     def left_behind(self, obj: dict[str, Any], spec: DatabaseProfileSpec) -> str:
         """The replication slots a profile whose Secret is gone could not drop, and how to drop them."""

@@ -17,6 +17,7 @@ from ..api.filemigration import FileMigrationStatus as Status
 from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
+from ..events import Event
 from ..jobs.files import FS_MOUNT, source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
@@ -86,10 +87,10 @@ class FileMigrationController:
             phase = "Verifying"
         else:
             phase = "Completed"
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         current = status.read(Status)
         if current.phase != phase:
-            events.append((f"Phase{phase}", f"{current.phase or 'Pending'} -> {phase}", False))
+            events.append(Event(f"Phase{phase}", f"{current.phase or 'Pending'} -> {phase}"))
         rate = counts.rows_last_minute / 60.0
         total = migrated + failed + remaining
         status.update(
@@ -159,7 +160,7 @@ class FileMigrationController:
     def _ensure_job(
         self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: FileMigrationSpec, profile: Any,
         status: StatusWriter,
-    ) -> tuple[str, list[tuple[str, str, bool]]]:  # fmt: skip
+    ) -> tuple[str, list[Event]]:  # fmt: skip
         """One Job per generation; another when the last one finished with work left."""
         generation = obj["metadata"].get("generation", 1)
         current = status.read(Status).job_name
@@ -199,4 +200,4 @@ class FileMigrationController:
                            template=spec.job, default_image=ctx.settings.image, env=env, volumes=volumes)  # fmt: skip
         ctx.kube.apply(job)
         status.update(Status(job_name=name))
-        return name, [("JobStarted", f"started Job {name} for phase {spec.phase}", False)]
+        return name, [Event("JobStarted", f"started Job {name} for phase {spec.phase}")]

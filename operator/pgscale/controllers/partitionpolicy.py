@@ -18,6 +18,7 @@ from ..conversion import Report as Conversion
 from ..conversion import convert, lock_ms
 from ..conversion import status as conversion_status
 from ..errors import SpecError, TransientError
+from ..events import Event
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
@@ -58,7 +59,7 @@ class PartitionPolicyController:
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         schema, table = spec.table.schema_, spec.table.name
         interval = spec.maintenance_or_default.interval_seconds
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         self._cron_job(ctx, obj, ref, spec, profile)
         self._conflict(ctx, obj, ref, spec, status)
         with pg.connect(info) as conn:
@@ -84,8 +85,13 @@ class PartitionPolicyController:
                         raise TransientError("a conversion run holds the table; disabling it waits for the run",
                                              reason="ConversionBusy", retry_seconds=5)  # fmt: skip
                     if aborted:
-                        events.append(("ConversionAborted", "conversion disabled: the copy and its trigger were "
-                                       f"removed; {spec.table.qualified()} is as it was", False))  # fmt: skip
+                        events.append(
+                            Event(
+                                "ConversionAborted",
+                                "conversion disabled: the copy and its trigger were "
+                                f"removed; {spec.table.qualified()} is as it was",
+                            )
+                        )
                     status.update(Status(partitioned=False, conversion=None))
                     return Result("NotPartitioned", f"{spec.table.qualified()} is not partitioned; conversion is "
                                   "disabled (spec.conversion.enabled: false)", requeue_after=interval,
@@ -130,10 +136,14 @@ class PartitionPolicyController:
         for verb, names in (("Created", report_m.created), ("Detached", report_m.detached),
                             ("Dropped", report_m.dropped)):  # fmt: skip
             if names:
-                events.append((f"Partitions{verb}", ", ".join(names), False))
+                events.append(Event(f"Partitions{verb}", ", ".join(names)))
         if report_m.moved_from_default:
-            events.append(("RowsMovedFromDefault", f"{report_m.moved_from_default} rows moved out of the "
-                           "DEFAULT partition into their partitions", False))  # fmt: skip
+            events.append(
+                Event(
+                    "RowsMovedFromDefault",
+                    f"{report_m.moved_from_default} rows moved out of the DEFAULT partition into their partitions",
+                )
+            )
         status.conditions = cond.flag(
             status.conditions, RETENTION_BLOCKED, bool(report_m.kept), "PartitionReferenced",
             "partitions past spec.retention.keep stay attached because rows of other tables reference them: "
@@ -142,7 +152,7 @@ class PartitionPolicyController:
             status.generation,
         )  # fmt: skip
         if report_m.kept and not any(c.get("type") == RETENTION_BLOCKED for c in before):
-            events.append(("PartitionsKept", "; ".join(report_m.kept)[:1000], True))
+            events.append(Event("PartitionsKept", "; ".join(report_m.kept)[:1000], warning=True))
         message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
         if report_m.skipped:
             message += f"; retried next time: {', '.join(report_m.skipped)}"

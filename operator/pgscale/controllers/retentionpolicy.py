@@ -20,6 +20,7 @@ from ..api.retentionpolicy import RelationshipStatus, RetentionPolicySpec, RunSt
 from ..api.retentionpolicy import RetentionPolicyStatus as Status
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
+from ..events import Event
 from ..jobs.retention import Prepared, at_stake, prepare, unresolved_error
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
@@ -107,7 +108,7 @@ class RetentionPolicyController:
         due = next_run(spec.schedule, spec.time_zone)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         with pg.connect(info) as conn:
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
@@ -116,7 +117,7 @@ class RetentionPolicyController:
             if prepared.relationships.unresolved:
                 raise unresolved_error(prepared, stake)
             for name in prepared.created:
-                events.append(("ArchiveTableCreated", f"created archive table {name}", False))
+                events.append(Event("ArchiveTableCreated", f"created archive table {name}"))
             sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.scheduler == "pg_cron":
@@ -225,7 +226,7 @@ class RetentionPolicyController:
                 ctx.kube.event(ref, "Unscheduled", f"removed pg_cron job {cron_job_name(ref)}")
 
     @staticmethod
-    def _report_runs(runs: sqlr.RunSummary, status: StatusWriter, events: list[tuple[str, str, bool]]) -> bool:
+    def _report_runs(runs: sqlr.RunSummary, status: StatusWriter, events: list[Event]) -> bool:
         """Mirror the run log into status, conditions and one Event per finished run; True while running."""
         if runs.last is None:
             return False
@@ -241,5 +242,5 @@ class RetentionPolicyController:
             f"Run{last.outcome}", last.message or str(last.outcome), status.generation,
         )  # fmt: skip
         if (seen.start_time, seen.outcome) != (last.start_time, last.outcome):
-            events.append((f"Run{last.outcome}", last.message or str(last.outcome), not ok))  # one per run
+            events.append(Event(f"Run{last.outcome}", last.message or str(last.outcome), warning=not ok))  # one per run
         return False
