@@ -43,7 +43,7 @@ def sql_name(identifier: str) -> str:
 class Report:
     """Where a conversion stands after one call."""
 
-    phase: str  # prepared, copied, verified, swapped, done
+    phase: sqlc.Phase
     rows_total: int | None = None
     rows_copied: int = 0
     rows_per_second: float | None = None
@@ -285,8 +285,7 @@ def convert(
             faults.checkpoint("after-build")
             state = sqlc.load_state(conn, state_schema, schema, table)
             assert state is not None
-        shape = sqlc.inspect(conn, schema, table) if state.phase in ("building", "prepared", "copied", "verified") \
-            else None  # fmt: skip
+        shape = sqlc.inspect(conn, schema, table) if state.phase in sqlc.BEFORE_SWITCH else None
         if shape is not None and not _same_columns(conn, schema, table, state.shadow):
             _restart_or_block(conn, spec, state_schema, ms, "columns")
         if shape is not None and (missing := sqlc.missing_on_shadow(conn, schema, shape)):

@@ -27,7 +27,6 @@ from ..specs import builders
 from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
-IN_FLIGHT = ("building", "prepared", "copied", "verified", "swapped")
 
 RETENTION_BLOCKED = "RetentionBlocked"
 AWARE = default_of(RetentionPolicySpec, "partition_aware")
@@ -69,11 +68,11 @@ class PartitionPolicyController:
             require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
             partitioned = pg.is_partitioned(conn, schema, table)
             progress = conversion_status(conn, profile.state_schema, spec)
-            converting = not partitioned or progress.phase in IN_FLIGHT
+            converting = not partitioned or progress.phase in sqlc.IN_FLIGHT
             enabled = spec.conversion_or_default.enabled
             # Before the first step, not after it: a policy deleted between slices must not leave the
             # sync trigger behind on the application's table.
-            ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in IN_FLIGHT))
+            ensure_finalizer(ctx, self.kind, obj, needed=converting and (enabled or progress.phase in sqlc.IN_FLIGHT))
             if converting:
                 if spec.suspend:
                     status.update(Status(partitioned=partitioned, conversion=conversion_fields(progress)))
@@ -205,7 +204,7 @@ class PartitionPolicyController:
             phase = conversion_status(conn, state_schema, spec).phase
         except Exception:  # the original error matters more; the finalizer stays, which is safe
             return
-        if phase not in IN_FLIGHT:
+        if phase not in sqlc.IN_FLIGHT:
             ensure_finalizer(ctx, self.kind, obj, needed=False)
 
     def left_behind(self, obj: dict[str, Any], spec: PartitionPolicySpec) -> str:

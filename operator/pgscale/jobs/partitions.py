@@ -54,7 +54,7 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
         require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
         report = RunReport("Succeeded")
         state = sqlc.load_state(conn, job.state_schema, schema, table)
-        converting = not pg.is_partitioned(conn, schema, table) or (state is not None and state.phase != "done")
+        converting = not pg.is_partitioned(conn, schema, table) or (state is not None and state.phase in sqlc.IN_FLIGHT)
         if converting:
             if dry_run or not spec.conversion_or_default.enabled:
                 report.outcome = "NotPartitioned"

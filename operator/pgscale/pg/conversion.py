@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -339,12 +339,19 @@ def local_day_range(
 
 # --- state ------------------------------------------------------------------------------------------
 
+# Where a conversion stands, in order; "none" is no state row (nothing started, or forgotten).
+Phase = Literal["none", "building", "prepared", "copied", "verified", "swapped", "done"]
+# Before the switch: the application still uses the original table, which the copy follows.
+BEFORE_SWITCH: tuple[Phase, ...] = ("building", "prepared", "copied", "verified")
+# A conversion under way: its trigger, copy or log exist, or (swapped) the old table is still there.
+IN_FLIGHT: tuple[Phase, ...] = (*BEFORE_SWITCH, "swapped")
+
 
 @dataclass
 class State:
     """One conversion's bookkeeping row."""
 
-    phase: str  # prepared, copied, verified, swapped, done
+    phase: Phase
     shadow: str
     cursor: list[str] | None
     rows_total: int | None
@@ -384,8 +391,12 @@ def load_state(conn: psycopg.Connection, state_schema: str, schema: str, table: 
     return State(*row) if row else None
 
 
-def update_state(conn: psycopg.Connection, state_schema: str, schema: str, table: str, **fields: Any) -> None:
+def update_state(
+    conn: psycopg.Connection, state_schema: str, schema: str, table: str, *, phase: Phase | None = None, **fields: Any
+) -> None:
     """Set columns of the state row (names are this module's, values are parameters)."""
+    if phase is not None:
+        fields = {"phase": phase, **fields}
     sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
     conn.execute(
         sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE table_schema = %s AND table_name = %s").format(
