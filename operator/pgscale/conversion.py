@@ -158,6 +158,11 @@ def starting_ranges(spec: PartitionPolicySpec, table: str, first: Any, last: Any
     return out
 
 
+def subject(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> sqlc.Subject:
+    """The policy's table, as the SQL of a conversion takes it."""
+    return sqlc.Subject(conn, state_schema, spec.table.schema_, spec.table.name)
+
+
 def lock_ms(spec: PartitionPolicySpec) -> int:
     return spec.conversion_or_default.lock_timeout_ms
 
@@ -180,7 +185,7 @@ def _report(state: sqlc.State | None, now: float | None = None) -> Report:
 
 def status(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> Report:
     """Where the conversion of the policy's table stands, read from its state row."""
-    return _report(sqlc.load_state(conn, state_schema, spec.table.schema_, spec.table.name))
+    return _report(sqlc.load_state(subject(conn, state_schema, spec)))
 
 
 RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
@@ -192,13 +197,14 @@ def _with_lock_retries(
 ) -> int:  # fmt: skip
     """Run a step that must lock the table, retrying while the application holds the lock."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     retries = spec.conversion_or_default.max_retries
     for attempt in range(retries + 1):
         try:
             return step()
         except RETRYABLE as exc:
-            if sqlc.load_state(conn, state_schema, schema, table) is not None:
-                sqlc.note_retry(conn, state_schema, schema, table)
+            if sqlc.load_state(target) is not None:
+                sqlc.note_retry(target)
             log.info("%s of %s.%s gave way to the application (attempt %d): %s", what, schema, table, attempt + 1,
                      type(exc).__name__)  # fmt: skip
             if deadline is not None and time.monotonic() > deadline:
@@ -220,12 +226,12 @@ def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpe
     False when the time is up first (the application writes faster than one slice replays): the
     next slice goes on, and the switch waits until the log is short.
     """
-    schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     while True:
         if deadline is not None and time.monotonic() > deadline:
             return False
         try:
-            taken = sqlc.replay_batch(conn, state_schema, schema, table, shape, batch, ms)
+            taken = sqlc.replay_batch(target, shape, batch, ms)
         except RETRYABLE:
             time.sleep(0.2)
             continue
@@ -237,13 +243,14 @@ def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state
                       what: str) -> NoReturn:  # fmt: skip
     """The table changed under the conversion: wait for the user, or build the copy again."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     problems = blockers(sqlc.inspect(conn, schema, table), spec)
     if problems:
         # A view or a referencing key would keep pointing at the old table: it waits for the user (the
         # log keeps recording the application's writes meanwhile).
         raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot be "
                         "switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
-    sqlc.abort(conn, state_schema, schema, table, ms, locked=True)
+    sqlc.abort(target, ms, locked=True)
     raise TransientError(f"the {what} of {spec.table.qualified()} changed during the conversion; it starts over",
                          reason="ConversionRestarted", retry_seconds=1)  # fmt: skip
 
@@ -260,6 +267,7 @@ def convert(
 ) -> Report:
     """Advance the conversion as far as `budget` seconds allow (None: to the end)."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     deadline = None if budget is None else time.monotonic() + budget
     conv = spec.conversion_or_default
     ms = lock_ms(spec)
@@ -273,17 +281,17 @@ def convert(
         report.events = [Event("ConversionBusy", "another pgscale run is working on this table")]
         return report
     try:
-        state = sqlc.load_state(conn, state_schema, schema, table)
+        state = sqlc.load_state(target)
         partitioned = pg.is_partitioned(conn, schema, table)
         if state is not None and state.phase == "done" and not partitioned:
-            sqlc.forget_state(conn, state_schema, schema, table)  # the table was re-created since
+            sqlc.forget_state(target)  # the table was re-created since
             state = None
         if state is None:
             if partitioned:
                 return Report(phase="done", finished=True)
             _build(conn, spec, state_schema, now, deadline)
             faults.checkpoint("after-build")
-            state = sqlc.load_state(conn, state_schema, schema, table)
+            state = sqlc.load_state(target)
             assert state is not None
         shape = sqlc.inspect(conn, schema, table) if state.phase in sqlc.BEFORE_SWITCH else None
         if shape is not None and not _same_columns(conn, schema, table, state.shadow):
@@ -295,7 +303,7 @@ def convert(
             fixed = shape
             _with_lock_retries(
                 conn, state_schema, spec, "installing the change log",
-                lambda: sqlc.install_log(conn, state_schema, schema, table, fixed, ms), deadline,
+                lambda: sqlc.install_log(target, fixed, ms), deadline,
             )  # fmt: skip
             events.append(
                 Event(
@@ -316,10 +324,10 @@ def convert(
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
                 try:
-                    read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, conflict, cursor, batch,
+                    read, cursor = sqlc.copy_batch(target, shape, conflict, cursor, batch,
                                                    ms)  # fmt: skip
                 except RETRYABLE as exc:  # DDL on the table holds it: the batch waits its turn
-                    sqlc.note_retry(conn, state_schema, schema, table)
+                    sqlc.note_retry(target)
                     failures += 1
                     if failures > conv.max_retries:
                         raise TransientError(
@@ -338,16 +346,16 @@ def convert(
                     break
                 if pause:
                     time.sleep(pause)
-            sqlc.update_state(conn, state_schema, schema, table, phase="copied")
+            sqlc.update_state(target, phase="copied")
             faults.checkpoint("after-copy")
             state.phase = "copied"
         if state.phase == "copied":
             assert shape is not None
             if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
                 return _finish(conn, state_schema, spec, events)
-            source, copy = sqlc.verify(conn, state_schema, schema, table, shape)
+            source, copy = sqlc.verify(target, shape)
             if source != copy:
-                sqlc.update_state(conn, state_schema, schema, table,
+                sqlc.update_state(target,
                                   message=f"verification failed: table {source}, copy {copy}")  # fmt: skip
                 raise DependencyError(
                     f"verification of the copy of {spec.table.qualified()} failed ({source[0]} rows in the table, "
@@ -355,7 +363,7 @@ def convert(
                     "Delete and re-create the PartitionPolicy to start over, and report this",
                     reason="VerificationFailed",
                 )
-            sqlc.update_state(conn, state_schema, schema, table, phase="verified", verified_rows=source[0])
+            sqlc.update_state(target, phase="verified", verified_rows=source[0])
             events.append(
                 Event(
                     "ConversionVerified",
@@ -378,7 +386,7 @@ def convert(
             try:
                 held = _with_lock_retries(
                     conn, state_schema, spec, "the switch",
-                    lambda: sqlc.swap(conn, state_schema, schema, table, fresh, built_from, drop, ms,
+                    lambda: sqlc.swap(target, fresh, built_from, drop, ms,
                                       faults.checkpoint),
                     deadline,
                 )  # fmt: skip
@@ -395,7 +403,7 @@ def convert(
             keep = conv.keep_old_table
 
             def cleanup() -> int:
-                sqlc.cleanup(conn, state_schema, schema, table, oid, keep, ms)
+                sqlc.cleanup(target, oid, keep, ms)
                 return 0
 
             _with_lock_retries(conn, state_schema, spec, "dropping the old table", cleanup, deadline)
@@ -417,6 +425,7 @@ def _build(
 ) -> None:
     """Check what blocks the conversion, then build the partitioned copy (the table is not touched)."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     shape = sqlc.inspect(conn, schema, table)
     problems = blockers(shape, spec)
     if problems:
@@ -452,7 +461,7 @@ def _build(
     ms = lock_ms(spec)
 
     def step() -> int:
-        sqlc.build(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen, total, ms)
+        sqlc.build(target, spec.column, shape, bounds, default_name, widen, total, ms)
         return 0
 
     _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)

@@ -17,6 +17,7 @@ from ..conditions import now_rfc3339
 from ..conversion import Report as Conversion
 from ..conversion import convert, lock_ms
 from ..conversion import status as conversion_status
+from ..conversion import subject as conversion_subject
 from ..errors import SpecError, TransientError
 from ..events import Event
 from ..kube import ObjectRef
@@ -79,7 +80,7 @@ class PartitionPolicyController:
                     return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
                                   f"{progress.phase}", requeue_after=interval)  # fmt: skip
                 if not enabled and progress.phase != "swapped":  # after the switch there is no way back
-                    aborted = sqlc.abort(conn, profile.state_schema, schema, table, lock_ms(spec))
+                    aborted = sqlc.abort(conversion_subject(conn, profile.state_schema, spec), lock_ms(spec))
                     if aborted is None:
                         raise TransientError("a conversion run holds the table; disabling it waits for the run",
                                              reason="ConversionBusy", retry_seconds=5)  # fmt: skip
@@ -224,7 +225,7 @@ class PartitionPolicyController:
             if conversion_status(conn, profile.state_schema, spec).phase == "swapped":
                 convert(conn, spec, profile.state_schema, datetime.now(UTC))  # past the switch: finish, drop the old
                 return
-            aborted = sqlc.abort(conn, profile.state_schema, spec.table.schema_, spec.table.name, lock_ms(spec))
+            aborted = sqlc.abort(conversion_subject(conn, profile.state_schema, spec), lock_ms(spec))
         if aborted is None:
             raise TransientError("a conversion run holds the table; deletion waits for it", reason="ConversionBusy",
                                  retry_seconds=5)  # fmt: skip
