@@ -344,8 +344,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         reason, message = api_error(exc)
         log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, reason, message)
         stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
-        status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message,
-                                                                         generation)  # fmt: skip
+        status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message, generation)
         requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
     except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
         outcome = "error"

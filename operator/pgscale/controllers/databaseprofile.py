@@ -53,8 +53,9 @@ DRIFT_EVENTS = settings.DriftEvents(600.0)  # per operator process: a new leader
 
 def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> settings.Claim:
     meta = obj["metadata"]
-    return settings.Claim(meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""),
-                          system_id, frozenset(desired))  # fmt: skip
+    return settings.Claim(
+        meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""), system_id, frozenset(desired)
+    )
 
 
 OVERRIDDEN = "ParametersOverridden"
@@ -125,17 +126,26 @@ class DatabaseProfileController:
             events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
-        status.conditions = cond.flag(status.conditions, RESTART_REQUIRED, bool(report.pending_restart),
-                                      "PendingRestart", restart_message, status.generation)  # fmt: skip
+        status.conditions = cond.flag(
+            status.conditions,
+            RESTART_REQUIRED,
+            bool(report.pending_restart),
+            "PendingRestart",
+            restart_message,
+            status.generation,
+        )
         if report.pending_restart and previous_restart.get("message") != restart_message:
             events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
         status.conditions = cond.flag(
-            status.conditions, OVERRIDDEN, bool(report.overridden), "OverriddenBySource",
+            status.conditions,
+            OVERRIDDEN,
+            bool(report.overridden),
+            "OverriddenBySource",
             f"a source that wins over ALTER SYSTEM keeps other values: {overridden}; remove them there "
             "(e.g. -c options on the server's command line)",
             status.generation,
-        )  # fmt: skip
+        )
         status.update(
             Status(
                 parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
@@ -176,9 +186,14 @@ class DatabaseProfileController:
             raise SpecError(settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT)
 
     def _capacity_and_alerts(
-        self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
-        points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec,
-    ) -> list[Event]:  # fmt: skip
+        self,
+        spec: DatabaseProfileSpec,
+        status: StatusWriter,
+        snap: stats.Snapshot,
+        points: dict[str, list[tuple[float, int]]],
+        capacity: CapacitySpec,
+        alerts_spec: AlertsSpec,
+    ) -> list[Event]:
         growth = growth_per_month(points.get("", []))
         projected = int(snap.database_bytes + max(growth or 0.0, 0.0) * capacity.horizon_months)
         tables = []
@@ -214,11 +229,18 @@ class DatabaseProfileController:
         )
         since = {a.name: a.since for a in status.read(Status).alerts}
         now = now_rfc3339()
-        active = [ActiveAlert(name=a.name, value=a.value, threshold=a.threshold, since=since.get(a.name, now))
-                  for a in alerts]  # fmt: skip
+        active = [
+            ActiveAlert(name=a.name, value=a.value, threshold=a.threshold, since=since.get(a.name, now)) for a in alerts
+        ]
         status.update(Status(alerts=active))
-        status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
-                                      "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
+        status.conditions = cond.flag(
+            status.conditions,
+            ALERTING,
+            bool(alerts),
+            "ThresholdsExceeded",
+            "; ".join(a.message for a in alerts),
+            status.generation,
+        )
         return [Event(f"Alert{a.name}", a.message, warning=True) for a in alerts if a.name not in since]
 
     def _pooler(
@@ -241,24 +263,34 @@ class DatabaseProfileController:
             before = previous and (previous.service if role == "rw" else previous.read_only_service)
             if not wanted:
                 if before:
-                    for api, kind, obj_name in (("v1", "Service", name), ("apps/v1", "Deployment", name),
-                                                ("v1", "Secret", f"{name}-config")):  # fmt: skip
+                    for api, kind, obj_name in (
+                        ("v1", "Service", name),
+                        ("apps/v1", "Deployment", name),
+                        ("v1", "Secret", f"{name}-config"),
+                    ):
                         ctx.kube.delete(api, kind, ref.namespace, obj_name)
                     events.append(Event("PoolerRemoved", f"removed PgBouncer {name}"))
                 continue
             assert spec.pooling is not None
             try:
                 ini = pooling.pgbouncer_ini(
-                    spec.pooling, backend_host=host, backend_port=port, dbname=info.dbname,
-                    auth_file=f"{pooling.CONFIG_DIR}/userlist.txt", admin_users=[info.user],
-                )  # fmt: skip
+                    spec.pooling,
+                    backend_host=host,
+                    backend_port=port,
+                    dbname=info.dbname,
+                    auth_file=f"{pooling.CONFIG_DIR}/userlist.txt",
+                    admin_users=[info.user],
+                )
                 users = pooling.userlist(info.user, info.password or "")
             except ValueError as exc:
                 raise SpecError("pooling", f"cannot configure PgBouncer: {exc}", reason="InvalidPooling") from exc
             digest = pooling.config_hash(ini, users)
             ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users, role))
-            ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
-                                              f"{name}-config", digest, role))  # fmt: skip
+            ctx.kube.apply(
+                pooling.deployment(
+                    ref, name, spec.pooling, ctx.settings.pgbouncer_image, f"{name}-config", digest, role
+                )
+            )
             ctx.kube.apply(pooling.service(ref, name, role))
             names[role] = name
             config_hash = pooling.config_hash(config_hash, digest)
@@ -281,9 +313,15 @@ class DatabaseProfileController:
         return events
 
     def _replicas(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo,
-        conn: psycopg.Connection, status: StatusWriter,
-    ) -> list[Event]:  # fmt: skip
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: DatabaseProfileSpec,
+        info: ConnInfo,
+        conn: psycopg.Connection,
+        status: StatusWriter,
+    ) -> list[Event]:
         """Slots on the primary, the StatefulSet of standbys, and the -ro/-rw Services."""
         events: list[Event] = []
         wanted_spec = spec.read_replicas
@@ -296,9 +334,13 @@ class DatabaseProfileController:
         if not wanted:
             if status.read(Status).replicas is not None:
                 sts = replicas.statefulset_name(ref)
-                for api, kind, name in (("apps/v1", "StatefulSet", sts), ("v1", "ConfigMap", f"{sts}-bootstrap"),
-                                        ("v1", "Service", f"{ref.name}-ro"), ("v1", "Service", f"{ref.name}-rw"),
-                                        ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw")):  # fmt: skip
+                for api, kind, name in (
+                    ("apps/v1", "StatefulSet", sts),
+                    ("v1", "ConfigMap", f"{sts}-bootstrap"),
+                    ("v1", "Service", f"{ref.name}-ro"),
+                    ("v1", "Service", f"{ref.name}-rw"),
+                    ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw"),
+                ):
                     ctx.kube.delete(api, kind, ref.namespace, name)
                 status.update(Status(replicas=None))
             ensure_finalizer(ctx, self.kind, obj, needed=False)
@@ -315,8 +357,9 @@ class DatabaseProfileController:
             )
         problems = replication.readiness_problems(conn, secret["username"], len(wanted))
         if problems:
-            raise DependencyError("the primary cannot serve replicas yet: " + "; ".join(problems),
-                                  reason="ReplicationNotReady")  # fmt: skip
+            raise DependencyError(
+                "the primary cannot serve replicas yet: " + "; ".join(problems), reason="ReplicationNotReady"
+            )
         for name in wanted:
             if name not in existing:
                 replication.create_slot(conn, name)

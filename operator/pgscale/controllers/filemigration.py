@@ -128,8 +128,9 @@ class FileMigrationController:
             if running and job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, running)) == "active":
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
-            return Result("Suspended", f"{phase}: suspended with {remaining} rows left",
-                          requeue_after=ctx.settings.resync_seconds)  # fmt: skip
+            return Result(
+                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.settings.resync_seconds
+            )
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
         events += started
         message = f"{phase}: {migrated}/{total} rows, {failed} failed; Job {job_name}"
@@ -158,9 +159,14 @@ class FileMigrationController:
                 )
 
     def _ensure_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: FileMigrationSpec, profile: Any,
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: FileMigrationSpec,
+        profile: Any,
         status: StatusWriter,
-    ) -> tuple[str, list[Event]]:  # fmt: skip
+    ) -> tuple[str, list[Event]]:
         """One Job per generation; another when the last one finished with work left."""
         generation = obj["metadata"].get("generation", 1)
         current = status.read(Status).job_name
@@ -192,12 +198,22 @@ class FileMigrationController:
                 builders.secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
             ]
         if spec.destination.filesystem:
-            volumes.append((
-                {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
-                {"name": "files", "mountPath": FS_MOUNT},
-            ))  # fmt: skip
-        job = builders.job(ref, name=name, suffix="file-migration", args=builders.job_args("file-migration", ref),
-                           template=spec.job, default_image=ctx.settings.image, env=env, volumes=volumes)  # fmt: skip
+            volumes.append(
+                (
+                    {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
+                    {"name": "files", "mountPath": FS_MOUNT},
+                )
+            )
+        job = builders.job(
+            ref,
+            name=name,
+            suffix="file-migration",
+            args=builders.job_args("file-migration", ref),
+            template=spec.job,
+            default_image=ctx.settings.image,
+            env=env,
+            volumes=volumes,
+        )
         ctx.kube.apply(job)
         status.update(Status(job_name=name))
         return name, [Event("JobStarted", f"started Job {name} for phase {spec.phase}")]

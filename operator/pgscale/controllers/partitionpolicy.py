@@ -77,13 +77,19 @@ class PartitionPolicyController:
             if converting:
                 if spec.suspend:
                     status.update(Status(partitioned=partitioned, conversion=conversion_fields(progress)))
-                    return Result("Suspended", f"{spec.table.qualified()}: conversion suspended in phase "
-                                  f"{progress.phase}", requeue_after=interval)  # fmt: skip
+                    return Result(
+                        "Suspended",
+                        f"{spec.table.qualified()}: conversion suspended in phase {progress.phase}",
+                        requeue_after=interval,
+                    )
                 if not enabled and progress.phase != "swapped":  # after the switch there is no way back
                     aborted = sqlc.abort(conversion_subject(conn, profile.state_schema, spec), lock_ms(spec))
                     if aborted is None:
-                        raise TransientError("a conversion run holds the table; disabling it waits for the run",
-                                             reason="ConversionBusy", retry_seconds=5)  # fmt: skip
+                        raise TransientError(
+                            "a conversion run holds the table; disabling it waits for the run",
+                            reason="ConversionBusy",
+                            retry_seconds=5,
+                        )
                     if aborted:
                         events.append(
                             Event(
@@ -93,9 +99,13 @@ class PartitionPolicyController:
                             )
                         )
                     status.update(Status(partitioned=False, conversion=None))
-                    return Result("NotPartitioned", f"{spec.table.qualified()} is not partitioned; conversion is "
-                                  "disabled (spec.conversion.enabled: false)", requeue_after=interval,
-                                  events=events)  # fmt: skip
+                    return Result(
+                        "NotPartitioned",
+                        f"{spec.table.qualified()} is not partitioned; conversion is "
+                        "disabled (spec.conversion.enabled: false)",
+                        requeue_after=interval,
+                        events=events,
+                    )
                 try:
                     report = convert(conn, spec, profile.state_schema, datetime.now(UTC), budget=SLICE_SECONDS)
                 except SpecError:
@@ -106,8 +116,13 @@ class PartitionPolicyController:
                 if not report.finished:
                     status.update(Status(partitioned=False))
                     done = f"{report.rows_copied}" + (f"/{report.rows_total}" if report.rows_total else "")
-                    return Result("Converting", f"{spec.table.qualified()}: {report.phase}, {done} rows copied",
-                                  done=False, requeue_after=0.5, events=events)  # fmt: skip
+                    return Result(
+                        "Converting",
+                        f"{spec.table.qualified()}: {report.phase}, {done} rows copied",
+                        done=False,
+                        requeue_after=0.5,
+                        events=events,
+                    )
                 ensure_finalizer(ctx, self.kind, obj, needed=False)
             if spec.suspend:
                 status.update(Status(partitioned=True))
@@ -115,8 +130,12 @@ class PartitionPolicyController:
             report_m = maintain(conn, spec, datetime.now(UTC))
             before = [c for c in status.conditions if c.get("status") == "True"]
         if report_m.busy:
-            return Result("Maintained", f"{spec.table.qualified()}: another maintenance run holds the table; "
-                          "looked at again shortly", requeue_after=30, events=events)  # fmt: skip
+            return Result(
+                "Maintained",
+                f"{spec.table.qualified()}: another maintenance run holds the table; looked at again shortly",
+                requeue_after=30,
+                events=events,
+            )
         last = MaintenanceRun(
             time=now_rfc3339(),
             created=report_m.created,
@@ -133,8 +152,11 @@ class PartitionPolicyController:
                 next_maintenance_time=rfc3339(datetime.now(UTC) + timedelta(seconds=interval)),
             )
         )
-        for verb, names in (("Created", report_m.created), ("Detached", report_m.detached),
-                            ("Dropped", report_m.dropped)):  # fmt: skip
+        for verb, names in (
+            ("Created", report_m.created),
+            ("Detached", report_m.detached),
+            ("Dropped", report_m.dropped),
+        ):
             if names:
                 events.append(Event(f"Partitions{verb}", ", ".join(names)))
         if report_m.moved_from_default:
@@ -145,12 +167,15 @@ class PartitionPolicyController:
                 )
             )
         status.conditions = cond.flag(
-            status.conditions, RETENTION_BLOCKED, bool(report_m.kept), "PartitionReferenced",
+            status.conditions,
+            RETENTION_BLOCKED,
+            bool(report_m.kept),
+            "PartitionReferenced",
             "partitions past spec.retention.keep stay attached because rows of other tables reference them: "
             f"{'; '.join(report_m.kept)}. Archive or delete those rows first (a RetentionPolicy with "
             "spec.children does it), or drop the foreign key",
             status.generation,
-        )  # fmt: skip
+        )
         if report_m.kept and not any(c.get("type") == RETENTION_BLOCKED for c in before):
             events.append(Event("PartitionsKept", "; ".join(report_m.kept)[:1000], warning=True))
         message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
@@ -191,11 +216,14 @@ class PartitionPolicyController:
             if same_table(o.get("spec") or {}, obj["spec"]) and (o.get("spec") or {}).get("partitionAware", AWARE)
         ]
         status.conditions = cond.flag(
-            status.conditions, CONFLICT, bool(spec.retention and claimants), "RetentionPolicyOnSameTable",
+            status.conditions,
+            CONFLICT,
+            bool(spec.retention and claimants),
+            "RetentionPolicyOnSameTable",
             f"RetentionPolicy {', '.join(claimants)} also trims {spec.table.qualified()}; this policy owns "
             "its partitions and the RetentionPolicy works row by row only",
             status.generation,
-        )  # fmt: skip
+        )
 
     def _release_if_untouched(
         self, ctx: Context, obj: dict[str, Any], conn: Any, state_schema: str, spec: PartitionPolicySpec
@@ -227,8 +255,12 @@ class PartitionPolicyController:
                 return
             aborted = sqlc.abort(conversion_subject(conn, profile.state_schema, spec), lock_ms(spec))
         if aborted is None:
-            raise TransientError("a conversion run holds the table; deletion waits for it", reason="ConversionBusy",
-                                 retry_seconds=5)  # fmt: skip
+            raise TransientError(
+                "a conversion run holds the table; deletion waits for it", reason="ConversionBusy", retry_seconds=5
+            )
         if aborted:
-            ctx.kube.event(ref, "ConversionAborted", f"policy deleted: the copy and its trigger were removed; "
-                           f"{spec.table.qualified()} is as it was")  # fmt: skip
+            ctx.kube.event(
+                ref,
+                "ConversionAborted",
+                f"policy deleted: the copy and its trigger were removed; {spec.table.qualified()} is as it was",
+            )
