@@ -54,6 +54,11 @@ def test_only_the_fields_given_are_written() -> None:
     assert status.read(PartitionPolicyStatus).partition_count == 7
 
 
+def test_reading_ignores_a_field_the_model_no_longer_has() -> None:
+    status, _ = writer(FILE_MIGRATION, {"phase": "Copying", "lastError": "from an older version"})
+    assert status.read(FileMigrationStatus).phase == "Copying"
+
+
 def test_a_misspelt_field_fails() -> None:
     with pytest.raises(ValidationError):
         PartitionPolicyStatus(partition_cnt=3)  # type: ignore[call-arg]

@@ -110,7 +110,8 @@ class StatusWriter:
         """The status as held now, parsed by the kind's status model."""
         if model is not self.kind.status:
             raise TypeError(f"{self.kind.name} status is {self.kind.status.__name__}, not {model.__name__}")
-        return model.model_validate({k: v for k, v in self.status.items() if v is not None})
+        known = status_fields(self.kind)  # a field an older version wrote must not fail a reconcile
+        return model.model_validate({k: v for k, v in self.status.items() if v is not None and k in known})
 
     def flush(self) -> None:
         """Send what changed since the last flush as one merge patch."""
