@@ -18,7 +18,7 @@ from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
 from ..events import Event
-from ..jobs.files import FS_MOUNT, source
+from ..files import FS_MOUNT, source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
 from ..progress import eta
