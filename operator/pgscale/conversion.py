@@ -386,8 +386,8 @@ def convert(
             try:
                 held = _with_lock_retries(
                     conn, state_schema, spec, "the switch",
-                    lambda: sqlc.swap(target, fresh, built_from, drop, ms,
-                                      faults.checkpoint),
+                    lambda: sqlc.swap(target, fresh, built_from, drop_incoming=drop, lock_timeout_ms=ms,
+                                      checkpoint=faults.checkpoint),
                     deadline,
                 )  # fmt: skip
             except sqlc.DefinitionChanged:
@@ -403,7 +403,7 @@ def convert(
             keep = conv.keep_old_table
 
             def cleanup() -> int:
-                sqlc.cleanup(target, oid, keep, ms)
+                sqlc.cleanup(target, oid, keep_old=keep, lock_timeout_ms=ms)
                 return 0
 
             _with_lock_retries(conn, state_schema, spec, "dropping the old table", cleanup, deadline)
@@ -461,7 +461,7 @@ def _build(
     ms = lock_ms(spec)
 
     def step() -> int:
-        sqlc.build(target, spec.column, shape, bounds, default_name, widen, total, ms)
+        sqlc.build(target, spec.column, shape, bounds, default_name, widen=widen, rows_total=total, lock_timeout_ms=ms)
         return 0
 
     _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)

@@ -545,6 +545,7 @@ def build(
     shape: Shape,
     partitions: list[Bounds],
     default_name: str,
+    *,
     widen: bool,
     rows_total: int | None,
     lock_timeout_ms: int,
@@ -821,6 +822,7 @@ def swap(
     subject: Subject,
     shape: Shape,
     built_from: str,
+    *,
     drop_incoming: bool,
     lock_timeout_ms: int,
     checkpoint: Any = None,
@@ -911,10 +913,7 @@ def _regname(schema: str, table: str) -> str:
     return '"' + schema.replace('"', '""') + '"."' + table.replace('"', '""') + '"'
 
 
-def cleanup(
-    subject: Subject, oid: int, keep_old: bool,
-    lock_timeout_ms: int,
-) -> None:  # fmt: skip
+def cleanup(subject: Subject, oid: int, *, keep_old: bool, lock_timeout_ms: int) -> None:
     """After the swap: drop the verified old table (unless kept) and the trigger functions; mark done."""
     conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     with conn.transaction():
