@@ -119,11 +119,13 @@ def show_database(pg: localenv.Postgres) -> None:
                WHERE conname = 'Task_pkey'"""
         ).fetchone()
         print(f"  key: {key[0]}; rows: {key[1]}")  # type: ignore[index]
+        # current_setting() is SHOW's text, in human units (1GB); pg_settings.setting is in the unit's
+        # multiples (131072 of 8kB), which read glued to the unit as 1310728kB.
         settings = conn.execute(
-            """SELECT name, setting, unit FROM pg_settings WHERE name IN ('work_mem', 'effective_cache_size',
+            """SELECT name, current_setting(name) FROM pg_settings WHERE name IN ('work_mem', 'effective_cache_size',
                'random_page_cost', 'max_connections') ORDER BY name"""
         ).fetchall()
-        print("settings now: " + ", ".join(f"{n}={v}{u or ''}" for n, v, u in settings))
+        print("settings now: " + ", ".join(f"{n}={v}" for n, v in settings))
         files = conn.execute(
             """SELECT count(*), count(*) FILTER (WHERE "storageType" = 's3'), min("filePath") FROM "File" """
         ).fetchone()

@@ -2,6 +2,7 @@
 # Regenerate what is derived for installing pgscale without Helm, from one source each:
 #   charts/pgscale/files/crds/  <- crds/ (itself generated from the models by `pgscale crds`)
 #   charts/pgscale/files/rbac.yaml <- operator/pgscale/rbac.py
+#   the permission table in docs/operations.md <- operator/pgscale/rbac.py
 #   manifests/*.yaml            <- `helm template` of the chart with default values,
 #                                  release "pgscale" in namespace pgscale-system
 # `--check` changes nothing: it renders into a temporary directory and exits 1 with a
@@ -60,6 +61,7 @@ if $check; then
   diff -u "$root/charts/pgscale/files/rbac.yaml" "$work/chart/files/rbac.yaml" >&2 || status=1
 else
   cp "$work/chart/files/rbac.yaml" "$root/charts/pgscale/files/rbac.yaml"
+  (cd "$root" && $python -m pgscale.rbac --docs docs/operations.md)
 fi
 mkdir -p "$root/manifests"
 for f in "$out"/*.yaml; do

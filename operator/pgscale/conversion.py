@@ -22,8 +22,8 @@ import psycopg
 from . import faults, pg
 from .api.partitionpolicy import PartitionPolicySpec
 from .checks import base_type
-from .durations import seconds
 from .errors import DependencyError, SpecError, TransientError
+from .events import Event
 from .partitioning import Range, add_periods, partition_name, period_start, wanted
 from .pg import conversion as sqlc
 from .pg import partitions as sqlp
@@ -43,7 +43,7 @@ def sql_name(identifier: str) -> str:
 class Report:
     """Where a conversion stands after one call."""
 
-    phase: str  # prepared, copied, verified, swapped, done
+    phase: sqlc.Phase
     rows_total: int | None = None
     rows_copied: int = 0
     rows_per_second: float | None = None
@@ -52,15 +52,15 @@ class Report:
     lock_retries: int = 0
     started_at: Any = None
     finished: bool = False
-    events: list[tuple[str, str, bool]] | None = None
+    events: list[Event] | None = None
 
 
 def blockers(shape: sqlc.Shape, spec: PartitionPolicySpec) -> list[str]:
     """Why the table cannot be converted as the spec stands, each with what the spec or the schema can do."""
     name = spec.table.qualified()
-    conv = spec.conversion
-    widen = bool(conv and conv.widen_keys)
-    drop_incoming = bool(conv and conv.drop_referencing_foreign_keys)
+    conv = spec.conversion_or_default
+    widen = conv.widen_keys
+    drop_incoming = conv.drop_referencing_foreign_keys
     out: list[str] = []
     if not shape.primary_key:
         out.append(f"{name} has no primary key; add one (pgscale copies rows by key, exactly once)")
@@ -158,8 +158,13 @@ def starting_ranges(spec: PartitionPolicySpec, table: str, first: Any, last: Any
     return out
 
 
+def subject(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> sqlc.Subject:
+    """The policy's table, as the SQL of a conversion takes it."""
+    return sqlc.Subject(conn, state_schema, spec.table.schema_, spec.table.name)
+
+
 def lock_ms(spec: PartitionPolicySpec) -> int:
-    return int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+    return spec.conversion_or_default.lock_timeout_ms
 
 
 def _report(state: sqlc.State | None, now: float | None = None) -> Report:
@@ -180,7 +185,7 @@ def _report(state: sqlc.State | None, now: float | None = None) -> Report:
 
 def status(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> Report:
     """Where the conversion of the policy's table stands, read from its state row."""
-    return _report(sqlc.load_state(conn, state_schema, spec.table.schema_, spec.table.name))
+    return _report(sqlc.load_state(subject(conn, state_schema, spec)))
 
 
 RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
@@ -192,13 +197,14 @@ def _with_lock_retries(
 ) -> int:  # fmt: skip
     """Run a step that must lock the table, retrying while the application holds the lock."""
     schema, table = spec.table.schema_, spec.table.name
-    retries = spec.conversion.max_retries if spec.conversion else 60
+    target = subject(conn, state_schema, spec)
+    retries = spec.conversion_or_default.max_retries
     for attempt in range(retries + 1):
         try:
             return step()
         except RETRYABLE as exc:
-            if sqlc.load_state(conn, state_schema, schema, table) is not None:
-                sqlc.note_retry(conn, state_schema, schema, table)
+            if sqlc.load_state(target) is not None:
+                sqlc.note_retry(target)
             log.info("%s of %s.%s gave way to the application (attempt %d): %s", what, schema, table, attempt + 1,
                      type(exc).__name__)  # fmt: skip
             if deadline is not None and time.monotonic() > deadline:
@@ -206,7 +212,7 @@ def _with_lock_retries(
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     raise TransientError(
         f"{what} of {spec.table.qualified()} could not lock the table within spec.conversion.lockTimeout "
-        f"({spec.conversion.lock_timeout if spec.conversion else '1s'}); long transactions of the application "
+        f"({spec.conversion_or_default.lock_timeout}); long transactions of the application "
         "hold it: it is retried",
         reason="LockTimeout",
         retry_seconds=10,
@@ -220,12 +226,12 @@ def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpe
     False when the time is up first (the application writes faster than one slice replays): the
     next slice goes on, and the switch waits until the log is short.
     """
-    schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     while True:
         if deadline is not None and time.monotonic() > deadline:
             return False
         try:
-            taken = sqlc.replay_batch(conn, state_schema, schema, table, shape, batch, ms)
+            taken = sqlc.replay_batch(target, shape, batch, ms)
         except RETRYABLE:
             time.sleep(0.2)
             continue
@@ -237,13 +243,14 @@ def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state
                       what: str) -> NoReturn:  # fmt: skip
     """The table changed under the conversion: wait for the user, or build the copy again."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     problems = blockers(sqlc.inspect(conn, schema, table), spec)
     if problems:
         # A view or a referencing key would keep pointing at the old table: it waits for the user (the
         # log keeps recording the application's writes meanwhile).
         raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot be "
                         "switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
-    sqlc.abort(conn, state_schema, schema, table, ms, locked=True)
+    sqlc.abort(target, ms, locked=True)
     raise TransientError(f"the {what} of {spec.table.qualified()} changed during the conversion; it starts over",
                          reason="ConversionRestarted", retry_seconds=1)  # fmt: skip
 
@@ -260,33 +267,33 @@ def convert(
 ) -> Report:
     """Advance the conversion as far as `budget` seconds allow (None: to the end)."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     deadline = None if budget is None else time.monotonic() + budget
-    conv = spec.conversion
+    conv = spec.conversion_or_default
     ms = lock_ms(spec)
-    batch = conv.batch_size if conv else 10000
-    events: list[tuple[str, str, bool]] = []
+    batch = conv.batch_size
+    events: list[Event] = []
     # If this process vanishes mid-transaction (a node lost, not a clean kill), the server ends the
     # session within a minute and releases its locks: pgscale never idles inside a transaction.
     conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '60s', false)")
     if not sqlc.try_lock(conn, schema, table):
         report = status(conn, state_schema, spec)
-        report.events = [("ConversionBusy", "another pgscale run is working on this table", False)]
+        report.events = [Event("ConversionBusy", "another pgscale run is working on this table")]
         return report
     try:
-        state = sqlc.load_state(conn, state_schema, schema, table)
+        state = sqlc.load_state(target)
         partitioned = pg.is_partitioned(conn, schema, table)
         if state is not None and state.phase == "done" and not partitioned:
-            sqlc.forget_state(conn, state_schema, schema, table)  # the table was re-created since
+            sqlc.forget_state(target)  # the table was re-created since
             state = None
         if state is None:
             if partitioned:
                 return Report(phase="done", finished=True)
             _build(conn, spec, state_schema, now, deadline)
             faults.checkpoint("after-build")
-            state = sqlc.load_state(conn, state_schema, schema, table)
+            state = sqlc.load_state(target)
             assert state is not None
-        shape = sqlc.inspect(conn, schema, table) if state.phase in ("building", "prepared", "copied", "verified") \
-            else None  # fmt: skip
+        shape = sqlc.inspect(conn, schema, table) if state.phase in sqlc.BEFORE_SWITCH else None
         if shape is not None and not _same_columns(conn, schema, table, state.shadow):
             _restart_or_block(conn, spec, state_schema, ms, "columns")
         if shape is not None and (missing := sqlc.missing_on_shadow(conn, schema, shape)):
@@ -296,29 +303,33 @@ def convert(
             fixed = shape
             _with_lock_retries(
                 conn, state_schema, spec, "installing the change log",
-                lambda: sqlc.install_log(conn, state_schema, schema, table, fixed, ms), deadline,
+                lambda: sqlc.install_log(target, fixed, ms), deadline,
             )  # fmt: skip
-            events.append(("ConversionStarted", f"copying {schema}.{table} into a partitioned table "
-                           f"{sqlc.shadow_name(table)}; a trigger logs the application's writes meanwhile",
-                           False))  # fmt: skip
+            events.append(
+                Event(
+                    "ConversionStarted",
+                    f"copying {schema}.{table} into a partitioned table "
+                    f"{sqlc.shadow_name(table)}; a trigger logs the application's writes meanwhile",
+                )
+            )
             faults.checkpoint("after-prepare")
             state.phase = "prepared"
         if state.phase == "prepared":
             assert shape is not None
             conflict = shape.primary_key + ([] if spec.column in shape.primary_key else [spec.column])
-            pause = seconds(conv.pause_between_batches) if conv else 0.0
+            pause = conv.pause_seconds
             cursor = state.cursor
             batches = failures = 0
             while True:
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
                 try:
-                    read, cursor = sqlc.copy_batch(conn, state_schema, schema, table, shape, conflict, cursor, batch,
+                    read, cursor = sqlc.copy_batch(target, shape, conflict, cursor, batch,
                                                    ms)  # fmt: skip
                 except RETRYABLE as exc:  # DDL on the table holds it: the batch waits its turn
-                    sqlc.note_retry(conn, state_schema, schema, table)
+                    sqlc.note_retry(target)
                     failures += 1
-                    if failures > (conv.max_retries if conv else 60):
+                    if failures > conv.max_retries:
                         raise TransientError(
                             f"copying {spec.table.qualified()} could not read the table within "
                             f"spec.conversion.lockTimeout, {failures} times in a row; it continues later",
@@ -335,16 +346,16 @@ def convert(
                     break
                 if pause:
                     time.sleep(pause)
-            sqlc.update_state(conn, state_schema, schema, table, phase="copied")
+            sqlc.update_state(target, phase="copied")
             faults.checkpoint("after-copy")
             state.phase = "copied"
         if state.phase == "copied":
             assert shape is not None
             if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
                 return _finish(conn, state_schema, spec, events)
-            source, copy = sqlc.verify(conn, state_schema, schema, table, shape)
+            source, copy = sqlc.verify(target, shape)
             if source != copy:
-                sqlc.update_state(conn, state_schema, schema, table,
+                sqlc.update_state(target,
                                   message=f"verification failed: table {source}, copy {copy}")  # fmt: skip
                 raise DependencyError(
                     f"verification of the copy of {spec.table.qualified()} failed ({source[0]} rows in the table, "
@@ -352,10 +363,14 @@ def convert(
                     "Delete and re-create the PartitionPolicy to start over, and report this",
                     reason="VerificationFailed",
                 )
-            sqlc.update_state(conn, state_schema, schema, table, phase="verified", verified_rows=source[0])
-            events.append(("ConversionVerified", f"{source[0]} rows in {schema}.{table} and in the partitioned "
-                           "copy, with equal checksums (rows written meanwhile are replayed at the switch)",
-                           False))  # fmt: skip
+            sqlc.update_state(target, phase="verified", verified_rows=source[0])
+            events.append(
+                Event(
+                    "ConversionVerified",
+                    f"{source[0]} rows in {schema}.{table} and in the partitioned "
+                    "copy, with equal checksums (rows written meanwhile are replayed at the switch)",
+                )
+            )
             faults.checkpoint("after-verify")
             state.phase = "verified"
         if state.phase == "verified":
@@ -367,12 +382,12 @@ def convert(
             if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
                 return _finish(conn, state_schema, spec, events)
             fresh, built_from = shape, state.definition or ""
-            drop = bool(conv and conv.drop_referencing_foreign_keys)
+            drop = conv.drop_referencing_foreign_keys
             try:
                 held = _with_lock_retries(
                     conn, state_schema, spec, "the switch",
-                    lambda: sqlc.swap(conn, state_schema, schema, table, fresh, built_from, drop, ms,
-                                      faults.checkpoint),
+                    lambda: sqlc.swap(target, fresh, built_from, drop_incoming=drop, lock_timeout_ms=ms,
+                                      checkpoint=faults.checkpoint),
                     deadline,
                 )  # fmt: skip
             except sqlc.DefinitionChanged:
@@ -380,28 +395,26 @@ def convert(
             message = f"{schema}.{table} is now partitioned by {spec.column!r}; the table was locked {held} ms"
             if drop and shape.incoming:
                 message += "; dropped foreign keys " + ", ".join(f"{fk.name} on {fk.table}" for fk in shape.incoming)
-            events.append(("ConversionSwitched", message, False))
+            events.append(Event("ConversionSwitched", message))
             faults.checkpoint("after-swap")
             state.phase = "swapped"
         if state.phase == "swapped":
             oid = _old_oid(conn, schema, table)
-            keep = bool(conv and conv.keep_old_table)
+            keep = conv.keep_old_table
 
             def cleanup() -> int:
-                sqlc.cleanup(conn, state_schema, schema, table, oid, keep, ms)
+                sqlc.cleanup(target, oid, keep_old=keep, lock_timeout_ms=ms)
                 return 0
 
             _with_lock_retries(conn, state_schema, spec, "dropping the old table", cleanup, deadline)
             if not keep:
-                events.append(("OldTableDropped", f"dropped {sqlc.old_name(table)} (verified copy in place)", False))
+                events.append(Event("OldTableDropped", f"dropped {sqlc.old_name(table)} (verified copy in place)"))
         return _finish(conn, state_schema, spec, events)
     finally:
         sqlc.unlock(conn, schema, table)
 
 
-def _finish(
-    conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, events: list[tuple[str, str, bool]]
-) -> Report:
+def _finish(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, events: list[Event]) -> Report:
     report = status(conn, state_schema, spec)
     report.events = events
     return report
@@ -412,6 +425,7 @@ def _build(
 ) -> None:
     """Check what blocks the conversion, then build the partitioned copy (the table is not touched)."""
     schema, table = spec.table.schema_, spec.table.name
+    target = subject(conn, state_schema, spec)
     shape = sqlc.inspect(conn, schema, table)
     problems = blockers(shape, spec)
     if problems:
@@ -441,13 +455,13 @@ def _build(
                     sqlp.bound_literal(column_type, r.end, spec.time_zone))
         for r in ranges
     ]  # fmt: skip
-    widen = bool(spec.conversion and spec.conversion.widen_keys)
+    widen = spec.conversion_or_default.widen_keys
     total = sqlc.estimate_rows(conn, schema, table)
 
     ms = lock_ms(spec)
 
     def step() -> int:
-        sqlc.build(conn, state_schema, schema, table, spec.column, shape, bounds, default_name, widen, total, ms)
+        sqlc.build(target, spec.column, shape, bounds, default_name, widen=widen, rows_total=total, lock_timeout_ms=ms)
         return 0
 
     _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)

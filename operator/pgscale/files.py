@@ -1,4 +1,5 @@
-"""Pure parts of FileMigration: object keys, streaming Base64 decoding, rate limits."""
+"""What FileMigration's controller and its Job share: the source columns, where a volume is mounted,
+and the pure parts of moving a file (object keys, streaming Base64 decoding, rate limits)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ import re
 import threading
 import time
 from urllib.parse import quote
+
+from .api.filemigration import FileMigrationSpec
+from .pg import files as sqlf
+
+FS_MOUNT = "/data"  # where the job pod mounts a filesystem destination's volume
+
+
+def source(spec: FileMigrationSpec) -> sqlf.Source:
+    """The migration's table and columns, as the ledger's SQL takes them."""
+    cols = spec.columns
+    return sqlf.Source(
+        schema=spec.table.schema_, table=spec.table.name, key=spec.key_column, data=spec.data_column,
+        path=spec.path_column, storage_type=spec.storage_type_column,
+        size=cols.size if cols else None, file_name=cols.file_name if cols else None,
+        content_type=cols.content_type if cols else None,
+    )  # fmt: skip
+
 
 _WHITESPACE = re.compile(rb"\s+")
 _DATA_URL = re.compile(rb"^data:([-\w.+]+/[-\w.+]+)?(;[-\w]+=[-\w.]+)*;base64,", re.IGNORECASE)

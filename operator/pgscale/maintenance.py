@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import psycopg
 
 from . import pg
-from .api.partitionpolicy import PartitionPolicySpec
+from .api.partitionpolicy import PartitionInfo, PartitionPolicySpec
 from .checks import base_type
-from .durations import seconds
 from .errors import SpecError
 from .partitioning import Range, keep_from, range_for, wanted
 from .pg import conversion as sqlc
@@ -38,7 +36,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
     kept: list[str] = field(default_factory=list)  # past the window, but rows of other tables point into them
     busy: bool = False  # another run (the CronJob, a conversion) holds the table: nothing done
-    partitions: list[dict[str, Any]] = field(default_factory=list)
+    partitions: list[PartitionInfo] = field(default_factory=list)
     count: int = 0  # every attached partition, DEFAULT included (the list above stops at 100)
 
 
@@ -71,7 +69,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
             "pgscale maintains range partitions on the policy's column only",
             reason="PartitionKeyMismatch",
         )
-    lock_ms = int(seconds(spec.conversion.lock_timeout if spec.conversion else "1s") * 1000)
+    lock_ms = spec.conversion_or_default.lock_timeout_ms
     existing = sqlp.parts(conn, schema, table)
     default = next((p for p in existing if p.is_default), None)
     if spec.default_partition == "create" and default is None:
@@ -116,7 +114,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 report.dropped.append(default.name)
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(default.name)
-    action = spec.retention.action if spec.retention else "detach"
+    action = spec.retention_action
     archive = spec.retention.archive_schema if spec.retention else None
     for leftover_schema, leftover in sqlp.retired_leftovers(conn, schema, table):
         # Detached earlier, but its drop or move did not happen: finish it first.
@@ -172,10 +170,10 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
     attached = sqlp.parts(conn, schema, table)
     report.count = len(attached)
     for part in attached[:100]:  # status lists at most 100; partitionCount counts them all
-        entry: dict[str, Any] = {"name": part.name, "isDefault": part.is_default,
-                                 "rowsEstimate": part.rows_estimate, "bytes": part.bytes}  # fmt: skip
+        entry = PartitionInfo(name=part.name, is_default=part.is_default, rows_estimate=part.rows_estimate,
+                              bytes=part.bytes)  # fmt: skip
         bounds = sqlp.bounds_of(conn, part, column_type)
         if bounds:
-            entry["from"], entry["to"] = bounds
+            entry.from_, entry.to = bounds
         report.partitions.append(entry)
     return report

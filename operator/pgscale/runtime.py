@@ -23,13 +23,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from .api import DATABASE_PROFILE, GROUP, VERSION
-from .builders import LABEL_PREFIX, MANAGED_BY
 from .controllers import all_controllers
 from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
 from .kube import Kube
 from .leader import LeaderElector, LeaseConfig
 from .metrics import METRICS
 from .monitoring import COLLECTOR
+from .specs.builders import LABEL_PREFIX, MANAGED_BY
 
 log = logging.getLogger(__name__)
 

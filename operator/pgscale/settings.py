@@ -7,10 +7,10 @@ invalid (nothing is applied then), DependencyError when the role may not ALTER S
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 
+from .api.databaseprofile import ParameterStatus
 from .errors import DependencyError, SpecError
 from .pg import settings as pgs
 
@@ -19,7 +19,7 @@ from .pg import settings as pgs
 class SettingsReport:
     """What changed and how the server runs now."""
 
-    parameters: list[dict[str, Any]] = field(default_factory=list)
+    parameters: list[ParameterStatus] = field(default_factory=list)
     pending_restart: list[str] = field(default_factory=list)
     overridden: dict[str, str] = field(default_factory=dict)  # name -> source that wins over ALTER SYSTEM
     applied: list[str] = field(default_factory=list)
@@ -86,10 +86,10 @@ def reconcile(
     running = pgs.effective(conn, sorted(values))
     for name, (value, source) in sorted(desired.items()):
         now = running.get(name)
-        entry: dict[str, Any] = {"name": name, "desired": value, "source": source, "pendingRestart": False}
+        entry = ParameterStatus(name=name, desired=value, source=source, pending_restart=False)
         if now is not None:
-            entry["effective"] = now.shown
-            entry["pendingRestart"] = now.pending_restart
+            entry.effective = now.shown
+            entry.pending_restart = now.pending_restart
             if now.pending_restart:
                 report.pending_restart.append(name)
             elif not pgs.same(known.get(name), now.raw, value):  # raw is in the setting's own unit

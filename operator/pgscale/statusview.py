@@ -249,7 +249,7 @@ def files_progress(obj: Obj, wide: bool = False) -> str:
         counts = f"{human_count(migrated or 0)}/{human_count(total)} rows"
         if status.get("rowsFailed"):
             counts += f", {human_count(status['rowsFailed'])} failed"
-    running = status["phase"] not in ("Completed", "Failed")
+    running = status["phase"] != "Completed"
     text = _join([
         f"{status['phase']} {status['progress']}" if status.get("progress") else status["phase"],
         f"({counts})" if counts else None,
@@ -266,7 +266,6 @@ def files_progress(obj: Obj, wide: bool = False) -> str:
             f"{human_bytes(status['bytesMigrated'])} written" if status.get("bytesMigrated") is not None else None,
             f"{human_bytes(status['reclaimableBytes'])} reclaimable" if status.get("reclaimableBytes") else None,
             f"Job {status['jobName']}" if status.get("jobName") else None,
-            f"last error: {status['lastError']}" if status.get("lastError") else None,
         ])  # fmt: skip
     return text
 
@@ -324,8 +323,12 @@ def profile_summary(profile: Obj) -> list[tuple[str, str]]:
 
     pooler = status.get("pooler")
     if pooler:
+        from .api.common import default_of
+        from .api.databaseprofile import PoolingSpec
+
+        mode = default_of(PoolingSpec, "pool_mode")
         pooling = f"{pooler.get('service')} ({pooler.get('instances')} instances"
-        pooling += f", pool mode {spec['pooling'].get('poolMode', 'transaction')}" if spec.get("pooling") else ""
+        pooling += f", pool mode {spec['pooling'].get('poolMode', mode)}" if spec.get("pooling") else ""
         pooling += f"), read-only {pooler['readOnlyService']}" if pooler.get("readOnlyService") else ")"
     else:
         pooling = "requested, not running yet" if spec.get("pooling") else "off"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from conftest import Kubectl
-from pgscale import builders, pooling, replicas
 from pgscale.api.databaseprofile import DatabaseProfileSpec, PoolingSpec, ReadReplicasSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import builders, pooling, replicas
 
 pytestmark = pytest.mark.cluster
 

@@ -179,8 +179,8 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
     stalled = condition(kubectl.get("databaseprofile", "app"), "Stalled")
     assert stalled is not None and stalled["reason"] == "ReplicationNotReady"
     assert f'CREATE ROLE "{role}" WITH REPLICATION LOGIN' in stalled["message"]
-    from pgscale import replicas
     from pgscale.kube import ObjectRef
+    from pgscale.specs import replicas
 
     prefix = replicas.slot_prefix(ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", kubectl.namespace, "app", ""))
     try:

@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl
-from pgscale import alerting
 from pgscale.api.databaseprofile import AlertsSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import alerting
 
 pytestmark = pytest.mark.cluster
 

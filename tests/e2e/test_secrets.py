@@ -19,8 +19,8 @@ import pytest
 from conftest import Kubectl, load_example, pod_env, wait_until
 from malformed import CASES, PASSWORD
 from pgscale.api.databaseprofile import DatabaseProfileSpec
-from pgscale.builders import job_env
 from pgscale.kube import ObjectRef
+from pgscale.specs.builders import job_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 

@@ -17,12 +17,12 @@ import psycopg
 import pytest
 
 from conftest import scalar, start_container
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.jobs import JobInput
 from pgscale.jobs.files import Migration, make_store
 from pgscale.kube import ObjectRef
 from pgscale.pg.connection import ConnInfo
+from pgscale.specs import builders
 from pgscale.storage import s3_client
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]

@@ -18,12 +18,12 @@ import psycopg
 import pytest
 
 from conftest import run_container, scalar, seed_tasks
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.api.partitionpolicy import PartitionPolicySpec
 from pgscale.conversion import convert
 from pgscale.errors import SpecError
 from pgscale.kube import ObjectRef
+from pgscale.specs import builders
 from writers import Writer, expected, fingerprint, rows
 
 pytestmark = pytest.mark.postgres

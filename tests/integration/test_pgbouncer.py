@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from conftest import scalar
-from pgscale import pooling
 from pgscale.api.databaseprofile import PoolingSpec
+from pgscale.specs import pooling
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
 

@@ -17,11 +17,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from conftest import pod_env, scalar
-from pgscale import replicas
 from pgscale.api.databaseprofile import ReadReplicasSpec
 from pgscale.kube import ObjectRef
 from pgscale.monitoring import ProfileCollector
 from pgscale.pg import replication, stats
+from pgscale.specs import replicas
 
 pytestmark = pytest.mark.postgres
 

@@ -19,13 +19,13 @@ import pytest
 from psycopg import sql
 
 from conftest import kill_after_batches, run_container, scalar, start_container
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.errors import ReconcileError, SpecError
 from pgscale.jobs import JobInput
 from pgscale.jobs.retention import run
 from pgscale.kube import ObjectRef
 from pgscale.pg.connection import ConnInfo
+from pgscale.specs import builders
 
 pytestmark = pytest.mark.postgres
 

@@ -16,12 +16,12 @@ import psycopg
 import pytest
 
 from conftest import kill_after_batches, run_container, scalar, seed_tasks, start_container
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.jobs import JobInput
 from pgscale.jobs.retention import run
 from pgscale.kube import ObjectRef
 from pgscale.pg.connection import ConnInfo
+from pgscale.specs import builders
 
 pytestmark = pytest.mark.postgres
 

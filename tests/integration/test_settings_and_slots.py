@@ -6,10 +6,11 @@ import localenv
 import psycopg
 import pytest
 
-from pgscale import replicas, settings
+from pgscale import settings
 from pgscale.errors import SpecError
 from pgscale.kube import ObjectRef
 from pgscale.pg import replication
+from pgscale.specs import replicas
 
 pytestmark = pytest.mark.postgres
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from pgscale import alerting
 from pgscale.api.databaseprofile import AlertsSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import alerting
 
 OWNER = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", "shop", "app", "1234-5678-90ab")
 NAMES = [

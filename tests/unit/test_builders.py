@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from pgscale import builders
 from pgscale.api.common import JobTemplate
 from pgscale.kube import ObjectRef
+from pgscale.specs import builders
 
 OWNER = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "1234-5678-90ab")
 

@@ -184,6 +184,13 @@ def test_rbac_file_is_generated_from_rbac_py() -> None:
     assert (CHART / "files" / "rbac.yaml").read_text() == rbac.render(), "run hack/render-manifests.sh"
 
 
+def test_docs_permission_table_is_generated_from_rbac_py() -> None:
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    assert doc == rbac.with_table(doc), "the RBAC table in docs/operations.md is stale: run hack/render-manifests.sh"
+    every_rule = (*rbac.NAMESPACED, *rbac.CLUSTER, *rbac.WATCH_NAMESPACES, *rbac.LEADER_ELECTION)
+    assert rbac.markdown_table().count("\n") == 2 + len(every_rule)  # header, separator, one row per rule
+
+
 def test_cluster_wide_rules_are_exactly_rbac_py() -> None:
     objs = render()
     assert only(objs, "ClusterRole", "pgscale")["rules"] == rules(rbac.NAMESPACED + rbac.CLUSTER)

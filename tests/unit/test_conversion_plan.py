@@ -117,5 +117,5 @@ def test_status_fields_carry_counts_rate_eta_and_lock() -> None:
     started = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
     fields = conversion_fields(Report(phase="prepared", rows_total=1000, rows_copied=250, rows_per_second=50.0,
                                       eta_seconds=15, longest_lock_ms=4, started_at=started))  # fmt: skip
-    assert fields == {"step": "prepared", "rowsTotal": 1000, "rowsDone": 250, "rowsPerSecond": 50.0,
+    assert fields.wire() == {"step": "prepared", "rowsTotal": 1000, "rowsDone": 250, "rowsPerSecond": 50.0,
                       "etaSeconds": 15, "startedAt": "2026-11-27T12:00:00Z", "longestLockMs": 4}  # fmt: skip

@@ -4,9 +4,9 @@ import base64
 
 import pytest
 
-from pgscale import pooling
 from pgscale.api.databaseprofile import PGBOUNCER_PARAMETERS, PoolingSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import pooling
 
 OWNER = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", "ns", "app", "1234-5678-90ab")
 

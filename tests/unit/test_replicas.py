@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from pgscale import replicas
 from pgscale.api.databaseprofile import ReadReplicasSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import replicas
 
 OWNER = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", "team-a", "app", "uid-1")
 SPEC = ReadReplicasSpec.model_validate({"instances": 2, "replicationSecretRef": {"name": "repl"},

@@ -5,7 +5,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgscale import builders
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.api.retentionpolicy import RetentionPolicySpec
 from pgscale.controllers.retentionpolicy import run_status
@@ -16,6 +15,7 @@ from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
 from pgscale.retention import TableFacts, check_archive, effect_of, next_batch_size, plan, plan_relationships
+from pgscale.specs import builders
 
 SPEC = {
     "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",
@@ -184,7 +184,7 @@ def test_run_status_of_a_running_run_has_rate_and_eta() -> None:
            "batches": 5, "outcome": "Running", "dry_run": False, "message": None, "rows_matched": None,
            "rows_total": 1000}  # fmt: skip
     status = run_status(row, now)
-    assert status["rowsPerSecond"] == 50.0 and status["etaSeconds"] == 10 and status["endTime"] is None
+    assert status.rows_per_second == 50.0 and status.eta_seconds == 10 and status.end_time is None
 
 
 def test_run_status_shows_the_counts_per_table() -> None:
@@ -194,5 +194,5 @@ def test_run_status_shows_the_counts_per_table() -> None:
     last = {"started_at": now, "ended_at": now, "rows_archived": 10, "rows_deleted": 0, "batches": 1,
             "dry_run": False, "outcome": "Succeeded", "message": "ok", "rows_matched": None, "rows_total": 10,
             "tables": {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}}  # fmt: skip
-    assert run_status(last, now)["tables"] == {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}
-    assert "tables" not in run_status({**last, "tables": None}, now)
+    assert run_status(last, now).tables == {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}
+    assert run_status({**last, "tables": None}, now).tables is None

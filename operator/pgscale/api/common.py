@@ -79,6 +79,11 @@ def cel(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": out}
 
 
+def default_of(model: type[BaseModel], field: str) -> Any:
+    """A field's default as its model declares it, for code that reads an unparsed spec."""
+    return model.model_fields[field].default
+
+
 class Model(BaseModel):
     """Base of every API type: camelCase on the wire, unknown fields refused."""
 

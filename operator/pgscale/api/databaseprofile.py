@@ -299,6 +299,10 @@ class MonitoringSpec(Model):
     statements: bool = Field(default=True, description="Read query times from pg_stat_statements when it is installed.")
     alerts: AlertsSpec | None = Field(default=None, description="Thresholds; strategy defaults when unset.")
 
+    @property
+    def alerts_or_default(self) -> AlertsSpec:
+        return self.alerts or AlertsSpec()
+
 
 class CapacitySpec(Model):
     """Size sampling and the projection of growth."""
@@ -364,6 +368,15 @@ class DatabaseProfileSpec(Model):
     reconcile_interval: Period = Field(
         default="5m", description="How often settings are re-checked and drift corrected."
     )
+
+    # The one place where an absent sub-spec takes its defaults.
+    @property
+    def monitoring_or_default(self) -> MonitoringSpec:
+        return self.monitoring or MonitoringSpec()
+
+    @property
+    def capacity_or_default(self) -> CapacitySpec:
+        return self.capacity or CapacitySpec()
 
 
 class ParameterStatus(Model):
@@ -451,8 +464,8 @@ class DatabaseProfileStatus(BaseStatus):
         description="Settings that take effect only after a restart.",
         json_schema_extra={"maxItems": 512},
     )
-    replicas: list[ReplicaStatus] = Field(
-        default_factory=list, description="Read replicas and their lag.", json_schema_extra={"maxItems": 16}
+    replicas: list[ReplicaStatus] | None = Field(
+        default=None, description="Read replicas and their lag.", json_schema_extra={"maxItems": 16}
     )
     capacity: CapacityStatus | None = Field(default=None, description="Size and growth.")
     alerts: list[ActiveAlert] = Field(

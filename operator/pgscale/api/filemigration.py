@@ -205,13 +205,14 @@ class FailedRow(Model):
     reason: str = Field(max_length=1024, description="Why it was skipped.")
 
 
+# The phases the controller sets (controllers/filemigration.py); errors are conditions, not a phase.
+MigrationPhase = Literal["Copying", "Verifying", "CuttingOver", "DroppingSource", "Completed"]
+
+
 class FileMigrationStatus(BaseStatus):
     """Observed state of a FileMigration."""
 
-    phase: (
-        Literal["Pending", "Preparing", "Copying", "Verifying", "CuttingOver", "DroppingSource", "Completed", "Failed"]
-        | None
-    ) = Field(default=None, description="Where the migration is.")
+    phase: MigrationPhase | None = Field(default=None, description="Where the migration is.")
     progress: str | None = Field(
         default=None, max_length=64, description="Migrated rows as a percentage, for kubectl get."
     )
@@ -223,7 +224,6 @@ class FileMigrationStatus(BaseStatus):
     bytes_per_second: float | None = Field(default=None, description="Recent throughput.")
     rows_per_second: float | None = Field(default=None, description="Recent row rate.")
     eta_seconds: int | None = Field(default=None, description="Estimated seconds left.")
-    last_error: str | None = Field(default=None, max_length=4096, description="The last error seen.")
     failed_rows: list[FailedRow] = Field(
         default_factory=list,
         description="Some skipped rows; all are in the ledger table.",

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..durations import seconds
 from .common import (
     AGE_COLUMN,
     NEVER_FIRES_RULE,
@@ -81,6 +82,15 @@ class ConversionSpec(Model):
         ),
     )
 
+    @property
+    def lock_timeout_ms(self) -> int:
+        """lockTimeout in milliseconds, as Postgres' lock_timeout takes it."""
+        return int(seconds(self.lock_timeout) * 1000)
+
+    @property
+    def pause_seconds(self) -> float:
+        return seconds(self.pause_between_batches)
+
 
 class RetentionSpec(Model):
     """Which old partitions leave the table, and how."""
@@ -114,6 +124,10 @@ class MaintenanceSpec(Model):
         default="@hourly", description="Cron schedule of the CronJob.", json_schema_extra=cel(NEVER_FIRES_RULE)
     )
     job: JobTemplate | None = Field(default=None, description="How the CronJob's pods run.")
+
+    @property
+    def interval_seconds(self) -> float:
+        return seconds(self.interval)
 
 
 class PartitionPolicySpec(Model):
@@ -186,6 +200,21 @@ class PartitionPolicySpec(Model):
     retention: RetentionSpec | None = Field(default=None, description="Detach or drop old partitions.")
     maintenance: MaintenanceSpec | None = Field(default=None, description="When maintenance runs.")
     suspend: bool = Field(default=False, description="Pause all changes; status is still reported.")
+
+    # The one place where an absent sub-spec takes its defaults.
+    @property
+    def conversion_or_default(self) -> ConversionSpec:
+        return self.conversion or ConversionSpec()
+
+    @property
+    def maintenance_or_default(self) -> MaintenanceSpec:
+        return self.maintenance or MaintenanceSpec()
+
+    @property
+    def retention_action(self) -> Literal["detach", "drop"]:
+        """What happens to a retired partition: spec.retention.action, or its default without retention."""
+        action: Literal["detach", "drop"] = RetentionSpec.model_fields["action"].default
+        return self.retention.action if self.retention else action
 
 
 class PartitionInfo(Model):

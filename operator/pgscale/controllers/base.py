@@ -20,8 +20,10 @@ from pydantic import BaseModel, ValidationError
 
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE, Kind
+from ..api.common import BaseStatus, TableReference, default_of
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
+from ..events import Event
 from ..kube import Kube, ObjectRef, api_error
 from ..metrics import METRICS
 from ..pg import classify
@@ -30,6 +32,7 @@ from ..pg.connection import ConnInfo, resolve
 log = logging.getLogger(__name__)
 
 SpecT = TypeVar("SpecT", bound=BaseModel, contravariant=True)
+StatusT = TypeVar("StatusT", bound=BaseStatus)
 
 
 @dataclass
@@ -66,11 +69,16 @@ class Result:
     message: str
     done: bool = True  # False: long work under way (Ready False, Reconciling True)
     requeue_after: float | None = None
-    events: list[tuple[str, str, bool]] = field(default_factory=list)  # (reason, message, warning) of actions
+    events: list[Event] = field(default_factory=list)  # (reason, message, warning) of actions
 
 
 class StatusWriter:
-    """Holds a resource's status while it is reconciled; ``flush`` writes it back."""
+    """Holds a resource's status while it is reconciled; ``flush`` writes it back.
+
+    Fields are written through the kind's status model (``update(PartitionPolicyStatus(...))``),
+    so a field the model lacks fails here, in the tests, instead of being pruned silently by the
+    API server; the camelCase wire names come from the model's aliases.
+    """
 
     def __init__(self, kube: Kube, kind: Kind, obj: dict[str, Any]) -> None:
         self.kube = kube
@@ -89,17 +97,44 @@ class StatusWriter:
     def conditions(self, value: cond.Conditions) -> None:
         self.status["conditions"] = value
 
-    def update(self, **fields: Any) -> None:
-        """Set status fields (camelCase keys as stored; None removes a field)."""
-        self.status.update(fields)
+    def update(self, fields: BaseStatus) -> None:
+        """Set the fields given to the model (None removes a field); the others stay as they are."""
+        if not isinstance(fields, self.kind.status):
+            raise TypeError(f"{self.kind.name} status is {self.kind.status.__name__}, not {type(fields).__name__}")
+        wire = fields.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
+        for name in fields.model_fields_set:
+            alias = type(fields).model_fields[name].alias or name
+            self.status[alias] = wire.get(alias)
+
+    def read(self, model: type[StatusT]) -> StatusT:
+        """The status as held now, parsed by the kind's status model."""
+        if model is not self.kind.status:
+            raise TypeError(f"{self.kind.name} status is {self.kind.status.__name__}, not {model.__name__}")
+        known = status_fields(self.kind)  # a field an older version wrote must not fail a reconcile
+        return model.model_validate({k: v for k, v in self.status.items() if v is not None and k in known})
 
     def flush(self) -> None:
         """Send what changed since the last flush as one merge patch."""
-        patch = {k: v for k, v in self.status.items() if self._sent.get(k) != v}
+        patch = {k: _replacing(self._sent.get(k), v) for k, v in self.status.items() if self._sent.get(k) != v}
         patch.update({k: None for k in self._sent if k not in self.status})
+        unknown = set(patch) - status_fields(self.kind)
+        if unknown:  # the API server would prune it without a word
+            raise ValueError(f"{self.kind.name} status has no field {', '.join(sorted(unknown))}")
         if patch:
             self.kube.patch_status(self.kind, self.namespace, self.name, patch)
             self._sent = dict(self.status)
+
+
+def status_fields(kind: Kind) -> set[str]:
+    """The wire names of a kind's status fields."""
+    return {info.alias or name for name, info in kind.status.model_fields.items()}
+
+
+def _replacing(old: Any, new: Any) -> Any:
+    """`new` as a merge-patch value that replaces `old`: keys `old` has and `new` lacks become null."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**{k: None for k in old if k not in new}, **{k: _replacing(old.get(k), v) for k, v in new.items()}}
 
 
 class Controller(Protocol, Generic[SpecT]):
@@ -242,10 +277,11 @@ CONFLICT = "Conflict"
 def same_table(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two specs name the same table through the same profile."""
     ta, tb = a.get("table") or {}, b.get("table") or {}
+    schema = default_of(TableReference, "schema_")
     return (
         a.get("profileRef") == b.get("profileRef")
         and ta.get("name") == tb.get("name")
-        and ta.get("schema", "public") == tb.get("schema", "public")
+        and ta.get("schema", schema) == tb.get("schema", schema)
     )
 
 
@@ -280,7 +316,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         status.flush()
     requeue: float
     outcome = "success"
-    events: list[tuple[str, str, bool]] = []
+    events: list[Event] = []
     try:
         try:
             spec = parse_spec(kind, obj)
@@ -309,8 +345,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         reason, message = api_error(exc)
         log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, reason, message)
         stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
-        status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message,
-                                                                         generation)  # fmt: skip
+        status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message, generation)
         requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
     except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
         outcome = "error"
@@ -318,16 +353,16 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         message = f"unexpected error ({type(exc).__name__}): {exc}; see the operator log"
         status.conditions = cond.stalled(status.conditions, "InternalError", message, generation)
         requeue = 60.0
-    status.update(observedGeneration=generation)
+    status.update(kind.status(observed_generation=generation))
     after = cond.get(status.conditions, cond.READY) or {}
     if (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")):
         warning = after.get("status") == "False" and cond.is_true(status.conditions, cond.STALLED)
-        events.append((str(after.get("reason")), str(after.get("message")), warning))
+        events.append(Event(str(after.get("reason")), str(after.get("message")), warning=warning))
     try:
         status.flush()
     finally:
-        for reason, message, warning in events:
-            ctx.kube.event(ref, reason, message, warning=warning)
+        for event in events:
+            ctx.kube.event(ref, event.reason, event.message, warning=event.warning)
         METRICS.reconcile_total.labels(kind=kind.name, outcome=outcome).inc()
         METRICS.reconcile_seconds.labels(kind=kind.name).observe(time.monotonic() - started)
     return Outcome(requeue, outcome != "success")

@@ -16,19 +16,32 @@ import psycopg
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import alerting, pg, pooling, replicas, settings, tuning
 from .. import conditions as cond
+from .. import pg, settings, tuning
 from ..api import DATABASE_PROFILE
-from ..api.databaseprofile import AlertsSpec, CapacitySpec, DatabaseProfileSpec, MonitoringSpec
+from ..api.databaseprofile import (
+    ActiveAlert,
+    AlertsSpec,
+    CapacitySpec,
+    CapacityStatus,
+    DatabaseProfileSpec,
+    MonitoringSpec,
+    PoolerStatus,
+    ReplicaStatus,
+    TableCapacity,
+)
+from ..api.databaseprofile import DatabaseProfileStatus as Status
 from ..conditions import now_rfc3339
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
+from ..events import Event
 from ..kube import ObjectRef
 from ..monitoring import COLLECTOR, evaluate, growth_per_month
 from ..pg import replication, stats
 from ..pg import settings as pgs
 from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
+from ..specs import alerting, pooling, replicas
 from .base import Context, Result, StatusWriter, ensure_finalizer, secret_connection
 
 log = logging.getLogger(__name__)
@@ -40,8 +53,9 @@ DRIFT_EVENTS = settings.DriftEvents(600.0)  # per operator process: a new leader
 
 def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> settings.Claim:
     meta = obj["metadata"]
-    return settings.Claim(meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""),
-                          system_id, frozenset(desired))  # fmt: skip
+    return settings.Claim(
+        meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""), system_id, frozenset(desired)
+    )
 
 
 OVERRIDDEN = "ParametersOverridden"
@@ -74,14 +88,14 @@ class DatabaseProfileController:
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         key = f"{ref.namespace}/{ref.name}"
-        monitoring = spec.monitoring or MonitoringSpec()
-        capacity = spec.capacity or CapacitySpec()
+        monitoring = spec.monitoring_or_default
+        capacity = spec.capacity_or_default
         info = secret_connection(ctx, ref.namespace, spec)
         desired = tuning.desired(spec)
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
             system_id = pgs.system_identifier(conn)
-            status.update(serverVersion=version, systemIdentifier=system_id)
+            status.update(Status(server_version=version, system_identifier=system_id))
             self._check_owner(ctx, obj, system_id, desired)
             report = settings.reconcile(conn, spec.state_schema, key, desired)
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
@@ -93,39 +107,54 @@ class DatabaseProfileController:
                     sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
                     stats.record_sample(conn, spec.state_schema, key, sizes)
                 points = stats.samples(conn, spec.state_schema, key)
-            events: list[tuple[str, str, bool]] = self._replicas(ctx, obj, ref, spec, info, conn, status)
+            events: list[Event] = self._replicas(ctx, obj, ref, spec, info, conn, status)
         if report.applied:
-            events.append(("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}", False))
+            events.append(Event("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}"))
         if report.corrected:
             log.info("DatabaseProfile %s: changed outside pgscale, set back: %s", key, ", ".join(report.corrected))
             due = DRIFT_EVENTS.due(key, report.corrected, time.monotonic())
             if due:
-                events.append(("DriftCorrected", f"changed outside pgscale, set back: {', '.join(due)} (at most one "
-                               "Event per parameter every 10 minutes)", True))  # fmt: skip
+                events.append(
+                    Event(
+                        "DriftCorrected",
+                        f"changed outside pgscale, set back: {', '.join(due)} (at most one "
+                        "Event per parameter every 10 minutes)",
+                        warning=True,
+                    )
+                )
         if report.reset:
-            events.append(("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}", False))
+            events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
-        status.conditions = cond.flag(status.conditions, RESTART_REQUIRED, bool(report.pending_restart),
-                                      "PendingRestart", restart_message, status.generation)  # fmt: skip
+        status.conditions = cond.flag(
+            status.conditions,
+            RESTART_REQUIRED,
+            bool(report.pending_restart),
+            "PendingRestart",
+            restart_message,
+            status.generation,
+        )
         if report.pending_restart and previous_restart.get("message") != restart_message:
-            events.append(("RestartRequired", restart_message, True))
+            events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
         status.conditions = cond.flag(
-            status.conditions, OVERRIDDEN, bool(report.overridden), "OverriddenBySource",
+            status.conditions,
+            OVERRIDDEN,
+            bool(report.overridden),
+            "OverriddenBySource",
             f"a source that wins over ALTER SYSTEM keeps other values: {overridden}; remove them there "
             "(e.g. -c options on the server's command line)",
             status.generation,
-        )  # fmt: skip
+        )
         status.update(
-            parameters=report.parameters,
-            pendingRestart=report.pending_restart,
-            lastReconcileTime=now_rfc3339(),
+            Status(
+                parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
+            )
         )
         events += self._pooler(ctx, ref, spec, info, status)
         if snap is not None:
             COLLECTOR.update(key, snap, len(report.pending_restart))
-            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts)
+            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts_or_default)
         events += self._prometheus_rule(ctx, ref, monitoring, status)
         requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
         message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
@@ -157,33 +186,37 @@ class DatabaseProfileController:
             raise SpecError(settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT)
 
     def _capacity_and_alerts(
-        self, spec: DatabaseProfileSpec, status: StatusWriter, snap: stats.Snapshot,
-        points: dict[str, list[tuple[float, int]]], capacity: CapacitySpec, alerts_spec: AlertsSpec | None,
-    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        self,
+        spec: DatabaseProfileSpec,
+        status: StatusWriter,
+        snap: stats.Snapshot,
+        points: dict[str, list[tuple[float, int]]],
+        capacity: CapacitySpec,
+        alerts_spec: AlertsSpec,
+    ) -> list[Event]:
         growth = growth_per_month(points.get("", []))
         projected = int(snap.database_bytes + max(growth or 0.0, 0.0) * capacity.horizon_months)
         tables = []
         for t in snap.tables:
             table_growth = growth_per_month(points.get(t.name, []))
-            entry: dict[str, Any] = {"name": t.name[:256], "bytes": t.bytes}
+            entry = TableCapacity(name=t.name[:256], bytes=t.bytes)
             if table_growth is not None:
-                entry["growthBytesPerMonth"] = int(table_growth)
+                entry.growth_bytes_per_month = int(table_growth)
             tables.append(entry)
-        cap: dict[str, Any] = {
-            "sampledAt": now_rfc3339(),
-            "databaseBytes": snap.database_bytes,
-            "databaseSize": human(snap.database_bytes),
-            "projectedBytes": projected,
-            "horizonMonths": capacity.horizon_months,
-            "recommendedTier": tuning.recommend_tier(projected),
-            "tables": tables,
-        }
+        cap = CapacityStatus(
+            sampled_at=now_rfc3339(),
+            database_bytes=snap.database_bytes,
+            database_size=human(snap.database_bytes),
+            projected_bytes=projected,
+            horizon_months=capacity.horizon_months,
+            recommended_tier=tuning.recommend_tier(projected),
+            tables=tables,
+        )
         if growth is not None:
-            cap["growthBytesPerMonth"] = int(growth)
-        status.update(capacity=cap)
-        alerts_spec = alerts_spec or AlertsSpec()
+            cap.growth_bytes_per_month = int(growth)
+        status.update(Status(capacity=cap))
         if not alerts_spec.enabled:
-            status.update(alerts=[])
+            status.update(Status(alerts=[]))
             status.conditions = cond.remove(status.conditions, ALERTING)
             return []
         alerts = evaluate(
@@ -194,86 +227,122 @@ class DatabaseProfileController:
             memory_estimate=tuning.estimated_memory_bytes(snap.memory_settings),
             memory_bytes=memory_of(spec),
         )
-        since = {a["name"]: a["since"] for a in status.status.get("alerts") or []}
+        since = {a.name: a.since for a in status.read(Status).alerts}
         now = now_rfc3339()
-        status.update(alerts=[{"name": a.name, "value": a.value, "threshold": a.threshold,
-                               "since": since.get(a.name, now)} for a in alerts])  # fmt: skip
-        status.conditions = cond.flag(status.conditions, ALERTING, bool(alerts), "ThresholdsExceeded",
-                                      "; ".join(a.message for a in alerts), status.generation)  # fmt: skip
-        return [(f"Alert{a.name}", a.message, True) for a in alerts if a.name not in since]
+        active = [
+            ActiveAlert(name=a.name, value=a.value, threshold=a.threshold, since=since.get(a.name, now)) for a in alerts
+        ]
+        status.update(Status(alerts=active))
+        status.conditions = cond.flag(
+            status.conditions,
+            ALERTING,
+            bool(alerts),
+            "ThresholdsExceeded",
+            "; ".join(a.message for a in alerts),
+            status.generation,
+        )
+        return [Event(f"Alert{a.name}", a.message, warning=True) for a in alerts if a.name not in since]
 
     def _pooler(
         self, ctx: Context, ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo, status: StatusWriter
-    ) -> list[tuple[str, str, bool]]:
+    ) -> list[Event]:
         """PgBouncer in front of the primary (`-pooler-rw`) and, when replicas exist, of them (`-pooler-ro`):
         each a Secret (config and userlist), a Deployment and a Service."""
-        events: list[tuple[str, str, bool]] = []
-        previous = status.status.get("pooler") or {}
+        events: list[Event] = []
+        previous = status.read(Status).pooler
         replicas_on = spec.read_replicas is not None and spec.read_replicas.instances > 0
         backends: dict[pooling.Role, tuple[str, int]] = {
             "rw": (info.host, info.port),
             "ro": (f"{ref.name}-ro.{ref.namespace}.svc", replicas.PORT),
         }
-        report: dict[str, Any] = {}
+        names: dict[pooling.Role, str] = {}
+        config_hash = ""
         for role, (host, port) in backends.items():
             name = pooling.pooler_name(ref.name, role)
             wanted = spec.pooling is not None and (role == "rw" or (spec.pooling.read_replicas and replicas_on))
-            key = "service" if role == "rw" else "readOnlyService"
+            before = previous and (previous.service if role == "rw" else previous.read_only_service)
             if not wanted:
-                if previous.get(key):
-                    for api, kind, obj_name in (("v1", "Service", name), ("apps/v1", "Deployment", name),
-                                                ("v1", "Secret", f"{name}-config")):  # fmt: skip
+                if before:
+                    for api, kind, obj_name in (
+                        ("v1", "Service", name),
+                        ("apps/v1", "Deployment", name),
+                        ("v1", "Secret", f"{name}-config"),
+                    ):
                         ctx.kube.delete(api, kind, ref.namespace, obj_name)
-                    events.append(("PoolerRemoved", f"removed PgBouncer {name}", False))
+                    events.append(Event("PoolerRemoved", f"removed PgBouncer {name}"))
                 continue
             assert spec.pooling is not None
             try:
                 ini = pooling.pgbouncer_ini(
-                    spec.pooling, backend_host=host, backend_port=port, dbname=info.dbname,
-                    auth_file=f"{pooling.CONFIG_DIR}/userlist.txt", admin_users=[info.user],
-                )  # fmt: skip
+                    spec.pooling,
+                    backend_host=host,
+                    backend_port=port,
+                    dbname=info.dbname,
+                    auth_file=f"{pooling.CONFIG_DIR}/userlist.txt",
+                    admin_users=[info.user],
+                )
                 users = pooling.userlist(info.user, info.password or "")
             except ValueError as exc:
                 raise SpecError("pooling", f"cannot configure PgBouncer: {exc}", reason="InvalidPooling") from exc
             digest = pooling.config_hash(ini, users)
             ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users, role))
-            ctx.kube.apply(pooling.deployment(ref, name, spec.pooling, ctx.settings.pgbouncer_image,
-                                              f"{name}-config", digest, role))  # fmt: skip
+            ctx.kube.apply(
+                pooling.deployment(
+                    ref, name, spec.pooling, ctx.settings.pgbouncer_image, f"{name}-config", digest, role
+                )
+            )
             ctx.kube.apply(pooling.service(ref, name, role))
-            report[key] = name
-            report.setdefault("configHash", "")
-            report["configHash"] = pooling.config_hash(report["configHash"], digest)
-            if previous.get(key) != name:
-                events.append(("PoolerConfigured", f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
-                               f"{spec.pooling.default_pool_size} server connections per pool", False))  # fmt: skip
-        if report:
+            names[role] = name
+            config_hash = pooling.config_hash(config_hash, digest)
+            if before != name:
+                events.append(
+                    Event(
+                        "PoolerConfigured",
+                        f"PgBouncer {name}: {spec.pooling.pool_mode} pooling, "
+                        f"{spec.pooling.default_pool_size} server connections per pool",
+                    )
+                )
+        if names:
             assert spec.pooling is not None
-            status.update(pooler={**report, "instances": spec.pooling.instances})
+            pooler = PoolerStatus(service=names["rw"], instances=spec.pooling.instances, config_hash=config_hash)
+            if "ro" in names:
+                pooler.read_only_service = names["ro"]
+            status.update(Status(pooler=pooler))
         else:
-            status.update(pooler=None)
+            status.update(Status(pooler=None))
         return events
 
     def _replicas(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: DatabaseProfileSpec, info: ConnInfo,
-        conn: psycopg.Connection, status: StatusWriter,
-    ) -> list[tuple[str, str, bool]]:  # fmt: skip
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: DatabaseProfileSpec,
+        info: ConnInfo,
+        conn: psycopg.Connection,
+        status: StatusWriter,
+    ) -> list[Event]:
         """Slots on the primary, the StatefulSet of standbys, and the -ro/-rw Services."""
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         wanted_spec = spec.read_replicas
         existing = replication.slots(conn, replicas.slot_prefix(ref))
         wanted = replicas.slot_names(ref, wanted_spec.instances) if wanted_spec else []
         for name, slot in sorted(existing.items()):
             if name not in wanted:  # scaled down or switched off: the slot would keep WAL forever
                 replication.drop_slot(conn, slot)
-                events.append(("SlotDropped", f"dropped replication slot {name}", False))
+                events.append(Event("SlotDropped", f"dropped replication slot {name}"))
         if not wanted:
-            if status.status.get("replicas") is not None:
+            if status.read(Status).replicas is not None:
                 sts = replicas.statefulset_name(ref)
-                for api, kind, name in (("apps/v1", "StatefulSet", sts), ("v1", "ConfigMap", f"{sts}-bootstrap"),
-                                        ("v1", "Service", f"{ref.name}-ro"), ("v1", "Service", f"{ref.name}-rw"),
-                                        ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw")):  # fmt: skip
+                for api, kind, name in (
+                    ("apps/v1", "StatefulSet", sts),
+                    ("v1", "ConfigMap", f"{sts}-bootstrap"),
+                    ("v1", "Service", f"{ref.name}-ro"),
+                    ("v1", "Service", f"{ref.name}-rw"),
+                    ("discovery.k8s.io/v1", "EndpointSlice", f"{ref.name}-rw"),
+                ):
                     ctx.kube.delete(api, kind, ref.namespace, name)
-                status.update(replicas=None)
+                status.update(Status(replicas=None))
             ensure_finalizer(ctx, self.kind, obj, needed=False)
             return events
         assert wanted_spec is not None
@@ -288,20 +357,27 @@ class DatabaseProfileController:
             )
         problems = replication.readiness_problems(conn, secret["username"], len(wanted))
         if problems:
-            raise DependencyError("the primary cannot serve replicas yet: " + "; ".join(problems),
-                                  reason="ReplicationNotReady")  # fmt: skip
+            raise DependencyError(
+                "the primary cannot serve replicas yet: " + "; ".join(problems), reason="ReplicationNotReady"
+            )
         for name in wanted:
             if name not in existing:
                 replication.create_slot(conn, name)
-                events.append(("SlotCreated", f"created replication slot {name}", False))
+                events.append(Event("SlotCreated", f"created replication slot {name}"))
         host = wanted_spec.primary_host or info.host
         standbys = replicas.statefulset(
             ref, wanted_spec, image=ctx.settings.postgres_image, primary_host=host, primary_port=info.port
         )
         services = [replicas.read_only_service(ref), *replicas.read_write_service(ref, info.host, info.port)]
-        if replicas.unreachable_from_pods(info.host) and status.status.get("replicas") is None:
-            events.append(("ReadWriteServiceSkipped", f"no {ref.name}-rw Service: the primary's host {info.host} is "
-                           "a loopback address pods cannot reach; set spec.connection.host", True))  # fmt: skip
+        if replicas.unreachable_from_pods(info.host) and status.read(Status).replicas is None:
+            events.append(
+                Event(
+                    "ReadWriteServiceSkipped",
+                    f"no {ref.name}-rw Service: the primary's host {info.host} is "
+                    "a loopback address pods cannot reach; set spec.connection.host",
+                    warning=True,
+                )
+            )
         for item in (replicas.config_map(ref), standbys, *services):
             ctx.kube.apply(item)
         now = replication.slots(conn, replicas.slot_prefix(ref))
@@ -310,27 +386,25 @@ class DatabaseProfileController:
         report = []
         for i, name in enumerate(wanted):
             pod = f"{sts}-{i}"
-            entry: dict[str, Any] = {"name": pod, "slot": name, "active": bool(now.get(name) and now[name].active)}
+            entry = ReplicaStatus(name=pod, slot=name, active=bool(now.get(name) and now[name].active))
             if pod in streaming:
-                if streaming[pod].lag_bytes is not None:
-                    entry["lagBytes"] = streaming[pod].lag_bytes
-                if streaming[pod].lag_seconds is not None:
-                    entry["lagSeconds"] = streaming[pod].lag_seconds
+                entry.lag_bytes = streaming[pod].lag_bytes
+                entry.lag_seconds = streaming[pod].lag_seconds
             report.append(entry)
-        status.update(replicas=report)
+        status.update(Status(replicas=report))
         return events
 
     def _prometheus_rule(
         self, ctx: Context, ref: ObjectRef, monitoring: MonitoringSpec, status: StatusWriter
-    ) -> list[tuple[str, str, bool]]:
+    ) -> list[Event]:
         """The thresholds as a PrometheusRule (prometheus-operator), when asked for."""
-        alerts = monitoring.alerts or AlertsSpec()
+        alerts = monitoring.alerts_or_default
         wanted = alerts.prometheus_rule is not None and alerts.prometheus_rule.enabled and monitoring.enabled
         name = alerting.rule_name(ref)
         if not wanted:
-            if status.status.get("prometheusRule"):
+            if status.read(Status).prometheus_rule:
                 ctx.kube.delete("monitoring.coreos.com/v1", "PrometheusRule", ref.namespace, name)
-                status.update(prometheusRule=None)
+                status.update(Status(prometheus_rule=None))
             return []
         assert alerts.prometheus_rule is not None
         try:
@@ -343,9 +417,9 @@ class DatabaseProfileController:
                     reason="PrometheusRuleCRDMissing",
                 ) from exc
             raise
-        first = status.status.get("prometheusRule") != name
-        status.update(prometheusRule=name)
-        return [("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}", False)] if first else []
+        first = status.read(Status).prometheus_rule != name
+        status.update(Status(prometheus_rule=name))
+        return [Event("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}")] if first else []
 
     def left_behind(self, obj: dict[str, Any], spec: DatabaseProfileSpec) -> str:
         """The replication slots a profile whose Secret is gone could not drop, and how to drop them."""

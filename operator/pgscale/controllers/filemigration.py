@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import builders, pg
+from .. import pg
 from ..api import FILE_MIGRATION
-from ..api.filemigration import FileMigrationSpec
+from ..api.filemigration import FailedRow, FileMigrationSpec, MigrationPhase
+from ..api.filemigration import FileMigrationStatus as Status
 from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
-from ..jobs.files import FS_MOUNT, source
+from ..events import Event
+from ..files import FS_MOUNT, source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
 from ..progress import eta
+from ..specs import builders
 from .base import Context, Result, StatusWriter, load_profile
 
 POLL_SECONDS = 10.0
@@ -73,6 +76,7 @@ class FileMigrationController:
         by = counts.by_status
         migrated = by.get("verified", 0) + by.get("cutover", 0) + by.get("nulled", 0)
         failed = by.get("failed", 0)
+        phase: MigrationPhase
         if dropped:
             phase = "Completed"
         elif remaining:
@@ -83,29 +87,32 @@ class FileMigrationController:
             phase = "Verifying"
         else:
             phase = "Completed"
-        events: list[tuple[str, str, bool]] = []
-        if status.status.get("phase") != phase:
-            events.append((f"Phase{phase}", f"{status.status.get('phase') or 'Pending'} -> {phase}", False))
+        events: list[Event] = []
+        current = status.read(Status)
+        if current.phase != phase:
+            events.append(Event(f"Phase{phase}", f"{current.phase or 'Pending'} -> {phase}"))
         rate = counts.rows_last_minute / 60.0
         total = migrated + failed + remaining
         status.update(
-            phase=phase,
-            rowsTotal=total,
-            rowsMigrated=migrated,
-            rowsFailed=failed,
-            rowsRemaining=remaining,
-            bytesMigrated=counts.bytes_done,
-            rowsPerSecond=round(rate, 2),
-            bytesPerSecond=round(counts.bytes_last_minute / 60.0, 1),
-            etaSeconds=eta(migrated, migrated + remaining, rate) if remaining else None,
-            progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
-            failedRows=[{"key": k[:1024], "reason": r[:1024]} for k, r in counts.failed],
-            # Base64 text takes 4/3 of the file's size in the table (before TOAST compression).
-            reclaimableBytes=counts.bytes_nulled * 4 // 3 if spec.encoding == "base64" else counts.bytes_nulled,
-            startedAt=status.status.get("startedAt") or now_rfc3339(),
+            Status(
+                phase=phase,
+                rows_total=total,
+                rows_migrated=migrated,
+                rows_failed=failed,
+                rows_remaining=remaining,
+                bytes_migrated=counts.bytes_done,
+                rows_per_second=round(rate, 2),
+                bytes_per_second=round(counts.bytes_last_minute / 60.0, 1),
+                eta_seconds=eta(migrated, migrated + remaining, rate) if remaining else None,
+                progress=f"{100.0 * migrated / total:.1f}%" if total else "100.0%",
+                failed_rows=[FailedRow(key=k[:1024], reason=r[:1024]) for k, r in counts.failed],
+                # Base64 text takes 4/3 of the file's size in the table (before TOAST compression).
+                reclaimable_bytes=counts.bytes_nulled * 4 // 3 if spec.encoding == "base64" else counts.bytes_nulled,
+                started_at=current.started_at or now_rfc3339(),
+            )
         )
         if phase == "Completed":
-            status.update(completedAt=status.status.get("completedAt") or now_rfc3339())
+            status.update(Status(completed_at=current.completed_at or now_rfc3339()))
             if spec.phase == "dropSource" and spec.drop_column and not dropped and stuck:
                 raise SpecError(
                     "phase",
@@ -115,14 +122,15 @@ class FileMigrationController:
                     reason="RowsFailed",
                 )
             return Result("Completed", self._summary(spec, migrated, failed, dropped), events=events)
-        status.update(completedAt=None)
+        status.update(Status(completed_at=None))
         if spec.suspend:
-            running = status.status.get("jobName")
+            running = current.job_name
             if running and job_state(ctx.kube.read("batch/v1", "Job", ref.namespace, running)) == "active":
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
-            return Result("Suspended", f"{phase}: suspended with {remaining} rows left",
-                          requeue_after=ctx.settings.resync_seconds)  # fmt: skip
+            return Result(
+                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.settings.resync_seconds
+            )
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
         events += started
         message = f"{phase}: {migrated}/{total} rows, {failed} failed; Job {job_name}"
@@ -151,12 +159,17 @@ class FileMigrationController:
                 )
 
     def _ensure_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: FileMigrationSpec, profile: Any,
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: FileMigrationSpec,
+        profile: Any,
         status: StatusWriter,
-    ) -> tuple[str, list[tuple[str, str, bool]]]:  # fmt: skip
+    ) -> tuple[str, list[Event]]:
         """One Job per generation; another when the last one finished with work left."""
         generation = obj["metadata"].get("generation", 1)
-        current = status.status.get("jobName")
+        current = status.read(Status).job_name
         prefix = builders.job_name(ref, f"files-{generation}")
         attempt = 0
         if current and current.startswith(prefix + "-"):
@@ -185,12 +198,22 @@ class FileMigrationController:
                 builders.secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
             ]
         if spec.destination.filesystem:
-            volumes.append((
-                {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
-                {"name": "files", "mountPath": FS_MOUNT},
-            ))  # fmt: skip
-        job = builders.job(ref, name=name, suffix="file-migration", args=builders.job_args("file-migration", ref),
-                           template=spec.job, default_image=ctx.settings.image, env=env, volumes=volumes)  # fmt: skip
+            volumes.append(
+                (
+                    {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
+                    {"name": "files", "mountPath": FS_MOUNT},
+                )
+            )
+        job = builders.job(
+            ref,
+            name=name,
+            suffix="file-migration",
+            args=builders.job_args("file-migration", ref),
+            template=spec.job,
+            default_image=ctx.settings.image,
+            env=env,
+            volumes=volumes,
+        )
         ctx.kube.apply(job)
-        status.update(jobName=name)
-        return name, [("JobStarted", f"started Job {name} for phase {spec.phase}", False)]
+        status.update(Status(job_name=name))
+        return name, [Event("JobStarted", f"started Job {name} for phase {spec.phase}")]

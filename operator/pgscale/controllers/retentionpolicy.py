@@ -12,13 +12,15 @@ from typing import Any
 
 import psycopg
 
-from .. import builders, pg
 from .. import conditions as cond
+from .. import pg
 from ..api import RETENTION_POLICY
 from ..api.databaseprofile import DatabaseProfileSpec
-from ..api.retentionpolicy import RetentionPolicySpec
+from ..api.retentionpolicy import RelationshipStatus, RetentionPolicySpec, RunStatus, TotalsStatus
+from ..api.retentionpolicy import RetentionPolicyStatus as Status
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
+from ..events import Event
 from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
@@ -26,6 +28,7 @@ from ..progress import eta
 from ..retention import Prepared, Stake, at_stake, prepare, unresolved_error
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
+from ..specs import builders
 from .base import (
     CONFLICT,
     Context,
@@ -41,49 +44,49 @@ LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
 
 
-def run_status(last: dict[str, Any], now: datetime) -> dict[str, Any]:
+def run_status(last: dict[str, Any], now: datetime) -> RunStatus:
     """A run-log row as status.lastRun (pure)."""
     end = last["ended_at"]
     elapsed = ((end or now) - last["started_at"]).total_seconds()
     done = int(last["rows_archived"]) + int(last["rows_deleted"])
     rate = done / elapsed if elapsed > 0 else 0.0
-    status: dict[str, Any] = {
-        "startTime": _ts(last["started_at"]),
-        "endTime": _ts(end),
-        "rowsArchived": int(last["rows_archived"]),
-        "rowsDeleted": int(last["rows_deleted"]),
-        "batches": int(last["batches"]),
-        "durationSeconds": round(elapsed, 3),
-        "outcome": "DryRun" if last["dry_run"] and last["outcome"] not in ("Failed", "Running") else last["outcome"],
-        "message": (last["message"] or "")[:4096],
-        "rowsPerSecond": round(rate, 1),
-    }
+    status = RunStatus(
+        start_time=_ts(last["started_at"]),
+        end_time=_ts(end),
+        rows_archived=int(last["rows_archived"]),
+        rows_deleted=int(last["rows_deleted"]),
+        batches=int(last["batches"]),
+        duration_seconds=round(elapsed, 3),
+        outcome="DryRun" if last["dry_run"] and last["outcome"] not in ("Failed", "Running") else last["outcome"],
+        message=(last["message"] or "")[:4096],
+        rows_per_second=round(rate, 1),
+    )
     if last.get("tables"):
-        status["tables"] = {str(k): int(v) for k, v in list(last["tables"].items())[:256]}
+        status.tables = {str(k): int(v) for k, v in list(last["tables"].items())[:256]}
     if last["rows_matched"] is not None:
-        status["rowsMatched"] = int(last["rows_matched"])
+        status.rows_matched = int(last["rows_matched"])
     if last["rows_total"] is not None:
-        status["rowsTotal"] = int(last["rows_total"])
+        status.rows_total = int(last["rows_total"])
         if last["outcome"] == "Running":
-            status["etaSeconds"] = eta(done, int(last["rows_total"]), rate)
+            status.eta_seconds = eta(done, int(last["rows_total"]), rate)
     return status
 
 
-def relationships_status(prepared: Prepared, stake: Stake) -> list[dict[str, Any]]:
+def relationships_status(prepared: Prepared, stake: Stake) -> list[RelationshipStatus]:
     """status.relationships: every foreign key that reaches the rows runs remove (pure)."""
     out = []
     for item in prepared.relationships.listed[:100]:
         fk = item.fk
-        entry: dict[str, Any] = {
-            "table": f"{fk.schema}.{fk.table}",
-            "constraint": fk.name,
-            "references": f"{fk.ref_schema}.{fk.ref_table}",
-            "onDelete": fk.action,
-            "mode": item.mode or "unset",
-            "effect": item.effect,
-        }
+        entry = RelationshipStatus(
+            table=f"{fk.schema}.{fk.table}",
+            constraint=fk.name,
+            references=f"{fk.ref_schema}.{fk.ref_table}",
+            on_delete=fk.action,
+            mode=item.mode or "unset",
+            effect=item.effect,
+        )
         if stake.get(fk) is not None:
-            entry["rows"] = stake[fk]
+            entry.rows = stake[fk]
         out.append(entry)
     return out
 
@@ -105,19 +108,19 @@ class RetentionPolicyController:
         due = next_run(spec.schedule, spec.time_zone)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
-        events: list[tuple[str, str, bool]] = []
+        events: list[Event] = []
         with pg.connect(info) as conn:
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
             running = sqlr.run_lock_held(conn, f"{ref.namespace}/{ref.name}")
-            if prepared.relationships.unresolved or not (running and status.status.get("relationships")):
+            if prepared.relationships.unresolved or not (running and status.read(Status).relationships):
                 # Counting reads the tables: not while a run moves their rows (the last counts stay).
                 stake = at_stake(conn, prepared, sqlr.cutoff_for(conn, target.age_interval))
-                status.update(relationships=relationships_status(prepared, stake) or None)
+                status.update(Status(relationships=relationships_status(prepared, stake) or None))
                 if prepared.relationships.unresolved:
                     raise unresolved_error(prepared, stake)
             for name in prepared.created:
-                events.append(("ArchiveTableCreated", f"created archive table {name}", False))
+                events.append(Event("ArchiveTableCreated", f"created archive table {name}"))
             sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.scheduler == "pg_cron":
@@ -125,13 +128,13 @@ class RetentionPolicyController:
                 job_id = self._schedule_pg_cron(conn, info, ref, spec, target, profile.state_schema)
                 ctx.kube.delete("batch/v1", "CronJob", ref.namespace, builders.job_name(ref, "retention"))
                 where = f"pg_cron job {job_id}" if job_id else "pg_cron (unscheduled)"
-                status.update(pgCronJobId=job_id, cronJobName=None)
+                status.update(Status(pg_cron_job_id=job_id, cron_job_name=None))
             else:
                 if has_finalizer(obj):  # switched away from pg_cron
                     self.finalize(ctx, obj, spec)
                     ensure_finalizer(ctx, self.kind, obj, needed=False)
                 name = self._apply_cron_job(ctx, obj, ref, spec, profile, bool(owner))
-                status.update(cronJobName=name, pgCronJobId=None)
+                status.update(Status(cron_job_name=name, pg_cron_job_id=None))
                 where = f"CronJob {name}"
         status.conditions = cond.flag(
             status.conditions, CONFLICT, bool(owner), "PartitionsOwnedElsewhere",
@@ -140,12 +143,14 @@ class RetentionPolicyController:
             status.generation,
         )  # fmt: skip
         next_time = None if spec.suspend else _ts(due)
-        status.update(nextRunTime=next_time)
+        status.update(Status(next_run_time=next_time))
         running = self._report_runs(runs, status, events)
         verb = "suspended" if spec.suspend else f"next run {next_time}"
         message = f"{where} runs {spec.schedule!r} ({spec.time_zone}); {verb}"
         if running:
-            so_far = status.status["lastRun"]["rowsArchived"] + status.status["lastRun"]["rowsDeleted"]
+            last_run = status.read(Status).last_run
+            assert last_run is not None
+            so_far = last_run.rows_archived + last_run.rows_deleted
             message = f"run in progress: {so_far} rows so far; {message}"
         return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)
 
@@ -224,23 +229,21 @@ class RetentionPolicyController:
                 ctx.kube.event(ref, "Unscheduled", f"removed pg_cron job {cron_job_name(ref)}")
 
     @staticmethod
-    def _report_runs(runs: sqlr.RunSummary, status: StatusWriter, events: list[tuple[str, str, bool]]) -> bool:
+    def _report_runs(runs: sqlr.RunSummary, status: StatusWriter, events: list[Event]) -> bool:
         """Mirror the run log into status, conditions and one Event per finished run; True while running."""
         if runs.last is None:
             return False
         last = run_status(runs.last, datetime.now(UTC))
-        seen = status.status.get("lastRun") or {}
-        status.update(
-            lastRun=last,
-            totals={"runs": runs.runs, "rowsArchived": runs.rows_archived, "rowsDeleted": runs.rows_deleted},
-        )
-        if last["outcome"] == "Running":
+        seen = status.read(Status).last_run or RunStatus()
+        totals = TotalsStatus(runs=runs.runs, rows_archived=runs.rows_archived, rows_deleted=runs.rows_deleted)
+        status.update(Status(last_run=last, totals=totals))
+        if last.outcome == "Running":
             return True
-        ok = last["outcome"] in ("Succeeded", "Partial", "DryRun")
+        ok = last.outcome in ("Succeeded", "Partial", "DryRun")
         status.conditions = cond.set_condition(
             status.conditions, LAST_RUN, "True" if ok else "False",
-            f"Run{last['outcome']}", last["message"] or last["outcome"], status.generation,
+            f"Run{last.outcome}", last.message or str(last.outcome), status.generation,
         )  # fmt: skip
-        if (seen.get("startTime"), seen.get("outcome")) != (last["startTime"], last["outcome"]):
-            events.append((f"Run{last['outcome']}", last["message"] or last["outcome"], not ok))  # one per run
+        if (seen.start_time, seen.outcome) != (last.start_time, last.outcome):
+            events.append(Event(f"Run{last.outcome}", last.message or str(last.outcome), warning=not ok))  # one per run
         return False

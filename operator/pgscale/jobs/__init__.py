@@ -18,9 +18,9 @@ from typing import Any
 
 from ..api import DATABASE_PROFILE, Kind
 from ..api.databaseprofile import ConnectionSpec, DatabaseProfileSpec, SecretKeys
-from ..builders import ENV_JOB_INPUT, ENV_SECRET_KEYS, secret_key_for
 from ..errors import DependencyError, ReconcileError
 from ..pg.connection import ConnInfo, resolve
+from ..specs.builders import ENV_JOB_INPUT, ENV_SECRET_KEYS, secret_key_for
 
 
 @dataclass(frozen=True)

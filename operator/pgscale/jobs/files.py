@@ -34,7 +34,7 @@ from ..api import FILE_MIGRATION
 from ..api.filemigration import FileMigrationSpec
 from ..checks import require_column, require_table
 from ..errors import ReconcileError
-from ..files import Base64Stream, Malformed, RateLimiter, object_key, versioned_key
+from ..files import FS_MOUNT, Base64Stream, Malformed, RateLimiter, object_key, source, versioned_key
 from ..pg import files as sqlf
 from ..progress import Progress
 from ..quantity import parse_quantity
@@ -44,7 +44,6 @@ from . import JobInput, start
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 * 1024 * 1024  # characters or bytes fetched per query for large values
-FS_MOUNT = "/data"  # where the job pod mounts a filesystem destination's volume
 ENV_FS_ROOT = "PGSCALE_FS_ROOT"  # overrides FS_MOUNT (tests run the pod's command outside a pod)
 
 
@@ -63,16 +62,6 @@ class Report:
     column_dropped: bool = False
     message: str = ""
     failures: list[dict[str, str]] = field(default_factory=list)
-
-
-def source(spec: FileMigrationSpec) -> sqlf.Source:
-    cols = spec.columns
-    return sqlf.Source(
-        schema=spec.table.schema_, table=spec.table.name, key=spec.key_column, data=spec.data_column,
-        path=spec.path_column, storage_type=spec.storage_type_column,
-        size=cols.size if cols else None, file_name=cols.file_name if cols else None,
-        content_type=cols.content_type if cols else None,
-    )  # fmt: skip
 
 
 def make_store(spec: FileMigrationSpec, env: dict[str, str] | None = None) -> ObjectStore:

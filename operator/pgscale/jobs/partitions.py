@@ -53,10 +53,10 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
         columns = require_table(conn, spec.table, owner=True)
         require_column(columns, spec.column, "column", spec.table, TIME_TYPES, "timestamp, timestamptz or date")
         report = RunReport("Succeeded")
-        state = sqlc.load_state(conn, job.state_schema, schema, table)
-        converting = not pg.is_partitioned(conn, schema, table) or (state is not None and state.phase != "done")
+        state = sqlc.load_state(sqlc.Subject(conn, job.state_schema, schema, table))
+        converting = not pg.is_partitioned(conn, schema, table) or (state is not None and state.phase in sqlc.IN_FLIGHT)
         if converting:
-            if dry_run or (spec.conversion is not None and not spec.conversion.enabled):
+            if dry_run or not spec.conversion_or_default.enabled:
                 report.outcome = "NotPartitioned"
                 report.message = f"{schema}.{table} is not partitioned; conversion " + (
                     "not run (dry run)" if dry_run else "disabled in spec.conversion.enabled"

@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -340,11 +340,29 @@ def local_day_range(
 # --- state ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Subject:
+    """The table a conversion works on, the connection it works through, and where its state row is."""
+
+    conn: psycopg.Connection
+    state_schema: str
+    schema: str
+    table: str
+
+
+# Where a conversion stands, in order; "none" is no state row (nothing started, or forgotten).
+Phase = Literal["none", "building", "prepared", "copied", "verified", "swapped", "done"]
+# Before the switch: the application still uses the original table, which the copy follows.
+BEFORE_SWITCH: tuple[Phase, ...] = ("building", "prepared", "copied", "verified")
+# A conversion under way: its trigger, copy or log exist, or (swapped) the old table is still there.
+IN_FLIGHT: tuple[Phase, ...] = (*BEFORE_SWITCH, "swapped")
+
+
 @dataclass
 class State:
     """One conversion's bookkeeping row."""
 
-    phase: str  # prepared, copied, verified, swapped, done
+    phase: Phase
     shadow: str
     cursor: list[str] | None
     rows_total: int | None
@@ -369,7 +387,8 @@ def ensure_state(conn: psycopg.Connection, state_schema: str) -> None:
     conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS definition text").format(_state(state_schema)))
 
 
-def load_state(conn: psycopg.Connection, state_schema: str, schema: str, table: str) -> State | None:
+def load_state(subject: Subject) -> State | None:
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     exists = conn.execute("SELECT to_regclass(%s)", (f'"{state_schema}"."{STATE_TABLE}"',)).fetchone()
     if not exists or exists[0] is None:
         return None
@@ -384,8 +403,11 @@ def load_state(conn: psycopg.Connection, state_schema: str, schema: str, table: 
     return State(*row) if row else None
 
 
-def update_state(conn: psycopg.Connection, state_schema: str, schema: str, table: str, **fields: Any) -> None:
+def update_state(subject: Subject, *, phase: Phase | None = None, **fields: Any) -> None:
     """Set columns of the state row (names are this module's, values are parameters)."""
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
+    if phase is not None:
+        fields = {"phase": phase, **fields}
     sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in fields)
     conn.execute(
         sql.SQL("UPDATE {} SET {}, updated_at = now() WHERE table_schema = %s AND table_name = %s").format(
@@ -395,7 +417,8 @@ def update_state(conn: psycopg.Connection, state_schema: str, schema: str, table
     )
 
 
-def note_lock(conn: psycopg.Connection, state_schema: str, schema: str, table: str, held_ms: int) -> None:
+def note_lock(subject: Subject, held_ms: int) -> None:
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     conn.execute(
         sql.SQL(
             "UPDATE {} SET longest_lock_ms = greatest(longest_lock_ms, %s) WHERE table_schema = %s AND table_name = %s"
@@ -404,7 +427,8 @@ def note_lock(conn: psycopg.Connection, state_schema: str, schema: str, table: s
     )
 
 
-def note_retry(conn: psycopg.Connection, state_schema: str, schema: str, table: str) -> None:
+def note_retry(subject: Subject) -> None:
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     conn.execute(
         sql.SQL("UPDATE {} SET lock_retries = lock_retries + 1 WHERE table_schema = %s AND table_name = %s").format(
             _state(state_schema)
@@ -413,8 +437,9 @@ def note_retry(conn: psycopg.Connection, state_schema: str, schema: str, table: 
     )
 
 
-def forget_state(conn: psycopg.Connection, state_schema: str, schema: str, table: str) -> None:
-    if load_state(conn, state_schema, schema, table) is not None:
+def forget_state(subject: Subject) -> None:
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
+    if load_state(subject) is not None:
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE table_schema = %s AND table_name = %s").format(_state(state_schema)),
             (schema, table),
@@ -515,14 +540,12 @@ def log_functions(state_schema: str, shape: Shape, schema: str, shadow: str) -> 
 
 
 def build(
-    conn: psycopg.Connection,
-    state_schema: str,
-    schema: str,
-    table: str,
+    subject: Subject,
     column: str,
     shape: Shape,
     partitions: list[Bounds],
     default_name: str,
+    *,
     widen: bool,
     rows_total: int | None,
     lock_timeout_ms: int,
@@ -532,6 +555,7 @@ def build(
     Its foreign keys lock the tables they point at (SHARE ROW EXCLUSIVE) until the commit, which is
     why this is not the transaction that then waits for the table's lock.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     shadow = shadow_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
     ensure_state(conn, state_schema)
@@ -611,10 +635,9 @@ def build(
         )
 
 
-def install_log(
-    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape, lock_timeout_ms: int
-) -> int:
+def install_log(subject: Subject, shape: Shape, lock_timeout_ms: int) -> int:
     """The change log and the trigger that fills it (phase ``prepared``). Returns ms the table was locked."""
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     parent = qualified(schema, table)
     log = qualified(state_schema, log_name(shape))
     fn, tfn = _functions(shape)
@@ -631,7 +654,7 @@ def install_log(
         row_fn, trunc_fn = log_functions(state_schema, shape, schema, shadow_name(table))
         conn.execute(row_fn)
         conn.execute(trunc_fn)
-        update_state(conn, state_schema, schema, table, phase="prepared")
+        update_state(subject, phase="prepared")
         # Last: the only statements that lock the table, held until the commit right after. The time
         # counted includes the wait, during which later lockers of the table queue behind this one.
         locked = time.monotonic()
@@ -648,7 +671,7 @@ def install_log(
         for name in (TRIGGER, TRUNCATE_TRIGGER):
             conn.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(parent, sql.Identifier(name)))
     held = int((time.monotonic() - locked) * 1000)
-    note_lock(conn, state_schema, schema, table, held)
+    note_lock(subject, held)
     return held
 
 
@@ -656,10 +679,7 @@ def install_log(
 
 
 def copy_batch(
-    conn: psycopg.Connection,
-    state_schema: str,
-    schema: str,
-    table: str,
+    subject: Subject,
     shape: Shape,
     conflict_key: list[str],
     cursor: list[str] | None,
@@ -671,6 +691,7 @@ def copy_batch(
     A plain snapshot read: rows written meanwhile are in the log and replayed, so no row is locked
     and a key changed meanwhile cannot move the cursor. ``conflict_key`` is the copy's primary key.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     shadow = shadow_name(table)
     key = shape.primary_key
     cols = [c for c in shape.columns if c not in shape.generated]
@@ -726,7 +747,7 @@ def _resync(conn: psycopg.Connection, schema: str, table: str, shape: Shape, key
 
 
 def replay_batch(
-    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape, batch_size: int,
+    subject: Subject, shape: Shape, batch_size: int,
     lock_timeout_ms: int,
 ) -> int:  # fmt: skip
     """Take up to batch_size keys off the log and bring their rows up to date in the copy; returns how many.
@@ -734,6 +755,7 @@ def replay_batch(
     One READ COMMITTED transaction: each statement reads the latest committed rows, so a row
     written again after its key was taken is logged again and replayed later.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     log = qualified(state_schema, log_name(shape))
     key = shape.primary_key
     with conn.transaction():
@@ -773,14 +795,13 @@ def _fingerprint(
     return int(row[0]), int(row[1])
 
 
-def verify(
-    conn: psycopg.Connection, state_schema: str, schema: str, table: str, shape: Shape
-) -> tuple[tuple[int, int], tuple[int, int]]:
+def verify(subject: Subject, shape: Shape) -> tuple[tuple[int, int], tuple[int, int]]:
     """Count and checksum of the table and of the copy in one snapshot, without the keys still in the log.
 
     The trigger logs in the writer's transaction, so in any snapshot a row differs between the two
     only if its key is in the log (its replay comes later). No lock that blocks writers is taken.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     log = qualified(state_schema, log_name(shape))
     with conn.transaction(force_rollback=True):
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -798,12 +819,10 @@ class DefinitionChanged(Exception):
 
 
 def swap(
-    conn: psycopg.Connection,
-    state_schema: str,
-    schema: str,
-    table: str,
+    subject: Subject,
     shape: Shape,
     built_from: str,
+    *,
     drop_incoming: bool,
     lock_timeout_ms: int,
     checkpoint: Any = None,
@@ -813,6 +832,7 @@ def swap(
     Under the lock nobody writes the table: the definition is compared with the one the copy was
     built from (DefinitionChanged, rolled back, when it differs) and the rest of the log replayed.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     shadow, old = shadow_name(table), old_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
     log = qualified(state_schema, log_name(shape))
@@ -880,11 +900,11 @@ def swap(
                     sql.SQL("{}.{}").format(sql.Identifier(schema), fresh), sql.Identifier(index.name)))  # fmt: skip
         conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(parent, sql.Identifier(old)))
         conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(table)))
-        update_state(conn, state_schema, schema, table, phase="swapped")
+        update_state(subject, phase="swapped")
         if checkpoint is not None:
             checkpoint("swap-before-commit")
     held = int((time.monotonic() - locked) * 1000)
-    note_lock(conn, state_schema, schema, table, held)
+    note_lock(subject, held)
     return held
 
 
@@ -893,17 +913,15 @@ def _regname(schema: str, table: str) -> str:
     return '"' + schema.replace('"', '""') + '"."' + table.replace('"', '""') + '"'
 
 
-def cleanup(
-    conn: psycopg.Connection, state_schema: str, schema: str, table: str, oid: int, keep_old: bool,
-    lock_timeout_ms: int,
-) -> None:  # fmt: skip
+def cleanup(subject: Subject, oid: int, *, keep_old: bool, lock_timeout_ms: int) -> None:
     """After the swap: drop the verified old table (unless kept) and the trigger functions; mark done."""
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         if not keep_old:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(schema, old_name(table))))
         _drop_helpers(conn, state_schema, oid)
-        update_state(conn, state_schema, schema, table, phase="done", finished_at=_now(conn), cursor=None)
+        update_state(subject, phase="done", finished_at=_now(conn), cursor=None)
 
 
 def _drop_helpers(conn: psycopg.Connection, state_schema: str, oid: int) -> None:
@@ -920,7 +938,7 @@ def _now(conn: psycopg.Connection) -> Any:
 
 
 def abort(
-    conn: psycopg.Connection, state_schema: str, schema: str, table: str, lock_timeout_ms: int, *,
+    subject: Subject, lock_timeout_ms: int, *,
     locked: bool = False,
 ) -> bool | None:  # fmt: skip
     """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then
@@ -929,14 +947,15 @@ def abort(
     True when something was undone, False when there was nothing to undo, None when a conversion run
     (the operator's or a CronJob's) holds the table right now: try again shortly.
     """
+    conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
     if not locked:
         if not try_lock(conn, schema, table):
             return None
         try:
-            return abort(conn, state_schema, schema, table, lock_timeout_ms, locked=True)
+            return abort(subject, lock_timeout_ms, locked=True)
         finally:
             unlock(conn, schema, table)
-    state = load_state(conn, state_schema, schema, table)
+    state = load_state(subject)
     if state is None or state.phase in ("swapped", "done"):
         return False
     parent = qualified(schema, table)

@@ -91,8 +91,8 @@ def fingerprint_query(tables: list[tuple[str, str]]) -> sql.Composed:
         for schema, table in tables
     )
     return sql.SQL(
-        "SELECT coalesce(md5(string_agg(c.oid::text || c.confdeltype::text || c.conrelid::text, ',' ORDER BY c.oid)), '') "
-        "FROM pg_constraint c WHERE c.contype = 'f' AND c.conparentid = 0 AND c.confrelid IN ({})"
+        "SELECT coalesce(md5(string_agg(c.oid::text || c.confdeltype::text || c.conrelid::text, ',' "
+        "ORDER BY c.oid)), '') FROM pg_constraint c WHERE c.contype = 'f' AND c.conparentid = 0 AND c.confrelid IN ({})"
     ).format(trees)
 
 

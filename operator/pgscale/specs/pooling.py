@@ -1,7 +1,6 @@
 """PgBouncer pooler building blocks: pgbouncer.ini, userlist.txt and the objects that run them.
 
-Pure like builders.py: the functions take the parsed PoolingSpec and plain values and
-return text or dicts for server-side apply. PgBouncer's config parser is simple (one
+The functions take the parsed PoolingSpec and plain values. PgBouncer's config parser is simple (one
 `key = value` per line, keys limited to ``[A-Za-z0-9_.*-]``, no escaping), so every
 value that reaches the file is checked here rather than trusted to produce a file
 PgBouncer reads the way we meant.
@@ -14,9 +13,9 @@ import hashlib
 import re
 from typing import Any, Literal
 
-from .api.databaseprofile import PGBOUNCER_PARAMETERS, PoolingSpec
+from ..api.databaseprofile import PGBOUNCER_PARAMETERS, PoolingSpec
+from ..kube import ObjectRef
 from .builders import LABEL_PREFIX, labels, object_meta
-from .kube import ObjectRef
 
 Role = Literal["rw", "ro"]
 

@@ -1,18 +1,14 @@
-"""Pure builders of the Kubernetes objects pgscale owns (like CloudNativePG's pkg/specs).
-
-Every function takes parsed specs and plain values and returns a dict ready
-for server-side apply; nothing here performs I/O, so each builder is
-unit-tested by comparing dicts.
-"""
+"""What every object pgscale owns shares (names, labels, owner references), and the Jobs and
+CronJobs that run the policies' commands."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from .api.common import JobTemplate
-from .api.databaseprofile import DatabaseProfileSpec, SecretKeys
-from .kube import ObjectRef
+from ..api.common import JobTemplate
+from ..api.databaseprofile import DatabaseProfileSpec, SecretKeys
+from ..kube import ObjectRef
 
 # The job reads its input from these variables, so its pod needs no Kubernetes API access.
 ENV_JOB_INPUT = "PGSCALE_JOB_INPUT"

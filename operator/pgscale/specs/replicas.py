@@ -1,4 +1,4 @@
-"""Read replicas of a DatabaseProfile: slot names and the objects that run them (pure builders).
+"""Read replicas of a DatabaseProfile: slot names and the objects that run them.
 
 Each replica pod runs scripts/replica-bootstrap.sh from a ConfigMap: clone the
 primary through its own physical slot, then stream as a hot standby. `<name>-ro`
@@ -13,9 +13,9 @@ import re
 from importlib import resources
 from typing import Any
 
-from .api.databaseprofile import ReadReplicasSpec
+from ..api.databaseprofile import ReadReplicasSpec
+from ..kube import ObjectRef
 from .builders import labels, object_meta
-from .kube import ObjectRef
 
 COMPONENT = "read-replica"
 PORT = 5432

@@ -1,6 +1,6 @@
 """prometheus-operator objects for pgscale: a profile's alert thresholds and a PodMonitor.
 
-Pure builders (no I/O), like builders.py. The PrometheusRule evaluates the metrics the
+The PrometheusRule evaluates the metrics the
 operator exports (monitoring.ProfileCollector), filtered to one profile's label value
 (`profile="<namespace>/<name>"`). Expressions aggregate with `max by (profile)` so an
 alert keeps its identity when the operator's pod (and so the scraped `pod`/`instance`
@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .api.databaseprofile import AlertsSpec
+from ..api.databaseprofile import AlertsSpec
+from ..kube import ObjectRef
+from ..metrics import PREFIX
+from ..monitoring import SECONDS_PER_MONTH
+from ..quantity import parse_quantity
 from .builders import object_meta
-from .kube import ObjectRef
-from .metrics import PREFIX
-from .monitoring import SECONDS_PER_MONTH
-from .quantity import parse_quantity
 
 API_VERSION = "monitoring.coreos.com/v1"
 RULE_COMPONENT = "alerting"
