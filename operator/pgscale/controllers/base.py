@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
@@ -238,6 +239,16 @@ def partition_owner(ctx: Context, namespace: str, spec: dict[str, Any]) -> str |
     return None
 
 
+API_UNAVAILABLE = "APIServerUnavailable"
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """One line: the innermost reason of a urllib3 error (connection refused, reset, timed out)."""
+    reason = getattr(exc, "reason", None)
+    text = str(reason if isinstance(reason, BaseException) else exc).strip().splitlines()
+    return f"{type(reason if isinstance(reason, BaseException) else exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
     """Reconcile one object; says when it should be looked at again."""
     kind = ctrl.kind
@@ -281,6 +292,12 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message,
                                                                          generation)  # fmt: skip
         requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
+    except urllib3.exceptions.HTTPError as exc:  # the API server unreachable mid-reconcile: an outage, not a bug
+        outcome = "retry"
+        message = f"the Kubernetes API server could not be reached ({unreachable_reason(exc)}); retried"
+        log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, API_UNAVAILABLE, message)
+        status.conditions = cond.waiting(status.conditions, API_UNAVAILABLE, message, generation)
+        requeue = 10.0
     except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
         outcome = "error"
         log.exception("%s %s/%s: reconcile failed", kind.name, ref.namespace, ref.name)
