@@ -139,6 +139,7 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
                 break
             time.sleep(2)
         settled_s = time.monotonic() - applied
+        events = kubectl_json(cp, "get", "events", "-A")["items"]
     finally:
         op.stop()
     log = op.log.read_text(errors="replace")
@@ -174,6 +175,12 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
     print("fuzz known elsewhere: " + (", ".join(f"{k}={v}" for k, v in known.items()) or "none"))
     print("fuzz examples:\n  " + "\n  ".join(f"{k}: {v[:300]}" for k, v in sorted(examples.items())))
     print("fuzz rejections (first 5): " + "\n  ".join(rejections[:5]))
+    # Secrets stay in Secrets: the passwords of the Secrets and of a fuzzed endpoint URL appear nowhere.
+    surfaces = {"conditions": json.dumps([o.get("status") for _, o in objects]),
+                "events": json.dumps([e.get("message") for e in events]), "operator log": log}  # fmt: skip
+    for secret in (server.PASSWORD, "not-the-password", "fuzz-secret", "pa55word"):
+        leaks = [where for where, text in surfaces.items() if secret in text]
+        assert not leaks, f"{secret!r} leaked into {leaks}"
     assert len(specs) >= 500
     assert len(objects) >= 500, f"the API server accepted only {len(objects)} specs: {rejections[:10]}"
     assert not internal, "InternalError:\n" + "\n".join(internal[:20])
