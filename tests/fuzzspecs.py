@@ -20,7 +20,10 @@ cluster, by tests/unit/test_fuzzspecs.py.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -341,3 +344,19 @@ def generate(n: int, seed_value: int) -> list[tuple[str, dict[str, Any]]]:
 
     collect()
     return out
+
+
+def generate_isolated(n: int, seed_value: int) -> list[tuple[str, dict[str, Any]]]:
+    """generate() in a fresh interpreter that imports only this module.
+
+    Hypothesis mixes literals from every local module loaded in the process into what it draws
+    ("local constants"), so in a test process the specs would depend on which tests and operator
+    modules happen to be imported. Alone, the same seed and this file give the same specs.
+    """
+    out = subprocess.run([sys.executable, __file__, str(n), str(seed_value)], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).parent)  # fmt: skip
+    return [(kind, spec) for kind, spec in json.loads(out.stdout)]
+
+
+if __name__ == "__main__":
+    print(json.dumps(generate(int(sys.argv[1]), int(sys.argv[2]))))

@@ -13,6 +13,7 @@ settings, and no other test's operator should see (or be slowed by) hundreds of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, seed_tasks, started_control_plane
-from fuzzspecs import generate
+from fuzzspecs import generate_isolated
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -106,8 +107,9 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
                                                                   Path]) -> None:  # fmt: skip
     cp, server, workdir = fuzz_env
     started = time.monotonic()
-    specs = generate(SPECS, SEED)
+    specs = generate_isolated(SPECS, SEED)
     generated_s = time.monotonic() - started
+    digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:12]  # same seed, same digest
     dbname = f"fuzz_{uuid.uuid4().hex[:8]}"
     server.execute(f'CREATE DATABASE "{dbname}"')
     with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
@@ -176,7 +178,8 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
     unknown = [b.split("\n20")[0] for b in blocks]
     unknown = [b for b in unknown if not any(text in b for text in KNOWN_ELSEWHERE.values())]
     tracebacks = len(unknown)
-    print(f"\nfuzz: seed={SEED} specs={len(specs)} accepted={len(objects)} rejected={len(specs) - len(objects)} "
+    print(f"\nfuzz: seed={SEED} specs={len(specs)} digest={digest} accepted={len(objects)} "
+          f"rejected={len(specs) - len(objects)} "
           f"without-condition={len(pending)} internal-errors={len(internal)} tracebacks={tracebacks} "
           f"known-elsewhere={sum(known.values())} "
           f"generate={generated_s:.1f}s apply={apply_s:.1f}s settled={settled_s:.1f}s")  # fmt: skip

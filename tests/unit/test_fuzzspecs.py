@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from fuzzspecs import KINDS, crd_schema, generate
+from fuzzspecs import KINDS, crd_schema, generate, generate_isolated
 
 
 def _patterns(schema: dict[str, Any], path: str = "spec") -> dict[str, str]:
@@ -38,3 +38,7 @@ def test_strings_match_the_crd_patterns() -> None:
                 assert re.fullmatch(patterns[kind][path], value), (kind, path, value)
                 checked += 1
     assert checked > 80
+
+
+def test_isolated_generation_does_not_depend_on_the_loaded_modules() -> None:
+    assert generate_isolated(40, 5) == generate_isolated(40, 5)
