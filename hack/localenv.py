@@ -25,6 +25,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -98,6 +99,7 @@ class ControlPlane:
         self.kubeconfig = self.dir / "kubeconfig"
         self.kubectl = self.bin / "kubectl"
         self.tokens: dict[str, tuple[str, str]] = {ADMIN_TOKEN: ("admin", "system:masters")}
+        self._api: tuple[subprocess.Popen[bytes], Any, Path]  # the kube-apiserver, its argv and log
 
     def start(self) -> ControlPlane:
         d = self.dir
@@ -140,16 +142,8 @@ class ControlPlane:
             "--v=0",
         ], api_log)  # fmt: skip
         self.procs.append(api)
-        insecure = ssl.create_default_context()
-        insecure.check_hostname = False
-        insecure.verify_mode = ssl.CERT_NONE
-
-        def readyz() -> bool:
-            req = urllib.request.Request(f"https://127.0.0.1:{self.port}/readyz",
-                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
-            return bool(urllib.request.urlopen(req, context=insecure, timeout=2).status == 200)  # noqa: S310
-
-        wait_for("kube-apiserver", readyz, timeout=120, proc=api, log=api_log)
+        self._api = (api, api.args, api_log)
+        self._wait_apiserver()
         self._write_kubeconfig(self.kubeconfig, ADMIN_TOKEN, "admin")
         kcm_log = d / "kube-controller-manager.log"
         kcm = _spawn([
@@ -167,6 +161,43 @@ class ControlPlane:
                  lambda: self.kubectl_run("get", "serviceaccount", "default", "-n", "default").returncode == 0,
                  timeout=90, proc=kcm, log=kcm_log)  # fmt: skip
         return self
+
+    def _wait_apiserver(self) -> None:
+        api, _, api_log = self._api
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+
+        def readyz() -> bool:
+            req = urllib.request.Request(f"https://127.0.0.1:{self.port}/readyz",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})  # fmt: skip
+            return bool(urllib.request.urlopen(req, context=insecure, timeout=2).status == 200)  # noqa: S310
+
+        wait_for("kube-apiserver", readyz, timeout=120, proc=api, log=api_log)
+
+    def stop_apiserver(self, kill: bool = False) -> None:
+        """Stop the kube-apiserver alone (SIGTERM, or SIGKILL with kill); etcd and the rest keep running."""
+        api = self._api[0]
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(api.pid, signal.SIGKILL)
+            api.wait()
+        else:
+            _stop(api)
+
+    def start_apiserver(self) -> None:
+        """Start the kube-apiserver again with the same flags, port and certificates; wait until ready."""
+        old, args, log = self._api
+        api = subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[self.procs.index(old)] = api
+        self._api = (api, args, log)
+        self._wait_apiserver()
+
+    def restart_apiserver(self, down_seconds: float = 0.0, kill: bool = False) -> None:
+        """Stop the kube-apiserver, keep it down for `down_seconds`, start it again (clients reconnect)."""
+        self.stop_apiserver(kill=kill)
+        time.sleep(down_seconds)
+        self.start_apiserver()
 
     def _write_kubeconfig(self, path: Path, token: str, user: str) -> None:
         ca = self.dir / "certs" / "apiserver.crt"

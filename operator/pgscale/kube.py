@@ -138,6 +138,10 @@ class Kube:
                  body: Any = None, content_type: str = "application/json",
                  timeout: float | None = None) -> Any:  # fmt: skip
         """One raw API call (for kinds the typed client has no method for, and apply)."""
+        if content_type.endswith("+yaml") and body is not None:
+            # JSON is YAML, except that the API server's YAML decoder refuses JSON's surrogate-pair escape of
+            # a character outside the BMP (an emoji from a spec): send the JSON as UTF-8 text instead.
+            body = json.dumps(body, ensure_ascii=False).encode()
         _, url, headers, payload, post = self.api.param_serialize(
             method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},

@@ -75,3 +75,18 @@ def test_every_built_object_is_valid(kubectl: Kubectl) -> None:
     external = replicas.read_write_service(owner, "db.example", 5432)
     ok = kubectl.apply(json.dumps(external[0]), "--dry-run=server", check=False)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_apply_sends_characters_outside_the_bmp(control_plane: Any, namespace: str) -> None:
+    """Regression (fuzz, seed 3): a spec value with an emoji, copied into an object pgscale applies (a Job's
+    image, a label), made the API server answer 400 `found invalid Unicode character escape code` (JSON's
+    surrogate-pair escape is not YAML) and the resource retried forever. Server-side apply sends UTF-8."""
+    from kubernetes.config import new_client_from_config
+
+    from pgscale.kube import Kube
+
+    kube = Kube(new_client_from_config(config_file=str(control_plane.kubeconfig)))  # type: ignore[no-untyped-call]
+    value = 'emoji \U0001f600, CJK \u4e2d, escape \x1b, quote " and backslash \\'
+    meta = {"name": "unicode", "namespace": namespace}
+    stored = kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"value": value}})
+    assert stored["data"]["value"] == value

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
+import urllib3
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
@@ -299,6 +300,16 @@ def partition_owner(ctx: Context, namespace: str, spec: dict[str, Any]) -> str |
     return None
 
 
+API_UNAVAILABLE = "APIServerUnavailable"
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """One line: the innermost reason of a urllib3 error (connection refused, reset, timed out)."""
+    reason = getattr(exc, "reason", None)
+    text = str(reason if isinstance(reason, BaseException) else exc).strip().splitlines()
+    return f"{type(reason if isinstance(reason, BaseException) else exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcome:
     """Reconcile one object; says when it should be looked at again."""
     kind = ctrl.kind
@@ -347,6 +358,12 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
         status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message, generation)
         requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
+    except urllib3.exceptions.HTTPError as exc:  # the API server unreachable mid-reconcile: an outage, not a bug
+        outcome = "retry"
+        message = f"the Kubernetes API server could not be reached ({unreachable_reason(exc)}); retried"
+        log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, API_UNAVAILABLE, message)
+        status.conditions = cond.waiting(status.conditions, API_UNAVAILABLE, message, generation)
+        requeue = 10.0
     except Exception as exc:  # a bug or an unforeseen failure: report it, never crash-loop
         outcome = "error"
         log.exception("%s %s/%s: reconcile failed", kind.name, ref.namespace, ref.name)

@@ -40,6 +40,12 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
                 reason="DatabaseNotFound",
             ) from exc
         raise TransientError(f"cannot connect to {info.describe()}: {text}", reason="ConnectionFailed") from exc
+    except UnicodeError as exc:  # the resolver cannot encode the host (IDNA): a label over 63 characters, say
+        raise DependencyError(
+            f"cannot connect to {info.describe()}: the host is not a valid host name ({exc}); fix "
+            "spec.connection.host, or the host or uri in the Secret",
+            reason="InvalidHost",
+        ) from exc
     try:
         yield conn
     finally:
