@@ -128,8 +128,6 @@ def wait_ready(kubectl: Kubectl, kind: str, name: str, timeout: float, seen: set
 
 # Failures known and fixed on another branch, counted apart until it is merged (text of the traceback).
 KNOWN_ELSEWHERE: tuple[str, ...] = ()  # none left: the failures this suite found are fixed
-    "the connection is closed",  # Postgres restarted mid-step
-)
 
 
 def tracebacks(log: Path) -> list[str]:
