@@ -79,3 +79,10 @@ def expected(before: dict[int, tuple[Any, ...]], writer: Writer) -> dict[int, tu
         else:
             out[key] = row
     return out
+
+
+def assert_nothing_lost(conn: psycopg.Connection, before: dict[int, tuple[Any, ...]], writer: Writer) -> None:
+    """The stopped writer met no error, and the table holds exactly the rows it started with and committed."""
+    assert not writer.errors, writer.errors[:5]
+    got, want = rows(conn), expected(before, writer)
+    assert len(got) == len(want) and got == want
