@@ -52,7 +52,7 @@ class RunReport:
     partitions: list[str] = field(default_factory=list)  # retired as a whole
     tables: dict[str, int] = field(default_factory=dict)  # per child table and effect; parents skipped
     retries: int = 0  # batches rolled back and retried (lock timeouts, serialization failures, ...)
-    children: dict[str, int] = field(default_factory=dict)  # dry run: rows per referencing table at stake
+    children: dict[str, int | None] = field(default_factory=dict)  # dry run: rows at stake per key (None: unknown)
 
 
 def _set(conn: psycopg.Connection, name: str, value: str) -> None:
@@ -97,10 +97,10 @@ def run(
                 stake = at_stake(conn, prepared, cutoff)
                 for item in prepared.relationships.listed:
                     key = f"{item.fk.schema}.{item.fk.table} via {item.fk.name} ({item.effect})"
-                    report.children[key] = stake.get(item.fk) or 0
+                    report.children[key] = stake.get(item.fk)
                 if report.children:
                     report.message += "; referencing rows: " + ", ".join(
-                        f"{k}: {v}" for k, v in report.children.items()
+                        f"{k}: {'unknown' if v is None else v}" for k, v in report.children.items()
                     )
             else:
                 _retire_partitions(conn, job, spec, target, cutoff, report, stop, deadline)
