@@ -79,7 +79,10 @@ def remember(*values: str | None) -> None:
             added = True
         if added:
             ordered = sorted(_known, key=len, reverse=True)  # the longest first: a value may contain another
-            _known_pattern = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
+            # Whole values only: a password "secret" must not turn "secretRef" into "***Ref" (a value glued
+            # to letters or digits on either side is another word, never the password).
+            alternatives = "|".join(re.escape(v) for v in ordered)
+            _known_pattern = re.compile(f"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])") if ordered else None
 
 
 def remember_secret(data: dict[str, str]) -> None:

@@ -134,3 +134,15 @@ def test_invalid_secret_messages_survive_redaction_intact(raw: str) -> None:
     """pgscale's own explanation is not mistaken for a secret (it quotes none)."""
     message = uri_problem(raw)
     assert redact.redact(message) == message
+
+
+def test_a_remembered_value_is_masked_as_a_whole_word_only() -> None:
+    """A Secret whose password is a common word must not garble field names in messages."""
+    from pgscale import redact as r
+
+    r.remember("secret")
+    try:
+        text = "Secret 'app-db' not found (spec.connection.secretRef.name); password secret, uri x:secret@h"
+        assert r.redact(text) == "Secret 'app-db' not found (spec.connection.secretRef.name); password ***, uri x:***@h"
+    finally:
+        r.forget_all()
