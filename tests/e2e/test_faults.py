@@ -179,12 +179,13 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(env: Any, ns: K
             writer.stop.set()
             writer.join(10)
         assert_nothing_lost(conn, before, writer)
+        kept = len(rows(conn))
         assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "p"
         assert scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgscale%'") == 0
         assert scalar(conn, """SELECT to_regclass('"Task_pgscale_new"')""") is None
     print(
         f"\nconversion killed at {len(CONVERSION_POINTS)} points; state (phase, rows copied) after each: {steps}; "
-        f"writer ops {writer.ops}; rows {len(rows(conn))}; reasons on the way: {sorted(seen)}"
+        f"writer ops {writer.ops}; rows {kept}; reasons on the way: {sorted(seen)}"
     )
     phases = [str(v).split()[0] if v else None for v in steps.values()]
     # Each kill left the conversion one step further: the runs resumed, none started over.
