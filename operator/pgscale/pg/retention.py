@@ -296,9 +296,14 @@ def _closure(name: str, table: sql.Composable, partitioned: bool, seed: sql.Comp
     )
 
 
-def _closure_seed(partitioned: bool, refs: list[str], source: sql.Composable) -> sql.Composable:
-    ident = "tableoid, ctid" if partitioned else "ctid"
-    return sql.SQL("SELECT {}, {} FROM {}").format(sql.SQL(ident), _names(refs), source)
+def _closure_seed(
+    partitioned: bool, refs: list[str], source: sql.Composable, where: sql.Composable | None = None
+) -> sql.Composable:
+    """The rows a closure starts from, as ``c``: their (tableoid,) ctid and the columns it follows."""
+    ident = ["tableoid", "ctid"] if partitioned else ["ctid"]
+    cols = sql.SQL(", ").join([*(sql.SQL("c.") + sql.SQL(i) for i in ident), _cols("c", refs)])
+    seed = sql.SQL("SELECT {} FROM {} c").format(cols, source)
+    return seed if where is None else sql.SQL("{} WHERE {}").format(seed, where)
 
 
 def _by_ctid(alias: str, partitioned: bool, rows: str) -> sql.Composable:
@@ -330,13 +335,7 @@ def _children_parts(
         if selfs:
             r = names("r")
             refs = sorted({c for e in selfs for c in e.fk.ref_columns})
-            seed = sql.SQL("SELECT {} FROM {} c WHERE {}").format(
-                sql.SQL(", ").join([
-                    *(sql.SQL("c.") + sql.SQL(i) for i in (["tableoid", "ctid"] if plan.partitioned else ["ctid"])),
-                    _cols("c", refs),
-                ]),
-                table, _references("c", fk, parent),
-            )  # fmt: skip
+            seed = _closure_seed(plan.partitioned, refs, table, _references("c", fk, parent))
             parts.append(_closure(r, table, plan.partitioned, seed, selfs))
             where = _by_ctid("c", plan.partitioned, r)
         else:

@@ -43,8 +43,10 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
     for i, row_filter in enumerate(spec.filters):
         require_column(columns, row_filter.column, f"filters[{i}].column", spec.table)
     edges = relationships.reachable(conn, spec.table.schema_, spec.table.name)
-    facts = {}
+    facts: dict[tuple[str, str], TableFacts] = {}
     for fk in edges:
+        if fk.child in facts:  # several keys from one table: read it once
+            continue
         child_columns = pg.table_columns(conn, fk.schema, fk.table) or {}
         facts[fk.child] = TableFacts(tuple(child_columns), pg.is_partitioned(conn, fk.schema, fk.table))
     rels = plan_relationships(spec, edges, facts)
