@@ -1,7 +1,10 @@
 """Real components on loopback for tests and the demo: no mocks anywhere.
 
 - ControlPlane: etcd, kube-apiserver and kube-controller-manager built from Go modules
-  (hack/build-controlplane.sh), with a kubeconfig for an admin token.
+  (hack/build-controlplane.sh), with a kubeconfig for an admin token. The API server listens
+  on every address and advertises HOST_IP, so pods on the node (hack/node.py) reach it
+  through the `kubernetes` Service; Services get addresses from SERVICE_CIDR. Both are fixed
+  whether or not a node runs: one code path.
 - Postgres: Debian's PostgreSQL server in a temporary directory, run as a non-root OS user.
 - S3Server: moto's standalone S3-compatible server.
 - OperatorProcess: `pgscale run` as a subprocess against the control plane.
@@ -31,13 +34,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))
-ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a loopback-only test cluster
+ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a test cluster on this machine
+
+# Addresses shared with hack/node.py (its module docstring draws the layout). HOST_IP is the host
+# end of the link to the node's network namespace: the API server advertises it, so the
+# `kubernetes` Service's endpoint is reachable from pods; until a node runs nothing answers there.
+HOST_IP = "198.18.0.1"
+SERVICE_CIDR = "198.18.128.0/20"
+KUBERNETES_SERVICE_IP = "198.18.128.1"  # the first address of SERVICE_CIDR
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now, on any address (the API server binds 0.0.0.0)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))  # noqa: S104 - only to learn a free port
         return int(s.getsockname()[1])
 
 
@@ -88,6 +98,37 @@ def controlplane_bin() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+SERVING_NAMES = ("127.0.0.1", HOST_IP, KUBERNETES_SERVICE_IP, "localhost", "kubernetes", "kubernetes.default",
+                 "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")  # fmt: skip
+
+
+def _serving_cert(certs: Path) -> tuple[Path, Path]:
+    """A CA and the API server's certificate signed by it, covering SERVING_NAMES.
+
+    The certificate kube-apiserver generates for itself covers only the advertised address and
+    the Service IP once --advertise-address is set, so 127.0.0.1 clients would fail to verify it.
+    Pods trust ca.crt (the controller-manager publishes it as kube-root-ca.crt), the kubeconfigs too.
+    """
+    certs.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key = certs / "ca.crt", certs / "ca.key", certs / "serving.crt", certs / "serving.key"
+    if cert.exists():
+        return cert, key
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    subprocess.run(["openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "3650",
+                    "-subj", "/CN=pgscale-local-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)  # fmt: skip
+    csr, ext = certs / "serving.csr", certs / "serving.ext"
+    subprocess.run(["openssl", "req", "-new", *ec, "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=kube-apiserver"], check=True, capture_output=True)  # fmt: skip
+    sans = ",".join(f"IP:{n}" if n[0].isdigit() else f"DNS:{n}" for n in SERVING_NAMES)
+    ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n")  # fmt: skip
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-days", "3650", "-extfile", str(ext), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager on loopback."""
 
@@ -112,6 +153,7 @@ class ControlPlane:
         (d / "tokens.csv").write_text(
             "".join(f'{tok},{user},{user}-uid,"{group}"\n' for tok, (user, group) in self.tokens.items())
         )
+        cert, key = _serving_cert(d / "certs")
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_log = d / "etcd.log"
         etcd = _spawn([
@@ -130,10 +172,13 @@ class ControlPlane:
         api = _spawn([
             str(self.bin / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.port}",
-            f"--cert-dir={d / 'certs'}",
+            # 0.0.0.0: 127.0.0.1 for the host's clients, HOST_IP for the node's daemons and pods.
+            "--bind-address=0.0.0.0", f"--secure-port={self.port}", f"--advertise-address={HOST_IP}",
+            f"--cert-dir={d / 'certs'}", f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
             "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # `kubectl logs/exec` reach the kubelet at the node's address, not by its name (no DNS for it).
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}",
@@ -151,7 +196,7 @@ class ControlPlane:
             f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--controllers=*",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--service-account-private-key-file={sa_key}",
-            f"--root-ca-file={d / 'certs' / 'apiserver.crt'}",
+            f"--root-ca-file={d / 'certs' / 'ca.crt'}",
             "--use-service-account-credentials=false",
             "--concurrent-gc-syncs=5",
         ], kcm_log)  # fmt: skip
@@ -199,15 +244,21 @@ class ControlPlane:
         time.sleep(down_seconds)
         self.start_apiserver()
 
-    def _write_kubeconfig(self, path: Path, token: str, user: str) -> None:
-        ca = self.dir / "certs" / "apiserver.crt"
+    def admin_kubeconfig(self, path: Path, host: str) -> Path:
+        """A kubeconfig with the admin token for clients that reach the API server at `host`
+        (the node's daemons in its network namespace use HOST_IP; the certificate covers it)."""
+        self._write_kubeconfig(path, ADMIN_TOKEN, "admin", host=host)
+        return path
+
+    def _write_kubeconfig(self, path: Path, token: str, user: str, host: str = "127.0.0.1") -> None:
+        ca = self.dir / "certs" / "ca.crt"
         path.write_text(
             f"""apiVersion: v1
 kind: Config
 clusters:
 - name: pgscale-local
   cluster:
-    server: https://127.0.0.1:{self.port}
+    server: https://{host}:{self.port}
     certificate-authority: {ca}
 users:
 - name: {user}
