@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+# Bumped whenever the bytes written for the same inputs change: caches of archives key on it.
+FORMAT_VERSION = 1
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -184,6 +186,15 @@ def read_config(archive: Path | str) -> dict[str, Any]:
         index = json.loads(_read(tar, "index.json"))
         manifest = json.loads(_read(tar, _blob(index["manifests"][0]["digest"])))
         return dict(json.loads(_read(tar, _blob(manifest["config"]["digest"]))))
+
+
+def read_ref(archive: Path | str) -> tuple[str, str] | None:
+    """(image name, manifest digest) of an OCI archive with one named image, else None (e.g. a docker
+    archive): lets an importer skip an image it already holds."""
+    with contextlib.suppress(KeyError, ValueError, IndexError, tarfile.TarError), tarfile.open(archive) as tar:
+        entry = json.loads(_read(tar, "index.json"))["manifests"][0]
+        return str(entry["annotations"]["io.containerd.image.name"]), str(entry["digest"])
+    return None
 
 
 def _read(tar: tarfile.TarFile, name: str) -> bytes:

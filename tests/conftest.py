@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "hack"))
 
 import localenv  # noqa: E402
 
+import node as nodemod  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -52,6 +54,36 @@ def started_control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
 def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
     with started_control_plane(workdir) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def node(workdir: Path, control_plane: localenv.ControlPlane) -> Iterator[nodemod.Node]:
+    """A real node (hack/node.py) registered with the control plane: pods run in containers.
+
+    Started only when a test asks for it (the `node` tests). A machine that cannot run it fails the
+    tests with the reason; PGSCALE_NODE=0 skips them instead.
+    """
+    if os.environ.get("PGSCALE_NODE") == "0":
+        pytest.skip("PGSCALE_NODE=0: tests that need the node are skipped")
+    reason = nodemod.unsupported()
+    if reason:
+        pytest.fail(f"this machine cannot run the test node: {reason} (PGSCALE_NODE=0 skips these tests)",
+                    pytrace=False)  # fmt: skip
+    started = nodemod.Node(workdir, control_plane)
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in started.timings.items())
+        sys.stderr.write(f"\nnode logs: {started.logs} ({timings})\n")
+
+
+@pytest.fixture(scope="session")
+def node_image(node: nodemod.Node) -> str:
+    """A small Debian image (bash, curl, busybox, iproute2, netcat) imported into the node: its name."""
+    archive, name = nodemod.test_image()
+    node.import_image(archive)
+    return name
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "condition",

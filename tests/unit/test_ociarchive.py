@@ -76,3 +76,10 @@ def test_tar_input_plain_and_gzip_same_image(tmp_path: Path) -> None:
 def test_name_needs_a_tag(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a tag"):
         ociarchive.write_oci_archive(_rootfs(tmp_path), tmp_path / "x.tar", "pgscale.local:5000/x")
+
+
+def test_read_ref(tmp_path: Path) -> None:
+    digest = ociarchive.write_oci_archive(_rootfs(tmp_path), tmp_path / "r.tar", "pgscale.local/r:2")
+    assert ociarchive.read_ref(tmp_path / "r.tar") == ("pgscale.local/r:2", digest)
+    (tmp_path / "not.tar").write_bytes(b"")
+    assert ociarchive.read_ref(tmp_path / "not.tar") is None
