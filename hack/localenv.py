@@ -505,6 +505,8 @@ def stop_on_signals() -> None:
     starts it with SIGINT ignored, and SIGTERM's default would kill it and leave everything running."""
 
     def stop(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # one is enough: let the cleanup finish
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -515,20 +517,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("command", choices=["up", "build"])
     p.add_argument("--dir", default=str(ROOT / ".tmp" / "env"), help="working directory (state, logs)")
+    p.add_argument("--node", action="store_true", help="also start a real node (hack/node.py): pods run; needs root")
     args = p.parse_args()
     if args.command == "build":
         print(controlplane_bin())
         return 0
     stop_on_signals()
     workdir = Path(args.dir)
+    if args.node:
+        import node as nodemod  # only here: node imports this module
+
+        nodemod.clear_stale()  # a node that died without stopping may have mounts under workdir
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     with environment(workdir) as (cp, pgs, s3, op):
-        print(f"export KUBECONFIG={cp.kubeconfig}")
-        print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
-        print("# Ctrl-C stops everything", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+        running = nodemod.Node(workdir, cp).start() if args.node else None
+        try:
+            print(f"export KUBECONFIG={cp.kubeconfig}")
+            print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
+            if running:
+                print(f"# node {nodemod.NODE_NAME} Ready at {nodemod.NODE_IP}: pods {nodemod.POD_CIDR}, Services "
+                      f"{nodemod.SERVICE_CIDR}, DNS {nodemod.DNS_IP}; the host is {nodemod.HOST_IP} for pods; "
+                      f"logs {running.logs}")  # fmt: skip
+            print("# Ctrl-C stops everything", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        finally:
+            if running:
+                running.stop()
     return 0
 
 

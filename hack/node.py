@@ -29,7 +29,7 @@ Network layout (fixed; one node per machine, serialised by an exclusive lock on 
   loads any OCI archive (hack/ociarchive.py); `test_image()` is a small Debian image for tests.
 
 Everything lives under `<workdir>/node` except what the daemons write to fixed places (the
-note lists them): OUTSIDE_PATHS, `kubepods`/`k8s.io` cgroups in every hierarchy and the
+note lists them): OUTSIDE_PATHS, the `kubepods` cgroups in every hierarchy and the
 kernel settings the kubelet changes (KERNEL_TUNABLES, restored on stop). `Node.stop()`
 removes all of it, `leftovers()` checks, and `Node.start()` first cleans up after a run that
 died without stopping (its directory and settings are recorded in STATE_FILE).
@@ -38,6 +38,7 @@ died without stopping (its directory and settings are recorded in STATE_FILE).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,10 +87,13 @@ CACHE = Path(os.environ.get("PGSCALE_CACHE", _XDG_CACHE / "pgscale"))  # as hack
 OUTSIDE_PATHS = (Path("/var/lib/kubelet/device-plugins"), Path("/var/log/containers"), Path("/var/log/pods"),
                  Path("/run/containerd/s"), Path("/run/containerd/fifo"), Path("/run/containerd/runc"),
                  Path("/var/lib/cni/results"))  # fmt: skip
+OUTSIDE_PARENTS = (Path("/var/lib/kubelet"), Path("/run/containerd"), Path("/var/lib/cni"))  # removed when empty
 # Set by the kubelet at start (host-wide, not per network namespace); restored on stop.
 KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")  # fmt: skip
-CGROUP_ROOTS = ("kubepods", "k8s.io")
+# The kubelet puts every pod under kubepods (cgroupfs driver). A /k8s.io cgroup is what `ctr run` makes
+# for containerd's k8s.io namespace: another containerd's (the image builds'), never touched here.
+CGROUP_ROOTS = ("kubepods",)
 DAEMONS = ("kube-scheduler", "containerd", "kubelet", "kube-proxy", "coredns")
 
 
@@ -182,7 +187,9 @@ class Node:
     """One node named NODE_NAME registered with `cp`: containerd, kubelet, kube-proxy and CoreDNS in
     the network namespace, kube-scheduler on the host. `start()` takes the machine-wide lock and
     returns when the node is Ready, DNS answers and the volumes exist; `stop()` leaves the host as
-    it was (see leftovers()). It can be started again after a stop (images are re-imported)."""
+    it was (see leftovers()). It can be started again after a stop; containerd keeps its images.
+    `timings` holds, after start(), the seconds from its beginning until each part was up, and the
+    duration of each image import."""
 
     def __init__(self, workdir: Path, cp: localenv.ControlPlane, *, bindir: Path | None = None,
                  volumes: int = VOLUMES) -> None:  # fmt: skip
@@ -207,13 +214,16 @@ class Node:
         reason = unsupported()
         if reason:
             raise RuntimeError(f"cannot run the node here: {reason}")
+        if self._lock is not None:
+            raise RuntimeError("the node is running already")
         t0 = time.monotonic()
         self.timings = {}
         self._take_lock()
         try:
             stale = _read_state()
             if stale or NETNS_PATH.exists() or _link_exists(HOST_LINK):
-                _cleanup(Path(stale["dir"]) if stale else None, stale.get("tunables", {}) if stale else {})
+                sys.stderr.write(f"node: cleaning up after a node that did not stop ({stale or NETNS})\n")
+                _cleanup(Path(stale["dir"]) if stale else None, dict(stale.get("tunables", {})) if stale else {})
             self._tunables = {k: _sysctl(k) for k in KERNEL_TUNABLES}
             # Fresh state; containerd's root (content, snapshots) stays, so a restart needs no re-import
             # (a new session has a new directory), and so do the volumes and the logs.
@@ -247,21 +257,22 @@ class Node:
     def stop(self) -> None:
         """Stop every daemon and pod, unmount, delete the namespace, links, routes, cgroups and what the
         daemons wrote outside the node's directory, restore the kernel settings; release the lock."""
-        self._stopping.set()
-        if self._recycler is not None:
-            self._recycler.join(timeout=10)
-            self._recycler = None
-        if self._lock is None:
-            return
-        try:
-            # Clients first (the kubelet would restart what is killed), then containerd; the containers and
-            # their shims are killed by _cleanup (going through containerd took 10 s for one pod).
-            for name in ("kube-scheduler", "kubelet", "kube-proxy", "coredns", "containerd"):
-                localenv._stop(self.procs.pop(name, None), timeout=15)
-            _cleanup(self.dir, self._tunables)
-            STATE_FILE.unlink(missing_ok=True)
-        finally:
-            self._release_lock()
+        with _signals_deferred():
+            self._stopping.set()
+            if self._recycler is not None:
+                self._recycler.join(timeout=10)
+                self._recycler = None
+            if self._lock is None:
+                return
+            try:
+                # Clients first (the kubelet would restart what is killed), then containerd; containers
+                # and shims are killed by _cleanup (going through containerd took 10 s for one pod).
+                for name in ("kube-scheduler", "kubelet", "kube-proxy", "coredns", "containerd"):
+                    localenv._stop(self.procs.pop(name, None), timeout=15)
+                _cleanup(self.dir, self._tunables)
+                STATE_FILE.unlink(missing_ok=True)
+            finally:
+                self._release_lock()
 
     def __enter__(self) -> Node:
         return self.start()
@@ -500,13 +511,16 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
 
     def _start_scheduler(self) -> None:
         port = localenv.free_port()
+        # Its kubeconfig lies in the node's directory, so a scheduler left by a run that died is found by it.
+        kubeconfig = self.cp.admin_kubeconfig(self.dir / "scheduler.kubeconfig", "127.0.0.1")
         self._spawn("kube-scheduler", [
-            str(self.bin / "kube-scheduler"), f"--kubeconfig={self.cp.kubeconfig}", "--leader-elect=false",
+            str(self.bin / "kube-scheduler"), f"--kubeconfig={kubeconfig}", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--secure-port={port}", "--v=1",
         ], netns=False)  # fmt: skip
 
     def _start_kubelet(self) -> None:
         d = self.dir / "kubelet"
+        spawned = time.time() - 1  # a Node object left from a previous start may still say Ready
         self._spawn("kubelet", [
             str(self.bin / "kubelet"), f"--config={d / 'config.yaml'}", f"--kubeconfig={self.kubeconfig}",
             f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", f"--root-dir={d / 'root'}",
@@ -517,8 +531,11 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
             out = self.cp.kubectl_run("get", "node", NODE_NAME, "-o", "json")
             if out.returncode != 0:
                 return False
-            conds = {c["type"]: c["status"] for c in json.loads(out.stdout)["status"].get("conditions", [])}
-            return conds.get("Ready") == "True"
+            for cond in json.loads(out.stdout)["status"].get("conditions", []):
+                if cond["type"] == "Ready":
+                    beat = datetime.datetime.fromisoformat(cond["lastHeartbeatTime"].replace("Z", "+00:00"))
+                    return bool(cond["status"] == "True" and beat.timestamp() >= spawned)
+            return False
 
         self._wait("kubelet", ready, timeout=120)
 
@@ -571,6 +588,41 @@ class _Api:
         req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(), method="PATCH", headers=headers)  # noqa: S310
         with urllib.request.urlopen(req, context=self.ctx, timeout=10) as resp:  # noqa: S310
             return json.load(resp)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends: a second Ctrl-C (or the SIGTERM a
+    wrapper such as `uv run` forwards) must not cut a teardown short and leave the host dirty."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def clear_stale() -> bool:
+    """Clean up after a node that died without stopping, unless another session's node is running (it
+    holds the lock); True when the host is free of a node now. Node.start() does this by itself."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK_FILE.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        state = _read_state()
+        if state or NETNS_PATH.exists() or _link_exists(HOST_LINK):
+            _cleanup(Path(state["dir"]) if state else None, dict(state.get("tunables", {})) if state else {})
+        STATE_FILE.unlink(missing_ok=True)
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- host state
@@ -677,8 +729,41 @@ def _host_routes() -> list[str]:
 
 
 def _outside_files(node_dir: Path | None) -> list[Path]:
-    """What the daemons wrote outside the node's directory: OUTSIDE_PATHS and their empty parents."""
-    return [p for p in OUTSIDE_PATHS if p.exists() or p.is_symlink()]
+    """What a node wrote outside its directory and left there: the kubelet's device-plugin socket and
+    checkpoint, log symlinks into its directory (or dangling), shim sockets nobody listens on, the
+    runc and fifo trees of the k8s.io namespace once empty, libcni's results for its sandboxes; then
+    the OUTSIDE_PATHS directories (and their parents) that are empty. Files of another containerd or
+    kubelet on the machine are never among them."""
+    found: list[Path] = []
+    plugins = Path("/var/lib/kubelet/device-plugins")
+    found += [plugins / n for n in ("kubelet.sock", "kubelet_internal_checkpoint") if os.path.lexists(plugins / n)]
+    logs = Path("/var/log/containers")
+    if logs.is_dir():
+        for link in logs.iterdir():
+            target = os.readlink(link) if link.is_symlink() else ""
+            if (node_dir and target.startswith(f"{node_dir}/")) or (target and not link.exists()):
+                found.append(link)
+    shim_sockets = Path("/run/containerd/s")
+    if shim_sockets.is_dir():
+        listening = _listening_unix_sockets()
+        found += [sock for sock in shim_sockets.iterdir() if str(sock) not in listening]
+    for tree in (Path("/run/containerd/runc/k8s.io"), Path("/run/containerd/fifo")):
+        if tree.is_dir() and not any(p.is_dir() for p in tree.iterdir()):
+            found.append(tree)
+    sandboxes: set[str] = set()
+    if node_dir:
+        for where in ("root", "state"):
+            with contextlib.suppress(OSError):
+                sandboxes |= set(os.listdir(node_dir / "containerd" / where / "io.containerd.grpc.v1.cri/sandboxes"))
+    results = Path("/var/lib/cni/results")  # <network>-<sandbox id>-<interface>, also for cni-loopback
+    if results.is_dir():
+        found += [r for r in results.iterdir() if any(f"-{sandbox}-" in r.name for sandbox in sandboxes)]
+    removed = set(found)
+    for directory in (*OUTSIDE_PATHS, *OUTSIDE_PARENTS):
+        if directory.is_dir() and all(p in removed for p in directory.iterdir()):
+            found.append(directory)
+            removed.add(directory)
+    return found
 
 
 def leftovers(node_dir: Path | None = None, tunables: dict[str, str] | None = None) -> list[str]:
@@ -756,46 +841,12 @@ def _cleanup(node_dir: Path | None, tunables: dict[str, str]) -> None:
 
 
 def _remove_outside_files(node_dir: Path | None) -> None:
-    """The kubelet's device-plugin socket and checkpoint, log symlinks, dead shim sockets, runc state of
-    the k8s.io namespace and libcni's results for CNI_NETWORK; each directory removed when empty, so
-    another containerd's or kubelet's files are never touched."""
-    listening = _listening_unix_sockets()
-    plugins = Path("/var/lib/kubelet/device-plugins")
-    for name in ("kubelet.sock", "kubelet_internal_checkpoint"):
-        (plugins / name).unlink(missing_ok=True)
-    logs = Path("/var/log/containers")
-    if logs.is_dir():
-        for link in logs.iterdir():
-            target = os.readlink(link) if link.is_symlink() else ""
-            if (node_dir and target.startswith(f"{node_dir}/")) or (link.is_symlink() and not link.exists()):
-                link.unlink()
-    shim_sockets = Path("/run/containerd/s")
-    if shim_sockets.is_dir():
-        for sock in shim_sockets.iterdir():
-            if str(sock) not in listening:
-                sock.unlink(missing_ok=True)
-    for tree in (Path("/run/containerd/runc/k8s.io"), Path("/run/containerd/fifo")):
-        if tree.is_dir() and not any(p.is_dir() for p in tree.iterdir()):
-            shutil.rmtree(tree, ignore_errors=True)
-    results = Path("/var/lib/cni/results")  # <network>-<sandbox id>-<interface>, also for cni-loopback
-    sandboxes: set[str] = set()
-    if node_dir:
-        for where in ("root", "state"):
-            with contextlib.suppress(OSError):
-                sandboxes |= set(os.listdir(node_dir / "containerd" / where / "io.containerd.grpc.v1.cri/sandboxes"))
-    if results.is_dir():
-        for result in results.iterdir():
-            if any(f"-{sandbox}-" in result.name for sandbox in sandboxes):
-                result.unlink(missing_ok=True)
-    for path in (*OUTSIDE_PATHS, Path("/var/lib/kubelet"), Path("/run/containerd"), Path("/var/lib/cni")):
-        if path.is_dir():
-            _remove_empty_dirs(path)
-
-
-def _remove_empty_dirs(top: Path) -> None:
-    for dirpath, _, _ in sorted(os.walk(top), key=lambda w: len(Path(w[0]).parts), reverse=True):
-        with contextlib.suppress(OSError):
-            Path(dirpath).rmdir()
+    """Remove _outside_files(): files first, then the directories they leave empty."""
+    for path in _outside_files(node_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _listening_unix_sockets() -> set[str]:
