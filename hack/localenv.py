@@ -297,13 +297,15 @@ class Postgres:
 
     PASSWORD = "pgscale-super"  # noqa: S105 - loopback-only test server
 
-    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None, host: str = "127.0.0.1") -> None:
+        """`host` is where it listens (besides 127.0.0.1) and what dsn() and uri() name: HOST_IP
+        for a server the node's pods reach, as they would reach a database outside the cluster."""
         self.dir = workdir / name
         self.data = self.dir / "data"
         self.port = port or free_port()
         self.log = self.dir / "postgres.log"
         self.user = _os_user()
-        self.host = "127.0.0.1"
+        self.host = host
 
     def _run(self, *args: str) -> None:
         cmd = list(args)
@@ -333,7 +335,7 @@ class Postgres:
             with (self.data / "postgresql.conf").open("a") as conf:
                 conf.write(
                     f"""
-listen_addresses = '127.0.0.1'
+listen_addresses = '{",".join(dict.fromkeys(["127.0.0.1", self.host]))}'
 port = {self.port}
 unix_socket_directories = '{self.dir}'
 max_connections = 200
@@ -351,6 +353,9 @@ logging_collector = off
                 )
             with (self.data / "pg_hba.conf").open("a") as hba:
                 hba.write("host replication all 127.0.0.1/32 scram-sha-256\n")
+                if self.host != "127.0.0.1":  # the node's pods (hack/node.py: 198.18.0.0/15)
+                    hba.write("host all all 198.18.0.0/15 scram-sha-256\n")
+                    hba.write("host replication all 198.18.0.0/15 scram-sha-256\n")
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
         if fresh:
             self.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")  # in cron.database_name
@@ -393,11 +398,13 @@ class S3Server:
     ACCESS_KEY = "pgscale-test"
     SECRET_KEY = "pgscale-test-secret"  # noqa: S105
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        """`host`: where it listens and what `endpoint` names (HOST_IP for the node's pods)."""
         self.dir = workdir / "s3"
+        self.host = host
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
 
     def start(self) -> S3Server:
         """Start, retrying with a fresh port (see OperatorProcess.start)."""
@@ -408,14 +415,14 @@ class S3Server:
                 if attempt == 2:
                     raise
                 self.port = free_port()
-                self.endpoint = f"http://127.0.0.1:{self.port}"
+                self.endpoint = f"http://{self.host}:{self.port}"
         raise AssertionError("unreachable")
 
     def _start(self) -> S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "moto.log"
         exe = Path(sys.executable).parent / "moto_server"
-        self.proc = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], log)
+        self.proc = _spawn([str(exe), "-H", self.host, "-p", str(self.port)], log)
         wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),  # noqa: S310
                  proc=self.proc, log=log)  # fmt: skip
         return self

@@ -23,6 +23,12 @@ from conftest import Kubectl, wait_until
 pytestmark = [pytest.mark.node, pytest.mark.cluster]
 
 
+@pytest.fixture
+def control_plane(node_control_plane: localenv.ControlPlane) -> localenv.ControlPlane:
+    """The node's cluster: `namespace` and `kubectl` follow it."""
+    return node_control_plane
+
+
 def pod_manifest(name: str, image: str, script: str, mounts: list[dict[str, Any]] | None = None,
                  **spec: Any) -> dict[str, Any]:  # fmt: skip
     container = {"name": "main", "image": image, "command": ["bash", "-c", script], "volumeMounts": mounts or []}
