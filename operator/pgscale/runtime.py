@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import DATABASE_PROFILE, GROUP, VERSION
 from .controllers import all_controllers
-from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
+from .controllers.base import Context, Controller, OperatorConfig, Outcome, run_reconcile
 from .kube import Kube
 from .leader import LeaderElector, LeaseConfig
 from .metrics import METRICS
@@ -335,7 +335,7 @@ async def run(
     lease: LeaseConfig | None = None,
 ) -> None:
     """Run the operator until it is stopped; with a lease, reconcile only while holding it."""
-    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds, namespaces=list(namespaces)))
+    ctx = Context(kube=Kube(), config=OperatorConfig(resync_seconds=resync_seconds, namespaces=list(namespaces)))
     registry = make_registry(ctx, workers, LeaderElector(lease, Kube()) if lease else None)
     await kopf.operator(
         registry=registry,

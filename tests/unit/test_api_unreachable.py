@@ -11,7 +11,7 @@ import pytest
 import urllib3
 from kubernetes import client
 
-from pgscale.controllers.base import API_UNAVAILABLE, Context, Settings, run_reconcile
+from pgscale.controllers.base import API_UNAVAILABLE, Context, OperatorConfig, run_reconcile
 from pgscale.controllers.retentionpolicy import RetentionPolicyController
 from pgscale.kube import Kube
 
@@ -28,7 +28,7 @@ def refused_kube() -> Kube:
 def test_unreachable_api_server_mid_reconcile_is_retried_not_an_internal_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ctx = Context(kube=refused_kube(), settings=Settings())
+    ctx = Context(kube=refused_kube(), config=OperatorConfig())
     obj = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy",
            "metadata": {"namespace": "app", "name": "tasks", "generation": 1},
            "status": {"observedGeneration": 1},

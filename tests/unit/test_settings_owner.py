@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgscale.settings import Claim, DriftEvents, settings_owner
+from pgscale.server_settings import Claim, DriftEvents, settings_owner
 
 SERVER, OTHER_SERVER = "7715008275767582304", "7715008275767582999"
 

@@ -37,8 +37,8 @@ StatusT = TypeVar("StatusT", bound=BaseStatus)
 
 
 @dataclass
-class Settings:
-    """Operator-wide settings, from flags and environment."""
+class OperatorConfig:
+    """How this operator process runs (images, resync, namespaces), from flags and environment."""
 
     image: str = field(default_factory=lambda: os.environ.get("PGSCALE_IMAGE", "pgscale:0.1.0"))
     pgbouncer_image: str = field(
@@ -56,10 +56,10 @@ class Settings:
 
 @dataclass
 class Context:
-    """What a reconcile may use: the API client and the settings."""
+    """What a reconcile may use: the API client and the operator's configuration."""
 
     kube: Kube
-    settings: Settings
+    config: OperatorConfig
 
 
 @dataclass
@@ -248,10 +248,10 @@ def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcom
         if exc.reason in CLEANUP_IMPOSSIBLE:
             return release(ctrl, ctx, obj, exc)
         ctx.kube.event(ref, "CleanupFailed", f"{exc.message}; deletion waits and retries", warning=True)
-        return Outcome(exc.retry_seconds or ctx.settings.stalled_retry_seconds, failed=True)
+        return Outcome(exc.retry_seconds or ctx.config.stalled_retry_seconds, failed=True)
     except psycopg.Error as exc:
         ctx.kube.event(ref, "CleanupFailed", f"{type(exc).__name__}: {exc}; deletion waits and retries", warning=True)
-        return Outcome(ctx.settings.stalled_retry_seconds, failed=True)
+        return Outcome(ctx.config.stalled_retry_seconds, failed=True)
     ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
     log.info("%s %s/%s: cleaned up", ctrl.kind.name, ref.namespace, ref.name)
     return Outcome(30.0, failed=False)
@@ -341,7 +341,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
             status.conditions = cond.ready(status.conditions, result.reason, result.message, generation)
         else:
             status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
-        requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
+        requeue = result.requeue_after if result.requeue_after is not None else ctx.config.resync_seconds
         # Long work the controller paces itself (done=False) may come back sooner than a spec interval may.
         requeue = max(requeue, MIN_REQUEUE_SECONDS if result.done else 0.5)
         events += result.events
@@ -349,7 +349,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         outcome = "stalled" if exc.stalled else "retry"
         update = cond.stalled if exc.stalled else cond.waiting
         status.conditions = update(status.conditions, exc.reason, exc.message, generation)
-        requeue = exc.retry_seconds or ctx.settings.stalled_retry_seconds
+        requeue = exc.retry_seconds or ctx.config.stalled_retry_seconds
         log.info("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, exc.reason, exc.message)
     except ApiException as exc:  # refused by the API server: its message, not the HTTP exchange
         outcome = "error"
@@ -357,7 +357,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, reason, message)
         stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
         status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message, generation)
-        requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
+        requeue = ctx.config.stalled_retry_seconds if stalled else 10.0
     except urllib3.exceptions.HTTPError as exc:  # the API server unreachable mid-reconcile: an outage, not a bug
         outcome = "retry"
         message = f"the Kubernetes API server could not be reached ({unreachable_reason(exc)}); retried"

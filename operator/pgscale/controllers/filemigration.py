@@ -129,7 +129,7 @@ class FileMigrationController:
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
             return Result(
-                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.settings.resync_seconds
+                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.config.resync_seconds
             )
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
         events += started
@@ -210,7 +210,7 @@ class FileMigrationController:
             suffix="file-migration",
             args=builders.job_args("file-migration", ref),
             template=spec.job,
-            default_image=ctx.settings.image,
+            default_image=ctx.config.image,
             env=env,
             volumes=volumes,
         )

@@ -202,7 +202,7 @@ class PartitionPolicyController:
                 suspend=spec.suspend,
                 args=builders.job_args("partition-maintenance", ref),
                 template=maintenance.job,
-                default_image=ctx.settings.image,
+                default_image=ctx.config.image,
                 env=builders.job_env(ref, obj["spec"], profile),
             )
         )

@@ -166,7 +166,7 @@ class RetentionPolicyController:
             suspend=spec.suspend,
             args=builders.job_args("retention", ref),
             template=spec.job,
-            default_image=ctx.settings.image,
+            default_image=ctx.config.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
             env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": owned_elsewhere}),
         )
