@@ -455,13 +455,18 @@ def _build(
                     sqlp.bound_literal(column_type, r.end, spec.time_zone))
         for r in ranges
     ]  # fmt: skip
-    widen = spec.conversion_or_default.widen_keys
-    total = sqlc.estimate_rows(conn, schema, table)
-
-    ms = lock_ms(spec)
+    plan = sqlc.ShadowPlan(
+        column=spec.column,
+        shape=shape,
+        partitions=tuple(bounds),
+        default_name=default_name,
+        widen=spec.conversion_or_default.widen_keys,
+        rows_total=sqlc.estimate_rows(conn, schema, table),
+        lock_timeout_ms=lock_ms(spec),
+    )
 
     def step() -> int:
-        sqlc.build(target, spec.column, shape, bounds, default_name, widen=widen, rows_total=total, lock_timeout_ms=ms)
+        sqlc.build(target, plan)
         return 0
 
     _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)

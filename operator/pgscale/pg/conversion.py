@@ -539,48 +539,53 @@ def log_functions(state_schema: str, shape: Shape, schema: str, shadow: str) -> 
     return row_fn, trunc_fn
 
 
-def build(
-    subject: Subject,
-    column: str,
-    shape: Shape,
-    partitions: list[Bounds],
-    default_name: str,
-    *,
-    widen: bool,
-    rows_total: int | None,
-    lock_timeout_ms: int,
-) -> None:
+@dataclass(frozen=True)
+class ShadowPlan:
+    """The partitioned copy to build, as planned from the spec and the catalog."""
+
+    column: str  # the partition key
+    shape: Shape  # the table as the catalog describes it (inspect)
+    partitions: tuple[Bounds, ...]
+    default_name: str  # the DEFAULT partition
+    widen: bool  # add the partition key to primary and unique keys that lack it (spec.conversion.widenKeys)
+    rows_total: int | None  # the planner's estimate, for progress
+    lock_timeout_ms: int
+
+
+def build(subject: Subject, plan: ShadowPlan) -> None:
     """Build the partitioned copy, in one transaction that does not touch the table (phase ``building``).
 
     Its foreign keys lock the tables they point at (SHARE ROW EXCLUSIVE) until the commit, which is
     why this is not the transaction that then waits for the table's lock.
     """
     conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
-    shadow = shadow_name(table)
+    shape, shadow = plan.shape, shadow_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
     ensure_state(conn, state_schema)
     with conn.transaction():
         # Its foreign keys lock the tables they point at: never wait for them longer than lockTimeout.
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{plan.lock_timeout_ms}ms",))
         fingerprint = definition(conn, schema, table)
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {} (LIKE {} INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING CONSTRAINTS "
                 "INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY INCLUDING STATISTICS INCLUDING STORAGE) "
                 "PARTITION BY RANGE ({})"
-            ).format(target, parent, sql.Identifier(column))
+            ).format(target, parent, sql.Identifier(plan.column))
         )
-        for part in partitions:
+        for part in plan.partitions:
             conn.execute(
                 sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
                     qualified(schema, part.name), target, part.lower, part.upper
                 )
             )
-        conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, default_name), target))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, plan.default_name), target)
+        )
         for index in shape.indexes:
             if index.constraint_type in ("p", "u"):
                 # The key as the catalog states it (INCLUDE, NULLS NOT DISTINCT kept), or widened.
-                text = index.condef if column in index.columns or not widen else index.widened(column)
+                text = index.condef if plan.column in index.columns or not plan.widen else index.widened(plan.column)
                 assert text is not None  # blockers() refused keys that cannot be widened
                 conn.execute(
                     sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
@@ -595,7 +600,7 @@ def build(
             conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(shape.comment)))
         owner = conn.execute("SELECT current_user").fetchone()
         if owner and owner[0] != shape.owner:
-            for name in [shadow, default_name, *(p.name for p in partitions)]:
+            for name in [shadow, plan.default_name, *(p.name for p in plan.partitions)]:
                 conn.execute(
                     sql.SQL("ALTER TABLE {} OWNER TO {}").format(qualified(schema, name), sql.Identifier(shape.owner))
                 )
@@ -631,7 +636,7 @@ def build(
                 "cursor = NULL, rows_copied = 0, copy_started_at = NULL, verified_rows = NULL, message = NULL, "
                 "started_at = now(), updated_at = now(), finished_at = NULL"
             ).format(_state(state_schema)),
-            (schema, table, shadow, rows_total, fingerprint),
+            (schema, table, shadow, plan.rows_total, fingerprint),
         )
 
 
