@@ -140,3 +140,18 @@ def test_the_scan_sees_controller_writes() -> None:
     assert ("FileMigrationStatus", "rows_migrated") in fields and ("FailedRow", "reason") in fields
     fields = {(model.__name__, name) for _, model, name in written_fields(CONTROLLERS / "databaseprofile.py")}
     assert ("CapacityStatus", "growth_bytes_per_month") in fields  # set after construction
+
+
+def test_the_conversion_step_is_one_of_the_state_rows_phases() -> None:
+    from typing import get_args
+
+    from pgscale.api.partitionpolicy import ConversionStep
+    from pgscale.pg import conversion as sqlc
+
+    assert sqlc.Phase is ConversionStep  # one list of words, in the state row and in status
+    assert set(sqlc.IN_FLIGHT) < set(get_args(ConversionStep))
+    assert ProgressStatus(step="swapped").step == "swapped"
+    with pytest.raises(ValidationError):
+        ProgressStatus(step="copying")
+    with pytest.raises(ValidationError):
+        PartitionPolicyStatus.model_validate({"conversion": {"step": "Copying"}})

@@ -35,11 +35,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from ..api.partitionpolicy import ConversionStep
 from . import ensure_state_table, qualified
 
 STATE_TABLE = "partition_conversions"
@@ -351,7 +352,7 @@ class Subject:
 
 
 # Where a conversion stands, in order; "none" is no state row (nothing started, or forgotten).
-Phase = Literal["none", "building", "prepared", "copied", "verified", "swapped", "done"]
+Phase = ConversionStep
 # Before the switch: the application still uses the original table, which the copy follows.
 BEFORE_SWITCH: tuple[Phase, ...] = ("building", "prepared", "copied", "verified")
 # A conversion under way: its trigger, copy or log exist, or (swapped) the old table is still there.
