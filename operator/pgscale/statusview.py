@@ -363,6 +363,9 @@ def database(profile: Resource, secrets: Secrets) -> str:
 
 def profile_summary(spec: Obj, status: DatabaseProfileStatus) -> list[tuple[str, str]]:
     """(label, text) lines under a profile's heading: settings, pooler, replicas, capacity, alerts."""
+    from .api.common import default_of
+    from .api.databaseprofile import PoolingSpec, ReadReplicasSpec
+
     params, pending = status.parameters, status.pending_restart
     sources = sorted({p.source for p in params})
     settings = f"{len(params)} managed" + (f" (from {', '.join(sources)})" if sources else "")
@@ -372,9 +375,6 @@ def profile_summary(spec: Obj, status: DatabaseProfileStatus) -> list[tuple[str,
 
     pooler = status.pooler
     if pooler is not None:
-        from .api.common import default_of
-        from .api.databaseprofile import PoolingSpec
-
         mode = default_of(PoolingSpec, "pool_mode")
         pooling = f"{pooler.service} ({pooler.instances} instances"
         pooling += f", pool mode {spec['pooling'].get('poolMode', mode)}" if spec.get("pooling") else ""
@@ -382,7 +382,8 @@ def profile_summary(spec: Obj, status: DatabaseProfileStatus) -> list[tuple[str,
     else:
         pooling = "requested, not running yet" if spec.get("pooling") else "off"
 
-    want = (spec.get("readReplicas") or {}).get("instances", 0) if spec.get("readReplicas") else 0
+    replicas_spec = spec.get("readReplicas")
+    want = replicas_spec.get("instances", default_of(ReadReplicasSpec, "instances")) if replicas_spec else 0
     replicas_status = status.replicas or []
     if want or replicas_status:
         active = sum(1 for r in replicas_status if r.active)
@@ -451,10 +452,13 @@ class ProfileView:
 
 def row(res: Resource, now: datetime, wide: bool = False) -> Row:
     """One resource as a table row."""
+    from .api.common import TableReference, default_of
+
     meta, status = res.meta, res.status
     h = health(res)
     ready = condition(status, "Ready")
     table = res.spec.get("table") or {}
+    schema = table.get("schema", default_of(TableReference, "schema_"))
     observed = status.observed_generation
     return Row(
         kind=res.kind,
@@ -464,7 +468,7 @@ def row(res: Resource, now: datetime, wide: bool = False) -> Row:
         reason=h.reason or "-",
         message=h.message,
         progress=progress(res, wide),
-        table=f"{table.get('schema', 'public')}.{table['name']}" if table.get("name") else "-",
+        table=f"{schema}.{table['name']}" if table.get("name") else "-",
         generation=f"{observed if observed is not None else '-'}/{meta.get('generation', '-')}",
         age=_age(meta.get("creationTimestamp"), now),
         conditions=list(status.conditions),

@@ -262,6 +262,9 @@ def test_profile_summary() -> None:
     bare = summary(profile())
     assert bare == {"settings": "0 managed, none pending restart", "pooler": "off", "replicas": "none",
                     "capacity": "no sample yet", "alerts": "none"}  # fmt: skip
+    asked = profile()
+    asked["spec"]["readReplicas"] = {"storage": {"size": "1Gi"}}  # instances: the model's default
+    assert summary(asked)["replicas"] == "0/1 streaming"
 
 
 def test_database_never_shows_the_password() -> None:
