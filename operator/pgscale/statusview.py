@@ -5,8 +5,9 @@ database wants is the other way round: per database, what works on it and how fa
 it got. Reading (:func:`load`) is kept apart from formatting (:func:`build`,
 :func:`render_text`, :func:`render_json`), which is pure and unit-tested on objects
 as the API server returns them; the reads run against a real API server in the e2e
-tests. A status is read through its kind's status model (:func:`parse`), the one the
-controllers write it with, so a renamed field fails the type check and the tests.
+tests. A status is read through its kind's status model (:func:`parse`, leniently:
+``BaseStatus.from_stored``), the one the controllers write it with, so a renamed field
+fails the type check and the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # the models are imported where they are used: `pgscale --help` stays light
     from .api.common import BaseStatus, Condition
@@ -28,7 +29,6 @@ if TYPE_CHECKING:  # the models are imported where they are used: `pgscale --hel
     from .api.retentionpolicy import RetentionPolicyStatus
 
 Obj = dict[str, Any]
-StatusT = TypeVar("StatusT", bound="BaseStatus")
 # (namespace, Secret name) -> its data; None when it does not exist; absent when it could not be read.
 Secrets = Mapping[tuple[str, str], dict[str, str] | None]
 
@@ -58,25 +58,6 @@ class Resource:
     status: BaseStatus
 
 
-def parse_status(model: type[StatusT], raw: object) -> StatusT:
-    """A status as this version's model reads it.
-
-    An operator of another version may have written it: a field the model does not know is ignored,
-    and one it cannot read is left out, so the view shows the rest. An empty object reads as absent.
-    """
-    from pydantic import ValidationError
-
-    data = {k: v for k, v in raw.items() if v is not None and v != {}} if isinstance(raw, dict) else {}
-    while True:
-        try:
-            return model.model_validate(data, extra="ignore")
-        except ValidationError as exc:
-            bad = {e["loc"][0] for e in exc.errors() if e["loc"]} & data.keys()
-            if not bad:
-                return model()
-            data = {k: v for k, v in data.items() if k not in bad}
-
-
 def parse(obj: Obj) -> Resource:
     """An object from the API server, its status typed."""
     from .api import KINDS
@@ -84,7 +65,7 @@ def parse(obj: Obj) -> Resource:
 
     kind = str(obj.get("kind", "?"))
     model = next((k.status for k in KINDS if k.name == kind), BaseStatus)
-    return Resource(kind, obj.get("metadata") or {}, obj.get("spec") or {}, parse_status(model, obj.get("status")))
+    return Resource(kind, obj.get("metadata") or {}, obj.get("spec") or {}, model.from_stored(obj.get("status")))
 
 
 # --- health -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pgscale.api.databaseprofile import DatabaseProfileStatus
 from pgscale.api.filemigration import FileMigrationStatus
 from pgscale.api.partitionpolicy import PartitionPolicyStatus
 from pgscale.api.retentionpolicy import RetentionPolicyStatus
-from pgscale.statusview import build, health, parse, parse_status, render_json, render_text
+from pgscale.statusview import build, health, parse, render_json, render_text
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 CREATED = "2025-03-01T10:00:00Z"
@@ -129,15 +129,15 @@ def test_a_status_is_read_by_its_kinds_model() -> None:
 
 def test_another_versions_status_still_reads() -> None:
     """What an operator of another version wrote: unknown fields are ignored, unreadable ones left out."""
-    status = parse_status(PartitionPolicyStatus, {
+    status = PartitionPolicyStatus.from_stored({
         "partitionCount": 4, "partitioned": True, "lastError": "an old field",
         "conversion": {"step": "a-step-of-the-future", "rowsDone": 5},
         "lastMaintenance": {"time": CREATED, "created": ["Task_2025_07"], "newCounter": 3},
     })  # fmt: skip
     assert (status.partition_count, status.partitioned, status.conversion) == (4, True, None)
     assert status.last_maintenance is not None and status.last_maintenance.created == ["Task_2025_07"]
-    assert parse_status(FileMigrationStatus, "not an object") == FileMigrationStatus()
-    assert parse_status(FileMigrationStatus, {"phase": None, "rowsTotal": 3}).rows_total == 3
+    assert FileMigrationStatus.from_stored("not an object") == FileMigrationStatus()
+    assert FileMigrationStatus.from_stored({"phase": None, "rowsTotal": 3}).rows_total == 3
 
 
 def test_what_the_controllers_write_is_what_the_view_reads() -> None:
@@ -176,66 +176,66 @@ def test_file_migration_progress() -> None:
     status = {"phase": "Copying", "progress": "45.0%", "rowsTotal": 1000, "rowsMigrated": 450, "rowsFailed": 3,
               "rowsPerSecond": 12.0, "bytesPerSecond": 1.5 * 2**20, "etaSeconds": 46, "bytesMigrated": 5 * 2**20,
               "jobName": "files-to-s3-copy-1"}  # fmt: skip
-    fm = parse_status(FileMigrationStatus, status)
+    fm = FileMigrationStatus.from_stored(status)
     assert statusview.files_progress(fm) == (
         "Copying 45.0% (450/1,000 rows, 3 failed), 12.0 rows/s, 1.5 MiB/s, ETA 46s"
     )
     wide = statusview.files_progress(fm, wide=True)
     assert wide.endswith("5.0 MiB written, Job files-to-s3-copy-1")
-    done = parse_status(FileMigrationStatus, {"phase": "Completed", "progress": "100.0%", "rowsTotal": 2,
+    done = FileMigrationStatus.from_stored({"phase": "Completed", "progress": "100.0%", "rowsTotal": 2,
                                               "rowsMigrated": 2, "rowsPerSecond": 3.0})  # fmt: skip
     assert statusview.files_progress(done) == "Completed 100.0% (2/2 rows)"
-    assert statusview.files_progress(parse_status(FileMigrationStatus, None)) == "-"
+    assert statusview.files_progress(FileMigrationStatus.from_stored(None)) == "-"
 
 
 def test_retention_progress() -> None:
     running = {"lastRun": {"outcome": "Running", "rowsArchived": 1200, "rowsTotal": 4800, "rowsPerSecond": 400.0,
                            "etaSeconds": 9}}  # fmt: skip
-    rp = parse_status(RetentionPolicyStatus, running)
+    rp = RetentionPolicyStatus.from_stored(running)
     assert statusview.retention_progress(rp) == "running, 25.0%, 1,200/4,800 rows, 400 rows/s, ETA 9s"
     last = {
         "lastRun": {"outcome": "Succeeded", "rowsArchived": 1200, "durationSeconds": 3.2, "rowsPerSecond": 375.0},
         "nextRunTime": "2025-04-01T02:00:00Z",
         "totals": {"runs": 3, "rowsArchived": 5000, "rowsDeleted": 0},
     }
-    rp = parse_status(RetentionPolicyStatus, last)
+    rp = RetentionPolicyStatus.from_stored(last)
     assert statusview.retention_progress(rp) == "last run Succeeded: 1,200 archived in 3s 375 rows/s"
     assert statusview.retention_progress(rp, wide=True).endswith(
         "; next 2025-04-01T02:00:00Z; total 3 runs, 5,000 archived, 0 deleted"
     )
-    dry = parse_status(RetentionPolicyStatus, {"lastRun": {"outcome": "DryRun", "rowsMatched": 42}})
+    dry = RetentionPolicyStatus.from_stored({"lastRun": {"outcome": "DryRun", "rowsMatched": 42}})
     assert statusview.retention_progress(dry) == "last run DryRun: 42 rows would move"
-    assert statusview.retention_progress(parse_status(RetentionPolicyStatus, {})) == "no run yet"
-    assert statusview.retention_progress(parse_status(RetentionPolicyStatus, {"lastRun": {}})) == "no run yet"
+    assert statusview.retention_progress(RetentionPolicyStatus.from_stored({})) == "no run yet"
+    assert statusview.retention_progress(RetentionPolicyStatus.from_stored({"lastRun": {}})) == "no run yet"
 
 
 def test_partition_progress() -> None:
     converting = {"partitioned": False, "conversion": {"step": "prepared", "rowsTotal": 10000, "rowsDone": 2500,
                                                        "rowsPerSecond": 500.0, "etaSeconds": 15,
                                                        "longestLockMs": 120}}  # fmt: skip
-    pp = parse_status(PartitionPolicyStatus, converting)
+    pp = PartitionPolicyStatus.from_stored(converting)
     assert statusview.partition_progress(pp) == "converting: prepared, 25.0%, 2,500/10,000 rows, 500 rows/s, ETA 15s"
     assert statusview.partition_progress(pp, wide=True).endswith("ETA 15s, longest lock 120 ms")
     kept = {"partitioned": True, "partitionCount": 17, "nextMaintenanceTime": "2025-03-01T13:00:00Z",
             "lastMaintenance": {"time": "2025-03-01T12:00:00Z", "created": ["Task_2025_07"], "detached": [],
                                 "dropped": [], "rowsMovedFromDefault": 5}}  # fmt: skip
-    pp = parse_status(PartitionPolicyStatus, kept)
+    pp = PartitionPolicyStatus.from_stored(kept)
     assert statusview.partition_progress(pp) == "17 partitions"
     assert statusview.partition_progress(pp, wide=True) == (
         "17 partitions; last maintenance 2025-03-01T12:00:00Z: created 1, 5 rows moved from DEFAULT; "
         "next 2025-03-01T13:00:00Z"
     )
-    assert statusview.partition_progress(parse_status(PartitionPolicyStatus, {"partitioned": False})) == (
+    assert statusview.partition_progress(PartitionPolicyStatus.from_stored({"partitioned": False})) == (
         "not partitioned"
     )
     converted = {"partitioned": True, "partitionCount": 6, "conversion": {"step": "done", "rowsDone": 1200}}
-    pp = parse_status(PartitionPolicyStatus, converted)
+    pp = PartitionPolicyStatus.from_stored(converted)
     assert statusview.partition_progress(pp) == "6 partitions"
     assert statusview.partition_progress(pp, wide=True) == "6 partitions; converted with 1,200 rows"
 
 
 def summary(p: dict[str, Any]) -> dict[str, str]:
-    return dict(statusview.profile_summary(p["spec"], parse_status(DatabaseProfileStatus, p["status"])))
+    return dict(statusview.profile_summary(p["spec"], DatabaseProfileStatus.from_stored(p["status"])))
 
 
 def test_profile_summary() -> None:

@@ -171,7 +171,7 @@ class DatabaseProfileController:
         me = claim(obj, system_id, desired)
         others = []
         for other in ctx.kube.list_watched(self.kind, ctx.config.namespaces):
-            other_id = (other.get("status") or {}).get("systemIdentifier")
+            other_id = Status.from_stored(other.get("status")).system_identifier
             if not other_id or other["metadata"].get("deletionTimestamp"):
                 continue
             try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import pg
 from ..api import FILE_MIGRATION
+from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.filemigration import FailedRow, FileMigrationSpec, MigrationPhase
 from ..api.filemigration import FileMigrationStatus as Status
 from ..checks import TEXT_TYPES, require_column, require_table
@@ -164,7 +165,7 @@ class FileMigrationController:
         obj: dict[str, Any],
         ref: ObjectRef,
         spec: FileMigrationSpec,
-        profile: Any,
+        profile: DatabaseProfileSpec,
         status: StatusWriter,
     ) -> tuple[str, list[Event]]:
         """One Job per generation; another when the last one finished with work left."""

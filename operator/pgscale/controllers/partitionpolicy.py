@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from .. import conditions as cond
 from .. import pg
 from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.common import default_of
+from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.partitionpolicy import MaintenanceRun, PartitionPolicySpec, ProgressStatus
 from ..api.partitionpolicy import PartitionPolicyStatus as Status
 from ..api.retentionpolicy import RetentionPolicySpec
@@ -184,7 +187,7 @@ class PartitionPolicyController:
         return Result("Maintained", message, requeue_after=interval, events=events)
 
     def _cron_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: Any
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: DatabaseProfileSpec
     ) -> None:
         """The optional CronJob running `pgscale job partition-maintenance` (removed when not asked for)."""
         maintenance = spec.maintenance_or_default
@@ -226,7 +229,12 @@ class PartitionPolicyController:
         )
 
     def _release_if_untouched(
-        self, ctx: Context, obj: dict[str, Any], conn: Any, state_schema: str, spec: PartitionPolicySpec
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        conn: psycopg.Connection,
+        state_schema: str,
+        spec: PartitionPolicySpec,
     ) -> None:
         """A conversion refused before its first step changed nothing: no finalizer to strand a namespace."""
         try:
