@@ -155,3 +155,18 @@ def test_the_conversion_step_is_one_of_the_state_rows_phases() -> None:
         ProgressStatus(step="copying")
     with pytest.raises(ValidationError):
         PartitionPolicyStatus.model_validate({"conversion": {"step": "Copying"}})
+
+
+def test_conditions_set_again_as_they_are_send_nothing() -> None:
+    from pgscale import conditions as cond
+
+    stored = {"type": "Ready", "status": "True", "reason": "Connected", "message": "ok", "observedGeneration": 2}
+    stored["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    status, kube = writer(status={"observedGeneration": 2, "conditions": [stored]})
+    assert status.observed_generation == 2 and status.conditions[0].reason == "Connected"
+    status.conditions = cond.ready(status.conditions, "Connected", "ok", 2)
+    status.flush()
+    assert kube.patches == []
+    status.conditions = cond.stalled(status.conditions, "SecretNotFound", "gone", 2)
+    status.flush()
+    assert [c["type"] for c in kube.patches[0]["conditions"]] == ["Ready", "Stalled"]

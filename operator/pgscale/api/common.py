@@ -84,6 +84,11 @@ def default_of(model: type[BaseModel], field: str) -> Any:
     return model.model_fields[field].default
 
 
+def wire_name(model: type[BaseModel], field: str) -> str:
+    """A field's name on the wire (camelCase), as its model declares it."""
+    return model.model_fields[field].alias or field
+
+
 class Model(BaseModel):
     """Base of every API type: camelCase on the wire, unknown fields refused."""
 

@@ -124,7 +124,7 @@ class DatabaseProfileController:
                 )
         if report.reset:
             events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
-        previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
+        previous_restart = cond.get(status.conditions, RESTART_REQUIRED)
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
         status.conditions = cond.flag(
             status.conditions,
@@ -134,7 +134,7 @@ class DatabaseProfileController:
             restart_message,
             status.generation,
         )
-        if report.pending_restart and previous_restart.get("message") != restart_message:
+        if report.pending_restart and (previous_restart is None or previous_restart.message != restart_message):
             events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
         status.conditions = cond.flag(

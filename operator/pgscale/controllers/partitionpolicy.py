@@ -131,7 +131,7 @@ class PartitionPolicyController:
                 status.update(Status(partitioned=True))
                 return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
             report_m = maintain(conn, spec, datetime.now(UTC))
-            before = [c for c in status.conditions if c.get("status") == "True"]
+            before = [c for c in status.conditions if c.status == "True"]
         if report_m.busy:
             return Result(
                 "Maintained",
@@ -179,7 +179,7 @@ class PartitionPolicyController:
             "spec.children does it), or drop the foreign key",
             status.generation,
         )
-        if report_m.kept and not any(c.get("type") == RETENTION_BLOCKED for c in before):
+        if report_m.kept and not any(c.type == RETENTION_BLOCKED for c in before):
             events.append(Event("PartitionsKept", "; ".join(report_m.kept)[:1000], warning=True))
         message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
         if report_m.skipped:
