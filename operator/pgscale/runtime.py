@@ -275,8 +275,12 @@ class Runtime:
                 outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
             except Exception as exc:  # the scaffold catches reconcile errors; this is I/O around it
                 if unreachable(exc):  # an API server outage: one line per retry, not a traceback
-                    log.warning("worker %d: %s: Kubernetes API unreachable (%s); retried with backoff",
-                                index, "/".join(key), describe(exc))  # fmt: skip
+                    log.warning(
+                        "worker %d: %s: Kubernetes API unreachable (%s); retried with backoff",
+                        index,
+                        "/".join(key),
+                        describe(exc),
+                    )
                 else:
                     log.exception("worker %d: %s failed", index, "/".join(key))
                 outcome = Outcome(10.0, failed=True)

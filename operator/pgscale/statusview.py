@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -167,7 +167,7 @@ def _percent(done: float | None, total: float | None) -> str | None:
     return f"{100.0 * done / total:.1f}%"
 
 
-def _join(parts: Iterable[str | None], sep: str = ", ") -> str:
+def _join(*parts: str | None, sep: str = ", ") -> str:
     return sep.join(p for p in parts if p)
 
 
@@ -188,7 +188,7 @@ def profile_progress(status: DatabaseProfileStatus) -> str:
     """The server and its size: what a profile row says in one cell."""
     version = status.server_version
     size = status.capacity.database_size if status.capacity else None
-    return _join([f"PostgreSQL {version}" if version else None, size]) or "-"
+    return _join(f"PostgreSQL {version}" if version else None, size) or "-"
 
 
 def partition_progress(status: PartitionPolicyStatus, wide: bool = False) -> str:
@@ -198,14 +198,14 @@ def partition_progress(status: PartitionPolicyStatus, wide: bool = False) -> str
         done, total = conv.rows_done, conv.rows_total
         rows = f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows"
         lock = conv.longest_lock_ms
-        text = _join([
+        text = _join(
             f"converting: {conv.step}" if conv.step else "converting",
             _percent(done, total),
             rows if done is not None else None,
             human_rate(conv.rows_per_second, "rows") if conv.rows_per_second is not None else None,
             f"ETA {human_duration(conv.eta_seconds)}" if conv.eta_seconds is not None else None,
             f"longest lock {lock} ms" if wide and lock is not None else None,
-        ])  # fmt: skip
+        )
     elif status.partitioned is True:
         count = status.partition_count
         text = f"{count} partitions" if count is not None else "partitioned"
@@ -218,13 +218,17 @@ def partition_progress(status: PartitionPolicyStatus, wide: bool = False) -> str
             text += f"; converted with {human_count(conv.rows_done)} rows"
         last = status.last_maintenance
         if last is not None:
-            changes = _join([
-                f"created {len(last.created)}" if last.created else None,
-                f"detached {len(last.detached)}" if last.detached else None,
-                f"dropped {len(last.dropped)}" if last.dropped else None,
-                f"{human_count(last.rows_moved_from_default)} rows moved from DEFAULT"
-                if last.rows_moved_from_default else None,
-            ]) or "no changes"  # fmt: skip
+            changes = (
+                _join(
+                    f"created {len(last.created)}" if last.created else None,
+                    f"detached {len(last.detached)}" if last.detached else None,
+                    f"dropped {len(last.dropped)}" if last.dropped else None,
+                    f"{human_count(last.rows_moved_from_default)} rows moved from DEFAULT"
+                    if last.rows_moved_from_default
+                    else None,
+                )
+                or "no changes"
+            )
             text += f"; last maintenance {last.time}: {changes}"
         if status.next_maintenance_time:
             text += f"; next {status.next_maintenance_time}"
@@ -238,25 +242,29 @@ def retention_progress(status: RetentionPolicyStatus, wide: bool = False) -> str
         text = "no run yet"
     elif run.outcome == "Running":
         done, total = run.rows_archived + run.rows_deleted, run.rows_total
-        text = _join([
+        text = _join(
             "running",
             _percent(done, total),
             f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows",
             human_rate(run.rows_per_second, "rows") if run.rows_per_second is not None else None,
             f"ETA {human_duration(run.eta_seconds)}" if run.eta_seconds is not None else None,
-        ])  # fmt: skip
+        )
     elif run.outcome == "DryRun":
         text = f"last run DryRun: {human_count(run.rows_matched or 0)} rows would move"
     else:
-        moved = _join([
-            f"{human_count(run.rows_archived)} archived" if run.rows_archived else None,
-            f"{human_count(run.rows_deleted)} deleted" if run.rows_deleted else None,
-        ]) or "0 rows"  # fmt: skip
-        text = _join([
+        moved = (
+            _join(
+                f"{human_count(run.rows_archived)} archived" if run.rows_archived else None,
+                f"{human_count(run.rows_deleted)} deleted" if run.rows_deleted else None,
+            )
+            or "0 rows"
+        )
+        text = _join(
             f"last run {run.outcome or 'unknown'}: {moved}",
             f"in {human_duration(run.duration_seconds)}" if run.duration_seconds is not None else None,
             human_rate(run.rows_per_second, "rows") if run.rows_per_second is not None else None,
-        ], " ")  # fmt: skip
+            sep=" ",
+        )
     if wide:
         if status.next_run_time:
             text += f"; next {status.next_run_time}"
@@ -281,20 +289,20 @@ def files_progress(status: FileMigrationStatus, wide: bool = False) -> str:
         if status.rows_failed:
             counts += f", {human_count(status.rows_failed)} failed"
     running = phase != "Completed"
-    text = _join([f"{phase} {status.progress}" if status.progress else phase, f"({counts})" if counts else None], " ")
-    text = _join([
+    text = _join(f"{phase} {status.progress}" if status.progress else phase, f"({counts})" if counts else None, sep=" ")
+    text = _join(
         text,
         human_rate(status.rows_per_second, "rows") if running and status.rows_per_second else None,
         f"{human_bytes(status.bytes_per_second)}/s" if running and status.bytes_per_second else None,
         f"ETA {human_duration(status.eta_seconds)}" if status.eta_seconds is not None else None,
-    ])  # fmt: skip
+    )
     if wide:
-        text = _join([
+        text = _join(
             text,
             f"{human_bytes(status.bytes_migrated)} written" if status.bytes_migrated is not None else None,
             f"{human_bytes(status.reclaimable_bytes)} reclaimable" if status.reclaimable_bytes else None,
             f"Job {status.job_name}" if status.job_name else None,
-        ])  # fmt: skip
+        )
     return text
 
 
@@ -328,13 +336,13 @@ def database(profile: Resource, secrets: Secrets) -> str:
 
     raw = profile.spec.get("connection") or {}
     secret_name = (raw.get("secretRef") or {}).get("name", "?")
-    overrides = _join([f"{k} {raw[k]}" for k in ("host", "port", "dbname") if raw.get(k) is not None])
+    overrides = _join(*(f"{k} {raw[k]}" for k in ("host", "port", "dbname") if raw.get(k) is not None))
     key = (profile.meta.get("namespace", ""), secret_name)
     if key not in secrets:
-        return _join([f"through Secret {secret_name} (not readable)", overrides])
+        return _join(f"through Secret {secret_name} (not readable)", overrides)
     secret = secrets[key]
     if secret is None:
-        return _join([f"Secret {secret_name} not found", overrides])
+        return _join(f"Secret {secret_name} not found", overrides)
     try:
         info = resolve(ConnectionSpec.model_validate(raw), secret, secret_name)
     except (ReconcileError, ValueError) as exc:
@@ -380,13 +388,14 @@ def profile_summary(spec: Obj, status: DatabaseProfileStatus) -> list[tuple[str,
     cap = status.capacity
     if cap is not None and cap.database_bytes is not None:
         growth, months = cap.growth_bytes_per_month, cap.horizon_months
-        capacity = _join([
+        capacity = _join(
             cap.database_size or human_bytes(cap.database_bytes),
             f"growing {human_bytes(growth)}/month" if growth is not None else "growth known after a day of samples",
             f"{human_bytes(cap.projected_bytes)} in {months if months is not None else '?'} months"
-            if cap.projected_bytes is not None else None,
+            if cap.projected_bytes is not None
+            else None,
             f"tier {cap.recommended_tier} advised" if cap.recommended_tier else None,
-        ])  # fmt: skip
+        )
     else:
         capacity = "no sample yet"
 

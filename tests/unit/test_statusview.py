@@ -21,12 +21,19 @@ CREATED = "2025-03-01T10:00:00Z"
 
 
 def cond(ctype: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": CREATED, "observedGeneration": 1}  # fmt: skip
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": CREATED,
+        "observedGeneration": 1,
+    }
 
 
-def obj(kind: str, name: str, spec: dict[str, Any], status: dict[str, Any] | None, *, ns: str = "shop",
-        generation: int = 1) -> dict[str, Any]:  # fmt: skip
+def obj(
+    kind: str, name: str, spec: dict[str, Any], status: dict[str, Any] | None, *, ns: str = "shop", generation: int = 1
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "apiVersion": "pgscale.io/v1alpha1",
         "kind": kind,
@@ -58,27 +65,31 @@ SECRET = {("shop", "app-db"): {"uri": "postgresql://app:secret@db.shop:5432/shop
 # --- health ------------------------------------------------------------------------------
 
 
+def seen(*conditions: dict[str, Any]) -> dict[str, Any]:
+    """A status of generation 1 with these conditions."""
+    return {"observedGeneration": 1, "conditions": list(conditions)}
+
+
+STALLED_TABLE = seen(cond("Ready", "False", "TableNotFound"), cond("Stalled", "True", "TableNotFound", "spec.table"))
+COPYING = seen(cond("Ready", "False", "Copying"), cond("Reconciling", "True", "Copying", "1/2 rows"))
+SUSPEND = {"suspend": True}
+
+
 @pytest.mark.parametrize(
     ("status", "generation", "spec", "state", "reason"),
     [
         (None, 1, {}, "InProgress", "NotObserved"),
-        ({"observedGeneration": 1, "conditions": READY}, 2, {}, "InProgress", "NotObserved"),
-        ({"observedGeneration": 1, "conditions": READY}, 1, {}, "Current", "Connected"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "TableNotFound"),
-                                                  cond("Stalled", "True", "TableNotFound", "spec.table")]},
-         1, {}, "Failed", "TableNotFound"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "Copying"),
-                                                  cond("Reconciling", "True", "Copying", "1/2 rows")]},
-         1, {}, "InProgress", "Copying"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "Unknown", "Waiting")]}, 1, {}, "InProgress",
-         "Waiting"),
-        ({"observedGeneration": 1, "conditions": []}, 1, {}, "InProgress", "NoReadyCondition"),
+        (seen(*READY), 2, {}, "InProgress", "NotObserved"),
+        (seen(*READY), 1, {}, "Current", "Connected"),
+        (STALLED_TABLE, 1, {}, "Failed", "TableNotFound"),
+        (COPYING, 1, {}, "InProgress", "Copying"),
+        (seen(cond("Ready", "Unknown", "Waiting")), 1, {}, "InProgress", "Waiting"),
+        (seen(), 1, {}, "InProgress", "NoReadyCondition"),
         # Suspended wins over Ready and Reconciling, not over Stalled.
-        ({"observedGeneration": 1, "conditions": READY}, 1, {"suspend": True}, "Suspended", "Suspended"),
-        ({"observedGeneration": 1, "conditions": [cond("Stalled", "True", "SecretNotFound")]}, 1, {"suspend": True},
-         "Failed", "SecretNotFound"),
+        (seen(*READY), 1, SUSPEND, "Suspended", "Suspended"),
+        (seen(cond("Stalled", "True", "SecretNotFound")), 1, SUSPEND, "Failed", "SecretNotFound"),
     ],
-)  # fmt: skip
+)
 def test_health(status: Any, generation: int, spec: dict[str, Any], state: str, reason: str) -> None:
     h = health(parse(obj("RetentionPolicy", "p", spec, status, generation=generation)))
     assert (h.state, h.reason) == (state, reason)
@@ -97,9 +108,8 @@ def test_terminating() -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 2**20, "12.0 MiB"), (3 * 2**40, "3.0 TiB"),
-     (None, "-")],
-)  # fmt: skip
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 2**20, "12.0 MiB"), (3 * 2**40, "3.0 TiB"), (None, "-")],
+)
 def test_human_bytes(value: Any, text: str) -> None:
     assert statusview.human_bytes(value) == text
 
@@ -129,11 +139,15 @@ def test_a_status_is_read_by_its_kinds_model() -> None:
 
 def test_another_versions_status_still_reads() -> None:
     """What an operator of another version wrote: unknown fields are ignored, unreadable ones left out."""
-    status = PartitionPolicyStatus.from_stored({
-        "partitionCount": 4, "partitioned": True, "lastError": "an old field",
-        "conversion": {"step": "a-step-of-the-future", "rowsDone": 5},
-        "lastMaintenance": {"time": CREATED, "created": ["Task_2025_07"], "newCounter": 3},
-    })  # fmt: skip
+    status = PartitionPolicyStatus.from_stored(
+        {
+            "partitionCount": 4,
+            "partitioned": True,
+            "lastError": "an old field",
+            "conversion": {"step": "a-step-of-the-future", "rowsDone": 5},
+            "lastMaintenance": {"time": CREATED, "created": ["Task_2025_07"], "newCounter": 3},
+        }
+    )
     assert (status.partition_count, status.partitioned, status.conversion) == (4, True, None)
     assert status.last_maintenance is not None and status.last_maintenance.created == ["Task_2025_07"]
     assert FileMigrationStatus.from_stored("not an object") == FileMigrationStatus()
@@ -173,24 +187,41 @@ def test_what_the_controllers_write_is_what_the_view_reads() -> None:
 
 
 def test_file_migration_progress() -> None:
-    status = {"phase": "Copying", "progress": "45.0%", "rowsTotal": 1000, "rowsMigrated": 450, "rowsFailed": 3,
-              "rowsPerSecond": 12.0, "bytesPerSecond": 1.5 * 2**20, "etaSeconds": 46, "bytesMigrated": 5 * 2**20,
-              "jobName": "files-to-s3-copy-1"}  # fmt: skip
+    status = {
+        "phase": "Copying",
+        "progress": "45.0%",
+        "rowsTotal": 1000,
+        "rowsMigrated": 450,
+        "rowsFailed": 3,
+        "rowsPerSecond": 12.0,
+        "bytesPerSecond": 1.5 * 2**20,
+        "etaSeconds": 46,
+        "bytesMigrated": 5 * 2**20,
+        "jobName": "files-to-s3-copy-1",
+    }
     fm = FileMigrationStatus.from_stored(status)
     assert statusview.files_progress(fm) == (
         "Copying 45.0% (450/1,000 rows, 3 failed), 12.0 rows/s, 1.5 MiB/s, ETA 46s"
     )
     wide = statusview.files_progress(fm, wide=True)
     assert wide.endswith("5.0 MiB written, Job files-to-s3-copy-1")
-    done = FileMigrationStatus.from_stored({"phase": "Completed", "progress": "100.0%", "rowsTotal": 2,
-                                              "rowsMigrated": 2, "rowsPerSecond": 3.0})  # fmt: skip
+    done = FileMigrationStatus.from_stored(
+        {"phase": "Completed", "progress": "100.0%", "rowsTotal": 2, "rowsMigrated": 2, "rowsPerSecond": 3.0}
+    )
     assert statusview.files_progress(done) == "Completed 100.0% (2/2 rows)"
     assert statusview.files_progress(FileMigrationStatus.from_stored(None)) == "-"
 
 
 def test_retention_progress() -> None:
-    running = {"lastRun": {"outcome": "Running", "rowsArchived": 1200, "rowsTotal": 4800, "rowsPerSecond": 400.0,
-                           "etaSeconds": 9}}  # fmt: skip
+    running = {
+        "lastRun": {
+            "outcome": "Running",
+            "rowsArchived": 1200,
+            "rowsTotal": 4800,
+            "rowsPerSecond": 400.0,
+            "etaSeconds": 9,
+        }
+    }
     rp = RetentionPolicyStatus.from_stored(running)
     assert statusview.retention_progress(rp) == "running, 25.0%, 1,200/4,800 rows, 400 rows/s, ETA 9s"
     last = {
@@ -210,15 +241,32 @@ def test_retention_progress() -> None:
 
 
 def test_partition_progress() -> None:
-    converting = {"partitioned": False, "conversion": {"step": "prepared", "rowsTotal": 10000, "rowsDone": 2500,
-                                                       "rowsPerSecond": 500.0, "etaSeconds": 15,
-                                                       "longestLockMs": 120}}  # fmt: skip
+    converting = {
+        "partitioned": False,
+        "conversion": {
+            "step": "prepared",
+            "rowsTotal": 10000,
+            "rowsDone": 2500,
+            "rowsPerSecond": 500.0,
+            "etaSeconds": 15,
+            "longestLockMs": 120,
+        },
+    }
     pp = PartitionPolicyStatus.from_stored(converting)
     assert statusview.partition_progress(pp) == "converting: prepared, 25.0%, 2,500/10,000 rows, 500 rows/s, ETA 15s"
     assert statusview.partition_progress(pp, wide=True).endswith("ETA 15s, longest lock 120 ms")
-    kept = {"partitioned": True, "partitionCount": 17, "nextMaintenanceTime": "2025-03-01T13:00:00Z",
-            "lastMaintenance": {"time": "2025-03-01T12:00:00Z", "created": ["Task_2025_07"], "detached": [],
-                                "dropped": [], "rowsMovedFromDefault": 5}}  # fmt: skip
+    kept = {
+        "partitioned": True,
+        "partitionCount": 17,
+        "nextMaintenanceTime": "2025-03-01T13:00:00Z",
+        "lastMaintenance": {
+            "time": "2025-03-01T12:00:00Z",
+            "created": ["Task_2025_07"],
+            "detached": [],
+            "dropped": [],
+            "rowsMovedFromDefault": 5,
+        },
+    }
     pp = PartitionPolicyStatus.from_stored(kept)
     assert statusview.partition_progress(pp) == "17 partitions"
     assert statusview.partition_progress(pp, wide=True) == (
@@ -241,16 +289,26 @@ def summary(p: dict[str, Any]) -> dict[str, str]:
 def test_profile_summary() -> None:
     p = profile(
         serverVersion="15.8",
-        parameters=[{"name": "work_mem", "desired": "4MB", "source": "parameters"},
-                    {"name": "shared_buffers", "desired": "256MB", "source": "parameters", "pendingRestart": True}],
+        parameters=[
+            {"name": "work_mem", "desired": "4MB", "source": "parameters"},
+            {"name": "shared_buffers", "desired": "256MB", "source": "parameters", "pendingRestart": True},
+        ],
         pendingRestart=["shared_buffers"],
         pooler={"service": "app-pooler", "readOnlyService": "app-pooler-ro", "instances": 2, "configHash": "x"},
-        replicas=[{"name": "app-replica-0", "slot": "s0", "active": True, "lagBytes": 2048, "lagSeconds": 0.25},
-                  {"name": "app-replica-1", "slot": "s1", "active": False}],
-        capacity={"databaseBytes": 7 * 2**30, "databaseSize": "7 GB", "growthBytesPerMonth": 2**30,
-                  "projectedBytes": 19 * 2**30, "horizonMonths": 12, "recommendedTier": "production"},
+        replicas=[
+            {"name": "app-replica-0", "slot": "s0", "active": True, "lagBytes": 2048, "lagSeconds": 0.25},
+            {"name": "app-replica-1", "slot": "s1", "active": False},
+        ],
+        capacity={
+            "databaseBytes": 7 * 2**30,
+            "databaseSize": "7 GB",
+            "growthBytesPerMonth": 2**30,
+            "projectedBytes": 19 * 2**30,
+            "horizonMonths": 12,
+            "recommendedTier": "production",
+        },
         alerts=[{"name": "ConnectionUtilization", "value": 91.5, "threshold": 80, "since": CREATED}],
-    )  # fmt: skip
+    )
     p["spec"] |= {"pooling": {"poolMode": "session"}, "readReplicas": {"instances": 2}}
     assert summary(p) == {
         "settings": "2 managed (from parameters), 1 pending restart: shared_buffers",
@@ -260,8 +318,13 @@ def test_profile_summary() -> None:
         "alerts": f"ConnectionUtilization 91.5 > 80 since {CREATED}",
     }
     bare = summary(profile())
-    assert bare == {"settings": "0 managed, none pending restart", "pooler": "off", "replicas": "none",
-                    "capacity": "no sample yet", "alerts": "none"}  # fmt: skip
+    assert bare == {
+        "settings": "0 managed, none pending restart",
+        "pooler": "off",
+        "replicas": "none",
+        "capacity": "no sample yet",
+        "alerts": "none",
+    }
     asked = profile()
     asked["spec"]["readReplicas"] = {"storage": {"size": "1Gi"}}  # instances: the model's default
     assert summary(asked)["replicas"] == "0/1 streaming"
@@ -287,22 +350,44 @@ def test_database_never_shows_the_password() -> None:
 
 
 def sample() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    profiles = [profile(serverVersion="15.8", capacity={"databaseBytes": 8 * 2**20, "databaseSize": "8 MB"}),
-                profile("reports")]  # fmt: skip
+    profiles = [
+        profile(serverVersion="15.8", capacity={"databaseBytes": 8 * 2**20, "databaseSize": "8 MB"}),
+        profile("reports"),
+    ]
     stalled = [
         cond("Ready", "False", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
         cond("Stalled", "True", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
     ]
     children = [
-        child("FileMigration", "files-to-s3", {"observedGeneration": 1, "phase": "Copying", "progress": "50.0%",
-              "rowsTotal": 10, "rowsMigrated": 5, "conditions": [cond("Ready", "False", "Copying", "Copying: 5/10"),
-              cond("Reconciling", "True", "Copying", "Copying: 5/10")]}),
-        child("RetentionPolicy", "archive", {"observedGeneration": 1, "conditions": [
-              cond("Ready", "True", "Scheduled", "next run 2025-04-01T02:00:00Z"),
-              cond("LastRunSucceeded", "True", "Succeeded")]}),
+        child(
+            "FileMigration",
+            "files-to-s3",
+            {
+                "observedGeneration": 1,
+                "phase": "Copying",
+                "progress": "50.0%",
+                "rowsTotal": 10,
+                "rowsMigrated": 5,
+                "conditions": [
+                    cond("Ready", "False", "Copying", "Copying: 5/10"),
+                    cond("Reconciling", "True", "Copying", "Copying: 5/10"),
+                ],
+            },
+        ),
+        child(
+            "RetentionPolicy",
+            "archive",
+            {
+                "observedGeneration": 1,
+                "conditions": [
+                    cond("Ready", "True", "Scheduled", "next run 2025-04-01T02:00:00Z"),
+                    cond("LastRunSucceeded", "True", "Succeeded"),
+                ],
+            },
+        ),
         child("PartitionPolicy", "by-month", {"observedGeneration": 1, "conditions": stalled}),
         child("RetentionPolicy", "lost", None, profile_name="gone"),
-    ]  # fmt: skip
+    ]
     return profiles, children
 
 
@@ -359,8 +444,19 @@ def test_render_wide_adds_table_generation_conditions_age() -> None:
     profiles, children = sample()
     text = render_text(build(profiles, children, SECRET, now=NOW, wide=True), wide=True)
     header = next(line for line in text.splitlines() if "KIND" in line)
-    assert header.split() == ["KIND", "NAME", "READY", "STATE", "REASON", "PROGRESS", "TABLE", "GEN", "CONDITIONS",
-                              "AGE", "MESSAGE"]  # fmt: skip
+    assert header.split() == [
+        "KIND",
+        "NAME",
+        "READY",
+        "STATE",
+        "REASON",
+        "PROGRESS",
+        "TABLE",
+        "GEN",
+        "CONDITIONS",
+        "AGE",
+        "MESSAGE",
+    ]
     archive = next(line for line in text.splitlines() if " archive " in line)
     assert "public.Task" in archive and "1/1" in archive and "LastRunSucceeded=True" in archive and "2h" in archive
 

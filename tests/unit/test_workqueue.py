@@ -127,8 +127,11 @@ def test_a_new_profile_wakes_the_policies_waiting_for_it() -> None:
 
         async def event(plural: str, name: str, spec: dict[str, Any]) -> None:
             raw = cast("kopf.RawBody", {"metadata": {"namespace": "ns", "name": name, "generation": 1}, "spec": spec})
-            await runtime.on_event(event={"type": "ADDED", "object": raw}, body=kopf.Body(raw),
-                                   resource=kopf.Resource("pgscale.io", "v1alpha1", plural))  # fmt: skip
+            await runtime.on_event(
+                event={"type": "ADDED", "object": raw},
+                body=kopf.Body(raw),
+                resource=kopf.Resource("pgscale.io", "v1alpha1", plural),
+            )
 
         await event("partitionpolicies", "pp", {"profileRef": {"name": "app"}})
         await event("retentionpolicies", "other", {"profileRef": {"name": "elsewhere"}})

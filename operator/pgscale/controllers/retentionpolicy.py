@@ -137,11 +137,14 @@ class RetentionPolicyController:
                 status.update(Status(cron_job_name=name, pg_cron_job_id=None))
                 where = f"CronJob {name}"
         status.conditions = cond.flag(
-            status.conditions, CONFLICT, bool(owner), "PartitionsOwnedElsewhere",
+            status.conditions,
+            CONFLICT,
+            bool(owner),
+            "PartitionsOwnedElsewhere",
             f"PartitionPolicy {owner!r} manages retention of the partitions of {spec.table.qualified()}; "
             "this policy archives row by row only. Remove one of the two retention settings",
             status.generation,
-        )  # fmt: skip
+        )
         next_time = None if spec.suspend else _ts(due)
         status.update(Status(next_run_time=next_time))
         running = self._report_runs(runs, status, events)
@@ -155,9 +158,14 @@ class RetentionPolicyController:
         return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)
 
     def _apply_cron_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: RetentionPolicySpec,
-        profile: DatabaseProfileSpec, owned_elsewhere: bool,
-    ) -> str:  # fmt: skip
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: RetentionPolicySpec,
+        profile: DatabaseProfileSpec,
+        owned_elsewhere: bool,
+    ) -> str:
         cron = builders.cron_job(
             ref,
             suffix="retention",
@@ -174,9 +182,14 @@ class RetentionPolicyController:
         return str(cron["metadata"]["name"])
 
     def _schedule_pg_cron(
-        self, conn: psycopg.Connection, info: ConnInfo, ref: ObjectRef, spec: RetentionPolicySpec,
-        target: sqlr.Target, state_schema: str,
-    ) -> int:  # fmt: skip
+        self,
+        conn: psycopg.Connection,
+        info: ConnInfo,
+        ref: ObjectRef,
+        spec: RetentionPolicySpec,
+        target: sqlr.Target,
+        state_schema: str,
+    ) -> int:
         """Install the procedure and this policy's rendered statements; schedule (or unschedule) the call."""
         cron_db = sqlr.cron_database(conn)
         if cron_db is None:
@@ -188,13 +201,16 @@ class RetentionPolicyController:
         policy = f"{ref.namespace}/{ref.name}"
         sqlr.ensure_procedure(conn, state_schema)
         sqlr.save_config(
-            conn, state_schema, policy, target,
+            conn,
+            state_schema,
+            policy,
+            target,
             dry_run=spec.dry_run,
             lock_timeout=f"{int(seconds(spec.lock_timeout) * 1000)}ms",
             statement_timeout=f"{int(seconds(spec.statement_timeout) * 1000)}ms",
             max_run=f"{int(seconds(spec.max_run_time))} seconds",
             pause=seconds(spec.pause_between_batches),
-        )  # fmt: skip
+        )
         with pg.connect(info.with_database(cron_db)) as cron:
             if not sqlr.has_extension(cron, "pg_cron"):
                 raise DependencyError(
@@ -241,9 +257,13 @@ class RetentionPolicyController:
             return True
         ok = last.outcome in ("Succeeded", "Partial", "DryRun")
         status.conditions = cond.set_condition(
-            status.conditions, LAST_RUN, "True" if ok else "False",
-            f"Run{last.outcome}", last.message or str(last.outcome), status.generation,
-        )  # fmt: skip
+            status.conditions,
+            LAST_RUN,
+            "True" if ok else "False",
+            f"Run{last.outcome}",
+            last.message or str(last.outcome),
+            status.generation,
+        )
         if (seen.start_time, seen.outcome) != (last.start_time, last.outcome):
             events.append(Event(f"Run{last.outcome}", last.message or str(last.outcome), warning=not ok))  # one per run
         return False
