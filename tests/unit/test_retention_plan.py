@@ -14,6 +14,7 @@ from pgscale.kube import ObjectRef
 from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
+from pgscale.pg.retention import RunRow
 from pgscale.retention import TableFacts, check_archive, effect_of, next_batch_size, plan, plan_relationships
 from pgscale.specs import builders
 
@@ -191,8 +192,10 @@ def test_job_env_round_trips_without_api_access() -> None:
 
 def test_run_status_of_a_running_run_has_rate_and_eta() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    row = {
+    row: RunRow = {
+        "id": 1,
         "started_at": now - timedelta(seconds=10),
+        "updated_at": now,
         "ended_at": None,
         "rows_archived": 500,
         "rows_deleted": 0,
@@ -202,6 +205,7 @@ def test_run_status_of_a_running_run_has_rate_and_eta() -> None:
         "message": None,
         "rows_matched": None,
         "rows_total": 1000,
+        "tables": None,
     }
     status = run_status(row, now)
     assert status.rows_per_second == 50.0 and status.eta_seconds == 10 and status.end_time is None
@@ -211,8 +215,10 @@ def test_run_status_shows_the_counts_per_table() -> None:
     from datetime import UTC, datetime
 
     now = datetime(2026, 12, 3, tzinfo=UTC)
-    last = {
+    last: RunRow = {
+        "id": 2,
         "started_at": now,
+        "updated_at": now,
         "ended_at": now,
         "rows_archived": 10,
         "rows_deleted": 0,

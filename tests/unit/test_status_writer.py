@@ -173,3 +173,39 @@ def test_conditions_set_again_as_they_are_send_nothing() -> None:
     status.conditions = cond.stalled(status.conditions, "SecretNotFound", "gone", 2)
     status.flush()
     assert [c["type"] for c in kube.patches[0]["conditions"]] == ["Ready", "Stalled"]
+
+
+def status_wire_names() -> set[str]:
+    """The camelCase wire names of every status field, nested ones included."""
+    from typing import get_args
+
+    from pgscale import api
+
+    names: set[str] = set()
+    seen: set[type[BaseModel]] = set()
+    todo: list[Any] = [kind.status for kind in api.KINDS]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t not in seen:
+                seen.add(t)
+                names |= {info.alias or name for name, info in t.model_fields.items()}
+                todo += [info.annotation for info in t.model_fields.values()]
+        else:
+            todo += get_args(t)
+    return {n for n in names if n != n.lower()}
+
+
+def test_no_status_field_is_read_or_written_by_its_wire_name() -> None:
+    """Outside api/, a status field is reached through its model: `"rowsDone"` in code is a second spelling."""
+    package = CONTROLLERS.parent
+    names = status_wire_names()
+    assert {"rowsDone", "observedGeneration", "systemIdentifier"} <= names
+    found = [
+        f"{path.relative_to(package)}:{node.lineno}: {node.value!r}"
+        for path in sorted(package.rglob("*.py"))
+        if "api" not in path.relative_to(package).parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    ]
+    assert not found, found

@@ -44,7 +44,7 @@ LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
 
 
-def run_status(last: dict[str, Any], now: datetime) -> RunStatus:
+def run_status(last: sqlr.RunRow, now: datetime) -> RunStatus:
     """A run-log row as status.lastRun (pure)."""
     end = last["ended_at"]
     elapsed = ((end or now) - last["started_at"]).total_seconds()
@@ -61,8 +61,9 @@ def run_status(last: dict[str, Any], now: datetime) -> RunStatus:
         message=(last["message"] or "")[:4096],
         rows_per_second=round(rate, 1),
     )
-    if last.get("tables"):
-        status.tables = {str(k): int(v) for k, v in list(last["tables"].items())[:256]}
+    tables = last["tables"]
+    if tables:
+        status.tables = {str(k): int(v) for k, v in list(tables.items())[:256]}
     if last["rows_matched"] is not None:
         status.rows_matched = int(last["rows_matched"])
     if last["rows_total"] is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import psycopg
 from psycopg import sql
@@ -847,11 +847,29 @@ def update_run(conn: psycopg.Connection, state_schema: str, run_id: int, **field
     )
 
 
+class RunRow(TypedDict):
+    """A run-log row, as :func:`summary` reads it."""
+
+    id: int
+    started_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+    outcome: str
+    dry_run: bool
+    rows_total: int | None
+    rows_archived: int
+    rows_deleted: int
+    rows_matched: int | None
+    batches: int
+    message: str | None
+    tables: dict[str, int] | None
+
+
 @dataclass
 class RunSummary:
     """The latest run of a policy and totals over all runs."""
 
-    last: dict[str, Any] | None = None
+    last: RunRow | None = None
     runs: int = 0
     rows_archived: int = 0
     rows_deleted: int = 0
@@ -880,7 +898,7 @@ def summary(conn: psycopg.Connection, state_schema: str, policy: str) -> RunSumm
     ).fetchone()
     assert totals is not None
     return RunSummary(
-        last=dict(zip(names, row, strict=True)) if row else None,
+        last=cast("RunRow", dict(zip(names, row, strict=True))) if row else None,
         runs=int(totals[0]),
         rows_archived=int(totals[1]),
         rows_deleted=int(totals[2]),
