@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Hashable
@@ -20,6 +22,7 @@ from typing import Any
 
 import kopf
 import urllib3
+from kopf._core.engines.peering import Identity  # a NewType of str that kopf does not export
 from kubernetes.client.exceptions import ApiException
 
 from .api import DATABASE_PROFILE, GROUP, VERSION
@@ -330,6 +333,18 @@ def make_registry(ctx: Context, workers: int, elector: LeaderElector | None = No
     return registry
 
 
+def peering_identity(lease: LeaseConfig | None = None) -> str:
+    """Who this process is to kopf: the Lease's identity, else the pod's name or the host's.
+
+    kopf's own default asks getpass.getuser(), which raises KeyError when the uid has no
+    passwd entry: the image runs as 65532 (and OpenShift picks arbitrary uids), so the
+    operator crash-looped in a real pod before it set this.
+    """
+    if lease is not None:
+        return lease.identity
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}"
+
+
 async def run(
     *,
     namespaces: list[str],
@@ -344,6 +359,7 @@ async def run(
     await kopf.operator(
         registry=registry,
         standalone=True,
+        identity=Identity(peering_identity(lease)),
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
