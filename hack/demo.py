@@ -54,9 +54,14 @@ def load_sample(pg: localenv.Postgres) -> None:
                 payload = os.urandom(1024 * (i + 1))
                 cur.execute(
                     'INSERT INTO "File" (id, "fileName", "mimeType", size, data) VALUES (%s, %s, %s, %s, %s)',
-                    (f"file-{i:03d}", f"report-{i}.bin", "application/octet-stream", len(payload),
-                     base64.b64encode(payload).decode()),
-                )  # fmt: skip
+                    (
+                        f"file-{i:03d}",
+                        f"report-{i}.bin",
+                        "application/octet-stream",
+                        len(payload),
+                        base64.b64encode(payload).decode(),
+                    ),
+                )
         sizes = conn.execute(
             """SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class
                WHERE relname IN ('Task', 'Message', 'File') ORDER BY relname"""
@@ -86,13 +91,18 @@ def play_kubelet(kubectl: Any, done: set[str]) -> None:
             continue
         done.add(name)
         container = job["spec"]["template"]["spec"]["containers"][0]
-        names = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
-                 if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+        names = {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
         secrets = {
-            n: {k: base64.b64decode(v).decode() for k, v in json.loads(kubectl("get", "secret", n, "-o", "json"))
-                .get("data", {}).items()}
+            n: {
+                k: base64.b64decode(v).decode()
+                for k, v in json.loads(kubectl("get", "secret", n, "-o", "json")).get("data", {}).items()
+            }
             for n in names
-        }  # fmt: skip
+        }
         exe = str(Path(sys.executable).parent / "pgscale")
         args = [exe, *container.get("command", [])[1:], *container["args"]]
         print(f"running Job {name} here, as its pod would: pgscale {' '.join(container['args'])}", flush=True)
@@ -100,8 +110,9 @@ def play_kubelet(kubectl: Any, done: set[str]) -> None:
         last = (result.stdout.strip().splitlines() or [""])[-1]
         print(f"  exit {result.returncode}: {last[:300]}", flush=True)
         owner = job["metadata"]["ownerReferences"][0]
-        kubectl("annotate", owner["kind"].lower(), owner["name"], f"pgscale.io/reconcile-at={time.time()}",
-                "--overwrite")  # fmt: skip
+        kubectl(
+            "annotate", owner["kind"].lower(), owner["name"], f"pgscale.io/reconcile-at={time.time()}", "--overwrite"
+        )
 
 
 def show_database(pg: localenv.Postgres) -> None:
@@ -129,8 +140,10 @@ def show_database(pg: localenv.Postgres) -> None:
         files = conn.execute(
             """SELECT count(*), count(*) FILTER (WHERE "storageType" = 's3'), min("filePath") FROM "File" """
         ).fetchone()
-        print(f'"File": {files[1]} of {files[0]} rows point at S3 objects (e.g. {files[2]}); '  # type: ignore[index]
-              "the Base64 column is kept until phase: dropSource")  # fmt: skip
+        print(
+            f'"File": {files[1]} of {files[0]} rows point at S3 objects (e.g. {files[2]}); '  # type: ignore[index]
+            "the Base64 column is kept until phase: dropSource"
+        )
 
 
 def main() -> int:
@@ -153,9 +166,14 @@ def main() -> int:
 
         cp.kubectl_run("create", "namespace", NAMESPACE, check=True)
         kubectl("create", "secret", "generic", "app-db", f"--from-literal=uri={pg.uri('app')}")
-        kubectl("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}")  # fmt: skip
+        kubectl(
+            "create",
+            "secret",
+            "generic",
+            "s3-credentials",
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.ACCESS_KEY}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.SECRET_KEY}",
+        )
         say("kubectl apply -f examples/")
         for name in EXAMPLES:
             docs = [d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d]
@@ -170,8 +188,7 @@ def main() -> int:
             deadline = time.monotonic() + 120
             while True:
                 play_kubelet(kubectl, done)
-                result = cp.kubectl_run("-n", NAMESPACE, "wait", "--for=condition=Ready", kind, "--all",
-                                        "--timeout=5s")  # fmt: skip
+                result = cp.kubectl_run("-n", NAMESPACE, "wait", "--for=condition=Ready", kind, "--all", "--timeout=5s")
                 if result.returncode == 0 or time.monotonic() > deadline:
                     print((result.stdout or result.stderr).strip())
                     break
@@ -179,8 +196,9 @@ def main() -> int:
         print(kubectl("get", "pgscale", "-o", "wide"))
         say(f"pgscale status -n {NAMESPACE}")
         exe = str(Path(sys.executable).parent / "pgscale")
-        status = subprocess.run([exe, "status", "-n", NAMESPACE, "--kubeconfig", str(cp.kubeconfig)],
-                                capture_output=True, text=True)  # fmt: skip
+        status = subprocess.run(
+            [exe, "status", "-n", NAMESPACE, "--kubeconfig", str(cp.kubeconfig)], capture_output=True, text=True
+        )
         print((status.stdout or status.stderr).rstrip())
         say("what changed in the database")
         show_database(pg)

@@ -110,15 +110,28 @@ def run(
             report.message = f"{type(exc).__name__}: {str(exc).strip()}"
             log.error("retention run %s failed: %s", job.policy_key, report.message)
         report.duration_seconds = round(time.monotonic() - started, 3)
-        sqlr.update_run(conn, job.state_schema, run_id, outcome=report.outcome, message=report.message,
-                        rows_matched=report.rows_matched, ended=True)  # fmt: skip
+        sqlr.update_run(
+            conn,
+            job.state_schema,
+            run_id,
+            outcome=report.outcome,
+            message=report.message,
+            rows_matched=report.rows_matched,
+            ended=True,
+        )
     return report
 
 
 def _retire_partitions(
-    conn: psycopg.Connection, job: JobInput, spec: RetentionPolicySpec, target: sqlr.Target, cutoff: Any,
-    report: RunReport, stop: threading.Event, deadline: float,
-) -> None:  # fmt: skip
+    conn: psycopg.Connection,
+    job: JobInput,
+    spec: RetentionPolicySpec,
+    target: sqlr.Target,
+    cutoff: Any,
+    report: RunReport,
+    stop: threading.Event,
+    deadline: float,
+) -> None:
     """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
 
     Only when the table is range-partitioned by the age column alone, no filter
@@ -211,8 +224,9 @@ def _run_batches(
         started = time.monotonic()
         try:
             # One statement: the batch, its children and the run log, committed together (autocommit).
-            batch = sqlr.move_batch(conn, target, cutoff, after, upto, limit=size,
-                                    state_schema=job.state_schema, run_id=report.run_id)  # fmt: skip
+            batch = sqlr.move_batch(
+                conn, target, cutoff, after, upto, limit=size, state_schema=job.state_schema, run_id=report.run_id
+            )
         except RETRYABLE as exc:
             failures += 1
             report.retries += 1
@@ -250,8 +264,14 @@ def _run_batches(
             if report.tables:
                 report.message += "; " + ", ".join(f"{k}: {v}" for k, v in sorted(report.tables.items()))
             return
-        size = next_batch_size(size, batch.taken, elapsed, budget=budget, smallest=target.batch_size,
-                               largest=max(target.max_batch_size, target.batch_size))  # fmt: skip
+        size = next_batch_size(
+            size,
+            batch.taken,
+            elapsed,
+            budget=budget,
+            smallest=target.batch_size,
+            largest=max(target.max_batch_size, target.batch_size),
+        )
         if pause:
             stop.wait(pause)
 

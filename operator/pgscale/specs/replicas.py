@@ -54,8 +54,9 @@ def config_map(owner: ObjectRef) -> dict[str, Any]:
     }
 
 
-def statefulset(owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary_host: str,
-                primary_port: int) -> dict[str, Any]:  # fmt: skip
+def statefulset(
+    owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary_host: str, primary_port: int
+) -> dict[str, Any]:
     """Hot standbys, one PVC each, started by the bootstrap script."""
     name = statefulset_name(owner)
     pod_labels = {**labels(owner, COMPONENT), "pgscale.io/role": "replica"}
@@ -154,17 +155,28 @@ def read_write_service(owner: ObjectRef, host: str, port: int) -> list[dict[str,
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return [{"apiVersion": "v1", "kind": "Service", "metadata": meta,
-                 "spec": {"type": "ExternalName", "externalName": host}}]  # fmt: skip
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta,
+                "spec": {"type": "ExternalName", "externalName": host},
+            }
+        ]
     ports = [{"name": "postgres", "port": PORT, "targetPort": port, "protocol": "TCP"}]
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {"ports": ports}}
     slice_meta = object_meta(owner, f"{owner.name}-rw", "primary")
-    slice_meta["labels"] = {**slice_meta["labels"], "kubernetes.io/service-name": f"{owner.name}-rw",
-                            "endpointslice.kubernetes.io/managed-by": "pgscale.io"}  # fmt: skip
+    slice_meta["labels"] = {
+        **slice_meta["labels"],
+        "kubernetes.io/service-name": f"{owner.name}-rw",
+        "endpointslice.kubernetes.io/managed-by": "pgscale.io",
+    }
     endpoints = {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": slice_meta,
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": slice_meta,
         "addressType": "IPv6" if ip.version == 6 else "IPv4",
         "endpoints": [{"addresses": [str(ip)], "conditions": {"ready": True}}],
         "ports": [{"name": "postgres", "port": port, "protocol": "TCP"}],
-    }  # fmt: skip
+    }
     return [service, endpoints]
