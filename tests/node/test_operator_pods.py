@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -87,13 +88,23 @@ def exec_in(kubectl: Kubectl, pod: str, *cmd: str, check: bool = False) -> tuple
 
 
 def test_operator_pod_runs_hardened(operator_release: Kubectl) -> None:
-    """The chart's pods run the image built from the Dockerfile as 65532, read-only, without capabilities."""
+    """The chart's pods run the image built from the Dockerfile as 65532, read-only, without
+    capabilities; one holds the Lease, and neither restarts (a pod that crash-loops can look Running)."""
     k = operator_release
-    running = wait_until(
-        lambda: [p for p in pods(k, "app.kubernetes.io/name=pgscale") if ready(p)],
-        timeout=180,
-        what="operator pods Ready",
+    lease = wait_until(
+        lambda: k.cp.kubectl_run("-n", k.namespace, "get", "lease", "pgscale", "-o", "json").stdout,
+        timeout=120,
+        what="the operator to take its Lease",
     )
+    holder = json.loads(lease)["spec"]["holderIdentity"]
+    time.sleep(20)  # longer than a start that fails
+    running = [p for p in pods(k, "app.kubernetes.io/name=pgscale") if ready(p)]
+    assert len(running) == 2, k.run("get", "pods", "-o", "wide")
+    assert holder in {p["metadata"]["name"] for p in running}
+    for p in running:
+        assert p["status"]["containerStatuses"][0]["restartCount"] == 0, k.run(
+            "logs", p["metadata"]["name"], "-p", check=False
+        )
     pod = running[0]
     name = pod["metadata"]["name"]
     status = pod["status"]["containerStatuses"][0]
