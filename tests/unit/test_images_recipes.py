@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from pgscale.api.databaseprofile import PoolingSpec, ReadReplicasSpec
-from pgscale.controllers.base import Settings
+from pgscale.controllers.base import OperatorConfig
 from pgscale.kube import ObjectRef
 from pgscale.specs import pooling, replicas
 
@@ -53,13 +53,13 @@ def instructions(stage: list[tuple[str, str]], name: str) -> list[str]:
 
 
 @pytest.fixture
-def defaults(monkeypatch: pytest.MonkeyPatch) -> Settings:
+def defaults(monkeypatch: pytest.MonkeyPatch) -> OperatorConfig:
     for var in ("PGSCALE_IMAGE", "PGSCALE_PGBOUNCER_IMAGE", "PGSCALE_POSTGRES_IMAGE"):
         monkeypatch.delenv(var, raising=False)
-    return Settings()
+    return OperatorConfig()
 
 
-def test_names_are_the_operator_defaults_and_the_charts(defaults: Settings) -> None:
+def test_names_are_the_operator_defaults_and_the_charts(defaults: OperatorConfig) -> None:
     own, chart = images.operator_names()
     assert own == defaults.image == "pgscale:0.1.0"
     values = yaml.safe_load((ROOT / "charts/pgscale/values.yaml").read_text())
