@@ -183,6 +183,7 @@ def rename_archive(archive: Path, names: Sequence[str], out: Path, config: Mappi
                         info.size, info.mode = len(data), 0o644
                         dst.addfile(info, io.BytesIO(data))
                 tmp.flush()
+                os.chmod(tmp.name, 0o644)
                 os.replace(tmp.name, out)
             except BaseException:
                 Path(tmp.name).unlink(missing_ok=True)
@@ -597,10 +598,11 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
     (CACHE / "logs").mkdir(exist_ok=True)
     log = CACHE / "logs" / f"{recipe.slug}.log"
     log.write_text(f"{recipe.slug} {key}\n")
+    print(f"images: building {recipe.slug} ({', '.join(recipe.names)}) with mmdebstrap; log {log}", file=sys.stderr)
     debs = CACHE / "debs"  # downloaded packages, reused by later builds
     debs.mkdir(exist_ok=True)
     rootfs = CACHE / "work" / f"{recipe.slug}-{os.getpid()}"
-    start = time.monotonic()
+    start, waited = time.monotonic(), 0.0
     _remove_tree(rootfs)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -626,7 +628,9 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
             '"$1"/var/log/apt/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old',
             suite, str(rootfs), *sources,
         ]  # fmt: skip
+        asked = time.monotonic()
         with _mmdebstrap_lock:
+            waited = time.monotonic() - asked
             _run(args, log)
         if mounts := _mounts_under(rootfs):
             raise BuildError(f"mmdebstrap left mounts under {rootfs}: {mounts}")
@@ -676,7 +680,7 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
             plain.unlink(missing_ok=True)
     finally:
         _remove_tree(rootfs)
-    seconds = round(time.monotonic() - start, 1)
+    seconds = round(time.monotonic() - start - waited, 1)  # not counting the wait for another mmdebstrap
     return _record(recipe.slug, key, names, {
         "build_seconds": seconds, "rootfs_bytes": rootfs_bytes, "packages": versions, "sources": sources,
         "labels": labels,
@@ -726,6 +730,8 @@ def build_operator(base: Built, *, force: bool = False) -> Built:
     log = CACHE / "logs" / "operator.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"operator {key}\n")
+    print(f"images: building operator ({', '.join(names)}) with buildah from the Dockerfile; log {log}",
+          file=sys.stderr)  # fmt: skip
     start = time.monotonic()
     for d in (BUILDAH_ROOT, BUILDAH_RUNROOT):
         d.mkdir(parents=True, exist_ok=True)
@@ -773,7 +779,27 @@ def _locked() -> Iterator[None]:
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _clean_dead_work()
         yield
+
+
+def _clean_dead_work() -> None:
+    """Remove what builds killed midway left in work/ (`<slug>-<pid>`), only for pids no longer alive.
+
+    A live build's root filesystem has /proc, /sys and /dev/pts mounted inside it: never delete
+    a work directory by hand while a build runs, and never through its mounts (_remove_tree).
+    """
+    work = CACHE / "work"
+    if not work.is_dir():
+        return
+    for entry in work.iterdir():
+        match = re.fullmatch(r"[a-z-]+-(\d+)(\.tar)?", entry.name)
+        if not match or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _remove_tree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
@@ -787,19 +813,27 @@ def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
     if unknown:
         raise BuildError(f"unknown image(s): {', '.join(sorted(unknown))}")
 
+    base_done = threading.Event()  # the base first: the operator's chain is the longer one
+
     def operator_chain() -> list[Built]:
-        base = build_debian(PYTHON_BASE, force=force and "python-base" in wanted)
+        try:
+            base = build_debian(PYTHON_BASE, force=force and "python-base" in wanted)
+        finally:
+            base_done.set()
         out = [base] if "python-base" in wanted else []
         if "operator" in wanted:
             out.append(build_operator(base, force=force))
         return out
 
     def debian_chain() -> list[Built]:
+        base_done.wait()
         return [build_debian(r, force=force) for r in (POSTGRES, PGBOUNCER) if r.slug in wanted]
 
     chains: list[Callable[[], list[Built]]] = []
     if wanted & {"operator", "python-base"}:
         chains.append(operator_chain)
+    else:
+        base_done.set()
     if wanted & {"postgres", "pgbouncer"}:
         chains.append(debian_chain)
     with _locked(), ThreadPoolExecutor(max_workers=2) as pool:
