@@ -71,6 +71,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # checks every COPY source is among them.
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "README.md")
 CONTEXT_DIRS = ("operator",)
+PRUNE_AFTER_SECONDS = 24 * 3600
 _IGNORED_PARTS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 
 # Names, as pods spell them (the kubelet asks containerd for normalize(name)).
@@ -558,17 +559,30 @@ def _dir_size(path: Path) -> int:
 
 
 def _prune(slug: str, keep: Path) -> None:
-    """Drop older archives of this image: the cache keeps the current one and the one before it."""
-    olds = sorted((p for p in CACHE.glob(f"{slug}-*.tar") if p != keep and re.fullmatch(
-        rf"{re.escape(slug)}-[0-9a-f]{{16}}\.tar", p.name)), key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+    """Drop this image's archives unused for a day, but always keep the current one and one more.
+
+    Several checkouts (worktrees, branches) share the cache with different keys; a day of
+    grace keeps them from rebuilding each other's images. Use is the .json's mtime, touched
+    on every cache hit.
+    """
+    pattern = re.compile(rf"{re.escape(slug)}-[0-9a-f]{{16}}\.tar")
+    olds = [p for p in CACHE.glob(f"{slug}-*.tar") if p != keep and pattern.fullmatch(p.name)]
+
+    def used(archive: Path) -> float:
+        meta = archive.with_suffix(".json")
+        return meta.stat().st_mtime if meta.exists() else archive.stat().st_mtime
+
+    olds.sort(key=used, reverse=True)
     for old in olds[1:]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+        if time.time() - used(old) > PRUNE_AFTER_SECONDS:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
 
 
 def _cached(slug: str, key: str) -> Built | None:
     archive, meta = CACHE / f"{slug}-{key}.tar", CACHE / f"{slug}-{key}.json"
     if archive.is_file() and meta.is_file():
+        os.utime(meta)  # in use (see _prune)
         info = json.loads(meta.read_text())
         return Built(slug, tuple(info["names"]), archive, key, info, cached=True)
     return None
