@@ -71,6 +71,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # checks every COPY source is among them.
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "README.md")
 CONTEXT_DIRS = ("operator",)
+PRUNE_AFTER_SECONDS = 24 * 3600
 _IGNORED_PARTS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 
 # Names, as pods spell them (the kubelet asks containerd for normalize(name)).
@@ -183,6 +184,7 @@ def rename_archive(archive: Path, names: Sequence[str], out: Path, config: Mappi
                         info.size, info.mode = len(data), 0o644
                         dst.addfile(info, io.BytesIO(data))
                 tmp.flush()
+                os.chmod(tmp.name, 0o644)
                 os.replace(tmp.name, out)
             except BaseException:
                 Path(tmp.name).unlink(missing_ok=True)
@@ -557,17 +559,30 @@ def _dir_size(path: Path) -> int:
 
 
 def _prune(slug: str, keep: Path) -> None:
-    """Drop older archives of this image: the cache keeps the current one and the one before it."""
-    olds = sorted((p for p in CACHE.glob(f"{slug}-*.tar") if p != keep and re.fullmatch(
-        rf"{re.escape(slug)}-[0-9a-f]{{16}}\.tar", p.name)), key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+    """Drop this image's archives unused for a day, but always keep the current one and one more.
+
+    Several checkouts (worktrees, branches) share the cache with different keys; a day of
+    grace keeps them from rebuilding each other's images. Use is the .json's mtime, touched
+    on every cache hit.
+    """
+    pattern = re.compile(rf"{re.escape(slug)}-[0-9a-f]{{16}}\.tar")
+    olds = [p for p in CACHE.glob(f"{slug}-*.tar") if p != keep and pattern.fullmatch(p.name)]
+
+    def used(archive: Path) -> float:
+        meta = archive.with_suffix(".json")
+        return meta.stat().st_mtime if meta.exists() else archive.stat().st_mtime
+
+    olds.sort(key=used, reverse=True)
     for old in olds[1:]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+        if time.time() - used(old) > PRUNE_AFTER_SECONDS:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
 
 
 def _cached(slug: str, key: str) -> Built | None:
     archive, meta = CACHE / f"{slug}-{key}.tar", CACHE / f"{slug}-{key}.json"
     if archive.is_file() and meta.is_file():
+        os.utime(meta)  # in use (see _prune)
         info = json.loads(meta.read_text())
         return Built(slug, tuple(info["names"]), archive, key, info, cached=True)
     return None
@@ -597,10 +612,11 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
     (CACHE / "logs").mkdir(exist_ok=True)
     log = CACHE / "logs" / f"{recipe.slug}.log"
     log.write_text(f"{recipe.slug} {key}\n")
+    print(f"images: building {recipe.slug} ({', '.join(recipe.names)}) with mmdebstrap; log {log}", file=sys.stderr)
     debs = CACHE / "debs"  # downloaded packages, reused by later builds
     debs.mkdir(exist_ok=True)
     rootfs = CACHE / "work" / f"{recipe.slug}-{os.getpid()}"
-    start = time.monotonic()
+    start, waited = time.monotonic(), 0.0
     _remove_tree(rootfs)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -626,7 +642,9 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
             '"$1"/var/log/apt/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old',
             suite, str(rootfs), *sources,
         ]  # fmt: skip
+        asked = time.monotonic()
         with _mmdebstrap_lock:
+            waited = time.monotonic() - asked
             _run(args, log)
         if mounts := _mounts_under(rootfs):
             raise BuildError(f"mmdebstrap left mounts under {rootfs}: {mounts}")
@@ -676,7 +694,7 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
             plain.unlink(missing_ok=True)
     finally:
         _remove_tree(rootfs)
-    seconds = round(time.monotonic() - start, 1)
+    seconds = round(time.monotonic() - start - waited, 1)  # not counting the wait for another mmdebstrap
     return _record(recipe.slug, key, names, {
         "build_seconds": seconds, "rootfs_bytes": rootfs_bytes, "packages": versions, "sources": sources,
         "labels": labels,
@@ -726,6 +744,8 @@ def build_operator(base: Built, *, force: bool = False) -> Built:
     log = CACHE / "logs" / "operator.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"operator {key}\n")
+    print(f"images: building operator ({', '.join(names)}) with buildah from the Dockerfile; log {log}",
+          file=sys.stderr)  # fmt: skip
     start = time.monotonic()
     for d in (BUILDAH_ROOT, BUILDAH_RUNROOT):
         d.mkdir(parents=True, exist_ok=True)
@@ -773,7 +793,27 @@ def _locked() -> Iterator[None]:
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _clean_dead_work()
         yield
+
+
+def _clean_dead_work() -> None:
+    """Remove what builds killed midway left in work/ (`<slug>-<pid>`), only for pids no longer alive.
+
+    A live build's root filesystem has /proc, /sys and /dev/pts mounted inside it: never delete
+    a work directory by hand while a build runs, and never through its mounts (_remove_tree).
+    """
+    work = CACHE / "work"
+    if not work.is_dir():
+        return
+    for entry in work.iterdir():
+        match = re.fullmatch(r"[a-z-]+-(\d+)(\.tar)?", entry.name)
+        if not match or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            _remove_tree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
@@ -787,19 +827,27 @@ def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
     if unknown:
         raise BuildError(f"unknown image(s): {', '.join(sorted(unknown))}")
 
+    base_done = threading.Event()  # the base first: the operator's chain is the longer one
+
     def operator_chain() -> list[Built]:
-        base = build_debian(PYTHON_BASE, force=force and "python-base" in wanted)
+        try:
+            base = build_debian(PYTHON_BASE, force=force and "python-base" in wanted)
+        finally:
+            base_done.set()
         out = [base] if "python-base" in wanted else []
         if "operator" in wanted:
             out.append(build_operator(base, force=force))
         return out
 
     def debian_chain() -> list[Built]:
+        base_done.wait()
         return [build_debian(r, force=force) for r in (POSTGRES, PGBOUNCER) if r.slug in wanted]
 
     chains: list[Callable[[], list[Built]]] = []
     if wanted & {"operator", "python-base"}:
         chains.append(operator_chain)
+    else:
+        base_done.set()
     if wanted & {"postgres", "pgbouncer"}:
         chains.append(debian_chain)
     with _locked(), ThreadPoolExecutor(max_workers=2) as pool:

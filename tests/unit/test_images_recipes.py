@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shlex
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,21 @@ def test_rename_archive_names_and_config(tmp_path: Path) -> None:
     layer = info["manifest"]["layers"][0]["digest"]
     assert f"blobs/sha256/{layer.split(':')[1]}" in files
     assert sum(1 for n in files if n.startswith("blobs/")) == 3, "the old config and manifest are not carried"
+
+
+def test_prune_keeps_recent_and_one_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old archives of an image go after a day unused; the current one and the newest other stay."""
+    monkeypatch.setattr(images, "CACHE", tmp_path)
+    now = time.time()
+    ages = {"a" * 16: 0, "b" * 16: 3 * 86400, "c" * 16: 2 * 86400, "d" * 16: 3600, "e" * 16: 5 * 86400}
+    for key, age in ages.items():
+        for suffix in (".tar", ".json"):
+            path = tmp_path / f"postgres-{key}{suffix}"
+            path.write_text("")
+            os.utime(path, (now - age, now - age))
+    (tmp_path / "pgbouncer-ffffffffffffffff.tar").write_text("")
+    images._prune("postgres", tmp_path / f"postgres-{'e' * 16}.tar")
+    left = sorted(p.name for p in tmp_path.glob("*.tar"))
+    kept = [f"postgres-{key * 16}.tar" for key in "ade"]  # current (e), newest other (a), used an hour ago (d)
+    assert left == sorted([*kept, "pgbouncer-ffffffffffffffff.tar"])
+    assert not (tmp_path / f"postgres-{'b' * 16}.json").exists()
