@@ -172,7 +172,7 @@ def test_cronjobs_fire_and_their_pods_do_the_work(
     rp["spec"]["archive"]["table"] = "Task_archive_cron"
     rp["spec"]["children"] = {
         "mode": "archive",
-        "tables": [{"name": "Message", "archiveTable": "Message_archive_cron"}],
+        "tables": [{"name": "Message", "mode": "archive", "archiveTable": "Message_archive_cron"}],
     }
     app.apply(rp)
     pp = app.get("partitionpolicy", "task-by-month")
