@@ -334,12 +334,14 @@ def test_operator_runs_read_only_as_65532(ctrd: PrivateContainerd) -> None:
 
 
 def test_operator_writes_nothing(ctrd: PrivateContainerd) -> None:
-    """With a writable root, `pgscale --help` and `pgscale job --help` leave the container's
-    writable layer empty: nothing is written outside the /tmp emptyDir the pods mount."""
+    """With a writable root and /tmp mounted as the pods mount their emptyDir, `pgscale --help`
+    and `pgscale job --help` leave the container's writable layer empty: nothing is written
+    outside /tmp."""
     image, _ = images.operator_names()
+    tmp = "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev:mode=1777"
     for name, command in (("op-w1", ["pgscale", "--help"]), ("op-w2", ["pgscale", "job", "--help"]),
                           ("op-w3", ["pgscale", "job", "retention", "--help"])):  # fmt: skip
-        ctrd.run(image, name, *command, keep=True)
+        ctrd.run(image, name, *command, keep=True, mounts=[tmp])
         try:
             upper = ctrd.upper_dir(name)
             written = sorted(str(p.relative_to(upper)) for p in upper.rglob("*"))
