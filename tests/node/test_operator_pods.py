@@ -75,6 +75,28 @@ def pods(kubectl: Kubectl, selector: str) -> list[dict[str, Any]]:
     return list(json.loads(kubectl.run("get", "pods", "-l", selector, "-o", "json"))["items"])
 
 
+def pod_story(k: Kubectl, selector: str) -> str:
+    """Each pod's phase, container states and last log lines: a failing test shows the pod's own error."""
+    out = []
+    for pod in pods(k, selector):
+        name = pod["metadata"]["name"]
+        states = json.dumps([c.get("state") for c in pod.get("status", {}).get("containerStatuses", [])])
+        log = k.run("logs", name, "--tail=15", check=False) or k.run("logs", name, "-p", "--tail=15", check=False)
+        out.append(f"--- {name} {pod.get('status', {}).get('phase')} {states}\n{log}")
+    return "\n".join(out) or f"no pods match {selector}"
+
+
+def wait_ready(k: Kubectl, kind: str, name: str, selector: str, want: int, timeout: float = 300) -> None:
+    """Until the workload has `want` ready replicas; on timeout, fail with its pods' story."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = k.cp.kubectl_run("-n", k.namespace, "get", kind, name, "-o", "jsonpath={.status.readyReplicas}")
+        if got.returncode == 0 and got.stdout.strip() == str(want):
+            return
+        time.sleep(2)
+    raise AssertionError(f"{kind}/{name}: not {want} ready after {timeout}s\n{pod_story(k, selector)}")
+
+
 def ready(pod: dict[str, Any]) -> bool:
     conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
     return pod.get("status", {}).get("phase") == "Running" and conds.get("Ready") == "True"
@@ -229,8 +251,8 @@ def test_pooler_and_replicas_serve_pods(
     }
     app.apply(profile)
     app.wait("databaseprofile", "pooled", "Ready", timeout=300)
-    app.run("rollout", "status", "statefulset/pooled-replica", "--timeout=300s")
-    app.run("rollout", "status", "deployment/pooled-pooler-rw", "--timeout=120s")
+    wait_ready(app, "statefulset", "pooled-replica", "pgscale.io/role=replica", 2)
+    wait_ready(app, "deployment", "pooled-pooler-rw", "pgscale.io/databaseprofile=pooled", 1)
 
     def streaming() -> int:
         with psycopg.connect(node_postgres.dsn("app"), autocommit=True) as conn:
