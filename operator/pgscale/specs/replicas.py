@@ -20,6 +20,11 @@ from .builders import labels, object_meta
 COMPONENT = "read-replica"
 PORT = 5432
 DATA = "/var/lib/postgresql/data"
+SOCKET_DIR = "/var/run/postgresql"
+# The clone carries the primary's postgresql.conf when it lives in the data directory (initdb's
+# layout, CloudNativePG's): its listen_addresses, port and socket directory are the primary's
+# machine's, and a replica pod that kept them could not start (found by the node tests).
+SERVER_ARGS = f"-c listen_addresses=0.0.0.0 -c port={PORT} -c unix_socket_directories={SOCKET_DIR}"
 
 
 def bootstrap_script() -> str:
@@ -67,6 +72,7 @@ def statefulset(
         {"name": "PRIMARY_PORT", "value": str(primary_port)},
         {"name": "SLOT_PREFIX", "value": slot_prefix(owner)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POSTGRES_ARGS", "value": SERVER_ARGS},
         {"name": "REPLICATION_USER", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username"}}},
         {"name": "REPLICATION_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
     ]
@@ -82,7 +88,7 @@ def statefulset(
         "volumeMounts": [
             {"name": "data", "mountPath": DATA},
             {"name": "bootstrap", "mountPath": "/pgscale"},
-            {"name": "run", "mountPath": "/var/run/postgresql"},
+            {"name": "run", "mountPath": SOCKET_DIR},
         ],
     }
     if spec.resources:
