@@ -621,6 +621,10 @@ def build_debian(recipe: DebianImage, *, force: bool = False) -> Built:
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     try:
         args = [
+            # A private mount namespace: the /dev, /proc and /sys mmdebstrap mounts into the root
+            # filesystem can never propagate to the host's (a tmpfs once landed on the host's
+            # /dev/shm and broke every Postgres started before it).
+            "unshare", "--mount", "--propagation", "private",
             "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
             # usr-is-merged in the essential phase: otherwise apt satisfies init-system-helpers'
             # "usrmerge | usr-is-merged" with usrmerge, which drags perl in (+50 MB).
