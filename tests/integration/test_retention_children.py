@@ -226,7 +226,7 @@ def test_pg_cron_procedure_moves_children_too(postgres: Any, database: str, conn
     prepared = prepare(conn, RetentionPolicySpec.model_validate(job.spec), "pgscale")
     sqlr.ensure_procedure(conn, "pgscale")
     sqlr.save_config(conn, "pgscale", "ns/cron", prepared.target, dry_run=False, lock_timeout="1s",
-                     statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
+                     row_lock_wait="100ms", statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
     conn.execute("""CALL pgscale.retention_run('ns/cron')""")
     row = conn.execute("SELECT outcome, rows_archived, tables FROM pgscale.retention_runs "
                        "WHERE policy = 'ns/cron'").fetchone()  # fmt: skip

@@ -151,7 +151,7 @@ def test_a_key_added_after_planning_stops_the_pg_cron_batches(postgres: Any, dat
     prepared = prepare(conn, RetentionPolicySpec.model_validate(spec), "pgscale")
     sqlr.ensure_procedure(conn, "pgscale")
     sqlr.save_config(conn, "pgscale", "ns/p", prepared.target, dry_run=False, lock_timeout="1s",
-                     statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
+                     row_lock_wait="100ms", statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
     conn.execute("ALTER TABLE comment ADD FOREIGN KEY (task) REFERENCES task ON DELETE CASCADE")  # a migration
     conn.execute("CALL pgscale.retention_run('ns/p')")
     outcome, message = conn.execute(
