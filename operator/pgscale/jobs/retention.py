@@ -217,6 +217,9 @@ def _run_batches(
     cap = batch_cap(budget, seconds(spec.statement_timeout))
     _set(conn, "lock_timeout", _ms(row_lock_wait(budget)))  # a row held by another transaction: see below
     _set(conn, "statement_timeout", _ms(cap) if cap > 0 else "0")
+    # Batches differ only in bound values (the pages, the cutoff): one plan for all, instead of planning
+    # every batch again (a custom plan for each set of values is what PostgreSQL would otherwise keep).
+    _set(conn, "plan_cache_mode", "force_generic_plan")
     failures = 0
     pages, lo = smallest, 0
     locked = False  # the next attempt locks its rows first, with SKIP LOCKED

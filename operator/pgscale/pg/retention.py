@@ -575,7 +575,7 @@ def move_batch(
     runs = runs_table(state_schema) if state_schema is not None and run_id is not None else None
     key = (target, locked, state_schema if runs is not None else None)
     statement = _STATEMENTS.get(key)
-    if statement is None:  # the same text every batch: psycopg prepares it after a few
+    if statement is None:  # the same text every batch: prepared once (see the job's plan_cache_mode)
         statement = _STATEMENTS[key] = batch_statement(target, locked=locked, runs=runs).as_bytes(conn)
     params = _params(target, cutoff, {"lo": lo, "hi": hi, "run": run_id})
     settings = [(n, v) for n, v in (("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)) if v]
@@ -583,9 +583,9 @@ def move_batch(
         with conn.transaction():
             for name, value in settings:
                 conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-            row = conn.execute(statement, params).fetchone()
+            row = conn.execute(statement, params, prepare=True).fetchone()
     else:
-        row = conn.execute(statement, params).fetchone()
+        row = conn.execute(statement, params, prepare=True).fetchone()
     if row is None:
         return Batch(0, {})
     return Batch(int(row[0]), dict(row[1] or {}))
