@@ -185,7 +185,8 @@ RETRYABLE = (
 
 
 def _ms(value: float) -> str:
-    return f"{max(1, round(value * 1000))}ms"
+    """A timeout setting; 0 (or less): none."""
+    return f"{max(1, round(value * 1000))}ms" if value > 0 else "0"
 
 
 def _run_batches(
@@ -213,10 +214,9 @@ def _run_batches(
     end, rows_per_page = sqlr.heap_extent(conn, target)
     smallest, largest = batch_pages(target.batch_size, target.max_batch_size, rows_per_page)
     budget = seconds(spec.lock_timeout)
-    lock_timeout, statement_timeout = _ms(budget) if budget > 0 else "0", _ms(seconds(spec.statement_timeout))
-    cap = batch_cap(budget, seconds(spec.statement_timeout))
+    lock_timeout, statement_timeout = _ms(budget), _ms(seconds(spec.statement_timeout))
     _set(conn, "lock_timeout", _ms(row_lock_wait(budget)))  # a row held by another transaction: see below
-    _set(conn, "statement_timeout", _ms(cap) if cap > 0 else "0")
+    _set(conn, "statement_timeout", _ms(batch_cap(budget, seconds(spec.statement_timeout))))
     # Batches differ only in bound values (the pages, the cutoff): one plan for all, instead of planning
     # every batch again (a custom plan for each set of values is what PostgreSQL would otherwise keep).
     _set(conn, "plan_cache_mode", "force_generic_plan")
