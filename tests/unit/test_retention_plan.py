@@ -162,14 +162,16 @@ def test_kept_children_become_counted_blockers() -> None:
 
 
 def test_batches_grow_while_fast_and_shrink_when_slow() -> None:
-    def size(current: int, elapsed: float) -> int:
-        return next_batch_size(current, elapsed, budget=1.0, smallest=10, largest=100)
+    def size(current: int, elapsed: float, moved: int = 1) -> int:
+        return next_batch_size(current, elapsed, moved=moved, budget=1.0, smallest=10, largest=1000)
 
     assert size(10, 0.01) == 20  # the aim is 10% of lockTimeout: grow under 5%
-    assert size(80, 0.01) == 100
+    assert size(800, 0.01) == 1000
     assert size(40, 0.07) == 40
     assert size(100, 0.2) == 50
     assert size(20, 1.0) == 10  # never below the pages that hold batchSize rows
+    # Pages with no matching row are quick to read, and say nothing of the next ones: at most 8 x batchSize.
+    assert size(40, 0.001, moved=0) == 80 and size(80, 0.001, moved=0) == 80 and size(500, 0.001, moved=0) == 80
 
 
 def test_batch_pages_and_limits_follow_the_lock_budget() -> None:

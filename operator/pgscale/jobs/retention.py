@@ -266,7 +266,7 @@ def _run_batches(
             report.tables[key] = report.tables.get(key, 0) + int(value)
         if progress:
             progress.advance(batch.moved)
-        pages = next_batch_size(pages, elapsed, budget=budget, smallest=smallest, largest=largest)
+        pages = next_batch_size(pages, elapsed, moved=batch.moved, budget=budget, smallest=smallest, largest=largest)
         if pause and lo < end:
             stop.wait(pause)
     if target.fingerprint and relationships.fingerprint(conn, target.tables) != target.fingerprint:

@@ -267,16 +267,23 @@ def batch_pages(batch_size: int, max_batch_size: int, rows_per_page: float) -> t
     return smallest, max(smallest, int(max(max_batch_size, batch_size) / density))
 
 
-def next_batch_size(size: int, elapsed: float, *, budget: float, smallest: int, largest: int) -> int:
+EXPLORING = 8  # after a batch that moved no row, the next covers at most this many times the smallest
+
+
+def next_batch_size(size: int, elapsed: float, *, moved: int, budget: float, smallest: int, largest: int) -> int:
     """The next batch's size (in pages), from how long this one took (pure).
 
     Batches grow (doubling) while one takes under half the aim, and shrink in proportion
     when one takes longer than the aim, so each stays far under the lock budget whatever
-    the row width, the share of matching rows, the indexes and the machine's load.
+    the row width, the share of matching rows, the indexes and the machine's load. A batch
+    that moved nothing only read its pages, which says little of how long moving rows takes:
+    the next one stays within EXPLORING times the smallest size (pages with matching rows
+    may follow).
     """
     aim = batch_aim(budget)
     if elapsed > aim:
         return max(smallest, min(size, int(size * aim / elapsed)))
     if elapsed < aim / 2:
-        return min(largest, size * 2)
+        grown = min(largest, size * 2)
+        return grown if moved else max(smallest, min(grown, smallest * EXPLORING))
     return size
