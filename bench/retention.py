@@ -130,6 +130,9 @@ def seed(pg: localenv.Postgres, name: str, rows: int, children: bool) -> str:
     pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     pg.execute(f'CREATE DATABASE "{name}"')
     with psycopg.connect(pg.dsn(name), autocommit=True) as conn:
+        # No parallel workers while seeding and counting: their shared memory in /dev/shm is shared with
+        # whatever else runs on the machine (a segment removed under a running server failed a run).
+        conn.execute("SET max_parallel_maintenance_workers = 0")
         conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
         seed_tasks(conn, "Task", rows)
         conn.execute('VACUUM ANALYZE "Task"')
@@ -144,6 +147,7 @@ def seed(pg: localenv.Postgres, name: str, rows: int, children: bool) -> str:
 
 def count(dsn: str, query: str) -> int:
     with psycopg.connect(dsn) as conn:
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         row = conn.execute(query).fetchone()
         return int(row[0]) if row else 0
 
