@@ -65,8 +65,10 @@ def seed(dsn: str, n: int) -> int:
             for i, size in enumerate(sizes(n)):
                 start = (i * 7919) % (len(block) - size)
                 data = base64.b64encode(block[start : start + size]).decode()
-                cur.execute('INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
-                            (f"f{i:05d}", f"f{i}.bin", size, data))  # fmt: skip
+                cur.execute(
+                    'INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
+                    (f"f{i:05d}", f"f{i}.bin", size, data),
+                )
                 total += size
         conn.execute('VACUUM ANALYZE "File"')
     return total
@@ -87,11 +89,19 @@ def run_pgscale(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, An
     from pgscale.jobs.files import Migration, make_store
     from pgscale.pg.connection import ConnInfo
 
-    spec = {"profileRef": {"name": "app"}, "table": {"name": "File"}, "keyColumn": "id", "dataColumn": "data",
-            "encoding": "base64", "destination": {"s3": {"bucket": bucket, "endpoint": endpoint}},
-            "batchSize": 100, "concurrency": CONCURRENCY}  # fmt: skip
-    store = make_store(FileMigrationSpec.model_validate(spec), {"AWS_ACCESS_KEY_ID": "bench",
-                                                               "AWS_SECRET_ACCESS_KEY": "bench"})  # fmt: skip
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "File"},
+        "keyColumn": "id",
+        "dataColumn": "data",
+        "encoding": "base64",
+        "destination": {"s3": {"bucket": bucket, "endpoint": endpoint}},
+        "batchSize": 100,
+        "concurrency": CONCURRENCY,
+    }
+    store = make_store(
+        FileMigrationSpec.model_validate(spec), {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    )
     report = Migration(JobInput("bench", "files", spec, "pgscale", ConnInfo(**dsn)), store).run()
     return {"rows": report.rows_migrated, "failed": report.rows_failed}
 
@@ -136,10 +146,22 @@ def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str) -> di
     client(endpoint).create_bucket(Bucket=bucket)
     dsn = {"host": pg.host, "port": pg.port, "dbname": db, "user": "postgres", "password": pg.PASSWORD}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", contender, "--dsn", json.dumps(dsn), "--endpoint", endpoint,
-         "--bucket", bucket],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            contender,
+            "--dsn",
+            json.dumps(dsn),
+            "--endpoint",
+            endpoint,
+            "--bucket",
+            bucket,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

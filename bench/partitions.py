@@ -160,21 +160,33 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any) -> Result:
     writer.join()
     p50, p99, longest = latency_ms(writer.latencies)
     return Result(
-        contender=name, rows=rows, seconds=round(seconds, 2), writer_ops=len(writer.latencies),
+        contender=name,
+        rows=rows,
+        seconds=round(seconds, 2),
+        writer_ops=len(writer.latencies),
         writer_p50_ms=p50,
         writer_p99_ms=p99,
-        writer_max_stall_ms=longest, writer_errors=len(writer.errors),
-        rows_wrong=check(dsn, writer), updates_lost=writer.lost, partitions=partitions(dsn),
+        writer_max_stall_ms=longest,
+        writer_errors=len(writer.errors),
+        rows_wrong=check(dsn, writer),
+        updates_lost=writer.lost,
+        partitions=partitions(dsn),
         extra={**(extra or {}), "first_errors": writer.errors[:3]},
-    )  # fmt: skip
+    )
 
 
 def run_pgscale(batch: int) -> Any:
     def action(dsn: str) -> dict[str, Any]:
-        spec = PartitionPolicySpec.model_validate({
-            "profileRef": {"name": "app"}, "table": {"name": "task"}, "column": "createdAt", "interval": "monthly",
-            "premake": 4, "conversion": {"batchSize": batch, "widenKeys": True},
-        })  # fmt: skip
+        spec = PartitionPolicySpec.model_validate(
+            {
+                "profileRef": {"name": "app"},
+                "table": {"name": "task"},
+                "column": "createdAt",
+                "interval": "monthly",
+                "premake": 4,
+                "conversion": {"batchSize": batch, "widenKeys": True},
+            }
+        )
         with psycopg.connect(dsn, autocommit=True) as conn:
             report = convert(conn, spec, "pgscale", datetime.now(UTC))
         assert report.finished, report
@@ -203,8 +215,10 @@ def run_partman(dsn: str) -> dict[str, Any]:
                p_start_partition := (date_trunc('month', now()) + interval '1 month')::text)"""
         )
         conn.execute("DROP TABLE new_partitioned_table_default")
-        conn.execute("UPDATE partman.part_config SET parent_table = 'public.task', premake = 4 "
-                     "WHERE parent_table = 'public.new_partitioned_table'")  # fmt: skip
+        conn.execute(
+            "UPDATE partman.part_config SET parent_table = 'public.task', premake = 4 "
+            "WHERE parent_table = 'public.new_partitioned_table'"
+        )
         swap_started = time.monotonic()
         with conn.transaction():
             conn.execute("LOCK TABLE task IN ACCESS EXCLUSIVE MODE")
@@ -229,8 +243,9 @@ def run_partman(dsn: str) -> dict[str, Any]:
         failures: list[str] = []
         for _ in range(5):
             try:
-                conn.execute("CALL partman.partition_data_proc('public.task', p_batch := 1000, p_wait := 0, "
-                             "p_quiet := true)")  # fmt: skip
+                conn.execute(
+                    "CALL partman.partition_data_proc('public.task', p_batch := 1000, p_wait := 0, p_quiet := true)"
+                )
                 break
             except psycopg.Error as exc:
                 failures.append(str(exc).strip().splitlines()[0])
@@ -239,8 +254,12 @@ def run_partman(dsn: str) -> dict[str, Any]:
         except psycopg.Error as exc:
             failures.append("run_maintenance: " + str(exc).strip().splitlines()[0])
         left = conn.execute("SELECT count(*) FROM task_default").fetchone()
-    return {"swap_seconds": round(swap_seconds, 3), "rows_left_in_default": int(left[0]) if left else None,
-            "completed": len(failures) < 5, "failures": failures}  # fmt: skip
+    return {
+        "swap_seconds": round(swap_seconds, 3),
+        "rows_left_in_default": int(left[0]) if left else None,
+        "completed": len(failures) < 5,
+        "failures": failures,
+    }
 
 
 def main() -> int:
@@ -252,8 +271,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pgscale-bench-") as tmp:
         pg = localenv.Postgres(Path(tmp)).start()
         try:
-            results = [measure("pg_partman", pg, args.rows, run_partman),
-                       measure("pgscale", pg, args.rows, run_pgscale(args.batch))]  # fmt: skip
+            results = [
+                measure("pg_partman", pg, args.rows, run_partman),
+                measure("pgscale", pg, args.rows, run_pgscale(args.batch)),
+            ]
         finally:
             pg.stop()
     partman, ours = results
@@ -262,8 +283,19 @@ def main() -> int:
         "writer p99 (pgscale/pg_partman)": round(ours.writer_p99_ms / partman.writer_p99_ms, 3),
         "writer longest stall (pgscale/pg_partman)": round(ours.writer_max_stall_ms / partman.writer_max_stall_ms, 4),
     }
-    cols = ["contender", "rows", "seconds", "writer_ops", "writer_p50_ms", "writer_p99_ms", "writer_max_stall_ms",
-            "writer_errors", "rows_wrong", "updates_lost", "partitions"]  # fmt: skip
+    cols = [
+        "contender",
+        "rows",
+        "seconds",
+        "writer_ops",
+        "writer_p50_ms",
+        "writer_p99_ms",
+        "writer_max_stall_ms",
+        "writer_errors",
+        "rows_wrong",
+        "updates_lost",
+        "partitions",
+    ]
     print(f"\nconversion benchmark: {args.rows} rows, PostgreSQL 15, one concurrent writer")
     print(" | ".join(cols))
     for r in results:

@@ -99,8 +99,14 @@ def mb(kb: float) -> float:
 
 def machine() -> dict[str, Any]:
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
         "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout),
         "memory_total_mb": mb(int(meminfo["MemTotal"].split()[0])),
@@ -112,8 +118,9 @@ def machine() -> dict[str, Any]:
 
 def git_commit() -> str:
     out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -166,15 +173,32 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
-def measure(cp: localenv.ControlPlane, pg: localenv.Postgres, op: localenv.OperatorProcess, n: int,
-            poll: float, timeout: float, settle: float) -> SizeResult:  # fmt: skip
+def measure(
+    cp: localenv.ControlPlane,
+    pg: localenv.Postgres,
+    op: localenv.OperatorProcess,
+    n: int,
+    poll: float,
+    timeout: float,
+    settle: float,
+) -> SizeResult:
     assert op.proc is not None
     pid = op.proc.pid
     ns = f"bench-profiles-{n}"
     cp.kubectl_run("create", "namespace", ns, check=True)
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "stringData": {
-        "uri": pg.uri(DATABASE), "host": pg.host, "port": str(pg.port), "dbname": DATABASE,
-        "username": "postgres", "password": pg.PASSWORD}}  # fmt: skip
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SECRET},
+        "stringData": {
+            "uri": pg.uri(DATABASE),
+            "host": pg.host,
+            "port": str(pg.port),
+            "dbname": DATABASE,
+            "username": "postgres",
+            "password": pg.PASSWORD,
+        },
+    }
     cp.kubectl_run("-n", ns, "apply", "-f", "-", input=json.dumps(secret), check=True)
     time.sleep(settle)  # the operator at rest before the apply
     idle_kb = proc_status(pid)["VmRSS"]
@@ -270,8 +294,10 @@ def main() -> int:
             for n in counts:
                 r = measure(cp, pg, op, n, args.poll, args.timeout, args.settle)
                 results.append(r)
-                print(f"  {n} profiles: {r.ready} Ready, all after {r.all_ready_seconds} s, "
-                      f"peak RSS {r.peak_rss_mb} MB", flush=True)  # fmt: skip
+                print(
+                    f"  {n} profiles: {r.ready} Ready, all after {r.all_ready_seconds} s, peak RSS {r.peak_rss_mb} MB",
+                    flush=True,
+                )
         except BaseException:
             sys.stderr.write(f"operator log: {localenv._tail(op.log)}\n")
             raise
@@ -297,12 +323,26 @@ def main() -> int:
         ),
     }
     facts = {**machine(), "postgresql": pg_version, "commit": git_commit()}
-    cols = ["profiles", "ready", "apply_seconds", "first_ready_seconds", "median_ready_seconds", "p95_ready_seconds",
-            "all_ready_seconds", "poll_period_seconds", "reconciles", "reconcile_mean_seconds", "idle_rss_mb",
-            "peak_rss_mb", "rss_after_ready_mb"]  # fmt: skip
-    print(f"\nDatabaseProfile benchmark: {facts['nproc']} CPUs, {facts['memory_total_mb']} MB, "
-          f"PostgreSQL {pg_version}, the first profile with tier development, monitoring on; "
-          "seconds from the start of the apply")  # fmt: skip
+    cols = [
+        "profiles",
+        "ready",
+        "apply_seconds",
+        "first_ready_seconds",
+        "median_ready_seconds",
+        "p95_ready_seconds",
+        "all_ready_seconds",
+        "poll_period_seconds",
+        "reconciles",
+        "reconcile_mean_seconds",
+        "idle_rss_mb",
+        "peak_rss_mb",
+        "rss_after_ready_mb",
+    ]
+    print(
+        f"\nDatabaseProfile benchmark: {facts['nproc']} CPUs, {facts['memory_total_mb']} MB, "
+        f"PostgreSQL {pg_version}, the first profile with tier development, monitoring on; "
+        "seconds from the start of the apply"
+    )
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(str(getattr(r, c)) for c in cols))
@@ -316,10 +356,21 @@ def main() -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         spec = json.loads(profiles(1))["items"][0]["spec"]
-        settings = {"poll_seconds": args.poll, "timeout_seconds": args.timeout, "settle_seconds": args.settle,
-                    "workers": args.workers or "default", "spec": spec}  # fmt: skip
-        report = {"command": command, "operator_command": operator_command, "machine": facts, "settings": settings,
-                  "results": {str(r.profiles): asdict(r) for r in results}, "ratios": ratios}  # fmt: skip
+        settings = {
+            "poll_seconds": args.poll,
+            "timeout_seconds": args.timeout,
+            "settle_seconds": args.settle,
+            "workers": args.workers or "default",
+            "spec": spec,
+        }
+        report = {
+            "command": command,
+            "operator_command": operator_command,
+            "machine": facts,
+            "settings": settings,
+            "results": {str(r.profiles): asdict(r) for r in results},
+            "ratios": ratios,
+        }
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

@@ -107,8 +107,10 @@ class Writer(threading.Thread):
                 started = time.perf_counter()
                 if op == 4:
                     try:
-                        conn.execute("""INSERT INTO "TaskEvent" ("taskId", kind) VALUES (%s, 'live')""",
-                                     (self.rng.randint(1, self.max_id),))  # fmt: skip
+                        conn.execute(
+                            """INSERT INTO "TaskEvent" ("taskId", kind) VALUES (%s, 'live')""",
+                            (self.rng.randint(1, self.max_id),),
+                        )
                     except psycopg.errors.ForeignKeyViolation:
                         self.refused += 1  # its task was archived (or deleted) first
                 elif op == 3:
@@ -227,10 +229,17 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any, *, childre
 
 def run_pgscale(pg: localenv.Postgres, batch: int) -> Any:
     def action(dsn: str, db: str) -> dict[str, Any]:
-        spec = {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                "olderThan": "90d", "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
-                "batchSize": batch, "maxRunTime": "2h", "statementTimeout": "5m",
-                "children": {"mode": "archive"}}  # fmt: skip
+        spec = {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "ageColumn": "completedAt",
+            "olderThan": "90d",
+            "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+            "batchSize": batch,
+            "maxRunTime": "2h",
+            "statementTimeout": "5m",
+            "children": {"mode": "archive"},
+        }
         conn = ConnInfo(host=pg.host, port=pg.port, dbname=db, user="postgres", password=pg.PASSWORD)
         report = run(JobInput("bench", "retention", spec, "pgscale", conn))
         assert report.outcome == "Succeeded", report
@@ -283,14 +292,23 @@ def main() -> int:
                         measure("pgscale", pg, args.rows, run_pgscale(pg, args.batch), children=kids, busy=busy),
                     ]
                     if not args.no_keyed:
-                        results.append(measure("strategy-keyed", pg, args.rows, run_strategy(kids, keyed=True),
-                                               children=kids, busy=busy))  # fmt: skip
+                        results.append(
+                            measure(
+                                "strategy-keyed",
+                                pg,
+                                args.rows,
+                                run_strategy(kids, keyed=True),
+                                children=kids,
+                                busy=busy,
+                            )
+                        )
                     strategy, ours = results[:2]
                     ratios = {k: round(getattr(ours, f) / getattr(strategy, f), n) for k, (f, n) in RATIOS.items()}
                     if not args.no_keyed:
                         ratios[KEYED_RATIO] = round(ours.rows_per_second / results[2].rows_per_second, 3)
-                    runs.append({"data": data, "machine": machine, "results": [asdict(r) for r in results],
-                                 "ratios": ratios})  # fmt: skip
+                    runs.append(
+                        {"data": data, "machine": machine, "results": [asdict(r) for r in results], "ratios": ratios}
+                    )
                     report(args, data, machine, results, ratios)
         finally:
             pg.stop()
@@ -300,8 +318,19 @@ def main() -> int:
 
 
 def report(args: argparse.Namespace, data: str, machine: str, results: list[Result], ratios: dict[str, float]) -> None:
-    cols = ["contender", "rows_moved", "seconds", "rows_per_second", "writer_ops", "writer_p50_ms",
-            "writer_p99_ms", "writer_max_stall_ms", "rows_lost", "rows_duplicated", "extra"]  # fmt: skip
+    cols = [
+        "contender",
+        "rows_moved",
+        "seconds",
+        "rows_per_second",
+        "writer_ops",
+        "writer_p50_ms",
+        "writer_p99_ms",
+        "writer_max_stall_ms",
+        "rows_lost",
+        "rows_duplicated",
+        "extra",
+    ]
     print(f"\nretention benchmark: {args.rows} tasks ({data}), {machine} machine, PostgreSQL 15, one writer")
     print(" | ".join(cols))
     for r in results:

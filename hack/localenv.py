@@ -1,7 +1,10 @@
 """Real components on loopback for tests and the demo: no mocks anywhere.
 
 - ControlPlane: etcd, kube-apiserver and kube-controller-manager built from Go modules
-  (hack/build-controlplane.sh), with a kubeconfig for an admin token.
+  (hack/build-controlplane.sh), with a kubeconfig for an admin token. The API server listens
+  on every address and advertises HOST_IP, so pods on the node (hack/node.py) reach it
+  through the `kubernetes` Service; Services get addresses from SERVICE_CIDR. Both are fixed
+  whether or not a node runs: one code path.
 - Postgres: Debian's PostgreSQL server in a temporary directory, run as a non-root OS user.
 - S3Server: moto's standalone S3-compatible server.
 - OperatorProcess: `pgscale run` as a subprocess against the control plane.
@@ -31,13 +34,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))
-ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a loopback-only test cluster
+ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a test cluster on this machine
+
+# Addresses shared with hack/node.py (its module docstring draws the layout). HOST_IP is the host
+# end of the link to the node's network namespace: the API server advertises it, so the
+# `kubernetes` Service's endpoint is reachable from pods; until a node runs nothing answers there.
+HOST_IP = "198.18.0.1"
+SERVICE_CIDR = "198.18.128.0/20"
+KUBERNETES_SERVICE_IP = "198.18.128.1"  # the first address of SERVICE_CIDR
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now, on any address (the API server binds 0.0.0.0)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))  # noqa: S104 - only to learn a free port
         return int(s.getsockname()[1])
 
 
@@ -88,6 +98,37 @@ def controlplane_bin() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+SERVING_NAMES = ("127.0.0.1", HOST_IP, KUBERNETES_SERVICE_IP, "localhost", "kubernetes", "kubernetes.default",
+                 "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")  # fmt: skip
+
+
+def _serving_cert(certs: Path) -> tuple[Path, Path]:
+    """A CA and the API server's certificate signed by it, covering SERVING_NAMES.
+
+    The certificate kube-apiserver generates for itself covers only the advertised address and
+    the Service IP once --advertise-address is set, so 127.0.0.1 clients would fail to verify it.
+    Pods trust ca.crt (the controller-manager publishes it as kube-root-ca.crt), the kubeconfigs too.
+    """
+    certs.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, cert, key = certs / "ca.crt", certs / "ca.key", certs / "serving.crt", certs / "serving.key"
+    if cert.exists():
+        return cert, key
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    subprocess.run(["openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "3650",
+                    "-subj", "/CN=pgscale-local-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)  # fmt: skip
+    csr, ext = certs / "serving.csr", certs / "serving.ext"
+    subprocess.run(["openssl", "req", "-new", *ec, "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=kube-apiserver"], check=True, capture_output=True)  # fmt: skip
+    sans = ",".join(f"IP:{n}" if n[0].isdigit() else f"DNS:{n}" for n in SERVING_NAMES)
+    ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n")  # fmt: skip
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-days", "3650", "-extfile", str(ext), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager on loopback."""
 
@@ -112,6 +153,7 @@ class ControlPlane:
         (d / "tokens.csv").write_text(
             "".join(f'{tok},{user},{user}-uid,"{group}"\n' for tok, (user, group) in self.tokens.items())
         )
+        cert, key = _serving_cert(d / "certs")
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_log = d / "etcd.log"
         etcd = _spawn([
@@ -130,10 +172,13 @@ class ControlPlane:
         api = _spawn([
             str(self.bin / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.port}",
-            f"--cert-dir={d / 'certs'}",
+            # 0.0.0.0: 127.0.0.1 for the host's clients, HOST_IP for the node's daemons and pods.
+            "--bind-address=0.0.0.0", f"--secure-port={self.port}", f"--advertise-address={HOST_IP}",
+            f"--cert-dir={d / 'certs'}", f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
             "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # `kubectl logs/exec` reach the kubelet at the node's address, not by its name (no DNS for it).
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}",
@@ -151,7 +196,7 @@ class ControlPlane:
             f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--controllers=*",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--service-account-private-key-file={sa_key}",
-            f"--root-ca-file={d / 'certs' / 'apiserver.crt'}",
+            f"--root-ca-file={d / 'certs' / 'ca.crt'}",
             "--use-service-account-credentials=false",
             "--concurrent-gc-syncs=5",
         ], kcm_log)  # fmt: skip
@@ -199,15 +244,21 @@ class ControlPlane:
         time.sleep(down_seconds)
         self.start_apiserver()
 
-    def _write_kubeconfig(self, path: Path, token: str, user: str) -> None:
-        ca = self.dir / "certs" / "apiserver.crt"
+    def admin_kubeconfig(self, path: Path, host: str) -> Path:
+        """A kubeconfig with the admin token for clients that reach the API server at `host`
+        (the node's daemons in its network namespace use HOST_IP; the certificate covers it)."""
+        self._write_kubeconfig(path, ADMIN_TOKEN, "admin", host=host)
+        return path
+
+    def _write_kubeconfig(self, path: Path, token: str, user: str, host: str = "127.0.0.1") -> None:
+        ca = self.dir / "certs" / "ca.crt"
         path.write_text(
             f"""apiVersion: v1
 kind: Config
 clusters:
 - name: pgscale-local
   cluster:
-    server: https://127.0.0.1:{self.port}
+    server: https://{host}:{self.port}
     certificate-authority: {ca}
 users:
 - name: {user}
@@ -246,13 +297,15 @@ class Postgres:
 
     PASSWORD = "pgscale-super"  # noqa: S105 - loopback-only test server
 
-    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None, host: str = "127.0.0.1") -> None:
+        """`host` is where it listens (besides 127.0.0.1) and what dsn() and uri() name: HOST_IP
+        for a server the node's pods reach, as they would reach a database outside the cluster."""
         self.dir = workdir / name
         self.data = self.dir / "data"
         self.port = port or free_port()
         self.log = self.dir / "postgres.log"
         self.user = _os_user()
-        self.host = "127.0.0.1"
+        self.host = host
 
     def _run(self, *args: str) -> None:
         cmd = list(args)
@@ -282,7 +335,7 @@ class Postgres:
             with (self.data / "postgresql.conf").open("a") as conf:
                 conf.write(
                     f"""
-listen_addresses = '127.0.0.1'
+listen_addresses = '{",".join(dict.fromkeys(["127.0.0.1", self.host]))}'
 port = {self.port}
 unix_socket_directories = '{self.dir}'
 max_connections = 200
@@ -300,6 +353,9 @@ logging_collector = off
                 )
             with (self.data / "pg_hba.conf").open("a") as hba:
                 hba.write("host replication all 127.0.0.1/32 scram-sha-256\n")
+                if self.host != "127.0.0.1":  # the node's pods (hack/node.py: 198.18.0.0/15)
+                    hba.write("host all all 198.18.0.0/15 scram-sha-256\n")
+                    hba.write("host replication all 198.18.0.0/15 scram-sha-256\n")
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
         if fresh:
             self.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")  # in cron.database_name
@@ -342,11 +398,13 @@ class S3Server:
     ACCESS_KEY = "pgscale-test"
     SECRET_KEY = "pgscale-test-secret"  # noqa: S105
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        """`host`: where it listens and what `endpoint` names (HOST_IP for the node's pods)."""
         self.dir = workdir / "s3"
+        self.host = host
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
 
     def start(self) -> S3Server:
         """Start, retrying with a fresh port (see OperatorProcess.start)."""
@@ -357,14 +415,14 @@ class S3Server:
                 if attempt == 2:
                     raise
                 self.port = free_port()
-                self.endpoint = f"http://127.0.0.1:{self.port}"
+                self.endpoint = f"http://{self.host}:{self.port}"
         raise AssertionError("unreachable")
 
     def _start(self) -> S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "moto.log"
         exe = Path(sys.executable).parent / "moto_server"
-        self.proc = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], log)
+        self.proc = _spawn([str(exe), "-H", self.host, "-p", str(self.port)], log)
         wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),  # noqa: S310
                  proc=self.proc, log=log)  # fmt: skip
         return self
@@ -454,6 +512,8 @@ def stop_on_signals() -> None:
     starts it with SIGINT ignored, and SIGTERM's default would kill it and leave everything running."""
 
     def stop(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # one is enough: let the cleanup finish
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -464,20 +524,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("command", choices=["up", "build"])
     p.add_argument("--dir", default=str(ROOT / ".tmp" / "env"), help="working directory (state, logs)")
+    p.add_argument("--node", action="store_true", help="also start a real node (hack/node.py): pods run; needs root")
     args = p.parse_args()
     if args.command == "build":
         print(controlplane_bin())
         return 0
     stop_on_signals()
     workdir = Path(args.dir)
+    if args.node:
+        import node as nodemod  # only here: node imports this module
+
+        nodemod.clear_stale()  # a node that died without stopping may have mounts under workdir
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     with environment(workdir) as (cp, pgs, s3, op):
-        print(f"export KUBECONFIG={cp.kubeconfig}")
-        print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
-        print("# Ctrl-C stops everything", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+        running = nodemod.Node(workdir, cp).start() if args.node else None
+        try:
+            print(f"export KUBECONFIG={cp.kubeconfig}")
+            print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
+            if running:
+                print(f"# node {nodemod.NODE_NAME} Ready at {nodemod.NODE_IP}: pods {nodemod.POD_CIDR}, Services "
+                      f"{nodemod.SERVICE_CIDR}, DNS {nodemod.DNS_IP}; the host is {nodemod.HOST_IP} for pods; "
+                      f"logs {running.logs}")  # fmt: skip
+            print("# Ctrl-C stops everything", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        finally:
+            if running:
+                running.stop()
     return 0
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install everything pgscale's tests and demo need, idempotently, on a fresh machine:
-# Debian packages (PostgreSQL 15 with pg_cron and pg_partman, PgBouncer), the Python
-# environment from uv.lock, and the control-plane binaries built from hack/k8s and
-# hack/etcd (cached outside the checkout, rebuilt only when a pin changes).
+# Debian packages (PostgreSQL 15 with pg_cron and pg_partman, PgBouncer; containerd, runc,
+# the CNI plugins, iptables and mmdebstrap for the test node), the Python environment from
+# uv.lock, the control-plane binaries built from hack/k8s and hack/etcd, and the node's
+# (kubelet, kube-proxy, kube-scheduler, CoreDNS, pause: hack/build-node.sh), all cached
+# outside the checkout and rebuilt only when a pin changes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-15-partman postgresql-contrib pgbouncer openssl)
+APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-15-partman postgresql-contrib pgbouncer openssl
+  containerd runc containernetworking-plugins iptables mmdebstrap buildah)
 UV_VERSION=0.13.8
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
@@ -29,5 +32,13 @@ uv sync --frozen --quiet
 
 command -v go >/dev/null || { echo "setup: Go is required to build the control plane" >&2; exit 1; }
 hack/build-controlplane.sh >/dev/null
+hack/build-node.sh >/dev/null
 hack/build-helm.sh >/dev/null
+# The images pods run (operator from the Dockerfile via buildah, postgres, pgbouncer), cached
+# under ~/.cache/pgscale/images by their inputs: ~4 min the first time, nothing after.
+if [[ $(id -u) -eq 0 ]]; then
+  uv run --frozen python hack/images.py build
+else
+  echo "setup: not root: images not built (hack/images.py needs root; so do the tests that run them)" >&2
+fi
 echo "setup: ready" >&2

@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "hack"))
 
 import localenv  # noqa: E402
 
+import node as nodemod  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -52,6 +54,128 @@ def started_control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
 def control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
     with started_control_plane(workdir) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def node_control_plane(workdir: Path) -> Iterator[localenv.ControlPlane]:
+    """The node's own cluster: the e2e suite's operator (a process on the host watching every
+    namespace of `control_plane`) must not reconcile what the chart's operator in its pod does."""
+    with started_control_plane(workdir / "node-cluster") as cp:
+        yield cp
+
+
+@pytest.fixture(scope="session")
+def node(workdir: Path, node_control_plane: localenv.ControlPlane) -> Iterator[nodemod.Node]:
+    """A real node (hack/node.py) registered with node_control_plane: pods run in containers.
+
+    Started only when a test asks for it (the `node` tests). A machine that cannot run it fails the
+    tests with the reason; PGSCALE_NODE=0 skips them instead.
+    """
+    if os.environ.get("PGSCALE_NODE") == "0":
+        pytest.skip("PGSCALE_NODE=0: tests that need the node are skipped")
+    reason = nodemod.unsupported()
+    if reason:
+        pytest.fail(f"this machine cannot run the test node: {reason} (PGSCALE_NODE=0 skips these tests)",
+                    pytrace=False)  # fmt: skip
+    started = nodemod.Node(workdir / "node-cluster", node_control_plane)
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+        timings = ", ".join(f"{k} {v:.1f}s" for k, v in started.timings.items())
+        sys.stderr.write(f"\nnode logs: {started.logs} ({timings})\n")
+
+
+@pytest.fixture(scope="session")
+def node_image(node: nodemod.Node) -> str:
+    """A small Debian image (bash, curl, busybox, iproute2, netcat) imported into the node: its name."""
+    archive, name = nodemod.test_image()
+    node.import_image(archive)
+    return name
+
+
+@pytest.fixture(scope="session")
+def node_postgres(workdir: Path, node: nodemod.Node) -> Iterator[localenv.Postgres]:
+    """PostgreSQL on the host end of the node's link (HOST_IP): pods reach it as they would reach a
+    database outside the cluster; dsn() and uri() name HOST_IP."""
+    server = localenv.Postgres(workdir / "node-cluster", host=nodemod.HOST_IP)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_s3(workdir: Path, node: nodemod.Node) -> Iterator[localenv.S3Server]:
+    """The S3 server on HOST_IP, for pods."""
+    server = localenv.S3Server(workdir / "node-cluster", host=nodemod.HOST_IP)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_images(node: nodemod.Node) -> dict[str, Path]:
+    """pgscale's images (the operator's from the Dockerfile, postgres, pgbouncer), built here when
+    their inputs changed (hack/images.py) and imported into the node: {name: archive}."""
+    import images
+
+    built = images.build_images()
+    for archive in dict.fromkeys(built.values()):
+        node.import_image(archive)
+    return built
+
+
+def helm_binary() -> str:
+    """The helm binary built from hack/helm (cached)."""
+    out = subprocess.run([str(ROOT / "hack" / "build-helm.sh")], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def operator_release(node_control_plane: localenv.ControlPlane, node_images: dict[str, Path]) -> Iterator[Kubectl]:
+    """`helm install` of the chart with its default values (the CRDs are in the cluster already): the
+    operator runs in its pods, as its ServiceAccount. A Kubectl in the release's namespace."""
+    cp = node_control_plane
+    env = {"KUBECONFIG": str(cp.kubeconfig), "PATH": os.environ["PATH"], "HOME": str(cp.dir)}
+    helm = helm_binary()
+    result = subprocess.run(
+        [
+            helm,
+            "install",
+            "pgscale",
+            str(ROOT / "charts" / "pgscale"),
+            "--namespace",
+            "pgscale-system",
+            "--create-namespace",
+            "--set",
+            "crds.install=false",
+            "--wait",
+            "--timeout",
+            "300s",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    k = Kubectl(cp, "pgscale-system")
+    if result.returncode != 0:
+        pods = k.run("get", "pods", "-o", "wide", check=False)
+        described = k.run("describe", "pods", check=False)
+        raise AssertionError(f"helm install failed: {result.stderr}\n{pods}\n{described[-4000:]}")
+    try:
+        yield k
+    finally:
+        sys.stderr.write("\n" + cp.kubectl_run("get", "pods", "-A", "-o", "wide").stdout)
+        subprocess.run(
+            [helm, "uninstall", "pgscale", "--namespace", "pgscale-system", "--wait", "--timeout", "120s"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=200,
+        )
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 60, what: str = "condition",

@@ -223,9 +223,16 @@ def _specials(path: tuple[str, ...], schema: dict[str, Any]) -> list[str]:
     elif name == "timeZone":
         out = TIMEZONES
     elif name == "namingPattern":
-        out = ["{table}_{YYYY}_{MM}_{DD}", "{table}_{YYYY}_{MM}", "{table}_{YYYY}", "{table}_{IYYY}_{IW}",
-               "{table}_{YYYY}_{Q}", "p{YYYY}{MM}{DD}{IYYY}{IW}{Q}", "{table}{table}_{YYYY}{MM}{DD}{IYYY}{IW}{Q}",
-               "x" * 50 + "{YYYY}{MM}{DD}"] * 3  # fmt: skip
+        out = [
+            "{table}_{YYYY}_{MM}_{DD}",
+            "{table}_{YYYY}_{MM}",
+            "{table}_{YYYY}",
+            "{table}_{IYYY}_{IW}",
+            "{table}_{YYYY}_{Q}",
+            "p{YYYY}{MM}{DD}{IYYY}{IW}{Q}",
+            "{table}{table}_{YYYY}{MM}{DD}{IYYY}{IW}{Q}",
+            "x" * 50 + "{YYYY}{MM}{DD}",
+        ] * 3
     elif name == "keyTemplate":
         out = ["{table}/{key}", "{key}", "{key}/{key}", "../{key}", "{table}/{nope}/{key}", "{key}" + "a" * 200] * 3
     elif name == "endpoint":
@@ -239,8 +246,11 @@ def _string(path: tuple[str, ...], schema: dict[str, Any]) -> st.SearchStrategy[
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     specials = _specials(path, schema)
-    base = _pattern(schema) if "pattern" in schema else _bounded(st.text(max_size=min(schema.get("maxLength", 64),
-                                                                                      64)), schema)  # fmt: skip
+    base = (
+        _pattern(schema)
+        if "pattern" in schema
+        else _bounded(st.text(max_size=min(schema.get("maxLength", 64), 64)), schema)
+    )
     if schema.get("maxLength", 0) > 300 and "pattern" not in schema:
         base = st.one_of(base, st.just("x" * schema["maxLength"]))
     if not specials:
@@ -291,10 +301,20 @@ def strategy(schema: dict[str, Any], path: tuple[str, ...] = ("spec",)) -> st.Se
             required = set(schema.get("required") or [])
             exclusive = _exactly_one(schema)
             if exclusive:  # a CEL rule `has(self.a) != has(self.b)`: one of them, as the API server wants
-                return st.one_of(*[strategy({**schema, "properties": {k: v for k, v in props.items()
-                                                                      if k not in exclusive or k == keep},
-                                             "required": [*required, keep], "x-kubernetes-validations": []}, path)
-                                   for keep in exclusive])  # fmt: skip
+                return st.one_of(
+                    *[
+                        strategy(
+                            {
+                                **schema,
+                                "properties": {k: v for k, v in props.items() if k not in exclusive or k == keep},
+                                "required": [*required, keep],
+                                "x-kubernetes-validations": [],
+                            },
+                            path,
+                        )
+                        for keep in exclusive
+                    ]
+                )
             return st.fixed_dictionaries(
                 {k: strategy(v, (*path, k)) for k, v in props.items() if k in required},
                 optional={k: strategy(v, (*path, k)) for k, v in props.items() if k not in required},
@@ -336,8 +356,14 @@ def generate(n: int, seed_value: int) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
 
     @seed(seed_value)
-    @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate], derandomize=False,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(any_spec())
     def collect(pair: tuple[str, dict[str, Any]]) -> None:
         out.append(pair)
@@ -353,8 +379,13 @@ def generate_isolated(n: int, seed_value: int) -> list[tuple[str, dict[str, Any]
     ("local constants"), so in a test process the specs would depend on which tests and operator
     modules happen to be imported. Alone, the same seed and this file give the same specs.
     """
-    out = subprocess.run([sys.executable, __file__, str(n), str(seed_value)], check=True, capture_output=True,
-                         text=True, cwd=Path(__file__).parent)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, str(n), str(seed_value)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    )
     return [(kind, spec) for kind, spec in json.loads(out.stdout)]
 
 

@@ -107,8 +107,13 @@ def lease_config(args: argparse.Namespace) -> LeaseConfig:
     identity = args.leader_election_identity or os.environ.get("POD_NAME")
     if not identity:
         identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
-    return LeaseConfig(name=args.leader_election_name, namespace=namespace or "default", identity=identity,
-                       lease_duration=args.lease_duration_seconds, renew_seconds=args.lease_renew_seconds)  # fmt: skip
+    return LeaseConfig(
+        name=args.leader_election_name,
+        namespace=namespace or "default",
+        identity=identity,
+        lease_duration=args.lease_duration_seconds,
+        renew_seconds=args.lease_renew_seconds,
+    )
 
 
 def cmd_crds(args: argparse.Namespace) -> int:

@@ -3,14 +3,14 @@
 Conventions are kstatus's (read by Flux, ``kubectl wait`` and Argo CD):
 ``Ready`` is always present; ``Reconciling`` and ``Stalled`` are present only
 while True; ``lastTransitionTime`` changes only when a condition's status does.
-Functions here are pure: they take and return lists of condition dicts.
+Functions here are pure: they take and return lists of :class:`Condition` models.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
 
+from .api.common import Condition, ConditionStatus
 from .redact import redact
 
 READY = "Ready"
@@ -18,9 +18,9 @@ RECONCILING = "Reconciling"
 STALLED = "Stalled"
 # Conditions that kstatus treats as "abnormal-true": absent unless true.
 _ONLY_WHILE_TRUE = (RECONCILING, STALLED)
+MAX_REASON, MAX_MESSAGE = 1024, 32768  # Condition's limits in the CRD
 
-Status = Literal["True", "False", "Unknown"]
-Conditions = list[dict[str, Any]]
+Conditions = list[Condition]
 
 
 def now_rfc3339() -> str:
@@ -28,40 +28,39 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def get(conditions: Conditions, ctype: str) -> dict[str, Any] | None:
+def get(conditions: Conditions, ctype: str) -> Condition | None:
     """The condition of a type, or None."""
-    return next((c for c in conditions if c.get("type") == ctype), None)
+    return next((c for c in conditions if c.type == ctype), None)
 
 
 def is_true(conditions: Conditions, ctype: str) -> bool:
     """Whether a condition is present and True."""
     found = get(conditions, ctype)
-    return found is not None and found.get("status") == "True"
+    return found is not None and found.status == "True"
 
 
 def set_condition(
     conditions: Conditions,
     ctype: str,
-    status: Status,
+    status: ConditionStatus,
     reason: str,
     message: str,
     generation: int | None,
     now: str | None = None,
 ) -> Conditions:
     """Return conditions with one set; Reconciling/Stalled are removed instead of set False."""
-    rest = [c for c in conditions if c.get("type") != ctype]
+    rest = [c for c in conditions if c.type != ctype]
     if ctype in _ONLY_WHILE_TRUE and status != "True":
         return rest
     old = get(conditions, ctype)
-    changed = old is None or old.get("status") != status
-    new = {
-        "type": ctype,
-        "status": status,
-        "reason": reason,
-        "message": redact(message)[:32768],
-        "observedGeneration": generation,
-        "lastTransitionTime": (now or now_rfc3339()) if changed else old["lastTransitionTime"],  # type: ignore[index]
-    }
+    new = Condition(
+        type=ctype,
+        status=status,
+        reason=reason[:MAX_REASON],
+        message=redact(message)[:MAX_MESSAGE],
+        observed_generation=generation,
+        last_transition_time=old.last_transition_time if old and old.status == status else (now or now_rfc3339()),
+    )
     return [*rest, new] if old is None else [new if c is old else c for c in conditions]
 
 
@@ -74,7 +73,7 @@ def flag(conditions: Conditions, ctype: str, on: bool, reason: str, message: str
 
 def remove(conditions: Conditions, ctype: str) -> Conditions:
     """Conditions without one type (for kind-specific conditions that no longer apply)."""
-    return [c for c in conditions if c.get("type") != ctype]
+    return [c for c in conditions if c.type != ctype]
 
 
 def reconciling(conditions: Conditions, reason: str, message: str, generation: int | None) -> Conditions:

@@ -177,10 +177,16 @@ def _report(state: sqlc.State | None, now: float | None = None) -> Report:
         rate = state.rows_copied / elapsed
         left = eta(state.rows_copied, state.rows_total, rate) if state.phase == "prepared" else 0
     return Report(
-        phase=state.phase, rows_total=state.rows_total, rows_copied=state.rows_copied, rows_per_second=rate,
-        eta_seconds=left, longest_lock_ms=state.longest_lock_ms, lock_retries=state.lock_retries,
-        started_at=state.started_at, finished=state.phase == "done",
-    )  # fmt: skip
+        phase=state.phase,
+        rows_total=state.rows_total,
+        rows_copied=state.rows_copied,
+        rows_per_second=rate,
+        eta_seconds=left,
+        longest_lock_ms=state.longest_lock_ms,
+        lock_retries=state.lock_retries,
+        started_at=state.started_at,
+        finished=state.phase == "done",
+    )
 
 
 def status(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec) -> Report:
@@ -192,9 +198,13 @@ RETRYABLE = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 
 
 def _with_lock_retries(
-    conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, what: str, step: Callable[[], int],
+    conn: psycopg.Connection,
+    state_schema: str,
+    spec: PartitionPolicySpec,
+    what: str,
+    step: Callable[[], int],
     deadline: float | None,
-) -> int:  # fmt: skip
+) -> int:
     """Run a step that must lock the table, retrying while the application holds the lock."""
     schema, table = spec.table.schema_, spec.table.name
     target = subject(conn, state_schema, spec)
@@ -205,8 +215,14 @@ def _with_lock_retries(
         except RETRYABLE as exc:
             if sqlc.load_state(target) is not None:
                 sqlc.note_retry(target)
-            log.info("%s of %s.%s gave way to the application (attempt %d): %s", what, schema, table, attempt + 1,
-                     type(exc).__name__)  # fmt: skip
+            log.info(
+                "%s of %s.%s gave way to the application (attempt %d): %s",
+                what,
+                schema,
+                table,
+                attempt + 1,
+                type(exc).__name__,
+            )
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(min(0.2 * (attempt + 1), 2.0))
@@ -219,8 +235,15 @@ def _with_lock_retries(
     )
 
 
-def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpec, shape: sqlc.Shape,
-           batch: int, ms: int, deadline: float | None) -> bool:  # fmt: skip
+def _drain(
+    conn: psycopg.Connection,
+    state_schema: str,
+    spec: PartitionPolicySpec,
+    shape: sqlc.Shape,
+    batch: int,
+    ms: int,
+    deadline: float | None,
+) -> bool:
     """Replay the change log until less than a batch is left (the switch replays the rest under its lock).
 
     False when the time is up first (the application writes faster than one slice replays): the
@@ -239,8 +262,9 @@ def _drain(conn: psycopg.Connection, state_schema: str, spec: PartitionPolicySpe
             return True
 
 
-def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, ms: int,
-                      what: str) -> NoReturn:  # fmt: skip
+def _restart_or_block(
+    conn: psycopg.Connection, spec: PartitionPolicySpec, state_schema: str, ms: int, what: str
+) -> NoReturn:
     """The table changed under the conversion: wait for the user, or build the copy again."""
     schema, table = spec.table.schema_, spec.table.name
     target = subject(conn, state_schema, spec)
@@ -248,11 +272,18 @@ def _restart_or_block(conn: psycopg.Connection, spec: PartitionPolicySpec, state
     if problems:
         # A view or a referencing key would keep pointing at the old table: it waits for the user (the
         # log keeps recording the application's writes meanwhile).
-        raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot be "
-                        "switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
+        raise SpecError(
+            "conversion",
+            f"{spec.table.qualified()} changed during the conversion and cannot be "
+            "switched yet: " + "; ".join(problems),
+            reason="ConversionBlocked",
+        )
     sqlc.abort(target, ms, locked=True)
-    raise TransientError(f"the {what} of {spec.table.qualified()} changed during the conversion; it starts over",
-                         reason="ConversionRestarted", retry_seconds=1)  # fmt: skip
+    raise TransientError(
+        f"the {what} of {spec.table.qualified()} changed during the conversion; it starts over",
+        reason="ConversionRestarted",
+        retry_seconds=1,
+    )
 
 
 def convert(
@@ -302,9 +333,13 @@ def convert(
             assert shape is not None
             fixed = shape
             _with_lock_retries(
-                conn, state_schema, spec, "installing the change log",
-                lambda: sqlc.install_log(target, fixed, ms), deadline,
-            )  # fmt: skip
+                conn,
+                state_schema,
+                spec,
+                "installing the change log",
+                lambda: sqlc.install_log(target, fixed, ms),
+                deadline,
+            )
             events.append(
                 Event(
                     "ConversionStarted",
@@ -324,8 +359,7 @@ def convert(
                 if (deadline is not None and time.monotonic() > deadline) or (stop and stop()):
                     return _finish(conn, state_schema, spec, events)
                 try:
-                    read, cursor = sqlc.copy_batch(target, shape, conflict, cursor, batch,
-                                                   ms)  # fmt: skip
+                    read, cursor = sqlc.copy_batch(target, shape, conflict, cursor, batch, ms)
                 except RETRYABLE as exc:  # DDL on the table holds it: the batch waits its turn
                     sqlc.note_retry(target)
                     failures += 1
@@ -355,8 +389,7 @@ def convert(
                 return _finish(conn, state_schema, spec, events)
             source, copy = sqlc.verify(target, shape)
             if source != copy:
-                sqlc.update_state(target,
-                                  message=f"verification failed: table {source}, copy {copy}")  # fmt: skip
+                sqlc.update_state(target, message=f"verification failed: table {source}, copy {copy}")
                 raise DependencyError(
                     f"verification of the copy of {spec.table.qualified()} failed ({source[0]} rows in the table, "
                     f"{copy[0]} in the copy, checksums differ: {source[1] != copy[1]}); the table is untouched. "
@@ -377,19 +410,27 @@ def convert(
             assert shape is not None
             problems = blockers(shape, spec)
             if problems:
-                raise SpecError("conversion", f"{spec.table.qualified()} changed during the conversion and cannot "
-                                "be switched yet: " + "; ".join(problems), reason="ConversionBlocked")  # fmt: skip
+                raise SpecError(
+                    "conversion",
+                    f"{spec.table.qualified()} changed during the conversion and cannot "
+                    "be switched yet: " + "; ".join(problems),
+                    reason="ConversionBlocked",
+                )
             if not _drain(conn, state_schema, spec, shape, batch, ms, deadline):
                 return _finish(conn, state_schema, spec, events)
             fresh, built_from = shape, state.definition or ""
             drop = conv.drop_referencing_foreign_keys
             try:
                 held = _with_lock_retries(
-                    conn, state_schema, spec, "the switch",
-                    lambda: sqlc.swap(target, fresh, built_from, drop_incoming=drop, lock_timeout_ms=ms,
-                                      checkpoint=faults.checkpoint),
+                    conn,
+                    state_schema,
+                    spec,
+                    "the switch",
+                    lambda: sqlc.swap(
+                        target, fresh, built_from, drop_incoming=drop, lock_timeout_ms=ms, checkpoint=faults.checkpoint
+                    ),
                     deadline,
-                )  # fmt: skip
+                )
             except sqlc.DefinitionChanged:
                 _restart_or_block(conn, spec, state_schema, ms, "definition")
             message = f"{schema}.{table} is now partitioned by {spec.column!r}; the table was locked {held} ms"
@@ -441,8 +482,9 @@ def _build(
     except ValueError as exc:
         raise SpecError("namingPattern", str(exc)) from exc
     default_name = f"{table}_default"[:63]
-    taken = sqlc.existing_tables(conn, schema, [r.name for r in ranges] + [default_name, sqlc.shadow_name(table),
-                                                                         sqlc.old_name(table)])  # fmt: skip
+    taken = sqlc.existing_tables(
+        conn, schema, [r.name for r in ranges] + [default_name, sqlc.shadow_name(table), sqlc.old_name(table)]
+    )
     if taken:
         raise SpecError(
             "namingPattern",
@@ -451,17 +493,25 @@ def _build(
             reason="NameConflict",
         )
     bounds = [
-        sqlc.Bounds(r.name, sqlp.bound_literal(column_type, r.start, spec.time_zone),
-                    sqlp.bound_literal(column_type, r.end, spec.time_zone))
+        sqlc.Bounds(
+            r.name,
+            sqlp.bound_literal(column_type, r.start, spec.time_zone),
+            sqlp.bound_literal(column_type, r.end, spec.time_zone),
+        )
         for r in ranges
-    ]  # fmt: skip
-    widen = spec.conversion_or_default.widen_keys
-    total = sqlc.estimate_rows(conn, schema, table)
-
-    ms = lock_ms(spec)
+    ]
+    plan = sqlc.ShadowPlan(
+        column=spec.column,
+        shape=shape,
+        partitions=tuple(bounds),
+        default_name=default_name,
+        widen=spec.conversion_or_default.widen_keys,
+        rows_total=sqlc.estimate_rows(conn, schema, table),
+        lock_timeout_ms=lock_ms(spec),
+    )
 
     def step() -> int:
-        sqlc.build(target, spec.column, shape, bounds, default_name, widen=widen, rows_total=total, lock_timeout_ms=ms)
+        sqlc.build(target, plan)
         return 0
 
     _with_lock_retries(conn, state_schema, spec, "building the copy", step, deadline)

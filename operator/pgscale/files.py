@@ -20,11 +20,16 @@ def source(spec: FileMigrationSpec) -> sqlf.Source:
     """The migration's table and columns, as the ledger's SQL takes them."""
     cols = spec.columns
     return sqlf.Source(
-        schema=spec.table.schema_, table=spec.table.name, key=spec.key_column, data=spec.data_column,
-        path=spec.path_column, storage_type=spec.storage_type_column,
-        size=cols.size if cols else None, file_name=cols.file_name if cols else None,
+        schema=spec.table.schema_,
+        table=spec.table.name,
+        key=spec.key_column,
+        data=spec.data_column,
+        path=spec.path_column,
+        storage_type=spec.storage_type_column,
+        size=cols.size if cols else None,
+        file_name=cols.file_name if cols else None,
         content_type=cols.content_type if cols else None,
-    )  # fmt: skip
+    )
 
 
 _WHITESPACE = re.compile(rb"\s+")

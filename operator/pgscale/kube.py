@@ -134,20 +134,32 @@ class Kube:
         remember_secret(decoded)  # from now on redacted from every message (redact.py)
         return decoded
 
-    def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
-                 body: Any = None, content_type: str = "application/json",
-                 timeout: float | None = None) -> Any:  # fmt: skip
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> Any:
         """One raw API call (for kinds the typed client has no method for, and apply)."""
         if content_type.endswith("+yaml") and body is not None:
             # JSON is YAML, except that the API server's YAML decoder refuses JSON's surrogate-pair escape of
             # a character outside the BMP (an emoji from a spec): send the JSON as UTF-8 text instead.
             body = json.dumps(body, ensure_ascii=False).encode()
         _, url, headers, payload, post = self.api.param_serialize(
-            method, path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            method,
+            path,
+            query_params=query or [],
+            body=body,
+            auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-        )  # fmt: skip
-        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post,
-                                     _request_timeout=timeout)  # fmt: skip
+        )
+        response = self.api.call_api(
+            method, url, header_params=headers, body=payload, post_params=post, _request_timeout=timeout
+        )
         response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)

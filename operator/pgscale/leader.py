@@ -67,8 +67,10 @@ class LeaseConfig:
         if self.lease_duration < 2:
             out.append("the lease duration must be at least 2 s")
         if not 0 < self.renew_seconds < self.renew_deadline:
-            out.append(f"renewing every {self.renew_seconds:g} s must be more often than the renew deadline, "
-                       f"2/3 of the lease duration ({self.renew_deadline:g} s)")  # fmt: skip
+            out.append(
+                f"renewing every {self.renew_seconds:g} s must be more often than the renew deadline, "
+                f"2/3 of the lease duration ({self.renew_deadline:g} s)"
+            )
         if not self.identity:
             out.append("the identity must not be empty")
         return out
@@ -129,8 +131,9 @@ class LeaderElector:
                     _call(on_started)
             elif self.leading and (now - last_renewal >= cfg.renew_deadline or self._held_by_other()):
                 self._set_leading(False)
-                log.warning("leader election: %s lost the Lease %s/%s; standing by", cfg.identity, cfg.namespace,
-                            cfg.name)  # fmt: skip
+                log.warning(
+                    "leader election: %s lost the Lease %s/%s; standing by", cfg.identity, cfg.namespace, cfg.name
+                )
                 _call(on_stopped)
             self._stop.wait(cfg.renew_seconds if ok else cfg.retry_seconds)
         if self.leading:
@@ -173,8 +176,10 @@ class LeaderElector:
         try:
             lease = self._read()
             spec = (lease or {}).get("spec") or {}
-            record = tuple(spec.get(k) for k in ("holderIdentity", "renewTime", "acquireTime", "leaseDurationSeconds",
-                                                  "leaseTransitions"))  # fmt: skip
+            record = tuple(
+                spec.get(k)
+                for k in ("holderIdentity", "renewTime", "acquireTime", "leaseDurationSeconds", "leaseTransitions")
+            )
             if lease is not None and record != self._observed:
                 self._seen(record)
             holder = spec.get("holderIdentity")
@@ -184,9 +189,13 @@ class LeaderElector:
                 return False  # someone else holds it, and renewed within the lease
             ours = holder == cfg.identity
             transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours or lease is None else 1)
-            mine = {"holderIdentity": cfg.identity, "leaseDurationSeconds": round(cfg.lease_duration),
-                    "acquireTime": spec.get("acquireTime") if ours else now, "renewTime": now,
-                    "leaseTransitions": transitions}  # fmt: skip
+            mine = {
+                "holderIdentity": cfg.identity,
+                "leaseDurationSeconds": round(cfg.lease_duration),
+                "acquireTime": spec.get("acquireTime") if ours else now,
+                "renewTime": now,
+                "leaseTransitions": transitions,
+            }
             self._write(lease, mine)
             self._seen((cfg.identity, now))
             self._ok()
@@ -210,8 +219,15 @@ class LeaderElector:
             if lease is None or spec.get("holderIdentity") != cfg.identity:
                 return
             now = _micro_time(datetime.now(UTC))
-            self._write(lease, {"leaseDurationSeconds": 1, "acquireTime": now, "renewTime": now,
-                                "leaseTransitions": int(spec.get("leaseTransitions") or 0)})  # fmt: skip
+            self._write(
+                lease,
+                {
+                    "leaseDurationSeconds": 1,
+                    "acquireTime": now,
+                    "renewTime": now,
+                    "leaseTransitions": int(spec.get("leaseTransitions") or 0),
+                },
+            )
             log.info("leader election: %s released the Lease %s/%s", cfg.identity, cfg.namespace, cfg.name)
         except Exception as exc:  # the standby then waits for the lease to run out: slower, still correct
             log.warning("leader election: could not release the Lease %s/%s: %s", cfg.namespace, cfg.name, exc)
@@ -229,8 +245,13 @@ class LeaderElector:
         """One line per outage, not one traceback per retry."""
         cfg = self.config
         if not self._failing:
-            log.warning("leader election: cannot read or write the Lease %s/%s: %s; retrying every %g s",
-                        cfg.namespace, cfg.name, why, cfg.retry_seconds)  # fmt: skip
+            log.warning(
+                "leader election: cannot read or write the Lease %s/%s: %s; retrying every %g s",
+                cfg.namespace,
+                cfg.name,
+                why,
+                cfg.retry_seconds,
+            )
         else:
             log.debug("leader election: still failing: %s", why)
         self._failing = True

@@ -127,8 +127,17 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
     for part in sqlp.pending_detaches(conn, schema, table):
         # A concurrent detach that gave way earlier: finish it first (it blocks every other detach).
         try:
-            sqlp.retire(conn, schema, table, part, action=action, archive_schema=archive, concurrently=False,
-                        lock_timeout_ms=lock_ms, finalize=True)  # fmt: skip
+            sqlp.retire(
+                conn,
+                schema,
+                table,
+                part,
+                action=action,
+                archive_schema=archive,
+                concurrently=False,
+                lock_timeout_ms=lock_ms,
+                finalize=True,
+            )
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(part.name)
             continue
@@ -154,9 +163,16 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 report.kept.append(_kept(part.name, holders))
                 continue
             try:
-                sqlp.retire(conn, schema, table, part, action=spec.retention.action,
-                            archive_schema=spec.retention.archive_schema, concurrently=concurrent and not references,
-                            lock_timeout_ms=lock_ms)  # fmt: skip
+                sqlp.retire(
+                    conn,
+                    schema,
+                    table,
+                    part,
+                    action=spec.retention.action,
+                    archive_schema=spec.retention.archive_schema,
+                    concurrently=concurrent and not references,
+                    lock_timeout_ms=lock_ms,
+                )
             except psycopg.errors.ForeignKeyViolation:
                 # A referencing row arrived after the check: PostgreSQL refused the detach; nothing changed.
                 report.kept.append(_kept(part.name, references))
@@ -170,8 +186,9 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
     attached = sqlp.parts(conn, schema, table)
     report.count = len(attached)
     for part in attached[:100]:  # status lists at most 100; partitionCount counts them all
-        entry = PartitionInfo(name=part.name, is_default=part.is_default, rows_estimate=part.rows_estimate,
-                              bytes=part.bytes)  # fmt: skip
+        entry = PartitionInfo(
+            name=part.name, is_default=part.is_default, rows_estimate=part.rows_estimate, bytes=part.bytes
+        )
         bounds = sqlp.bounds_of(conn, part, column_type)
         if bounds:
             entry.from_, entry.to = bounds

@@ -21,9 +21,12 @@ class Metrics:
             f"{PREFIX}_reconcile", "Reconciles by kind and outcome.", ["kind", "outcome"], registry=r
         )
         self.reconcile_seconds = Histogram(
-            f"{PREFIX}_reconcile_duration_seconds", "Time spent in one reconcile.", ["kind"], registry=r,
+            f"{PREFIX}_reconcile_duration_seconds",
+            "Time spent in one reconcile.",
+            ["kind"],
+            registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-        )  # fmt: skip
+        )
         self.queue_depth = Gauge(f"{PREFIX}_workqueue_depth", "Resources waiting for a worker.", registry=r)
         self.resources = Gauge(f"{PREFIX}_resources", "Resources watched, by kind.", ["kind"], registry=r)
         self.leader = Gauge(

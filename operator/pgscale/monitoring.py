@@ -58,24 +58,54 @@ def evaluate(
     if snap.max_connections:
         pct = 100.0 * used / snap.max_connections
         if pct > spec.connection_utilization_percent:
-            alerts.append(Alert("ConnectionUtilization", round(pct, 1), spec.connection_utilization_percent,
-                                f"{used} of {snap.max_connections} connections in use ({pct:.0f}%)"))  # fmt: skip
+            alerts.append(
+                Alert(
+                    "ConnectionUtilization",
+                    round(pct, 1),
+                    spec.connection_utilization_percent,
+                    f"{used} of {snap.max_connections} connections in use ({pct:.0f}%)",
+                )
+            )
     if snap.statements_mean_seconds is not None and snap.statements_mean_seconds > spec.query_time_seconds:
-        alerts.append(Alert("QueryTime", round(snap.statements_mean_seconds, 3), spec.query_time_seconds,
-                            f"mean statement time {snap.statements_mean_seconds:.2f}s"))  # fmt: skip
+        alerts.append(
+            Alert(
+                "QueryTime",
+                round(snap.statements_mean_seconds, 3),
+                spec.query_time_seconds,
+                f"mean statement time {snap.statements_mean_seconds:.2f}s",
+            )
+        )
     if growth_bytes_per_month is not None and growth_bytes_per_month > growth_threshold_bytes:
-        alerts.append(Alert("DatabaseGrowth", round(growth_bytes_per_month), growth_threshold_bytes,
-                            f"growing {growth_bytes_per_month / 2**30:.1f} GiB per month"))  # fmt: skip
+        alerts.append(
+            Alert(
+                "DatabaseGrowth",
+                round(growth_bytes_per_month),
+                growth_threshold_bytes,
+                f"growing {growth_bytes_per_month / 2**30:.1f} GiB per month",
+            )
+        )
     if memory_estimate and memory_bytes:
         pct = 100.0 * memory_estimate / memory_bytes
         if pct > spec.memory_percent:
-            alerts.append(Alert("MemoryCommitment", round(pct, 1), spec.memory_percent,
-                                f"settings can use {memory_estimate / 2**30:.1f} GiB of "
-                                f"{memory_bytes / 2**30:.1f} GiB ({pct:.0f}%)"))  # fmt: skip
+            alerts.append(
+                Alert(
+                    "MemoryCommitment",
+                    round(pct, 1),
+                    spec.memory_percent,
+                    f"settings can use {memory_estimate / 2**30:.1f} GiB of "
+                    f"{memory_bytes / 2**30:.1f} GiB ({pct:.0f}%)",
+                )
+            )
     for replica, (_, lag_seconds) in snap.replication.items():
         if lag_seconds is not None and lag_seconds > spec.replication_lag_seconds:
-            alerts.append(Alert("ReplicationLag", round(lag_seconds, 1), spec.replication_lag_seconds,
-                                f"replica {replica} is {lag_seconds:.0f}s behind"))  # fmt: skip
+            alerts.append(
+                Alert(
+                    "ReplicationLag",
+                    round(lag_seconds, 1),
+                    spec.replication_lag_seconds,
+                    f"replica {replica} is {lag_seconds:.0f}s behind",
+                )
+            )
     return alerts
 
 
@@ -105,26 +135,35 @@ class ProfileCollector(Collector):
         p = f"{PREFIX}_pg"
         conns = GaugeMetricFamily(f"{p}_connections", "Client connections by state.", labels=["profile", "state"])
         maxc = GaugeMetricFamily(f"{p}_max_connections", "max_connections of the server.", labels=["profile"])
-        util = GaugeMetricFamily(f"{p}_connection_utilization_ratio", "Connections in use / max_connections.",
-                                 labels=["profile"])  # fmt: skip
+        util = GaugeMetricFamily(
+            f"{p}_connection_utilization_ratio", "Connections in use / max_connections.", labels=["profile"]
+        )
         dbsize = GaugeMetricFamily(f"{p}_database_size_bytes", "Size of the database.", labels=["profile"])
-        tsize = GaugeMetricFamily(f"{p}_table_size_bytes", "Total size of the largest tables.",
-                                  labels=["profile", "table"])  # fmt: skip
-        dead = GaugeMetricFamily(f"{p}_table_dead_tuples", "Dead tuples of the largest tables.",
-                                 labels=["profile", "table"])  # fmt: skip
-        seq = CounterMetricFamily(f"{p}_table_seq_scans", "Sequential scans of the largest tables.",
-                                  labels=["profile", "table"])  # fmt: skip
-        idx = CounterMetricFamily(f"{p}_table_idx_scans", "Index scans of the largest tables.",
-                                  labels=["profile", "table"])  # fmt: skip
+        tsize = GaugeMetricFamily(
+            f"{p}_table_size_bytes", "Total size of the largest tables.", labels=["profile", "table"]
+        )
+        dead = GaugeMetricFamily(
+            f"{p}_table_dead_tuples", "Dead tuples of the largest tables.", labels=["profile", "table"]
+        )
+        seq = CounterMetricFamily(
+            f"{p}_table_seq_scans", "Sequential scans of the largest tables.", labels=["profile", "table"]
+        )
+        idx = CounterMetricFamily(
+            f"{p}_table_idx_scans", "Index scans of the largest tables.", labels=["profile", "table"]
+        )
         unused = GaugeMetricFamily(f"{p}_unused_indexes", "Non-unique indexes never scanned.", labels=["profile"])
-        stmt = GaugeMetricFamily(f"{p}_statement_mean_seconds", "Mean statement time (pg_stat_statements).",
-                                 labels=["profile"])  # fmt: skip
-        lag = GaugeMetricFamily(f"{p}_replication_lag_bytes", "WAL not yet replayed by a replica.",
-                                labels=["profile", "replica"])  # fmt: skip
-        lag_s = GaugeMetricFamily(f"{p}_replication_lag_seconds", "Replay lag of a replica.",
-                                  labels=["profile", "replica"])  # fmt: skip
-        pending = GaugeMetricFamily(f"{p}_settings_pending_restart", "Managed settings waiting for a restart.",
-                                    labels=["profile"])  # fmt: skip
+        stmt = GaugeMetricFamily(
+            f"{p}_statement_mean_seconds", "Mean statement time (pg_stat_statements).", labels=["profile"]
+        )
+        lag = GaugeMetricFamily(
+            f"{p}_replication_lag_bytes", "WAL not yet replayed by a replica.", labels=["profile", "replica"]
+        )
+        lag_s = GaugeMetricFamily(
+            f"{p}_replication_lag_seconds", "Replay lag of a replica.", labels=["profile", "replica"]
+        )
+        pending = GaugeMetricFamily(
+            f"{p}_settings_pending_restart", "Managed settings waiting for a restart.", labels=["profile"]
+        )
         for profile, (snap, restarts) in items:
             for state, n in snap.connections.items():
                 conns.add_metric([profile, state], n)

@@ -28,18 +28,51 @@ MASK = "***"
 MIN_REMEMBERED = 6
 MAX_REMEMBERED = 4096
 # Secret keys whose values are names, not secrets (a Secret's host or user is shown on purpose).
-PUBLIC_KEYS = frozenset({
-    "host", "hostname", "port", "dbname", "database", "user", "username", "sslmode", "jdbc-uri-host",
-    "aws_access_key_id", "access_key_id", "accesskeyid", "region", "aws_region", "aws_default_region",
-    "endpoint", "endpoint_url", "bucket", "ca.crt",
-})  # fmt: skip
+PUBLIC_KEYS = frozenset(
+    {
+        "host",
+        "hostname",
+        "port",
+        "dbname",
+        "database",
+        "user",
+        "username",
+        "sslmode",
+        "jdbc-uri-host",
+        "aws_access_key_id",
+        "access_key_id",
+        "accesskeyid",
+        "region",
+        "aws_region",
+        "aws_default_region",
+        "endpoint",
+        "endpoint_url",
+        "bucket",
+        "ca.crt",
+    }
+)
 
 # Key names, not a password.
-_SECRET_WORDS = "|".join([
-    "password", "passwd", "pwd", "sslpassword", "pgpassword", "pgscale_db_password", "replication_password",
-    "aws_secret_access_key", "secret_access_key", "secretaccesskey", "secret[_-]?key", "aws_session_token",
-    "session_token", "token", "api[_-]?key", "client[_-]?secret",
-])  # fmt: skip
+_SECRET_WORDS = "|".join(
+    [
+        "password",
+        "passwd",
+        "pwd",
+        "sslpassword",
+        "pgpassword",
+        "pgscale_db_password",
+        "replication_password",
+        "aws_secret_access_key",
+        "secret_access_key",
+        "secretaccesskey",
+        "secret[_-]?key",
+        "aws_session_token",
+        "session_token",
+        "token",
+        "api[_-]?key",
+        "client[_-]?secret",
+    ]
+)
 # `password=...`, `"password": "..."`, `PGPASSWORD='...`: the value quoted (closed or not) or up to a space.
 _KEY_VALUE = re.compile(
     rf"""(?ix)

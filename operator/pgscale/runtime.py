@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Hashable
@@ -20,11 +22,12 @@ from typing import Any
 
 import kopf
 import urllib3
+from kopf._core.engines.peering import Identity  # a NewType of str that kopf does not export
 from kubernetes.client.exceptions import ApiException
 
 from .api import DATABASE_PROFILE, GROUP, VERSION
 from .controllers import all_controllers
-from .controllers.base import Context, Controller, Outcome, Settings, run_reconcile
+from .controllers.base import Context, Controller, OperatorConfig, Outcome, run_reconcile
 from .kube import Kube
 from .leader import LeaderElector, LeaseConfig
 from .metrics import METRICS
@@ -275,8 +278,12 @@ class Runtime:
                 outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._reconcile, key)
             except Exception as exc:  # the scaffold catches reconcile errors; this is I/O around it
                 if unreachable(exc):  # an API server outage: one line per retry, not a traceback
-                    log.warning("worker %d: %s: Kubernetes API unreachable (%s); retried with backoff",
-                                index, "/".join(key), describe(exc))  # fmt: skip
+                    log.warning(
+                        "worker %d: %s: Kubernetes API unreachable (%s); retried with backoff",
+                        index,
+                        "/".join(key),
+                        describe(exc),
+                    )
                 else:
                     log.exception("worker %d: %s failed", index, "/".join(key))
                 outcome = Outcome(10.0, failed=True)
@@ -326,6 +333,18 @@ def make_registry(ctx: Context, workers: int, elector: LeaderElector | None = No
     return registry
 
 
+def peering_identity(lease: LeaseConfig | None = None) -> str:
+    """Who this process is to kopf: the Lease's identity, else the pod's name or the host's.
+
+    kopf's own default asks getpass.getuser(), which raises KeyError when the uid has no
+    passwd entry: the image runs as 65532 (and OpenShift picks arbitrary uids), so the
+    operator crash-looped in a real pod before it set this.
+    """
+    if lease is not None:
+        return lease.identity
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}"
+
+
 async def run(
     *,
     namespaces: list[str],
@@ -335,11 +354,12 @@ async def run(
     lease: LeaseConfig | None = None,
 ) -> None:
     """Run the operator until it is stopped; with a lease, reconcile only while holding it."""
-    ctx = Context(kube=Kube(), settings=Settings(resync_seconds=resync_seconds, namespaces=list(namespaces)))
+    ctx = Context(kube=Kube(), config=OperatorConfig(resync_seconds=resync_seconds, namespaces=list(namespaces)))
     registry = make_registry(ctx, workers, LeaderElector(lease, Kube()) if lease else None)
     await kopf.operator(
         registry=registry,
         standalone=True,
+        identity=Identity(peering_identity(lease)),
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,

@@ -3,8 +3,11 @@
 `kubectl get pgscale` lists the four kinds side by side; what a person running a
 database wants is the other way round: per database, what works on it and how far
 it got. Reading (:func:`load`) is kept apart from formatting (:func:`build`,
-:func:`render_text`, :func:`render_json`), which is pure and unit-tested on plain
-dicts; the reads run against a real API server in the e2e tests.
+:func:`render_text`, :func:`render_json`), which is pure and unit-tested on objects
+as the API server returns them; the reads run against a real API server in the e2e
+tests. A status is read through its kind's status model (:func:`parse`, leniently:
+``BaseStatus.from_stored``), the one the controllers write it with, so a renamed field
+fails the type check and the tests.
 """
 
 from __future__ import annotations
@@ -13,10 +16,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # the models are imported where they are used: `pgscale --help` stays light
+    from .api.common import BaseStatus, Condition
+    from .api.databaseprofile import DatabaseProfileStatus
+    from .api.filemigration import FileMigrationStatus
+    from .api.partitionpolicy import ConversionStep, PartitionPolicyStatus
+    from .api.retentionpolicy import RetentionPolicyStatus
 
 Obj = dict[str, Any]
 # (namespace, Secret name) -> its data; None when it does not exist; absent when it could not be read.
@@ -32,7 +42,30 @@ PLURALS = {
 }
 KSTATUS_CONDITIONS = ("Ready", "Reconciling", "Stalled")
 # status.conversion.step once no conversion is under way (it stays in status after the switch).
-CONVERSION_OVER = ("done", "none")
+CONVERSION_OVER: tuple[ConversionStep, ...] = ("done", "none")
+
+
+# --- reading an object through its kind's models -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One object as the view reads it: metadata and spec as stored, status parsed by its kind's model."""
+
+    kind: str
+    meta: Obj
+    spec: Obj
+    status: BaseStatus
+
+
+def parse(obj: Obj) -> Resource:
+    """An object from the API server, its status typed."""
+    from .api import KINDS
+    from .api.common import BaseStatus
+
+    kind = str(obj.get("kind", "?"))
+    model = next((k.status for k in KINDS if k.name == kind), BaseStatus)
+    return Resource(kind, obj.get("metadata") or {}, obj.get("spec") or {}, model.from_stored(obj.get("status")))
 
 
 # --- health -----------------------------------------------------------------------------
@@ -47,45 +80,41 @@ class Health:
     message: str
 
 
-def condition(obj: Obj, ctype: str) -> Obj | None:
-    """A condition of the object's status, or None."""
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c.get("type") == ctype), None)
+def condition(status: BaseStatus, ctype: str) -> Condition | None:
+    """A condition of the status, or None."""
+    return next((c for c in status.conditions if c.type == ctype), None)
 
 
-def _is_true(obj: Obj, ctype: str) -> bool:
-    found = condition(obj, ctype)
-    return found is not None and found.get("status") == "True"
+def _true(status: BaseStatus, ctype: str) -> Condition | None:
+    found = condition(status, ctype)
+    return found if found is not None and found.status == "True" else None
 
 
-def health(obj: Obj) -> Health:
+def health(res: Resource) -> Health:
     """kstatus's rules: an unobserved generation is InProgress, Stalled Failed, Reconciling InProgress,
     Ready Current; a suspended resource that is not failing shows as Suspended."""
-    meta = obj.get("metadata") or {}
-    status = obj.get("status") or {}
+    meta, status = res.meta, res.status
     if meta.get("deletionTimestamp"):
         return Health("Terminating", "Deleting", "waiting for finalizers: " + ", ".join(meta.get("finalizers") or []))
-    observed, generation = status.get("observedGeneration"), meta.get("generation")
+    observed, generation = status.observed_generation, meta.get("generation")
     if observed is None:
         return Health("InProgress", "NotObserved", "the operator has not reported on this resource yet")
     if generation is not None and observed != generation:
         return Health(
             "InProgress", "NotObserved", f"generation {generation} not observed yet (status is of {observed})"
         )
-    if _is_true(obj, "Stalled"):
-        c = condition(obj, "Stalled") or {}
-        return Health("Failed", str(c.get("reason", "")), str(c.get("message", "")))
-    if (obj.get("spec") or {}).get("suspend") is True:
-        said = (condition(obj, "Ready") or {}).get("message")
-        return Health("Suspended", "Suspended", str(said or "spec.suspend is true"))
-    if _is_true(obj, "Reconciling"):
-        c = condition(obj, "Reconciling") or {}
-        return Health("InProgress", str(c.get("reason", "")), str(c.get("message", "")))
-    ready = condition(obj, "Ready")
+    stalled = _true(status, "Stalled")
+    if stalled is not None:
+        return Health("Failed", stalled.reason, stalled.message)
+    ready = condition(status, "Ready")
+    if res.spec.get("suspend") is True:
+        return Health("Suspended", "Suspended", (ready.message if ready else "") or "spec.suspend is true")
+    reconciling = _true(status, "Reconciling")
+    if reconciling is not None:
+        return Health("InProgress", reconciling.reason, reconciling.message)
     if ready is None:
         return Health("InProgress", "NoReadyCondition", "no Ready condition yet")
-    state = "Current" if ready.get("status") == "True" else "InProgress"
-    return Health(state, str(ready.get("reason", "")), str(ready.get("message", "")))
+    return Health("Current" if ready.status == "True" else "InProgress", ready.reason, ready.message)
 
 
 # --- humane numbers ---------------------------------------------------------------------
@@ -127,13 +156,18 @@ def human_rate(per_second: float | None, unit: str) -> str:
     return f"{per_second:,.1f} {unit}/s" if per_second < 100 else f"{per_second:,.0f} {unit}/s"
 
 
+def number(value: float) -> str:
+    """A number as the API server returns it: 80, 91.5 (a whole float comes back without its .0)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def _percent(done: float | None, total: float | None) -> str | None:
     if done is None or not total:
         return None
     return f"{100.0 * done / total:.1f}%"
 
 
-def _join(parts: Iterable[str | None], sep: str = ", ") -> str:
+def _join(*parts: str | None, sep: str = ", ") -> str:
     return sep.join(p for p in parts if p)
 
 
@@ -150,159 +184,165 @@ def _age(timestamp: str | None, now: datetime) -> str:
 # --- progress per kind ------------------------------------------------------------------
 
 
-def profile_progress(obj: Obj) -> str:
+def profile_progress(status: DatabaseProfileStatus) -> str:
     """The server and its size: what a profile row says in one cell."""
-    status = obj.get("status") or {}
-    capacity = status.get("capacity") or {}
-    version = status.get("serverVersion")
-    return _join([f"PostgreSQL {version}" if version else None, capacity.get("databaseSize")]) or "-"
+    version = status.server_version
+    size = status.capacity.database_size if status.capacity else None
+    return _join(f"PostgreSQL {version}" if version else None, size) or "-"
 
 
-def partition_progress(obj: Obj, wide: bool = False) -> str:
+def partition_progress(status: PartitionPolicyStatus, wide: bool = False) -> str:
     """Conversion while it runs, then the partitions and (wide) the last maintenance."""
-    status = obj.get("status") or {}
-    conv = status.get("conversion") or {}
-    if conv and conv.get("step") not in CONVERSION_OVER:
-        done, total = conv.get("rowsDone"), conv.get("rowsTotal")
+    conv = status.conversion
+    if conv is not None and conv.step not in CONVERSION_OVER:
+        done, total = conv.rows_done, conv.rows_total
         rows = f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows"
-        text = _join([
-            f"converting: {conv['step']}" if conv.get("step") else "converting",
+        lock = conv.longest_lock_ms
+        text = _join(
+            f"converting: {conv.step}" if conv.step else "converting",
             _percent(done, total),
             rows if done is not None else None,
-            human_rate(conv["rowsPerSecond"], "rows") if conv.get("rowsPerSecond") is not None else None,
-            f"ETA {human_duration(conv['etaSeconds'])}" if conv.get("etaSeconds") is not None else None,
-            f"longest lock {conv['longestLockMs']} ms" if wide and conv.get("longestLockMs") is not None else None,
-        ])  # fmt: skip
-    elif status.get("partitioned") is True:
-        count = status.get("partitionCount")
+            human_rate(conv.rows_per_second, "rows") if conv.rows_per_second is not None else None,
+            f"ETA {human_duration(conv.eta_seconds)}" if conv.eta_seconds is not None else None,
+            f"longest lock {lock} ms" if wide and lock is not None else None,
+        )
+    elif status.partitioned is True:
+        count = status.partition_count
         text = f"{count} partitions" if count is not None else "partitioned"
-    elif status.get("partitioned") is False:
+    elif status.partitioned is False:
         text = "not partitioned"
     else:
         text = "-"
     if wide:
-        if conv.get("step") == "done" and conv.get("rowsDone") is not None:
-            text += f"; converted with {human_count(conv['rowsDone'])} rows"
-        last = status.get("lastMaintenance") or {}
-        if last:
-            changes = _join([
-                f"created {len(last['created'])}" if last.get("created") else None,
-                f"detached {len(last['detached'])}" if last.get("detached") else None,
-                f"dropped {len(last['dropped'])}" if last.get("dropped") else None,
-                f"{human_count(last['rowsMovedFromDefault'])} rows moved from DEFAULT"
-                if last.get("rowsMovedFromDefault") else None,
-            ]) or "no changes"  # fmt: skip
-            text += f"; last maintenance {last.get('time', '-')}: {changes}"
-        if status.get("nextMaintenanceTime"):
-            text += f"; next {status['nextMaintenanceTime']}"
+        if conv is not None and conv.step == "done" and conv.rows_done is not None:
+            text += f"; converted with {human_count(conv.rows_done)} rows"
+        last = status.last_maintenance
+        if last is not None:
+            changes = (
+                _join(
+                    f"created {len(last.created)}" if last.created else None,
+                    f"detached {len(last.detached)}" if last.detached else None,
+                    f"dropped {len(last.dropped)}" if last.dropped else None,
+                    f"{human_count(last.rows_moved_from_default)} rows moved from DEFAULT"
+                    if last.rows_moved_from_default
+                    else None,
+                )
+                or "no changes"
+            )
+            text += f"; last maintenance {last.time}: {changes}"
+        if status.next_maintenance_time:
+            text += f"; next {status.next_maintenance_time}"
     return text
 
 
-def retention_progress(obj: Obj, wide: bool = False) -> str:
+def retention_progress(status: RetentionPolicyStatus, wide: bool = False) -> str:
     """The current or last run: rows, rate, ETA; (wide) next run and totals."""
-    status = obj.get("status") or {}
-    run = status.get("lastRun")
-    if not run:
+    run = status.last_run
+    if run is None:
         text = "no run yet"
-    elif run.get("outcome") == "Running":
-        done = (run.get("rowsArchived") or 0) + (run.get("rowsDeleted") or 0)
-        total = run.get("rowsTotal")
-        text = _join([
+    elif run.outcome == "Running":
+        done, total = run.rows_archived + run.rows_deleted, run.rows_total
+        text = _join(
             "running",
             _percent(done, total),
             f"{human_count(done)}/{human_count(total)} rows" if total is not None else f"{human_count(done)} rows",
-            human_rate(run["rowsPerSecond"], "rows") if run.get("rowsPerSecond") is not None else None,
-            f"ETA {human_duration(run['etaSeconds'])}" if run.get("etaSeconds") is not None else None,
-        ])  # fmt: skip
-    elif run.get("outcome") == "DryRun":
-        text = f"last run DryRun: {human_count(run.get('rowsMatched') or 0)} rows would move"
+            human_rate(run.rows_per_second, "rows") if run.rows_per_second is not None else None,
+            f"ETA {human_duration(run.eta_seconds)}" if run.eta_seconds is not None else None,
+        )
+    elif run.outcome == "DryRun":
+        text = f"last run DryRun: {human_count(run.rows_matched or 0)} rows would move"
     else:
-        moved = _join([
-            f"{human_count(run.get('rowsArchived') or 0)} archived" if run.get("rowsArchived") else None,
-            f"{human_count(run.get('rowsDeleted') or 0)} deleted" if run.get("rowsDeleted") else None,
-        ]) or "0 rows"  # fmt: skip
-        text = _join([
-            f"last run {run.get('outcome') or 'unknown'}: {moved}",
-            f"in {human_duration(run['durationSeconds'])}" if run.get("durationSeconds") is not None else None,
-            human_rate(run["rowsPerSecond"], "rows") if run.get("rowsPerSecond") is not None else None,
-        ], " ")  # fmt: skip
+        moved = (
+            _join(
+                f"{human_count(run.rows_archived)} archived" if run.rows_archived else None,
+                f"{human_count(run.rows_deleted)} deleted" if run.rows_deleted else None,
+            )
+            or "0 rows"
+        )
+        text = _join(
+            f"last run {run.outcome or 'unknown'}: {moved}",
+            f"in {human_duration(run.duration_seconds)}" if run.duration_seconds is not None else None,
+            human_rate(run.rows_per_second, "rows") if run.rows_per_second is not None else None,
+            sep=" ",
+        )
     if wide:
-        if status.get("nextRunTime"):
-            text += f"; next {status['nextRunTime']}"
-        totals = status.get("totals")
-        if totals:
+        if status.next_run_time:
+            text += f"; next {status.next_run_time}"
+        totals = status.totals
+        if totals is not None:
             text += (
-                f"; total {human_count(totals.get('runs', 0))} runs, {human_count(totals.get('rowsArchived', 0))} "
-                f"archived, {human_count(totals.get('rowsDeleted', 0))} deleted"
+                f"; total {human_count(totals.runs)} runs, {human_count(totals.rows_archived)} "
+                f"archived, {human_count(totals.rows_deleted)} deleted"
             )
     return text
 
 
-def files_progress(obj: Obj, wide: bool = False) -> str:
-    """Phase, share done, rates and ETA; (wide) bytes, reclaimable space, the Job, the last error."""
-    status = obj.get("status") or {}
-    if not status.get("phase"):
+def files_progress(status: FileMigrationStatus, wide: bool = False) -> str:
+    """Phase, share done, rates and ETA; (wide) bytes, reclaimable space, the Job."""
+    phase = status.phase
+    if not phase:
         return "-"
-    total, migrated = status.get("rowsTotal"), status.get("rowsMigrated")
+    total, migrated = status.rows_total, status.rows_migrated
     counts = None
     if total is not None:
         counts = f"{human_count(migrated or 0)}/{human_count(total)} rows"
-        if status.get("rowsFailed"):
-            counts += f", {human_count(status['rowsFailed'])} failed"
-    running = status["phase"] != "Completed"
-    text = _join([
-        f"{status['phase']} {status['progress']}" if status.get("progress") else status["phase"],
-        f"({counts})" if counts else None,
-    ], " ")  # fmt: skip
-    text = _join([
+        if status.rows_failed:
+            counts += f", {human_count(status.rows_failed)} failed"
+    running = phase != "Completed"
+    text = _join(f"{phase} {status.progress}" if status.progress else phase, f"({counts})" if counts else None, sep=" ")
+    text = _join(
         text,
-        human_rate(status["rowsPerSecond"], "rows") if running and status.get("rowsPerSecond") else None,
-        f"{human_bytes(status['bytesPerSecond'])}/s" if running and status.get("bytesPerSecond") else None,
-        f"ETA {human_duration(status['etaSeconds'])}" if status.get("etaSeconds") is not None else None,
-    ])  # fmt: skip
+        human_rate(status.rows_per_second, "rows") if running and status.rows_per_second else None,
+        f"{human_bytes(status.bytes_per_second)}/s" if running and status.bytes_per_second else None,
+        f"ETA {human_duration(status.eta_seconds)}" if status.eta_seconds is not None else None,
+    )
     if wide:
-        text = _join([
+        text = _join(
             text,
-            f"{human_bytes(status['bytesMigrated'])} written" if status.get("bytesMigrated") is not None else None,
-            f"{human_bytes(status['reclaimableBytes'])} reclaimable" if status.get("reclaimableBytes") else None,
-            f"Job {status['jobName']}" if status.get("jobName") else None,
-        ])  # fmt: skip
+            f"{human_bytes(status.bytes_migrated)} written" if status.bytes_migrated is not None else None,
+            f"{human_bytes(status.reclaimable_bytes)} reclaimable" if status.reclaimable_bytes else None,
+            f"Job {status.job_name}" if status.job_name else None,
+        )
     return text
 
 
-def progress(obj: Obj, wide: bool = False) -> str:
+def progress(res: Resource, wide: bool = False) -> str:
     """The progress cell of any pgscale kind."""
-    kind = obj.get("kind")
-    if kind == "DatabaseProfile":
-        return profile_progress(obj)
-    if kind == "PartitionPolicy":
-        return partition_progress(obj, wide)
-    if kind == "RetentionPolicy":
-        return retention_progress(obj, wide)
-    if kind == "FileMigration":
-        return files_progress(obj, wide)
+    from .api.databaseprofile import DatabaseProfileStatus
+    from .api.filemigration import FileMigrationStatus
+    from .api.partitionpolicy import PartitionPolicyStatus
+    from .api.retentionpolicy import RetentionPolicyStatus
+
+    status = res.status
+    if isinstance(status, DatabaseProfileStatus):
+        return profile_progress(status)
+    if isinstance(status, PartitionPolicyStatus):
+        return partition_progress(status, wide)
+    if isinstance(status, RetentionPolicyStatus):
+        return retention_progress(status, wide)
+    if isinstance(status, FileMigrationStatus):
+        return files_progress(status, wide)
     return "-"
 
 
 # --- a profile's summary ----------------------------------------------------------------
 
 
-def database(profile: Obj, secrets: Secrets) -> str:
+def database(profile: Resource, secrets: Secrets) -> str:
     """user@host:port/dbname the profile points at (never the password), or what is known without the Secret."""
     from .api.databaseprofile import ConnectionSpec
     from .errors import ReconcileError
     from .pg.connection import resolve
 
-    meta, spec = profile.get("metadata") or {}, profile.get("spec") or {}
-    raw = spec.get("connection") or {}
+    raw = profile.spec.get("connection") or {}
     secret_name = (raw.get("secretRef") or {}).get("name", "?")
-    overrides = _join([f"{k} {raw[k]}" for k in ("host", "port", "dbname") if raw.get(k) is not None])
-    key = (meta.get("namespace", ""), secret_name)
+    overrides = _join(*(f"{k} {raw[k]}" for k in ("host", "port", "dbname") if raw.get(k) is not None))
+    key = (profile.meta.get("namespace", ""), secret_name)
     if key not in secrets:
-        return _join([f"through Secret {secret_name} (not readable)", overrides])
+        return _join(f"through Secret {secret_name} (not readable)", overrides)
     secret = secrets[key]
     if secret is None:
-        return _join([f"Secret {secret_name} not found", overrides])
+        return _join(f"Secret {secret_name} not found", overrides)
     try:
         info = resolve(ConnectionSpec.model_validate(raw), secret, secret_name)
     except (ReconcileError, ValueError) as exc:
@@ -310,35 +350,34 @@ def database(profile: Obj, secrets: Secrets) -> str:
     return f"{info.describe()} (Secret {secret_name})"
 
 
-def profile_summary(profile: Obj) -> list[tuple[str, str]]:
+def profile_summary(spec: Obj, status: DatabaseProfileStatus) -> list[tuple[str, str]]:
     """(label, text) lines under a profile's heading: settings, pooler, replicas, capacity, alerts."""
-    spec, status = profile.get("spec") or {}, profile.get("status") or {}
-    params = status.get("parameters") or []
-    pending = status.get("pendingRestart") or []
-    sources = sorted({p.get("source", "?") for p in params})
+    from .api.common import default_of
+    from .api.databaseprofile import PoolingSpec, ReadReplicasSpec
+
+    params, pending = status.parameters, status.pending_restart
+    sources = sorted({p.source for p in params})
     settings = f"{len(params)} managed" + (f" (from {', '.join(sources)})" if sources else "")
     settings += f", {len(pending)} pending restart: {', '.join(pending)}" if pending else ", none pending restart"
     if spec.get("tier"):
         settings = f"tier {spec['tier']}, {settings}"
 
-    pooler = status.get("pooler")
-    if pooler:
-        from .api.common import default_of
-        from .api.databaseprofile import PoolingSpec
-
+    pooler = status.pooler
+    if pooler is not None:
         mode = default_of(PoolingSpec, "pool_mode")
-        pooling = f"{pooler.get('service')} ({pooler.get('instances')} instances"
+        pooling = f"{pooler.service} ({pooler.instances} instances"
         pooling += f", pool mode {spec['pooling'].get('poolMode', mode)}" if spec.get("pooling") else ""
-        pooling += f"), read-only {pooler['readOnlyService']}" if pooler.get("readOnlyService") else ")"
+        pooling += f"), read-only {pooler.read_only_service}" if pooler.read_only_service else ")"
     else:
         pooling = "requested, not running yet" if spec.get("pooling") else "off"
 
-    want = (spec.get("readReplicas") or {}).get("instances", 0) if spec.get("readReplicas") else 0
-    replicas_status = status.get("replicas") or []
+    replicas_spec = spec.get("readReplicas")
+    want = replicas_spec.get("instances", default_of(ReadReplicasSpec, "instances")) if replicas_spec else 0
+    replicas_status = status.replicas or []
     if want or replicas_status:
-        active = sum(1 for r in replicas_status if r.get("active"))
-        lag_b = [r["lagBytes"] for r in replicas_status if r.get("lagBytes") is not None]
-        lag_s = [r["lagSeconds"] for r in replicas_status if r.get("lagSeconds") is not None]
+        active = sum(1 for r in replicas_status if r.active)
+        lag_b = [r.lag_bytes for r in replicas_status if r.lag_bytes is not None]
+        lag_s = [r.lag_seconds for r in replicas_status if r.lag_seconds is not None]
         replicas = f"{active}/{want} streaming"
         if lag_b or lag_s:
             replicas += f", max lag {human_bytes(max(lag_b)) if lag_b else '-'}"
@@ -346,28 +385,26 @@ def profile_summary(profile: Obj) -> list[tuple[str, str]]:
     else:
         replicas = "none"
 
-    cap = status.get("capacity") or {}
-    if cap.get("databaseBytes") is not None:
-        growth = cap.get("growthBytesPerMonth")
-        capacity = _join([
-            cap.get("databaseSize") or human_bytes(cap["databaseBytes"]),
+    cap = status.capacity
+    if cap is not None and cap.database_bytes is not None:
+        growth, months = cap.growth_bytes_per_month, cap.horizon_months
+        capacity = _join(
+            cap.database_size or human_bytes(cap.database_bytes),
             f"growing {human_bytes(growth)}/month" if growth is not None else "growth known after a day of samples",
-            f"{human_bytes(cap['projectedBytes'])} in {cap.get('horizonMonths', '?')} months"
-            if cap.get("projectedBytes") is not None else None,
-            f"tier {cap['recommendedTier']} advised" if cap.get("recommendedTier") else None,
-        ])  # fmt: skip
+            f"{human_bytes(cap.projected_bytes)} in {months if months is not None else '?'} months"
+            if cap.projected_bytes is not None
+            else None,
+            f"tier {cap.recommended_tier} advised" if cap.recommended_tier else None,
+        )
     else:
         capacity = "no sample yet"
 
-    alerts = status.get("alerts") or []
-    alerting = (
-        ", ".join(f"{a.get('name')} {a.get('value')} > {a.get('threshold')} since {a.get('since')}" for a in alerts)
-        or "none"
-    )
+    alerts = status.alerts
+    alerting = ", ".join(f"{a.name} {number(a.value)} > {number(a.threshold)} since {a.since}" for a in alerts)
     lines = [("settings", settings), ("pooler", pooling), ("replicas", replicas), ("capacity", capacity)]
-    lines.append(("alerts", alerting))
-    if status.get("prometheusRule"):
-        lines.append(("rules", f"PrometheusRule {status['prometheusRule']}"))
+    lines.append(("alerts", alerting or "none"))
+    if status.prometheus_rule:
+        lines.append(("rules", f"PrometheusRule {status.prometheus_rule}"))
     return lines
 
 
@@ -388,7 +425,7 @@ class Row:
     table: str
     generation: str
     age: str
-    conditions: list[Obj] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -403,31 +440,34 @@ class ProfileView:
     rows: list[Row]
 
 
-def row(obj: Obj, now: datetime, wide: bool = False) -> Row:
+def row(res: Resource, now: datetime, wide: bool = False) -> Row:
     """One resource as a table row."""
-    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
-    h = health(obj)
-    ready = condition(obj, "Ready")
-    table = spec.get("table") or {}
+    from .api.common import TableReference, default_of
+
+    meta, status = res.meta, res.status
+    h = health(res)
+    ready = condition(status, "Ready")
+    table = res.spec.get("table") or {}
+    schema = table.get("schema", default_of(TableReference, "schema_"))
+    observed = status.observed_generation
     return Row(
-        kind=str(obj.get("kind", "?")),
+        kind=res.kind,
         name=str(meta.get("name", "?")),
-        ready=str(ready.get("status")) if ready else "-",
+        ready=ready.status if ready else "-",
         state=h.state,
         reason=h.reason or "-",
         message=h.message,
-        progress=progress(obj, wide),
-        table=f"{table.get('schema', 'public')}.{table['name']}" if table.get("name") else "-",
-        generation=f"{status.get('observedGeneration', '-')}/{meta.get('generation', '-')}",
+        progress=progress(res, wide),
+        table=f"{schema}.{table['name']}" if table.get("name") else "-",
+        generation=f"{observed if observed is not None else '-'}/{meta.get('generation', '-')}",
         age=_age(meta.get("creationTimestamp"), now),
-        conditions=list(status.get("conditions") or []),
+        conditions=list(status.conditions),
     )
 
 
-def _sort_key(obj: Obj) -> tuple[int, str]:
-    kind = obj.get("kind", "")
-    order = CHILD_KINDS.index(kind) if kind in CHILD_KINDS else len(CHILD_KINDS)
-    return order, (obj.get("metadata") or {}).get("name", "")
+def _sort_key(res: Resource) -> tuple[int, str]:
+    order = CHILD_KINDS.index(res.kind) if res.kind in CHILD_KINDS else len(CHILD_KINDS)
+    return order, res.meta.get("name", "")
 
 
 def build(
@@ -440,14 +480,14 @@ def build(
     wide: bool = False,
 ) -> list[ProfileView]:
     """Group resources under the profile their spec.profileRef names; a missing profile gets a heading too."""
-    by_key: dict[tuple[str, str], Obj | None] = {}
-    for p in profiles:
-        meta = p.get("metadata") or {}
-        by_key[(meta.get("namespace", ""), meta.get("name", ""))] = p
-    uses: dict[tuple[str, str], list[Obj]] = {}
-    for c in children:
-        ref = ((c.get("spec") or {}).get("profileRef") or {}).get("name", "")
-        key = ((c.get("metadata") or {}).get("namespace", ""), ref)
+    from .api.databaseprofile import DatabaseProfileStatus
+
+    by_key: dict[tuple[str, str], Resource | None] = {}
+    for p in map(parse, profiles):
+        by_key[(p.meta.get("namespace", ""), p.meta.get("name", ""))] = p
+    uses: dict[tuple[str, str], list[Resource]] = {}
+    for c in map(parse, children):
+        key = (c.meta.get("namespace", ""), (c.spec.get("profileRef") or {}).get("name", ""))
         uses.setdefault(key, []).append(c)
         by_key.setdefault(key, None)
     views = []
@@ -462,12 +502,14 @@ def build(
             what = f"not found; {n} resource{'s' if n != 1 else ''} point{'s' if n == 1 else ''} at it"
             views.append(ProfileView(key[0], key[1], False, what, [], rows))
         else:
-            views.append(ProfileView(key[0], key[1], True, database(profile, secrets), profile_summary(profile), rows))
+            status = profile.status
+            summary = profile_summary(profile.spec, status) if isinstance(status, DatabaseProfileStatus) else []
+            views.append(ProfileView(key[0], key[1], True, database(profile, secrets), summary, rows))
     return views
 
 
-def _other_conditions(conditions: list[Obj]) -> str:
-    extra = [f"{c.get('type')}={c.get('status')}" for c in conditions if c.get("type") not in KSTATUS_CONDITIONS]
+def _other_conditions(conditions: list[Condition]) -> str:
+    extra = [f"{c.type}={c.status}" for c in conditions if c.type not in KSTATUS_CONDITIONS]
     return ",".join(extra) or "-"
 
 
@@ -514,6 +556,8 @@ def render_json(views: list[ProfileView]) -> str:
     for view in views:
         data = asdict(view)
         data["summary"] = dict(view.summary)
+        for cells, r in zip(data["rows"], view.rows, strict=True):
+            cells["conditions"] = [c.wire() for c in r.conditions]  # as the API server has them
         out.append(data)
     return json.dumps({"profiles": out}, indent=2) + "\n"
 

@@ -47,8 +47,14 @@ class ObjectStore(Protocol):
     def location(self, key: str) -> str: ...
 
 
-def s3_client(endpoint: str | None, region: str, access_key: str | None, secret_key: str | None,
-              path_style: bool, max_pool: int = 16) -> Any:  # fmt: skip
+def s3_client(
+    endpoint: str | None,
+    region: str,
+    access_key: str | None,
+    secret_key: str | None,
+    path_style: bool,
+    max_pool: int = 16,
+) -> Any:
     """A boto3 S3 client that works with S3-compatible stores.
 
     boto3 1.36+ adds CRC checksums to every request by default, which MinIO and
@@ -78,9 +84,17 @@ def s3_client(endpoint: str | None, region: str, access_key: str | None, secret_
 class S3Store:
     """A bucket (and prefix) on S3, MinIO or another S3-compatible server."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", *, part_size: int = 8 * 1024 * 1024,
-                 multipart_threshold: int = 8 * 1024 * 1024, sse: str | None = None,
-                 kms_key_id: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        multipart_threshold: int = 8 * 1024 * 1024,
+        sse: str | None = None,
+        kms_key_id: str | None = None,
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix
@@ -112,8 +126,12 @@ class S3Store:
     def put_new(self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None) -> None:
         from botocore.exceptions import ClientError
 
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Metadata": {SHA256_META: sha256},
-                                **self.extra}  # fmt: skip
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "Metadata": {SHA256_META: sha256},
+            **self.extra,
+        }
         if content_type:
             args["ContentType"] = content_type
         try:
@@ -133,11 +151,17 @@ class S3Store:
         parts = []
         try:
             for number, part in enumerate(_rechunk(chunks, self.part_size), start=1):
-                done = self.client.upload_part(Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id,
-                                               PartNumber=number, Body=part)  # fmt: skip
+                done = self.client.upload_part(
+                    Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id, PartNumber=number, Body=part
+                )
                 parts.append({"PartNumber": number, "ETag": done["ETag"]})
-            self.client.complete_multipart_upload(Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id,
-                                                  MultipartUpload={"Parts": parts}, IfNoneMatch="*")  # fmt: skip
+            self.client.complete_multipart_upload(
+                Bucket=args["Bucket"],
+                Key=args["Key"],
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id)

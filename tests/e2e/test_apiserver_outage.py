@@ -30,9 +30,12 @@ def own_control_plane(tmp_path: Path) -> Iterator[localenv.ControlPlane]:
 def test_outage_is_logged_in_one_line_per_retry(tmp_path: Path, own_control_plane: localenv.ControlPlane) -> None:
     cp = own_control_plane
     cp.kubectl_run("create", "namespace", "outage", check=True)
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile",
-               "metadata": {"name": "app", "namespace": "outage"},
-               "spec": {"connection": {"secretRef": {"name": "missing"}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app", "namespace": "outage"},
+        "spec": {"connection": {"secretRef": {"name": "missing"}}},
+    }
     cp.kubectl_run("apply", "-f", "-", input=yaml.safe_dump(profile), check=True)
     op = localenv.OperatorProcess(tmp_path, cp.kubeconfig, {"PGSCALE_STALLED_RETRY_SECONDS": "1"})
     op.start("--all-namespaces", "--workers", "1")
@@ -47,8 +50,12 @@ def test_outage_is_logged_in_one_line_per_retry(tmp_path: Path, own_control_plan
         wait_until(lambda: cp.kubectl_run("get", "ns", "outage").returncode == 0, timeout=120, what="API server back")
         mark = len(op.log.read_text())
         cp.kubectl_run("annotate", "databaseprofile", "app", "-n", "outage", "x=1", check=True)
-        wait_until(lambda: "SecretNotFound" in op.log.read_text()[mark:], timeout=90,
-                   what="a reconcile after the outage", log=op.log)  # fmt: skip
+        wait_until(
+            lambda: "SecretNotFound" in op.log.read_text()[mark:],
+            timeout=90,
+            what="a reconcile after the outage",
+            log=op.log,
+        )
         during = op.log.read_text()[before:mark]
     finally:
         op.stop()

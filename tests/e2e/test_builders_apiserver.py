@@ -20,9 +20,13 @@ def objects(namespace: str) -> list[dict[str, Any]]:
         "pgscale.io/v1alpha1", "DatabaseProfile", namespace, "app", "0c8e0f0e-0000-4000-8000-000000000001"
     )
     rr = ReadReplicasSpec.model_validate(
-        {"instances": 2, "replicationSecretRef": {"name": "repl"}, "storage": {"size": "10Gi"},
-         "resources": {"limits": {"memory": "1Gi"}}}
-    )  # fmt: skip
+        {
+            "instances": 2,
+            "replicationSecretRef": {"name": "repl"},
+            "storage": {"size": "10Gi"},
+            "resources": {"limits": {"memory": "1Gi"}},
+        }
+    )
     pool = PoolingSpec.model_validate({"instances": 2, "resources": {"requests": {"cpu": "100m"}}})
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "db"}}})
     ini = pooling.pgbouncer_ini(pool, backend_host="db", backend_port=5432, dbname="app", auth_file="/etc/pgbouncer/u")
@@ -66,8 +70,12 @@ def objects(namespace: str) -> list[dict[str, Any]]:
 
 def test_every_built_object_is_valid(kubectl: Kubectl) -> None:
     items = objects(kubectl.namespace)
-    result = kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                           "--dry-run=server", "--server-side", check=False)  # fmt: skip
+    result = kubectl.apply(
+        json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        "--dry-run=server",
+        "--server-side",
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     kinds = {i["kind"] for i in items}
     assert {"StatefulSet", "EndpointSlice", "Deployment", "CronJob", "Job", "Secret", "ConfigMap", "Service"} <= kinds

@@ -45,8 +45,12 @@ def ok(result: subprocess.CompletedProcess[str], what: str) -> str:
 
 
 def template(namespace: str, *args: str, release: str = "pgscale") -> str:
-    result = subprocess.run([helm(), "template", release, str(CHART), "--namespace", namespace, *args],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [helm(), "template", release, str(CHART), "--namespace", namespace, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return ok(result, "helm template")
 
 
@@ -54,8 +58,16 @@ def new_namespace(cp: localenv.ControlPlane, restricted: bool = True) -> str:
     name = f"t-{uuid.uuid4().hex[:10]}"
     ok(cp.kubectl_run("create", "namespace", name), "create namespace")
     if restricted:  # the operator's pod must satisfy the strictest Pod Security Standard
-        ok(cp.kubectl_run("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
-                          "pod-security.kubernetes.io/warn=restricted"), "label namespace")  # fmt: skip
+        ok(
+            cp.kubectl_run(
+                "label",
+                "namespace",
+                name,
+                "pod-security.kubernetes.io/enforce=restricted",
+                "pod-security.kubernetes.io/warn=restricted",
+            ),
+            "label namespace",
+        )
     return name
 
 
@@ -68,8 +80,15 @@ def monitoring_crds(control_plane: localenv.ControlPlane) -> None:
     for plural in MONITORING_CRDS:
         path = crd_dir / f"monitoring.coreos.com_{plural}.yaml"
         ok(control_plane.kubectl_run("apply", "--server-side", "-f", str(path)), f"apply {path.name}")
-    ok(control_plane.kubectl_run("wait", "--for=condition=Established", "--timeout=60s",
-                                 *(f"crd/{p}.monitoring.coreos.com" for p in MONITORING_CRDS)), "wait")  # fmt: skip
+    ok(
+        control_plane.kubectl_run(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            *(f"crd/{p}.monitoring.coreos.com" for p in MONITORING_CRDS),
+        ),
+        "wait",
+    )
 
 
 VARIANTS: dict[str, list[str]] = {
@@ -82,8 +101,9 @@ VARIANTS: dict[str, list[str]] = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_rendering_passes_server_side_validation(control_plane: localenv.ControlPlane, monitoring_crds: None,
-                                                 variant: str) -> None:  # fmt: skip
+def test_rendering_passes_server_side_validation(
+    control_plane: localenv.ControlPlane, monitoring_crds: None, variant: str
+) -> None:
     namespace = new_namespace(control_plane)
     args = list(VARIANTS[variant])
     if variant == "watch-namespaces":
@@ -91,16 +111,33 @@ def test_rendering_passes_server_side_validation(control_plane: localenv.Control
         args = ["--set", "watchNamespaces={" + ",".join(watched) + "}"]
     rendered = template(namespace, *args)
     kinds = sorted({d["kind"] for d in yaml.safe_load_all(rendered) if d})
-    result = control_plane.kubectl_run("apply", "--server-side", "--force-conflicts", "--dry-run=server",
-                                       "--field-manager=chart-test", "-f", "-", input=rendered)  # fmt: skip
+    result = control_plane.kubectl_run(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "--field-manager=chart-test",
+        "-f",
+        "-",
+        input=rendered,
+    )
     ok(result, f"server dry-run of the {variant} rendering")
     assert "Warning" not in result.stderr, result.stderr  # e.g. would violate PodSecurity "restricted"
     assert result.stdout.count("(server dry run)") == len([d for d in yaml.safe_load_all(rendered) if d])
-    expected = {"default": {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount",
-                            "PodDisruptionBudget", "Role", "RoleBinding"},
-                "everything": {"ServiceMonitor", "PrometheusRule", "ConfigMap", "CustomResourceDefinition"},
-                "podmonitor": {"PodMonitor", "PrometheusRule"},
-                "watch-namespaces": {"Role", "RoleBinding", "ClusterRole"}}[variant]  # fmt: skip
+    expected = {
+        "default": {
+            "CustomResourceDefinition",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+        },
+        "everything": {"ServiceMonitor", "PrometheusRule", "ConfigMap", "CustomResourceDefinition"},
+        "podmonitor": {"PodMonitor", "PrometheusRule"},
+        "watch-namespaces": {"Role", "RoleBinding", "ClusterRole"},
+    }[variant]
     assert expected <= set(kinds), kinds
     control_plane.kubectl_run("delete", "namespace", namespace, "--wait=false")
 
@@ -135,8 +172,10 @@ def test_helm_install_then_uninstall_keeps_crds(fresh_cluster: localenv.ControlP
     crds = {f"{p}.pgscale.io" for p in PGSCALE_CRDS}
     assert not crds & names(cp, "crd")
     base = [helm(), "--kubeconfig", str(cp.kubeconfig), "--namespace", namespace]
-    ok(subprocess.run([*base, "install", "pgscale", str(CHART)], capture_output=True, text=True, timeout=300),
-       "helm install")  # fmt: skip
+    ok(
+        subprocess.run([*base, "install", "pgscale", str(CHART)], capture_output=True, text=True, timeout=300),
+        "helm install",
+    )
     ok(cp.kubectl_run("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{c}" for c in crds)), "wait")
     assert crds <= names(cp, "crd")
     assert "pgscale" in names(cp, "deployment", namespace)
@@ -145,17 +184,25 @@ def test_helm_install_then_uninstall_keeps_crds(fresh_cluster: localenv.ControlP
     assert {"pgscale", "pgscale-view", "pgscale-edit"} <= names(cp, "clusterrole")
     assert "pgscale" in names(cp, "clusterrolebinding")
     # The aggregated view role now includes the pgscale kinds.
-    can = cp.kubectl_run("auth", "can-i", "list", "databaseprofiles.pgscale.io", "-n", namespace,
-                         "--as=someone", "--as-group=viewers")  # fmt: skip
+    can = cp.kubectl_run(
+        "auth", "can-i", "list", "databaseprofiles.pgscale.io", "-n", namespace, "--as=someone", "--as-group=viewers"
+    )
     assert can.stdout.strip() == "no"
-    ok(cp.kubectl_run("create", "rolebinding", "viewers", "-n", namespace, "--clusterrole=view", "--group=viewers"),
-       "bind view")  # fmt: skip
-    can = cp.kubectl_run("auth", "can-i", "list", "databaseprofiles.pgscale.io", "-n", namespace,
-                         "--as=someone", "--as-group=viewers")  # fmt: skip
+    ok(
+        cp.kubectl_run("create", "rolebinding", "viewers", "-n", namespace, "--clusterrole=view", "--group=viewers"),
+        "bind view",
+    )
+    can = cp.kubectl_run(
+        "auth", "can-i", "list", "databaseprofiles.pgscale.io", "-n", namespace, "--as=someone", "--as-group=viewers"
+    )
     assert can.stdout.strip() == "yes", can.stderr
     # A resource of the user's, to survive the uninstall.
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {"connection": {"secretRef": {"name": "app-db"}}},
+    }
     ok(cp.kubectl_run("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(profile)), "apply profile")
 
     ok(subprocess.run([*base, "uninstall", "pgscale"], capture_output=True, text=True, timeout=300), "helm uninstall")
@@ -173,18 +220,33 @@ def test_kubectl_apply_k_manifests(fresh_cluster: localenv.ControlPlane) -> None
     ok(cp.kubectl_run("apply", "-k", str(ROOT / "manifests")), "kubectl apply -k")  # as docs/operations.md says
     ns = "pgscale-system"
     expected: dict[str, Any] = {
-        "deployment": ({"pgscale"}, ns), "serviceaccount": ({"pgscale"}, ns), "service": ({"pgscale-metrics"}, ns),
-        "clusterrole": ({"pgscale", "pgscale-view", "pgscale-edit"}, None), "clusterrolebinding": ({"pgscale"}, None),
+        "deployment": ({"pgscale"}, ns),
+        "serviceaccount": ({"pgscale"}, ns),
+        "service": ({"pgscale-metrics"}, ns),
+        "clusterrole": ({"pgscale", "pgscale-view", "pgscale-edit"}, None),
+        "clusterrolebinding": ({"pgscale"}, None),
         "crd": ({f"{p}.pgscale.io" for p in PGSCALE_CRDS}, None),
-        "role": ({"pgscale-leader-election"}, ns), "rolebinding": ({"pgscale-leader-election"}, ns),
+        "role": ({"pgscale-leader-election"}, ns),
+        "rolebinding": ({"pgscale-leader-election"}, ns),
         "poddisruptionbudget": ({"pgscale"}, ns),
-    }  # fmt: skip
+    }
     for kind, (wanted, namespace) in expected.items():
         assert wanted <= names(cp, kind, namespace), kind
     assert sorted(d["kind"] for d in built) == sorted(
-        ["CustomResourceDefinition"] * 4 + ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
-                                            "ClusterRoleBinding", "Deployment", "Service", "Role", "RoleBinding",
-                                            "PodDisruptionBudget"]
-    )  # fmt: skip
+        ["CustomResourceDefinition"] * 4
+        + [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "Role",
+            "RoleBinding",
+            "PodDisruptionBudget",
+        ]
+    )
     deployment = json.loads(ok(cp.kubectl_run("get", "deployment", "pgscale", "-n", ns, "-o", "json"), "get"))
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "pgscale"

@@ -20,10 +20,16 @@ from conftest import ROOT, Kubectl, scalar
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
 STRATEGY = {
-    "max_connections": "200", "shared_buffers": "256MB", "effective_cache_size": "1GB", "work_mem": "4MB",
-    "maintenance_work_mem": "64MB", "checkpoint_completion_target": "0.9", "wal_buffers": "16MB",
-    "random_page_cost": "1.1", "effective_io_concurrency": "200",
-}  # fmt: skip
+    "max_connections": "200",
+    "shared_buffers": "256MB",
+    "effective_cache_size": "1GB",
+    "work_mem": "4MB",
+    "maintenance_work_mem": "64MB",
+    "checkpoint_completion_target": "0.9",
+    "wal_buffers": "16MB",
+    "random_page_cost": "1.1",
+    "effective_io_concurrency": "200",
+}
 
 
 @pytest.fixture
@@ -55,8 +61,9 @@ def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), None)
 
 
-def test_strategy_settings_applied_kept_and_reported(operator: Any, kubectl: Kubectl,
-                                                      server: localenv.Postgres) -> None:  # fmt: skip
+def test_strategy_settings_applied_kept_and_reported(
+    operator: Any, kubectl: Kubectl, server: localenv.Postgres
+) -> None:
     kubectl.secret("app-db", {"uri": server.uri("postgres")})
     kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
     kubectl.wait("databaseprofile", "app", "Ready")
@@ -85,8 +92,14 @@ def test_strategy_settings_applied_kept_and_reported(operator: Any, kubectl: Kub
     assert any(e["reason"] == "DriftCorrected" and "work_mem" in e["message"] for e in events)
 
     # A bad value stops the whole change: the good one next to it is not applied either.
-    kubectl.run("patch", "dbp", "app", "--type=merge", "-p",
-                json.dumps({"spec": {"parameters": {"work_mem": "4XB", "random_page_cost": "2"}}}))  # fmt: skip
+    kubectl.run(
+        "patch",
+        "dbp",
+        "app",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"parameters": {"work_mem": "4XB", "random_page_cost": "2"}}}),
+    )
     kubectl.wait("databaseprofile", "app", "Stalled")
     stalled = condition(kubectl.get("databaseprofile", "app"), "Stalled")
     assert stalled is not None and stalled["reason"] == "InvalidParameter"
@@ -96,20 +109,31 @@ def test_strategy_settings_applied_kept_and_reported(operator: Any, kubectl: Kub
     # Removing a parameter resets it to the server's default.
     spec_params = dict(STRATEGY)
     del spec_params["effective_io_concurrency"]
-    kubectl.run("patch", "dbp", "app", "--type=json", "-p", json.dumps(
-        [{"op": "replace", "path": "/spec/parameters", "value": spec_params}]))  # fmt: skip
+    kubectl.run(
+        "patch",
+        "dbp",
+        "app",
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "replace", "path": "/spec/parameters", "value": spec_params}]),
+    )
     kubectl.wait("databaseprofile", "app", "Ready")
     wait(kubectl, lambda o: show(server, "effective_io_concurrency") == "1")
     assert show(server, "work_mem") == "4MB"
 
 
-def test_metrics_show_the_database(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
-                                   app_secret: str) -> None:  # fmt: skip
+def test_metrics_show_the_database(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         conn.execute("""INSERT INTO "Task" (title) SELECT 't' || g FROM generate_series(1, 5000) g""")
         conn.execute('ANALYZE "Task"')
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {"connection": {"secretRef": {"name": "app-db"}}},
+    }
     kubectl.apply(profile)
     kubectl.wait("databaseprofile", "app", "Ready")
     key = f'profile="{kubectl.namespace}/app"'
@@ -126,13 +150,20 @@ def test_metrics_show_the_database(operator: Any, kubectl: Kubectl, postgres: An
     assert any(t["name"] == "public.Task" for t in cap["tables"])
 
 
-def test_pooler_objects_and_their_config_serve_clients(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
-                                                       app_secret: str, tmp_path: Path) -> None:  # fmt: skip
+def test_pooler_objects_and_their_config_serve_clients(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str, tmp_path: Path
+) -> None:
     import base64
 
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}},
-                        "pooling": {"poolMode": "transaction", "defaultPoolSize": 2, "instances": 2}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {
+            "connection": {"secretRef": {"name": "app-db"}},
+            "pooling": {"poolMode": "transaction", "defaultPoolSize": 2, "instances": 2},
+        },
+    }
     kubectl.apply(profile)
     kubectl.wait("databaseprofile", "app", "Ready")
     deployment = kubectl.get("deployment", "app-pooler-rw")
@@ -149,30 +180,49 @@ def test_pooler_objects_and_their_config_serve_clients(operator: Any, kubectl: K
     )
     bouncer.start(ini, files["userlist.txt"])
     try:
-        with psycopg.connect(host="127.0.0.1", port=bouncer.port, dbname=database, user="postgres",
-                             password=postgres.PASSWORD, prepare_threshold=None) as conn:  # fmt: skip
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=bouncer.port,
+            dbname=database,
+            user="postgres",
+            password=postgres.PASSWORD,
+            prepare_threshold=None,
+        ) as conn:
             assert scalar(conn, 'SELECT count(*) FROM "Task"') == 0
     finally:
         bouncer.stop()
     kubectl.run("patch", "dbp", "app", "--type=json", "-p", '[{"op": "remove", "path": "/spec/pooling"}]')
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and kubectl.cp.kubectl_run(
-        "-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").returncode == 0:  # fmt: skip
+    while (
+        time.monotonic() < deadline
+        and kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").returncode == 0
+    ):
         time.sleep(0.5)
     assert "NotFound" in kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "deployment", "app-pooler-rw").stderr
 
 
-def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
-                                                  app_secret: str) -> None:  # fmt: skip
+def test_read_replicas_slots_services_and_cleanup(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
     import base64
     import uuid
 
     role = f"repl_{uuid.uuid4().hex[:8]}"
     kubectl.secret("replication", {"username": role, "password": "secret"})
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}}, "pooling": {"defaultPoolSize": 5},
-                        "readReplicas": {"instances": 2, "replicationSecretRef": {"name": "replication"},
-                                         "storage": {"size": "10Gi"}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {
+            "connection": {"secretRef": {"name": "app-db"}},
+            "pooling": {"defaultPoolSize": 5},
+            "readReplicas": {
+                "instances": 2,
+                "replicationSecretRef": {"name": "replication"},
+                "storage": {"size": "10Gi"},
+            },
+        },
+    }
     kubectl.apply(profile)
     # The primary lacks the replication role: the operator says so, and what to run.
     kubectl.wait("databaseprofile", "app", "Stalled")
@@ -201,8 +251,12 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
         events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
         assert any(e["reason"] == "ReadWriteServiceSkipped" for e in events)
         with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
-            slots = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s",
-                                                (prefix + "%",)).fetchall()}  # fmt: skip
+            slots = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", (prefix + "%",)
+                ).fetchall()
+            }
             assert slots == {f"{prefix}0", f"{prefix}1"}
             # Scaling down drops the freed slot.
             kubectl.run("patch", "dbp", "app", "--type=merge", "-p", '{"spec": {"readReplicas": {"instances": 1}}}')
@@ -221,8 +275,9 @@ def test_read_replicas_slots_services_and_cleanup(operator: Any, kubectl: Kubect
         postgres.execute(f"DROP ROLE IF EXISTS {role}")
 
 
-def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubectl: Kubectl,
-                                                           server: localenv.Postgres) -> None:  # fmt: skip
+def test_two_profiles_on_one_server_have_one_settings_owner(
+    operator: Any, kubectl: Kubectl, server: localenv.Postgres
+) -> None:
     """Issue 11, item 2: a later profile in another namespace with another work_mem is Stalled naming
     the first; work_mem never flips; drift is reported as "changed outside pgscale", rate-limited."""
     other = Kubectl(kubectl.cp, f"{kubectl.namespace}-b")
@@ -232,9 +287,16 @@ def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubec
             k.secret("app-db", {"uri": server.uri("postgres")})
 
         def profile(work_mem: str) -> dict[str, Any]:
-            return {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-                    "spec": {"connection": {"secretRef": {"name": "app-db"}},
-                             "parameters": {"work_mem": work_mem}, "monitoring": {"enabled": False}}}  # fmt: skip
+            return {
+                "apiVersion": "pgscale.io/v1alpha1",
+                "kind": "DatabaseProfile",
+                "metadata": {"name": "app"},
+                "spec": {
+                    "connection": {"secretRef": {"name": "app-db"}},
+                    "parameters": {"work_mem": work_mem},
+                    "monitoring": {"enabled": False},
+                },
+            }
 
         kubectl.apply(profile("8MB"))
         kubectl.wait("databaseprofile", "app", "Ready")
@@ -259,8 +321,11 @@ def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubec
             time.sleep(1)
         assert samples == {"8MB"}
         assert condition(other.get("databaseprofile", "app"), "Stalled")["reason"] == "SettingsConflict"  # type: ignore[index]
-        assert not [e for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
-                    if e["reason"] == "DriftCorrected"]  # fmt: skip
+        assert not [
+            e
+            for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+            if e["reason"] == "DriftCorrected"
+        ]
 
         # Drift from outside pgscale is set back every time, but told once per parameter per 10 minutes.
         for _ in range(2):
@@ -269,8 +334,11 @@ def test_two_profiles_on_one_server_have_one_settings_owner(operator: Any, kubec
                 conn.execute("SELECT pg_reload_conf()")
             nudge(kubectl)
             wait(kubectl, lambda o: show(server, "work_mem") == "8MB")
-        drift = [e for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
-                 if e["reason"] == "DriftCorrected"]  # fmt: skip
+        drift = [
+            e
+            for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
+            if e["reason"] == "DriftCorrected"
+        ]
         assert len(drift) == 1 and drift[0]["message"].startswith("changed outside pgscale, set back: work_mem")
         assert "by hand" not in drift[0]["message"]
 

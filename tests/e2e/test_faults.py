@@ -40,7 +40,7 @@ from conftest import (
     scalar,
     seed_tasks,
     start_container,
-    started_control_plane,  # fmt: skip
+    started_control_plane,
 )
 from pgscale.storage import s3_client
 from writers import Writer, assert_nothing_lost, rows
@@ -50,8 +50,15 @@ pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 # The conversion's injection points in the order a conversion reaches them (pgscale/conversion.py,
 # pg/conversion.py); copy-batch-2 is the second batch of the copy of one operator's run.
 MIGRATED = "SELECT count(*) FROM pgscale.file_ledger WHERE status <> 'failed'"
-CONVERSION_POINTS = ["after-build", "after-prepare", "copy-batch-2", "after-copy", "after-verify",
-                     "swap-before-commit", "after-swap"]  # fmt: skip
+CONVERSION_POINTS = [
+    "after-build",
+    "after-prepare",
+    "copy-batch-2",
+    "after-copy",
+    "after-verify",
+    "swap-before-commit",
+    "after-swap",
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +96,9 @@ def db(env: tuple[localenv.ControlPlane, localenv.Postgres, Path], ns: Kubectl) 
     server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def operator(env: tuple[localenv.ControlPlane, localenv.Postgres, Path], tmp_path: Path,
-             fault: str | None = None) -> localenv.OperatorProcess:  # fmt: skip
+def operator(
+    env: tuple[localenv.ControlPlane, localenv.Postgres, Path], tmp_path: Path, fault: str | None = None
+) -> localenv.OperatorProcess:
     """`pgscale run` as the chart's ServiceAccount; with `fault`, it SIGKILLs itself at that injection point."""
     extra = {"PGSCALE_FAULT_POINT": fault} if fault else {}
     return localenv.OperatorProcess(tmp_path, env[2], extra_env=extra).start("--all-namespaces")
@@ -107,8 +115,9 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
 
 
-def wait_ready(kubectl: Kubectl, kind: str, name: str, timeout: float, seen: set[str] | None = None,
-               log: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def wait_ready(
+    kubectl: Kubectl, kind: str, name: str, timeout: float, seen: set[str] | None = None, log: Path | None = None
+) -> dict[str, Any]:
     """Poll until Ready; every reason on the way goes into `seen`; an InternalError fails at once."""
     deadline = time.monotonic() + timeout
     obj: dict[str, Any] = {}
@@ -120,7 +129,8 @@ def wait_ready(kubectl: Kubectl, kind: str, name: str, timeout: float, seen: set
                 seen.add(str(c.get("reason")))
             assert c.get("reason") != "InternalError", f"{kind}/{name}: {c}"
         if (conds.get("Ready") or {}).get("status") == "True" and (obj.get("status") or {}).get(
-                "observedGeneration") == obj["metadata"]["generation"]:  # fmt: skip
+            "observedGeneration"
+        ) == obj["metadata"]["generation"]:
             return obj
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log else ""
@@ -142,8 +152,9 @@ def tracebacks(log: Path) -> list[str]:
     return [b for b in blocks if b not in known]
 
 
-def test_operator_killed_at_every_conversion_step_under_a_writer(env: Any, ns: Kubectl, db: str,
-                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_operator_killed_at_every_conversion_step_under_a_writer(
+    env: Any, ns: Kubectl, db: str, tmp_path: Path
+) -> None:
     server = env[1]
     with psycopg.connect(server.dsn(db), autocommit=True) as conn:
         seed_tasks(conn, 4000)
@@ -177,8 +188,11 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(env: Any, ns: K
                             raise AssertionError(f"the operator did not reach {point}:\n{log}") from exc
                 assert code == -signal.SIGKILL, f"{point}: exit {code}"
                 # Where the killed run left the conversion, as the next run reads it (the state row).
-                steps[point] = scalar(conn, "SELECT phase || ' ' || rows_copied FROM pgscale.partition_conversions "
-                                      """WHERE table_name = 'Task'""")  # fmt: skip
+                steps[point] = scalar(
+                    conn,
+                    "SELECT phase || ' ' || rows_copied FROM pgscale.partition_conversions "
+                    """WHERE table_name = 'Task'""",
+                )
             op = operator(env, tmp_path)
             try:
                 seen: set[str] = set()
@@ -205,8 +219,9 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(env: Any, ns: K
     assert tracebacks(op.log) == []
 
 
-def test_operator_and_copy_killed_during_a_file_migration(env: Any, ns: Kubectl, db: str, tmp_path: Path,
-                                                          s3_server: Any) -> None:  # fmt: skip
+def test_operator_and_copy_killed_during_a_file_migration(
+    env: Any, ns: Kubectl, db: str, tmp_path: Path, s3_server: Any
+) -> None:
     server = env[1]
     bucket = f"faults-{uuid.uuid4().hex[:6]}"
     s3 = s3_client(s3_server.endpoint, "us-east-1", s3_server.ACCESS_KEY, s3_server.SECRET_KEY, True)
@@ -218,8 +233,10 @@ def test_operator_and_copy_killed_during_a_file_migration(env: Any, ns: Kubectl,
         for i in range(120):
             payload = random.Random(i).randbytes(random.Random(i).randint(1, 20_000))
             originals[f"file-{i}"] = payload
-            conn.execute('INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
-                         (f"file-{i}", f"f{i}.bin", len(payload), base64.b64encode(payload).decode()))  # fmt: skip
+            conn.execute(
+                'INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
+                (f"file-{i}", f"f{i}.bin", len(payload), base64.b64encode(payload).decode()),
+            )
         ns.apply(profile())
         fm = load_example("filemigration.yaml")[0]
         fm["spec"]["destination"]["s3"].update(bucket=bucket, endpoint=s3_server.endpoint)
@@ -287,7 +304,8 @@ def test_postgres_restarted_mid_conversion(env: Any, ns: Kubectl, db: str, tmp_p
     try:
         deadline = time.monotonic() + 60
         while not ((ns.get("partitionpolicy", "task-by-month").get("status") or {}).get("conversion") or {}).get(
-                "rowsDone"):  # fmt: skip
+            "rowsDone"
+        ):
             assert time.monotonic() < deadline, op.log.read_text()[-3000:]
             time.sleep(0.3)
         server.stop()  # fast shutdown: every session is cut mid-statement
@@ -312,10 +330,20 @@ def test_postgres_restarted_mid_conversion(env: Any, ns: Kubectl, db: str, tmp_p
 
 
 def retention_policy(name: str) -> dict[str, Any]:
-    return {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": name},
-            "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                     "olderThan": "90d", "action": "delete", "schedule": "0 3 * * *",
-                     "children": {"mode": "delete"}}}  # fmt: skip
+    return {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "RetentionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "ageColumn": "completedAt",
+            "olderThan": "90d",
+            "action": "delete",
+            "schedule": "0 3 * * *",
+            "children": {"mode": "delete"},
+        },
+    }
 
 
 def test_apiserver_restarted_while_resources_reconcile(env: Any, ns: Kubectl, db: str, tmp_path: Path) -> None:
@@ -359,6 +387,8 @@ def test_apiserver_restarted_while_resources_reconcile(env: Any, ns: Kubectl, db
     log = op.log.read_text(errors="replace")
     # The runtime's "worker N: ... failed" tracebacks when a status write finds the API server gone are
     # one line each on main (issue11-hardening); a reconcile itself never turns an outage into InternalError.
-    print(f"apiserver restarts: tracebacks in the operator log: {len(tracebacks(op.log))}, "
-          f"APIServerUnavailable lines: {log.count('APIServerUnavailable')}")  # fmt: skip
+    print(
+        f"apiserver restarts: tracebacks in the operator log: {len(tracebacks(op.log))}, "
+        f"APIServerUnavailable lines: {log.count('APIServerUnavailable')}"
+    )
     assert "reconcile failed" not in log and "InternalError" not in log

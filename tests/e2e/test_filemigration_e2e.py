@@ -51,15 +51,18 @@ def test_three_phases_through_the_operator(
     bucket = f"app-files-{uuid.uuid4().hex[:6]}"
     s3 = s3_client(s3_server.endpoint, "us-east-1", s3_server.ACCESS_KEY, s3_server.SECRET_KEY, True)
     s3.create_bucket(Bucket=bucket)
-    kubectl.secret("s3-credentials", {"AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY,
-                                      "AWS_SECRET_ACCESS_KEY": s3_server.SECRET_KEY})  # fmt: skip
+    kubectl.secret(
+        "s3-credentials", {"AWS_ACCESS_KEY_ID": s3_server.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": s3_server.SECRET_KEY}
+    )
     originals = {}
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         for i in range(30):
             payload = random.Random(i).randbytes(random.Random(i).randint(1, 100_000))
             originals[f"file-{i}"] = payload
-            conn.execute('INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
-                         (f"file-{i}", f"f{i}.bin", len(payload), base64.b64encode(payload).decode()))  # fmt: skip
+            conn.execute(
+                'INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
+                (f"file-{i}", f"f{i}.bin", len(payload), base64.b64encode(payload).decode()),
+            )
         kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
         fm = load_example("filemigration.yaml")[0]
         fm["spec"]["destination"]["s3"].update(bucket=bucket, endpoint=s3_server.endpoint)
@@ -85,16 +88,30 @@ def test_three_phases_through_the_operator(
         for phase in ("cutover", "dropSource"):
             kubectl.run("patch", "fm", "files-to-s3", "--type=merge", "-p", json.dumps({"spec": {"phase": phase}}))
             generation = kubectl.get("fm", "files-to-s3")["metadata"]["generation"]
-            obj = wait_for(kubectl, lambda s, g=generation: f"-files-{g}-" in (s.get("jobName") or "")
-                           and s.get("observedGeneration") == g)  # fmt: skip
-            assert scalar(conn, """SELECT count(*) FROM information_schema.columns
-                                   WHERE table_name = 'File' AND column_name = 'data'""") == 1  # fmt: skip
+            obj = wait_for(
+                kubectl,
+                lambda s, g=generation: f"-files-{g}-" in (s.get("jobName") or "") and s.get("observedGeneration") == g,
+            )
+            assert (
+                scalar(
+                    conn,
+                    """SELECT count(*) FROM information_schema.columns
+                                   WHERE table_name = 'File' AND column_name = 'data'""",
+                )
+                == 1
+            )
             run_job(kubectl, obj["status"]["jobName"])
             kubectl.wait("filemigration", "files-to-s3", "Ready")
         rows = conn.execute('SELECT id, "filePath", "storageType" FROM "File"').fetchall()
         assert all(path == f"files/File/{key}" and kind == "s3" for key, path, kind in rows)
-        assert scalar(conn, """SELECT count(*) FROM information_schema.columns
-                               WHERE table_name = 'File' AND column_name = 'data'""") == 0  # fmt: skip
+        assert (
+            scalar(
+                conn,
+                """SELECT count(*) FROM information_schema.columns
+                               WHERE table_name = 'File' AND column_name = 'data'""",
+            )
+            == 0
+        )
     table = kubectl.run("get", "fm")
     assert "Completed" in table and "100.0%" in table
     events = {e["reason"] for e in json.loads(kubectl.run("get", "events", "-o", "json"))["items"]}

@@ -20,17 +20,26 @@ FINALIZER = "pgscale.io/cleanup"
 
 def policy(name: str, profile: str, table: str = "Task") -> dict[str, Any]:
     return {
-        "apiVersion": "pgscale.io/v1alpha1", "kind": "PartitionPolicy",
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "PartitionPolicy",
         "metadata": {"name": name, "finalizers": [FINALIZER]},
-        "spec": {"profileRef": {"name": profile}, "table": {"name": table}, "column": "createdAt",
-                 "interval": "monthly"},
-    }  # fmt: skip
+        "spec": {
+            "profileRef": {"name": profile},
+            "table": {"name": table},
+            "column": "createdAt",
+            "interval": "monthly",
+        },
+    }
 
 
 def profile(name: str, secret: str, finalizer: bool = False) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, **({"finalizers": [FINALIZER]} if finalizer else {})}
-    return {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": meta,
-            "spec": {"connection": {"secretRef": {"name": secret}}}}  # fmt: skip
+    return {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": meta,
+        "spec": {"connection": {"secretRef": {"name": secret}}},
+    }
 
 
 def gone(kubectl: Kubectl, kind: str, name: str) -> bool:
@@ -57,8 +66,9 @@ def test_released_when_the_profile_or_secret_is_gone(operator: localenv.Operator
     assert "Secret 'missing' not found" in released and "pg_drop_replication_slot" in released
 
 
-def test_namespace_deletion_is_not_stranded(operator: localenv.OperatorProcess, control_plane: localenv.ControlPlane,
-                                            kubectl: Kubectl) -> None:  # fmt: skip
+def test_namespace_deletion_is_not_stranded(
+    operator: localenv.OperatorProcess, control_plane: localenv.ControlPlane, kubectl: Kubectl
+) -> None:
     """The issue's case: the namespace goes with a policy whose profile may be deleted first."""
     kubectl.apply(profile("app", "missing"))
     kubectl.apply(policy("task-by-month", "app"))

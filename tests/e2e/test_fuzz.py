@@ -47,13 +47,18 @@ INSERT INTO "{"x" * 63}" (id, "createdAt") SELECT g, now() - g * interval '1 day
 # Failures known and fixed on another branch, to be counted and printed apart until it is merged
 # (label -> text of the message); not failed here.
 KNOWN_ELSEWHERE: dict[str, str] = {}  # none left: every failure the suite found so far is fixed
-PLURALS = {"DatabaseProfile": "databaseprofiles", "PartitionPolicy": "partitionpolicies",
-           "RetentionPolicy": "retentionpolicies", "FileMigration": "filemigrations"}  # fmt: skip
+PLURALS = {
+    "DatabaseProfile": "databaseprofiles",
+    "PartitionPolicy": "partitionpolicies",
+    "RetentionPolicy": "retentionpolicies",
+    "FileMigration": "filemigrations",
+}
 
 
 @pytest.fixture(scope="module")
-def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[localenv.ControlPlane, localenv.Postgres,
-                                                                         Path]]:  # fmt: skip
+def fuzz_env(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[localenv.ControlPlane, localenv.Postgres, Path]]:
     workdir = tmp_path_factory.mktemp("fuzz")
     server = localenv.Postgres(workdir, name="fuzz-postgres")
     try:
@@ -68,13 +73,20 @@ def fixtures(namespace: str, server: localenv.Postgres, dbname: str) -> list[dic
     """What the fuzzed specs may refer to in a namespace: a working profile and Secrets, usable or not."""
 
     def secret(name: str, data: dict[str, str]) -> dict[str, Any]:
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
-                "stringData": data}  # fmt: skip
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "stringData": data,
+        }
 
     def profile(name: str, secret_name: str) -> dict[str, Any]:
-        return {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {"connection": {"secretRef": {"name": secret_name}}}}  # fmt: skip
+        return {
+            "apiVersion": "pgscale.io/v1alpha1",
+            "kind": "DatabaseProfile",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"connection": {"secretRef": {"name": secret_name}}},
+        }
 
     return [
         secret("app-db", {"uri": server.uri(dbname)}),
@@ -97,8 +109,9 @@ def settled(obj: dict[str, Any]) -> bool:
     return bool(status.get("conditions")) and status.get("observedGeneration") == obj["metadata"].get("generation")
 
 
-def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.ControlPlane, localenv.Postgres,
-                                                                  Path]) -> None:  # fmt: skip
+def test_fuzzed_specs_end_with_a_named_condition(
+    fuzz_env: tuple[localenv.ControlPlane, localenv.Postgres, Path],
+) -> None:
     cp, server, workdir = fuzz_env
     started = time.monotonic()
     specs = generate_isolated(SPECS, SEED)
@@ -117,9 +130,14 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
         docs += fixtures(ns, server, dbname)
     fuzzed: list[dict[str, Any]] = []
     for i, (kind, spec) in enumerate(specs):
-        fuzzed.append({"apiVersion": "pgscale.io/v1alpha1", "kind": kind,
-                       "metadata": {"name": f"{kind.lower()}-{i:04d}", "namespace": namespaces[i % NAMESPACES]},
-                       "spec": spec})  # fmt: skip
+        fuzzed.append(
+            {
+                "apiVersion": "pgscale.io/v1alpha1",
+                "kind": kind,
+                "metadata": {"name": f"{kind.lower()}-{i:04d}", "namespace": namespaces[i % NAMESPACES]},
+                "spec": spec,
+            }
+        )
     kubeconfig = localenv.operator_identity(cp, workdir)
     op = localenv.OperatorProcess(workdir, kubeconfig, extra_env={"PGSCALE_STALLED_RETRY_SECONDS": "120"})
     op.start("--all-namespaces")  # (-n per namespace needs the chart's watchNamespaces RBAC)
@@ -129,16 +147,20 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
         # JSON, not YAML: the API server's YAML reads a bare `n` or `y` as a boolean.
         (workdir / "fuzzed.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": fuzzed}))
         applied = time.monotonic()
-        result = cp.kubectl_run("apply", "--server-side", "--force-conflicts", "-f", str(workdir / "fuzzed.json"),
-                                timeout=600)  # fmt: skip
+        result = cp.kubectl_run(
+            "apply", "--server-side", "--force-conflicts", "-f", str(workdir / "fuzzed.json"), timeout=600
+        )
         apply_s = time.monotonic() - applied
         rejections = [line for line in result.stderr.splitlines() if line.strip()]
         fuzzed_names = {(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]) for d in fuzzed}
         deadline = time.monotonic() + CONDITION_WITHIN
         while True:
-            objects = [(kind, o) for kind, plural in PLURALS.items()
-                       for o in kubectl_json(cp, "get", plural, "-A")["items"]
-                       if (kind, o["metadata"]["namespace"], o["metadata"]["name"]) in fuzzed_names]  # fmt: skip
+            objects = [
+                (kind, o)
+                for kind, plural in PLURALS.items()
+                for o in kubectl_json(cp, "get", plural, "-A")["items"]
+                if (kind, o["metadata"]["namespace"], o["metadata"]["name"]) in fuzzed_names
+            ]
             pending = [o for _, o in objects if not settled(o)]
             if not pending or time.monotonic() > deadline:
                 break
@@ -172,18 +194,23 @@ def test_fuzzed_specs_end_with_a_named_condition(fuzz_env: tuple[localenv.Contro
     unknown = [b.split("\n20")[0] for b in blocks]
     unknown = [b for b in unknown if not any(text in b for text in KNOWN_ELSEWHERE.values())]
     tracebacks = len(unknown)
-    print(f"\nfuzz: seed={SEED} specs={len(specs)} digest={digest} accepted={len(objects)} "
-          f"rejected={len(specs) - len(objects)} "
-          f"without-condition={len(pending)} internal-errors={len(internal)} tracebacks={tracebacks} "
-          f"known-elsewhere={sum(known.values())} "
-          f"generate={generated_s:.1f}s apply={apply_s:.1f}s settled={settled_s:.1f}s")  # fmt: skip
+    print(
+        f"\nfuzz: seed={SEED} specs={len(specs)} digest={digest} accepted={len(objects)} "
+        f"rejected={len(specs) - len(objects)} "
+        f"without-condition={len(pending)} internal-errors={len(internal)} tracebacks={tracebacks} "
+        f"known-elsewhere={sum(known.values())} "
+        f"generate={generated_s:.1f}s apply={apply_s:.1f}s settled={settled_s:.1f}s"
+    )
     print("fuzz outcomes: " + ", ".join(f"{k}={v}" for k, v in reasons.most_common()))
     print("fuzz known elsewhere: " + (", ".join(f"{k}={v}" for k, v in known.items()) or "none"))
     print("fuzz examples:\n  " + "\n  ".join(f"{k}: {v[:300]}" for k, v in sorted(examples.items())))
     print("fuzz rejections (first 5): " + "\n  ".join(rejections[:5]))
     # Secrets stay in Secrets: the passwords of the Secrets and of a fuzzed endpoint URL appear nowhere.
-    surfaces = {"conditions": json.dumps([o.get("status") for _, o in objects]),
-                "events": json.dumps([e.get("message") for e in events]), "operator log": log}  # fmt: skip
+    surfaces = {
+        "conditions": json.dumps([o.get("status") for _, o in objects]),
+        "events": json.dumps([e.get("message") for e in events]),
+        "operator log": log,
+    }
     for secret in (server.PASSWORD, "not-the-password", "fuzz-secret", "pa55word"):
         leaks = [where for where, text in surfaces.items() if secret in text]
         assert not leaks, f"{secret!r} leaked into {leaks}"

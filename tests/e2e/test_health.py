@@ -125,8 +125,10 @@ def test_work_under_way_is_in_progress(
 ) -> None:
     """A FileMigration with a row to move: its Job cannot run (no kubelet), so the work stays under way."""
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
-        conn.execute("""INSERT INTO "File" (id, "fileName", size, data) VALUES ('f1', 'a.txt', 2, %s)""",
-                     (base64.b64encode(b"hi").decode(),))  # fmt: skip
+        conn.execute(
+            """INSERT INTO "File" (id, "fileName", size, data) VALUES ('f1', 'a.txt', 2, %s)""",
+            (base64.b64encode(b"hi").decode(),),
+        )
     kubectl.secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
     kubectl.run("apply", "-f", str(ROOT / "examples" / "filemigration.yaml"))
@@ -137,8 +139,9 @@ def test_work_under_way_is_in_progress(
     assert obj["status"]["phase"] == reconciling["reason"] == "CuttingOver"  # the example goes up to cutover
     assert argo_health(obj) == {"status": "Progressing", "message": f"CuttingOver: {reconciling['message']}"}
     # `kubectl wait` gives up on it, as on any resource that is not Ready.
-    result = kubectl.cp.kubectl_run("-n", kubectl.namespace, "wait", "--for=condition=Ready", "fm/files-to-s3",
-                                    "--timeout=2s")  # fmt: skip
+    result = kubectl.cp.kubectl_run(
+        "-n", kubectl.namespace, "wait", "--for=condition=Ready", "fm/files-to-s3", "--timeout=2s"
+    )
     assert result.returncode != 0
     kubectl.run("patch", "fm", "files-to-s3", "--type=merge", "-p", '{"spec": {"suspend": true}}')
     obj = wait_status(
@@ -150,13 +153,21 @@ def test_work_under_way_is_in_progress(
 
 def test_argocd_cm_patch_applies(control_plane: Any, kubectl: Kubectl) -> None:
     """The snippet merges into a real argocd-cm ConfigMap, each key holding the script unchanged."""
-    kubectl.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "argocd-cm"},
-                   "data": {"url": "https://argocd.example"}})  # fmt: skip
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "argocd-cm"},
+            "data": {"url": "https://argocd.example"},
+        }
+    )
     patch = ARGOCD / "argocd-cm-patch.yaml"
     kubectl.run("patch", "configmap", "argocd-cm", "--type=merge", f"--patch-file={patch}")
     data = kubectl.get("configmap", "argocd-cm")["data"]
     keys = sorted(k for k in data if k.startswith("resource.customizations.health."))
-    assert keys == [f"resource.customizations.health.pgscale.io_{k}" for k in
-                    ("DatabaseProfile", "FileMigration", "PartitionPolicy", "RetentionPolicy")]  # fmt: skip
+    assert keys == [
+        f"resource.customizations.health.pgscale.io_{k}"
+        for k in ("DatabaseProfile", "FileMigration", "PartitionPolicy", "RetentionPolicy")
+    ]
     assert all(data[k] == SCRIPT for k in keys) and data["url"] == "https://argocd.example"
     assert yaml.safe_load(Path(patch).read_text())["data"] == {k: data[k] for k in keys}

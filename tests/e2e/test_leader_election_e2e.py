@@ -43,8 +43,12 @@ def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[loca
 def start_operator(tmp_path: Path, kubeconfig: Path, name: str, lease: str = LEASE) -> localenv.OperatorProcess:
     """`pgscale run` as the chart's Deployment runs it; POD_NAME is its identity in the Lease."""
     op = localenv.OperatorProcess(tmp_path / name, kubeconfig, extra_env={"POD_NAME": name})
-    return op.start("--all-namespaces", "--leader-election", f"--leader-election-namespace={LEASE_NS}",
-                    f"--leader-election-name={lease}")  # fmt: skip
+    return op.start(
+        "--all-namespaces",
+        "--leader-election",
+        f"--leader-election-namespace={LEASE_NS}",
+        f"--leader-election-name={lease}",
+    )
 
 
 def holder(cp: localenv.ControlPlane, lease: str = LEASE) -> str | None:
@@ -181,8 +185,17 @@ def test_a_leader_whose_lease_is_taken_stops_reconciling(
         kubectl.apply(profile("app", parameters=False))
         kubectl.wait("databaseprofile", "app", "Ready")
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        cp.kubectl_run("-n", LEASE_NS, "patch", "lease", "pgscale-taken", "--type=merge", "-p",
-                       json.dumps({"spec": {"holderIdentity": "intruder", "renewTime": now}}), check=True)  # fmt: skip
+        cp.kubectl_run(
+            "-n",
+            LEASE_NS,
+            "patch",
+            "lease",
+            "pgscale-taken",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"holderIdentity": "intruder", "renewTime": now}}),
+            check=True,
+        )
         taken = time.monotonic()
         wait_until(lambda: metric(op, "pgscale_leader") == 0, timeout=15, what="op-x standing by", log=op.log)
         assert "lost the Lease" in op.log.read_text()
@@ -192,8 +205,12 @@ def test_a_leader_whose_lease_is_taken_stops_reconciling(
         assert metric(op, "pgscale_reconcile_total") == reconciles  # a standby does not reconcile
         assert holder(cp, "pgscale-taken") == "intruder"
         # The intruder never renews: op-x takes the Lease back once it has run out, and catches up.
-        wait_until(lambda: metric(op, "pgscale_reconcile_total") > reconciles, timeout=40,
-                   what="op-x leading and reconciling again", log=op.log)  # fmt: skip
+        wait_until(
+            lambda: metric(op, "pgscale_reconcile_total") > reconciles,
+            timeout=40,
+            what="op-x leading and reconciling again",
+            log=op.log,
+        )
         back = time.monotonic() - taken
         assert holder(cp, "pgscale-taken") == "op-x" and 15 <= back < BOUND_SECONDS, back
     finally:

@@ -110,10 +110,15 @@ def test_delete_is_prompt_and_owned_objects_are_collected(operator: Any, kubectl
     kubectl.run("delete", "databaseprofile", "app", "--timeout=30s")
     assert time.monotonic() - started < 10
     wait_until(
-        lambda: "NotFound" in kubectl.cp.kubectl_run(
-            "-n", kubectl.namespace, "get", "cronjob", "archive-completed-tasks-retention").stderr,
-        timeout=60, what="CronJob garbage-collected",
-    )  # fmt: skip
+        lambda: (
+            "NotFound"
+            in kubectl.cp.kubectl_run(
+                "-n", kubectl.namespace, "get", "cronjob", "archive-completed-tasks-retention"
+            ).stderr
+        ),
+        timeout=60,
+        what="CronJob garbage-collected",
+    )
 
 
 def test_metrics_endpoint_counts_reconciles(operator: Any, kubectl: Kubectl, app_secret: str) -> None:

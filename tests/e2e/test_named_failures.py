@@ -38,13 +38,22 @@ def ready(kubectl: Kubectl, kind: str, name: str) -> dict[str, Any]:
 
 
 def test_unreadable_schema_and_view_are_named(
-    operator: localenv.OperatorProcess, kubectl: Kubectl, postgres: localenv.Postgres, database: str,
+    operator: localenv.OperatorProcess,
+    kubectl: Kubectl,
+    postgres: localenv.Postgres,
+    database: str,
     limited_role: str,
-) -> None:  # fmt: skip
+) -> None:
     role = limited_role
     kubectl.secret("limited-db", {"uri": postgres.uri(database, user=role, password=f"pw-{role}")})
-    kubectl.apply({"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-                   "spec": {"connection": {"secretRef": {"name": "limited-db"}}}})  # fmt: skip
+    kubectl.apply(
+        {
+            "apiVersion": "pgscale.io/v1alpha1",
+            "kind": "DatabaseProfile",
+            "metadata": {"name": "app"},
+            "spec": {"connection": {"secretRef": {"name": "limited-db"}}},
+        }
+    )
     kubectl.secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     partition = load_example("partitionpolicy.yaml")[0]
     partition["spec"]["table"] = {"schema": "private", "name": "Task"}
@@ -63,6 +72,9 @@ def test_unreadable_schema_and_view_are_named(
 
         wait_until(named, what=f"{kind} InsufficientPrivilege", log=operator.log)
         assert grant in ready(kubectl, kind, name)["message"]
-    wait_until(lambda: ready(kubectl, "partitionpolicy", "on-a-view").get("reason") == "NotATable",
-               what="NotATable", log=operator.log)  # fmt: skip
+    wait_until(
+        lambda: ready(kubectl, "partitionpolicy", "on-a-view").get("reason") == "NotATable",
+        what="NotATable",
+        log=operator.log,
+    )
     assert "is a view, not a table" in ready(kubectl, "partitionpolicy", "on-a-view")["message"]

@@ -22,8 +22,9 @@ def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), None)
 
 
-def test_live_task_table_converts_under_a_writer(operator: Any, kubectl: Kubectl, postgres: Any,
-                                                  database: str, app_secret: str) -> None:  # fmt: skip
+def test_live_task_table_converts_under_a_writer(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_tasks(conn, 40000)
         before = rows(conn)
@@ -58,14 +59,24 @@ def test_live_task_table_converts_under_a_writer(operator: Any, kubectl: Kubectl
         assert_nothing_lost(conn, before, writer)
         # Future partitions exist, and a month's range prunes to one partition.
         now = datetime.now(UTC)
-        names = {r[0] for r in conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON "
-                                            "c.oid = i.inhrelid WHERE i.inhparent = '\"Task\"'::regclass")}  # fmt: skip
-        ahead = [f"Task_{(now.year * 12 + now.month - 1 + k) // 12}_{(now.month - 1 + k) % 12 + 1:02d}" for k in
-                 range(5)]  # fmt: skip
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON "
+                "c.oid = i.inhrelid WHERE i.inhparent = '\"Task\"'::regclass"
+            )
+        }
+        ahead = [
+            f"Task_{(now.year * 12 + now.month - 1 + k) // 12}_{(now.month - 1 + k) % 12 + 1:02d}" for k in range(5)
+        ]
         assert set(ahead) <= names
-        plan = [r[0] for r in conn.execute(
-            """EXPLAIN SELECT * FROM "Task" WHERE "createdAt" >= '2026-01-01T00:00:00Z'
-               AND "createdAt" < '2026-02-01T00:00:00Z'""").fetchall()]  # fmt: skip
+        plan = [
+            r[0]
+            for r in conn.execute(
+                """EXPLAIN SELECT * FROM "Task" WHERE "createdAt" >= '2026-01-01T00:00:00Z'
+               AND "createdAt" < '2026-02-01T00:00:00Z'"""
+            ).fetchall()
+        ]
         scans = [line for line in plan if "Scan" in line and " on " in line]
         # One partition: every scan (a bitmap heap scan and its index scan, say) is on Task_2026_01.
         assert scans and all("Task_2026_01" in line for line in scans), plan
@@ -78,8 +89,9 @@ def test_live_task_table_converts_under_a_writer(operator: Any, kubectl: Kubectl
     assert {"ConversionStarted", "ConversionVerified", "ConversionSwitched", "OldTableDropped"} <= reasons
 
 
-def test_blocked_conversion_stalls_and_leaves_the_table(operator: Any, kubectl: Kubectl, postgres: Any,
-                                                         database: str, app_secret: str) -> None:  # fmt: skip
+def test_blocked_conversion_stalls_and_leaves_the_table(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_tasks(conn, 100)
         before = rows(conn)
@@ -104,8 +116,9 @@ def test_blocked_conversion_stalls_and_leaves_the_table(operator: Any, kubectl: 
         assert rows(conn) == before
 
 
-def test_maintenance_cronjob_runs_the_same_work(operator: Any, kubectl: Kubectl, postgres: Any, database: str,
-                                                app_secret: str) -> None:  # fmt: skip
+def test_maintenance_cronjob_runs_the_same_work(
+    operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
+) -> None:
     """maintenance.cronJob: the CronJob's pod command (run here as the kubelet would) converts and maintains."""
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_tasks(conn, 3000)

@@ -31,8 +31,14 @@ def test_restart_mid_conversion_is_connection_lost(
         conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
         seed_tasks(conn, 100000)
     kubectl.secret("app-db", {"uri": pg.uri(database)})
-    kubectl.apply({"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-                   "spec": {"connection": {"secretRef": {"name": "app-db"}}}})  # fmt: skip
+    kubectl.apply(
+        {
+            "apiVersion": "pgscale.io/v1alpha1",
+            "kind": "DatabaseProfile",
+            "metadata": {"name": "app"},
+            "spec": {"connection": {"secretRef": {"name": "app-db"}}},
+        }
+    )
     policy = load_example("partitionpolicy.yaml")[0]
     policy["spec"]["conversion"].update(batchSize=500, pauseBetweenBatches="100ms")
     del policy["spec"]["retention"]

@@ -46,16 +46,24 @@ def prometheus_operator_crds(control_plane: localenv.ControlPlane) -> list[Path]
     assert [p.name for p in paths] == [f"monitoring.coreos.com_{crd.split('.')[0]}.yaml" for crd in CRDS]
     for path in paths:
         _ok(control_plane.kubectl_run("apply", "--server-side", "-f", str(path)), f"kubectl apply {path}")
-    _ok(control_plane.kubectl_run("wait", "--for=condition=Established", *(f"crd/{c}" for c in CRDS),
-                                  "--timeout=60s"), "kubectl wait for the CRDs")  # fmt: skip
+    _ok(
+        control_plane.kubectl_run("wait", "--for=condition=Established", *(f"crd/{c}" for c in CRDS), "--timeout=60s"),
+        "kubectl wait for the CRDs",
+    )
     return paths
 
 
 @pytest.fixture
 def profile(kubectl: Kubectl, prometheus_operator_crds: list[Path]) -> ObjectRef:
     """A real DatabaseProfile (no operator runs), so the rule's owner reference stays valid."""
-    kubectl.apply({"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-                   "spec": {"connection": {"secretRef": {"name": "app-db"}}, "tier": "production"}})  # fmt: skip
+    kubectl.apply(
+        {
+            "apiVersion": "pgscale.io/v1alpha1",
+            "kind": "DatabaseProfile",
+            "metadata": {"name": "app"},
+            "spec": {"connection": {"secretRef": {"name": "app-db"}}, "tier": "production"},
+        }
+    )
     return ObjectRef.of(kubectl.get("databaseprofile", "app"))
 
 
@@ -77,8 +85,14 @@ def _accepted(kubectl: Kubectl, obj: dict[str, Any], resource: str) -> dict[str,
 
 
 def test_rendered_prometheus_rule_is_accepted_and_owned(kubectl: Kubectl, profile: ObjectRef) -> None:
-    alerts = AlertsSpec.model_validate({"connectionUtilizationPercent": 57, "queryTimeSeconds": 0.25,
-                                        "growthPerMonth": "1.5Gi", "prometheusRule": {"enabled": True}})  # fmt: skip
+    alerts = AlertsSpec.model_validate(
+        {
+            "connectionUtilizationPercent": 57,
+            "queryTimeSeconds": 0.25,
+            "growthPerMonth": "1.5Gi",
+            "prometheusRule": {"enabled": True},
+        }
+    )
     rule = alerting.prometheus_rule(profile, alerts, {"release": "kube-prometheus-stack"})
     stored = _accepted(kubectl, rule, "prometheusrule")
     assert stored["metadata"]["ownerReferences"][0]["uid"] == profile.uid
@@ -117,9 +131,12 @@ INVALID: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
 
 @pytest.mark.parametrize(("kind", "change", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_schema_rejects_broken_objects(
-    kubectl: Kubectl, prometheus_operator_crds: list[Path], kind: str, change: Callable[[dict[str, Any]], None],
+    kubectl: Kubectl,
+    prometheus_operator_crds: list[Path],
+    kind: str,
+    change: Callable[[dict[str, Any]], None],
     message: str,
-) -> None:  # fmt: skip
+) -> None:
     owner = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", kubectl.namespace, "app", "0000-uid")
     valid = alerting.prometheus_rule(owner, AlertsSpec(), {})
     _ok(_apply(kubectl, valid, "--dry-run=server"), f"dry-run apply of the valid {kind}")
@@ -144,15 +161,20 @@ def _eventually(check: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
-def test_profile_with_prometheus_rule_enabled(operator: Any, kubectl: Kubectl, prometheus_operator_crds: list[Path],
-                                              app_secret: str) -> None:  # fmt: skip
+def test_profile_with_prometheus_rule_enabled(
+    operator: Any, kubectl: Kubectl, prometheus_operator_crds: list[Path], app_secret: str
+) -> None:
     """The operator renders the profile's thresholds into a PrometheusRule and removes it when disabled."""
     import json as _json
     import time as _time
 
     alerts = {"connectionUtilizationPercent": 70, "prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}
-    obj = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-           "spec": {"connection": {"secretRef": {"name": "app-db"}}, "monitoring": {"alerts": alerts}}}  # fmt: skip
+    obj = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {"connection": {"secretRef": {"name": "app-db"}}, "monitoring": {"alerts": alerts}},
+    }
     kubectl.apply(obj)
     kubectl.wait("databaseprofile", "app", "Ready")
     rule = kubectl.get("prometheusrule", "app-pgscale")
@@ -160,8 +182,14 @@ def test_profile_with_prometheus_rule_enabled(operator: Any, kubectl: Kubectl, p
     exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
     assert any("0.7" in e and "connection_utilization_ratio" in e for e in exprs)
     assert kubectl.get("databaseprofile", "app")["status"]["prometheusRule"] == "app-pgscale"
-    kubectl.run("patch", "dbp", "app", "--type=merge", "-p",
-                _json.dumps({"spec": {"monitoring": {"alerts": {"prometheusRule": {"enabled": False}}}}}))  # fmt: skip
+    kubectl.run(
+        "patch",
+        "dbp",
+        "app",
+        "--type=merge",
+        "-p",
+        _json.dumps({"spec": {"monitoring": {"alerts": {"prometheusRule": {"enabled": False}}}}}),
+    )
     deadline = _time.monotonic() + 30
     while (
         "NotFound" not in kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", "prometheusrule", "app-pgscale").stderr

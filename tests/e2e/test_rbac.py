@@ -105,26 +105,47 @@ CASES: dict[str, tuple[Callable[[Rules], Rules] | None, tuple[str, ...], str]] =
     "as-rendered": (None, (), ""),
     "no-get-secrets": (without(["secrets"], "get"), ("get", "secrets"), 'cannot get resource "secrets"'),
     # A server-side apply that creates the object is authorized as create too, not only as patch.
-    "no-create-owned": (without(["secrets", "services", "configmaps"], "create"), ("create", "secrets"),
-                        'cannot create resource "secrets"'),
-    "no-status-patch": (without(STATUS), ("patch", "databaseprofiles.pgscale.io", "--subresource=status"),
-                        'cannot patch resource "databaseprofiles/status"'),
-}  # fmt: skip
+    "no-create-owned": (
+        without(["secrets", "services", "configmaps"], "create"),
+        ("create", "secrets"),
+        'cannot create resource "secrets"',
+    ),
+    "no-status-patch": (
+        without(STATUS),
+        ("patch", "databaseprofiles.pgscale.io", "--subresource=status"),
+        'cannot patch resource "databaseprofiles/status"',
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_operator_needs_its_rules(own_cluster: localenv.ControlPlane, postgres: localenv.Postgres, database: str,
-                                  tmp_path: Path, case: str) -> None:  # fmt: skip
+def test_operator_needs_its_rules(
+    own_cluster: localenv.ControlPlane, postgres: localenv.Postgres, database: str, tmp_path: Path, case: str
+) -> None:
     cp = own_cluster
     mutate, denied, answer = CASES[case]
     ns = f"t-{uuid.uuid4().hex[:10]}"
     cp.kubectl_run("create", "namespace", ns, check=True)
     # The chart's identity for watching this one namespace (release = this namespace).
     rendered = subprocess.run(
-        [helm(), "template", "op", str(CHART), "--namespace", ns, "--set", f"watchNamespaces={{{ns}}}",
-         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            helm(),
+            "template",
+            "op",
+            str(CHART),
+            "--namespace",
+            ns,
+            "--set",
+            f"watchNamespaces={{{ns}}}",
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     for doc in docs:
         if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):
@@ -141,11 +162,18 @@ def test_operator_needs_its_rules(own_cluster: localenv.ControlPlane, postgres: 
         assert not can_i(cp, user, *denied, "-n", ns)
     kubeconfig = cp.service_account_kubeconfig(ns, "op-pgscale", tmp_path / "kubeconfig")
 
-    cp.kubectl_run("create", "secret", "generic", "app-db", "-n", ns, f"--from-literal=uri={postgres.uri(database)}",
-                   check=True)  # fmt: skip
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": "app-db"}},
-                        "pooling": {"poolMode": "transaction", "defaultPoolSize": 2}}}  # fmt: skip
+    cp.kubectl_run(
+        "create", "secret", "generic", "app-db", "-n", ns, f"--from-literal=uri={postgres.uri(database)}", check=True
+    )
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {
+            "connection": {"secretRef": {"name": "app-db"}},
+            "pooling": {"poolMode": "transaction", "defaultPoolSize": 2},
+        },
+    }
     cp.kubectl_run("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(profile), check=True)
 
     op = localenv.OperatorProcess(tmp_path, kubeconfig)

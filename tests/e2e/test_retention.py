@@ -70,8 +70,7 @@ def test_cronjob_command_archives_exactly_the_matching_rows(
 
     # The run log reaches status (a Job's completion would trigger this; here we nudge).
     kubectl.run("annotate", "retentionpolicy", "archive-completed-tasks", "pgscale.io/reconcile-at=1", "--overwrite")
-    obj = wait_status(kubectl, "archive-completed-tasks",
-                      lambda s: s.get("lastRun", {}).get("outcome") == "Succeeded")  # fmt: skip
+    obj = wait_status(kubectl, "archive-completed-tasks", lambda s: s.get("lastRun", {}).get("outcome") == "Succeeded")
     assert obj["status"]["lastRun"]["rowsArchived"] == expected
     assert obj["status"]["totals"] == {"runs": 1, "rowsArchived": expected, "rowsDeleted": 0}
     last = next(c for c in obj["status"]["conditions"] if c["type"] == "LastRunSucceeded")
@@ -103,13 +102,26 @@ def test_dry_run_reports_without_moving(
 def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
     operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
 ) -> None:
-    policy = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": "by-cron"},
-              "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                       "olderThan": "90d", "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
-                       "batchSize": 200, "scheduler": "pg_cron", "schedule": "* * * * *",
-                       "children": {"mode": "archive"}}}  # fmt: skip
-    with psycopg.connect(postgres.dsn(database), autocommit=True) as conn, \
-            psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:  # fmt: skip
+    policy = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "RetentionPolicy",
+        "metadata": {"name": "by-cron"},
+        "spec": {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "ageColumn": "completedAt",
+            "olderThan": "90d",
+            "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+            "batchSize": 200,
+            "scheduler": "pg_cron",
+            "schedule": "* * * * *",
+            "children": {"mode": "archive"},
+        },
+    }
+    with (
+        psycopg.connect(postgres.dsn(database), autocommit=True) as conn,
+        psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron,
+    ):
         seed_tasks(conn, 2000)
         expected = scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}')
         original = scalar(conn, CHECKSUM.format('"Task"'))
@@ -161,11 +173,18 @@ def test_switching_scheduler_moves_the_schedule(
     # A schedule croniter reads but pg_cron does not: a named condition on spec.schedule, not an InternalError.
     kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p", '{"spec": {"schedule": "0 0 1W * *"}}')
     kubectl.wait("retentionpolicy", "archive-completed-tasks", "Stalled")
-    stalled = next(c for c in kubectl.get("rp", "archive-completed-tasks")["status"]["conditions"]
-                   if c["type"] == "Stalled")  # fmt: skip
+    stalled = next(
+        c for c in kubectl.get("rp", "archive-completed-tasks")["status"]["conditions"] if c["type"] == "Stalled"
+    )
     assert stalled["reason"] == "InvalidSpec" and "spec.schedule: pg_cron does not accept" in stalled["message"]
-    kubectl.run("patch", "rp", "archive-completed-tasks", "--type=merge", "-p",
-                '{"spec": {"scheduler": "cronjob", "schedule": "0 2 1 * *"}}')  # fmt: skip
+    kubectl.run(
+        "patch",
+        "rp",
+        "archive-completed-tasks",
+        "--type=merge",
+        "-p",
+        '{"spec": {"scheduler": "cronjob", "schedule": "0 2 1 * *"}}',
+    )
     obj = wait_status(kubectl, "archive-completed-tasks", lambda s: s.get("cronJobName") and not s.get("pgCronJobId"))
     assert not obj["metadata"].get("finalizers")
     with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as cron:
@@ -177,10 +196,18 @@ def test_referenced_table_stalls_until_children_is_set(
 ) -> None:
     """The sample app's "Message"."taskId" references "Task" ON DELETE SET NULL: without spec.children the
     policy is Stalled naming the constraint and the rows at stake, and nothing changes; with it, Ready."""
-    policy = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy", "metadata": {"name": "trim"},
-              "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                       "olderThan": "90d",
-                       "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}]}}  # fmt: skip
+    policy = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "RetentionPolicy",
+        "metadata": {"name": "trim"},
+        "spec": {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "ageColumn": "completedAt",
+            "olderThan": "90d",
+            "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+        },
+    }
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_tasks(conn, 300)
         conn.execute("""INSERT INTO "Message" ("taskId", body) SELECT id, 'hi' FROM "Task" WHERE id <= 200""")
@@ -198,9 +225,17 @@ def test_referenced_table_stalls_until_children_is_set(
         assert stalled["reason"] == "ReferencedByForeignKeys"
         assert '"Message_taskId_fkey" on "public"."Message" (taskId) ON DELETE SET NULL' in stalled["message"]
         assert f"({at_stake} rows reference" in stalled["message"] and "spec.children.mode" in stalled["message"]
-        assert obj["status"]["relationships"] == [{
-            "table": "public.Message", "constraint": "Message_taskId_fkey", "references": "public.Task",
-            "onDelete": "SET NULL", "mode": "unset", "effect": "unset", "rows": at_stake}]  # fmt: skip
+        assert obj["status"]["relationships"] == [
+            {
+                "table": "public.Message",
+                "constraint": "Message_taskId_fkey",
+                "references": "public.Task",
+                "onDelete": "SET NULL",
+                "mode": "unset",
+                "effect": "unset",
+                "rows": at_stake,
+            }
+        ]
         assert scalar(conn, "SELECT to_regclass('\"Task_archive\"')") is None  # nothing created
         assert scalar(conn, CHECKSUM.format('"Message"')) == original
         kubectl.run(

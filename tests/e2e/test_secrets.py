@@ -35,8 +35,9 @@ def debug_json_operator(
     tmp_path: Path, operator_kubeconfig: Path, namespace: str
 ) -> Iterator[localenv.OperatorProcess]:
     """A second operator on the test's namespace that logs JSON at debug level (the session one logs text)."""
-    op = localenv.OperatorProcess(tmp_path, operator_kubeconfig,
-                                  {"PGSCALE_LOG_FORMAT": "json", "PGSCALE_LOG_LEVEL": "debug"})  # fmt: skip
+    op = localenv.OperatorProcess(
+        tmp_path, operator_kubeconfig, {"PGSCALE_LOG_FORMAT": "json", "PGSCALE_LOG_LEVEL": "debug"}
+    )
     try:
         yield op.start("-n", namespace)
     finally:
@@ -45,8 +46,12 @@ def debug_json_operator(
 
 def resources(case: str) -> list[dict[str, Any]]:
     """A profile on the case's Secret and one resource of every other kind on that profile."""
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": case},
-               "spec": {"connection": {"secretRef": {"name": case}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": case},
+        "spec": {"connection": {"secretRef": {"name": case}}},
+    }
     out = [profile]
     for example in ("partitionpolicy.yaml", "retentionpolicy.yaml", "filemigration.yaml"):
         obj = load_example(example)[0]
@@ -102,8 +107,13 @@ def test_password_appears_nowhere(
     assert '"level": "debug"' in surfaces["json debug log"]
     env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
     for output in ("text", "wide", "json"):
-        result = subprocess.run([str(BIN / "pgscale"), "status", "-n", kubectl.namespace, "-o", output], env=env,
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [str(BIN / "pgscale"), "status", "-n", kubectl.namespace, "-o", output],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         surfaces[f"pgscale status -o {output}"] = result.stdout + result.stderr
         assert "InvalidSecret" in result.stdout
 
@@ -113,14 +123,27 @@ def test_password_appears_nowhere(
         policy = resources(case)[1]
         owner = ObjectRef("pgscale.io/v1alpha1", "PartitionPolicy", kubectl.namespace, case, "uid")
         job = {**os.environ, **pod_env(job_env(owner, policy["spec"], profile), {case: data})}
-        result = subprocess.run([str(BIN / "pgscale"), "job", "partition-maintenance"], env=job,
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [str(BIN / "pgscale"), "job", "partition-maintenance"], env=job, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         surfaces[f"job output {case}"] = result.stdout + result.stderr
     # And by hand, reading the resources through the kubeconfig.
-    result = subprocess.run([str(BIN / "pgscale"), "job", "file-migration", "--namespace", kubectl.namespace,
-                             "--name", "bad-percent-escape"], env=env, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [
+            str(BIN / "pgscale"),
+            "job",
+            "file-migration",
+            "--namespace",
+            kubectl.namespace,
+            "--name",
+            "bad-percent-escape",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     surfaces["job output by hand"] = result.stdout + result.stderr
     assert "InvalidSecret" in surfaces["status of databaseprofile"]
 

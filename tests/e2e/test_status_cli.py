@@ -23,8 +23,7 @@ EXAMPLES = ["databaseprofile.yaml", "partitionpolicy.yaml", "retentionpolicy.yam
 
 def pgscale(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    return subprocess.run([str(BIN / "pgscale"), "status", *args], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run([str(BIN / "pgscale"), "status", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
 def tables(text: str) -> dict[str, list[dict[str, str]]]:
@@ -76,8 +75,9 @@ def test_status_names_resources_and_states(
     sys.stderr.write(result.stdout)  # the sample in docs/monitoring.md comes from here
     views = tables(result.stdout)
     head = next(h for h in views if h.startswith(f"DatabaseProfile {ns}/app: "))
-    assert head.startswith(f"DatabaseProfile {ns}/app: postgres@{postgres.host}:{postgres.port}/{database} "
-                           "(Secret app-db), PostgreSQL 15.")  # fmt: skip
+    assert head.startswith(
+        f"DatabaseProfile {ns}/app: postgres@{postgres.host}:{postgres.port}/{database} (Secret app-db), PostgreSQL 15."
+    )
     rows = {(r["KIND"], r["NAME"]): r for r in views[head]}
     assert list(rows) == [
         ("DatabaseProfile", "app"),
@@ -143,15 +143,21 @@ def test_kubectl_plugin_and_context_namespace(
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     plugins = subprocess.run([str(control_plane.kubectl), "plugin", "list"], env=env, capture_output=True, text=True)
     assert str(BIN / "kubectl-pgscale") in plugins.stdout
-    plugin = subprocess.run([str(control_plane.kubectl), "pgscale", "status", "-n", ns], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    plugin = subprocess.run(
+        [str(control_plane.kubectl), "pgscale", "status", "-n", ns], env=env, capture_output=True, text=True, timeout=60
+    )
     assert plugin.returncode == 0, plugin.stderr
     assert tables(plugin.stdout) == tables(direct.stdout)
     # Someone who may read pgscale's resources but not Secrets still gets the view.
     kubectl.run("create", "serviceaccount", "viewer")
-    kubectl.run("create", "role", "pgscale-viewer", "--verb=get,list",
-                "--resource=databaseprofiles.pgscale.io,partitionpolicies.pgscale.io,"
-                "retentionpolicies.pgscale.io,filemigrations.pgscale.io")  # fmt: skip
+    kubectl.run(
+        "create",
+        "role",
+        "pgscale-viewer",
+        "--verb=get,list",
+        "--resource=databaseprofiles.pgscale.io,partitionpolicies.pgscale.io,"
+        "retentionpolicies.pgscale.io,filemigrations.pgscale.io",
+    )
     kubectl.run("create", "rolebinding", "pgscale-viewer", "--role=pgscale-viewer", f"--serviceaccount={ns}:viewer")
     viewer = control_plane.service_account_kubeconfig(ns, "viewer", tmp_path / "viewer")
     limited = pgscale(viewer, "-n", ns)

@@ -17,14 +17,27 @@ pytestmark = pytest.mark.cluster
 
 VALID: dict[str, dict[str, Any]] = {
     "DatabaseProfile": {"connection": {"secretRef": {"name": "app-db"}}, "tier": "production"},
-    "PartitionPolicy": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "column": "createdAt",
-                        "interval": "monthly"},
-    "RetentionPolicy": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                        "olderThan": "90d"},
-    "FileMigration": {"profileRef": {"name": "app"}, "table": {"name": "File"}, "keyColumn": "id",
-                      "dataColumn": "data", "encoding": "base64",
-                      "destination": {"s3": {"bucket": "app-files", "endpoint": "http://minio:9000"}}},
-}  # fmt: skip
+    "PartitionPolicy": {
+        "profileRef": {"name": "app"},
+        "table": {"name": "Task"},
+        "column": "createdAt",
+        "interval": "monthly",
+    },
+    "RetentionPolicy": {
+        "profileRef": {"name": "app"},
+        "table": {"name": "Task"},
+        "ageColumn": "completedAt",
+        "olderThan": "90d",
+    },
+    "FileMigration": {
+        "profileRef": {"name": "app"},
+        "table": {"name": "File"},
+        "keyColumn": "id",
+        "dataColumn": "data",
+        "encoding": "base64",
+        "destination": {"s3": {"bucket": "app-files", "endpoint": "http://minio:9000"}},
+    },
+}
 
 
 def _set(spec: dict[str, Any], path: str, value: Any) -> None:
@@ -122,7 +135,7 @@ IMMUTABLE: list[tuple[str, str, str, Any, str]] = [
     ("retention-table", "RetentionPolicy", "table.name", "Message", "table is immutable"),
     ("files-destination", "FileMigration", "destination.s3.bucket", "other-bucket", "destination is immutable"),
     ("files-data-column", "FileMigration", "dataColumn", "blob", "dataColumn is immutable"),
-]  # fmt: skip
+]
 
 
 def _object(kind: str, name: str, spec: dict[str, Any]) -> str:
@@ -145,8 +158,9 @@ def test_invalid_spec_is_rejected(kubectl: Any, case: str, kind: str, path: str,
 
 
 @pytest.mark.parametrize(("case", "kind", "path", "value", "expected"), IMMUTABLE, ids=[c[0] for c in IMMUTABLE])
-def test_immutable_field_change_is_rejected(kubectl: Any, case: str, kind: str, path: str, value: Any,
-                                           expected: str) -> None:  # fmt: skip
+def test_immutable_field_change_is_rejected(
+    kubectl: Any, case: str, kind: str, path: str, value: Any, expected: str
+) -> None:
     spec = copy.deepcopy(VALID[kind])
     kubectl.apply(_object(kind, case, spec))
     _set(spec, path, value)

@@ -33,12 +33,20 @@ def test_policy_created_before_its_profile_starts_when_the_profile_appears(
     kubectl.apply(policy)
     wait_until(lambda: reason(kubectl, "partitionpolicy", name) == "ProfileNotFound", what="ProfileNotFound")
     time.sleep(12)  # with a 5 s base, the failures at 0, 5 and 15 s put the next retry at 35 s
-    profile = {"apiVersion": "pgscale.io/v1alpha1", "kind": "DatabaseProfile", "metadata": {"name": "app"},
-               "spec": {"connection": {"secretRef": {"name": app_secret}}}}  # fmt: skip
+    profile = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "DatabaseProfile",
+        "metadata": {"name": "app"},
+        "spec": {"connection": {"secretRef": {"name": app_secret}}},
+    }
     kubectl.apply(profile)
     started = time.monotonic()
-    wait_until(lambda: reason(kubectl, "partitionpolicy", name) not in ("ProfileNotFound", None), timeout=30,
-               what="the policy to notice its profile", log=operator.log)  # fmt: skip
+    wait_until(
+        lambda: reason(kubectl, "partitionpolicy", name) not in ("ProfileNotFound", None),
+        timeout=30,
+        what="the policy to notice its profile",
+        log=operator.log,
+    )
     assert time.monotonic() - started < 8, "the policy waited for its backoff instead of the profile's event"
 
 
@@ -55,9 +63,12 @@ def test_localenv_up_in_the_background_cleans_up(tmp_path: Path, sig: signal.Sig
     """As `hack/localenv.py up &` in a script: SIGINT arrives ignored, SIGTERM would kill it outright."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "hack" / "localenv.py"), "up", "--dir", str(tmp_path / "env")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )  # fmt: skip
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     for line in proc.stdout:

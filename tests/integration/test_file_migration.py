@@ -43,16 +43,25 @@ def client(s3: Any) -> Any:
 def spec_for(s3: Any, bucket: str, **extra: Any) -> dict[str, Any]:
     endpoint = s3.endpoint if s3 is not None else "http://unused:9000"
     return {
-        "profileRef": {"name": "app"}, "table": {"name": "File"}, "keyColumn": "id", "dataColumn": "data",
-        "encoding": "base64", "columns": {"fileName": "fileName", "contentType": "mimeType", "size": "size"},
+        "profileRef": {"name": "app"},
+        "table": {"name": "File"},
+        "keyColumn": "id",
+        "dataColumn": "data",
+        "encoding": "base64",
+        "columns": {"fileName": "fileName", "contentType": "mimeType", "size": "size"},
         "destination": {"s3": {"bucket": bucket, "prefix": "files/", "endpoint": endpoint}},
-        "batchSize": 10, "concurrency": 4, "multipartThreshold": "5Mi", "multipartChunkSize": "5Mi", **extra,
-    }  # fmt: skip
+        "batchSize": 10,
+        "concurrency": 4,
+        "multipartThreshold": "5Mi",
+        "multipartChunkSize": "5Mi",
+        **extra,
+    }
 
 
 def job(postgres: Any, database: str, spec: dict[str, Any]) -> JobInput:
-    conn = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres",
-                    password=postgres.PASSWORD)  # fmt: skip
+    conn = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
     return JobInput("ns", "files-to-s3", spec, "pgscale", conn)
 
 
@@ -106,8 +115,14 @@ def test_copy_then_cutover_then_drop_source(postgres: Any, database: str, s3_ser
         report = migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="dropSource"))
         assert report.rows_nulled == len(originals) and report.verified_objects == len(originals)
         assert report.column_dropped and report.phase == "Completed"
-        assert scalar(conn, """SELECT count(*) FROM information_schema.columns
-                               WHERE table_name = 'File' AND column_name = 'data'""") == 0  # fmt: skip
+        assert (
+            scalar(
+                conn,
+                """SELECT count(*) FROM information_schema.columns
+                               WHERE table_name = 'File' AND column_name = 'data'""",
+            )
+            == 0
+        )
         big = client(s3_server).head_object(Bucket=bucket, Key="files/File/f0007")
         assert big["ContentLength"] == 12 * MiB + 7 and "-" in big["ETag"]  # a multipart upload
 
@@ -116,10 +131,12 @@ def test_bad_rows_are_recorded_and_never_block(postgres: Any, database: str, s3_
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         originals = seed_files(conn, [10, 20, 30])
         data_url = "data:image/png;base64," + base64.b64encode(b"png!").decode()
-        conn.execute("""INSERT INTO "File" (id, "fileName", size, data) VALUES
+        conn.execute(
+            """INSERT INTO "File" (id, "fileName", size, data) VALUES
             ('bad-b64', 'x', 3, 'not base64!'), ('null-data', 'y', NULL, NULL),
             ('wrong-size', 'z', 999, %s), ('data-url', 'p.png', 4, %s)""",
-                     (base64.b64encode(b"abc").decode(), data_url))  # fmt: skip
+            (base64.b64encode(b"abc").decode(), data_url),
+        )
         report = migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="dropSource"))
         reasons = {f["key"]: f["reason"] for f in report.failures}
         assert set(reasons) == {"bad-b64", "wrong-size"} and report.rows_failed == 3  # and null-data
@@ -136,15 +153,17 @@ def test_bad_rows_are_recorded_and_never_block(postgres: Any, database: str, s3_
         assert scalar(conn, """SELECT data FROM "File" WHERE id = 'bad-b64'""") == "not base64!"
 
 
-def test_changed_row_is_uploaded_again_without_overwriting(postgres: Any, database: str, s3_server: Any,
-                                                           bucket: str) -> None:  # fmt: skip
+def test_changed_row_is_uploaded_again_without_overwriting(
+    postgres: Any, database: str, s3_server: Any, bucket: str
+) -> None:
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_files(conn, [100])
         migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="cutover"))
         first = object_sha(s3_server, bucket, "files/File/f0000")
         new = b"new content"
-        conn.execute("""UPDATE "File" SET data = %s, size = %s WHERE id = 'f0000'""",
-                     (base64.b64encode(new).decode(), len(new)))  # fmt: skip
+        conn.execute(
+            """UPDATE "File" SET data = %s, size = %s WHERE id = 'f0000'""", (base64.b64encode(new).decode(), len(new))
+        )
         report = migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="cutover"))
         assert report.rows_migrated == 1
         path = scalar(conn, """SELECT "filePath" FROM "File" WHERE id = 'f0000'""")
@@ -176,8 +195,9 @@ def check_invariants(conn: psycopg.Connection, s3: Any, bucket: str, originals: 
             assert object_sha(s3, bucket, path) == want, key
 
 
-def test_killed_at_random_points_and_rerun_until_done(postgres: Any, database: str, s3_server: Any,
-                                                      bucket: str) -> None:  # fmt: skip
+def test_killed_at_random_points_and_rerun_until_done(
+    postgres: Any, database: str, s3_server: Any, bucket: str
+) -> None:
     """SIGKILL the job, as its pod runs it, at 12 random moments; rerun until it completes."""
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         sizes = [random.Random(100 + i).choice([100, 5000, 80_000, 300_000]) for i in range(320)] + [6 * MiB]
@@ -186,10 +206,18 @@ def test_killed_at_random_points_and_rerun_until_done(postgres: Any, database: s
         spec = spec_for(s3_server, bucket, phase="dropSource", concurrency=3, rateLimit={"rowsPerSecond": 40})
         owner = ObjectRef("pgscale.io/v1alpha1", "FileMigration", "ns", "files-to-s3", "uid")
         profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-        pod = {"containers": [{"args": builders.job_args("file-migration", owner),
-                               "env": [*builders.job_env(owner, spec, profile),
-                                       {"name": "AWS_ACCESS_KEY_ID", "value": s3_server.ACCESS_KEY},
-                                       {"name": "AWS_SECRET_ACCESS_KEY", "value": s3_server.SECRET_KEY}]}]}  # fmt: skip
+        pod = {
+            "containers": [
+                {
+                    "args": builders.job_args("file-migration", owner),
+                    "env": [
+                        *builders.job_env(owner, spec, profile),
+                        {"name": "AWS_ACCESS_KEY_ID", "value": s3_server.ACCESS_KEY},
+                        {"name": "AWS_SECRET_ACCESS_KEY", "value": s3_server.SECRET_KEY},
+                    ],
+                }
+            ]
+        }
         secrets = {"app-db": {"uri": postgres.uri(database)}}
         rng = random.Random(2026)
         kills = 0
@@ -208,8 +236,14 @@ def test_killed_at_random_points_and_rerun_until_done(postgres: Any, database: s
             if last["outcome"] == "Succeeded" and last["column_dropped"]:
                 break
         assert kills >= 10
-        assert scalar(conn, """SELECT count(*) FROM information_schema.columns
-                               WHERE table_name = 'File' AND column_name = 'data'""") == 0  # fmt: skip
+        assert (
+            scalar(
+                conn,
+                """SELECT count(*) FROM information_schema.columns
+                               WHERE table_name = 'File' AND column_name = 'data'""",
+            )
+            == 0
+        )
         for key, path in conn.execute('SELECT id, "filePath" FROM "File"').fetchall():
             assert object_sha(s3_server, bucket, path) == hashlib.sha256(originals[key]).hexdigest()
 
@@ -229,12 +263,16 @@ def test_application_writes_during_migration(postgres: Any, database: str, s3_se
                     payload = rng.randbytes(rng.randint(10, 20_000))
                     if rng.random() < 0.5:
                         key = f"new{n:04d}"
-                        w.execute('INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
-                                  (key, "n", len(payload), base64.b64encode(payload).decode()))  # fmt: skip
+                        w.execute(
+                            'INSERT INTO "File" (id, "fileName", size, data) VALUES (%s, %s, %s, %s)',
+                            (key, "n", len(payload), base64.b64encode(payload).decode()),
+                        )
                     else:
                         key = f"f{rng.randrange(200):04d}"
-                        w.execute('UPDATE "File" SET data = %s, size = %s WHERE id = %s AND data IS NOT NULL',
-                                  (base64.b64encode(payload).decode(), len(payload), key))  # fmt: skip
+                        w.execute(
+                            'UPDATE "File" SET data = %s, size = %s WHERE id = %s AND data IS NOT NULL',
+                            (base64.b64encode(payload).decode(), len(payload), key),
+                        )
                     with lock:
                         originals[key] = payload
                     time.sleep(0.002)
@@ -248,16 +286,24 @@ def test_application_writes_during_migration(postgres: Any, database: str, s3_se
         # Whatever the application wrote after its row was done is caught by the next run.
         migrate(postgres, database, s3_server, spec_for(s3_server, bucket, phase="dropSource"))
         check_invariants(conn, s3_server, bucket, originals)
-        assert scalar(conn, """SELECT count(*) FROM information_schema.columns
-                               WHERE table_name = 'File' AND column_name = 'data'""") == 0  # fmt: skip
+        assert (
+            scalar(
+                conn,
+                """SELECT count(*) FROM information_schema.columns
+                               WHERE table_name = 'File' AND column_name = 'data'""",
+            )
+            == 0
+        )
 
 
 def test_filesystem_destination(postgres: Any, database: str, tmp_path: Any) -> None:
     """A volume instead of a bucket: create-only files with their SHA-256, the same phases."""
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         originals = seed_files(conn, [0, 10, 70_000, 6 * MiB])
-        spec = {**spec_for(None, "unused", phase="dropSource"),
-                "destination": {"filesystem": {"claimName": "files", "path": "uploads/"}}}  # fmt: skip
+        spec = {
+            **spec_for(None, "unused", phase="dropSource"),
+            "destination": {"filesystem": {"claimName": "files", "path": "uploads/"}},
+        }
         from pgscale.api.filemigration import FileMigrationSpec
 
         store = make_store(FileMigrationSpec.model_validate(spec), {"PGSCALE_FS_ROOT": str(tmp_path)})
@@ -269,8 +315,9 @@ def test_filesystem_destination(postgres: Any, database: str, tmp_path: Any) -> 
         assert not list(tmp_path.rglob(".pgscale-*"))  # no temporary files left behind
 
 
-def test_corrupted_object_is_caught_before_the_data_goes(postgres: Any, database: str, s3_server: Any,
-                                                         bucket: str) -> None:  # fmt: skip
+def test_corrupted_object_is_caught_before_the_data_goes(
+    postgres: Any, database: str, s3_server: Any, bucket: str
+) -> None:
     from pgscale.jobs.files import Migration as M
 
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
@@ -312,11 +359,17 @@ def test_dry_run_moves_nothing(postgres: Any, database: str, s3_server: Any, buc
         seed_files(conn, [10, 20, 30])
         owner = ObjectRef("pgscale.io/v1alpha1", "FileMigration", "ns", "files-to-s3", "uid")
         profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-        env = {e["name"]: e["value"] for e in builders.job_env(owner, spec_for(s3_server, bucket), profile)
-               if "value" in e}  # fmt: skip
+        env = {
+            e["name"]: e["value"] for e in builders.job_env(owner, spec_for(s3_server, bucket), profile) if "value" in e
+        }
         env.update(PGSCALE_DB_URI=postgres.uri(database), PATH=os.environ["PATH"])
-        out = subprocess.run([str(Path(sys.executable).parent / "pgscale"), "job", "file-migration", "--dry-run"],
-                             env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "pgscale"), "job", "file-migration", "--dry-run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         report = json.loads(out.stdout)
         assert report["outcome"] == "DryRun" and report["rows_pending"] == 3
         assert "Contents" not in client(s3_server).list_objects_v2(Bucket=bucket)

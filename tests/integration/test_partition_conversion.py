@@ -29,9 +29,13 @@ from writers import Writer, expected, fingerprint, rows
 pytestmark = pytest.mark.postgres
 
 SPEC: dict[str, Any] = {
-    "profileRef": {"name": "app"}, "table": {"name": "Task"}, "column": "createdAt", "interval": "monthly",
-    "premake": 3, "conversion": {"batchSize": 500, "widenKeys": True, "dropReferencingForeignKeys": True},
-}  # fmt: skip
+    "profileRef": {"name": "app"},
+    "table": {"name": "Task"},
+    "column": "createdAt",
+    "interval": "monthly",
+    "premake": 3,
+    "conversion": {"batchSize": 500, "widenKeys": True, "dropReferencingForeignKeys": True},
+}
 
 
 @pytest.fixture
@@ -71,8 +75,7 @@ def test_views_and_unique_indexes_block_with_the_fix(conn: psycopg.Connection) -
     assert "unique index 'Task_title_key' lacks the partition column" in err.value.message
 
 
-def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, postgres: Any,
-                                                      database: str) -> None:  # fmt: skip
+def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, postgres: Any, database: str) -> None:
     seed_tasks(conn, 20000)
     conn.execute("DROP ROLE IF EXISTS task_reader")
     conn.execute("CREATE ROLE task_reader")
@@ -97,8 +100,13 @@ def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, 
     assert len(got) == len(want) and got == want, "rows differ from what the writer committed"
     # Partitioned, every month of the data plus three ahead, and the DEFAULT partition.
     assert scalar(conn, "SELECT relkind FROM pg_class WHERE relname = 'Task'") == "p"
-    months = {r[0] for r in conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                                         "WHERE i.inhparent = '\"Task\"'::regclass").fetchall()}  # fmt: skip
+    months = {
+        r[0]
+        for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = '\"Task\"'::regclass"
+        ).fetchall()
+    }
     now = datetime.now(UTC)
     assert f"Task_{now:%Y_%m}" in months and "Task_default" in months and len(months) >= 25 + 3 + 1
     assert scalar(conn, 'SELECT count(*) FROM "Task_default"') == 0
@@ -106,8 +114,10 @@ def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, 
     assert scalar(conn, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'Task_pkey'") == (
         'PRIMARY KEY (id, "createdAt")'
     )
-    assert scalar(conn, "SELECT indrelid::regclass::text FROM pg_index WHERE indexrelid = '\"Task_status_idx\"'"
-                        "::regclass") == '"Task"'  # fmt: skip
+    assert (
+        scalar(conn, "SELECT indrelid::regclass::text FROM pg_index WHERE indexrelid = '\"Task_status_idx\"'::regclass")
+        == '"Task"'
+    )
     assert scalar(conn, "SELECT obj_description('\"Task\"'::regclass, 'pg_class')").startswith("Work items")
     assert scalar(conn, "SELECT col_description('\"Task\"'::regclass, 2)") == "What to do"
     assert scalar(conn, "SELECT has_table_privilege('task_reader', '\"Task\"', 'SELECT')") is True
@@ -121,17 +131,28 @@ def test_online_conversion_keeps_every_row_and_change(conn: psycopg.Connection, 
     assert scalar(conn, "SELECT count(*) FROM pg_constraint WHERE conname = 'Message_taskId_fkey'") == 0
     assert scalar(conn, "SELECT phase FROM pgscale.partition_conversions") == "done"
     # A month's range prunes to one partition.
-    plan = "\n".join(r[0] for r in conn.execute(
-        """EXPLAIN SELECT count(*) FROM "Task" WHERE "createdAt" >= date_trunc('month', now() AT TIME ZONE 'UTC')
+    plan = "\n".join(
+        r[0]
+        for r in conn.execute(
+            """EXPLAIN SELECT count(*) FROM "Task" WHERE "createdAt" >= date_trunc('month', now() AT TIME ZONE 'UTC')
            AT TIME ZONE 'UTC' - interval '2 months' AND "createdAt" < date_trunc('month', now() AT TIME ZONE 'UTC')
-           AT TIME ZONE 'UTC' - interval '1 month'""").fetchall())  # fmt: skip
+           AT TIME ZONE 'UTC' - interval '1 month'"""
+        ).fetchall()
+    )
     scanned = {line.split(" on ")[1].split()[0] for line in plan.splitlines() if " on " in line and "Scan" in line}
     assert len(scanned) == 1 or "Subplans Removed" in plan, plan
     assert report.longest_lock_ms < 1000
 
 
-FAULT_POINTS = ["after-build", "after-prepare", "copy-batch-2", "after-copy", "after-verify", "swap-before-commit",
-                "after-swap"]  # fmt: skip
+FAULT_POINTS = [
+    "after-build",
+    "after-prepare",
+    "copy-batch-2",
+    "after-copy",
+    "after-verify",
+    "swap-before-commit",
+    "after-swap",
+]
 
 
 def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres: Any, database: str) -> None:
@@ -140,9 +161,17 @@ def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres
     before = fingerprint(conn)
     owner = ObjectRef("pgscale.io/v1alpha1", "PartitionPolicy", "ns", "task-by-month", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-    cron = builders.cron_job(owner, suffix="partition-maintenance", schedule="@hourly", time_zone="UTC",
-                             suspend=False, args=builders.job_args("partition-maintenance", owner), template=None,
-                             default_image="pgscale", env=builders.job_env(owner, SPEC, profile))  # fmt: skip
+    cron = builders.cron_job(
+        owner,
+        suffix="partition-maintenance",
+        schedule="@hourly",
+        time_zone="UTC",
+        suspend=False,
+        args=builders.job_args("partition-maintenance", owner),
+        template=None,
+        default_image="pgscale",
+        env=builders.job_env(owner, SPEC, profile),
+    )
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     secrets = {"app-db": {"uri": postgres.uri(database)}}
     phases = []
@@ -165,8 +194,9 @@ def test_killed_at_every_step_resumes_exactly(conn: psycopg.Connection, postgres
     assert scalar(conn, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgscale%'") == 0
 
 
-def test_application_role_without_delete_keeps_writing_during_conversion(conn: psycopg.Connection, postgres: Any,
-                                                                         database: str) -> None:  # fmt: skip
+def test_application_role_without_delete_keeps_writing_during_conversion(
+    conn: psycopg.Connection, postgres: Any, database: str
+) -> None:
     """The sync trigger runs as its owner: the application's role needs no privilege on the copy."""
     seed_tasks(conn, 300)
     conn.execute("DROP ROLE IF EXISTS app_writer")
@@ -200,8 +230,14 @@ def test_an_index_added_mid_conversion_restarts_it(conn: psycopg.Connection) -> 
     assert err.value.reason == "ConversionRestarted" and "Task_user_idx" in err.value.message
     assert scalar(conn, """SELECT to_regclass('"Task_pgscale_new"')""") is None  # the copy was dropped
     assert convert(conn, spec, "pgscale", datetime.now(UTC)).finished
-    assert scalar(conn, """SELECT indrelid::regclass::text FROM pg_index
-                           WHERE indexrelid = '"Task_user_idx"'::regclass""") == '"Task"'  # fmt: skip
+    assert (
+        scalar(
+            conn,
+            """SELECT indrelid::regclass::text FROM pg_index
+                           WHERE indexrelid = '"Task_user_idx"'::regclass""",
+        )
+        == '"Task"'
+    )
 
 
 def test_a_view_added_mid_conversion_holds_the_switch_until_dropped(conn: psycopg.Connection) -> None:
@@ -224,7 +260,7 @@ def test_key_options_are_kept_or_refused(conn: psycopg.Connection) -> None:
     conn.execute("""CREATE TABLE "Note" (id bigint, "createdAt" timestamptz NOT NULL, body text,
                     CONSTRAINT "Note_pkey" PRIMARY KEY (id, "createdAt") INCLUDE (body))""")
     conn.execute("""CREATE TABLE "Tag" (id bigint, name text, "createdAt" timestamptz NOT NULL,
-                    PRIMARY KEY (id) INCLUDE (name))""")  # fmt: skip
+                    PRIMARY KEY (id) INCLUDE (name))""")
     conn.execute("""INSERT INTO "Note" VALUES (1, now(), 'x')""")
     note = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Note"}})
     assert convert(conn, note, "pgscale", datetime.now(UTC)).finished
@@ -235,7 +271,7 @@ def test_key_options_are_kept_or_refused(conn: psycopg.Connection) -> None:
     with pytest.raises(SpecError, match=r"has options .* that pgscale does not widen"):
         convert(conn, tag, "pgscale", datetime.now(UTC))
     conn.execute("""CREATE TABLE "Pin" (id bigint, "createdAt" timestamptz NOT NULL,
-                    PRIMARY KEY (id, "createdAt") DEFERRABLE)""")  # fmt: skip
+                    PRIMARY KEY (id, "createdAt") DEFERRABLE)""")
     pin = PartitionPolicySpec.model_validate({**SPEC, "table": {"name": "Pin"}})
     with pytest.raises(SpecError, match="is DEFERRABLE"):
         convert(conn, pin, "pgscale", datetime.now(UTC))
@@ -253,8 +289,9 @@ def _until_switch(conn: psycopg.Connection, spec: PartitionPolicySpec) -> None:
 def test_repeatable_read_writers_lose_nothing(conn: psycopg.Connection, postgres: Any, database: str) -> None:
     """A REPEATABLE READ transaction whose snapshot predates the copy deletes and moves rows afterwards."""
     seed_tasks(conn, 500)
-    spec = PartitionPolicySpec.model_validate({**SPEC, "conversion": {**SPEC["conversion"], "lockTimeout": "100ms",
-                                                                      "maxRetries": 0}})  # fmt: skip
+    spec = PartitionPolicySpec.model_validate(
+        {**SPEC, "conversion": {**SPEC["conversion"], "lockTimeout": "100ms", "maxRetries": 0}}
+    )
     assert convert(conn, spec, "pgscale", datetime.now(UTC), budget=0).phase == "prepared"
     with psycopg.connect(postgres.dsn(database)) as app:
         app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -17,14 +17,25 @@ NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
 
 
 def spec(**extra: Any) -> PartitionPolicySpec:
-    return PartitionPolicySpec.model_validate({"profileRef": {"name": "app"}, "table": {"name": "Event"},
-                                               "column": "createdAt", "interval": "monthly", **extra})  # fmt: skip
+    return PartitionPolicySpec.model_validate(
+        {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Event"},
+            "column": "createdAt",
+            "interval": "monthly",
+            **extra,
+        }
+    )
 
 
 def partitions(conn: psycopg.Connection) -> list[str]:
-    return [r[0] for r in conn.execute(
-        """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-           WHERE i.inhparent = '"Event"'::regclass ORDER BY 1""").fetchall()]  # fmt: skip
+    return [
+        r[0]
+        for r in conn.execute(
+            """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = '"Event"'::regclass ORDER BY 1"""
+        ).fetchall()
+    ]
 
 
 @pytest.fixture
@@ -64,14 +75,15 @@ def test_retention_takes_exactly_the_partitions_past_the_window(conn: psycopg.Co
     for month in range(1, 13):
         upper = f"{2025 + month // 12}-{month % 12 + 1:02d}-01 00:00+00"
         conn.execute(f"""CREATE TABLE "Event_2025_{month:02d}" PARTITION OF "Event"
-            FOR VALUES FROM ('2025-{month:02d}-01 00:00+00') TO ('{upper}')""")  # fmt: skip
+            FOR VALUES FROM ('2025-{month:02d}-01 00:00+00') TO ('{upper}')""")
     report = maintain(conn, spec(premake=2, retention={"keep": "18 months", "action": "drop"}), NOW)
     # The current month is 2026-11: 18 months back is 2025-05; partitions ending on or before it go.
     assert report.dropped == ["Event_2025_01", "Event_2025_02", "Event_2025_03", "Event_2025_04"]
     kept = partitions(conn)
     assert "Event_2025_05" in kept and "Event_2026_11" in kept and "Event_2027_01" in kept
-    detach = maintain(conn, spec(premake=2, retention={"keep": "1 month", "action": "detach",
-                                                       "archiveSchema": "archive"}), NOW)  # fmt: skip
+    detach = maintain(
+        conn, spec(premake=2, retention={"keep": "1 month", "action": "detach", "archiveSchema": "archive"}), NOW
+    )
     assert "Event_2026_11" not in detach.detached and "Event_2026_12" not in detach.detached
     assert "Event_2025_05" in detach.detached
     assert scalar(conn, "SELECT to_regclass('archive.\"Event_2025_05\"') IS NOT NULL") is True
@@ -83,24 +95,29 @@ def test_other_partition_key_is_refused_with_the_reason(postgres: Any, database:
 
     with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
         c.execute("""CREATE TABLE "Event" (id bigint, "createdAt" timestamptz NOT NULL, kind text NOT NULL)
-                     PARTITION BY LIST (kind)""")  # fmt: skip
+                     PARTITION BY LIST (kind)""")
         with pytest.raises(SpecError, match="partitioned by LIST or HASH"):
             maintain(c, spec(), NOW)
         # A RANGE key of the column plus an expression is not the policy's key either.
         c.execute("""CREATE TABLE "Mixed" (id bigint, "createdAt" timestamptz NOT NULL, kind text NOT NULL)
-                     PARTITION BY RANGE ("createdAt", lower(kind))""")  # fmt: skip
+                     PARTITION BY RANGE ("createdAt", lower(kind))""")
         mixed = PartitionPolicySpec.model_validate({**spec().model_dump(by_alias=True), "table": {"name": "Mixed"}})
         with pytest.raises(SpecError, match="not by RANGE on 'createdAt'"):
             maintain(c, mixed, NOW)
 
 
-def test_concurrent_detach_that_gave_way_is_finished_next_time(postgres: Any, database: str,
-                                                               conn: psycopg.Connection) -> None:  # fmt: skip
+def test_concurrent_detach_that_gave_way_is_finished_next_time(
+    postgres: Any, database: str, conn: psycopg.Connection
+) -> None:
     for month in (1, 2):
         conn.execute(f"""CREATE TABLE "Event_2025_0{month}" PARTITION OF "Event"
-            FOR VALUES FROM ('2025-0{month}-01 00:00+00') TO ('2025-0{month + 1}-01 00:00+00')""")  # fmt: skip
-    policy = spec(premake=1, defaultPartition="none", retention={"keep": "6 months", "action": "drop"},
-                  conversion={"lockTimeout": "200ms"})  # fmt: skip
+            FOR VALUES FROM ('2025-0{month}-01 00:00+00') TO ('2025-0{month + 1}-01 00:00+00')""")
+    policy = spec(
+        premake=1,
+        defaultPartition="none",
+        retention={"keep": "6 months", "action": "drop"},
+        conversion={"lockTimeout": "200ms"},
+    )
     with psycopg.connect(postgres.dsn(database)) as reader:
         reader.execute('SELECT count(*) FROM "Event"')  # an open transaction: CONCURRENTLY waits, then gives way
         report = maintain(conn, policy, NOW)
@@ -115,7 +132,7 @@ def test_concurrent_detach_that_gave_way_is_finished_next_time(postgres: Any, da
 def test_a_partition_under_another_name_with_the_same_bounds_counts(conn: psycopg.Connection) -> None:
     """pg_partman-style or hand-made names: the range is what matters, not the name."""
     conn.execute("""CREATE TABLE "Event_p2026_11" PARTITION OF "Event"
-                    FOR VALUES FROM ('2026-11-01 00:00+00') TO ('2026-12-01 00:00+00')""")  # fmt: skip
+                    FOR VALUES FROM ('2026-11-01 00:00+00') TO ('2026-12-01 00:00+00')""")
     conn.execute("SET TimeZone = 'Asia/Tokyo'")  # the bounds read differently; they are the same values
     report = maintain(conn, spec(premake=1, defaultPartition="none"), NOW)
     assert report.created == ["Event_2026_12"] and report.skipped == []

@@ -37,10 +37,14 @@ def pgbouncer(postgres: localenv.Postgres, database: str, tmp_path: Path) -> Ite
         bouncer = localenv.PgBouncer(tmp_path, name=f"pgbouncer{len(started)}")
         text = pooling.pgbouncer_ini(
             PoolingSpec.model_validate(spec or {}),
-            backend_host=postgres.host, backend_port=postgres.port, dbname=database,
-            listen_port=bouncer.port, auth_file=str(bouncer.auth_file), listen_addr="127.0.0.1",
+            backend_host=postgres.host,
+            backend_port=postgres.port,
+            dbname=database,
+            listen_port=bouncer.port,
+            auth_file=str(bouncer.auth_file),
+            listen_addr="127.0.0.1",
             admin_users=admin_users,
-        )  # fmt: skip
+        )
         started.append(bouncer)
         return bouncer.start(text, pooling.userlist("postgres", password or postgres.PASSWORD))
 
@@ -51,15 +55,19 @@ def pgbouncer(postgres: localenv.Postgres, database: str, tmp_path: Path) -> Ite
 
 def connect(bouncer: localenv.PgBouncer, database: str, **kwargs: Any) -> psycopg.Connection[Any]:
     # prepare_threshold=None: PgBouncer 1.18 cannot keep prepared statements across transactions.
-    return psycopg.connect(bouncer.dsn(database), autocommit=True, prepare_threshold=None, connect_timeout=5,
-                           **kwargs)  # fmt: skip
+    return psycopg.connect(bouncer.dsn(database), autocommit=True, prepare_threshold=None, connect_timeout=5, **kwargs)
 
 
 def server_backends(postgres: localenv.Postgres, database: str) -> int:
     """Client backends connected to the test database: only PgBouncer connects there."""
     with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as conn:
-        return int(scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                                "AND backend_type = 'client backend'", [database]))  # fmt: skip
+        return int(
+            scalar(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
+                [database],
+            )
+        )
 
 
 @pytest.mark.parametrize("secret", ["plain", "scram"])
@@ -91,8 +99,13 @@ def test_pool_size_caps_server_connections(
         nonlocal peak
         with psycopg.connect(postgres.dsn("postgres"), autocommit=True) as conn:
             while not done.is_set():
-                n = int(scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                                     "AND backend_type = 'client backend'", [database]))  # fmt: skip
+                n = int(
+                    scalar(
+                        conn,
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
+                        [database],
+                    )
+                )
                 peak = max(peak, n)
                 time.sleep(0.02)
 
@@ -144,11 +157,18 @@ def test_max_client_conn_refuses_the_next_client(pgbouncer: StartPgBouncer, data
 def test_settings_reach_pgbouncer(pgbouncer: StartPgBouncer, database: str) -> None:
     """The admin console reports what the generated file asked for, user parameters included."""
     spec = {
-        "poolMode": "session", "defaultPoolSize": 4, "reservePoolSize": 1, "maxClientConnections": 40,
+        "poolMode": "session",
+        "defaultPoolSize": 4,
+        "reservePoolSize": 1,
+        "maxClientConnections": 40,
         "maxDbConnections": 6,
-        "parameters": {"server_reset_query": "DISCARD ALL", "ignore_startup_parameters": "options",
-                       "server_lifetime": "600", "log_connections": "0"},
-    }  # fmt: skip
+        "parameters": {
+            "server_reset_query": "DISCARD ALL",
+            "ignore_startup_parameters": "options",
+            "server_lifetime": "600",
+            "log_connections": "0",
+        },
+    }
     bouncer = pgbouncer(spec, admin_users=["postgres"])
     # the admin console speaks only the simple query protocol: client-side binding uses it
     with psycopg.connect(bouncer.dsn("pgbouncer"), autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
@@ -158,6 +178,9 @@ def test_settings_reach_pgbouncer(pgbouncer: StartPgBouncer, database: str) -> N
     assert config["auth_type"] == "scram-sha-256" and config["unix_socket_dir"] == ""
     assert config["ignore_startup_parameters"] == "extra_float_digits,options"
     assert (config["server_reset_query"], config["server_lifetime"], config["log_connections"]) == (
-        "DISCARD ALL", "600", "0")  # fmt: skip
+        "DISCARD ALL",
+        "600",
+        "0",
+    )
     with connect(bouncer, database, options="-c search_path=public") as conn:  # `options` is ignored, not refused
         assert scalar(conn, "SELECT 1") == 1

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.postgres
 def test_bootstrap_makes_a_streaming_standby(postgres: Any, database: str, tmp_path: Path) -> None:
     role = f"repl_{uuid.uuid4().hex[:8]}"
     owner = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", "ns", f"app{uuid.uuid4().hex[:6]}", "uid")
-    spec = ReadReplicasSpec.model_validate({"instances": 1, "replicationSecretRef": {"name": "repl"},
-                                            "storage": {"size": "1Gi"}})  # fmt: skip
+    spec = ReadReplicasSpec.model_validate(
+        {"instances": 1, "replicationSecretRef": {"name": "repl"}, "storage": {"size": "1Gi"}}
+    )
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         problems = replication.readiness_problems(conn, role, 1)
         assert any("must exist with REPLICATION" in p for p in problems)
@@ -41,8 +42,11 @@ def test_bootstrap_makes_a_streaming_standby(postgres: Any, database: str, tmp_p
         conn.execute("CREATE TABLE replicated (x int)")
     sts = replicas.statefulset(owner, spec, image="postgres:15", primary_host="127.0.0.1", primary_port=postgres.port)
     container = sts["spec"]["template"]["spec"]["containers"][0]
-    env = pod_env(container["env"], {"repl": {"username": role, "password": "p:w\\x"}},
-                  pod_name=f"{replicas.statefulset_name(owner)}-0")  # fmt: skip
+    env = pod_env(
+        container["env"],
+        {"repl": {"username": role, "password": "p:w\\x"}},
+        pod_name=f"{replicas.statefulset_name(owner)}-0",
+    )
     workdir = tmp_path / "replica"
     workdir.mkdir()
     user = localenv._os_user()
@@ -54,16 +58,20 @@ def test_bootstrap_makes_a_streaming_standby(postgres: Any, database: str, tmp_p
     port = localenv.free_port()
     # Outside a pod: a data directory and a port of this machine, nothing else changed.
     server_args = f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir}"
-    env |= {"PGDATA": str(workdir / "pgdata"), "PATH": f"/usr/lib/postgresql/15/bin:{os.environ['PATH']}",
-            "POSTGRES_ARGS": server_args}  # fmt: skip
+    env |= {
+        "PGDATA": str(workdir / "pgdata"),
+        "PATH": f"/usr/lib/postgresql/15/bin:{os.environ['PATH']}",
+        "POSTGRES_ARGS": server_args,
+    }
     script = workdir / "bootstrap.sh"
     script.write_text(replicas.config_map(owner)["data"]["bootstrap.sh"])
     cmd = ["sh", str(script)]
     if user:
         cmd = ["runuser", "-u", user, "--", "env", *[f"{k}={v}" for k, v in env.items()], *cmd]
     log = (tmp_path / "replica.log").open("wb")
-    proc = subprocess.Popen(cmd, env=None if user else env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=None if user else env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         standby = dict(host="127.0.0.1", port=port, dbname=database, user="postgres", password=postgres.PASSWORD)
 

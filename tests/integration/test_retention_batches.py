@@ -39,15 +39,21 @@ ALTER TABLE ev ALTER COLUMN note SET STORAGE PLAIN;  -- a long note stays in the
 ANALYZE ev;
 """
 EV_SPEC: dict[str, Any] = {
-    "profileRef": {"name": "app"}, "table": {"name": "ev"}, "ageColumn": "done", "olderThan": "90d",
-    "filters": [{"column": "state", "operator": "Equals", "values": ["done"]}], "batchSize": 50, "maxBatchSize": 50,
-}  # fmt: skip
+    "profileRef": {"name": "app"},
+    "table": {"name": "ev"},
+    "ageColumn": "done",
+    "olderThan": "90d",
+    "filters": [{"column": "state", "operator": "Equals", "values": ["done"]}],
+    "batchSize": 50,
+    "maxBatchSize": 50,
+}
 EV_MATCH = "state = 'done' AND done < now() - interval '90 days'"
 
 
 def job(postgres: Any, database: str, spec: dict[str, Any]) -> JobInput:
-    info = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres",
-                    password=postgres.PASSWORD)  # fmt: skip
+    info = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
     return JobInput("ns", "batches", spec, "pgscale", info)
 
 
@@ -82,9 +88,8 @@ CHANGES = {
     "still-matches-hot": ("UPDATE ev SET note = note || ' edited' WHERE id = %s RETURNING ctid::text", True),
     "stopped-matching": ("UPDATE ev SET state = 'open', note = 'reopened' WHERE id = %s RETURNING ctid::text", False),
     "became-young": ("UPDATE ev SET done = now(), note = 'young' WHERE id = %s RETURNING ctid::text", False),
-    "moved-to-another-page": (
-        "UPDATE ev SET note = repeat('x', 4000) WHERE id = %s RETURNING ctid::text", True),
-}  # fmt: skip
+    "moved-to-another-page": ("UPDATE ev SET note = repeat('x', 4000) WHERE id = %s RETURNING ctid::text", True),
+}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -102,8 +107,10 @@ def test_a_row_changed_while_the_batch_waits_for_it_is_judged_in_its_new_version
     row_id = 123
     statement, still_matches = CHANGES[change]
     cutoff = sqlr.cutoff_for(conn, target.age_interval)
-    with psycopg.connect(postgres.dsn(database)) as writer, \
-            psycopg.connect(postgres.dsn(database), autocommit=True) as batcher:  # fmt: skip
+    with (
+        psycopg.connect(postgres.dsn(database)) as writer,
+        psycopg.connect(postgres.dsn(database), autocommit=True) as batcher,
+    ):
         old_ctid = scalar(writer, "SELECT ctid::text FROM ev WHERE id = %s", (row_id,))
         new_ctid = scalar(writer, statement, (row_id,))  # holds the row until commit
         pid = scalar(batcher, "SELECT pg_backend_pid()")
@@ -119,8 +126,9 @@ def test_a_row_changed_while_the_batch_waits_for_it_is_judged_in_its_new_version
     if change == "moved-to-another-page":
         assert block_of(new_ctid) != block_of(old_ctid)
     after, archive = rows(conn, "ev"), rows(conn, "ev_archive")
-    changed = scalar(conn, "SELECT note FROM ev WHERE id = %s UNION ALL SELECT note FROM ev_archive WHERE id = %s",
-                     (row_id, row_id))  # fmt: skip
+    changed = scalar(
+        conn, "SELECT note FROM ev WHERE id = %s UNION ALL SELECT note FROM ev_archive WHERE id = %s", (row_id, row_id)
+    )
     assert changed != before[row_id][3]  # wherever it is, the row is in the version the writer committed
     assert not set(after) & set(archive) and set(after) | set(archive) == set(before)
     assert (row_id in archive) == still_matches or change == "moved-to-another-page"
@@ -136,17 +144,30 @@ def test_a_repeatable_read_batch_retries_when_a_row_changed_under_it(postgres: A
     seed_tasks(conn, 1000)
     before = rows(conn, "Task")
     row_id = scalar(conn, """SELECT min(id) FROM "Task" WHERE status = 'COMPLETED' AND id > 500""")
-    spec = {**EV_SPEC, "table": {"name": "Task"}, "ageColumn": "completedAt", "children": {"mode": "archive"},
-            "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
-            "batchSize": 2000, "maxBatchSize": 2000, "lockTimeout": "60s"}  # fmt: skip
+    spec = {
+        **EV_SPEC,
+        "table": {"name": "Task"},
+        "ageColumn": "completedAt",
+        "children": {"mode": "archive"},
+        "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+        "batchSize": 2000,
+        "maxBatchSize": 2000,
+        "lockTimeout": "60s",
+    }
     with psycopg.connect(postgres.dsn(database)) as writer:
         writer.execute("""UPDATE "Task" SET title = 'edited' WHERE id = %s""", (row_id,))
         result: dict[str, Any] = {}
         thread = threading.Thread(target=lambda: result.update(report=run(job(postgres, database, spec))))
         thread.start()
         deadline = time.monotonic() + 20
-        while not scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
-                         "application_name LIKE 'pgscale-retention%%'") and time.monotonic() < deadline:  # fmt: skip
+        while (
+            not scalar(
+                conn,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                "application_name LIKE 'pgscale-retention%%'",
+            )
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
         writer.commit()
         thread.join(60)
@@ -158,8 +179,9 @@ def test_a_repeatable_read_batch_retries_when_a_row_changed_under_it(postgres: A
     assert not set(after) & set(archive) and set(after) | set(archive) == set(before)
 
 
-def test_a_row_held_by_another_transaction_is_passed_over_not_waited_for(postgres: Any, database: str,
-                                                                         conn: Any) -> None:  # fmt: skip
+def test_a_row_held_by_another_transaction_is_passed_over_not_waited_for(
+    postgres: Any, database: str, conn: Any
+) -> None:
     """A row locked for the whole run: the batch waits a tenth of lockTimeout, runs its range again with
     SKIP LOCKED, and the run ends without it; the next run takes it."""
     conn.execute(EV)
@@ -184,8 +206,18 @@ def test_pg_cron_passes_over_a_held_row_too(postgres: Any, database: str, conn: 
     run(job(postgres, database, {**EV_SPEC, "dryRun": True}))  # creates the archive and the run log
     target = prepare(conn, RetentionPolicySpec.model_validate(EV_SPEC), "pgscale").target
     sqlr.ensure_procedure(conn, "pgscale")
-    sqlr.save_config(conn, "pgscale", "ns/cron", target, dry_run=False, lock_timeout="1s", row_lock_wait="100ms",
-                     statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
+    sqlr.save_config(
+        conn,
+        "pgscale",
+        "ns/cron",
+        target,
+        dry_run=False,
+        lock_timeout="1s",
+        row_lock_wait="100ms",
+        statement_timeout="60s",
+        max_run="1 hour",
+        pause=0.0,
+    )
     with psycopg.connect(postgres.dsn(database)) as holder:
         holder.execute("SELECT 1 FROM ev WHERE id = 123 FOR UPDATE")
         conn.execute("CALL pgscale.retention_run('ns/cron')")
@@ -219,8 +251,9 @@ def test_rows_on_the_edges_of_page_ranges_move_exactly_once(postgres: Any, datab
     assert edges[0].endswith(",1)") and block_of(edges[1]) == 1  # the first slot of page 0, the last of page 1
 
 
-def test_a_batch_that_cannot_get_smaller_may_take_the_whole_statement_timeout(postgres: Any, database: str,
-                                                                              conn: Any) -> None:  # fmt: skip
+def test_a_batch_that_cannot_get_smaller_may_take_the_whole_statement_timeout(
+    postgres: Any, database: str, conn: Any
+) -> None:
     """A batch above its smallest size that holds its rows longer than half of lockTimeout is rolled back
     and halved; one at the smallest size runs again with the whole statementTimeout, and the run ends."""
     conn.execute(EV)
@@ -229,8 +262,7 @@ def test_a_batch_that_cannot_get_smaller_may_take_the_whole_statement_timeout(po
     conn.execute("""CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
                     $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
                     CREATE TRIGGER slow AFTER INSERT ON ev_archive FOR EACH STATEMENT EXECUTE FUNCTION slow()""")
-    report = run(job(postgres, database, {**EV_SPEC, "lockTimeout": "400ms", "batchSize": 300,
-                                          "maxBatchSize": 300}))  # fmt: skip
+    report = run(job(postgres, database, {**EV_SPEC, "lockTimeout": "400ms", "batchSize": 300, "maxBatchSize": 300}))
     assert report.outcome == "Succeeded" and report.retries >= report.batches, report
     assert set(rows(conn, "ev_archive")) == matching
 
@@ -246,10 +278,17 @@ def test_kept_parents_of_a_partitioned_table_are_counted_and_stay(postgres: Any,
           FROM generate_series(1, 600) g;
         INSERT INTO pt SELECT g, now() FROM generate_series(601, 700) g;
         CREATE TABLE inv (id int PRIMARY KEY, pt int, at timestamptz, FOREIGN KEY (pt, at) REFERENCES pt (id, done));
-        INSERT INTO inv SELECT id, id, done FROM pt WHERE id % 7 = 0""")  # fmt: skip
+        INSERT INTO inv SELECT id, id, done FROM pt WHERE id % 7 = 0""")
     before = {r for r in conn.execute("SELECT id, done FROM pt").fetchall()}
-    spec = {"profileRef": {"name": "app"}, "table": {"name": "pt"}, "ageColumn": "done", "olderThan": "90d",
-            "partitionAware": False, "batchSize": 20, "maxBatchSize": 20}  # fmt: skip
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "pt"},
+        "ageColumn": "done",
+        "olderThan": "90d",
+        "partitionAware": False,
+        "batchSize": 20,
+        "maxBatchSize": 20,
+    }
     report = run(job(postgres, database, spec))
     assert report.outcome == "Succeeded", report.message
     kept = {r for r in conn.execute("SELECT id, done FROM pt").fetchall()}

@@ -78,16 +78,21 @@ SCHEMAS = {"Reaction": ("odd schema", 'Re"action')}  # a hostile name, found thr
 REACTION = 'odd schema.Re"action'
 
 BASE: dict[str, Any] = {
-    "profileRef": {"name": "app"}, "table": {"schema": "app_data", "name": "Task"}, "ageColumn": "doneAt",
-    "olderThan": "90d", "filters": [{"column": "state", "operator": "Equals", "values": ["DONE"]}],
-    "batchSize": 50, "maxBatchSize": 400,
-}  # fmt: skip
+    "profileRef": {"name": "app"},
+    "table": {"schema": "app_data", "name": "Task"},
+    "ageColumn": "doneAt",
+    "olderThan": "90d",
+    "filters": [{"column": "state", "operator": "Equals", "values": ["DONE"]}],
+    "batchSize": 50,
+    "maxBatchSize": 400,
+}
 OLD = """state = 'DONE' AND "doneAt" < (now() AT TIME ZONE 'UTC') - interval '90 days'"""
 
 
 def job_for(postgres: Any, database: str, **spec: Any) -> JobInput:
-    conn = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres",
-                    password=postgres.PASSWORD)  # fmt: skip
+    conn = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
     return JobInput("ns", "trim", {**BASE, **spec}, "pgscale", conn)
 
 
@@ -200,10 +205,13 @@ def test_keep_skips_parents_with_children_and_touches_no_child(postgres: Any, da
 
 def test_mixed_modes_per_table(postgres: Any, database: str, conn: Any) -> None:
     before = snapshot(conn)
-    children = {"mode": "archive", "tables": [
-        {"schema": "app_data", "name": "File", "mode": "delete"},
-        {"schema": "app_data", "name": "Message", "mode": "archive", "archiveTable": "Message_history"},
-    ]}  # fmt: skip
+    children = {
+        "mode": "archive",
+        "tables": [
+            {"schema": "app_data", "name": "File", "mode": "delete"},
+            {"schema": "app_data", "name": "Message", "mode": "archive", "archiveTable": "Message_history"},
+        ],
+    }
     report = run(job_for(postgres, database, children=children))
     assert report.outcome == "Succeeded", report.message
     assert table_rows(conn, "Message_archive") == {}
@@ -225,11 +233,22 @@ def test_pg_cron_procedure_moves_children_too(postgres: Any, database: str, conn
 
     prepared = prepare(conn, RetentionPolicySpec.model_validate(job.spec), "pgscale")
     sqlr.ensure_procedure(conn, "pgscale")
-    sqlr.save_config(conn, "pgscale", "ns/cron", prepared.target, dry_run=False, lock_timeout="1s",
-                     row_lock_wait="100ms", statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
+    sqlr.save_config(
+        conn,
+        "pgscale",
+        "ns/cron",
+        prepared.target,
+        dry_run=False,
+        lock_timeout="1s",
+        row_lock_wait="100ms",
+        statement_timeout="60s",
+        max_run="1 hour",
+        pause=0.0,
+    )
     conn.execute("""CALL pgscale.retention_run('ns/cron')""")
-    row = conn.execute("SELECT outcome, rows_archived, tables FROM pgscale.retention_runs "
-                       "WHERE policy = 'ns/cron'").fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT outcome, rows_archived, tables FROM pgscale.retention_runs WHERE policy = 'ns/cron'"
+    ).fetchone()
     assert row[0] == "Succeeded" and row[1] > 0, row
     assert row[2]["app_data.Message archived"] == len(table_rows(conn, "Message_archive")) > 0
     assert_union_is_original(conn, before)
@@ -254,11 +273,14 @@ class ChildWriter(threading.Thread):
                 task = self.rng.choice(self.tasks)
                 try:
                     with conn.transaction():
-                        row = conn.execute('INSERT INTO app_data."Message" ("taskId", body) VALUES (%s, %s) '
-                                           "RETURNING id", (task, "live")).fetchone()  # fmt: skip
+                        row = conn.execute(
+                            'INSERT INTO app_data."Message" ("taskId", body) VALUES (%s, %s) RETURNING id',
+                            (task, "live"),
+                        ).fetchone()
                         assert row is not None
-                        conn.execute('INSERT INTO "odd schema"."Re""action" ("messageId", emoji) VALUES (%s, %s)',
-                                     (row[0], "!"))  # fmt: skip
+                        conn.execute(
+                            'INSERT INTO "odd schema"."Re""action" ("messageId", emoji) VALUES (%s, %s)', (row[0], "!")
+                        )
                     self.committed[row[0]] = task
                 except psycopg.errors.ForeignKeyViolation:
                     self.refused += 1  # its task was archived first: the application sees an error, nothing is lost
@@ -284,8 +306,10 @@ def test_concurrent_child_inserts_lose_nothing(postgres: Any, database: str, con
             assert mid in archived and task in archived_tasks, f"message {mid} of {task} lost"
     reactions = set(table_rows(conn, "Reaction")) | set(table_rows(conn, "Reaction_archive"))
     assert len(reactions) == scalar(conn, 'SELECT last_value FROM "odd schema"."Re""action_id_seq"')
-    print(f"\nchildren: {len(writer.committed)} messages inserted during the run ({writer.refused} refused: "
-          f"their task had gone), {report.rows_archived} tasks archived; lost 0")  # fmt: skip
+    print(
+        f"\nchildren: {len(writer.committed)} messages inserted during the run ({writer.refused} refused: "
+        f"their task had gone), {report.rows_archived} tasks archived; lost 0"
+    )
 
 
 def test_killed_job_resumes_and_loses_nothing_in_any_table(postgres: Any, database: str, conn: Any) -> None:
@@ -294,9 +318,17 @@ def test_killed_job_resumes_and_loses_nothing_in_any_table(postgres: Any, databa
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "trim", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
     spec = {**BASE, "batchSize": 10, "maxBatchSize": 10, "children": {"mode": "archive"}}
-    cron = builders.cron_job(owner, suffix="retention", schedule="@daily", time_zone="UTC", suspend=False,
-                             args=builders.job_args("retention", owner), template=None, default_image="pgscale",
-                             env=builders.job_env(owner, spec, profile))  # fmt: skip
+    cron = builders.cron_job(
+        owner,
+        suffix="retention",
+        schedule="@daily",
+        time_zone="UTC",
+        suspend=False,
+        args=builders.job_args("retention", owner),
+        template=None,
+        default_image="pgscale",
+        env=builders.job_env(owner, spec, profile),
+    )
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     secrets = {"app-db": {"uri": postgres.uri(database)}}
     rng = random.Random(5)
@@ -317,13 +349,19 @@ def test_a_role_without_superuser_gets_the_grants_it_lacks(postgres: Any, databa
     conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw-{role}'")
     conn.execute(f'GRANT USAGE, CREATE ON SCHEMA app_data, "odd schema" TO {role}')
     conn.execute(f"GRANT CREATE ON DATABASE {database} TO {role}")
-    conn.execute(f'GRANT SELECT, INSERT, DELETE ON app_data."Task", app_data."File", app_data."Invoice", '
-                 f'app_data."Event" TO {role}')  # fmt: skip
+    conn.execute(
+        f'GRANT SELECT, INSERT, DELETE ON app_data."Task", app_data."File", app_data."Invoice", '
+        f'app_data."Event" TO {role}'
+    )
     before = snapshot(conn)
     job = job_for(postgres, database, children={"mode": "archive"})
-    job = JobInput(job.namespace, job.name, job.spec, "pgscale_app",
-                   ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=role,
-                            password=f"pw-{role}"))  # fmt: skip
+    job = JobInput(
+        job.namespace,
+        job.name,
+        job.spec,
+        "pgscale_app",
+        ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=role, password=f"pw-{role}"),
+    )
     with pytest.raises(ReconcileError) as caught:
         run(job)
     assert caught.value.reason == "InsufficientPrivilege"

@@ -27,10 +27,15 @@ pytestmark = pytest.mark.postgres
 
 PREDICATE = """status = 'COMPLETED' AND "completedAt" < now() - interval '90 days'"""
 SPEC: dict[str, Any] = {
-    "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",
-    "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}], "batchSize": 250,
-    "maxBatchSize": 250, "children": {"mode": "archive"},
-}  # fmt: skip
+    "profileRef": {"name": "app"},
+    "table": {"name": "Task"},
+    "ageColumn": "completedAt",
+    "olderThan": "90d",
+    "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+    "batchSize": 250,
+    "maxBatchSize": 250,
+    "children": {"mode": "archive"},
+}
 
 
 def rows(conn: psycopg.Connection, table: str) -> dict[int, tuple[Any, ...]]:
@@ -38,8 +43,9 @@ def rows(conn: psycopg.Connection, table: str) -> dict[int, tuple[Any, ...]]:
 
 
 def job_for(postgres: Any, database: str, **spec: Any) -> JobInput:
-    conn = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres",
-                    password=postgres.PASSWORD)  # fmt: skip
+    conn = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
     return JobInput("ns", "archive-tasks", {**SPEC, **spec}, "pgscale", conn)
 
 
@@ -131,8 +137,12 @@ def widen_window(conn: psycopg.Connection, table: str, seconds: float) -> None:
     conn.execute(f'CREATE TRIGGER slow AFTER INSERT ON "{table}" FOR EACH STATEMENT EXECUTE FUNCTION slow()')
 
 
-def check_nothing_lost(before: dict[int, tuple[Any, ...]], writer: Writer, after: dict[int, tuple[Any, ...]],
-                       archive: dict[int, tuple[Any, ...]]) -> tuple[set[int], set[int], set[int]]:  # fmt: skip
+def check_nothing_lost(
+    before: dict[int, tuple[Any, ...]],
+    writer: Writer,
+    after: dict[int, tuple[Any, ...]],
+    archive: dict[int, tuple[Any, ...]],
+) -> tuple[set[int], set[int], set[int]]:
     """(lost, duplicated, stale) row ids."""
     expected = {**before, **writer.last}
     lost = set(expected) - set(after) - set(archive)
@@ -162,8 +172,10 @@ def test_concurrent_writer_loses_nothing(postgres: Any, database: str, conn: psy
     assert (lost, duplicated, stale) == (set(), set(), set())
     # Every archived row matched the policy in the version that was archived.
     assert all(r[2] == "COMPLETED" for r in archive.values())
-    print(f"\npgscale: {report.rows_archived} archived in {report.batches} batches while the writer made "
-          f"{writer.ops} changes; lost 0, duplicated 0, stale 0")  # fmt: skip
+    print(
+        f"\npgscale: {report.rows_archived} archived in {report.batches} batches while the writer made "
+        f"{writer.ops} changes; lost 0, duplicated 0, stale 0"
+    )
 
 
 STRATEGY_FUNCTION = """
@@ -185,8 +197,9 @@ $$ LANGUAGE plpgsql;
 """
 
 
-def test_strategy_function_loses_rows_under_the_same_writer(postgres: Any, database: str,
-                                                            conn: psycopg.Connection) -> None:  # fmt: skip
+def test_strategy_function_loses_rows_under_the_same_writer(
+    postgres: Any, database: str, conn: psycopg.Connection
+) -> None:
     """The strategy's archive_old_tasks(), verbatim: with its unquoted completedAt it does not
     even run on a camelCase column; quoted, a concurrent writer makes it lose rows."""
     seed_tasks(conn, 6000)
@@ -205,13 +218,14 @@ def test_strategy_function_loses_rows_under_the_same_writer(postgres: Any, datab
     writer.join()
     after, archive = rows(conn, "Task"), rows(conn, "task_archive")
     lost, duplicated, stale = check_nothing_lost(before, writer, after, archive)
-    print(f"\nstrategy function: lost {len(lost)}, duplicated {len(duplicated)}, stale {len(stale)} "
-          f"while the writer made {writer.ops} changes")  # fmt: skip
+    print(
+        f"\nstrategy function: lost {len(lost)}, duplicated {len(duplicated)}, stale {len(stale)} "
+        f"while the writer made {writer.ops} changes"
+    )
     assert lost, "the strategy's two-statement function lost no row this time"
 
 
-def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: str,
-                                                       conn: psycopg.Connection) -> None:  # fmt: skip
+def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: str, conn: psycopg.Connection) -> None:
     """SIGKILL `pgscale job retention` (as its pod runs it) three times mid-run, then let it finish."""
     seed_tasks(conn, 6000)
     before = rows(conn, "Task")
@@ -219,9 +233,17 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
     spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100}
-    cron = builders.cron_job(owner, suffix="retention", schedule="@daily", time_zone="UTC", suspend=False,
-                             args=builders.job_args("retention", owner), template=None, default_image="pgscale",
-                             env=builders.job_env(owner, spec, profile))  # fmt: skip
+    cron = builders.cron_job(
+        owner,
+        suffix="retention",
+        schedule="@daily",
+        time_zone="UTC",
+        suspend=False,
+        args=builders.job_args("retention", owner),
+        template=None,
+        default_image="pgscale",
+        env=builders.job_env(owner, spec, profile),
+    )
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     secrets = {"app-db": {"uri": postgres.uri(database)}}
     last_id = 0

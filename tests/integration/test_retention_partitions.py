@@ -15,8 +15,13 @@ from pgscale.pg.connection import ConnInfo
 
 pytestmark = pytest.mark.postgres
 
-SPEC: dict[str, Any] = {"profileRef": {"name": "app"}, "table": {"name": "Log"}, "ageColumn": "createdAt",
-                        "olderThan": "90d", "batchSize": 500}  # fmt: skip
+SPEC: dict[str, Any] = {
+    "profileRef": {"name": "app"},
+    "table": {"name": "Log"},
+    "ageColumn": "createdAt",
+    "olderThan": "90d",
+    "batchSize": 500,
+}
 
 
 def make_log(conn: psycopg.Connection, *, default: bool) -> None:
@@ -41,8 +46,9 @@ def make_log(conn: psycopg.Connection, *, default: bool) -> None:
 
 
 def job(postgres: Any, database: str, **spec: Any) -> JobInput:
-    conn = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres",
-                    password=postgres.PASSWORD)  # fmt: skip
+    conn = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
     return JobInput("ns", "trim-log", {**SPEC, **spec}, "pgscale", conn)
 
 
@@ -80,8 +86,15 @@ def test_interrupted_partition_archive_is_finished_next_run(postgres: Any, datab
         part = next(
             p for p in sqlr.partitions(conn, "public", "Log") if scalar(conn, f'SELECT count(*) FROM "{p.name}"')
         )
-        target = sqlr.Target("public", "Log", ("id", "createdAt", "msg"), "createdAt", "90 days",
-                             archive_table="Log_archive", partitioned=True)  # fmt: skip
+        target = sqlr.Target(
+            "public",
+            "Log",
+            ("id", "createdAt", "msg"),
+            "createdAt",
+            "90 days",
+            archive_table="Log_archive",
+            partitioned=True,
+        )
         sqlr.detach(conn, target, part, "ns/trim-log", concurrently=True)
         assert scalar(conn, 'SELECT count(*) FROM "Log"') < original  # the rows are only in the detached table
         report = run(job(postgres, database, olderThan="1y"))
@@ -96,8 +109,9 @@ def test_filters_or_foreign_ownership_mean_row_by_row(postgres: Any, database: s
         report = run(job(postgres, database, filters=[{"column": "msg", "operator": "Equals", "values": ["m"]}]))
         assert report.partitions == [] and report.rows_archived > 0
         owned = job(postgres, database)
-        owned = JobInput(owned.namespace, owned.name, owned.spec, owned.state_schema, owned.conn,
-                         {"partitionsOwnedElsewhere": True})  # fmt: skip
+        owned = JobInput(
+            owned.namespace, owned.name, owned.spec, owned.state_schema, owned.conn, {"partitionsOwnedElsewhere": True}
+        )
         conn.execute("""INSERT INTO "Log" ("createdAt", msg) VALUES (now() - interval '200 days', 'late')""")
         again = run(owned)
         assert again.partitions == [] and again.rows_archived == 1

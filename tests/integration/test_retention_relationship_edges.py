@@ -21,10 +21,18 @@ OLD = "now() - interval '200 days'"
 
 
 def job(postgres: Any, database: str, user: str = "postgres", password: str | None = None, **spec: Any) -> JobInput:
-    body = {"profileRef": {"name": "app"}, "table": {"name": "task"}, "ageColumn": "done", "olderThan": "90d",
-            "batchSize": 5, "maxBatchSize": 5, **spec}  # fmt: skip
-    info = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=user,
-                    password=password or postgres.PASSWORD)  # fmt: skip
+    body = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "task"},
+        "ageColumn": "done",
+        "olderThan": "90d",
+        "batchSize": 5,
+        "maxBatchSize": 5,
+        **spec,
+    }
+    info = ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user=user, password=password or postgres.PASSWORD
+    )
     return JobInput("ns", "p", body, "pgscale", info)
 
 
@@ -48,8 +56,9 @@ def conn(postgres: Any, database: str) -> Any:
         yield c
 
 
-def test_a_kept_child_deep_below_a_self_reference_keeps_the_whole_family(postgres: Any, database: str,
-                                                                         conn: Any) -> None:  # fmt: skip
+def test_a_kept_child_deep_below_a_self_reference_keeps_the_whole_family(
+    postgres: Any, database: str, conn: Any
+) -> None:
     conn.execute(f"""CREATE TABLE task (id int PRIMARY KEY, done timestamptz,
                                         parent int REFERENCES task ON DELETE CASCADE);
         CREATE TABLE msg (id int PRIMARY KEY, task int REFERENCES task ON DELETE CASCADE);
@@ -150,8 +159,18 @@ def test_a_key_added_after_planning_stops_the_pg_cron_batches(postgres: Any, dat
     spec = job(postgres, database, children={"mode": "archive"}).spec
     prepared = prepare(conn, RetentionPolicySpec.model_validate(spec), "pgscale")
     sqlr.ensure_procedure(conn, "pgscale")
-    sqlr.save_config(conn, "pgscale", "ns/p", prepared.target, dry_run=False, lock_timeout="1s",
-                     row_lock_wait="100ms", statement_timeout="60s", max_run="1 hour", pause=0.0)  # fmt: skip
+    sqlr.save_config(
+        conn,
+        "pgscale",
+        "ns/p",
+        prepared.target,
+        dry_run=False,
+        lock_timeout="1s",
+        row_lock_wait="100ms",
+        statement_timeout="60s",
+        max_run="1 hour",
+        pause=0.0,
+    )
     conn.execute("ALTER TABLE comment ADD FOREIGN KEY (task) REFERENCES task ON DELETE CASCADE")  # a migration
     conn.execute("CALL pgscale.retention_run('ns/p')")
     outcome, message = conn.execute(
@@ -171,8 +190,9 @@ def test_two_tables_never_share_an_archive(postgres: Any, database: str, conn: A
     assert caught.value.reason == "ArchiveConflict" and '"arch"."note_archive"' in caught.value.message
 
 
-def test_counts_add_up_over_a_diamond_and_kept_rows_without_a_key_end_the_run(postgres: Any, database: str,
-                                                                              conn: Any) -> None:  # fmt: skip
+def test_counts_add_up_over_a_diamond_and_kept_rows_without_a_key_end_the_run(
+    postgres: Any, database: str, conn: Any
+) -> None:
     conn.execute(f"""CREATE TABLE task (id int PRIMARY KEY, done timestamptz);
         CREATE TABLE c (id int PRIMARY KEY, task int REFERENCES task ON DELETE CASCADE);
         CREATE TABLE g (id int PRIMARY KEY, c int REFERENCES c ON DELETE CASCADE,

@@ -6,7 +6,7 @@ import localenv
 import psycopg
 import pytest
 
-from pgscale import settings
+from pgscale import server_settings
 from pgscale.errors import SpecError
 from pgscale.kube import ObjectRef
 from pgscale.pg import replication
@@ -24,7 +24,7 @@ def test_value_refused_by_the_server_names_the_parameter(server: localenv.Postgr
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         desired = {"work_mem": ("8MB", "parameters"), "log_destination": ("nonsense", "parameters")}
         with pytest.raises(SpecError) as err:
-            settings.reconcile(conn, "pgscale", "ns/app", desired)
+            server_settings.reconcile(conn, "pgscale", "ns/app", desired)
         assert err.value.field == "parameters.log_destination" and "refused by the server" in err.value.message
 
 

@@ -33,8 +33,16 @@ def test_rule_structure_and_ownership() -> None:
     assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] == "PrometheusRule"
     meta = obj["metadata"]
     assert meta["name"] == "app-pgscale" and meta["namespace"] == "shop"
-    assert meta["ownerReferences"] == [{"apiVersion": OWNER.api_version, "kind": "DatabaseProfile", "name": "app",
-                                        "uid": OWNER.uid, "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": OWNER.api_version,
+            "kind": "DatabaseProfile",
+            "name": "app",
+            "uid": OWNER.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     assert [g["name"] for g in obj["spec"]["groups"]] == ["pgscale.shop.app"]
     by_name = rules()
     assert list(by_name) == NAMES  # no memory rule: its inputs are not exported
@@ -90,10 +98,14 @@ def test_default_thresholds() -> None:
 
 
 def test_custom_thresholds() -> None:
-    spec = AlertsSpec.model_validate({
-        "connectionUtilizationPercent": 57, "queryTimeSeconds": 0.25, "growthPerMonth": "1.5Gi",
-        "replicationLagSeconds": 5,
-    })  # fmt: skip
+    spec = AlertsSpec.model_validate(
+        {
+            "connectionUtilizationPercent": 57,
+            "queryTimeSeconds": 0.25,
+            "growthPerMonth": "1.5Gi",
+            "replicationLagSeconds": 5,
+        }
+    )
     r = rules(spec)
     assert r["PgscaleConnectionUtilization"]["expr"].endswith(" > 0.57")
     assert r["PgscaleSlowQueries"]["expr"].endswith(" > 0.25")
@@ -106,9 +118,17 @@ def test_custom_thresholds() -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(80, "80"), (0.8, "0.8"), (1.0, "1"), (0.1 + 0.2, "0.30000000000000004"), (1e-05, "1e-05"),
-     (2630016.0, "2630016"), (1e16, "1e+16"), (10 * 2**30, "10737418240")],
-)  # fmt: skip
+    [
+        (80, "80"),
+        (0.8, "0.8"),
+        (1.0, "1"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        (1e-05, "1e-05"),
+        (2630016.0, "2630016"),
+        (1e16, "1e+16"),
+        (10 * 2**30, "10737418240"),
+    ],
+)
 def test_numbers_round_trip(value: float, text: str) -> None:
     assert alerting.promql_number(value) == text
     assert float(text) == value
@@ -122,9 +142,15 @@ def test_non_finite_numbers_are_refused(value: float) -> None:
 
 @pytest.mark.parametrize(
     ("value", "literal"),
-    [("shop/app", '"shop/app"'), ('a"b', '"a\\"b"'), ("a\\b", '"a\\\\b"'), ("a\nb\tc\r", '"a\\nb\\tc\\r"'),
-     ("\x00\x7f", '"\\x00\\x7f"'), ("ünï", '"ünï"')],
-)  # fmt: skip
+    [
+        ("shop/app", '"shop/app"'),
+        ('a"b', '"a\\"b"'),
+        ("a\\b", '"a\\\\b"'),
+        ("a\nb\tc\r", '"a\\nb\\tc\\r"'),
+        ("\x00\x7f", '"\\x00\\x7f"'),
+        ("ünï", '"ünï"'),
+    ],
+)
 def test_promql_string_escaping(value: str, literal: str) -> None:
     assert alerting.promql_string(value) == literal
 

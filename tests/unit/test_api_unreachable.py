@@ -11,7 +11,7 @@ import pytest
 import urllib3
 from kubernetes import client
 
-from pgscale.controllers.base import API_UNAVAILABLE, Context, Settings, run_reconcile
+from pgscale.controllers.base import API_UNAVAILABLE, Context, OperatorConfig, run_reconcile
 from pgscale.controllers.retentionpolicy import RetentionPolicyController
 from pgscale.kube import Kube
 
@@ -28,12 +28,20 @@ def refused_kube() -> Kube:
 def test_unreachable_api_server_mid_reconcile_is_retried_not_an_internal_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ctx = Context(kube=refused_kube(), settings=Settings())
-    obj = {"apiVersion": "pgscale.io/v1alpha1", "kind": "RetentionPolicy",
-           "metadata": {"namespace": "app", "name": "tasks", "generation": 1},
-           "status": {"observedGeneration": 1},
-           "spec": {"profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt",
-                    "olderThan": "90d", "children": {"mode": "delete"}}}  # fmt: skip
+    ctx = Context(kube=refused_kube(), config=OperatorConfig())
+    obj = {
+        "apiVersion": "pgscale.io/v1alpha1",
+        "kind": "RetentionPolicy",
+        "metadata": {"namespace": "app", "name": "tasks", "generation": 1},
+        "status": {"observedGeneration": 1},
+        "spec": {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "ageColumn": "completedAt",
+            "olderThan": "90d",
+            "children": {"mode": "delete"},
+        },
+    }
     with caplog.at_level(logging.INFO), pytest.raises(urllib3.exceptions.HTTPError):
         run_reconcile(RetentionPolicyController(), ctx, obj)  # writing the status fails too: the runtime retries
     assert not [r for r in caplog.records if "reconcile failed" in r.getMessage() or r.exc_info]

@@ -35,12 +35,24 @@ def generator() -> Any:
 
 
 def cond(ctype: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": "2025-01-01T00:00:00Z", "observedGeneration": 3}  # fmt: skip
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+        "observedGeneration": 3,
+    }
 
 
-def resource(conditions: list[dict[str, Any]] | None, *, observed: int | None = 3, generation: int = 3,
-             kind: str = "RetentionPolicy", **spec: Any) -> dict[str, Any]:  # fmt: skip
+def resource(
+    conditions: list[dict[str, Any]] | None,
+    *,
+    observed: int | None = 3,
+    generation: int = 3,
+    kind: str = "RetentionPolicy",
+    **spec: Any,
+) -> dict[str, Any]:
     obj: dict[str, Any] = {
         "apiVersion": "pgscale.io/v1alpha1",
         "kind": kind,
@@ -57,17 +69,24 @@ def resource(conditions: list[dict[str, Any]] | None, *, observed: int | None = 
 
 
 READY = cond("Ready", "True", "Scheduled", "next run 2025-02-01T02:00:00Z")
-STALLED = [cond("Ready", "False", "TableNotFound", "spec.table: missing"),
-           cond("Stalled", "True", "TableNotFound", "spec.table: missing")]  # fmt: skip
-RECONCILING = [cond("Ready", "False", "Copying", "Copying: 5/10 rows"),
-               cond("Reconciling", "True", "Copying", "Copying: 5/10 rows")]  # fmt: skip
+STALLED = [
+    cond("Ready", "False", "TableNotFound", "spec.table: missing"),
+    cond("Stalled", "True", "TableNotFound", "spec.table: missing"),
+]
+RECONCILING = [
+    cond("Ready", "False", "Copying", "Copying: 5/10 rows"),
+    cond("Reconciling", "True", "Copying", "Copying: 5/10 rows"),
+]
 
 
 @pytest.mark.parametrize(
     ("obj", "status", "message"),
     [
-        ({"kind": "FileMigration", "metadata": {"name": "x", "generation": 1}, "spec": {}}, "Progressing",
-         "Waiting for the pgscale operator to report on this resource"),
+        (
+            {"kind": "FileMigration", "metadata": {"name": "x", "generation": 1}, "spec": {}},
+            "Progressing",
+            "Waiting for the pgscale operator to report on this resource",
+        ),
         (resource(None, observed=None), "Progressing", "Waiting for the pgscale operator to report on this resource"),
         (resource([READY], observed=2), "Progressing", "Waiting for the pgscale operator to observe generation 3"),
         (resource(STALLED, observed=2), "Progressing", "Waiting for the pgscale operator to observe generation 3"),
@@ -75,19 +94,28 @@ RECONCILING = [cond("Ready", "False", "Copying", "Copying: 5/10 rows"),
         (resource(RECONCILING), "Progressing", "Copying: Copying: 5/10 rows"),
         (resource([READY]), "Healthy", "Scheduled: next run 2025-02-01T02:00:00Z"),
         (resource([cond("Ready", "True", "Connected")], kind="DatabaseProfile"), "Healthy", "Connected"),
-        (resource([cond("Ready", "Unknown", "Reconciling", "Reconciling generation 3")]), "Progressing",
-         "Reconciling: Reconciling generation 3"),
-        (resource([cond("Ready", "False", "Waiting", "connection refused")]), "Progressing",
-         "Waiting: connection refused"),
+        (
+            resource([cond("Ready", "Unknown", "Reconciling", "Reconciling generation 3")]),
+            "Progressing",
+            "Reconciling: Reconciling generation 3",
+        ),
+        (
+            resource([cond("Ready", "False", "Waiting", "connection refused")]),
+            "Progressing",
+            "Waiting: connection refused",
+        ),
         (resource([]), "Progressing", "Waiting for the Ready condition"),
         # Suspended: after Degraded, before what a suspended resource may still report.
-        (resource([cond("Ready", "True", "Scheduled", "suspended")], suspend=True), "Suspended",
-         "Scheduled: suspended"),
+        (
+            resource([cond("Ready", "True", "Scheduled", "suspended")], suspend=True),
+            "Suspended",
+            "Scheduled: suspended",
+        ),
         (resource(RECONCILING, kind="FileMigration", suspend=True), "Suspended", "Copying: Copying: 5/10 rows"),
         (resource(STALLED, suspend=True), "Degraded", "TableNotFound: spec.table: missing"),
         (resource([READY], suspend=False), "Healthy", "Scheduled: next run 2025-02-01T02:00:00Z"),
     ],
-)  # fmt: skip
+)
 def test_health(obj: dict[str, Any], status: str, message: str) -> None:
     assert argo_health(obj) == {"status": status, "message": message}
 

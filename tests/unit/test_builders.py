@@ -8,8 +8,16 @@ OWNER = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks
 
 
 def test_cron_job_is_owned_and_never_overlaps() -> None:
-    obj = builders.cron_job(OWNER, suffix="retention", schedule="0 2 1 * *", time_zone="UTC", suspend=False,
-                            args=builders.job_args("retention", OWNER), template=None, default_image="img")  # fmt: skip
+    obj = builders.cron_job(
+        OWNER,
+        suffix="retention",
+        schedule="0 2 1 * *",
+        time_zone="UTC",
+        suspend=False,
+        args=builders.job_args("retention", OWNER),
+        template=None,
+        default_image="img",
+    )
     assert obj["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
     assert obj["metadata"]["ownerReferences"][0]["controller"] is True
     assert obj["spec"]["concurrencyPolicy"] == "Forbid"
@@ -22,8 +30,16 @@ def test_cron_job_is_owned_and_never_overlaps() -> None:
 
 def test_template_overrides_image_and_resources() -> None:
     template = JobTemplate.model_validate({"image": "custom:1", "resources": {"limits": {"memory": "256Mi"}}})
-    obj = builders.cron_job(OWNER, suffix="retention", schedule="@daily", time_zone=None, suspend=True,
-                            args=[], template=template, default_image="img")  # fmt: skip
+    obj = builders.cron_job(
+        OWNER,
+        suffix="retention",
+        schedule="@daily",
+        time_zone=None,
+        suspend=True,
+        args=[],
+        template=template,
+        default_image="img",
+    )
     container = obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "custom:1" and container["resources"] == {"limits": {"memory": "256Mi"}}
     assert obj["spec"]["suspend"] is True and "timeZone" not in obj["spec"]

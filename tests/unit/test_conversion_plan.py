@@ -16,29 +16,60 @@ from pgscale.pg.conversion import ForeignKey, Index, Shape, old_name, shadow_nam
 
 
 def spec(**conversion: Any) -> PartitionPolicySpec:
-    return PartitionPolicySpec.model_validate({
-        "profileRef": {"name": "app"}, "table": {"name": "Task"}, "column": "createdAt", "interval": "monthly",
-        "premake": 2, "conversion": conversion,
-    })  # fmt: skip
+    return PartitionPolicySpec.model_validate(
+        {
+            "profileRef": {"name": "app"},
+            "table": {"name": "Task"},
+            "column": "createdAt",
+            "interval": "monthly",
+            "premake": 2,
+            "conversion": conversion,
+        }
+    )
 
 
 def shape(**changes: Any) -> Shape:
     base: dict[str, Any] = dict(
-        oid=1, owner="app", columns=["id", "createdAt"],
+        oid=1,
+        owner="app",
+        columns=["id", "createdAt"],
         types={"id": "bigint", "createdAt": "timestamp with time zone"},
-        generated=set(), identity={"id"}, primary_key=["id"],
-        indexes=[Index(2, "Task_pkey", "", True, ["id"], "Task_pkey", "p", None, "PRIMARY KEY (id)", "id"),
-                 Index(3, "Task_status_idx", "", False, ["status"], None, None, "btree (status)")],
-        checks=[], outgoing=[], incoming=[], views=[], triggers=[], rls=False, publications=[], inheritance=False,
-        comment=None, owned_sequences=[], not_null={"id", "createdAt"},
-    )  # fmt: skip
+        generated=set(),
+        identity={"id"},
+        primary_key=["id"],
+        indexes=[
+            Index(2, "Task_pkey", "", True, ["id"], "Task_pkey", "p", None, "PRIMARY KEY (id)", "id"),
+            Index(3, "Task_status_idx", "", False, ["status"], None, None, "btree (status)"),
+        ],
+        checks=[],
+        outgoing=[],
+        incoming=[],
+        views=[],
+        triggers=[],
+        rls=False,
+        publications=[],
+        inheritance=False,
+        comment=None,
+        owned_sequences=[],
+        not_null={"id", "createdAt"},
+    )
     base.update(changes)
     return Shape(**base)
 
 
 def test_a_plain_table_with_the_column_in_its_key_has_no_blockers() -> None:
-    key = Index(2, "Task_pkey", "", True, ["id", "createdAt"], "Task_pkey", "p", None,
-                'PRIMARY KEY (id, "createdAt")', 'id, "createdAt"')  # fmt: skip
+    key = Index(
+        2,
+        "Task_pkey",
+        "",
+        True,
+        ["id", "createdAt"],
+        "Task_pkey",
+        "p",
+        None,
+        'PRIMARY KEY (id, "createdAt")',
+        'id, "createdAt"',
+    )
     assert blockers(shape(indexes=[key]), spec()) == []
 
 
@@ -53,25 +84,54 @@ def test_keys_with_options_are_widened_only_when_plain() -> None:
     plain = Index(2, "k", "", True, ["id"], "k", "u", None, "UNIQUE (id)", "id")
     assert plain.widened("createdAt") == 'UNIQUE (id, "createdAt")'
     assert Index(2, "k", "", True, ["id"], "k", "u", None, "UNIQUE (id) INCLUDE (x)", "id").widened("c") is None
-    deferrable = Index(2, "k", "", True, ["id", "createdAt"], "k", "p", None,
-                       'PRIMARY KEY (id, "createdAt") DEFERRABLE', 'id, "createdAt"')  # fmt: skip
+    deferrable = Index(
+        2,
+        "k",
+        "",
+        True,
+        ["id", "createdAt"],
+        "k",
+        "p",
+        None,
+        'PRIMARY KEY (id, "createdAt") DEFERRABLE',
+        'id, "createdAt"',
+    )
     assert any("DEFERRABLE" in p for p in blockers(shape(indexes=[deferrable]), spec()))
 
 
 def test_every_blocker_is_listed_at_once() -> None:
     incoming = [ForeignKey(9, "Message_taskId_fkey", 'public."Message"', "public", "Message", "")]
     problems = blockers(
-        shape(primary_key=[], indexes=[Index(4, "Task_title_key", "", True, ["title"], None, None, "btree (title)"),
-                                       Index(5, "odd", "CREATE INDEX odd ...", False, ["x"], None, None, None),
-                                       Index(6, "Task_excl", "", False, ["x"], "Task_excl", "x", None)],
-              incoming=incoming, views=['public."OpenTasks"'], triggers=["audit"], rls=True, publications=["pub"],
-              inheritance=True),
+        shape(
+            primary_key=[],
+            indexes=[
+                Index(4, "Task_title_key", "", True, ["title"], None, None, "btree (title)"),
+                Index(5, "odd", "CREATE INDEX odd ...", False, ["x"], None, None, None),
+                Index(6, "Task_excl", "", False, ["x"], "Task_excl", "x", None),
+            ],
+            incoming=incoming,
+            views=['public."OpenTasks"'],
+            triggers=["audit"],
+            rls=True,
+            publications=["pub"],
+            inheritance=True,
+        ),
         spec(widenKeys=True),
-    )  # fmt: skip
+    )
     text = " | ".join(problems)
-    for expected in ("no primary key", "unique index 'Task_title_key'", "cannot rebuild", "exclusion constraint",
-                     "Message_taskId_fkey", "dropReferencingForeignKeys", "OpenTasks", "audit", "row-level security",
-                     "publications (pub)", "inheritance"):  # fmt: skip
+    for expected in (
+        "no primary key",
+        "unique index 'Task_title_key'",
+        "cannot rebuild",
+        "exclusion constraint",
+        "Message_taskId_fkey",
+        "dropReferencingForeignKeys",
+        "OpenTasks",
+        "audit",
+        "row-level security",
+        "publications (pub)",
+        "inheritance",
+    ):
         assert expected in text, expected
     assert len(problems) == 10
 
@@ -115,7 +175,23 @@ def test_helper_names_fit_postgres_identifiers() -> None:
 
 def test_status_fields_carry_counts_rate_eta_and_lock() -> None:
     started = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-    fields = conversion_fields(Report(phase="prepared", rows_total=1000, rows_copied=250, rows_per_second=50.0,
-                                      eta_seconds=15, longest_lock_ms=4, started_at=started))  # fmt: skip
-    assert fields.wire() == {"step": "prepared", "rowsTotal": 1000, "rowsDone": 250, "rowsPerSecond": 50.0,
-                      "etaSeconds": 15, "startedAt": "2026-11-27T12:00:00Z", "longestLockMs": 4}  # fmt: skip
+    fields = conversion_fields(
+        Report(
+            phase="prepared",
+            rows_total=1000,
+            rows_copied=250,
+            rows_per_second=50.0,
+            eta_seconds=15,
+            longest_lock_ms=4,
+            started_at=started,
+        )
+    )
+    assert fields.wire() == {
+        "step": "prepared",
+        "rowsTotal": 1000,
+        "rowsDone": 250,
+        "rowsPerSecond": 50.0,
+        "etaSeconds": 15,
+        "startedAt": "2026-11-27T12:00:00Z",
+        "longestLockMs": 4,
+    }

@@ -98,8 +98,12 @@ def selectors(expr: str) -> list[tuple[str, set[str]]]:
 
 
 def grouping_labels(expr: str) -> set[str]:
-    return {label.strip() for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr) for label in
-            group.split(",") if label.strip()}  # fmt: skip
+    return {
+        label.strip()
+        for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
+        for label in group.split(",")
+        if label.strip()
+    }
 
 
 def problems(expr: str, series: dict[str, set[str]]) -> list[str]:

@@ -103,9 +103,8 @@ def restated(tree: ast.AST) -> list[tuple[int, str]]:
             and len(node.args) == 2
             and isinstance(node.args[0], ast.Constant)
             and isinstance(key := node.args[0].value, str)
-            and key != key.lower()
         ):
-            # `raw.get("poolMode", "transaction")` on a spec read as a dict (camelCase keys only)
+            # `raw.get("poolMode", "transaction")`, `table.get("schema", "public")` on a spec read as a dict
             ok, value = constant(node.args[1])
             hit = ok and is_default(key, value)
         if hit:
@@ -132,8 +131,9 @@ lock = seconds(spec.conversion.lock_timeout if spec.conversion else "1s")
 widen = bool(conv and conv.widen_keys)
 enabled = spec.conversion is None or spec.conversion.enabled
 mode = raw.get("poolMode", "transaction")
+schema = table.get("schema", "public")
 """
-    assert len(restated(ast.parse(source))) == 6
+    assert len(restated(ast.parse(source))) == 7
 
 
 def test_or_default_properties_return_the_models_defaults() -> None:

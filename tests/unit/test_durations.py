@@ -14,8 +14,10 @@ def test_seconds(text: str, expected: float) -> None:
     assert seconds(text) == expected
 
 
-@pytest.mark.parametrize(("text", "interval"), [("90d", "90 days"), ("12 months", "12 months"), ("12mo", "12 months"),
-                                                ("1y", "1 years"), ("2 weeks", "2 weeks")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "interval"),
+    [("90d", "90 days"), ("12 months", "12 months"), ("12mo", "12 months"), ("1y", "1 years"), ("2 weeks", "2 weeks")],
+)
 def test_age_interval(text: str, interval: str) -> None:
     assert re.match(AGE_PATTERN, text)
     assert Age.parse(text).interval() == interval

@@ -32,9 +32,14 @@ def test_data_url_keeps_media_type() -> None:
 
 @pytest.mark.parametrize(
     ("text", "reason"),
-    [("QQ==QQ==", "padding"), ("QUJ", "multiple of 4"), ("QU*D", "invalid Base64"), ("QUJDé", "non-ASCII"),
-     ("QQ==", None)],
-)  # fmt: skip
+    [
+        ("QQ==QQ==", "padding"),
+        ("QUJ", "multiple of 4"),
+        ("QU*D", "invalid Base64"),
+        ("QUJDé", "non-ASCII"),
+        ("QQ==", None),
+    ],
+)
 def test_malformed_input_names_the_reason(text: str, reason: str | None) -> None:
     if reason is None:
         assert decode_in_slices(text, 2) == b"A"

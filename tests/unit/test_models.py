@@ -30,17 +30,28 @@ def test_strategy_parameters_are_expressible_exactly() -> None:
     doc = yaml.safe_load((ROOT / "examples" / "databaseprofile.yaml").read_text())
     spec = DatabaseProfileSpec.model_validate(doc["spec"])
     assert spec.parameters == {
-        "max_connections": "200", "shared_buffers": "256MB", "effective_cache_size": "1GB", "work_mem": "4MB",
-        "maintenance_work_mem": "64MB", "checkpoint_completion_target": "0.9", "wal_buffers": "16MB",
-        "random_page_cost": "1.1", "effective_io_concurrency": "200",
-    }  # fmt: skip
+        "max_connections": "200",
+        "shared_buffers": "256MB",
+        "effective_cache_size": "1GB",
+        "work_mem": "4MB",
+        "maintenance_work_mem": "64MB",
+        "checkpoint_completion_target": "0.9",
+        "wal_buffers": "16MB",
+        "random_page_cost": "1.1",
+        "effective_io_concurrency": "200",
+    }
 
 
 def test_identifiers_refuse_quotes() -> None:
     with pytest.raises(ValidationError):
         BY_KIND["PartitionPolicy"].spec.model_validate(
-            {"profileRef": {"name": "app"}, "table": {"name": 'Task"; DROP TABLE x; --'}, "column": "c",
-             "interval": "monthly"})  # fmt: skip
+            {
+                "profileRef": {"name": "app"},
+                "table": {"name": 'Task"; DROP TABLE x; --'},
+                "column": "c",
+                "interval": "monthly",
+            }
+        )
 
 
 def test_prisma_timestamp_precision_is_a_time_type() -> None:
@@ -57,17 +68,27 @@ def test_maintenance_interval_is_bounded(interval: str) -> None:
     """Accepted, 999999999w overflowed a date in the operator (OverflowError -> InternalError)."""
     with pytest.raises(ValidationError, match=r"maintenance\.interval"):
         PartitionPolicySpec.model_validate(
-            {"profileRef": {"name": "a"}, "table": {"name": "T"}, "column": "c", "interval": "monthly",
-             "maintenance": {"interval": interval}}
-        )  # fmt: skip
+            {
+                "profileRef": {"name": "a"},
+                "table": {"name": "T"},
+                "column": "c",
+                "interval": "monthly",
+                "maintenance": {"interval": interval},
+            }
+        )
 
 
 @pytest.mark.parametrize("interval", ["999999999ms", "9999999s", "99w", "999d", "1h"])
 def test_sensible_intervals_are_accepted(interval: str) -> None:
     spec = PartitionPolicySpec.model_validate(
-        {"profileRef": {"name": "a"}, "table": {"name": "T"}, "column": "c", "interval": "monthly",
-         "maintenance": {"interval": interval}}
-    )  # fmt: skip
+        {
+            "profileRef": {"name": "a"},
+            "table": {"name": "T"},
+            "column": "c",
+            "interval": "monthly",
+            "maintenance": {"interval": interval},
+        }
+    )
     assert spec.maintenance is not None and seconds(spec.maintenance.interval) < 3 * 366 * 86400
 
 

@@ -24,11 +24,13 @@ def test_time_zone_decides_the_current_partition() -> None:
 
 @pytest.mark.parametrize(
     ("interval", "day", "start", "name"),
-    [("daily", date(2025, 3, 9), date(2025, 3, 9), "T_2025_03_09"),
-     ("weekly", date(2025, 1, 1), date(2024, 12, 30), "T_2025_w01"),
-     ("quarterly", date(2025, 8, 20), date(2025, 7, 1), "T_2025_q3"),
-     ("yearly", date(2025, 8, 20), date(2025, 1, 1), "T_2025")],
-)  # fmt: skip
+    [
+        ("daily", date(2025, 3, 9), date(2025, 3, 9), "T_2025_03_09"),
+        ("weekly", date(2025, 1, 1), date(2024, 12, 30), "T_2025_w01"),
+        ("quarterly", date(2025, 8, 20), date(2025, 7, 1), "T_2025_q3"),
+        ("yearly", date(2025, 8, 20), date(2025, 1, 1), "T_2025"),
+    ],
+)
 def test_period_starts_and_names(interval: str, day: date, start: date, name: str) -> None:
     assert period_start(interval, day) == start
     assert range_for(interval, day, None, "T").name == name

@@ -58,14 +58,24 @@ def test_defaults() -> None:
 
 
 def test_overrides_and_parameters_in_stable_order() -> None:
-    spec = PoolingSpec.model_validate({
-        "poolMode": "session", "defaultPoolSize": 7, "minPoolSize": 2, "reservePoolSize": 3,
-        "maxClientConnections": 50, "maxDbConnections": 9,
-        "parameters": {"server_lifetime": "600", "ignore_startup_parameters": "options, extra_float_digits",
-                       "log_connections": "0"},
-    })  # fmt: skip
-    text = ini(spec, listen_port=6432, admin_users=["admin", "ops"], unix_socket_dir="/run/pgbouncer",
-               listen_addr="0.0.0.0")  # fmt: skip
+    spec = PoolingSpec.model_validate(
+        {
+            "poolMode": "session",
+            "defaultPoolSize": 7,
+            "minPoolSize": 2,
+            "reservePoolSize": 3,
+            "maxClientConnections": 50,
+            "maxDbConnections": 9,
+            "parameters": {
+                "server_lifetime": "600",
+                "ignore_startup_parameters": "options, extra_float_digits",
+                "log_connections": "0",
+            },
+        }
+    )
+    text = ini(
+        spec, listen_port=6432, admin_users=["admin", "ops"], unix_socket_dir="/run/pgbouncer", listen_addr="0.0.0.0"
+    )
     got = settings(text)
     assert got["pool_mode"] == "session" and got["default_pool_size"] == "7"
     assert (got["min_pool_size"], got["reserve_pool_size"]) == ("2", "3")
@@ -76,8 +86,16 @@ def test_overrides_and_parameters_in_stable_order() -> None:
     assert got["ignore_startup_parameters"] == "extra_float_digits,options"
     keys = list(got)
     assert keys[-2:] == ["log_connections", "server_lifetime"]  # user parameters last, sorted
-    assert ini(spec, listen_port=6432, admin_users=["admin", "ops"], unix_socket_dir="/run/pgbouncer",
-               listen_addr="0.0.0.0") == text  # fmt: skip
+    assert (
+        ini(
+            spec,
+            listen_port=6432,
+            admin_users=["admin", "ops"],
+            unix_socket_dir="/run/pgbouncer",
+            listen_addr="0.0.0.0",
+        )
+        == text
+    )
     assert settings(ini(admin_users=["a"], stats_users=["m"]))["stats_users"] == "m"
 
 
@@ -161,10 +179,18 @@ def test_deployment() -> None:
     obj = pooling.deployment(OWNER, "app-pooler-ro", spec, "pgbouncer:1", "app-pooler-ro", "abc123", "ro")
     meta = obj["metadata"]
     assert (obj["apiVersion"], obj["kind"], meta["name"], meta["namespace"]) == (
-        "apps/v1", "Deployment", "app-pooler-ro", "ns")  # fmt: skip
+        "apps/v1",
+        "Deployment",
+        "app-pooler-ro",
+        "ns",
+    )
     owner_ref = meta["ownerReferences"][0]
     assert (owner_ref["kind"], owner_ref["name"], owner_ref["uid"], owner_ref["controller"]) == (
-        "DatabaseProfile", "app", OWNER.uid, True)  # fmt: skip
+        "DatabaseProfile",
+        "app",
+        OWNER.uid,
+        True,
+    )
     assert meta["labels"] == {
         "app.kubernetes.io/managed-by": "pgscale",
         "app.kubernetes.io/component": "pooler",

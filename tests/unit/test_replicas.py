@@ -5,8 +5,9 @@ from pgscale.kube import ObjectRef
 from pgscale.specs import replicas
 
 OWNER = ObjectRef("pgscale.io/v1alpha1", "DatabaseProfile", "team-a", "app", "uid-1")
-SPEC = ReadReplicasSpec.model_validate({"instances": 2, "replicationSecretRef": {"name": "repl"},
-                                        "storage": {"size": "50Gi", "storageClassName": "fast"}})  # fmt: skip
+SPEC = ReadReplicasSpec.model_validate(
+    {"instances": 2, "replicationSecretRef": {"name": "repl"}, "storage": {"size": "50Gi", "storageClassName": "fast"}}
+)
 
 
 def test_slot_names_are_safe_per_ordinal_and_never_shared() -> None:

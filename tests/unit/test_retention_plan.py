@@ -14,6 +14,7 @@ from pgscale.kube import ObjectRef
 from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
+from pgscale.pg.retention import RunRow
 from pgscale.retention import (
     TableFacts,
     batch_cap,
@@ -28,15 +29,24 @@ from pgscale.retention import (
 from pgscale.specs import builders
 
 SPEC = {
-    "profileRef": {"name": "app"}, "table": {"name": "Task"}, "ageColumn": "completedAt", "olderThan": "90d",
-    "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED", "CANCELLED"]},
-                {"column": "userId", "operator": "IsNotNull"}],
-}  # fmt: skip
+    "profileRef": {"name": "app"},
+    "table": {"name": "Task"},
+    "ageColumn": "completedAt",
+    "olderThan": "90d",
+    "filters": [
+        {"column": "status", "operator": "In", "values": ["COMPLETED", "CANCELLED"]},
+        {"column": "userId", "operator": "IsNotNull"},
+    ],
+}
 COLUMNS = {
     n: Column(n, t, False)
-    for n, t in [("id", "bigint"), ("status", "character varying(20)"), ("userId", "bigint"),
-                 ("completedAt", "timestamp with time zone")]
-}  # fmt: skip
+    for n, t in [
+        ("id", "bigint"),
+        ("status", "character varying(20)"),
+        ("userId", "bigint"),
+        ("completedAt", "timestamp with time zone"),
+    ]
+}
 
 
 def test_plan_defaults_archive_name_and_interval() -> None:
@@ -136,8 +146,10 @@ def test_archive_plans_children_recursively_with_their_archives() -> None:
 
 def test_cycles_through_other_tables_are_refused() -> None:
     spec = RetentionPolicySpec.model_validate({**SPEC, "children": {"mode": "archive"}})
-    edges = [fk("m", "Message", "CASCADE"), ForeignKey("t", "public", "Task", ("lastMessageId",), "public",
-                                                       "Message", ("id",), "CASCADE")]  # fmt: skip
+    edges = [
+        fk("m", "Message", "CASCADE"),
+        ForeignKey("t", "public", "Task", ("lastMessageId",), "public", "Message", ("id",), "CASCADE"),
+    ]
     with pytest.raises(SpecError) as err:
         plan_relationships(spec, edges, FACTS)
     assert err.value.reason == "ForeignKeyCycle" and "public.Task -> public.Message -> public.Task" in err.value.message
@@ -233,9 +245,21 @@ def test_job_env_round_trips_without_api_access() -> None:
 
 def test_run_status_of_a_running_run_has_rate_and_eta() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    row = {"started_at": now - timedelta(seconds=10), "ended_at": None, "rows_archived": 500, "rows_deleted": 0,
-           "batches": 5, "outcome": "Running", "dry_run": False, "message": None, "rows_matched": None,
-           "rows_total": 1000}  # fmt: skip
+    row: RunRow = {
+        "id": 1,
+        "started_at": now - timedelta(seconds=10),
+        "updated_at": now,
+        "ended_at": None,
+        "rows_archived": 500,
+        "rows_deleted": 0,
+        "batches": 5,
+        "outcome": "Running",
+        "dry_run": False,
+        "message": None,
+        "rows_matched": None,
+        "rows_total": 1000,
+        "tables": None,
+    }
     status = run_status(row, now)
     assert status.rows_per_second == 50.0 and status.eta_seconds == 10 and status.end_time is None
 
@@ -244,8 +268,20 @@ def test_run_status_shows_the_counts_per_table() -> None:
     from datetime import UTC, datetime
 
     now = datetime(2026, 12, 3, tzinfo=UTC)
-    last = {"started_at": now, "ended_at": now, "rows_archived": 10, "rows_deleted": 0, "batches": 1,
-            "dry_run": False, "outcome": "Succeeded", "message": "ok", "rows_matched": None, "rows_total": 10,
-            "tables": {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}}  # fmt: skip
+    last: RunRow = {
+        "id": 2,
+        "started_at": now,
+        "updated_at": now,
+        "ended_at": now,
+        "rows_archived": 10,
+        "rows_deleted": 0,
+        "batches": 1,
+        "dry_run": False,
+        "outcome": "Succeeded",
+        "message": "ok",
+        "rows_matched": None,
+        "rows_total": 10,
+        "tables": {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2},
+    }
     assert run_status(last, now).tables == {"public.Message archived": 30, "skipped: Invoice_taskId_fkey": 2}
     assert run_status({**last, "tables": None}, now).tables is None

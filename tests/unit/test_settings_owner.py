@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgscale.settings import Claim, DriftEvents, settings_owner
+from pgscale.server_settings import Claim, DriftEvents, settings_owner
 
 SERVER, OTHER_SERVER = "7715008275767582304", "7715008275767582999"
 
@@ -40,14 +40,20 @@ def test_no_conflict_on_other_servers_or_without_server_settings() -> None:
     first = claim("ns", "a", "2026-12-01T10:00:00Z", {"work_mem"})
     assert settings_owner(claim("ns", "b", "2026-12-02T00:00:00Z", {"work_mem"}, OTHER_SERVER), [first]) is None
     assert settings_owner(claim("ns", "b", "2026-12-02T00:00:00Z", set()), [first]) is None  # monitoring only
-    assert settings_owner(claim("ns", "b", "2026-12-02T00:00:00Z", {"work_mem"}),
-                          [claim("ns", "a", "2026-12-01T00:00:00Z", set())]) is None  # fmt: skip
+    assert (
+        settings_owner(
+            claim("ns", "b", "2026-12-02T00:00:00Z", {"work_mem"}), [claim("ns", "a", "2026-12-01T00:00:00Z", set())]
+        )
+        is None
+    )
 
 
 def test_the_earliest_of_several_owners_is_named() -> None:
     me = claim("ns", "c", "2026-12-03T00:00:00Z", {"work_mem"})
-    others = [claim("ns", "b", "2026-12-02T00:00:00Z", {"work_mem"}), claim("ns", "a", "2026-12-01T00:00:00Z",
-                                                                             {"work_mem"})]  # fmt: skip
+    others = [
+        claim("ns", "b", "2026-12-02T00:00:00Z", {"work_mem"}),
+        claim("ns", "a", "2026-12-01T00:00:00Z", {"work_mem"}),
+    ]
     conflict = settings_owner(me, others)
     assert conflict is not None and conflict.owner.name == "a"
 

@@ -10,8 +10,9 @@ SHARED_BUFFERS = Setting("shared_buffers", "16384", "8kB", "integer", "16", "107
 WORK_MEM = Setting("work_mem", "4096", "kB", "integer", "64", "2147483647", (), "user", False)
 CHECKPOINT_TIMEOUT = Setting("checkpoint_timeout", "300", "s", "integer", "30", "86400", (), "sighup", False)
 RANDOM_PAGE_COST = Setting("random_page_cost", "4", None, "real", "0", "1.79769e+308", (), "user", False)
-WAL_LEVEL = Setting("wal_level", "replica", None, "enum", None, None, ("minimal", "replica", "logical"),
-                    "postmaster", False)  # fmt: skip
+WAL_LEVEL = Setting(
+    "wal_level", "replica", None, "enum", None, None, ("minimal", "replica", "logical"), "postmaster", False
+)
 FSYNC = Setting("fsync", "on", None, "bool", None, None, (), "sighup", False)
 
 
@@ -27,11 +28,15 @@ def test_time_units() -> None:
 
 @pytest.mark.parametrize(
     ("setting", "value", "error"),
-    [(WORK_MEM, "4XB", "invalid unit 'XB'; valid units for this setting are B, kB, MB, GB, TB"),
-     (WORK_MEM, "32kB", "below the minimum 64kB"), (CHECKPOINT_TIMEOUT, "2d", "above the maximum 86400s"),
-     (WAL_LEVEL, "archive", "expects one of minimal, replica, logical"), (FSYNC, "maybe", "expects on or off"),
-     (RANDOM_PAGE_COST, "fast", "expects a number")],
-)  # fmt: skip
+    [
+        (WORK_MEM, "4XB", "invalid unit 'XB'; valid units for this setting are B, kB, MB, GB, TB"),
+        (WORK_MEM, "32kB", "below the minimum 64kB"),
+        (CHECKPOINT_TIMEOUT, "2d", "above the maximum 86400s"),
+        (WAL_LEVEL, "archive", "expects one of minimal, replica, logical"),
+        (FSYNC, "maybe", "expects on or off"),
+        (RANDOM_PAGE_COST, "fast", "expects a number"),
+    ],
+)
 def test_bad_values_say_what_is_wrong(setting: Setting, value: str, error: str) -> None:
     with pytest.raises(ValueError, match=error.replace("(", r"\(")):
         normalize(setting, value)

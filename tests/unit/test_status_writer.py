@@ -113,8 +113,11 @@ def written_fields(path: Path) -> list[tuple[int, type[BaseModel], str]]:
 
 @pytest.mark.parametrize("path", sorted(CONTROLLERS.glob("*.py")), ids=lambda p: p.name)
 def test_every_status_field_a_controller_writes_is_in_its_model(path: Path) -> None:
-    missing = [f"{path.name}:{line}: {model.__name__}.{name}" for line, model, name in written_fields(path)
-               if name not in model.model_fields]  # fmt: skip
+    missing = [
+        f"{path.name}:{line}: {model.__name__}.{name}"
+        for line, model, name in written_fields(path)
+        if name not in model.model_fields
+    ]
     assert not missing, missing
 
 
@@ -140,3 +143,69 @@ def test_the_scan_sees_controller_writes() -> None:
     assert ("FileMigrationStatus", "rows_migrated") in fields and ("FailedRow", "reason") in fields
     fields = {(model.__name__, name) for _, model, name in written_fields(CONTROLLERS / "databaseprofile.py")}
     assert ("CapacityStatus", "growth_bytes_per_month") in fields  # set after construction
+
+
+def test_the_conversion_step_is_one_of_the_state_rows_phases() -> None:
+    from typing import get_args
+
+    from pgscale.api.partitionpolicy import ConversionStep
+    from pgscale.pg import conversion as sqlc
+
+    assert sqlc.Phase is ConversionStep  # one list of words, in the state row and in status
+    assert set(sqlc.IN_FLIGHT) < set(get_args(ConversionStep))
+    assert ProgressStatus(step="swapped").step == "swapped"
+    with pytest.raises(ValidationError):
+        ProgressStatus(step="copying")
+    with pytest.raises(ValidationError):
+        PartitionPolicyStatus.model_validate({"conversion": {"step": "Copying"}})
+
+
+def test_conditions_set_again_as_they_are_send_nothing() -> None:
+    from pgscale import conditions as cond
+
+    stored = {"type": "Ready", "status": "True", "reason": "Connected", "message": "ok", "observedGeneration": 2}
+    stored["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    status, kube = writer(status={"observedGeneration": 2, "conditions": [stored]})
+    assert status.observed_generation == 2 and status.conditions[0].reason == "Connected"
+    status.conditions = cond.ready(status.conditions, "Connected", "ok", 2)
+    status.flush()
+    assert kube.patches == []
+    status.conditions = cond.stalled(status.conditions, "SecretNotFound", "gone", 2)
+    status.flush()
+    assert [c["type"] for c in kube.patches[0]["conditions"]] == ["Ready", "Stalled"]
+
+
+def status_wire_names() -> set[str]:
+    """The camelCase wire names of every status field, nested ones included."""
+    from typing import get_args
+
+    from pgscale import api
+
+    names: set[str] = set()
+    seen: set[type[BaseModel]] = set()
+    todo: list[Any] = [kind.status for kind in api.KINDS]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if t not in seen:
+                seen.add(t)
+                names |= {info.alias or name for name, info in t.model_fields.items()}
+                todo += [info.annotation for info in t.model_fields.values()]
+        else:
+            todo += get_args(t)
+    return {n for n in names if n != n.lower()}
+
+
+def test_no_status_field_is_read_or_written_by_its_wire_name() -> None:
+    """Outside api/, a status field is reached through its model: `"rowsDone"` in code is a second spelling."""
+    package = CONTROLLERS.parent
+    names = status_wire_names()
+    assert {"rowsDone", "observedGeneration", "systemIdentifier"} <= names
+    found = [
+        f"{path.relative_to(package)}:{node.lineno}: {node.value!r}"
+        for path in sorted(package.rglob("*.py"))
+        if "api" not in path.relative_to(package).parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    ]
+    assert not found, found

@@ -10,19 +10,30 @@ from typing import Any
 import pytest
 
 from pgscale import cli, statusview
-from pgscale.statusview import build, health, render_json, render_text
+from pgscale.api.databaseprofile import DatabaseProfileStatus
+from pgscale.api.filemigration import FileMigrationStatus
+from pgscale.api.partitionpolicy import PartitionPolicyStatus
+from pgscale.api.retentionpolicy import RetentionPolicyStatus
+from pgscale.statusview import build, health, parse, render_json, render_text
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 CREATED = "2025-03-01T10:00:00Z"
 
 
 def cond(ctype: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": CREATED, "observedGeneration": 1}  # fmt: skip
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": CREATED,
+        "observedGeneration": 1,
+    }
 
 
-def obj(kind: str, name: str, spec: dict[str, Any], status: dict[str, Any] | None, *, ns: str = "shop",
-        generation: int = 1) -> dict[str, Any]:  # fmt: skip
+def obj(
+    kind: str, name: str, spec: dict[str, Any], status: dict[str, Any] | None, *, ns: str = "shop", generation: int = 1
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "apiVersion": "pgscale.io/v1alpha1",
         "kind": kind,
@@ -54,36 +65,42 @@ SECRET = {("shop", "app-db"): {"uri": "postgresql://app:secret@db.shop:5432/shop
 # --- health ------------------------------------------------------------------------------
 
 
+def seen(*conditions: dict[str, Any]) -> dict[str, Any]:
+    """A status of generation 1 with these conditions."""
+    return {"observedGeneration": 1, "conditions": list(conditions)}
+
+
+STALLED_TABLE = seen(cond("Ready", "False", "TableNotFound"), cond("Stalled", "True", "TableNotFound", "spec.table"))
+COPYING = seen(cond("Ready", "False", "Copying"), cond("Reconciling", "True", "Copying", "1/2 rows"))
+SUSPEND = {"suspend": True}
+
+
 @pytest.mark.parametrize(
     ("status", "generation", "spec", "state", "reason"),
     [
         (None, 1, {}, "InProgress", "NotObserved"),
-        ({"observedGeneration": 1, "conditions": READY}, 2, {}, "InProgress", "NotObserved"),
-        ({"observedGeneration": 1, "conditions": READY}, 1, {}, "Current", "Connected"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "TableNotFound"),
-                                                  cond("Stalled", "True", "TableNotFound", "spec.table")]},
-         1, {}, "Failed", "TableNotFound"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "Copying"),
-                                                  cond("Reconciling", "True", "Copying", "1/2 rows")]},
-         1, {}, "InProgress", "Copying"),
-        ({"observedGeneration": 1, "conditions": [cond("Ready", "Unknown", "Waiting")]}, 1, {}, "InProgress",
-         "Waiting"),
-        ({"observedGeneration": 1, "conditions": []}, 1, {}, "InProgress", "NoReadyCondition"),
+        (seen(*READY), 2, {}, "InProgress", "NotObserved"),
+        (seen(*READY), 1, {}, "Current", "Connected"),
+        (STALLED_TABLE, 1, {}, "Failed", "TableNotFound"),
+        (COPYING, 1, {}, "InProgress", "Copying"),
+        (seen(cond("Ready", "Unknown", "Waiting")), 1, {}, "InProgress", "Waiting"),
+        (seen(), 1, {}, "InProgress", "NoReadyCondition"),
         # Suspended wins over Ready and Reconciling, not over Stalled.
-        ({"observedGeneration": 1, "conditions": READY}, 1, {"suspend": True}, "Suspended", "Suspended"),
-        ({"observedGeneration": 1, "conditions": [cond("Stalled", "True", "SecretNotFound")]}, 1, {"suspend": True},
-         "Failed", "SecretNotFound"),
+        (seen(*READY), 1, SUSPEND, "Suspended", "Suspended"),
+        (seen(cond("Stalled", "True", "SecretNotFound")), 1, SUSPEND, "Failed", "SecretNotFound"),
     ],
-)  # fmt: skip
+)
 def test_health(status: Any, generation: int, spec: dict[str, Any], state: str, reason: str) -> None:
-    h = health(obj("RetentionPolicy", "p", spec, status, generation=generation))
+    h = health(parse(obj("RetentionPolicy", "p", spec, status, generation=generation)))
     assert (h.state, h.reason) == (state, reason)
 
 
 def test_terminating() -> None:
     o = profile()
     o["metadata"] |= {"deletionTimestamp": CREATED, "finalizers": ["pgscale.io/cleanup"]}
-    assert health(o) == statusview.Health("Terminating", "Deleting", "waiting for finalizers: pgscale.io/cleanup")
+    assert health(parse(o)) == statusview.Health(
+        "Terminating", "Deleting", "waiting for finalizers: pgscale.io/cleanup"
+    )
 
 
 # --- humane numbers ----------------------------------------------------------------------
@@ -91,9 +108,8 @@ def test_terminating() -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 2**20, "12.0 MiB"), (3 * 2**40, "3.0 TiB"),
-     (None, "-")],
-)  # fmt: skip
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (12 * 2**20, "12.0 MiB"), (3 * 2**40, "3.0 TiB"), (None, "-")],
+)
 def test_human_bytes(value: Any, text: str) -> None:
     assert statusview.human_bytes(value) == text
 
@@ -110,104 +126,223 @@ def test_human_rate() -> None:
     assert statusview.human_rate(1234.4, "rows") == "1,234 rows/s"
 
 
+# --- statuses read through the kinds' models ----------------------------------------------
+
+
+def test_a_status_is_read_by_its_kinds_model() -> None:
+    res = parse(child("PartitionPolicy", "p", {"observedGeneration": 1, "partitionCount": 3, "conditions": READY}))
+    assert isinstance(res.status, PartitionPolicyStatus)
+    assert (res.status.partition_count, res.status.conditions[0].reason) == (3, "Connected")
+    assert isinstance(parse(profile()).status, DatabaseProfileStatus)
+    assert parse(child("RetentionPolicy", "r", None)).status == RetentionPolicyStatus()
+
+
+def test_another_versions_status_still_reads() -> None:
+    """What an operator of another version wrote: unknown fields are ignored, unreadable ones left out."""
+    status = PartitionPolicyStatus.from_stored(
+        {
+            "partitionCount": 4,
+            "partitioned": True,
+            "lastError": "an old field",
+            "conversion": {"step": "a-step-of-the-future", "rowsDone": 5},
+            "lastMaintenance": {"time": CREATED, "created": ["Task_2025_07"], "newCounter": 3},
+        }
+    )
+    assert (status.partition_count, status.partitioned, status.conversion) == (4, True, None)
+    assert status.last_maintenance is not None and status.last_maintenance.created == ["Task_2025_07"]
+    assert FileMigrationStatus.from_stored("not an object") == FileMigrationStatus()
+    assert FileMigrationStatus.from_stored({"phase": None, "rowsTotal": 3}).rows_total == 3
+
+
+def test_what_the_controllers_write_is_what_the_view_reads() -> None:
+    """A status built from the models, as the controllers build it, sent as the API server stores it."""
+    from pgscale.api.filemigration import FailedRow
+    from pgscale.api.partitionpolicy import MaintenanceRun, ProgressStatus
+    from pgscale.api.retentionpolicy import RunStatus, TotalsStatus
+
+    written = PartitionPolicyStatus(
+        observed_generation=1,
+        partitioned=True,
+        partition_count=6,
+        conversion=ProgressStatus(step="done", rows_done=1200),
+        last_maintenance=MaintenanceRun(time=CREATED, dropped=["Task_2024_01"]),
+    )
+    pp = parse(child("PartitionPolicy", "p", written.wire()))
+    assert statusview.progress(pp, wide=True) == (
+        f"6 partitions; converted with 1,200 rows; last maintenance {CREATED}: dropped 1"
+    )
+    run = RunStatus(outcome="Partial", rows_deleted=30, duration_seconds=61.0)
+    rp = parse(child("RetentionPolicy", "r", RetentionPolicyStatus(last_run=run, totals=TotalsStatus(runs=2)).wire()))
+    assert (
+        statusview.progress(rp, wide=True)
+        == "last run Partial: 30 deleted in 1m1s; total 2 runs, 0 archived, 0 deleted"
+    )
+    fm = FileMigrationStatus(
+        phase="Verifying", rows_total=4, rows_migrated=4, failed_rows=[FailedRow(key="7", reason="x")]
+    )
+    assert statusview.progress(parse(child("FileMigration", "f", fm.wire()))) == "Verifying (4/4 rows)"
+
+
 # --- progress per kind -------------------------------------------------------------------
 
 
 def test_file_migration_progress() -> None:
-    status = {"phase": "Copying", "progress": "45.0%", "rowsTotal": 1000, "rowsMigrated": 450, "rowsFailed": 3,
-              "rowsPerSecond": 12.0, "bytesPerSecond": 1.5 * 2**20, "etaSeconds": 46, "bytesMigrated": 5 * 2**20,
-              "jobName": "files-to-s3-copy-1"}  # fmt: skip
-    fm = child("FileMigration", "files-to-s3", status)
+    status = {
+        "phase": "Copying",
+        "progress": "45.0%",
+        "rowsTotal": 1000,
+        "rowsMigrated": 450,
+        "rowsFailed": 3,
+        "rowsPerSecond": 12.0,
+        "bytesPerSecond": 1.5 * 2**20,
+        "etaSeconds": 46,
+        "bytesMigrated": 5 * 2**20,
+        "jobName": "files-to-s3-copy-1",
+    }
+    fm = FileMigrationStatus.from_stored(status)
     assert statusview.files_progress(fm) == (
         "Copying 45.0% (450/1,000 rows, 3 failed), 12.0 rows/s, 1.5 MiB/s, ETA 46s"
     )
     wide = statusview.files_progress(fm, wide=True)
     assert wide.endswith("5.0 MiB written, Job files-to-s3-copy-1")
-    done = child("FileMigration", "f", {"phase": "Completed", "progress": "100.0%", "rowsTotal": 2,
-                                        "rowsMigrated": 2, "rowsPerSecond": 3.0})  # fmt: skip
+    done = FileMigrationStatus.from_stored(
+        {"phase": "Completed", "progress": "100.0%", "rowsTotal": 2, "rowsMigrated": 2, "rowsPerSecond": 3.0}
+    )
     assert statusview.files_progress(done) == "Completed 100.0% (2/2 rows)"
-    assert statusview.files_progress(child("FileMigration", "f", None)) == "-"
+    assert statusview.files_progress(FileMigrationStatus.from_stored(None)) == "-"
 
 
 def test_retention_progress() -> None:
-    running = {"lastRun": {"outcome": "Running", "rowsArchived": 1200, "rowsTotal": 4800, "rowsPerSecond": 400.0,
-                           "etaSeconds": 9}}  # fmt: skip
-    rp = child("RetentionPolicy", "r", running)
+    running = {
+        "lastRun": {
+            "outcome": "Running",
+            "rowsArchived": 1200,
+            "rowsTotal": 4800,
+            "rowsPerSecond": 400.0,
+            "etaSeconds": 9,
+        }
+    }
+    rp = RetentionPolicyStatus.from_stored(running)
     assert statusview.retention_progress(rp) == "running, 25.0%, 1,200/4,800 rows, 400 rows/s, ETA 9s"
     last = {
         "lastRun": {"outcome": "Succeeded", "rowsArchived": 1200, "durationSeconds": 3.2, "rowsPerSecond": 375.0},
         "nextRunTime": "2025-04-01T02:00:00Z",
         "totals": {"runs": 3, "rowsArchived": 5000, "rowsDeleted": 0},
     }
-    rp = child("RetentionPolicy", "r", last)
+    rp = RetentionPolicyStatus.from_stored(last)
     assert statusview.retention_progress(rp) == "last run Succeeded: 1,200 archived in 3s 375 rows/s"
     assert statusview.retention_progress(rp, wide=True).endswith(
         "; next 2025-04-01T02:00:00Z; total 3 runs, 5,000 archived, 0 deleted"
     )
-    dry = child("RetentionPolicy", "r", {"lastRun": {"outcome": "DryRun", "rowsMatched": 42}})
+    dry = RetentionPolicyStatus.from_stored({"lastRun": {"outcome": "DryRun", "rowsMatched": 42}})
     assert statusview.retention_progress(dry) == "last run DryRun: 42 rows would move"
-    assert statusview.retention_progress(child("RetentionPolicy", "r", {})) == "no run yet"
+    assert statusview.retention_progress(RetentionPolicyStatus.from_stored({})) == "no run yet"
+    assert statusview.retention_progress(RetentionPolicyStatus.from_stored({"lastRun": {}})) == "no run yet"
 
 
 def test_partition_progress() -> None:
-    converting = {"partitioned": False, "conversion": {"step": "copy", "rowsTotal": 10000, "rowsDone": 2500,
-                                                       "rowsPerSecond": 500.0, "etaSeconds": 15,
-                                                       "longestLockMs": 120}}  # fmt: skip
-    pp = child("PartitionPolicy", "p", converting)
-    assert statusview.partition_progress(pp) == "converting: copy, 25.0%, 2,500/10,000 rows, 500 rows/s, ETA 15s"
+    converting = {
+        "partitioned": False,
+        "conversion": {
+            "step": "prepared",
+            "rowsTotal": 10000,
+            "rowsDone": 2500,
+            "rowsPerSecond": 500.0,
+            "etaSeconds": 15,
+            "longestLockMs": 120,
+        },
+    }
+    pp = PartitionPolicyStatus.from_stored(converting)
+    assert statusview.partition_progress(pp) == "converting: prepared, 25.0%, 2,500/10,000 rows, 500 rows/s, ETA 15s"
     assert statusview.partition_progress(pp, wide=True).endswith("ETA 15s, longest lock 120 ms")
-    kept = {"partitioned": True, "partitionCount": 17, "nextMaintenanceTime": "2025-03-01T13:00:00Z",
-            "lastMaintenance": {"time": "2025-03-01T12:00:00Z", "created": ["Task_2025_07"], "detached": [],
-                                "dropped": [], "rowsMovedFromDefault": 5}}  # fmt: skip
-    pp = child("PartitionPolicy", "p", kept)
+    kept = {
+        "partitioned": True,
+        "partitionCount": 17,
+        "nextMaintenanceTime": "2025-03-01T13:00:00Z",
+        "lastMaintenance": {
+            "time": "2025-03-01T12:00:00Z",
+            "created": ["Task_2025_07"],
+            "detached": [],
+            "dropped": [],
+            "rowsMovedFromDefault": 5,
+        },
+    }
+    pp = PartitionPolicyStatus.from_stored(kept)
     assert statusview.partition_progress(pp) == "17 partitions"
     assert statusview.partition_progress(pp, wide=True) == (
         "17 partitions; last maintenance 2025-03-01T12:00:00Z: created 1, 5 rows moved from DEFAULT; "
         "next 2025-03-01T13:00:00Z"
     )
-    assert statusview.partition_progress(child("PartitionPolicy", "p", {"partitioned": False})) == "not partitioned"
+    assert statusview.partition_progress(PartitionPolicyStatus.from_stored({"partitioned": False})) == (
+        "not partitioned"
+    )
     converted = {"partitioned": True, "partitionCount": 6, "conversion": {"step": "done", "rowsDone": 1200}}
-    pp = child("PartitionPolicy", "p", converted)
+    pp = PartitionPolicyStatus.from_stored(converted)
     assert statusview.partition_progress(pp) == "6 partitions"
     assert statusview.partition_progress(pp, wide=True) == "6 partitions; converted with 1,200 rows"
+
+
+def summary(p: dict[str, Any]) -> dict[str, str]:
+    return dict(statusview.profile_summary(p["spec"], DatabaseProfileStatus.from_stored(p["status"])))
 
 
 def test_profile_summary() -> None:
     p = profile(
         serverVersion="15.8",
-        parameters=[{"name": "work_mem", "desired": "4MB", "source": "parameters"},
-                    {"name": "shared_buffers", "desired": "256MB", "source": "parameters", "pendingRestart": True}],
+        parameters=[
+            {"name": "work_mem", "desired": "4MB", "source": "parameters"},
+            {"name": "shared_buffers", "desired": "256MB", "source": "parameters", "pendingRestart": True},
+        ],
         pendingRestart=["shared_buffers"],
         pooler={"service": "app-pooler", "readOnlyService": "app-pooler-ro", "instances": 2, "configHash": "x"},
-        replicas=[{"name": "app-replica-0", "slot": "s0", "active": True, "lagBytes": 2048, "lagSeconds": 0.25},
-                  {"name": "app-replica-1", "slot": "s1", "active": False}],
-        capacity={"databaseBytes": 7 * 2**30, "databaseSize": "7 GB", "growthBytesPerMonth": 2**30,
-                  "projectedBytes": 19 * 2**30, "horizonMonths": 12, "recommendedTier": "production"},
-        alerts=[{"name": "ConnectionUtilization", "value": 91.0, "threshold": 80, "since": CREATED}],
-    )  # fmt: skip
+        replicas=[
+            {"name": "app-replica-0", "slot": "s0", "active": True, "lagBytes": 2048, "lagSeconds": 0.25},
+            {"name": "app-replica-1", "slot": "s1", "active": False},
+        ],
+        capacity={
+            "databaseBytes": 7 * 2**30,
+            "databaseSize": "7 GB",
+            "growthBytesPerMonth": 2**30,
+            "projectedBytes": 19 * 2**30,
+            "horizonMonths": 12,
+            "recommendedTier": "production",
+        },
+        alerts=[{"name": "ConnectionUtilization", "value": 91.5, "threshold": 80, "since": CREATED}],
+    )
     p["spec"] |= {"pooling": {"poolMode": "session"}, "readReplicas": {"instances": 2}}
-    assert dict(statusview.profile_summary(p)) == {
+    assert summary(p) == {
         "settings": "2 managed (from parameters), 1 pending restart: shared_buffers",
         "pooler": "app-pooler (2 instances, pool mode session), read-only app-pooler-ro",
         "replicas": "1/2 streaming, max lag 2.0 KiB / 0.2s",
         "capacity": "7 GB, growing 1.0 GiB/month, 19.0 GiB in 12 months, tier production advised",
-        "alerts": f"ConnectionUtilization 91.0 > 80 since {CREATED}",
+        "alerts": f"ConnectionUtilization 91.5 > 80 since {CREATED}",
     }
-    bare = dict(statusview.profile_summary(profile()))
-    assert bare == {"settings": "0 managed, none pending restart", "pooler": "off", "replicas": "none",
-                    "capacity": "no sample yet", "alerts": "none"}  # fmt: skip
+    bare = summary(profile())
+    assert bare == {
+        "settings": "0 managed, none pending restart",
+        "pooler": "off",
+        "replicas": "none",
+        "capacity": "no sample yet",
+        "alerts": "none",
+    }
+    asked = profile()
+    asked["spec"]["readReplicas"] = {"storage": {"size": "1Gi"}}  # instances: the model's default
+    assert summary(asked)["replicas"] == "0/1 streaming"
 
 
 def test_database_never_shows_the_password() -> None:
     p = profile()
-    assert statusview.database(p, SECRET) == "app@db.shop:5432/shop (Secret app-db)"
-    assert "secret" not in statusview.database(p, SECRET).replace("Secret", "")
-    assert statusview.database(p, {("shop", "app-db"): None}) == "Secret app-db not found"
-    assert statusview.database(p, {}) == "through Secret app-db (not readable)"
+    assert statusview.database(parse(p), SECRET) == "app@db.shop:5432/shop (Secret app-db)"
+    assert "secret" not in statusview.database(parse(p), SECRET).replace("Secret", "")
+    assert statusview.database(parse(p), {("shop", "app-db"): None}) == "Secret app-db not found"
+    assert statusview.database(parse(p), {}) == "through Secret app-db (not readable)"
     p["spec"]["connection"] |= {"host": "pg.shop", "dbname": "orders"}
-    assert statusview.database(p, {}) == "through Secret app-db (not readable), host pg.shop, dbname orders"
-    assert statusview.database(p, {("shop", "app-db"): {"username": "u"}}) == "u@pg.shop:5432/orders (Secret app-db)"
-    bad = statusview.database(profile(), {("shop", "app-db"): {"username": "u"}})
+    assert statusview.database(parse(p), {}) == "through Secret app-db (not readable), host pg.shop, dbname orders"
+    assert (
+        statusview.database(parse(p), {("shop", "app-db"): {"username": "u"}})
+        == "u@pg.shop:5432/orders (Secret app-db)"
+    )
+    bad = statusview.database(parse(profile()), {("shop", "app-db"): {"username": "u"}})
     assert bad.startswith("Secret app-db: connection has no host, dbname")
 
 
@@ -215,22 +350,44 @@ def test_database_never_shows_the_password() -> None:
 
 
 def sample() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    profiles = [profile(serverVersion="15.8", capacity={"databaseBytes": 8 * 2**20, "databaseSize": "8 MB"}),
-                profile("reports")]  # fmt: skip
+    profiles = [
+        profile(serverVersion="15.8", capacity={"databaseBytes": 8 * 2**20, "databaseSize": "8 MB"}),
+        profile("reports"),
+    ]
     stalled = [
         cond("Ready", "False", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
         cond("Stalled", "True", "TableNotFound", 'spec.table: table "public"."task" does not exist'),
     ]
     children = [
-        child("FileMigration", "files-to-s3", {"observedGeneration": 1, "phase": "Copying", "progress": "50.0%",
-              "rowsTotal": 10, "rowsMigrated": 5, "conditions": [cond("Ready", "False", "Copying", "Copying: 5/10"),
-              cond("Reconciling", "True", "Copying", "Copying: 5/10")]}),
-        child("RetentionPolicy", "archive", {"observedGeneration": 1, "conditions": [
-              cond("Ready", "True", "Scheduled", "next run 2025-04-01T02:00:00Z"),
-              cond("LastRunSucceeded", "True", "Succeeded")]}),
+        child(
+            "FileMigration",
+            "files-to-s3",
+            {
+                "observedGeneration": 1,
+                "phase": "Copying",
+                "progress": "50.0%",
+                "rowsTotal": 10,
+                "rowsMigrated": 5,
+                "conditions": [
+                    cond("Ready", "False", "Copying", "Copying: 5/10"),
+                    cond("Reconciling", "True", "Copying", "Copying: 5/10"),
+                ],
+            },
+        ),
+        child(
+            "RetentionPolicy",
+            "archive",
+            {
+                "observedGeneration": 1,
+                "conditions": [
+                    cond("Ready", "True", "Scheduled", "next run 2025-04-01T02:00:00Z"),
+                    cond("LastRunSucceeded", "True", "Succeeded"),
+                ],
+            },
+        ),
         child("PartitionPolicy", "by-month", {"observedGeneration": 1, "conditions": stalled}),
         child("RetentionPolicy", "lost", None, profile_name="gone"),
-    ]  # fmt: skip
+    ]
     return profiles, children
 
 
@@ -287,8 +444,19 @@ def test_render_wide_adds_table_generation_conditions_age() -> None:
     profiles, children = sample()
     text = render_text(build(profiles, children, SECRET, now=NOW, wide=True), wide=True)
     header = next(line for line in text.splitlines() if "KIND" in line)
-    assert header.split() == ["KIND", "NAME", "READY", "STATE", "REASON", "PROGRESS", "TABLE", "GEN", "CONDITIONS",
-                              "AGE", "MESSAGE"]  # fmt: skip
+    assert header.split() == [
+        "KIND",
+        "NAME",
+        "READY",
+        "STATE",
+        "REASON",
+        "PROGRESS",
+        "TABLE",
+        "GEN",
+        "CONDITIONS",
+        "AGE",
+        "MESSAGE",
+    ]
     archive = next(line for line in text.splitlines() if " archive " in line)
     assert "public.Task" in archive and "1/1" in archive and "LastRunSucceeded=True" in archive and "2h" in archive
 
@@ -300,6 +468,8 @@ def test_render_json() -> None:
     assert app["summary"]["pooler"] == "off" and app["found"] is True
     fm = next(r for r in app["rows"] if r["kind"] == "FileMigration")
     assert fm["state"] == "InProgress" and fm["reason"] == "Copying" and fm["conditions"][1]["type"] == "Reconciling"
+    # Conditions as the API server has them: camelCase, as in `kubectl get -o json`.
+    assert fm["conditions"][0] == cond("Ready", "False", "Copying", "Copying: 5/10")
 
 
 def test_cli_parses_status_like_kubectl() -> None:

@@ -13,10 +13,16 @@ from pgscale.errors import SpecError
 KB, MB, GB = 1024, 1024**2, 1024**3
 
 STRATEGY = {
-    "max_connections": "200", "shared_buffers": "256MB", "effective_cache_size": "1GB", "work_mem": "4MB",
-    "maintenance_work_mem": "64MB", "checkpoint_completion_target": "0.9", "wal_buffers": "16MB",
-    "random_page_cost": "1.1", "effective_io_concurrency": "200",
-}  # fmt: skip
+    "max_connections": "200",
+    "shared_buffers": "256MB",
+    "effective_cache_size": "1GB",
+    "work_mem": "4MB",
+    "maintenance_work_mem": "64MB",
+    "checkpoint_completion_target": "0.9",
+    "wal_buffers": "16MB",
+    "random_page_cost": "1.1",
+    "effective_io_concurrency": "200",
+}
 
 
 def spec(**fields: Any) -> DatabaseProfileSpec:
@@ -45,28 +51,49 @@ def test_tiers_are_the_strategy_hardware() -> None:
 
 
 COMMON = {
-    "checkpoint_completion_target": "0.9", "wal_buffers": "16MB", "default_statistics_target": "100",
-    "random_page_cost": "1.1", "effective_io_concurrency": "200", "huge_pages": "off",
-    "min_wal_size": "1GB", "max_wal_size": "4GB", "max_worker_processes": "8",
-}  # fmt: skip
+    "checkpoint_completion_target": "0.9",
+    "wal_buffers": "16MB",
+    "default_statistics_target": "100",
+    "random_page_cost": "1.1",
+    "effective_io_concurrency": "200",
+    "huge_pages": "off",
+    "min_wal_size": "1GB",
+    "max_wal_size": "4GB",
+    "max_worker_processes": "8",
+}
 
 TIER_FIGURES = {
     "development": {
-        "max_connections": "100", "shared_buffers": "1GB", "effective_cache_size": "3GB",
-        "maintenance_work_mem": "256MB", "work_mem": "10485kB", "max_parallel_workers_per_gather": "1",
-        "max_parallel_workers": "2", "max_parallel_maintenance_workers": "1",
+        "max_connections": "100",
+        "shared_buffers": "1GB",
+        "effective_cache_size": "3GB",
+        "maintenance_work_mem": "256MB",
+        "work_mem": "10485kB",
+        "max_parallel_workers_per_gather": "1",
+        "max_parallel_workers": "2",
+        "max_parallel_maintenance_workers": "1",
     },
     "production": {
-        "max_connections": "200", "shared_buffers": "4GB", "effective_cache_size": "12GB",
-        "maintenance_work_mem": "1GB", "work_mem": "10485kB", "max_parallel_workers_per_gather": "2",
-        "max_parallel_workers": "4", "max_parallel_maintenance_workers": "2",
+        "max_connections": "200",
+        "shared_buffers": "4GB",
+        "effective_cache_size": "12GB",
+        "maintenance_work_mem": "1GB",
+        "work_mem": "10485kB",
+        "max_parallel_workers_per_gather": "2",
+        "max_parallel_workers": "4",
+        "max_parallel_maintenance_workers": "2",
     },
     "high-load": {
-        "max_connections": "300", "shared_buffers": "8GB", "effective_cache_size": "24GB",
-        "maintenance_work_mem": "2GB", "work_mem": "6990kB", "max_parallel_workers_per_gather": "4",
-        "max_parallel_workers": "8", "max_parallel_maintenance_workers": "4",
+        "max_connections": "300",
+        "shared_buffers": "8GB",
+        "effective_cache_size": "24GB",
+        "maintenance_work_mem": "2GB",
+        "work_mem": "6990kB",
+        "max_parallel_workers_per_gather": "4",
+        "max_parallel_workers": "8",
+        "max_parallel_maintenance_workers": "4",
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("tier", sorted(TIER_FIGURES))
@@ -190,11 +217,16 @@ def test_impossible_hardware_is_refused(cpu: int, memory: int, storage: str) -> 
 @pytest.mark.parametrize(
     ("nbytes", "unit", "text"),
     [
-        (16 * GB, KB, "16GB"), (1536 * MB, KB, "1536MB"), (10485 * KB, KB, "10485kB"),
-        (10485 * KB + 1000, KB, "10485kB"), (64 * KB, KB, "64kB"), (3932 * KB, 8 * KB, "3928kB"),
-        (0, KB, "1kB"), (1024 * GB, KB, "1024GB"),
+        (16 * GB, KB, "16GB"),
+        (1536 * MB, KB, "1536MB"),
+        (10485 * KB, KB, "10485kB"),
+        (10485 * KB + 1000, KB, "10485kB"),
+        (64 * KB, KB, "64kB"),
+        (3932 * KB, 8 * KB, "3928kB"),
+        (0, KB, "1kB"),
+        (1024 * GB, KB, "1024GB"),
     ],
-)  # fmt: skip
+)
 def test_format_memory(nbytes: int, unit: int, text: str) -> None:
     assert tuning.format_memory(nbytes, unit) == text
 
@@ -202,11 +234,18 @@ def test_format_memory(nbytes: int, unit: int, text: str) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "nbytes"),
     [
-        ("shared_buffers", "256MB", 256 * MB), ("shared_buffers", "16384", 128 * MB), ("wal_buffers", "2048", 16 * MB),
-        ("work_mem", "4096", 4 * MB), ("maintenance_work_mem", "1 GB", GB), ("work_mem", "1TB", 1024 * GB),
-        ("work_mem", "512B", 512), ("work_mem", "-1", None), ("work_mem", "4mb", None), ("work_mem", "", None),
+        ("shared_buffers", "256MB", 256 * MB),
+        ("shared_buffers", "16384", 128 * MB),
+        ("wal_buffers", "2048", 16 * MB),
+        ("work_mem", "4096", 4 * MB),
+        ("maintenance_work_mem", "1 GB", GB),
+        ("work_mem", "1TB", 1024 * GB),
+        ("work_mem", "512B", 512),
+        ("work_mem", "-1", None),
+        ("work_mem", "4mb", None),
+        ("work_mem", "", None),
     ],
-)  # fmt: skip
+)
 def test_parse_memory(name: str, value: str, nbytes: int | None) -> None:
     assert tuning.parse_memory(name, value) == nbytes
 
@@ -224,15 +263,27 @@ def test_estimated_memory_of_a_tier_fits_its_memory() -> None:
 
 
 def test_estimated_memory_reads_units_as_pg_settings_reports_them() -> None:
-    raw = {"shared_buffers": "32768", "max_connections": "100", "work_mem": "4096", "maintenance_work_mem": "65536",
-           "wal_buffers": "2048", "autovacuum_max_workers": "5"}  # fmt: skip
+    raw = {
+        "shared_buffers": "32768",
+        "max_connections": "100",
+        "work_mem": "4096",
+        "maintenance_work_mem": "65536",
+        "wal_buffers": "2048",
+        "autovacuum_max_workers": "5",
+    }
     assert tuning.estimated_memory_bytes(raw) == 256 * MB + 100 * 4 * MB + 5 * 64 * MB + 16 * MB
 
 
 def test_estimated_memory_defaults() -> None:
     # wal_buffers -1: 1/32 of shared_buffers; autovacuum_work_mem replaces maintenance_work_mem for autovacuum
-    settings = {"shared_buffers": "128MB", "max_connections": "10", "work_mem": "1MB",
-                "maintenance_work_mem": "1GB", "autovacuum_work_mem": "64MB", "wal_buffers": "-1"}  # fmt: skip
+    settings = {
+        "shared_buffers": "128MB",
+        "max_connections": "10",
+        "work_mem": "1MB",
+        "maintenance_work_mem": "1GB",
+        "autovacuum_work_mem": "64MB",
+        "wal_buffers": "-1",
+    }
     assert tuning.estimated_memory_bytes(settings) == 128 * MB + 10 * MB + 3 * 64 * MB + 4 * MB
 
 
@@ -246,10 +297,14 @@ def test_estimated_memory_needs_the_main_settings(missing: str) -> None:
 @pytest.mark.parametrize(
     ("projected", "tier"),
     [
-        (0, "development"), (10 * GB - 1, "development"), (10 * GB, "production"),
-        (200 * GB - 1, "production"), (200 * GB, "high-load"), (2 * 1024 * GB, "high-load"),
+        (0, "development"),
+        (10 * GB - 1, "development"),
+        (10 * GB, "production"),
+        (200 * GB - 1, "production"),
+        (200 * GB, "high-load"),
+        (2 * 1024 * GB, "high-load"),
     ],
-)  # fmt: skip
+)
 def test_recommend_tier(projected: int, tier: str) -> None:
     assert tuning.recommend_tier(projected) == tier
 

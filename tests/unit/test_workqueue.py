@@ -32,10 +32,10 @@ def test_add_after_keeps_the_earliest() -> None:
 
 
 def test_failures_back_off_exponentially_and_reset_on_success() -> None:
-    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.controllers.base import Context, OperatorConfig, Outcome
     from pgscale.runtime import MAX_BACKOFF_SECONDS, Runtime
 
-    runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+    runtime = Runtime(Context(kube=None, config=OperatorConfig()), workers=1)  # type: ignore[arg-type]
     key = ("retentionpolicies", "ns", "rp")
     delays = [runtime.delay(key, Outcome(10.0, failed=True)) for _ in range(8)]
     assert delays[:4] == [10.0, 20.0, 40.0, 80.0] and delays[-1] == MAX_BACKOFF_SECONDS
@@ -62,11 +62,11 @@ def test_a_standby_queues_nothing_until_it_leads() -> None:
     """Events are remembered while standing by; leading queues every resource seen."""
     from types import SimpleNamespace
 
-    from pgscale.controllers.base import Context, Settings
+    from pgscale.controllers.base import Context, OperatorConfig
     from pgscale.runtime import Runtime
 
     async def scenario() -> tuple[int, int, int]:
-        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime = Runtime(Context(kube=None, config=OperatorConfig()), workers=1)  # type: ignore[arg-type]
         body = {"metadata": {"namespace": "ns", "name": "p", "generation": 1}}
         await runtime.on_event(event={"type": "ADDED"}, body=body, resource=SimpleNamespace(plural="databaseprofiles"))  # type: ignore[arg-type,typeddict-item]
         standing_by = len(runtime.queue)
@@ -82,11 +82,11 @@ def test_a_profile_deleted_or_changed_wakes_failing_profiles() -> None:
     """A profile Stalled by SettingsConflict waits for the earlier one: its deletion brings a prompt look."""
     from types import SimpleNamespace
 
-    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.controllers.base import Context, OperatorConfig, Outcome
     from pgscale.runtime import Runtime
 
     async def scenario() -> tuple[list[object], list[object]]:
-        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime = Runtime(Context(kube=None, config=OperatorConfig()), workers=1)  # type: ignore[arg-type]
         runtime.lead()
         res = SimpleNamespace(plural="databaseprofiles")
         for name in ("owner", "waiting"):
@@ -118,17 +118,20 @@ def test_a_new_profile_wakes_the_policies_waiting_for_it() -> None:
 
     import kopf
 
-    from pgscale.controllers.base import Context, Outcome, Settings
+    from pgscale.controllers.base import Context, OperatorConfig, Outcome
     from pgscale.runtime import Runtime
 
     async def scenario() -> list[Any]:
-        runtime = Runtime(Context(kube=None, settings=Settings()), workers=1)  # type: ignore[arg-type]
+        runtime = Runtime(Context(kube=None, config=OperatorConfig()), workers=1)  # type: ignore[arg-type]
         runtime.lead()
 
         async def event(plural: str, name: str, spec: dict[str, Any]) -> None:
             raw = cast("kopf.RawBody", {"metadata": {"namespace": "ns", "name": name, "generation": 1}, "spec": spec})
-            await runtime.on_event(event={"type": "ADDED", "object": raw}, body=kopf.Body(raw),
-                                   resource=kopf.Resource("pgscale.io", "v1alpha1", plural))  # fmt: skip
+            await runtime.on_event(
+                event={"type": "ADDED", "object": raw},
+                body=kopf.Body(raw),
+                resource=kopf.Resource("pgscale.io", "v1alpha1", plural),
+            )
 
         await event("partitionpolicies", "pp", {"profileRef": {"name": "app"}})
         await event("retentionpolicies", "other", {"profileRef": {"name": "elsewhere"}})

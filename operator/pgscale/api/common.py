@@ -10,9 +10,9 @@ of surfacing later as a failed reconcile.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic.alias_generators import to_camel
 
 GROUP = "pgscale.io"
@@ -82,6 +82,11 @@ def cel(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
 def default_of(model: type[BaseModel], field: str) -> Any:
     """A field's default as its model declares it, for code that reads an unparsed spec."""
     return model.model_fields[field].default
+
+
+def wire_name(model: type[BaseModel], field: str) -> str:
+    """A field's name on the wire (camelCase), as its model declares it."""
+    return model.model_fields[field].alias or field
 
 
 class Model(BaseModel):
@@ -194,6 +199,24 @@ class BaseStatus(Model):
             "x-kubernetes-list-map-keys": ["type"],
         },
     )
+
+    @classmethod
+    def from_stored(cls, raw: object) -> Self:
+        """Another object's status as the API server returns it, read for display or comparison, never failing.
+
+        An operator of another version may have written it: a field this model does not know is
+        ignored, and one it cannot read is left out, so the rest still reads. An empty object reads
+        as absent.
+        """
+        data = {k: v for k, v in raw.items() if v is not None and v != {}} if isinstance(raw, dict) else {}
+        while True:
+            try:
+                return cls.model_validate(data, extra="ignore")
+            except ValidationError as exc:
+                bad = {e["loc"][0] for e in exc.errors() if e["loc"]} & data.keys()
+                if not bad:
+                    return cls()
+                data = {k: v for k, v in data.items() if k not in bad}
 
 
 class PrinterColumn(Model):

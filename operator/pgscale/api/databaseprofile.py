@@ -452,10 +452,11 @@ class DatabaseProfileStatus(BaseStatus):
 
     server_version: str | None = Field(default=None, max_length=64, description="Postgres server version.")
     system_identifier: str | None = Field(
-        default=None, max_length=32,
+        default=None,
+        max_length=32,
         description="The server's system identifier (pg_control_system()): profiles with the same one share "
         "server-wide settings, which only the earliest of them may set.",
-    )  # fmt: skip
+    )
     parameters: list[ParameterStatus] = Field(
         default_factory=list, description="Every managed setting.", json_schema_extra={"maxItems": 512}
     )

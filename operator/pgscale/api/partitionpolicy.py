@@ -228,10 +228,15 @@ class PartitionInfo(Model):
     bytes: int | None = Field(default=None, description="Size including indexes and TOAST.")
 
 
+# Where a table's conversion stands, in order: the last step finished ("none": nothing started, or
+# forgotten). The words of the state row (pg/conversion.py) and of status.conversion.step.
+ConversionStep = Literal["none", "building", "prepared", "copied", "verified", "swapped", "done"]
+
+
 class ProgressStatus(Model):
     """Progress of long work: counts, rate and ETA."""
 
-    step: str | None = Field(default=None, max_length=128, description="Current step.")
+    step: ConversionStep | None = Field(default=None, description="Current step.")
     rows_total: int | None = Field(default=None, description="Rows to process (estimate).")
     rows_done: int | None = Field(default=None, description="Rows processed so far.")
     rows_per_second: float | None = Field(default=None, description="Recent rate.")

@@ -8,6 +8,7 @@ Events on transitions, metrics, and never lets an exception escape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE, Kind
-from ..api.common import BaseStatus, TableReference, default_of
+from ..api.common import BaseStatus, Condition, TableReference, default_of, wire_name
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..errors import DependencyError, ReconcileError, SpecError
 from ..events import Event
@@ -37,8 +38,8 @@ StatusT = TypeVar("StatusT", bound=BaseStatus)
 
 
 @dataclass
-class Settings:
-    """Operator-wide settings, from flags and environment."""
+class OperatorConfig:
+    """How this operator process runs (images, resync, namespaces), from flags and environment."""
 
     image: str = field(default_factory=lambda: os.environ.get("PGSCALE_IMAGE", "pgscale:0.1.0"))
     pgbouncer_image: str = field(
@@ -56,10 +57,10 @@ class Settings:
 
 @dataclass
 class Context:
-    """What a reconcile may use: the API client and the settings."""
+    """What a reconcile may use: the API client and the operator's configuration."""
 
     kube: Kube
-    settings: Settings
+    config: OperatorConfig
 
 
 @dataclass
@@ -92,11 +93,22 @@ class StatusWriter:
 
     @property
     def conditions(self) -> cond.Conditions:
-        return list(self.status.get("conditions") or [])
+        """The conditions held now (one an older version wrote that this one cannot read is left out)."""
+        out = []
+        for raw in self.status.get(CONDITIONS) or []:
+            with contextlib.suppress(ValidationError):
+                out.append(Condition.model_validate(raw, extra="ignore"))
+        return out
 
     @conditions.setter
     def conditions(self, value: cond.Conditions) -> None:
-        self.status["conditions"] = value
+        self.status[CONDITIONS] = [c.wire() for c in value]
+
+    @property
+    def observed_generation(self) -> int | None:
+        """The generation the status held now reflects."""
+        value = self.status.get(OBSERVED_GENERATION)
+        return value if isinstance(value, int) else None
 
     def update(self, fields: BaseStatus) -> None:
         """Set the fields given to the model (None removes a field); the others stay as they are."""
@@ -104,7 +116,7 @@ class StatusWriter:
             raise TypeError(f"{self.kind.name} status is {self.kind.status.__name__}, not {type(fields).__name__}")
         wire = fields.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
         for name in fields.model_fields_set:
-            alias = type(fields).model_fields[name].alias or name
+            alias = wire_name(type(fields), name)
             self.status[alias] = wire.get(alias)
 
     def read(self, model: type[StatusT]) -> StatusT:
@@ -126,9 +138,13 @@ class StatusWriter:
             self._sent = dict(self.status)
 
 
+CONDITIONS = wire_name(BaseStatus, "conditions")
+OBSERVED_GENERATION = wire_name(BaseStatus, "observed_generation")
+
+
 def status_fields(kind: Kind) -> set[str]:
     """The wire names of a kind's status fields."""
-    return {info.alias or name for name, info in kind.status.model_fields.items()}
+    return {wire_name(kind.status, name) for name in kind.status.model_fields}
 
 
 def _replacing(old: Any, new: Any) -> Any:
@@ -248,10 +264,10 @@ def finalize(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> Outcom
         if exc.reason in CLEANUP_IMPOSSIBLE:
             return release(ctrl, ctx, obj, exc)
         ctx.kube.event(ref, "CleanupFailed", f"{exc.message}; deletion waits and retries", warning=True)
-        return Outcome(exc.retry_seconds or ctx.settings.stalled_retry_seconds, failed=True)
+        return Outcome(exc.retry_seconds or ctx.config.stalled_retry_seconds, failed=True)
     except psycopg.Error as exc:
         ctx.kube.event(ref, "CleanupFailed", f"{type(exc).__name__}: {exc}; deletion waits and retries", warning=True)
-        return Outcome(ctx.settings.stalled_retry_seconds, failed=True)
+        return Outcome(ctx.config.stalled_retry_seconds, failed=True)
     ensure_finalizer(ctx, ctrl.kind, obj, needed=False)
     log.info("%s %s/%s: cleaned up", ctrl.kind.name, ref.namespace, ref.name)
     return Outcome(30.0, failed=False)
@@ -318,9 +334,9 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         return finalize(ctrl, ctx, obj)
     status = StatusWriter(ctx.kube, kind, obj)
     generation = status.generation
-    before = cond.get(status.conditions, cond.READY) or {}
+    before = cond.get(status.conditions, cond.READY)
     started = time.monotonic()
-    if status.status.get("observedGeneration") != generation:
+    if status.observed_generation != generation:
         status.conditions = cond.reconciling(
             status.conditions, "Reconciling", f"Reconciling generation {generation}", generation
         )
@@ -341,7 +357,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
             status.conditions = cond.ready(status.conditions, result.reason, result.message, generation)
         else:
             status.conditions = cond.progressing(status.conditions, result.reason, result.message, generation)
-        requeue = result.requeue_after if result.requeue_after is not None else ctx.settings.resync_seconds
+        requeue = result.requeue_after if result.requeue_after is not None else ctx.config.resync_seconds
         # Long work the controller paces itself (done=False) may come back sooner than a spec interval may.
         requeue = max(requeue, MIN_REQUEUE_SECONDS if result.done else 0.5)
         events += result.events
@@ -349,7 +365,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         outcome = "stalled" if exc.stalled else "retry"
         update = cond.stalled if exc.stalled else cond.waiting
         status.conditions = update(status.conditions, exc.reason, exc.message, generation)
-        requeue = exc.retry_seconds or ctx.settings.stalled_retry_seconds
+        requeue = exc.retry_seconds or ctx.config.stalled_retry_seconds
         log.info("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, exc.reason, exc.message)
     except ApiException as exc:  # refused by the API server: its message, not the HTTP exchange
         outcome = "error"
@@ -357,7 +373,7 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         log.warning("%s %s/%s: %s: %s", kind.name, ref.namespace, ref.name, reason, message)
         stalled = exc.status in (401, 403, 422)  # permissions and invalid objects need a person
         status.conditions = (cond.stalled if stalled else cond.waiting)(status.conditions, reason, message, generation)
-        requeue = ctx.settings.stalled_retry_seconds if stalled else 10.0
+        requeue = ctx.config.stalled_retry_seconds if stalled else 10.0
     except urllib3.exceptions.HTTPError as exc:  # the API server unreachable mid-reconcile: an outage, not a bug
         outcome = "retry"
         message = f"the Kubernetes API server could not be reached ({unreachable_reason(exc)}); retried"
@@ -371,10 +387,10 @@ def run_reconcile(ctrl: Controller[Any], ctx: Context, obj: dict[str, Any]) -> O
         status.conditions = cond.stalled(status.conditions, "InternalError", message, generation)
         requeue = 60.0
     status.update(kind.status(observed_generation=generation))
-    after = cond.get(status.conditions, cond.READY) or {}
-    if (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")):
-        warning = after.get("status") == "False" and cond.is_true(status.conditions, cond.STALLED)
-        events.append(Event(str(after.get("reason")), str(after.get("message")), warning=warning))
+    after = cond.get(status.conditions, cond.READY)  # every outcome above sets Ready
+    if after is not None and (before is None or (before.status, before.reason) != (after.status, after.reason)):
+        warning = after.status == "False" and cond.is_true(status.conditions, cond.STALLED)
+        events.append(Event(after.reason, after.message, warning=warning))
     try:
         status.flush()
     finally:

@@ -1,7 +1,7 @@
 """DatabaseProfile controller: settings kept, metrics and alerts, capacity projected.
 
 Each reconcile: resolve the connection, make the server's settings what the spec
-asks (tuning.desired -> settings.reconcile), take a statistics snapshot for the
+asks (tuning.desired -> server_settings.reconcile), take a statistics snapshot for the
 metrics endpoint, sample sizes for the capacity projection, evaluate alert
 thresholds, and say all of it in status, conditions and Events.
 """
@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from .. import conditions as cond
-from .. import pg, settings, tuning
+from .. import pg, server_settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import (
     ActiveAlert,
@@ -48,12 +48,12 @@ log = logging.getLogger(__name__)
 
 RESTART_REQUIRED = "RestartRequired"
 SETTINGS_CONFLICT = "SettingsConflict"
-DRIFT_EVENTS = settings.DriftEvents(600.0)  # per operator process: a new leader may say it once more
+DRIFT_EVENTS = server_settings.DriftEvents(600.0)  # per operator process: a new leader may say it once more
 
 
-def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> settings.Claim:
+def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> server_settings.Claim:
     meta = obj["metadata"]
-    return settings.Claim(
+    return server_settings.Claim(
         meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""), system_id, frozenset(desired)
     )
 
@@ -97,7 +97,7 @@ class DatabaseProfileController:
             system_id = pgs.system_identifier(conn)
             status.update(Status(server_version=version, system_identifier=system_id))
             self._check_owner(ctx, obj, system_id, desired)
-            report = settings.reconcile(conn, spec.state_schema, key, desired)
+            report = server_settings.reconcile(conn, spec.state_schema, key, desired)
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
             points: dict[str, list[tuple[float, int]]] = {}
             if snap is not None:
@@ -124,7 +124,7 @@ class DatabaseProfileController:
                 )
         if report.reset:
             events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
-        previous_restart = cond.get(status.conditions, RESTART_REQUIRED) or {}
+        previous_restart = cond.get(status.conditions, RESTART_REQUIRED)
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
         status.conditions = cond.flag(
             status.conditions,
@@ -134,7 +134,7 @@ class DatabaseProfileController:
             restart_message,
             status.generation,
         )
-        if report.pending_restart and previous_restart.get("message") != restart_message:
+        if report.pending_restart and (previous_restart is None or previous_restart.message != restart_message):
             events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
         status.conditions = cond.flag(
@@ -170,8 +170,8 @@ class DatabaseProfileController:
             return
         me = claim(obj, system_id, desired)
         others = []
-        for other in ctx.kube.list_watched(self.kind, ctx.settings.namespaces):
-            other_id = (other.get("status") or {}).get("systemIdentifier")
+        for other in ctx.kube.list_watched(self.kind, ctx.config.namespaces):
+            other_id = Status.from_stored(other.get("status")).system_identifier
             if not other_id or other["metadata"].get("deletionTimestamp"):
                 continue
             try:
@@ -179,11 +179,13 @@ class DatabaseProfileController:
             except ValidationError:
                 continue  # an invalid profile applies nothing
             others.append(claim(other, str(other_id), tuning.desired(other_spec)))
-        conflict = settings.settings_owner(me, others)
+        conflict = server_settings.settings_owner(me, others)
         if conflict is not None:
             first = conflict.parameters[0]
             source = desired[first][1] if first in desired else "parameters"
-            raise SpecError(settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT)
+            raise SpecError(
+                server_settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT
+            )
 
     def _capacity_and_alerts(
         self,
@@ -287,9 +289,7 @@ class DatabaseProfileController:
             digest = pooling.config_hash(ini, users)
             ctx.kube.apply(pooling.config_secret(ref, f"{name}-config", ini, users, role))
             ctx.kube.apply(
-                pooling.deployment(
-                    ref, name, spec.pooling, ctx.settings.pgbouncer_image, f"{name}-config", digest, role
-                )
+                pooling.deployment(ref, name, spec.pooling, ctx.config.pgbouncer_image, f"{name}-config", digest, role)
             )
             ctx.kube.apply(pooling.service(ref, name, role))
             names[role] = name
@@ -366,7 +366,7 @@ class DatabaseProfileController:
                 events.append(Event("SlotCreated", f"created replication slot {name}"))
         host = wanted_spec.primary_host or info.host
         standbys = replicas.statefulset(
-            ref, wanted_spec, image=ctx.settings.postgres_image, primary_host=host, primary_port=info.port
+            ref, wanted_spec, image=ctx.config.postgres_image, primary_host=host, primary_port=info.port
         )
         services = [replicas.read_only_service(ref), *replicas.read_write_service(ref, info.host, info.port)]
         if replicas.unreachable_from_pods(info.host) and status.read(Status).replicas is None:

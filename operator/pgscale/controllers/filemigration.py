@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import pg
 from ..api import FILE_MIGRATION
+from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.filemigration import FailedRow, FileMigrationSpec, MigrationPhase
 from ..api.filemigration import FileMigrationStatus as Status
 from ..checks import TEXT_TYPES, require_column, require_table
@@ -129,7 +130,7 @@ class FileMigrationController:
                 ctx.kube.delete("batch/v1", "Job", ref.namespace, running)  # SIGTERM: stops after its row
             # Paused on purpose, nothing wrong: Ready like the other kinds when suspended (kstatus Current).
             return Result(
-                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.settings.resync_seconds
+                "Suspended", f"{phase}: suspended with {remaining} rows left", requeue_after=ctx.config.resync_seconds
             )
         job_name, started = self._ensure_job(ctx, obj, ref, spec, profile, status)
         events += started
@@ -164,7 +165,7 @@ class FileMigrationController:
         obj: dict[str, Any],
         ref: ObjectRef,
         spec: FileMigrationSpec,
-        profile: Any,
+        profile: DatabaseProfileSpec,
         status: StatusWriter,
     ) -> tuple[str, list[Event]]:
         """One Job per generation; another when the last one finished with work left."""
@@ -210,7 +211,7 @@ class FileMigrationController:
             suffix="file-migration",
             args=builders.job_args("file-migration", ref),
             template=spec.job,
-            default_image=ctx.settings.image,
+            default_image=ctx.config.image,
             env=env,
             volumes=volumes,
         )

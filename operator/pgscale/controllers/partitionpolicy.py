@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from .. import conditions as cond
 from .. import pg
 from ..api import PARTITION_POLICY, RETENTION_POLICY
 from ..api.common import default_of
+from ..api.databaseprofile import DatabaseProfileSpec
 from ..api.partitionpolicy import MaintenanceRun, PartitionPolicySpec, ProgressStatus
 from ..api.partitionpolicy import PartitionPolicyStatus as Status
 from ..api.retentionpolicy import RetentionPolicySpec
@@ -128,7 +131,7 @@ class PartitionPolicyController:
                 status.update(Status(partitioned=True))
                 return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
             report_m = maintain(conn, spec, datetime.now(UTC))
-            before = [c for c in status.conditions if c.get("status") == "True"]
+            before = [c for c in status.conditions if c.status == "True"]
         if report_m.busy:
             return Result(
                 "Maintained",
@@ -176,7 +179,7 @@ class PartitionPolicyController:
             "spec.children does it), or drop the foreign key",
             status.generation,
         )
-        if report_m.kept and not any(c.get("type") == RETENTION_BLOCKED for c in before):
+        if report_m.kept and not any(c.type == RETENTION_BLOCKED for c in before):
             events.append(Event("PartitionsKept", "; ".join(report_m.kept)[:1000], warning=True))
         message = f"{spec.table.qualified()}: {report_m.count} partitions, {spec.interval} by {spec.column!r}"
         if report_m.skipped:
@@ -184,7 +187,7 @@ class PartitionPolicyController:
         return Result("Maintained", message, requeue_after=interval, events=events)
 
     def _cron_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: Any
+        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: PartitionPolicySpec, profile: DatabaseProfileSpec
     ) -> None:
         """The optional CronJob running `pgscale job partition-maintenance` (removed when not asked for)."""
         maintenance = spec.maintenance_or_default
@@ -202,7 +205,7 @@ class PartitionPolicyController:
                 suspend=spec.suspend,
                 args=builders.job_args("partition-maintenance", ref),
                 template=maintenance.job,
-                default_image=ctx.settings.image,
+                default_image=ctx.config.image,
                 env=builders.job_env(ref, obj["spec"], profile),
             )
         )
@@ -226,7 +229,12 @@ class PartitionPolicyController:
         )
 
     def _release_if_untouched(
-        self, ctx: Context, obj: dict[str, Any], conn: Any, state_schema: str, spec: PartitionPolicySpec
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        conn: psycopg.Connection,
+        state_schema: str,
+        spec: PartitionPolicySpec,
     ) -> None:
         """A conversion refused before its first step changed nothing: no finalizer to strand a namespace."""
         try:

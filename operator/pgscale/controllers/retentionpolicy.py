@@ -44,7 +44,7 @@ LAST_RUN = "LastRunSucceeded"
 RUNNING_POLL_SECONDS = 10.0
 
 
-def run_status(last: dict[str, Any], now: datetime) -> RunStatus:
+def run_status(last: sqlr.RunRow, now: datetime) -> RunStatus:
     """A run-log row as status.lastRun (pure)."""
     end = last["ended_at"]
     elapsed = ((end or now) - last["started_at"]).total_seconds()
@@ -61,8 +61,9 @@ def run_status(last: dict[str, Any], now: datetime) -> RunStatus:
         message=(last["message"] or "")[:4096],
         rows_per_second=round(rate, 1),
     )
-    if last.get("tables"):
-        status.tables = {str(k): int(v) for k, v in list(last["tables"].items())[:256]}
+    tables = last["tables"]
+    if tables:
+        status.tables = {str(k): int(v) for k, v in list(tables.items())[:256]}
     if last["rows_matched"] is not None:
         status.rows_matched = int(last["rows_matched"])
     if last["rows_total"] is not None:
@@ -137,11 +138,14 @@ class RetentionPolicyController:
                 status.update(Status(cron_job_name=name, pg_cron_job_id=None))
                 where = f"CronJob {name}"
         status.conditions = cond.flag(
-            status.conditions, CONFLICT, bool(owner), "PartitionsOwnedElsewhere",
+            status.conditions,
+            CONFLICT,
+            bool(owner),
+            "PartitionsOwnedElsewhere",
             f"PartitionPolicy {owner!r} manages retention of the partitions of {spec.table.qualified()}; "
             "this policy archives row by row only. Remove one of the two retention settings",
             status.generation,
-        )  # fmt: skip
+        )
         next_time = None if spec.suspend else _ts(due)
         status.update(Status(next_run_time=next_time))
         running = self._report_runs(runs, status, events)
@@ -155,9 +159,14 @@ class RetentionPolicyController:
         return Result("Scheduled", message, requeue_after=RUNNING_POLL_SECONDS if running else None, events=events)
 
     def _apply_cron_job(
-        self, ctx: Context, obj: dict[str, Any], ref: ObjectRef, spec: RetentionPolicySpec,
-        profile: DatabaseProfileSpec, owned_elsewhere: bool,
-    ) -> str:  # fmt: skip
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        ref: ObjectRef,
+        spec: RetentionPolicySpec,
+        profile: DatabaseProfileSpec,
+        owned_elsewhere: bool,
+    ) -> str:
         cron = builders.cron_job(
             ref,
             suffix="retention",
@@ -166,7 +175,7 @@ class RetentionPolicyController:
             suspend=spec.suspend,
             args=builders.job_args("retention", ref),
             template=spec.job,
-            default_image=ctx.settings.image,
+            default_image=ctx.config.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
             env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": owned_elsewhere}),
         )
@@ -174,9 +183,14 @@ class RetentionPolicyController:
         return str(cron["metadata"]["name"])
 
     def _schedule_pg_cron(
-        self, conn: psycopg.Connection, info: ConnInfo, ref: ObjectRef, spec: RetentionPolicySpec,
-        target: sqlr.Target, state_schema: str,
-    ) -> int:  # fmt: skip
+        self,
+        conn: psycopg.Connection,
+        info: ConnInfo,
+        ref: ObjectRef,
+        spec: RetentionPolicySpec,
+        target: sqlr.Target,
+        state_schema: str,
+    ) -> int:
         """Install the procedure and this policy's rendered statements; schedule (or unschedule) the call."""
         cron_db = sqlr.cron_database(conn)
         if cron_db is None:
@@ -188,14 +202,17 @@ class RetentionPolicyController:
         policy = f"{ref.namespace}/{ref.name}"
         sqlr.ensure_procedure(conn, state_schema)
         sqlr.save_config(
-            conn, state_schema, policy, target,
+            conn,
+            state_schema,
+            policy,
+            target,
             dry_run=spec.dry_run,
             lock_timeout=f"{int(seconds(spec.lock_timeout) * 1000)}ms",
             row_lock_wait=f"{max(1, round(row_lock_wait(seconds(spec.lock_timeout)) * 1000))}ms",
             statement_timeout=f"{int(seconds(spec.statement_timeout) * 1000)}ms",
             max_run=f"{int(seconds(spec.max_run_time))} seconds",
             pause=seconds(spec.pause_between_batches),
-        )  # fmt: skip
+        )
         with pg.connect(info.with_database(cron_db)) as cron:
             if not sqlr.has_extension(cron, "pg_cron"):
                 raise DependencyError(
@@ -242,9 +259,13 @@ class RetentionPolicyController:
             return True
         ok = last.outcome in ("Succeeded", "Partial", "DryRun")
         status.conditions = cond.set_condition(
-            status.conditions, LAST_RUN, "True" if ok else "False",
-            f"Run{last.outcome}", last.message or str(last.outcome), status.generation,
-        )  # fmt: skip
+            status.conditions,
+            LAST_RUN,
+            "True" if ok else "False",
+            f"Run{last.outcome}",
+            last.message or str(last.outcome),
+            status.generation,
+        )
         if (seen.start_time, seen.outcome) != (last.start_time, last.outcome):
             events.append(Event(f"Run{last.outcome}", last.message or str(last.outcome), warning=not ok))  # one per run
         return False

@@ -69,11 +69,23 @@ def make_store(spec: FileMigrationSpec, env: dict[str, str] | None = None) -> Ob
     env = dict(os.environ if env is None else env)
     s3 = spec.destination.s3
     if s3 is not None:
-        client = s3_client(s3.endpoint, s3.region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
-                           s3.force_path_style, max_pool=spec.concurrency * 2)  # fmt: skip
-        return S3Store(client, s3.bucket, s3.prefix, part_size=parse_quantity(spec.multipart_chunk_size),
-                       multipart_threshold=parse_quantity(spec.multipart_threshold),
-                       sse=s3.server_side_encryption, kms_key_id=s3.kms_key_id)  # fmt: skip
+        client = s3_client(
+            s3.endpoint,
+            s3.region,
+            env.get("AWS_ACCESS_KEY_ID"),
+            env.get("AWS_SECRET_ACCESS_KEY"),
+            s3.force_path_style,
+            max_pool=spec.concurrency * 2,
+        )
+        return S3Store(
+            client,
+            s3.bucket,
+            s3.prefix,
+            part_size=parse_quantity(spec.multipart_chunk_size),
+            multipart_threshold=parse_quantity(spec.multipart_threshold),
+            sse=s3.server_side_encryption,
+            kms_key_id=s3.kms_key_id,
+        )
     fs = spec.destination.filesystem
     assert fs is not None
     return FilesystemStore(Path(env.get(ENV_FS_ROOT, FS_MOUNT)) / fs.path)
@@ -86,8 +98,14 @@ def storage_type(spec: FileMigrationSpec) -> str:
 class Migration:
     """One job run over one table."""
 
-    def __init__(self, job: JobInput, store: ObjectStore, *, stop: threading.Event | None = None,
-                 progress: Progress | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        job: JobInput,
+        store: ObjectStore,
+        *,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.job = job
         self.spec = FileMigrationSpec.model_validate(job.spec)
         self.src = source(self.spec)
@@ -143,8 +161,9 @@ class Migration:
         """Passes until one finds nothing to do: rows written meanwhile are caught by the next."""
         idle_passes = 0
         while not self.stop.is_set():
-            total = sqlf.count_candidates(conn, self.src, self.job.policy_key, self.job.state_schema,
-                                          cutover=self.cutover)  # fmt: skip
+            total = sqlf.count_candidates(
+                conn, self.src, self.job.policy_key, self.job.state_schema, cutover=self.cutover
+            )
             if total == 0:
                 return
             if self.progress:
@@ -184,8 +203,14 @@ class Migration:
         for t in threads:
             t.start()
         try:
-            for key in sqlf.candidates(conn, self.src, self.job.policy_key, self.job.state_schema,
-                                       cutover=self.cutover, batch=self.spec.batch_size):  # fmt: skip
+            for key in sqlf.candidates(
+                conn,
+                self.src,
+                self.job.policy_key,
+                self.job.state_schema,
+                cutover=self.cutover,
+                batch=self.spec.batch_size,
+            ):
                 if self.stop.is_set() or errors:
                     break
                 keys.put(key)
@@ -216,8 +241,15 @@ class Migration:
                 if self.src.size and claimed.size is not None and int(claimed.size) != size:
                     raise Malformed(f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}")
             except Malformed as exc:
-                sqlf.record(conn, self.job.state_schema, self.job.policy_key, key_text, status="failed",
-                            row_xmin=claimed.xmin, reason=str(exc))  # fmt: skip
+                sqlf.record(
+                    conn,
+                    self.job.state_schema,
+                    self.job.policy_key,
+                    key_text,
+                    status="failed",
+                    row_xmin=claimed.xmin,
+                    reason=str(exc),
+                )
                 with self._lock:
                     self.report.rows_failed += 1
                     if len(self.report.failures) < 20:
@@ -239,8 +271,17 @@ class Migration:
                 status = "cutover"
             else:
                 xmin, status = claimed.xmin, "verified"
-            sqlf.record(conn, self.job.state_schema, self.job.policy_key, key_text, status=status, row_xmin=xmin,
-                        object_key=target, size=size, sha256=sha)  # fmt: skip
+            sqlf.record(
+                conn,
+                self.job.state_schema,
+                self.job.policy_key,
+                key_text,
+                status=status,
+                row_xmin=xmin,
+                object_key=target,
+                size=size,
+                sha256=sha,
+            )
         with self._lock:
             self.report.rows_migrated += 1
         if self.progress:
@@ -278,8 +319,16 @@ class Migration:
                 keep.append(chunk)
         return digest.hexdigest(), size, found.get("media"), b"".join(keep) if keep is not None else None
 
-    def _place(self, conn: psycopg.Connection, key: Any, sha: str, size: int, length: int,
-               content_type: str | None, body: bytes | None) -> str:  # fmt: skip
+    def _place(
+        self,
+        conn: psycopg.Connection,
+        key: Any,
+        sha: str,
+        size: int,
+        length: int,
+        content_type: str | None,
+        body: bytes | None,
+    ) -> str:
         """Write the object create-only (or find it already there), then read back its size and hash.
 
         The write is tried first: create-only means it can only fail, never replace; only
@@ -302,8 +351,10 @@ class Migration:
                         self.report.objects_reused += 1
                 return candidate
             if not reused:
-                raise RuntimeError(f"object {candidate!r} of row {key!r} reads back as {found}, not {size} bytes "
-                                   f"with sha256 {sha}; the row is unchanged")  # fmt: skip
+                raise RuntimeError(
+                    f"object {candidate!r} of row {key!r} reads back as {found}, not {size} bytes "
+                    f"with sha256 {sha}; the row is unchanged"
+                )
             # Different content under this key (the row changed after an earlier upload): next key.
         raise RuntimeError(f"row {key!r}: both {base!r} and its versioned key hold other content; nothing changed")
 
@@ -331,9 +382,16 @@ class Migration:
                     if xmin is None:
                         continue
                     sqlf.record(
-                        wconn, self.job.state_schema, self.job.policy_key, str(key), status="nulled",
-                        row_xmin=xmin, object_key=item.object_key, size=item.size, sha256=item.sha256,
-                    )  # fmt: skip
+                        wconn,
+                        self.job.state_schema,
+                        self.job.policy_key,
+                        str(key),
+                        status="nulled",
+                        row_xmin=xmin,
+                        object_key=item.object_key,
+                        size=item.size,
+                        sha256=item.sha256,
+                    )
                 self.report.rows_nulled += 1
                 self._read_back.add(str(key))
 
@@ -395,8 +453,17 @@ def dry_run(job: JobInput, spec: FileMigrationSpec) -> int:
         cutover = spec.phase in ("cutover", "dropSource")
         rows = sqlf.count_candidates(conn, src, job.policy_key, job.state_schema, cutover=cutover)
         stored = sqlf.pending_bytes(conn, src, job.policy_key, job.state_schema, cutover=cutover)
-    print(json.dumps({"outcome": "DryRun", "rows_pending": rows, "stored_bytes_pending": stored,
-                      "phase": spec.phase, "destination": make_store(spec).location("")}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "outcome": "DryRun",
+                "rows_pending": rows,
+                "stored_bytes_pending": stored,
+                "phase": spec.phase,
+                "destination": make_store(spec).location(""),
+            }
+        )
+    )
     return 0
 
 

@@ -43,8 +43,9 @@ class RunReport:
     message: str = ""
 
 
-def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progress | None = None,
-        dry_run: bool = False) -> RunReport:  # fmt: skip
+def run(
+    job: JobInput, *, stop: threading.Event | None = None, progress: Progress | None = None, dry_run: bool = False
+) -> RunReport:
     spec = PartitionPolicySpec.model_validate(job.spec)
     stop = stop or threading.Event()
     schema, table = spec.table.schema_, spec.table.name
@@ -64,8 +65,14 @@ def run(job: JobInput, *, stop: threading.Event | None = None, progress: Progres
                 return report
             if progress:
                 progress.start(sqlc.estimate_rows(conn, schema, table))
-            result = convert(conn, spec, job.state_schema, datetime.now(UTC),
-                             on_batch=progress.advance if progress else None, stop=stop.is_set)  # fmt: skip
+            result = convert(
+                conn,
+                spec,
+                job.state_schema,
+                datetime.now(UTC),
+                on_batch=progress.advance if progress else None,
+                stop=stop.is_set,
+            )
             report.conversion = {k: v for k, v in asdict(result).items() if k not in ("events", "started_at")}
             if not result.finished:
                 report.outcome = "Partial"

@@ -118,15 +118,28 @@ def run(
             report.message = f"{type(exc).__name__}: {str(exc).strip()}"
             log.error("retention run %s failed: %s", job.policy_key, report.message)
         report.duration_seconds = round(time.monotonic() - started, 3)
-        sqlr.update_run(conn, job.state_schema, run_id, outcome=report.outcome, message=report.message,
-                        rows_matched=report.rows_matched, ended=True)  # fmt: skip
+        sqlr.update_run(
+            conn,
+            job.state_schema,
+            run_id,
+            outcome=report.outcome,
+            message=report.message,
+            rows_matched=report.rows_matched,
+            ended=True,
+        )
     return report
 
 
 def _retire_partitions(
-    conn: psycopg.Connection, job: JobInput, spec: RetentionPolicySpec, target: sqlr.Target, cutoff: Any,
-    report: RunReport, stop: threading.Event, deadline: float,
-) -> None:  # fmt: skip
+    conn: psycopg.Connection,
+    job: JobInput,
+    spec: RetentionPolicySpec,
+    target: sqlr.Target,
+    cutoff: Any,
+    report: RunReport,
+    stop: threading.Event,
+    deadline: float,
+) -> None:
     """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
 
     Only when the table is range-partitioned by the age column alone, no filter
@@ -235,10 +248,18 @@ def _run_batches(
         started = time.monotonic()
         try:
             # One statement: the batch, its children and the run log, committed together.
-            batch = sqlr.move_batch(conn, target, cutoff, lo, hi, locked=locked,
-                                    lock_timeout=lock_timeout if locked else None,
-                                    statement_timeout=statement_timeout if patient else None,
-                                    state_schema=job.state_schema, run_id=report.run_id)  # fmt: skip
+            batch = sqlr.move_batch(
+                conn,
+                target,
+                cutoff,
+                lo,
+                hi,
+                locked=locked,
+                lock_timeout=lock_timeout if locked else None,
+                statement_timeout=statement_timeout if patient else None,
+                state_schema=job.state_schema,
+                run_id=report.run_id,
+            )
         except RETRYABLE as exc:
             report.retries += 1
             if isinstance(exc, errors.LockNotAvailable) and not locked:

@@ -16,8 +16,16 @@ from psycopg import sql
 from ..errors import DependencyError, ReconcileError, TransientError
 from .connection import ConnInfo
 
-__all__ = ["Column", "ConnInfo", "TableAccess", "connect", "relation_kind", "server_version", "table_access",
-           "table_columns"]  # fmt: skip
+__all__ = [
+    "Column",
+    "ConnInfo",
+    "TableAccess",
+    "connect",
+    "relation_kind",
+    "server_version",
+    "table_access",
+    "table_columns",
+]
 
 
 @contextmanager
@@ -65,8 +73,9 @@ def classify(exc: psycopg.Error) -> ReconcileError | None:
     """
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     state = exc.sqlstate
-    if isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith("08") or
-                                                       state in _SESSION_ENDED):  # fmt: skip
+    if isinstance(exc, psycopg.OperationalError) and (
+        state is None or state.startswith("08") or state in _SESSION_ENDED
+    ):
         return TransientError(
             f"the connection to the database was lost mid-step ({type(exc).__name__}: {text}); the step is "
             "resumed from its last committed state",
@@ -82,8 +91,9 @@ def classify(exc: psycopg.Error) -> ReconcileError | None:
     if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.DeadlockDetected):
         return TransientError(f"a lock was not granted in time ({text}); retried", reason="LockTimeout")
     if isinstance(exc, psycopg.errors.UndefinedTable):
-        return TransientError(f"an object vanished under a query ({text}); retried", reason="ObjectVanished",
-                              retry_seconds=2.0)  # fmt: skip
+        return TransientError(
+            f"an object vanished under a query ({text}); retried", reason="ObjectVanished", retry_seconds=2.0
+        )
     return None
 
 
@@ -122,8 +132,15 @@ def table_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str
     return {r[0]: Column(r[0], r[1], r[2]) for r in rows}
 
 
-RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence",
-                  "i": "an index", "I": "a partitioned index", "c": "a composite type"}  # fmt: skip
+RELATION_KINDS = {
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+    "S": "a sequence",
+    "i": "an index",
+    "I": "a partitioned index",
+    "c": "a composite type",
+}
 
 
 def relation_kind(conn: psycopg.Connection, schema: str, name: str) -> str | None:

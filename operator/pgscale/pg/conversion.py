@@ -35,11 +35,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from ..api.partitionpolicy import ConversionStep
 from . import ensure_state_table, qualified
 
 STATE_TABLE = "partition_conversions"
@@ -351,7 +352,7 @@ class Subject:
 
 
 # Where a conversion stands, in order; "none" is no state row (nothing started, or forgotten).
-Phase = Literal["none", "building", "prepared", "copied", "verified", "swapped", "done"]
+Phase = ConversionStep
 # Before the switch: the application still uses the original table, which the copy follows.
 BEFORE_SWITCH: tuple[Phase, ...] = ("building", "prepared", "copied", "verified")
 # A conversion under way: its trigger, copy or log exist, or (swapped) the old table is still there.
@@ -460,8 +461,9 @@ def unlock(conn: psycopg.Connection, schema: str, table: str) -> None:
     if conn.closed or conn.broken:
         return
     try:
-        conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))",
-                     (schema, table))  # fmt: skip
+        conn.execute(
+            "SELECT pg_advisory_unlock(hashtextextended('pgscale.partition:' || %s || '.' || %s, 0))", (schema, table)
+        )
     except psycopg.OperationalError:
         if not (conn.closed or conn.broken):
             raise
@@ -539,48 +541,53 @@ def log_functions(state_schema: str, shape: Shape, schema: str, shadow: str) -> 
     return row_fn, trunc_fn
 
 
-def build(
-    subject: Subject,
-    column: str,
-    shape: Shape,
-    partitions: list[Bounds],
-    default_name: str,
-    *,
-    widen: bool,
-    rows_total: int | None,
-    lock_timeout_ms: int,
-) -> None:
+@dataclass(frozen=True)
+class ShadowPlan:
+    """The partitioned copy to build, as planned from the spec and the catalog."""
+
+    column: str  # the partition key
+    shape: Shape  # the table as the catalog describes it (inspect)
+    partitions: tuple[Bounds, ...]
+    default_name: str  # the DEFAULT partition
+    widen: bool  # add the partition key to primary and unique keys that lack it (spec.conversion.widenKeys)
+    rows_total: int | None  # the planner's estimate, for progress
+    lock_timeout_ms: int
+
+
+def build(subject: Subject, plan: ShadowPlan) -> None:
     """Build the partitioned copy, in one transaction that does not touch the table (phase ``building``).
 
     Its foreign keys lock the tables they point at (SHARE ROW EXCLUSIVE) until the commit, which is
     why this is not the transaction that then waits for the table's lock.
     """
     conn, state_schema, schema, table = subject.conn, subject.state_schema, subject.schema, subject.table
-    shadow = shadow_name(table)
+    shape, shadow = plan.shape, shadow_name(table)
     parent, target = qualified(schema, table), qualified(schema, shadow)
     ensure_state(conn, state_schema)
     with conn.transaction():
         # Its foreign keys lock the tables they point at: never wait for them longer than lockTimeout.
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{plan.lock_timeout_ms}ms",))
         fingerprint = definition(conn, schema, table)
         conn.execute(
             sql.SQL(
                 "CREATE TABLE {} (LIKE {} INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING CONSTRAINTS "
                 "INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY INCLUDING STATISTICS INCLUDING STORAGE) "
                 "PARTITION BY RANGE ({})"
-            ).format(target, parent, sql.Identifier(column))
+            ).format(target, parent, sql.Identifier(plan.column))
         )
-        for part in partitions:
+        for part in plan.partitions:
             conn.execute(
                 sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
                     qualified(schema, part.name), target, part.lower, part.upper
                 )
             )
-        conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, default_name), target))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(qualified(schema, plan.default_name), target)
+        )
         for index in shape.indexes:
             if index.constraint_type in ("p", "u"):
                 # The key as the catalog states it (INCLUDE, NULLS NOT DISTINCT kept), or widened.
-                text = index.condef if column in index.columns or not widen else index.widened(column)
+                text = index.condef if plan.column in index.columns or not plan.widen else index.widened(plan.column)
                 assert text is not None  # blockers() refused keys that cannot be widened
                 conn.execute(
                     sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
@@ -595,7 +602,7 @@ def build(
             conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(target, sql.Literal(shape.comment)))
         owner = conn.execute("SELECT current_user").fetchone()
         if owner and owner[0] != shape.owner:
-            for name in [shadow, default_name, *(p.name for p in partitions)]:
+            for name in [shadow, plan.default_name, *(p.name for p in plan.partitions)]:
                 conn.execute(
                     sql.SQL("ALTER TABLE {} OWNER TO {}").format(qualified(schema, name), sql.Identifier(shape.owner))
                 )
@@ -603,20 +610,23 @@ def build(
             if privilege in PRIVILEGES:
                 conn.execute(
                     sql.SQL("GRANT {} ON {} TO {}{}").format(
-                        sql.SQL(privilege), target,
+                        sql.SQL(privilege),
+                        target,
                         sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
                         sql.SQL(" WITH GRANT OPTION" if grantable else ""),
                     )
-                )  # fmt: skip
+                )
         for col, grantee, privilege, grantable in shape.column_acl:
             if privilege in PRIVILEGES:
                 conn.execute(
                     sql.SQL("GRANT {} ({}) ON {} TO {}{}").format(
-                        sql.SQL(privilege), sql.Identifier(col), target,
+                        sql.SQL(privilege),
+                        sql.Identifier(col),
+                        target,
                         sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
                         sql.SQL(" WITH GRANT OPTION" if grantable else ""),
                     )
-                )  # fmt: skip
+                )
         for fk in shape.outgoing:
             conn.execute(
                 sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
@@ -631,7 +641,7 @@ def build(
                 "cursor = NULL, rows_copied = 0, copy_started_at = NULL, verified_rows = NULL, message = NULL, "
                 "started_at = now(), updated_at = now(), finished_at = NULL"
             ).format(_state(state_schema)),
-            (schema, table, shadow, rows_total, fingerprint),
+            (schema, table, shadow, plan.rows_total, fingerprint),
         )
 
 
@@ -645,12 +655,13 @@ def install_log(subject: Subject, shape: Shape, lock_timeout_ms: int) -> int:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         conn.execute(
             sql.SQL("CREATE TABLE {} ({} bigserial PRIMARY KEY, {})").format(
-                log, sql.Identifier(LOG_ID),
+                log,
+                sql.Identifier(LOG_ID),
                 sql.SQL(", ").join(
                     sql.SQL("{} {}").format(sql.Identifier(k), sql.SQL(shape.types[k])) for k in shape.primary_key
                 ),  # types: format_type() from the catalog
             )
-        )  # fmt: skip
+        )
         row_fn, trunc_fn = log_functions(state_schema, shape, schema, shadow_name(table))
         conn.execute(row_fn)
         conn.execute(trunc_fn)
@@ -659,9 +670,10 @@ def install_log(subject: Subject, shape: Shape, lock_timeout_ms: int) -> int:
         # counted includes the wait, during which later lockers of the table queue behind this one.
         locked = time.monotonic()
         conn.execute(
-            sql.SQL("CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}.{}()")
-            .format(sql.Identifier(TRIGGER), parent, sql.Identifier(state_schema), sql.Identifier(fn))
-        )  # fmt: skip
+            sql.SQL(
+                "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}.{}()"
+            ).format(sql.Identifier(TRIGGER), parent, sql.Identifier(state_schema), sql.Identifier(fn))
+        )
         conn.execute(
             sql.SQL("CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}()").format(
                 sql.Identifier(TRUNCATE_TRIGGER), parent, sql.Identifier(state_schema), sql.Identifier(tfn)
@@ -712,12 +724,17 @@ def copy_batch(
         "SELECT (SELECT count(*) FROM src), (SELECT ARRAY[{last}] FROM src ORDER BY {order} LIMIT 1), "
         "(SELECT count(*) FROM ins)"
     ).format(
-        cols=_key_list(cols), t=qualified(schema, table), after=after, key=_key_list(key),
-        n=sql.Literal(batch_size), s=qualified(schema, shadow),
+        cols=_key_list(cols),
+        t=qualified(schema, table),
+        after=after,
+        key=_key_list(key),
+        n=sql.Literal(batch_size),
+        s=qualified(schema, shadow),
         o=sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL(""),
         conflict=_key_list(conflict_key),
-        last=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in key), order=order,
-    )  # fmt: skip
+        last=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in key),
+        order=order,
+    )
     with conn.transaction():
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         row = conn.execute(statement).fetchone()
@@ -740,16 +757,22 @@ def _resync(conn: psycopg.Connection, schema: str, table: str, shape: Shape, key
     conn.execute(sql.SQL("DELETE FROM {} WHERE ({}) IN ({})").format(qualified(schema, shadow_name(table)), key, keys))
     conn.execute(
         sql.SQL("INSERT INTO {s} ({cols}){o} SELECT {cols} FROM {t} WHERE ({key}) IN ({keys})").format(
-            s=qualified(schema, shadow_name(table)), cols=_key_list(cols), t=qualified(schema, table), key=key,
-            keys=keys, o=sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL(""),
+            s=qualified(schema, shadow_name(table)),
+            cols=_key_list(cols),
+            t=qualified(schema, table),
+            key=key,
+            keys=keys,
+            o=sql.SQL(" OVERRIDING SYSTEM VALUE") if shape.identity else sql.SQL(""),
         )
-    )  # fmt: skip
+    )
 
 
 def replay_batch(
-    subject: Subject, shape: Shape, batch_size: int,
+    subject: Subject,
+    shape: Shape,
+    batch_size: int,
     lock_timeout_ms: int,
-) -> int:  # fmt: skip
+) -> int:
     """Take up to batch_size keys off the log and bring their rows up to date in the copy; returns how many.
 
     One READ COMMITTED transaction: each statement reads the latest committed rows, so a row
@@ -771,9 +794,11 @@ def replay_batch(
         distinct = sorted(set(taken), key=repr)
         arrays = [list(values) for values in zip(*distinct, strict=True)]
         keys = sql.SQL("SELECT * FROM unnest({})").format(
-            sql.SQL(", ").join(sql.SQL("{}::{}[]").format(sql.Literal(a), sql.SQL(shape.types[k]))
-                               for a, k in zip(arrays, key, strict=True))
-        )  # fmt: skip
+            sql.SQL(", ").join(
+                sql.SQL("{}::{}[]").format(sql.Literal(a), sql.SQL(shape.types[k]))
+                for a, k in zip(arrays, key, strict=True)
+            )
+        )
         _resync(conn, schema, table, shape, keys)
     return len(taken)
 
@@ -877,10 +902,14 @@ def swap(
             ).fetchone()
             assert last is not None
             conn.execute("SELECT setval(%s::regclass, %s, %s)", (_regname(row[3], row[4]), last[0], last[1]))
-            conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
-                qualified(row[1], row[2]), _temp_name("oldseq", row[0])))  # fmt: skip
-            conn.execute(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
-                qualified(row[3], row[4]), sql.Identifier(row[2])))  # fmt: skip
+            conn.execute(
+                sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(
+                    qualified(row[1], row[2]), _temp_name("oldseq", row[0])
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(qualified(row[3], row[4]), sql.Identifier(row[2]))
+            )
         for sequence, col in shape.owned_sequences:
             conn.execute(
                 sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(sql.SQL(sequence), target, sql.Identifier(col))
@@ -889,15 +918,23 @@ def swap(
             stale = _temp_name("old", index.oid)
             fresh = _temp_name("con" if index.constraint_type in ("p", "u") else "idx", index.oid)
             if index.constraint_type in ("p", "u"):
-                conn.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-                    parent, sql.Identifier(index.constraint or index.name), stale))  # fmt: skip
-                conn.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-                    target, fresh, sql.Identifier(index.constraint or index.name)))  # fmt: skip
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+                        parent, sql.Identifier(index.constraint or index.name), stale
+                    )
+                )
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+                        target, fresh, sql.Identifier(index.constraint or index.name)
+                    )
+                )
             else:
-                conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-                    qualified(schema, index.name), stale))  # fmt: skip
-                conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-                    sql.SQL("{}.{}").format(sql.Identifier(schema), fresh), sql.Identifier(index.name)))  # fmt: skip
+                conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(qualified(schema, index.name), stale))
+                conn.execute(
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        sql.SQL("{}.{}").format(sql.Identifier(schema), fresh), sql.Identifier(index.name)
+                    )
+                )
         conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(parent, sql.Identifier(old)))
         conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(table)))
         update_state(subject, phase="swapped")
@@ -927,8 +964,9 @@ def cleanup(subject: Subject, oid: int, *, keep_old: bool, lock_timeout_ms: int)
 def _drop_helpers(conn: psycopg.Connection, state_schema: str, oid: int) -> None:
     """The trigger functions and the change log of the conversion of the table with this oid."""
     for fn in (f"partition_sync_{oid}", f"partition_sync_truncate_{oid}"):
-        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier(state_schema),
-                                                                      sql.Identifier(fn)))  # fmt: skip
+        conn.execute(
+            sql.SQL("DROP FUNCTION IF EXISTS {}.{}()").format(sql.Identifier(state_schema), sql.Identifier(fn))
+        )
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(state_schema, f"partition_log_{oid}")))
 
 
@@ -938,9 +976,11 @@ def _now(conn: psycopg.Connection) -> Any:
 
 
 def abort(
-    subject: Subject, lock_timeout_ms: int, *,
+    subject: Subject,
+    lock_timeout_ms: int,
+    *,
     locked: bool = False,
-) -> bool | None:  # fmt: skip
+) -> bool | None:
     """Undo an unfinished conversion before its swap: trigger first (the application's writes use it), then
     the copy, the log and the trigger functions.
 
@@ -986,11 +1026,16 @@ def manual_abort(state_schema: str, schema: str, table: str) -> str:
         "{state}.partition_sync_<oid>(), {state}.partition_sync_truncate_<oid>(); DROP TABLE IF EXISTS "
         "{state}.partition_log_<oid>; DELETE FROM {states} WHERE table_schema = {schema} AND table_name = {table}"
     ).format(
-        trigger=sql.Identifier(TRIGGER), truncate=sql.Identifier(TRUNCATE_TRIGGER), parent=qualified(schema, table),
-        shadow=qualified(schema, shadow_name(table)), name=sql.Literal(qualified(schema, table).as_string(None)),
-        state=sql.Identifier(state_schema), states=_state(state_schema), schema=sql.Literal(schema),
+        trigger=sql.Identifier(TRIGGER),
+        truncate=sql.Identifier(TRUNCATE_TRIGGER),
+        parent=qualified(schema, table),
+        shadow=qualified(schema, shadow_name(table)),
+        name=sql.Literal(qualified(schema, table).as_string(None)),
+        state=sql.Identifier(state_schema),
+        states=_state(state_schema),
+        schema=sql.Literal(schema),
         table=sql.Literal(table),
-    )  # fmt: skip
+    )
     return text.as_string(None)
 
 

@@ -65,11 +65,13 @@ class Entry:
 
 def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
     ensure_state_table(
-        conn, state_schema, LEDGER,
+        conn,
+        state_schema,
+        LEDGER,
         "migration text NOT NULL, key text NOT NULL, object_key text, size bigint, sha256 text, "
         "status text NOT NULL, reason text, row_xmin text, "
         "updated_at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (migration, key)",
-    )  # fmt: skip
+    )
 
 
 def _ledger(state_schema: str) -> sql.Composed:
@@ -106,12 +108,18 @@ def _needing_work(src: Source, state_schema: str, cutover: bool) -> sql.Composed
     return sql.SQL(
         "FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
         "WHERE t.{data} IS NOT NULL AND (l.key IS NULL OR l.row_xmin IS DISTINCT FROM t.xmin::text{pending})"
-    ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
-             data=sql.Identifier(src.data), pending=pending)  # fmt: skip
+    ).format(
+        key=sql.Identifier(src.key),
+        rel=src.relation,
+        ledger=_ledger(state_schema),
+        data=sql.Identifier(src.data),
+        pending=pending,
+    )
 
 
-def candidates(conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *,
-               cutover: bool, batch: int) -> Iterator[Any]:  # fmt: skip
+def candidates(
+    conn: psycopg.Connection, src: Source, migration: str, state_schema: str, *, cutover: bool, batch: int
+) -> Iterator[Any]:
     """Keys of rows that need work, streamed by a server-side cursor in key order."""
     query = sql.SQL("SELECT t.{} {} ORDER BY t.{}").format(
         sql.Identifier(src.key), _needing_work(src, state_schema, cutover), sql.Identifier(src.key)
@@ -163,16 +171,27 @@ def read_chunks(conn: psycopg.Connection, src: Source, key: Any, length: int, ch
 
 def entry(conn: psycopg.Connection, state_schema: str, migration: str, key: str) -> Entry | None:
     row = conn.execute(
-        sql.SQL("SELECT key, object_key, size, sha256, status, row_xmin FROM {} WHERE migration = %s AND key = %s")
-        .format(_ledger(state_schema)),
+        sql.SQL(
+            "SELECT key, object_key, size, sha256, status, row_xmin FROM {} WHERE migration = %s AND key = %s"
+        ).format(_ledger(state_schema)),
         (migration, key),
-    ).fetchone()  # fmt: skip
+    ).fetchone()
     return Entry(*row) if row else None
 
 
-def record(conn: psycopg.Connection, state_schema: str, migration: str, key: str, *, status: str,
-           row_xmin: str | None, object_key: str | None = None, size: int | None = None,
-           sha256: str | None = None, reason: str | None = None) -> None:  # fmt: skip
+def record(
+    conn: psycopg.Connection,
+    state_schema: str,
+    migration: str,
+    key: str,
+    *,
+    status: str,
+    row_xmin: str | None,
+    object_key: str | None = None,
+    size: int | None = None,
+    sha256: str | None = None,
+    reason: str | None = None,
+) -> None:
     """Upsert a ledger row (in the caller's transaction)."""
     conn.execute(
         sql.SQL(
@@ -234,8 +253,7 @@ def cutover_keys(conn: psycopg.Connection, src: Source, migration: str, state_sc
     query = sql.SQL(
         "SELECT t.{key} FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
         "WHERE t.{data} IS NOT NULL AND l.status = 'cutover' AND l.row_xmin = t.xmin::text ORDER BY t.{key}"
-    ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema),
-             data=sql.Identifier(src.data))  # fmt: skip
+    ).format(key=sql.Identifier(src.key), rel=src.relation, ledger=_ledger(state_schema), data=sql.Identifier(src.data))
     with conn.transaction(), conn.cursor(name="pgscale_file_cutover") as cur:
         cur.itersize = 1000
         cur.execute(query, (migration,))
@@ -250,8 +268,7 @@ def verification_set(
     query = sql.SQL(
         "SELECT t.{key}::text, t.{path}, l.object_key, l.size, l.sha256, l.status FROM {rel} t "
         "LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text ORDER BY t.{key}"
-    ).format(key=sql.Identifier(src.key), path=sql.Identifier(src.path), rel=src.relation,
-             ledger=_ledger(state_schema))  # fmt: skip
+    ).format(key=sql.Identifier(src.key), path=sql.Identifier(src.path), rel=src.relation, ledger=_ledger(state_schema))
     with conn.transaction(), conn.cursor(name="pgscale_file_verify") as cur:
         cur.itersize = 1000
         cur.execute(query, (migration,))
@@ -322,10 +339,11 @@ def _count_holding(conn: psycopg.Connection, src: Source, migration: str, state_
         sql.SQL(
             "SELECT count(*) FROM {rel} t JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
             "WHERE t.{data} IS NOT NULL AND l.status = %s AND l.row_xmin = t.xmin::text"
-        ).format(rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key),
-                 data=sql.Identifier(src.data)),
+        ).format(
+            rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key), data=sql.Identifier(src.data)
+        ),
         (migration, status),
-    ).fetchone()  # fmt: skip
+    ).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -237,9 +237,17 @@ def referenced_rows(conn: psycopg.Connection, part: Part, fk: ForeignKey) -> boo
 
 
 def retire(
-    conn: psycopg.Connection, schema: str, table: str, part: Part, *, action: str, archive_schema: str | None,
-    concurrently: bool, lock_timeout_ms: int, finalize: bool = False,
-) -> None:  # fmt: skip
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    part: Part,
+    *,
+    action: str,
+    archive_schema: str | None,
+    concurrently: bool,
+    lock_timeout_ms: int,
+    finalize: bool = False,
+) -> None:
     """Detach a partition (then drop it, or move it to the archive schema, or leave it as a table).
 
     The partition is marked first, while still attached: if the step after the detach fails

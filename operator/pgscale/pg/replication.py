@@ -27,8 +27,10 @@ def readiness_problems(conn: psycopg.Connection, user: str, wanted: int) -> list
     out = []
     row = conn.execute("SELECT rolreplication, rolcanlogin FROM pg_roles WHERE rolname = %s", (user,)).fetchone()
     if row is None or not row[0] or not row[1]:
-        out.append(f"role {user!r} must exist with REPLICATION and LOGIN: CREATE ROLE \"{user}\" WITH REPLICATION "
-                   "LOGIN PASSWORD '...' (the password in spec.readReplicas.replicationSecretRef)")  # fmt: skip
+        out.append(
+            f'role {user!r} must exist with REPLICATION and LOGIN: CREATE ROLE "{user}" WITH REPLICATION '
+            "LOGIN PASSWORD '...' (the password in spec.readReplicas.replicationSecretRef)"
+        )
     settings: dict[str, str] = dict(
         conn.execute(
             "SELECT name, setting FROM pg_settings WHERE name IN ('wal_level', 'max_wal_senders', "
@@ -51,27 +53,34 @@ def readiness_problems(conn: psycopg.Connection, user: str, wanted: int) -> list
         "replication" in (dbs or []) and ("all" in (users or []) or user in (users or [])) for dbs, users in rules
     )
     if not allowed:
-        out.append(f"pg_hba.conf has no line for replication connections of {user!r}: add "
-                   f"'host replication {user} <replica network> scram-sha-256' and reload")  # fmt: skip
+        out.append(
+            f"pg_hba.conf has no line for replication connections of {user!r}: add "
+            f"'host replication {user} <replica network> scram-sha-256' and reload"
+        )
     return out
 
 
 def own_role_problems(conn: psycopg.Connection) -> list[str]:
     """What the profile's own role lacks to manage replicas (create slots, read pg_hba_file_rules), with the fix;
     checked first, so a missing privilege is a named condition instead of a refused statement later."""
-    row = conn.execute("SELECT current_user::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
-                       ).fetchone()  # fmt: skip
+    row = conn.execute(
+        "SELECT current_user::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
     if row is None or row[1]:
         return []
     role = sql.Identifier(str(row[0])).as_string(None)
     out = []
     if not row[2]:
-        out.append(f"the profile's role {row[0]!r} may not create replication slots: ALTER ROLE {role} WITH "
-                   "REPLICATION (or connect as a superuser)")  # fmt: skip
+        out.append(
+            f"the profile's role {row[0]!r} may not create replication slots: ALTER ROLE {role} WITH "
+            "REPLICATION (or connect as a superuser)"
+        )
     if not _can_read_hba(conn):
-        out.append(f"the profile's role {row[0]!r} may not read pg_hba_file_rules: GRANT SELECT ON "
-                   f"pg_catalog.pg_hba_file_rules TO {role}; GRANT EXECUTE ON FUNCTION "
-                   f"pg_catalog.pg_hba_file_rules() TO {role}")  # fmt: skip
+        out.append(
+            f"the profile's role {row[0]!r} may not read pg_hba_file_rules: GRANT SELECT ON "
+            f"pg_catalog.pg_hba_file_rules TO {role}; GRANT EXECUTE ON FUNCTION "
+            f"pg_catalog.pg_hba_file_rules() TO {role}"
+        )
     return out
 
 

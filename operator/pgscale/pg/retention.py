@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import psycopg
 from psycopg import sql
@@ -216,9 +216,11 @@ def _references(alias: str, fk: ForeignKey, parents: str) -> sql.Composable:
     """
     if len(fk.columns) == 1:
         return sql.SQL("{}.{} = ANY (ARRAY(SELECT p.{} FROM {} p))").format(
-            sql.Identifier(alias), sql.Identifier(fk.columns[0]), sql.Identifier(fk.ref_columns[0]),
+            sql.Identifier(alias),
+            sql.Identifier(fk.columns[0]),
+            sql.Identifier(fk.ref_columns[0]),
             sql.Identifier(parents),
-        )  # fmt: skip
+        )
     return sql.SQL("({}) IN (SELECT {} FROM {} p)").format(
         _cols(alias, fk.columns), _cols("p", fk.ref_columns), sql.Identifier(parents)
     )
@@ -257,15 +259,22 @@ def _blockers(
         refs = sorted({c for p in (*others, *selfs) for c in p.fk.ref_columns})
         seed = sql.SQL("SELECT {}").format(_cols(alias, refs))
         step = sql.SQL("SELECT {} FROM {} t JOIN {} ON {}").format(
-            _cols("t", refs), table, sql.Identifier(d),
+            _cols("t", refs),
+            table,
+            sql.Identifier(d),
             sql.SQL(" OR ").join(
                 sql.SQL("({}) = ({})").format(_cols("t", e.fk.columns), _cols(d, e.fk.ref_columns)) for e in selfs
             ),
-        )  # fmt: skip
+        )
         for label, cond in inner:
-            out.append((label, sql.SQL("EXISTS (WITH RECURSIVE {d}({cols}) AS ({seed} UNION {step}) "
-                                       "SELECT 1 FROM {d} WHERE {cond})").format(
-                d=sql.Identifier(d), cols=_names(refs), seed=seed, step=step, cond=cond)))  # fmt: skip
+            out.append(
+                (
+                    label,
+                    sql.SQL(
+                        "EXISTS (WITH RECURSIVE {d}({cols}) AS ({seed} UNION {step}) SELECT 1 FROM {d} WHERE {cond})"
+                    ).format(d=sql.Identifier(d), cols=_names(refs), seed=seed, step=step, cond=cond),
+                )
+            )
         return out
     for plan in plans:
         c = names("k")
@@ -283,8 +292,9 @@ def _self_edges(plans: tuple[ChildPlan, ...]) -> list[ChildPlan]:
     return [p for p in plans if p.fk.self_reference and p.removes]
 
 
-def _closure(name: str, table: sql.Composable, partitioned: bool, seed: sql.Composable,
-             edges: list[ChildPlan]) -> sql.Composable:  # fmt: skip
+def _closure(
+    name: str, table: sql.Composable, partitioned: bool, seed: sql.Composable, edges: list[ChildPlan]
+) -> sql.Composable:
     """A recursive CTE: the seed rows' (tableoid,) ctid and referenced columns, plus their descendants
     through the table's self-references (UNION: a cycle in the data ends the recursion)."""
     refs = sorted({c for e in edges for c in e.fk.ref_columns})
@@ -317,9 +327,12 @@ def _by_ctid(alias: str, partitioned: bool, rows: str) -> sql.Composable:
 
 
 def _children_parts(
-    parent: str, plans: tuple[ChildPlan, ...], names: _Aliases, parts: list[sql.Composable],
+    parent: str,
+    plans: tuple[ChildPlan, ...],
+    names: _Aliases,
+    parts: list[sql.Composable],
     counters: list[tuple[str, sql.Composable]],
-) -> None:  # fmt: skip
+) -> None:
     """CTEs that archive or delete the children of the rows of ``parent`` (a DELETE ... RETURNING
     CTE), recursively, and count what the database's own actions will change."""
     for plan in plans:
@@ -329,8 +342,12 @@ def _children_parts(
         if plan.effect == "skipParent" or (plan.fk.self_reference and plan.removes):
             continue  # handled by the blockers, or by the parent's closure
         if plan.effect in ("setNull", "setDefault"):
-            counters.append((f"{label} {plan.effect}", sql.SQL("(SELECT count(*) FROM {} c WHERE {})").format(
-                table, _references("c", fk, parent))))  # fmt: skip
+            counters.append(
+                (
+                    f"{label} {plan.effect}",
+                    sql.SQL("(SELECT count(*) FROM {} c WHERE {})").format(table, _references("c", fk, parent)),
+                )
+            )
             continue
         selfs = _self_edges(plan.children)
         d = names("d")
@@ -346,10 +363,13 @@ def _children_parts(
         if plan.archive is not None:
             parts.append(
                 sql.SQL("{} AS (INSERT INTO {} ({}) SELECT {} FROM {})").format(
-                    sql.Identifier(names("a")), plan.archive, _names(plan.columns), _names(plan.columns),
+                    sql.Identifier(names("a")),
+                    plan.archive,
+                    _names(plan.columns),
+                    _names(plan.columns),
                     sql.Identifier(d),
                 )
-            )  # fmt: skip
+            )
         verb = "archived" if plan.effect == "archive" else "deleted"
         counters.append((f"{label} {verb}", sql.SQL("(SELECT count(*) FROM {})").format(sql.Identifier(d))))
         _children_parts(d, plan.children, names, parts, counters)
@@ -436,11 +456,14 @@ def batch_statement(
         run_id = sql.SQL("$3") if inline else sql.Placeholder("run")
         archiving = target.archive is not None
         merged = (
-            sql.SQL(", tables = (SELECT jsonb_object_agg(k, v) FROM (SELECT k, sum(v)::bigint AS v FROM ("
-                    "SELECT key, value::bigint FROM jsonb_each_text(coalesce({runs}.tables, '{{}}'::jsonb)) "
-                    "UNION ALL SELECT k, v FROM counts) y(k, v) WHERE v > 0 GROUP BY k) z)").format(runs=runs)
-            if counters else sql.SQL("")
-        )  # fmt: skip
+            sql.SQL(
+                ", tables = (SELECT jsonb_object_agg(k, v) FROM (SELECT k, sum(v)::bigint AS v FROM ("
+                "SELECT key, value::bigint FROM jsonb_each_text(coalesce({runs}.tables, '{{}}'::jsonb)) "
+                "UNION ALL SELECT k, v FROM counts) y(k, v) WHERE v > 0 GROUP BY k) z)"
+            ).format(runs=runs)
+            if counters
+            else sql.SQL("")
+        )
         parts.append(
             sql.SQL(
                 "log AS (UPDATE {runs} SET rows_archived = rows_archived + {a}, rows_deleted = rows_deleted + {d}, "
@@ -465,8 +488,13 @@ _KEPT = "pgscale kept {}"  # names of the statement's own columns: never a colum
 _ROW = "pgscale {}"
 
 
-def _direct_parts(target: Target, where: sql.Composable, names: _Aliases, parts: list[sql.Composable],
-                  counters: list[tuple[str, sql.Composable]]) -> None:  # fmt: skip
+def _direct_parts(
+    target: Target,
+    where: sql.Composable,
+    names: _Aliases,
+    parts: list[sql.Composable],
+    counters: list[tuple[str, sql.Composable]],
+) -> None:
     """``moved``: the DELETE that takes the range's matching rows itself. Parents that must stay
     (``_blockers``) are left out by the DELETE's own condition, so they are re-checked with the row
     like the predicate; ``kept`` then flags, per constraint, the matching rows of the range that
@@ -490,15 +518,22 @@ def _direct_parts(target: Target, where: sql.Composable, names: _Aliases, parts:
         sql.SQL("m.{} = s.{}").format(sql.Identifier(_ROW.format(i)), sql.SQL(i)) for i in ident
     )
     parts.append(
-        sql.SQL("kept AS MATERIALIZED (SELECT {} FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM moved m WHERE {}))")
-        .format(flags, target.scan, where, taken)
-    )  # fmt: skip
+        sql.SQL(
+            "kept AS MATERIALIZED (SELECT {} FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM moved m WHERE {}))"
+        ).format(flags, target.scan, where, taken)
+    )
     for (label, _), f in zip(blockers, kept, strict=True):
         counters.append((label, sql.SQL("(SELECT count(*) FROM kept WHERE {})").format(f)))
 
 
-def _locked_parts(target: Target, where: sql.Composable, selfs: list[ChildPlan], names: _Aliases,
-                  parts: list[sql.Composable], counters: list[tuple[str, sql.Composable]]) -> None:  # fmt: skip
+def _locked_parts(
+    target: Target,
+    where: sql.Composable,
+    selfs: list[ChildPlan],
+    names: _Aliases,
+    parts: list[sql.Composable],
+    counters: list[tuple[str, sql.Composable]],
+) -> None:
     """``cand`` locks the range's matching rows (``SKIP LOCKED``), ``flags`` marks the ones that must
     stay (counted), and ``moved`` deletes the rest, with their descendants through a self-reference."""
     keys = target.key_columns
@@ -640,8 +675,9 @@ def rows_to_move(conn: psycopg.Connection, target: Target, cutoff: datetime) -> 
     return estimate if estimate > EXACT_COUNT_UP_TO else count_matching(conn, target, cutoff)
 
 
-def count_referencing(conn: psycopg.Connection, target: Target, cutoff: datetime,
-                      chain: tuple[ForeignKey, ...]) -> int | None:  # fmt: skip
+def count_referencing(
+    conn: psycopg.Connection, target: Target, cutoff: datetime, chain: tuple[ForeignKey, ...]
+) -> int | None:
     """Rows of the last table of ``chain`` that point (through the chain) at rows a run would remove now.
 
     An estimate for status and messages: None when it takes longer than the session allows.
@@ -683,9 +719,10 @@ def missing_privileges(conn: psycopg.Connection, target: Target) -> list[str]:
     for (schema, table), privileges in needs.items():
         name = qualified(schema, table).as_string(conn)
         lacking = [
-            p for p in sorted(privileges)
+            p
+            for p in sorted(privileges)
             if not conn.execute("SELECT has_table_privilege(%s, %s)", (name, p)).fetchone()[0]  # type: ignore[index]
-        ]  # fmt: skip
+        ]
         if lacking:
             role = sql.Identifier(str(conn.info.user)).as_string(conn)
             out.append(f"GRANT {', '.join(lacking)} ON {name} TO {role}")
@@ -772,13 +809,15 @@ def archive_columns(conn: psycopg.Connection, target: Target) -> dict[str, Colum
 def ensure_run_log(conn: psycopg.Connection, state_schema: str) -> None:
     """pgscale's run log: one row per run of a policy (CronJob or by hand)."""
     ensure_state_table(
-        conn, state_schema, RUNS_TABLE,
+        conn,
+        state_schema,
+        RUNS_TABLE,
         "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, policy text NOT NULL, "
         "started_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
         "ended_at timestamptz, outcome text NOT NULL DEFAULT 'Running', dry_run boolean NOT NULL DEFAULT false, "
         "rows_total bigint, rows_archived bigint NOT NULL DEFAULT 0, rows_deleted bigint NOT NULL DEFAULT 0, "
         "rows_matched bigint, batches integer NOT NULL DEFAULT 0, message text, tables jsonb",
-    )  # fmt: skip
+    )
     with conn.transaction():
         lock_state_ddl(conn)
         if "tables" not in (table_columns(conn, state_schema, RUNS_TABLE) or {}):  # made by an earlier version
@@ -845,10 +884,12 @@ def start_run(conn: psycopg.Connection, state_schema: str, policy: str, *, dry_r
     """Record a new run (the caller holds the run lock, so older Running rows are dead)."""
     with conn.transaction():
         conn.execute(
-            sql.SQL("UPDATE {} SET outcome = 'Failed', ended_at = updated_at, message = %s "
-                    "WHERE policy = %s AND outcome = 'Running'").format(_runs(state_schema)),
+            sql.SQL(
+                "UPDATE {} SET outcome = 'Failed', ended_at = updated_at, message = %s "
+                "WHERE policy = %s AND outcome = 'Running'"
+            ).format(_runs(state_schema)),
             (INTERRUPTED, policy),
-        )  # fmt: skip
+        )
         row = conn.execute(
             sql.SQL("INSERT INTO {} (policy, dry_run) VALUES (%s, %s) RETURNING id").format(_runs(state_schema)),
             (policy, dry_run),
@@ -881,11 +922,29 @@ def update_run(conn: psycopg.Connection, state_schema: str, run_id: int, **field
     )
 
 
+class RunRow(TypedDict):
+    """A run-log row, as :func:`summary` reads it."""
+
+    id: int
+    started_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+    outcome: str
+    dry_run: bool
+    rows_total: int | None
+    rows_archived: int
+    rows_deleted: int
+    rows_matched: int | None
+    batches: int
+    message: str | None
+    tables: dict[str, int] | None
+
+
 @dataclass
 class RunSummary:
     """The latest run of a policy and totals over all runs."""
 
-    last: dict[str, Any] | None = None
+    last: RunRow | None = None
     runs: int = 0
     rows_archived: int = 0
     rows_deleted: int = 0
@@ -914,7 +973,7 @@ def summary(conn: psycopg.Connection, state_schema: str, policy: str) -> RunSumm
     ).fetchone()
     assert totals is not None
     return RunSummary(
-        last=dict(zip(names, row, strict=True)) if row else None,
+        last=cast("RunRow", dict(zip(names, row, strict=True))) if row else None,
         runs=int(totals[0]),
         rows_archived=int(totals[1]),
         rows_deleted=int(totals[2]),
@@ -1187,12 +1246,20 @@ def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target
     locked_sql = batch_statement(target, locked=True, inline=True, runs=runs).as_string(conn)
     where, _ = predicate(target, inline=True)
     count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.scan, where).as_string(conn)
-    row = {"batch_sql": batch_sql, "locked_sql": locked_sql, "count_sql": count_sql,
-           "extent_sql": extent_query(target).as_string(conn), "age": target.age_interval,
-           "batch_size": target.batch_size, "archiving": target.archive is not None,
-           "lock_key": run_lock_key(policy), "fingerprint": target.fingerprint,
-           "check_sql": fingerprint_query(target.tables).as_string(conn),
-           "isolation": "repeatable read" if target.snapshot_checked else "", **settings}  # fmt: skip
+    row = {
+        "batch_sql": batch_sql,
+        "locked_sql": locked_sql,
+        "count_sql": count_sql,
+        "extent_sql": extent_query(target).as_string(conn),
+        "age": target.age_interval,
+        "batch_size": target.batch_size,
+        "archiving": target.archive is not None,
+        "lock_key": run_lock_key(policy),
+        "fingerprint": target.fingerprint,
+        "check_sql": fingerprint_query(target.tables).as_string(conn),
+        "isolation": "repeatable read" if target.snapshot_checked else "",
+        **settings,
+    }
     names = list(row)
     conn.execute(
         sql.SQL(

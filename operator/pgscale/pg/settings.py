@@ -187,10 +187,12 @@ def effective(conn: psycopg.Connection, names: list[str]) -> dict[str, Effective
 
 def ensure_managed(conn: psycopg.Connection, state_schema: str) -> None:
     ensure_state_table(
-        conn, state_schema, MANAGED,
+        conn,
+        state_schema,
+        MANAGED,
         "profile text NOT NULL, name text NOT NULL, value text NOT NULL, "
         "updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (profile, name)",
-    )  # fmt: skip
+    )
 
 
 def managed(conn: psycopg.Connection, state_schema: str, profile: str) -> dict[str, str]:

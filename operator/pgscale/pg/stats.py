@@ -88,10 +88,19 @@ def snapshot(conn: psycopg.Connection, *, statements: bool = True) -> Snapshot:
         str(r[0]): str(r[1])
         for r in conn.execute(
             "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY(%s)",
-            (["shared_buffers", "max_connections", "work_mem", "maintenance_work_mem", "autovacuum_work_mem",
-              "autovacuum_max_workers", "wal_buffers"],),
+            (
+                [
+                    "shared_buffers",
+                    "max_connections",
+                    "work_mem",
+                    "maintenance_work_mem",
+                    "autovacuum_work_mem",
+                    "autovacuum_max_workers",
+                    "wal_buffers",
+                ],
+            ),
         ).fetchall()
-    }  # fmt: skip
+    }
     for name, lag_bytes, lag_seconds in conn.execute(
         "SELECT coalesce(application_name, client_addr::text, pid::text), "
         "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, extract(epoch FROM replay_lag) "
@@ -116,10 +125,12 @@ SAMPLES = "size_samples"
 
 def ensure_samples(conn: psycopg.Connection, state_schema: str) -> None:
     ensure_state_table(
-        conn, state_schema, SAMPLES,
+        conn,
+        state_schema,
+        SAMPLES,
         "profile text NOT NULL, sampled_at timestamptz NOT NULL, object text NOT NULL, bytes bigint NOT NULL, "
         "PRIMARY KEY (profile, object, sampled_at)",
-    )  # fmt: skip
+    )
 
 
 def record_sample(conn: psycopg.Connection, state_schema: str, profile: str, sizes: dict[str, int]) -> None:
@@ -128,10 +139,12 @@ def record_sample(conn: psycopg.Connection, state_schema: str, profile: str, siz
     with conn.transaction():
         for obj, size in sizes.items():
             conn.execute(
-                sql.SQL("INSERT INTO {} (profile, sampled_at, object, bytes) VALUES (%s, now(), %s, %s) "
-                        "ON CONFLICT DO NOTHING").format(table),
+                sql.SQL(
+                    "INSERT INTO {} (profile, sampled_at, object, bytes) VALUES (%s, now(), %s, %s) "
+                    "ON CONFLICT DO NOTHING"
+                ).format(table),
                 (profile, obj, size),
-            )  # fmt: skip
+            )
         # Keep about two years of history; older samples no longer change a projection.
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE profile = %s AND sampled_at < now() - interval '800 days'").format(table),

@@ -104,8 +104,11 @@ def plan_relationships(
     MAX_PLANS keys. A self-reference archives or deletes descendants with their parent.
     """
     if len(edges) > MAX_EDGES:
-        raise SpecError("children", f"more than {MAX_EDGES} foreign keys reach {spec.table.qualified()}; "
-                        "pgscale cannot plan runs for it", reason="TooManyRelationships")  # fmt: skip
+        raise SpecError(
+            "children",
+            f"more than {MAX_EDGES} foreign keys reach {spec.table.qualified()}; pgscale cannot plan runs for it",
+            reason="TooManyRelationships",
+        )
     children: ChildrenSpec = spec.children_or_default
     by_parent: dict[tuple[str, str], list[ForeignKey]] = {}
     for fk in edges:
@@ -119,9 +122,12 @@ def plan_relationships(
         plans = []
         for fk in by_parent.get(table, []):
             if len(out.listed) >= MAX_PLANS:
-                raise SpecError("children", f"more than {MAX_PLANS} foreign-key paths reach "
-                                f"{spec.table.qualified()}; pgscale cannot plan runs for it",
-                                reason="TooManyRelationships")  # fmt: skip
+                raise SpecError(
+                    "children",
+                    f"more than {MAX_PLANS} foreign-key paths reach "
+                    f"{spec.table.qualified()}; pgscale cannot plan runs for it",
+                    reason="TooManyRelationships",
+                )
             mode = children.mode_of(fk.schema, fk.table)
             listed = any((t.schema_, t.name) == fk.child for t in children.tables)
             effect = effect_of(mode, fk.action, listed=listed)
@@ -145,15 +151,25 @@ def plan_relationships(
                         reason="ForeignKeyCycle",
                     )
                 if len(path) >= MAX_DEPTH:
-                    raise SpecError("children", f"foreign keys nest deeper than {MAX_DEPTH} levels below "
-                                    f"{spec.table.qualified()}", reason="TooManyRelationships")  # fmt: skip
+                    raise SpecError(
+                        "children",
+                        f"foreign keys nest deeper than {MAX_DEPTH} levels below {spec.table.qualified()}",
+                        reason="TooManyRelationships",
+                    )
                 sub = expand(fk.child, (*path, fk.child), (*chain, fk))
             info = facts.get(fk.child, TableFacts(()))
-            plans.append(ChildPlan(
-                fk=fk, effect=effect, mode=mode, archive_schema=archive[0] if archive else None,
-                archive_table=archive[1] if archive else None, columns=info.columns,
-                partitioned=info.partitioned, children=sub,
-            ))  # fmt: skip
+            plans.append(
+                ChildPlan(
+                    fk=fk,
+                    effect=effect,
+                    mode=mode,
+                    archive_schema=archive[0] if archive else None,
+                    archive_table=archive[1] if archive else None,
+                    columns=info.columns,
+                    partitioned=info.partitioned,
+                    children=sub,
+                )
+            )
         return tuple(plans)
 
     out.plans = expand(root, (root,), ())

@@ -5,7 +5,8 @@
 #
 # Environment: PGDATA, PRIMARY_HOST, PRIMARY_PORT, REPLICATION_USER,
 # REPLICATION_PASSWORD, POD_NAME (its ordinal picks the slot), SLOT_PREFIX,
-# POSTGRES_ARGS (extra server options, e.g. a port when run outside a pod).
+# POSTGRES_ARGS (server options overriding the primary's copied postgresql.conf: listen
+# addresses, port and socket directory; the pod spec sets them).
 set -eu
 : "${PGDATA:?}" "${PRIMARY_HOST:?}" "${REPLICATION_USER:?}" "${REPLICATION_PASSWORD:?}" "${POD_NAME:?}"
 : "${PRIMARY_PORT:=5432}" "${SLOT_PREFIX:?}" "${POSTGRES_ARGS:=}"
@@ -28,6 +29,11 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     --dbname="host=$PRIMARY_HOST port=$PRIMARY_PORT user=$REPLICATION_USER passfile=$passfile application_name=$POD_NAME"
 fi
 chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/pg_hba.conf" ]; then
+  # The primary keeps its pg_hba.conf elsewhere (Debian: /etc/postgresql): password logins only.
+  printf '%s\n' 'local all all peer' 'host all all 0.0.0.0/0 scram-sha-256' 'host all all ::/0 scram-sha-256' \
+    > "$PGDATA/pg_hba.conf"
+fi
 touch "$PGDATA/standby.signal"
 # shellcheck disable=SC2086 # POSTGRES_ARGS is a list of options
 exec postgres -D "$PGDATA" -c hot_standby=on $POSTGRES_ARGS

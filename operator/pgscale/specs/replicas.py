@@ -20,6 +20,11 @@ from .builders import labels, object_meta
 COMPONENT = "read-replica"
 PORT = 5432
 DATA = "/var/lib/postgresql/data"
+SOCKET_DIR = "/var/run/postgresql"
+# The clone carries the primary's postgresql.conf when it lives in the data directory (initdb's
+# layout, CloudNativePG's): its listen_addresses, port and socket directory are the primary's
+# machine's, and a replica pod that kept them could not start (found by the node tests).
+SERVER_ARGS = f"-c listen_addresses=0.0.0.0 -c port={PORT} -c unix_socket_directories={SOCKET_DIR}"
 
 
 def bootstrap_script() -> str:
@@ -54,8 +59,9 @@ def config_map(owner: ObjectRef) -> dict[str, Any]:
     }
 
 
-def statefulset(owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary_host: str,
-                primary_port: int) -> dict[str, Any]:  # fmt: skip
+def statefulset(
+    owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary_host: str, primary_port: int
+) -> dict[str, Any]:
     """Hot standbys, one PVC each, started by the bootstrap script."""
     name = statefulset_name(owner)
     pod_labels = {**labels(owner, COMPONENT), "pgscale.io/role": "replica"}
@@ -66,6 +72,7 @@ def statefulset(owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary
         {"name": "PRIMARY_PORT", "value": str(primary_port)},
         {"name": "SLOT_PREFIX", "value": slot_prefix(owner)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POSTGRES_ARGS", "value": SERVER_ARGS},
         {"name": "REPLICATION_USER", "valueFrom": {"secretKeyRef": {"name": secret, "key": "username"}}},
         {"name": "REPLICATION_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
     ]
@@ -81,7 +88,7 @@ def statefulset(owner: ObjectRef, spec: ReadReplicasSpec, *, image: str, primary
         "volumeMounts": [
             {"name": "data", "mountPath": DATA},
             {"name": "bootstrap", "mountPath": "/pgscale"},
-            {"name": "run", "mountPath": "/var/run/postgresql"},
+            {"name": "run", "mountPath": SOCKET_DIR},
         ],
     }
     if spec.resources:
@@ -154,17 +161,28 @@ def read_write_service(owner: ObjectRef, host: str, port: int) -> list[dict[str,
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return [{"apiVersion": "v1", "kind": "Service", "metadata": meta,
-                 "spec": {"type": "ExternalName", "externalName": host}}]  # fmt: skip
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta,
+                "spec": {"type": "ExternalName", "externalName": host},
+            }
+        ]
     ports = [{"name": "postgres", "port": PORT, "targetPort": port, "protocol": "TCP"}]
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {"ports": ports}}
     slice_meta = object_meta(owner, f"{owner.name}-rw", "primary")
-    slice_meta["labels"] = {**slice_meta["labels"], "kubernetes.io/service-name": f"{owner.name}-rw",
-                            "endpointslice.kubernetes.io/managed-by": "pgscale.io"}  # fmt: skip
+    slice_meta["labels"] = {
+        **slice_meta["labels"],
+        "kubernetes.io/service-name": f"{owner.name}-rw",
+        "endpointslice.kubernetes.io/managed-by": "pgscale.io",
+    }
     endpoints = {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": slice_meta,
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": slice_meta,
         "addressType": "IPv6" if ip.version == 6 else "IPv4",
         "endpoints": [{"addresses": [str(ip)], "conditions": {"ready": True}}],
         "ports": [{"name": "postgres", "port": port, "protocol": "TCP"}],
-    }  # fmt: skip
+    }
     return [service, endpoints]

@@ -138,8 +138,13 @@ def settings_owner(me: Claim, others: list[Claim]) -> Conflict | None:
     the earliest, so two profiles never undo each other's values."""
     if not me.parameters:
         return None
-    rivals = [o for o in others if o.system_identifier == me.system_identifier and o.parameters
-              and (o.namespace, o.name) != (me.namespace, me.name)]  # fmt: skip
+    rivals = [
+        o
+        for o in others
+        if o.system_identifier == me.system_identifier
+        and o.parameters
+        and (o.namespace, o.name) != (me.namespace, me.name)
+    ]
     if not rivals:
         return None
     owner = min(rivals, key=lambda c: c.order)
