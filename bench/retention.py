@@ -8,7 +8,9 @@ rows) and `children` (plus a child table with ON DELETE CASCADE, 3 rows per task
 both contenders archive: the strategy with one more INSERT ... SELECT before its DELETE).
 Each is measured on an idle machine and on a busy one (a CPU hog on every core).
 Reports throughput (rows/s, parents and children), the writer's p50/p99 latency and
-longest stall, rows lost, and pgscale/strategy ratios.
+longest stall, rows lost, and pgscale/strategy ratios. A third contender, `strategy-keyed`
+(unless --no-keyed), is the same function with a primary key on its archive tables, as
+pgscale's archives have (a duplicate can never be archived): what that key costs, apart.
 
     uv run python bench/retention.py --rows 2000000
 """
@@ -130,6 +132,9 @@ def seed(pg: localenv.Postgres, name: str, rows: int, children: bool) -> str:
     pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     pg.execute(f'CREATE DATABASE "{name}"')
     with psycopg.connect(pg.dsn(name), autocommit=True) as conn:
+        # No parallel workers while seeding and counting: their shared memory in /dev/shm is shared with
+        # whatever else runs on the machine (a segment removed under a running server failed a run).
+        conn.execute("SET max_parallel_maintenance_workers = 0")
         conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
         seed_tasks(conn, "Task", rows)
         conn.execute('VACUUM ANALYZE "Task"')
@@ -144,6 +149,7 @@ def seed(pg: localenv.Postgres, name: str, rows: int, children: bool) -> str:
 
 def count(dsn: str, query: str) -> int:
     with psycopg.connect(dsn) as conn:
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         row = conn.execute(query).fetchone()
         return int(row[0]) if row else 0
 
@@ -192,7 +198,7 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any, *, childre
         time.sleep(0.5)
         writer.stop.set()
         writer.join()
-    strategy = name == "strategy"
+    strategy = name.startswith("strategy")
     archive = "task_archive" if strategy else '"Task_archive"'
     moved = count(dsn, f"SELECT count(*) FROM {archive}")
     lost, duplicated = lost_and_duplicated(dsn, "Task", archive)
@@ -242,12 +248,14 @@ def run_pgscale(pg: localenv.Postgres, batch: int) -> Any:
     return action
 
 
-def run_strategy(children: bool) -> Any:
+def run_strategy(children: bool, keyed: bool = False) -> Any:
+    key = ", PRIMARY KEY (id)" if keyed else ""
+
     def action(dsn: str, db: str) -> dict[str, Any]:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute('CREATE TABLE task_archive (LIKE "Task" INCLUDING DEFAULTS)')
+            conn.execute(f'CREATE TABLE task_archive (LIKE "Task" INCLUDING DEFAULTS{key})')
             if children:
-                conn.execute('CREATE TABLE taskevent_archive (LIKE "TaskEvent" INCLUDING DEFAULTS)')
+                conn.execute(f'CREATE TABLE taskevent_archive (LIKE "TaskEvent" INCLUDING DEFAULTS{key})')
             conn.execute(STRATEGY_CHILDREN if children else STRATEGY)
             conn.execute("SELECT archive_old_tasks()")
         return {}
@@ -260,6 +268,7 @@ RATIOS = {
     "writer p99 (pgscale/strategy)": ("writer_p99_ms", 3),
     "writer longest stall (pgscale/strategy)": ("writer_max_stall_ms", 4),
 }
+KEYED_RATIO = "throughput (pgscale/strategy-keyed)"
 
 
 def main() -> int:
@@ -268,6 +277,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1000, help="pgscale batchSize (the first batch; later ones by time)")
     p.add_argument("--only", choices=["tasks", "children"], help="one data set only")
     p.add_argument("--machine", choices=["idle", "busy", "both"], default="both")
+    p.add_argument("--no-keyed", action="store_true", help="leave out strategy-keyed (archives with a primary key)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     runs: list[dict[str, Any]] = []
@@ -281,8 +291,21 @@ def main() -> int:
                         measure("strategy", pg, args.rows, run_strategy(kids), children=kids, busy=busy),
                         measure("pgscale", pg, args.rows, run_pgscale(pg, args.batch), children=kids, busy=busy),
                     ]
-                    strategy, ours = results
+                    if not args.no_keyed:
+                        results.append(
+                            measure(
+                                "strategy-keyed",
+                                pg,
+                                args.rows,
+                                run_strategy(kids, keyed=True),
+                                children=kids,
+                                busy=busy,
+                            )
+                        )
+                    strategy, ours = results[:2]
                     ratios = {k: round(getattr(ours, f) / getattr(strategy, f), n) for k, (f, n) in RATIOS.items()}
+                    if not args.no_keyed:
+                        ratios[KEYED_RATIO] = round(ours.rows_per_second / results[2].rows_per_second, 3)
                     runs.append(
                         {"data": data, "machine": machine, "results": [asdict(r) for r in results], "ratios": ratios}
                     )

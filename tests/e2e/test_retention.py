@@ -147,7 +147,8 @@ def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
             (job[0],),
         ).fetchone()
         run = conn.execute("SELECT outcome, rows_archived, batches FROM pgscale.retention_runs").fetchall()
-        assert run == [("Succeeded", expected, expected // 200 + 1)], (run, details)
+        pages = scalar(conn, """SELECT pg_relation_size('"Task"') / 8192""")
+        assert run[0][:2] == ("Succeeded", expected) and 1 <= run[0][2] <= pages, (run, details)  # pages walked once
         union = """(SELECT * FROM "Task" UNION ALL SELECT * FROM "Task_archive") u"""
         assert scalar(conn, CHECKSUM.format(union)) == original
         kubectl.run("annotate", "rp", "by-cron", "pgscale.io/reconcile-at=1", "--overwrite")

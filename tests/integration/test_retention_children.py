@@ -240,6 +240,7 @@ def test_pg_cron_procedure_moves_children_too(postgres: Any, database: str, conn
         prepared.target,
         dry_run=False,
         lock_timeout="1s",
+        row_lock_wait="100ms",
         statement_timeout="60s",
         max_run="1 hour",
         pause=0.0,

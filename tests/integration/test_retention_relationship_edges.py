@@ -166,6 +166,7 @@ def test_a_key_added_after_planning_stops_the_pg_cron_batches(postgres: Any, dat
         prepared.target,
         dry_run=False,
         lock_timeout="1s",
+        row_lock_wait="100ms",
         statement_timeout="60s",
         max_run="1 hour",
         pause=0.0,

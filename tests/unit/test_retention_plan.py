@@ -15,7 +15,17 @@ from pgscale.pg import Column
 from pgscale.pg import retention as sqlr
 from pgscale.pg.relationships import ForeignKey
 from pgscale.pg.retention import RunRow
-from pgscale.retention import TableFacts, check_archive, effect_of, next_batch_size, plan, plan_relationships
+from pgscale.retention import (
+    TableFacts,
+    batch_cap,
+    batch_pages,
+    check_archive,
+    effect_of,
+    next_batch_size,
+    plan,
+    plan_relationships,
+    row_lock_wait,
+)
 from pgscale.specs import builders
 
 SPEC = {
@@ -55,17 +65,30 @@ def test_predicate_binds_values_and_quotes_identifiers() -> None:
     assert params == [("f0_0", "COMPLETED"), ("f0_1", "CANCELLED")]
 
 
-def test_batch_statement_is_one_atomic_statement_by_key() -> None:
+def test_batch_statement_is_one_delete_over_a_page_range() -> None:
     target = plan(RetentionPolicySpec.model_validate(SPEC), COLUMNS, key_columns=["id"], partitioned=False)
-    text = sqlr.batch_statement(target, after=True, runs=sqlr.runs_table("pgscale")).as_string(None)
-    assert text.count("WITH cand AS MATERIALIZED") == 1
-    assert "FOR UPDATE OF s SKIP LOCKED" in text and 'ORDER BY "s"."id"' in text
-    assert '("s"."id") > (%(after_0)s)' in text
-    # The batch's rows are locked: deleted by ctid (a TID scan), not looked up again by key.
-    assert 'SELECT s.ctid, "s"."id" FROM' in text
-    assert 'DELETE FROM ONLY "public"."Task" t WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM batch)) RETURNING t.*' in text
-    assert 'INSERT INTO "public"."Task_archive"' in text
+    text = sqlr.batch_statement(target, runs=sqlr.runs_table("pgscale")).as_string(None)
+    # The DELETE takes the range's matching rows itself (a TID range scan): no lock step, no key order.
+    assert text.startswith(
+        'WITH moved AS (DELETE FROM ONLY "public"."Task" s WHERE '
+        "\"s\".ctid >= ('(' || %(lo)s::bigint || ',0)')::tid AND \"s\".ctid < ('(' || %(hi)s::bigint || ',0)')::tid "
+        'AND "s"."completedAt" < %(cutoff)s'
+    )
+    assert "RETURNING s.*)" in text and "FOR UPDATE" not in text and "ORDER BY" not in text
+    assert 'archived AS (INSERT INTO "public"."Task_archive" ("id", "status", "userId", "completedAt") SELECT' in text
     assert 'log AS (UPDATE "pgscale"."retention_runs" SET' in text  # the run log, in the same statement
+    assert text.endswith("SELECT (SELECT n FROM mc), NULL")
+
+
+def test_locked_batch_skips_rows_held_by_others_then_deletes_them_by_ctid() -> None:
+    target = plan(RetentionPolicySpec.model_validate(SPEC), COLUMNS, key_columns=["id"], partitioned=False)
+    text = sqlr.batch_statement(target, locked=True).as_string(None)
+    assert text.startswith('WITH cand AS MATERIALIZED (SELECT s.ctid, "s"."id" FROM ONLY "public"."Task" s WHERE')
+    assert "FOR UPDATE OF s SKIP LOCKED)" in text and "ORDER BY" not in text and "LIMIT" not in text
+    assert 'DELETE FROM ONLY "public"."Task" t WHERE t.ctid = ANY (ARRAY(SELECT ctid FROM batch)) RETURNING t.*' in text
+    inline = sqlr.batch_statement(target, locked=True, inline=True).as_string(None)
+    assert "('(' || $2::bigint || ',0)')::tid" in inline and "('(' || $4::bigint || ',0)')::tid" in inline
+    assert inline.endswith("SELECT (SELECT n FROM mc)")
 
 
 def fk(name: str, table: str, action: str, parent: str = "Task", schema: str = "public") -> ForeignKey:
@@ -137,26 +160,56 @@ def test_kept_children_become_counted_blockers() -> None:
     rels = plan_relationships(spec, [fk("m", "Message", "CASCADE")], FACTS)
     target = plan(spec, COLUMNS, key_columns=["id"], partitioned=False, children=rels.plans)
     text = sqlr.batch_statement(target).as_string(None)
-    assert "flags AS MATERIALIZED" in text and "'skipped: m'" in text
-    inline = sqlr.batch_statement(target, inline=True).as_string(None)
-    assert "AND NOT (EXISTS (SELECT 1 FROM" in inline  # pg_cron does not walk the key: blocked rows are filtered
+    # The DELETE leaves kept parents out itself (re-checked with the row); the rest of the range's
+    # matching rows, those it did not take, are flagged and counted per constraint.
+    assert 'AND NOT (EXISTS (SELECT 1 FROM ONLY "public"."Message"' in text
+    assert 'RETURNING s.*, s.ctid AS "pgscale ctid")' in text
+    assert "kept AS MATERIALIZED (SELECT EXISTS" in text and 'AS "pgscale kept 0"' in text
+    assert 'NOT EXISTS (SELECT 1 FROM moved m WHERE m."pgscale ctid" = s.ctid)' in text
+    assert "('skipped: m', (SELECT count(*) FROM kept WHERE \"pgscale kept 0\"))" in text
+    locked = sqlr.batch_statement(target, locked=True).as_string(None)
+    assert "flags AS MATERIALIZED" in locked and "'skipped: m'" in locked
+    # pg_cron walks the pages too: kept parents are counted there as well.
+    assert "'skipped: m'" in sqlr.batch_statement(target, inline=True).as_string(None)
 
 
 def test_batches_grow_while_fast_and_shrink_when_slow() -> None:
-    def size(current: int, taken: int, elapsed: float) -> int:
-        return next_batch_size(current, taken, elapsed, budget=1.0, smallest=100, largest=1000)
+    def size(current: int, elapsed: float, moved: int = 1) -> int:
+        return next_batch_size(current, elapsed, moved=moved, budget=1.0, smallest=10, largest=1000)
 
-    assert size(100, 100, 0.01) == 200  # the aim is 10% of lockTimeout: grow under 5%
-    assert size(800, 800, 0.01) == 1000
-    assert size(400, 120, 0.01) == 400  # not full: the run is ending
-    assert size(1000, 1000, 0.2) == 500
-    assert size(200, 200, 1.0) == 100  # never below batchSize
+    assert size(10, 0.01) == 20  # the aim is 10% of lockTimeout: grow under 5%
+    assert size(800, 0.01) == 1000
+    assert size(40, 0.07) == 40
+    assert size(100, 0.2) == 50
+    assert size(20, 1.0) == 10  # never below the pages that hold batchSize rows
+    # Pages with no matching row are quick to read, and say nothing of the next ones: at most 8 x batchSize.
+    assert size(40, 0.001, moved=0) == 80 and size(80, 0.001, moved=0) == 80 and size(500, 0.001, moved=0) == 80
+
+
+def test_batch_pages_and_limits_follow_the_lock_budget() -> None:
+    assert batch_pages(1000, 50000, 100.0) == (10, 500)
+    assert batch_pages(1000, 1000, 0.0) == (1000, 1000)  # no statistics below a row a page
+    assert batch_pages(50, 10, 291.0) == (1, 1)
+    assert row_lock_wait(1.0) == 0.1 and batch_cap(1.0, 60.0) == 0.5 and batch_cap(1.0, 0.2) == 0.2
+    assert batch_cap(0.0, 0.0) == 0.0  # neither set: no limit
 
 
 def test_without_primary_key_rows_are_named_by_ctid() -> None:
     spec = RetentionPolicySpec.model_validate({**SPEC, "action": "delete"})
-    text = sqlr.batch_statement(plan(spec, COLUMNS, key_columns=[], partitioned=False)).as_string(None)
+    target = plan(spec, COLUMNS, key_columns=[], partitioned=False)
+    assert "INSERT" not in sqlr.batch_statement(target).as_string(None)
+    text = sqlr.batch_statement(target, locked=True).as_string(None)
     assert "t.ctid = ANY (ARRAY(SELECT ctid FROM batch))" in text and "INSERT" not in text
+
+
+def test_partitioned_tables_name_rows_by_partition_and_ctid() -> None:
+    spec = RetentionPolicySpec.model_validate({**SPEC, "children": {"mode": "keep"}})
+    rels = plan_relationships(spec, [fk("m", "Message", "CASCADE")], FACTS)
+    target = plan(spec, COLUMNS, key_columns=[], partitioned=True, children=rels.plans)
+    text = sqlr.batch_statement(target).as_string(None)
+    assert text.startswith('WITH moved AS (DELETE FROM "public"."Task" s WHERE')  # every partition, no ONLY
+    assert 'm."pgscale tableoid" = s.tableoid AND m."pgscale ctid" = s.ctid' in text
+    assert "pg_partition_tree" in sqlr.extent_query(target).as_string(None)
 
 
 def test_archive_mismatch_names_columns() -> None:

@@ -166,16 +166,19 @@ class RetentionPolicySpec(Model):
         default=1000,
         ge=1,
         le=100000,
-        description="Rows in the first committed batch, and the fewest a full batch takes; see maxBatchSize.",
+        description=(
+            "Rows in the first committed batch (a range of heap pages holding about this many rows, by the "
+            "table's statistics), and the fewest a batch covers; see maxBatchSize."
+        ),
     )
     max_batch_size: int | None = Field(
         default=None,
         ge=1,
         le=1000000,
         description=(
-            "Largest batch: from batchSize, batches double while one takes under 5% of lockTimeout, and "
-            "shrink (not below batchSize) when one takes over 10%. Unset: 50000 (or batchSize, if larger); "
-            "set it to batchSize for fixed batches."
+            "Largest batch, in rows its page range holds: from batchSize, batches double while one takes under "
+            "5% of lockTimeout, and shrink (not below batchSize) when one takes over 10%. Unset: 50000 (or "
+            "batchSize, if larger); set it to batchSize for fixed batches."
         ),
     )
     pause_between_batches: Duration = Field(

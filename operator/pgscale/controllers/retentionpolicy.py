@@ -25,7 +25,7 @@ from ..kube import ObjectRef
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
 from ..progress import eta
-from ..retention import Prepared, Stake, at_stake, prepare, unresolved_error
+from ..retention import Prepared, Stake, at_stake, prepare, row_lock_wait, unresolved_error
 from ..schedule import next_run
 from ..schedule import rfc3339 as _ts
 from ..specs import builders
@@ -208,6 +208,7 @@ class RetentionPolicyController:
             target,
             dry_run=spec.dry_run,
             lock_timeout=f"{int(seconds(spec.lock_timeout) * 1000)}ms",
+            row_lock_wait=f"{max(1, round(row_lock_wait(seconds(spec.lock_timeout)) * 1000))}ms",
             statement_timeout=f"{int(seconds(spec.statement_timeout) * 1000)}ms",
             max_run=f"{int(seconds(spec.max_run_time))} seconds",
             pause=seconds(spec.pause_between_batches),

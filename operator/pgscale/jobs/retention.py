@@ -29,7 +29,15 @@ from ..pg import partitions as sqlp
 from ..pg import relationships
 from ..pg import retention as sqlr
 from ..progress import Progress
-from ..retention import at_stake, next_batch_size, prepare, unresolved_error
+from ..retention import (
+    at_stake,
+    batch_cap,
+    batch_pages,
+    next_batch_size,
+    prepare,
+    row_lock_wait,
+    unresolved_error,
+)
 from . import JobInput, start
 
 log = logging.getLogger(__name__)
@@ -189,6 +197,11 @@ RETRYABLE = (
 )
 
 
+def _ms(value: float) -> str:
+    """A timeout setting; 0 (or less): none."""
+    return f"{max(1, round(value * 1000))}ms" if value > 0 else "0"
+
+
 def _run_batches(
     conn: psycopg.Connection,
     job: JobInput,
@@ -209,71 +222,89 @@ def _run_batches(
     if progress:
         progress.start(total)
     archiving = target.archive is not None
-    failures = 0
-    after: tuple[Any, ...] | None = None
-    upto = sqlr.highest_key(conn, target)  # rows inserted after this point belong to the next run
-    size = target.batch_size
+    # The walk: the table's pages as they are now, once, in ranges sized by time; rows added later
+    # (in new pages) belong to the next run.
+    end, rows_per_page = sqlr.heap_extent(conn, target)
+    smallest, largest = batch_pages(target.batch_size, target.max_batch_size, rows_per_page)
     budget = seconds(spec.lock_timeout)
-    while True:
+    lock_timeout, statement_timeout = _ms(budget), _ms(seconds(spec.statement_timeout))
+    _set(conn, "lock_timeout", _ms(row_lock_wait(budget)))  # a row held by another transaction: see below
+    _set(conn, "statement_timeout", _ms(batch_cap(budget, seconds(spec.statement_timeout))))
+    # Batches differ only in bound values (the pages, the cutoff): one plan for all, instead of planning
+    # every batch again (a custom plan for each set of values is what PostgreSQL would otherwise keep).
+    _set(conn, "plan_cache_mode", "force_generic_plan")
+    failures = 0
+    pages, lo = smallest, 0
+    locked = False  # the next attempt locks its rows first, with SKIP LOCKED
+    patient = False  # the next attempt may take the whole statementTimeout
+    while lo < end:
         if stop.is_set():
             report.outcome, report.message = "Partial", "stopped on request after a committed batch"
             return
         if time.monotonic() > deadline:
             report.outcome, report.message = "Partial", f"maxRunTime {spec.max_run_time} reached; next run continues"
             return
+        hi = min(lo + pages, end)
         started = time.monotonic()
         try:
-            # One statement: the batch, its children and the run log, committed together (autocommit).
+            # One statement: the batch, its children and the run log, committed together.
             batch = sqlr.move_batch(
-                conn, target, cutoff, after, upto, limit=size, state_schema=job.state_schema, run_id=report.run_id
+                conn,
+                target,
+                cutoff,
+                lo,
+                hi,
+                locked=locked,
+                lock_timeout=lock_timeout if locked else None,
+                statement_timeout=statement_timeout if patient else None,
+                state_schema=job.state_schema,
+                run_id=report.run_id,
             )
         except RETRYABLE as exc:
-            failures += 1
             report.retries += 1
+            if isinstance(exc, errors.LockNotAvailable) and not locked:
+                # A row (or the table) was held longer than a batch may wait while it holds the rows it
+                # already took: the same pages again, locking first and passing held rows over.
+                locked = True
+                continue
+            if isinstance(exc, errors.QueryCanceled) and not patient:
+                # Longer than a batch may hold its rows: half the pages; at the smallest size, the
+                # whole statementTimeout.
+                pages, patient = (max(smallest, pages // 2), False) if pages > smallest else (pages, True)
+                continue
+            failures += 1
             if failures > LOCK_RETRIES:
                 raise
             log.warning("batch gave way to the application (%s); retrying", type(exc).__name__)
-            if isinstance(exc, errors.LockNotAvailable | errors.QueryCanceled):
-                size = max(target.batch_size, size // 2)  # it took too long: smaller; a conflict is retried as is
             stop.wait(max(pause, 0.05 * failures))
             continue
         elapsed = time.monotonic() - started
         failures = 0
-        after = batch.last
+        locked = patient = False
+        lo = hi
         _count(report, target, batch.moved)
         for key, value in batch.tables.items():
             report.tables[key] = report.tables.get(key, 0) + int(value)
         if progress:
             progress.advance(batch.moved)
-        if batch.taken < size:
-            if target.fingerprint and relationships.fingerprint(conn, target.tables) != target.fingerprint:
-                raise SpecError(
-                    "children",
-                    "foreign keys into the tables this run moves changed during the run (a migration?); the "
-                    "batches after the change moved nothing; the next run plans again with them",
-                    reason="RelationshipsChanged",
-                )
-            report.outcome = "Succeeded"
-            report.message = f"{report.rows_archived + report.rows_deleted} rows older than {spec.older_than} " + (
-                f"archived into {target.archive_schema or target.schema}.{target.archive_table}"
-                if archiving
-                else "deleted"
-            )
-            if report.partitions:
-                report.message += f" ({len(report.partitions)} whole partitions: {', '.join(report.partitions)})"
-            if report.tables:
-                report.message += "; " + ", ".join(f"{k}: {v}" for k, v in sorted(report.tables.items()))
-            return
-        size = next_batch_size(
-            size,
-            batch.taken,
-            elapsed,
-            budget=budget,
-            smallest=target.batch_size,
-            largest=max(target.max_batch_size, target.batch_size),
-        )
-        if pause:
+        pages = next_batch_size(pages, elapsed, moved=batch.moved, budget=budget, smallest=smallest, largest=largest)
+        if pause and lo < end:
             stop.wait(pause)
+    if target.fingerprint and relationships.fingerprint(conn, target.tables) != target.fingerprint:
+        raise SpecError(
+            "children",
+            "foreign keys into the tables this run moves changed during the run (a migration?); the "
+            "batches after the change moved nothing; the next run plans again with them",
+            reason="RelationshipsChanged",
+        )
+    report.outcome = "Succeeded"
+    report.message = f"{report.rows_archived + report.rows_deleted} rows older than {spec.older_than} " + (
+        f"archived into {target.archive_schema or target.schema}.{target.archive_table}" if archiving else "deleted"
+    )
+    if report.partitions:
+        report.message += f" ({len(report.partitions)} whole partitions: {', '.join(report.partitions)})"
+    if report.tables:
+        report.message += "; " + ", ".join(f"{k}: {v}" for k, v in sorted(report.tables.items()))
 
 
 def main(args: argparse.Namespace) -> int:

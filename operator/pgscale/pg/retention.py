@@ -3,11 +3,13 @@
 Why one statement per batch: ``INSERT INTO archive SELECT ...`` followed by a
 separate ``DELETE`` reads two snapshots under READ COMMITTED, so a row changed
 in between is deleted without being archived, or archived stale. Here each batch
-is a single statement, ``WITH batch AS MATERIALIZED (SELECT ... FOR UPDATE SKIP
-LOCKED LIMIT n), moved AS (DELETE ... RETURNING) INSERT INTO archive SELECT ...
-FROM moved``: the rows are locked, re-checked against the predicate in their
-latest committed version, deleted and archived atomically, and the run log row
-is updated in the same transaction, so a crash loses nothing and repeats nothing.
+is a single statement over a range of heap pages, ``WITH moved AS (DELETE ...
+WHERE <pages> AND <predicate> RETURNING *) INSERT INTO archive SELECT ... FROM
+moved``: the DELETE locks each row and re-checks the predicate against its latest
+committed version, and exactly the versions it deleted are archived; the run log
+row is updated in the same statement, so a crash loses nothing and repeats
+nothing. A batch that meets a row another transaction holds locked runs again as
+``SELECT ... FOR UPDATE SKIP LOCKED`` then DELETE, which passes such rows over.
 """
 
 from __future__ import annotations
@@ -360,7 +362,7 @@ def _children_parts(
         parts.append(sql.SQL("{} AS (DELETE FROM {} c WHERE {} RETURNING c.*)").format(sql.Identifier(d), table, where))
         if plan.archive is not None:
             parts.append(
-                sql.SQL("{} AS (INSERT INTO {} ({}) SELECT {} FROM {} RETURNING 1)").format(
+                sql.SQL("{} AS (INSERT INTO {} ({}) SELECT {} FROM {})").format(
                     sql.Identifier(names("a")),
                     plan.archive,
                     _names(plan.columns),
@@ -377,101 +379,69 @@ def runs_table(state_schema: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(state_schema), sql.Identifier(RUNS_TABLE))
 
 
+def _page_range(alias: str, inline: bool) -> sql.Composable:
+    """The rows on the heap pages [lo, hi) of the table: a TID range scan reads those pages and no
+    others (PostgreSQL 14+). Page numbers are bound (``$2`` and ``$4`` for pg_cron); offset 0 sorts
+    before every row of its page. On a partitioned table the range applies to each partition."""
+    lo, hi = (sql.SQL("$2"), sql.SQL("$4")) if inline else (sql.Placeholder("lo"), sql.Placeholder("hi"))
+    return sql.SQL(
+        "{a}.ctid >= ('(' || {lo}::bigint || ',0)')::tid AND {a}.ctid < ('(' || {hi}::bigint || ',0)')::tid"
+    ).format(a=sql.Identifier(alias), lo=lo, hi=hi)
+
+
 def batch_statement(
-    target: Target, *, after: bool = False, upto: bool = False, inline: bool = False, runs: sql.Composable | None = None
+    target: Target, *, locked: bool = False, inline: bool = False, runs: sql.Composable | None = None
 ) -> sql.Composed:
-    """Move (archive) or delete one batch of matching rows, with their children, atomically.
+    """Move (archive) or delete the matching rows of one range of heap pages, with their children,
+    atomically: one statement.
 
-    With a primary key, batches walk the key in order (``after``: continue past the
-    last key of the previous batch), so a run passes over the table once instead
-    of re-scanning it, and its dead tuples, for every batch; ``upto`` stops the walk
-    at the highest key the table had when the run started, so a run has a bounded
-    scope and never chases an application that keeps inserting.
+    Batches walk the table's pages once, in order, up to the last page it had when the run
+    started (``lo`` and ``hi``: page numbers), so a batch reads contiguous pages, a run passes
+    over the table once, and rows added after the start (in new pages) belong to the next run.
 
-    Children: every table that references removed rows is handled in the same
-    statement (archived or deleted before their parents, so an ON DELETE action finds
-    nothing; or counted), and parents whose children must stay are skipped and counted.
+    Two shapes, with the same outcome:
+
+    - direct (the default): ``DELETE ... WHERE <pages> AND <predicate> RETURNING`` takes and locks
+      each row itself. Under READ COMMITTED a row changed since the statement's snapshot is
+      re-checked against the predicate in its latest version (EvalPlanQual) and deleted only if it
+      still matches; under REPEATABLE READ the batch fails and is retried. The rows archived are
+      exactly the versions deleted. A row another transaction holds locked is waited for, at most
+      the session's ``lock_timeout`` (the job sets a short one), and then the batch is rolled back
+      and run again ``locked``.
+    - ``locked``: ``SELECT ... FOR UPDATE SKIP LOCKED`` first, then the DELETE of those rows: rows
+      held by others are passed over instead of waited for (the next run takes them). Also the
+      shape of a table whose self-reference takes descendants along (they are found from the
+      locked rows).
+
+    Children: every table that references removed rows is handled in the same statement
+    (archived or deleted before their parents, so an ON DELETE action finds nothing; or
+    counted), and parents whose children must stay are left where they are and counted.
     ``runs`` folds the run-log update into the statement: one round trip per batch.
 
-    Returns: rows looked at (the batch; fewer than the limit ends a run), rows moved,
-    the batch's counts per child table and skipped constraint (jsonb), and the last key.
-    ``inline`` (pg_cron) returns only the rows looked at; blocked parents are filtered
-    out instead of counted, since its batches do not walk the key.
+    Returns: rows moved, and the batch's counts per child table and kept parents (jsonb);
+    ``inline`` (pg_cron: cutoff, ``lo``, run id and ``hi`` as ``$1`` to ``$4``) returns rows moved only.
     """
     where, _ = predicate(target, inline=inline)
-    keys = target.key_columns
-    names = _Aliases()
-    tuple_ = _cols("s", keys)
-    for flag, name, op in ((after, "after", ">"), (upto, "upto", "<=")):
-        if flag and keys:
-            bound = sql.SQL(", ").join(sql.Placeholder(f"{name}_{i}") for i in range(len(keys)))
-            where = sql.SQL("{} AND ({}) {} ({})").format(where, tuple_, sql.SQL(op), bound)
-    order = sql.SQL(" ORDER BY {}").format(tuple_) if keys else sql.SQL("")
-    selfs = _self_edges(target.children)
-    blockers = _blockers("s" if inline or not keys else "c", target.scan, target.children, names)
-    # Without a key walk (pg_cron, or no primary key) a kept row would be taken again by every
-    # batch: such rows are left out of the batch instead of flagged and counted.
-    filtered = inline or not keys
+    where = sql.SQL("{} AND {}").format(_page_range("s", inline), where)
     if target.fingerprint:
         # Planned for these foreign keys: if a migration added or changed one since, the batch takes
         # nothing (its ON DELETE action would act unseen), and the run reports it.
         where = sql.SQL("{} AND ({}) = {}").format(
             where, fingerprint_query(target.tables), sql.Literal(target.fingerprint)
         )
-    if filtered and blockers:
-        where = sql.SQL("{} AND NOT ({})").format(where, sql.SQL(" OR ").join(b for _, b in blockers))
-    # What the batch keeps of each row: the key, the columns its blockers and self-references read.
-    wanted = list(keys)
-    for plan in target.children:
-        wanted += [c for c in plan.fk.ref_columns if c not in wanted]
-    ident = ["tableoid", "ctid"] if target.partitioned or selfs else ["ctid"]
-    selected: list[sql.Composable] = []
-    if not keys or selfs or not target.partitioned:
-        selected += [sql.SQL("s.") + sql.SQL(i) for i in ident]
-    if wanted:
-        selected.append(_cols("s", wanted))
-    wanted_sql = sql.SQL(", ").join(selected)
-    limit = sql.SQL("$2") if inline else sql.Placeholder("limit")
-    parts: list[sql.Composable] = [
-        sql.SQL("cand AS MATERIALIZED (SELECT {} FROM {} s WHERE {}{} LIMIT {} FOR UPDATE OF s SKIP LOCKED)").format(
-            wanted_sql, target.scan, where, order, limit
-        )
-    ]
+    names = _Aliases()
+    selfs = _self_edges(target.children)
+    locked = locked or bool(selfs)
+    parts: list[sql.Composable] = []
     counters: list[tuple[str, sql.Composable]] = []
-    if blockers and not filtered:
-        kept = [sql.Identifier(f"pgscale kept {i}") for i in range(len(blockers))]  # never a column's name
-        flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, f) for (_, b), f in zip(blockers, kept, strict=True))
-        parts.append(sql.SQL("flags AS MATERIALIZED (SELECT c.*, {} FROM cand c)").format(flags))
-        parts.append(sql.SQL("batch AS (SELECT * FROM flags WHERE NOT ({}))").format(sql.SQL(" OR ").join(kept)))
-        for (label, _), f in zip(blockers, kept, strict=True):
-            counters.append((label, sql.SQL("(SELECT count(*) FROM flags WHERE {})").format(f)))
+    if locked:
+        _locked_parts(target, where, selfs, names, parts, counters)
     else:
-        parts.append(sql.SQL("batch AS (SELECT * FROM cand)"))
-    if selfs:
-        refs = sorted({c for e in selfs for c in e.fk.ref_columns})
-        parts.append(
-            _closure(
-                "r0",
-                target.scan,
-                target.partitioned,
-                _closure_seed(target.partitioned, refs, sql.SQL("batch")),
-                selfs,
-            )
-        )
-        match = _by_ctid("t", target.partitioned, "r0")
-    elif keys and target.partitioned:
-        match = sql.SQL("({}) IN (SELECT {} FROM batch)").format(_cols("t", keys), _names(keys))
-    elif target.partitioned:
-        match = sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
-    else:
-        match = sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
-    parts.append(sql.SQL("moved AS (DELETE FROM {} t WHERE {} RETURNING t.*)").format(target.scan, match))
+        _direct_parts(target, where, names, parts, counters)
     if target.archive is not None:
         cols = _names(target.columns)
         parts.append(
-            sql.SQL("archived AS (INSERT INTO {} ({}) SELECT {} FROM moved RETURNING 1)").format(
-                target.archive, cols, cols
-            )
+            sql.SQL("archived AS (INSERT INTO {} ({}) SELECT {} FROM moved)").format(target.archive, cols, cols)
         )
     _children_parts("moved", target.children, names, parts, counters)
     values = sql.SQL(", ").join(sql.SQL("({}, {})").format(sql.Literal(k), v) for k, v in counters)
@@ -497,7 +467,7 @@ def batch_statement(
         parts.append(
             sql.SQL(
                 "log AS (UPDATE {runs} SET rows_archived = rows_archived + {a}, rows_deleted = rows_deleted + {d}, "
-                "batches = batches + 1, updated_at = clock_timestamp(){merged} WHERE id = {run} RETURNING 1)"
+                "batches = batches + 1, updated_at = clock_timestamp(){merged} WHERE id = {run})"
             ).format(
                 runs=runs,
                 a=sql.SQL("(SELECT n FROM mc)") if archiving else sql.SQL("0"),
@@ -509,71 +479,176 @@ def batch_statement(
     head = sql.SQL("WITH RECURSIVE " if any(_self_edges(p.children) for p in target.plans()) or selfs else "WITH ")
     body = sql.Composed([head, sql.SQL(", ").join(parts)])
     if inline:
-        return sql.Composed([body, sql.SQL(" SELECT count(*) FROM cand")])
+        return sql.Composed([body, sql.SQL(" SELECT (SELECT n FROM mc)")])
     batch_counts = sql.SQL("(SELECT jsonb_object_agg(k, v) FROM counts WHERE v > 0)") if counters else sql.SQL("NULL")
-    if keys:
-        idents = [sql.Identifier(c) for c in keys]
-        tail = sql.SQL(
-            " SELECT (SELECT count(*) FROM cand), (SELECT n FROM mc), {counts}, last.* FROM (SELECT 1) one "
-            "LEFT JOIN LATERAL (SELECT {keys} FROM cand ORDER BY {desc} LIMIT 1) last ON true"
-        ).format(
-            counts=batch_counts,
-            keys=sql.SQL(", ").join(idents),
-            desc=sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents),
+    return sql.Composed([body, sql.SQL(" SELECT (SELECT n FROM mc), {}").format(batch_counts)])
+
+
+_KEPT = "pgscale kept {}"  # names of the statement's own columns: never a column of the table
+_ROW = "pgscale {}"
+
+
+def _direct_parts(
+    target: Target,
+    where: sql.Composable,
+    names: _Aliases,
+    parts: list[sql.Composable],
+    counters: list[tuple[str, sql.Composable]],
+) -> None:
+    """``moved``: the DELETE that takes the range's matching rows itself. Parents that must stay
+    (``_blockers``) are left out by the DELETE's own condition, so they are re-checked with the row
+    like the predicate; ``kept`` then flags, per constraint, the matching rows of the range that
+    the DELETE did not take (the kept ones), for the counts."""
+    blockers = _blockers("s", target.scan, target.children, names)
+    if not blockers:
+        parts.append(sql.SQL("moved AS (DELETE FROM {} s WHERE {} RETURNING s.*)").format(target.scan, where))
+        return
+    ident = ["tableoid", "ctid"] if target.partitioned else ["ctid"]
+    returning = sql.SQL(", ").join(
+        [sql.SQL("s.*"), *(sql.SQL("s.{} AS {}").format(sql.SQL(i), sql.Identifier(_ROW.format(i))) for i in ident)]
+    )
+    parts.append(
+        sql.SQL("moved AS (DELETE FROM {} s WHERE {} AND NOT ({}) RETURNING {})").format(
+            target.scan, where, sql.SQL(" OR ").join(b for _, b in blockers), returning
         )
+    )
+    kept = [sql.Identifier(_KEPT.format(i)) for i in range(len(blockers))]
+    flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, f) for (_, b), f in zip(blockers, kept, strict=True))
+    taken = sql.SQL(" AND ").join(
+        sql.SQL("m.{} = s.{}").format(sql.Identifier(_ROW.format(i)), sql.SQL(i)) for i in ident
+    )
+    parts.append(
+        sql.SQL(
+            "kept AS MATERIALIZED (SELECT {} FROM {} s WHERE {} AND NOT EXISTS (SELECT 1 FROM moved m WHERE {}))"
+        ).format(flags, target.scan, where, taken)
+    )
+    for (label, _), f in zip(blockers, kept, strict=True):
+        counters.append((label, sql.SQL("(SELECT count(*) FROM kept WHERE {})").format(f)))
+
+
+def _locked_parts(
+    target: Target,
+    where: sql.Composable,
+    selfs: list[ChildPlan],
+    names: _Aliases,
+    parts: list[sql.Composable],
+    counters: list[tuple[str, sql.Composable]],
+) -> None:
+    """``cand`` locks the range's matching rows (``SKIP LOCKED``), ``flags`` marks the ones that must
+    stay (counted), and ``moved`` deletes the rest, with their descendants through a self-reference."""
+    keys = target.key_columns
+    wanted = list(keys)  # what the batch keeps of each row: the key, the columns its blockers and closures read
+    for plan in target.children:
+        wanted += [c for c in plan.fk.ref_columns if c not in wanted]
+    ident = ["tableoid", "ctid"] if target.partitioned or selfs else ["ctid"]
+    selected: list[sql.Composable] = []
+    if not keys or selfs or not target.partitioned:
+        selected += [sql.SQL("s.") + sql.SQL(i) for i in ident]
+    if wanted:
+        selected.append(_cols("s", wanted))
+    parts.append(
+        sql.SQL("cand AS MATERIALIZED (SELECT {} FROM {} s WHERE {} FOR UPDATE OF s SKIP LOCKED)").format(
+            sql.SQL(", ").join(selected), target.scan, where
+        )
+    )
+    blockers = _blockers("c", target.scan, target.children, names)
+    if blockers:
+        kept = [sql.Identifier(_KEPT.format(i)) for i in range(len(blockers))]
+        flags = sql.SQL(", ").join(sql.SQL("{} AS {}").format(b, f) for (_, b), f in zip(blockers, kept, strict=True))
+        parts.append(sql.SQL("flags AS MATERIALIZED (SELECT c.*, {} FROM cand c)").format(flags))
+        parts.append(sql.SQL("batch AS (SELECT * FROM flags WHERE NOT ({}))").format(sql.SQL(" OR ").join(kept)))
+        for (label, _), f in zip(blockers, kept, strict=True):
+            counters.append((label, sql.SQL("(SELECT count(*) FROM flags WHERE {})").format(f)))
     else:
-        tail = sql.SQL(" SELECT (SELECT count(*) FROM cand), (SELECT n FROM mc), {}").format(batch_counts)
-    return sql.Composed([body, tail])
+        parts.append(sql.SQL("batch AS (SELECT * FROM cand)"))
+    if selfs:
+        refs = sorted({c for e in selfs for c in e.fk.ref_columns})
+        parts.append(
+            _closure(
+                "r0", target.scan, target.partitioned, _closure_seed(target.partitioned, refs, sql.SQL("batch")), selfs
+            )
+        )
+        match = _by_ctid("t", target.partitioned, "r0")
+    elif keys and target.partitioned:
+        match = sql.SQL("({}) IN (SELECT {} FROM batch)").format(_cols("t", keys), _names(keys))
+    elif target.partitioned:
+        match = sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM batch)")
+    else:
+        match = sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM batch))")
+    parts.append(sql.SQL("moved AS (DELETE FROM {} t WHERE {} RETURNING t.*)").format(target.scan, match))
 
 
 @dataclass
 class Batch:
     """What one committed batch did."""
 
-    taken: int  # rows the batch looked at; fewer than its limit: the run is done
     moved: int  # rows removed from the table (with a self-reference: descendants included)
-    tables: dict[str, int]  # per child table and effect, and parents skipped per constraint
-    last: tuple[Any, ...] | None
+    tables: dict[str, int]  # per child table and effect, and parents kept per constraint
+
+
+_STATEMENTS: dict[tuple[Target, bool, str | None], bytes] = {}
 
 
 def move_batch(
     conn: psycopg.Connection,
     target: Target,
     cutoff: datetime,
-    after: tuple[Any, ...] | None = None,
-    upto: tuple[Any, ...] | None = None,
+    lo: int,
+    hi: int,
     *,
-    limit: int | None = None,
+    locked: bool = False,
+    lock_timeout: str | None = None,
+    statement_timeout: str | None = None,
     state_schema: str | None = None,
     run_id: int | None = None,
 ) -> Batch:
-    """Run one batch as one statement (its own transaction on an autocommit connection).
+    """Run one batch over the heap pages [lo, hi) as one statement, committed on its own.
 
     With ``state_schema`` and ``run_id``, the run log is updated by the same statement.
+    ``lock_timeout`` / ``statement_timeout``: settings for this batch only (its own transaction).
     """
-    extra: dict[str, Any] = {"limit": limit or target.batch_size, "run": run_id}
-    for name, bound in (("after", after), ("upto", upto)):
-        if bound is not None:
-            extra.update({f"{name}_{i}": v for i, v in enumerate(bound)})
     runs = runs_table(state_schema) if state_schema is not None and run_id is not None else None
-    statement = batch_statement(target, after=after is not None, upto=upto is not None, runs=runs)
-    row = conn.execute(statement, _params(target, cutoff, extra)).fetchone()
+    key = (target, locked, state_schema if runs is not None else None)
+    statement = _STATEMENTS.get(key)
+    if statement is None:  # the same text every batch: prepared once (see the job's plan_cache_mode)
+        statement = _STATEMENTS[key] = batch_statement(target, locked=locked, runs=runs).as_bytes(conn)
+    params = _params(target, cutoff, {"lo": lo, "hi": hi, "run": run_id})
+    settings = [(n, v) for n, v in (("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)) if v]
+    if settings:
+        with conn.transaction():
+            for name, value in settings:
+                conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+            row = conn.execute(statement, params, prepare=True).fetchone()
+    else:
+        row = conn.execute(statement, params, prepare=True).fetchone()
     if row is None:
-        return Batch(0, 0, {}, after)
-    last = tuple(row[3:]) if target.key_columns and row[3] is not None else after
-    return Batch(int(row[0]), int(row[1]), dict(row[2] or {}), last)
+        return Batch(0, {})
+    return Batch(int(row[0]), dict(row[1] or {}))
 
 
-def highest_key(conn: psycopg.Connection, target: Target) -> tuple[Any, ...] | None:
-    """The largest primary key now (the end of a run's scope), or None without a key or rows."""
-    if not target.key_columns:
-        return None
-    idents = [sql.Identifier(c) for c in target.key_columns]
-    query = sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
-        sql.SQL(", ").join(idents), target.scan, sql.SQL(", ").join(sql.SQL("{} DESC").format(i) for i in idents)
+def extent_query(target: Target) -> sql.Composed:
+    """The table's size in heap pages now (the end of a run's walk; a partitioned table: its largest
+    partition) and its rows per page from the statistics (all partitions' rows per page of that
+    walk; when never analyzed, the most a page can hold)."""
+    name = sql.Literal(target.source.as_string(None))
+    rels = (
+        sql.SQL("SELECT relid FROM pg_partition_tree({}::regclass) WHERE isleaf").format(name)
+        if target.partitioned
+        else sql.SQL("SELECT {}::regclass").format(name)
     )
-    row = conn.execute(query).fetchone()
-    return tuple(row) if row else None
+    return sql.SQL(
+        "SELECT coalesce(max(pg_relation_size(c.oid)), 0) / current_setting('block_size')::bigint, "
+        "coalesce(CASE WHEN min(c.reltuples) >= 0 AND max(c.relpages) > 0 "
+        "THEN sum(c.reltuples)::float8 / max(c.relpages) END, current_setting('block_size')::float8 / 28) "
+        "FROM pg_class c WHERE c.oid IN ({})"
+    ).format(rels)
+
+
+def heap_extent(conn: psycopg.Connection, target: Target) -> tuple[int, float]:
+    """(pages, rows per page): see extent_query."""
+    row = conn.execute(extent_query(target)).fetchone()
+    assert row is not None
+    return int(row[0]), max(float(row[1]), 1.0)
 
 
 def count_matching(conn: psycopg.Connection, target: Target, cutoff: datetime) -> int:
@@ -1010,8 +1085,9 @@ def has_extension(conn: psycopg.Connection, name: str) -> bool:
 def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
     """The procedure pg_cron calls: the same batches and run log as `pgscale job retention`.
 
-    It runs statements rendered by pgscale (retention_config.batch_sql) with the cutoff
-    and batch size as parameters, commits after every batch, and stops at max_run.
+    It runs statements rendered by pgscale (retention_config.batch_sql and locked_sql) with the
+    cutoff, the page range and the run id as parameters, walks the table's pages up to the
+    last one it had at the start, commits after every batch, and stops at max_run.
     """
     s = sql.Identifier(state_schema)
     with conn.transaction():
@@ -1024,16 +1100,21 @@ def ensure_procedure(conn: psycopg.Connection, state_schema: str) -> None:
                 "statement_timeout text NOT NULL, max_run interval NOT NULL, pause double precision NOT NULL, "
                 "lock_key bigint NOT NULL DEFAULT 0, isolation text NOT NULL DEFAULT '', "
                 "check_sql text NOT NULL DEFAULT 'SELECT repeat(''x'', 0)', fingerprint text NOT NULL DEFAULT '', "
+                "locked_sql text NOT NULL DEFAULT '', extent_sql text NOT NULL DEFAULT '', "
+                "row_lock_wait text NOT NULL DEFAULT '', "
                 "updated_at timestamptz NOT NULL DEFAULT now())"
             ).format(s=s, cfg=sql.Identifier(CONFIG_TABLE))
         )
-        if "check_sql" not in (table_columns(conn, state_schema, CONFIG_TABLE) or {}):
+        if "row_lock_wait" not in (table_columns(conn, state_schema, CONFIG_TABLE) or {}):
             conn.execute(  # tables created by an earlier version lack them
                 sql.SQL(
                     "ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS lock_key bigint NOT NULL DEFAULT 0, "
                     "ADD COLUMN IF NOT EXISTS isolation text NOT NULL DEFAULT '', "
                     "ADD COLUMN IF NOT EXISTS check_sql text NOT NULL DEFAULT 'SELECT repeat(''x'', 0)', "
-                    "ADD COLUMN IF NOT EXISTS fingerprint text NOT NULL DEFAULT ''"
+                    "ADD COLUMN IF NOT EXISTS fingerprint text NOT NULL DEFAULT '', "
+                    "ADD COLUMN IF NOT EXISTS locked_sql text NOT NULL DEFAULT '', "
+                    "ADD COLUMN IF NOT EXISTS extent_sql text NOT NULL DEFAULT '', "
+                    "ADD COLUMN IF NOT EXISTS row_lock_wait text NOT NULL DEFAULT ''"
                 ).format(s, sql.Identifier(CONFIG_TABLE))
             )
         conn.execute(
@@ -1047,10 +1128,20 @@ DECLARE
   v_run bigint;
   v_retries integer := 0;
   v_fingerprint text;
+  v_end bigint;
+  v_density double precision;
+  v_pages bigint;
+  v_lo bigint := 0;
+  v_hi bigint;
+  v_locked boolean := false;
 BEGIN
   SELECT * INTO cfg FROM {s}.{cfg} WHERE policy = p_policy;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pgscale: no retention configuration for %', p_policy;
+  END IF;
+  IF cfg.extent_sql = '' OR cfg.row_lock_wait = '' THEN
+    RAISE EXCEPTION 'pgscale: the retention configuration of % was written by an older pgscale; '
+                    'the operator rewrites it at its next reconcile', p_policy;
   END IF;
   IF NOT pg_try_advisory_lock(cfg.lock_key) THEN
     RAISE NOTICE 'pgscale: another run of % is in progress; skipping', p_policy;
@@ -1073,31 +1164,53 @@ BEGIN
     COMMIT;
     RETURN;
   END IF;
+  -- The walk: the table's pages as they are now (pages added later belong to the next run), in
+  -- ranges holding about batch_size rows.
+  EXECUTE cfg.extent_sql INTO v_end, v_density;
+  v_pages := greatest(1, ceil(cfg.batch_size / greatest(v_density, 1)));
   IF cfg.isolation <> '' THEN
     -- Children archived or kept: REPEATABLE READ, so a child newer than a batch's snapshot
     -- fails the batch (retried) instead of being deleted by its parent's ON DELETE action.
     PERFORM set_config('default_transaction_isolation', cfg.isolation, false);
-    COMMIT;
   END IF;
-  LOOP
+  COMMIT;
+  WHILE v_lo < v_end LOOP
+    v_hi := least(v_lo + v_pages, v_end);
     BEGIN
       -- The statement updates the run log itself ($3), in the same transaction.
-      EXECUTE cfg.batch_sql INTO v_moved USING v_cutoff, cfg.batch_size, v_run;
-    EXCEPTION WHEN serialization_failure OR lock_not_available OR deadlock_detected OR foreign_key_violation
-                   OR query_canceled THEN
-      v_retries := v_retries + 1;
-      IF v_retries > 10 THEN
-        RAISE;
+      IF v_locked THEN
+        -- Rows held by others are passed over (SKIP LOCKED), waited for by no one.
+        EXECUTE cfg.locked_sql INTO v_moved USING v_cutoff, v_lo, v_run, v_hi;
+      ELSE
+        -- The DELETE takes the rows itself; a row held by another transaction is waited for this
+        -- long at most, then the range runs again locked.
+        PERFORM set_config('lock_timeout', cfg.row_lock_wait, true);
+        EXECUTE cfg.batch_sql INTO v_moved USING v_cutoff, v_lo, v_run, v_hi;
       END IF;
-      v_moved := -1;
+    EXCEPTION WHEN lock_not_available OR serialization_failure OR deadlock_detected OR foreign_key_violation
+                   OR query_canceled THEN
+      IF SQLSTATE = '55P03' AND NOT v_locked THEN
+        v_locked := true;
+        v_moved := -2;
+      ELSE
+        v_retries := v_retries + 1;
+        IF v_retries > 10 THEN
+          RAISE;
+        END IF;
+        v_moved := -1;
+      END IF;
     END;
     COMMIT;
-    IF v_moved < 0 THEN
+    IF v_moved = -1 THEN
       PERFORM pg_sleep(0.2 * v_retries);
+      CONTINUE;
+    ELSIF v_moved = -2 THEN
       CONTINUE;
     END IF;
     v_retries := 0;
-    EXIT WHEN v_moved < cfg.batch_size;
+    v_locked := false;
+    v_lo := v_hi;
+    EXIT WHEN v_lo >= v_end;
     IF clock_timestamp() > v_deadline THEN
       UPDATE {s}.{runs} SET outcome = 'Partial', ended_at = clock_timestamp(), updated_at = clock_timestamp(),
         message = 'max run time reached; the next run continues' WHERE id = v_run;
@@ -1128,12 +1241,16 @@ $proc$"""
 
 def save_config(conn: psycopg.Connection, state_schema: str, policy: str, target: Target, **settings: Any) -> None:
     """Store the rendered statements and settings the procedure runs with."""
-    batch_sql = batch_statement(target, inline=True, runs=runs_table(state_schema)).as_string(conn)
+    runs = runs_table(state_schema)
+    batch_sql = batch_statement(target, inline=True, runs=runs).as_string(conn)
+    locked_sql = batch_statement(target, locked=True, inline=True, runs=runs).as_string(conn)
     where, _ = predicate(target, inline=True)
     count_sql = sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(target.scan, where).as_string(conn)
     row = {
         "batch_sql": batch_sql,
+        "locked_sql": locked_sql,
         "count_sql": count_sql,
+        "extent_sql": extent_query(target).as_string(conn),
         "age": target.age_interval,
         "batch_size": target.batch_size,
         "archiving": target.archive is not None,

@@ -6,11 +6,15 @@ from .planning import (
     Relationships,
     TableFacts,
     archive_name,
+    batch_aim,
+    batch_cap,
+    batch_pages,
     check_archive,
     effect_of,
     next_batch_size,
     plan,
     plan_relationships,
+    row_lock_wait,
 )
 from .preparation import Prepared, Stake, at_stake, prepare, unresolved_error
 
@@ -22,11 +26,15 @@ __all__ = [
     "TableFacts",
     "archive_name",
     "at_stake",
+    "batch_aim",
+    "batch_cap",
+    "batch_pages",
     "check_archive",
     "effect_of",
     "next_batch_size",
     "plan",
     "plan_relationships",
     "prepare",
+    "row_lock_wait",
     "unresolved_error",
 ]

@@ -6,6 +6,7 @@ in; everything decided from them is here and unit-tested.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..api.retentionpolicy import ChildrenSpec, RetentionPolicySpec
@@ -252,18 +253,53 @@ def check_archive(spec: RetentionPolicySpec, source: dict[str, Column], archive:
 
 
 BATCH_TIME_SHARE = 0.1  # a batch aims at this share of lockTimeout: what a writer may wait on its rows
+BATCH_STALL_SHARE = 0.5  # a batch above its smallest size is cut short (and halved) when it takes this share
 
 
-def next_batch_size(size: int, taken: int, elapsed: float, *, budget: float, smallest: int, largest: int) -> int:
-    """The next batch's size, from how long this one took (pure).
+def batch_aim(budget: float) -> float:
+    """How long a batch should take, in seconds, given lockTimeout (``budget``)."""
+    return max(budget * BATCH_TIME_SHARE, 0.01)
 
-    Batches grow (doubling) while a full one takes under half the aim, and shrink in
-    proportion when one takes longer than the aim, so each stays far under the lock
-    budget whatever the row width, the indexes and the machine's load.
+
+def row_lock_wait(budget: float) -> float:
+    """How long a batch's DELETE waits for a row another transaction holds locked, in seconds, before
+    the batch is rolled back and run again with SKIP LOCKED (which waits for no row). Short: while it
+    waits, the rows it already took stay locked for everyone else."""
+    return batch_aim(budget)
+
+
+def batch_cap(budget: float, statement_timeout: float) -> float:
+    """The statement timeout of a batch larger than its smallest size: past this it is rolled back and
+    run again at half its size, so no batch holds its rows for long (a run over sparse pages grows its
+    ranges, and the next range may be dense). 0: no limit."""
+    caps = [t for t in (budget * BATCH_STALL_SHARE, statement_timeout) if t > 0]
+    return min(caps) if caps else 0.0
+
+
+def batch_pages(batch_size: int, max_batch_size: int, rows_per_page: float) -> tuple[int, int]:
+    """(smallest, largest) batch in heap pages: ranges that hold about batchSize and maxBatchSize rows."""
+    density = max(rows_per_page, 1.0)
+    smallest = max(1, math.ceil(batch_size / density))
+    return smallest, max(smallest, int(max(max_batch_size, batch_size) / density))
+
+
+EXPLORING = 8  # after a batch that moved no row, the next covers at most this many times the smallest
+
+
+def next_batch_size(size: int, elapsed: float, *, moved: int, budget: float, smallest: int, largest: int) -> int:
+    """The next batch's size (in pages), from how long this one took (pure).
+
+    Batches grow (doubling) while one takes under half the aim, and shrink in proportion
+    when one takes longer than the aim, so each stays far under the lock budget whatever
+    the row width, the share of matching rows, the indexes and the machine's load. A batch
+    that moved nothing only read its pages, which says little of how long moving rows takes:
+    the next one stays within EXPLORING times the smallest size (pages with matching rows
+    may follow).
     """
-    aim = max(budget * BATCH_TIME_SHARE, 0.01)
+    aim = batch_aim(budget)
     if elapsed > aim:
         return max(smallest, min(size, int(size * aim / elapsed)))
-    if taken >= size and elapsed < aim / 2:
-        return min(largest, size * 2)
+    if elapsed < aim / 2:
+        grown = min(largest, size * 2)
+        return grown if moved else max(smallest, min(grown, smallest * EXPLORING))
     return size
