@@ -25,18 +25,13 @@ import localenv
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, helm_binary
 
 pytestmark = pytest.mark.cluster
 
 CHART = ROOT / "charts" / "pgscale"
 MONITORING_CRDS = ("prometheusrules", "podmonitors", "servicemonitors")
 PGSCALE_CRDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations")
-
-
-def helm() -> str:
-    out = subprocess.run([str(ROOT / "hack" / "build-helm.sh")], check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def ok(result: subprocess.CompletedProcess[str], what: str) -> str:
@@ -46,7 +41,7 @@ def ok(result: subprocess.CompletedProcess[str], what: str) -> str:
 
 def template(namespace: str, *args: str, release: str = "pgscale") -> str:
     result = subprocess.run(
-        [helm(), "template", release, str(CHART), "--namespace", namespace, *args],
+        [helm_binary(), "template", release, str(CHART), "--namespace", namespace, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -171,7 +166,7 @@ def test_helm_install_then_uninstall_keeps_crds(fresh_cluster: localenv.ControlP
     namespace = new_namespace(cp)
     crds = {f"{p}.pgscale.io" for p in PGSCALE_CRDS}
     assert not crds & names(cp, "crd")
-    base = [helm(), "--kubeconfig", str(cp.kubeconfig), "--namespace", namespace]
+    base = [helm_binary(), "--kubeconfig", str(cp.kubeconfig), "--namespace", namespace]
     ok(
         subprocess.run([*base, "install", "pgscale", str(CHART)], capture_output=True, text=True, timeout=300),
         "helm install",
