@@ -457,7 +457,7 @@ class OperatorProcess:
     def _start(self, *args: str) -> OperatorProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PGSCALE_STALLED_RETRY_SECONDS": "5",
-               **self.extra_env}  # fmt: skip
+               "PYTHONFAULTHANDLER": "1", **self.extra_env}  # fmt: skip
         exe = Path(sys.executable).parent / "pgscale"
         self.proc = _spawn([str(exe), "run", "--metrics-port", str(self.metrics_port),
                             "--liveness-port", str(self.liveness_port), *args], self.log, env=env)  # fmt: skip
@@ -468,6 +468,20 @@ class OperatorProcess:
 
     def stop(self) -> None:
         _stop(self.proc, timeout=20)
+
+    def dump_threads(self) -> str:
+        """End a stuck operator with SIGABRT: faulthandler writes every thread's stack to its log (diagnostics)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return ""
+        before = self.log.stat().st_size if self.log.exists() else 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self.stop()
+        with self.log.open("rb") as f:
+            f.seek(before)
+            return f.read().decode(errors="replace")
 
 
 def operator_identity(cp: ControlPlane, workdir: Path, manifests: Path = ROOT / "manifests") -> Path:

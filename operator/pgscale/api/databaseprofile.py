@@ -311,6 +311,52 @@ class CapacitySpec(Model):
     horizon_months: int = Field(default=12, ge=1, le=120, description="How far ahead sizes are projected.")
 
 
+SettingsMethod = Literal["auto", "alterSystem", "database", "cloudnativepg"]
+AppliedMethod = Literal["alterSystem", "database", "cloudnativepg"]
+
+
+class SettingsSpec(Model):
+    """How settings, replicas and the pooler reach the server: who owns its configuration."""
+
+    model_config = Model.model_config | {
+        "json_schema_extra": cel(
+            (
+                "!has(self.role) || self.method in ['auto', 'database']",
+                "settings.role: only the database method applies settings per role",
+            ),
+            (
+                "!has(self.clusterRef) || self.method in ['auto', 'cloudnativepg']",
+                "settings.clusterRef: only the cloudnativepg method uses a CloudNativePG Cluster",
+            ),
+        )
+    }
+
+    method: SettingsMethod = Field(
+        default="auto",
+        description=(
+            "alterSystem: ALTER SYSTEM on the server (needs superuser or the ALTER SYSTEM privilege). "
+            "database: ALTER DATABASE ... SET for the settings a database may carry (managed services, "
+            "shared servers); server-level settings are listed in status for the provider's parameter group. "
+            "cloudnativepg: the CloudNativePG Cluster's spec.postgresql.parameters, instances and Pooler "
+            "resources. auto: picked from what the server and the cluster show; status.settingsMethod says which."
+        ),
+    )
+    cluster_ref: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "The CloudNativePG Cluster serving this database (cloudnativepg method); by default the one named "
+            "by the connection Secret's cnpg.io/cluster label."
+        ),
+    )
+    role: ObjectName | None = Field(
+        default=None,
+        description=(
+            "database method: apply as ALTER ROLE <role> IN DATABASE ... SET (only that role's new sessions "
+            "see the values) instead of ALTER DATABASE ... SET."
+        ),
+    )
+
+
 class DatabaseProfileSpec(Model):
     """Desired state of a DatabaseProfile."""
 
@@ -331,10 +377,13 @@ class DatabaseProfileSpec(Model):
     resources: ResourcesSpec | None = Field(
         default=None, description="Hardware to compute settings from, instead of a tier."
     )
+    settings: SettingsSpec | None = Field(
+        default=None, description="How settings are applied (method auto when unset)."
+    )
     parameters: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            "Postgres settings applied with ALTER SYSTEM; they override the tier or resources. "
+            "Postgres settings (applied as spec.settings.method says); they override the tier or resources. "
             'Values are strings, as in postgresql.conf ("200", "256MB").'
         ),
         json_schema_extra={
@@ -378,6 +427,10 @@ class DatabaseProfileSpec(Model):
     def capacity_or_default(self) -> CapacitySpec:
         return self.capacity or CapacitySpec()
 
+    @property
+    def settings_or_default(self) -> SettingsSpec:
+        return self.settings or SettingsSpec()
+
 
 class ParameterStatus(Model):
     """A managed setting: what the spec asks and what the server runs with."""
@@ -387,6 +440,13 @@ class ParameterStatus(Model):
     effective: str | None = Field(default=None, max_length=1024, description="Value the server reports now.")
     source: Literal["tier", "resources", "parameters"] = Field(description="Where the desired value comes from.")
     pending_restart: bool = Field(default=False, description="The new value waits for a server restart.")
+    applied: bool = Field(
+        default=True,
+        description=(
+            "pgscale applied the value. False: the method cannot set it (a server-level setting under the "
+            "database method); set it in the provider's parameter group or the server's configuration."
+        ),
+    )
 
 
 class ReplicaStatus(Model):
@@ -456,6 +516,15 @@ class DatabaseProfileStatus(BaseStatus):
         max_length=32,
         description="The server's system identifier (pg_control_system()): profiles with the same one share "
         "server-wide settings, which only the earliest of them may set.",
+    )
+    settings_method: AppliedMethod | None = Field(
+        default=None, description="How settings are applied now (spec.settings.method, auto resolved)."
+    )
+    settings_method_reason: str | None = Field(
+        default=None, max_length=512, description="Why that method: what the server and the cluster showed."
+    )
+    cluster: str | None = Field(
+        default=None, max_length=253, description="The CloudNativePG Cluster whose configuration pgscale manages."
     )
     parameters: list[ParameterStatus] = Field(
         default_factory=list, description="Every managed setting.", json_schema_extra={"maxItems": 512}
