@@ -165,10 +165,22 @@ def stall_report(kubectl: Kubectl, dsn: str, op: localenv.OperatorProcess) -> st
             "SELECT pid, locktype, mode, relation::regclass::text, objid FROM pg_locks WHERE NOT granted"
         ).fetchall()
         advisory = conn.execute("SELECT pid, objid, mode, granted FROM pg_locks WHERE locktype = 'advisory'").fetchall()
+        state = conn.execute("SELECT * FROM pgscale.partition_conversions").fetchall()
+        relkind = conn.execute(
+            """SELECT relname, relkind FROM pg_class WHERE relname LIKE 'Task%%' AND relkind IN ('r', 'p')"""
+        ).fetchall()
+    events = kubectl.run(
+        "get",
+        "events",
+        "--sort-by=.lastTimestamp",
+        "-o",
+        "custom-columns=TIME:.lastTimestamp,REASON:.reason,OBJ:.involvedObject.name,MSG:.message",
+        check=False,
+    )
     threads = op.dump_threads()[-6000:]
     return (
-        f"status: {status}\nsessions: {sessions}\nwaiting locks: {waiting}\nadvisory locks: {advisory}\n"
-        f"threads:\n{threads}"
+        f"status: {json.dumps(status)}\nstate rows: {state}\ntables: {relkind}\nsessions: {sessions}\n"
+        f"waiting locks: {waiting}\nadvisory locks: {advisory}\nevents:\n{events}\nthreads:\n{threads}"
     )
 
 
