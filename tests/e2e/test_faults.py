@@ -194,7 +194,6 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(
         writer = Writer(server.dsn(db), list(before))
         writer.start()
         steps: dict[str, str | None] = {}
-        stalls: list[str] = []
         try:
             ns.apply(profile())
             policy = load_example("partitionpolicy.yaml")[0]
@@ -202,21 +201,16 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(
             policy["spec"]["conversion"].update(batchSize=500, pauseBetweenBatches="20ms")
             ns.apply(policy)
             for point in CONVERSION_POINTS:
-                code = None
-                for attempt in range(2):
-                    op = operator(env, tmp_path, fault=point)
-                    assert op.proc is not None
-                    try:
-                        code = op.proc.wait(timeout=90)
-                        break
-                    except subprocess.TimeoutExpired as exc:
-                        # Seen in CI after the kill at after-build: the next operator did not reach
-                        # after-prepare within 90 s. What it and the server were doing is printed.
-                        stalls.append(point)
-                        report = stall_report(ns, server.dsn(db), op)
-                        print(f"\nstall before {point} (attempt {attempt + 1}):\n{report}")
-                        if attempt == 1:
-                            raise AssertionError(f"the operator did not reach {point}:\n{report}") from exc
+                op = operator(env, tmp_path, fault=point)
+                assert op.proc is not None
+                try:
+                    code = op.proc.wait(timeout=90)
+                except subprocess.TimeoutExpired as exc:
+                    # What the operator and the server were doing (the stall once seen in CI was the
+                    # harness restarting an operator that had died at its point: OperatorProcess.start).
+                    raise AssertionError(
+                        f"the operator did not reach {point}:\n{stall_report(ns, server.dsn(db), op)}"
+                    ) from exc
                 assert code == -signal.SIGKILL, f"{point}: exit {code}"
                 # Where the killed run left the conversion, as the next run reads it (the state row).
                 steps[point] = scalar(
@@ -241,8 +235,7 @@ def test_operator_killed_at_every_conversion_step_under_a_writer(
         assert scalar(conn, """SELECT to_regclass('"Task_pgscale_new"')""") is None
     print(
         f"\nconversion killed at {len(CONVERSION_POINTS)} points; state (phase, rows copied) after each: {steps}; "
-        f"writer ops {writer.ops}; rows {kept}; reasons on the way: {sorted(seen)}; operator restarted after a "
-        f"90 s stall at: {stalls or 'none'}"
+        f"writer ops {writer.ops}; rows {kept}; reasons on the way: {sorted(seen)}"
     )
     phases = [str(v).split()[0] if v else None for v in steps.values()]
     # Each kill left the conversion one step further: the runs resumed, none started over.
