@@ -8,8 +8,12 @@ ServiceAccount and reaches Postgres and the S3 server on the host side of the no
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
+import random
+import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +27,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl, load_example, wait_until
+from pgscale.controllers.filemigration import job_state
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster, pytest.mark.postgres]
 
@@ -378,3 +383,207 @@ def test_operator_pod_deleted_mid_work(
 
     # A released Lease has no holder until a standby takes it (within its retry period).
     wait_until(holder, timeout=60, what=f"a new holder of the Lease (was {leader})")
+
+
+FILES = 1500  # rows of the file migration below; every 250th holds a file of 1-3 MB, the others 1-40 KB
+
+
+def _file(i: int) -> bytes:
+    rng = random.Random(i)
+    return rng.randbytes(rng.randint(1_000_000, 3_000_000) if i % 250 == 0 else rng.randint(1_000, 40_000))
+
+
+def test_file_migration_survives_its_pods_deleted(
+    operator_release: Kubectl, app: Kubectl, node_postgres: localenv.Postgres, node_s3: localenv.S3Server
+) -> None:
+    """A FileMigration copying in its Job's pod: the leading operator pod is deleted, then the Job's pod
+    itself; the Deployment, the Job controller and the operator bring the work back and it finishes
+    with every file in S3, byte for byte, once, and no InternalError on the way."""
+    from pgscale.storage import s3_client
+
+    started = time.monotonic()
+    timeline: list[str] = []
+
+    def note(what: str) -> None:
+        timeline.append(f"{time.monotonic() - started:6.1f}s {what}")
+
+    digests: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    node_postgres.execute('DROP DATABASE IF EXISTS "files" WITH (FORCE)')
+    node_postgres.execute('CREATE DATABASE "files"')
+    with psycopg.connect(node_postgres.dsn("files"), autocommit=True) as conn:
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
+        with conn.cursor().copy('COPY "File" (id, "fileName", size, data) FROM STDIN') as copy:
+            for i in range(FILES):
+                payload, key = _file(i), f"file-{i:05d}"
+                digests[key], sizes[key] = hashlib.sha256(payload).hexdigest(), len(payload)
+                copy.write_row((key, f"f{i}.bin", len(payload), base64.b64encode(payload).decode()))
+    note(f"seeded {FILES} rows, {sum(sizes.values()) / 2**20:.1f} MiB of files")
+    bucket = f"moved-{uuid.uuid4().hex[:6]}"
+    s3 = s3_client(node_s3.endpoint, "us-east-1", node_s3.ACCESS_KEY, node_s3.SECRET_KEY, True)
+    s3.create_bucket(Bucket=bucket)
+    app.secret("files-db", {"uri": node_postgres.uri("files")})
+    profile = load_example("databaseprofile.yaml")[0]
+    profile["metadata"]["name"] = "files"
+    profile["spec"]["connection"]["secretRef"]["name"] = "files-db"
+    profile["spec"]["parameters"] = {}
+    app.apply(profile)
+    fm = load_example("filemigration.yaml")[0]
+    fm["metadata"]["name"] = "files-moved"
+    fm["spec"]["profileRef"]["name"] = "files"
+    fm["spec"]["destination"]["s3"].update(bucket=bucket, endpoint=node_s3.endpoint, prefix="moved/")
+    fm["spec"]["rateLimit"] = {"rowsPerSecond": 30}  # ~50 s of copying: time to delete pods under it
+    app.apply(fm)
+
+    seen: set[str] = set()
+    job_pods: dict[str, dict[str, Any]] = {}  # every pod of the migration's Jobs, as last seen
+    live: set[str] = set()  # those there now
+
+    def look() -> dict[str, Any]:
+        """The FileMigration (an InternalError fails at once) and the Job pods as they are now."""
+        obj = app.get("filemigration", "files-moved")
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            seen.add(f"{c['type']}={c['status']}/{c.get('reason')}")
+            assert c.get("reason") != "InternalError", f"{c}\n{operator_story(operator_release)}"
+        now = pods(app, "pgscale.io/filemigration=files-moved")
+        job_pods.update({pod["metadata"]["name"]: pod for pod in now})
+        live.clear()
+        live.update(pod["metadata"]["name"] for pod in now)
+        return obj
+
+    def ledger() -> int:
+        with psycopg.connect(node_postgres.dsn("files"), autocommit=True) as conn:
+            if not conn.execute("SELECT to_regclass('pgscale.file_ledger')").fetchone()[0]:  # type: ignore[index]
+                return 0
+            row = conn.execute("SELECT count(*) FROM pgscale.file_ledger WHERE status <> 'failed'").fetchone()
+        return int(row[0]) if row else 0
+
+    def running_pod() -> str | None:
+        look()
+        up = [job_pods[n] for n in live if ready(job_pods[n]) and not job_pods[n]["metadata"].get("deletionTimestamp")]
+        return up[0]["metadata"]["name"] if up else None
+
+    def migrated() -> int:
+        return int((look().get("status") or {}).get("rowsMigrated") or 0)
+
+    # 1. The copy runs in its pod and the status shows it: delete the leading operator pod.
+    first = wait_until(lambda: migrated() > 0 and running_pod(), timeout=180, what="the copy to show progress")
+    lease = json.loads(operator_release.run("get", "lease", "pgscale", "-o", "json"))
+    leader = lease["spec"]["holderIdentity"]
+    at_leader = ledger()
+    operator_release.run("delete", "pod", leader, "--wait=false")
+    note(f"deleted operator pod {leader} (leader); Job pod {first} running, {at_leader} rows in the ledger")
+
+    # 2. Another pod takes the Lease and the status moves on under it.
+    def new_holder() -> str | None:
+        spec = json.loads(operator_release.run("get", "lease", "pgscale", "-o", "json"))["spec"]
+        holder = spec.get("holderIdentity")
+        return holder if holder and holder != leader else None
+
+    holder = wait_until(new_holder, timeout=120, what=f"a new holder of the Lease (was {leader})")
+    note(f"{holder} holds the Lease")
+    took_over = ledger()
+    wait_until(lambda: migrated() > took_over, timeout=120, what="the new leader to report progress")
+    note(f"status moved on under the new leader: rowsMigrated > {took_over}")
+
+    # 3. Delete the Job's pod mid-copy. SIGTERM: it finishes its rows in flight, prints its report and
+    # exits 0. The Job controller then either sees it Succeeded (the Job completes and the operator
+    # starts the next attempt) or, if it syncs while the pod still terminates, counts it as failed
+    # and makes a new pod of the same Job. Either way another pod resumes where it stopped.
+    victim = running_pod()
+    assert victim
+    cp = app.cp
+    follow = subprocess.Popen(  # the pod's whole log, to its last line: the report it prints on SIGTERM
+        [str(cp.kubectl), f"--kubeconfig={cp.kubeconfig}", "-n", app.namespace, "logs", "-f", victim],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1)  # kubectl attached
+    at_victim = ledger()
+    assert at_victim < FILES, f"the copy ended before its pod could be deleted ({at_victim} rows)"
+    app.run("delete", "pod", victim, "--wait=false")
+    note(f"deleted Job pod {victim}, {at_victim}/{FILES} rows in the ledger")
+    try:
+        out, _ = follow.communicate(timeout=120)
+    finally:
+        follow.kill()
+    report = out.strip().splitlines()[-1] if out.strip() else ""
+    note(f"pod {victim} exited; its last line: {report[:400]}")
+    assert '"outcome": "Succeeded"' in report, f"the deleted pod's log ends with: {out[-2000:]}"
+
+    # 4. Another pod carries on and the migration finishes.
+    deadline = time.monotonic() + 400
+    successor = None
+    obj = look()
+    while not (
+        any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions") or [])
+        and obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+    ):
+        assert time.monotonic() < deadline, (
+            f"not Ready: {json.dumps(obj.get('status'))}\n{pod_story(app, 'pgscale.io/filemigration=files-moved')}"
+        )
+        if successor is None and (successor := running_pod()):
+            note(f"pod {successor} of Job {job_pods[successor]['metadata']['labels']['job-name']} running")
+        time.sleep(1)
+        obj = look()
+    note(f"Ready: {obj['status'].get('phase')}, {obj['status'].get('rowsMigrated')} rows")
+    status = obj["status"]
+    # Ready comes from the ledger; the last pod exits after a pass that finds nothing left.
+    selector = "pgscale.io/filemigration=files-moved"
+
+    def jobs_finished() -> list[dict[str, Any]]:
+        jobs = json.loads(app.run("get", "jobs", "-l", selector, "-o", "json"))["items"]
+        done = all(job_state(j) != "active" for j in jobs)
+        return jobs if done else []
+
+    jobs = wait_until(jobs_finished, timeout=120, what="the migration's Jobs to finish")
+    note("Jobs finished")
+    look()
+    for job in jobs:
+        s = job.get("status", {})
+        conds = [c["type"] for c in s.get("conditions") or [] if c["status"] == "True"]
+        note(f"Job {job['metadata']['name']}: succeeded {s.get('succeeded')}, failed {s.get('failed')}, {conds}")
+    for name, pod in job_pods.items():
+        states = [c.get("state") for c in pod.get("status", {}).get("containerStatuses") or []]
+        gone = "" if name in live else " (deleted; as last seen)"
+        note(f"pod {name}{gone}: {pod.get('status', {}).get('phase')} {json.dumps(states)[:200]}")
+    events = json.loads(app.run("get", "events", "--field-selector", "involvedObject.name=files-moved", "-o", "json"))
+    reasons = sorted(f"{e['reason']}x{e.get('count') or 1}" for e in events["items"])
+    print(
+        "\nfile migration with its pods deleted:\n"
+        + "\n".join(timeline)
+        + f"\nconditions seen: {sorted(seen)}\nevents: {reasons}"
+    )
+    assert all(job_state(j) == "succeeded" for j in jobs), "no Job failed"
+    left = pods(app, selector)
+    assert victim not in {p["metadata"]["name"] for p in left}
+    assert len(job_pods) == 2 and successor, f"one pod after the deleted one: {sorted(job_pods)}"
+    assert all(p["status"]["phase"] == "Succeeded" for p in left), pod_story(app, selector)
+    assert not any("InternalError" in r for r in reasons), reasons
+
+    # Every file once, byte for byte; the rows point at them; the ledger and the status agree.
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    listed = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert sorted(listed) == sorted(f"moved/File/{k}" for k in digests), "every row exactly one object, no other"
+    for key, digest in digests.items():
+        body = s3.get_object(Bucket=bucket, Key=f"moved/File/{key}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest, key
+    with psycopg.connect(node_postgres.dsn("files"), autocommit=True) as conn:
+        rows = conn.execute(
+            """SELECT id, "filePath", "storageType", encode(sha256(decode(data, 'base64')), 'hex') FROM "File" """
+        ).fetchall()
+        entries = conn.execute("SELECT key, status, object_key, size, sha256 FROM pgscale.file_ledger").fetchall()
+    assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {k: (f"moved/File/{k}", "s3", d) for k, d in digests.items()}
+    assert {e[0]: e[1:] for e in entries} == {k: ("cutover", f"File/{k}", sizes[k], d) for k, d in digests.items()}
+    assert status["phase"] == "Completed", status
+    assert (status["rowsMigrated"], status["rowsFailed"], status["rowsRemaining"]) == (FILES, 0, 0), status
+    assert status["bytesMigrated"] == sum(sizes.values()), status
+    # The operator's Deployment is whole again: the deleted leader replaced, nothing restarted.
+    operator_release.run("rollout", "status", "deployment/pgscale", "--timeout=180s")
+    ops = [p for p in pods(operator_release, "app.kubernetes.io/name=pgscale") if ready(p)]
+    assert len(ops) == 2 and leader not in {p["metadata"]["name"] for p in ops}, operator_story(operator_release)
+    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in ops), operator_story(operator_release)
+    for p in ops:
+        log = operator_release.run("logs", p["metadata"]["name"])
+        assert "Traceback" not in log, log[-3000:]
