@@ -49,3 +49,28 @@ def test_long_names_stay_within_cronjob_limit() -> None:
     owner = ObjectRef("v", "K", "ns", "x" * 60, "abcdef12-3456")
     name = builders.job_name(owner, "partition-maintenance")
     assert len(name) <= 52 and name.endswith("abcdef12")
+
+
+def test_every_job_survives_disruptions_without_using_its_retries() -> None:
+    """A deleted or evicted pod ends before its replacement starts and does not count against backoffLimit."""
+    standalone = builders.job(OWNER, name="x-1", suffix="x", args=["job"], template=None, default_image="img")
+    scheduled = builders.cron_job(
+        OWNER,
+        suffix="x",
+        schedule="0 * * * *",
+        time_zone=None,
+        suspend=False,
+        args=["job"],
+        template=None,
+        default_image="img",
+        active_deadline_seconds=60,
+    )
+    for spec in (standalone["spec"], scheduled["spec"]["jobTemplate"]["spec"]):
+        assert spec["podReplacementPolicy"] == "Failed"
+        assert spec["podFailurePolicy"]["rules"] == [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        ]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    assert scheduled["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 60
+    standalone["spec"]["podFailurePolicy"]["rules"].clear()
+    assert builders.JOB_DISRUPTION_POLICY["podFailurePolicy"]["rules"], "each Job gets its own copy"

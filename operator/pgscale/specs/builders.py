@@ -131,6 +131,32 @@ def job_pod_spec(
     return {"metadata": {"labels": labels(owner, component)}, "spec": spec}
 
 
+# A pod deleted or evicted mid-run (a drain, a preemption, `kubectl delete pod`) finishes the rows in
+# flight on SIGTERM and exits; every pgscale job resumes where the last one stopped. So the Job waits
+# for that pod to end before it makes another (two pods of one Job never overlap), and a disruption
+# does not count against backoffLimit: a few evictions in a row must not fail the Job (seen on the
+# node: each deleted pod that was still terminating cost one retry).
+JOB_DISRUPTION_POLICY: dict[str, Any] = {
+    "podReplacementPolicy": "Failed",
+    "podFailurePolicy": {
+        "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    },
+}
+
+
+def job_spec(template: JobTemplate, pod: dict[str, Any], active_deadline_seconds: int | None = None) -> dict[str, Any]:
+    """The spec every pgscale Job has, standalone or from a CronJob."""
+    spec: dict[str, Any] = {
+        "backoffLimit": template.backoff_limit,
+        "ttlSecondsAfterFinished": template.ttl_seconds_after_finished,
+        **json.loads(json.dumps(JOB_DISRUPTION_POLICY)),  # a copy: callers may change what they get
+        "template": pod,
+    }
+    if active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = active_deadline_seconds
+    return spec
+
+
 def cron_job(
     owner: ObjectRef,
     *,
@@ -146,13 +172,6 @@ def cron_job(
 ) -> dict[str, Any]:
     """A CronJob running one `pgscale job` command; one run at a time, never overlapping."""
     template = template or JobTemplate()
-    job_spec: dict[str, Any] = {
-        "backoffLimit": template.backoff_limit,
-        "ttlSecondsAfterFinished": template.ttl_seconds_after_finished,
-        "template": job_pod_spec(template, default_image, args, suffix, owner, env),
-    }
-    if active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = active_deadline_seconds
     spec: dict[str, Any] = {
         "schedule": schedule,
         "suspend": suspend,
@@ -160,7 +179,12 @@ def cron_job(
         "startingDeadlineSeconds": 3600,
         "successfulJobsHistoryLimit": 3,
         "failedJobsHistoryLimit": 3,
-        "jobTemplate": {"metadata": {"labels": labels(owner, suffix)}, "spec": job_spec},
+        "jobTemplate": {
+            "metadata": {"labels": labels(owner, suffix)},
+            "spec": job_spec(
+                template, job_pod_spec(template, default_image, args, suffix, owner, env), active_deadline_seconds
+            ),
+        },
     }
     if time_zone:
         spec["timeZone"] = time_zone
@@ -193,11 +217,7 @@ def job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": object_meta(owner, name, suffix),
-        "spec": {
-            "backoffLimit": template.backoff_limit,
-            "ttlSecondsAfterFinished": template.ttl_seconds_after_finished,
-            "template": pod,
-        },
+        "spec": job_spec(template, pod),
     }
 
 
