@@ -46,13 +46,16 @@ def find_cluster(
     when it exists; None when none is named, it is absent, or CloudNativePG's CRDs are not installed.
     For the `auto` resolver: a found Cluster means the cloudnativepg method."""
     name, _ = specs.cluster_name(spec, secret_labels)
-    if name is None:
-        return None
+    return name if name is not None and cluster_exists(ctx, namespace, name) else None
+
+
+def cluster_exists(ctx: Context, namespace: str, name: str) -> bool:
+    """Whether a CloudNativePG Cluster exists (False too when CloudNativePG's CRDs are not installed)."""
     try:
-        return name if ctx.kube.read_shared(specs.API_VERSION, "Cluster", namespace, name) is not None else None
+        return ctx.kube.read_shared(specs.API_VERSION, "Cluster", namespace, name) is not None
     except ApiException as exc:
         if kind_missing(exc):
-            return None
+            return False
         raise
 
 
@@ -104,19 +107,20 @@ def reconcile(
     desired: dict[str, tuple[str, str]],
     status: StatusWriter,
     *,
+    previous: Status,
     reason: str | None = None,
 ) -> Outcome:
     """Apply the desired settings (and instances) to the Cluster and report what the server runs.
 
+    `previous` is the status as the reconcile found it (before anything of it was updated).
     `reason` is what status.settingsMethodReason says (the auto resolver's finding); by
     default, that the spec asks for this method and where the Cluster's name came from.
     """
     ref = ObjectRef.of(obj)
     name, origin, live = _cluster(ctx, ref, spec)
-    before = status.read(Status)
     events: list[Event] = []
-    if before.cluster and before.cluster != name:  # clusterRef or the label changed: give the old one back
-        events += release(ctx, ref, before.cluster)
+    if previous.cluster and previous.cluster != name:  # clusterRef or the label changed: give the old one back
+        events += release(ctx, ref, previous.cluster)
     send, refused = specs.split_parameters(desired)
     bad = pgs.problems(conn, send)
     if bad:  # checked against this server's pg_settings: nothing reaches the Cluster
@@ -156,7 +160,7 @@ def reconcile(
         "it reconciles the Cluster (check the Cluster's status and its operator if this stays)",
         status.generation,
     )
-    previous = cond.get(status.conditions, NOT_APPLIED)
+    shown = cond.get(status.conditions, NOT_APPLIED)
     hints = [n + (f" (set it in {specs.FIXED_HINTS[n]})" if n in specs.FIXED_HINTS else "") for n in refused]
     refused_message = (
         f"CloudNativePG fixes these settings and refuses them in a Cluster, so pgscale does not send them: "
@@ -165,7 +169,7 @@ def reconcile(
     status.conditions = cond.flag(
         status.conditions, NOT_APPLIED, bool(refused), "FixedByCloudNativePG", refused_message, status.generation
     )
-    if refused and (previous is None or previous.message != refused_message):
+    if refused and (shown is None or shown.message != refused_message):
         events.append(Event("ParametersNotApplied", refused_message, warning=True))
     return Outcome(report, name, events)
 

@@ -101,19 +101,19 @@ class DatabaseProfileController:
             # --- cloudnativepg method (cnpg.py): the Cluster's parameters and instances, CloudNativePG Poolers
             events: list[Event] = []
             cluster = ""
+            previous = status.read(Status)
             if method == "cloudnativepg":
-                before = status.read(Status)
-                if before.replicas is not None:  # switched from pgscale's own replicas and PgBouncer: remove them
+                if previous.replicas is not None:  # switched from pgscale's own replicas and PgBouncer: remove them
                     no_replicas = spec.model_copy(update={"read_replicas": None})
                     events += self._replicas(ctx, obj, ref, no_replicas, info, conn, status)
-                if before.pooler is not None and before.settings_method != "cloudnativepg":
+                if previous.pooler is not None and previous.settings_method != "cloudnativepg":
                     events += self._pooler(ctx, ref, spec.model_copy(update={"pooling": None}), info, status)
-                outcome = cnpg.reconcile(ctx, conn, obj, spec, desired, status)
+                outcome = cnpg.reconcile(ctx, conn, obj, spec, desired, status, previous=previous)
                 report, cluster = outcome.report, outcome.cluster
                 events += outcome.events
             else:
-                if status.read(Status).cluster:  # switched away from cloudnativepg: give the Cluster's fields back
-                    events += cnpg.release(ctx, ref, str(status.read(Status).cluster))
+                if previous.cluster:  # switched away from cloudnativepg: give the Cluster's fields back
+                    events += cnpg.release(ctx, ref, previous.cluster)
                     status.update(Status(cluster=None, pooler=None))
                 report = server_settings.reconcile(conn, spec.state_schema, key, desired)
             # --- end cloudnativepg
