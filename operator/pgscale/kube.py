@@ -39,6 +39,12 @@ _OWNED: dict[tuple[str, str], str] = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("postgresql.cnpg.io/v1", "Pooler"): "poolers",
+}
+# Objects someone else owns, of which pgscale applies a few fields under a field manager of its
+# own and never forces (apply_shared): a CloudNativePG Cluster's parameters and instances.
+_SHARED: dict[tuple[str, str], str] = {
+    ("postgresql.cnpg.io/v1", "Cluster"): "clusters",
 }
 
 
@@ -192,6 +198,45 @@ class Kube:
             raise
         return True
 
+    # --- objects pgscale changes only in part ------------------------------------------
+
+    def read_shared(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A shared object, or None when it does not exist; a kind not installed raises (see kind_missing)."""
+        try:
+            return dict(self._request("GET", _path(api_version, _SHARED[(api_version, kind)], namespace, name)))
+        except ApiException as exc:
+            if exc.status == 404 and not kind_missing(exc):
+                return None
+            raise
+
+    def apply_shared(self, obj: dict[str, Any], manager: str) -> dict[str, Any]:
+        """Server-side apply of the fields `manager` owns in an object someone else owns, without force:
+        a field another manager holds with another value is refused with a 409 (kube.conflicts reads it),
+        and a field the manager applied before and omits now is released."""
+        meta = obj["metadata"]
+        plural = _SHARED[(obj["apiVersion"], obj["kind"])]
+        path = _path(obj["apiVersion"], plural, meta["namespace"], meta["name"])
+        query = [("fieldManager", manager), ("fieldValidation", "Strict")]
+        return dict(self._request("PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml"))
+
+    def json_patch_shared(
+        self, api_version: str, kind: str, namespace: str, name: str, ops: list[Any], manager: str
+    ) -> dict[str, Any]:
+        """A JSON patch (RFC 6902) of a shared object: for removals server-side apply cannot make (kube.cnpg)."""
+        path = _path(api_version, _SHARED[(api_version, kind)], namespace, name)
+        query = [("fieldManager", manager)]
+        return dict(self._request("PATCH", path, query=query, body=ops, content_type="application/json-patch+json"))
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's labels (its data is not read here); None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict((secret.metadata.labels if secret.metadata else None) or {})
+
     # --- events ------------------------------------------------------------------------
 
     def event(self, ref: ObjectRef, reason: str, message: str, *, warning: bool = False) -> None:
@@ -220,6 +265,20 @@ class Kube:
             self.core.create_namespaced_event(ref.namespace, body)  # type: ignore[arg-type]
         except ApiException as exc:
             log.warning("could not record event %s on %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)
+
+
+def status_body(exc: ApiException) -> dict[str, Any]:
+    """The Status object of an API server refusal (empty when it sent none)."""
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (ValueError, TypeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def kind_missing(exc: ApiException) -> bool:
+    """A 404 for the kind itself (its CRD is not installed), not for one object of it."""
+    return exc.status == 404 and not (status_body(exc).get("details") or {}).get("name")
 
 
 def api_error(exc: ApiException) -> tuple[str, str]:

@@ -76,6 +76,13 @@ NAMESPACED: tuple[Rule, ...] = (
          "pgscale labelled so a policy's status follows its runs"),
     Rule("monitoring.coreos.com", ("prometheusrules",), WRITE,
          "a DatabaseProfile's alert thresholds as a PrometheusRule (prometheus-operator)"),
+    Rule("postgresql.cnpg.io", ("clusters",), ("get", "patch"),
+         "the cloudnativepg settings method: read the CloudNativePG Cluster a profile names, server-side apply "
+         "its spec.postgresql.parameters and spec.instances (field manager pgscale/<profile>). No create: an "
+         "apply can never make a Cluster that was deleted meanwhile"),
+    Rule("postgresql.cnpg.io", ("poolers",), ("get", *WRITE),
+         "the cloudnativepg settings method's CloudNativePG Poolers (read first: one pgscale did not make is "
+         "not taken over)"),
 )  # fmt: skip
 
 CLUSTER: tuple[Rule, ...] = (

@@ -16,8 +16,8 @@ import psycopg
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from .. import cnpg, pg, server_settings, tuning
 from .. import conditions as cond
-from .. import pg, server_settings, tuning
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import (
     ActiveAlert,
@@ -92,12 +92,31 @@ class DatabaseProfileController:
         capacity = spec.capacity_or_default
         info = secret_connection(ctx, ref.namespace, spec)
         desired = tuning.desired(spec)
+        method = spec.settings_or_default.method  # issue 15: the auto resolver goes here
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
             system_id = pgs.system_identifier(conn)
             status.update(Status(server_version=version, system_identifier=system_id))
             self._check_owner(ctx, obj, system_id, desired)
-            report = server_settings.reconcile(conn, spec.state_schema, key, desired)
+            # --- cloudnativepg method (cnpg.py): the Cluster's parameters and instances, CloudNativePG Poolers
+            events: list[Event] = []
+            cluster = ""
+            previous = status.read(Status)
+            if method == "cloudnativepg":
+                if previous.replicas is not None:  # switched from pgscale's own replicas and PgBouncer: remove them
+                    no_replicas = spec.model_copy(update={"read_replicas": None})
+                    events += self._replicas(ctx, obj, ref, no_replicas, info, conn, status)
+                if previous.pooler is not None and previous.settings_method != "cloudnativepg":
+                    events += self._pooler(ctx, ref, spec.model_copy(update={"pooling": None}), info, status)
+                outcome = cnpg.reconcile(ctx, conn, obj, spec, desired, status, previous=previous)
+                report, cluster = outcome.report, outcome.cluster
+                events += outcome.events
+            else:
+                if previous.cluster:  # switched away from cloudnativepg: give the Cluster's fields back
+                    events += cnpg.release(ctx, ref, previous.cluster)
+                    status.update(Status(cluster=None, pooler=None))
+                report = server_settings.reconcile(conn, spec.state_schema, key, desired)
+            # --- end cloudnativepg
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
             points: dict[str, list[tuple[float, int]]] = {}
             if snap is not None:
@@ -107,7 +126,8 @@ class DatabaseProfileController:
                     sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
                     stats.record_sample(conn, spec.state_schema, key, sizes)
                 points = stats.samples(conn, spec.state_schema, key)
-            events: list[Event] = self._replicas(ctx, obj, ref, spec, info, conn, status)
+            if method != "cloudnativepg":
+                events += self._replicas(ctx, obj, ref, spec, info, conn, status)
         if report.applied:
             events.append(Event("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}"))
         if report.corrected:
@@ -126,6 +146,8 @@ class DatabaseProfileController:
             events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED)
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
+        if method == "cloudnativepg":
+            restart_message = cnpg.restart_message(report.pending_restart)
         status.conditions = cond.flag(
             status.conditions,
             RESTART_REQUIRED,
@@ -151,13 +173,18 @@ class DatabaseProfileController:
                 parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
             )
         )
-        events += self._pooler(ctx, ref, spec, info, status)
+        if method == "cloudnativepg":
+            events += cnpg.poolers(ctx, ref, spec, cluster, status)
+        else:
+            events += self._pooler(ctx, ref, spec, info, status)
         if snap is not None:
             COLLECTOR.update(key, snap, len(report.pending_restart))
             events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts_or_default)
         events += self._prometheus_rule(ctx, ref, monitoring, status)
         requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
         message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
+        if method == "cloudnativepg":
+            message += f" in CloudNativePG Cluster {cluster}"
         if report.pending_restart:
             message += f", {len(report.pending_restart)} waiting for a restart"
         return Result("Connected", message, requeue_after=requeue, events=events)
@@ -431,8 +458,11 @@ class DatabaseProfileController:
         )
 
     def finalize(self, ctx: Context, obj: dict[str, Any], spec: DatabaseProfileSpec) -> None:
-        """Drop this profile's replication slots: left behind, they would keep WAL on the primary forever."""
+        """Drop this profile's replication slots: left behind, they would keep WAL on the primary forever.
+        Under the cloudnativepg method, give back the Cluster's fields and delete the Poolers (no database needed)."""
         ref = ObjectRef.of(obj)
+        if cnpg.finalize(ctx, ref, spec, Status.from_stored(obj.get("status"))):
+            return
         info = secret_connection(ctx, ref.namespace, spec)
         with pg.connect(info) as conn:
             for slot in replication.slots(conn, replicas.slot_prefix(ref)).values():
