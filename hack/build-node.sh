@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the test node's binaries from pinned Go modules: kubelet, kube-proxy and
-# kube-scheduler from hack/k8s (the control plane's pins), CoreDNS from hack/coredns,
-# and the pod sandbox's pause program from hack/pause. Binaries land in a cache outside
+# kube-scheduler from hack/k8s (the control plane's pins), CoreDNS from hack/coredns (only the
+# plugins the node's Corefile uses), and the pod sandbox's pause program from hack/pause. Binaries land in a cache outside
 # the checkout, keyed by a hash of the pinning files, so they are rebuilt only when a pin
 # changes. containerd, runc and the CNI plugins come from Debian (hack/setup.sh).
 # Prints the bin directory on stdout (last line).
@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${PGSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgscale}"
 k8s_version="$(awk '/^require k8s.io\/kubernetes /{print $3}' "$here/k8s/go.mod")"
 coredns_version="$(awk '/^require github.com\/coredns\/coredns /{print $3}' "$here/coredns/go.mod")"
-key="$(cat "$here/k8s/go.mod" "$here/k8s/go.sum" "$here/coredns/go.mod" "$here/coredns/go.sum" \
+key="$(cat "$here/k8s/go.mod" "$here/k8s/go.sum" "$here/coredns/go.mod" "$here/coredns/go.sum" "$here/coredns/main.go" \
   "$here/pause/go.mod" "$here/pause/main.go" "$here/build-node.sh" | sha256sum | cut -c1-16)"
 bin="$cache_root/node/${k8s_version}-${key}/bin"
 tools=(kubelet kube-proxy kube-scheduler coredns pause)
@@ -37,7 +37,7 @@ start=$SECONDS
   echo "  go build $c: $((SECONDS - t))s" >&2
 done)
 t=$SECONDS
-(cd "$here/coredns" && go build -trimpath -ldflags "-s -w" -o "$bin.tmp/coredns" github.com/coredns/coredns)
+(cd "$here/coredns" && go build -trimpath -ldflags "-s -w" -o "$bin.tmp/coredns" .)  # the plugins the node uses
 echo "  go build coredns: $((SECONDS - t))s" >&2
 rm -rf "$bin"; mv "$bin.tmp" "$bin"
 echo "built in $((SECONDS - start))s" >&2
