@@ -234,7 +234,8 @@ def reconcile_database(
         ) from exc
     names = sorted(values)
     own = role is None or role == facts.role
-    running = pgs.session_effective(info, names) if own else pgs.effective(conn, names)
+    # Server-level values are the same in every session; the database's reach new sessions only.
+    running = pgs.session_effective(info, names) if own and (wanted or stale) else pgs.effective(conn, names)
     theirs = {} if own else pgs.database_settings(conn, role)  # what the role's new sessions start with
     for name, (value, source) in sorted(desired.items()):
         s, now = known.get(name), running.get(name)

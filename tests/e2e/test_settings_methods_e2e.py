@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from conftest import Kubectl, scalar
+from docs_sql import renamed, sql_block
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -43,6 +44,9 @@ DATABASE_LEVEL = {
     "random_page_cost",
     "effective_io_concurrency",
 }
+
+
+DOCS_HEADING = "### For the `database` method (managed services, shared servers)"
 
 
 def show(dsn: str, name: str) -> str:
@@ -82,16 +86,14 @@ def profile(name: str, secret: str, parameters: dict[str, str], **settings: str)
 
 @pytest.fixture
 def app_role(postgres: localenv.Postgres) -> Iterator[tuple[str, str, list[str]]]:
-    """docs/databaseprofile.md's least-privilege role of the database method, owning two databases:
-    (role, password, databases)."""
-    role, password = f"app_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex[:8]}"
-    databases = [f"{role}_a", f"{role}_b"]
-    postgres.execute(
-        f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
-    )
-    for db in databases:
-        postgres.execute(f"CREATE DATABASE {db} OWNER {role}")
-    yield role, password, databases
+    """docs/databaseprofile.md's least-privilege role of the database method (its SQL, renamed for the
+    shared server), owning its database and a second one: (role, password, databases)."""
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    databases = [role, f"{role}_b"]
+    for database, statement in renamed(sql_block(DOCS_HEADING), {"app": role}):
+        postgres.execute(statement, dbname=database or "postgres")
+    postgres.execute(f"CREATE DATABASE {databases[1]} OWNER {role}")
+    yield role, "change-me", databases
     for db in databases:
         postgres.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     postgres.execute(f"DROP ROLE IF EXISTS {role}")

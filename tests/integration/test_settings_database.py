@@ -16,10 +16,13 @@ import psycopg
 import pytest
 
 from conftest import scalar
+from docs_sql import sql_block
 from pgscale import server_settings
+from pgscale.api.databaseprofile import SettingsSpec
 from pgscale.errors import SpecError
 from pgscale.pg import settings as pgs
 from pgscale.pg.connection import ConnInfo
+from pgscale.settings_method import alter_system_gaps, resolve
 
 pytestmark = pytest.mark.postgres
 
@@ -274,3 +277,29 @@ def test_claims_of_unrelated_profiles_read_nothing(postgres: Any) -> None:
         schema = f"none_{uuid.uuid4().hex[:6]}"
         assert server_settings.records(conn, schema, PROFILE).names == set()
         assert scalar(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == 0
+
+
+def test_the_documented_alter_system_role_can_keep_settings(server: localenv.Postgres) -> None:
+    """docs/databaseprofile.md's SQL for a role of the alterSystem method that is not a superuser."""
+    server.execute("CREATE DATABASE app")
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        if int(scalar(conn, "SHOW server_version_num")) < 150000:
+            pytest.skip("GRANT ALTER SYSTEM ON PARAMETER came with PostgreSQL 15")
+    for database, statement in sql_block("### For the `alterSystem` method"):
+        server.execute(statement, dbname=database or "postgres")
+    role = info(server, "app", "pgscale", "change-me")
+    desired = {"work_mem": ("8MB", "parameters"), "shared_buffers": ("256MB", "parameters")}
+    with connect(role) as conn:
+        facts = pgs.privileges(conn, sorted(desired))
+        assert not facts.superuser and alter_system_gaps(facts, desired) == []
+        got = resolve(SettingsSpec(), secret_labels={}, cluster_found=False, facts=facts, names=desired)
+        assert got.method == "alterSystem"
+        report = server_settings.reconcile(conn, "pgscale", PROFILE, desired)
+        assert sorted(report.applied) == ["shared_buffers", "work_mem"] and report.pending_restart == ["shared_buffers"]
+        assert show(role, "work_mem") == "8MB"
+        # A setting without its grant: auto falls back to database, alterSystem says what to grant.
+        more = [*desired, "random_page_cost"]
+        facts = pgs.privileges(conn, more)
+        assert resolve(SettingsSpec(), secret_labels={}, cluster_found=False, facts=facts, names=more).method == (
+            "database"
+        )

@@ -12,6 +12,7 @@ a setting removed from the spec is reset, and a value changed outside pgscale is
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -179,8 +180,18 @@ def alter_system(conn: psycopg.Connection, name: str, value: str | None) -> None
         conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(_name(name), sql.Literal(value)))
 
 
-def reload(conn: psycopg.Connection) -> None:
+def reload(conn: psycopg.Connection, wait_seconds: float = 5.0) -> None:
+    """pg_reload_conf(), then wait until this session has read the files again: the postmaster
+    signals backends asynchronously, and values read back before that would be the old ones
+    (a fresh value reported as overridden, a restart not yet pending)."""
+    before = conn.execute("SELECT pg_conf_load_time()").fetchone()
     conn.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        now = conn.execute("SELECT pg_conf_load_time()").fetchone()
+        if before is None or now is None or now[0] > before[0]:
+            return
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True)
