@@ -1,9 +1,11 @@
 """DatabaseProfile controller: settings kept, metrics and alerts, capacity projected.
 
-Each reconcile: resolve the connection, make the server's settings what the spec
-asks (tuning.desired -> server_settings.reconcile), take a statistics snapshot for the
-metrics endpoint, sample sizes for the capacity projection, evaluate alert
-thresholds, and say all of it in status, conditions and Events.
+Each reconcile: resolve the connection, pick how settings are applied
+(settings_method.resolve), make them what the spec asks (tuning.desired ->
+server_settings.reconcile or reconcile_database, after undoing another method's
+values), take a statistics snapshot for the metrics endpoint, sample sizes for the
+capacity projection, evaluate alert thresholds, and say all of it in status,
+conditions and Events.
 """
 
 from __future__ import annotations
