@@ -129,6 +129,12 @@ class Kube:
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data, decoded as UTF-8; None when it does not exist."""
+        found = self.read_secret_and_labels(namespace, name)
+        return found[0] if found is not None else None
+
+    def read_secret_and_labels(self, namespace: str, name: str) -> tuple[dict[str, str], dict[str, str]] | None:
+        """A Secret's data, decoded as UTF-8, and its labels (CloudNativePG's name the Cluster); None when
+        it does not exist."""
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
@@ -138,7 +144,8 @@ class Kube:
         data = secret.data or {}
         decoded = {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in data.items()}
         remember_secret(decoded)  # from now on redacted from every message (redact.py)
-        return decoded
+        labels = dict((secret.metadata.labels if secret.metadata is not None else None) or {})
+        return decoded, labels
 
     def _request(
         self,

@@ -295,7 +295,8 @@ def test_cluster_named_by_ref_missing_then_found_and_fixed_settings_reported(
     obj = profile_until(
         kubectl, lambda o: (condition(o, "Stalled") or {}).get("reason") == "ClusterNotFound", "ClusterNotFound"
     )
-    assert "'db' (from spec.settings.clusterRef) not found" in condition(obj, "Stalled")["message"]  # type: ignore[index]
+    message = condition(obj, "Stalled")["message"]  # type: ignore[index]
+    assert "Cluster 'db' not found" in message and "spec.settings.clusterRef.name" in message, message
 
     seed_cluster(kubectl, "db", {})
     nudge(kubectl)

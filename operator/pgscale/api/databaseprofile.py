@@ -517,6 +517,12 @@ class DatabaseProfileStatus(BaseStatus):
         description="The server's system identifier (pg_control_system()): profiles with the same one share "
         "server-wide settings, which only the earliest of them may set.",
     )
+    database: str | None = Field(
+        default=None,
+        max_length=63,
+        description="The database the connection reaches: where the database method sets its values; profiles "
+        "of that method on the same database (and settings.role) share them, which only the earliest may set.",
+    )
     settings_method: AppliedMethod | None = Field(
         default=None, description="How settings are applied now (spec.settings.method, auto resolved)."
     )

@@ -222,15 +222,22 @@ def load_profile(ctx: Context, namespace: str, profile_name: str) -> tuple[Datab
 
 def secret_connection(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -> ConnInfo:
     """Resolve a profile's connection spec against its Secret."""
+    return profile_secret(ctx, namespace, spec)[0]
+
+
+def profile_secret(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -> tuple[ConnInfo, dict[str, str]]:
+    """A profile's connection, resolved against its Secret, and the Secret's labels (a CloudNativePG
+    Secret names its Cluster in cnpg.io/cluster)."""
     secret_name = spec.connection.secret_ref.name
-    secret = ctx.kube.read_secret(namespace, secret_name)
-    if secret is None:
+    found = ctx.kube.read_secret_and_labels(namespace, secret_name)
+    if found is None:
         raise DependencyError(
             f"Secret {secret_name!r} not found in namespace {namespace!r}: create it with a `uri` key "
             "or host/port/dbname/username/password keys (spec.connection.secretRef.name)",
             reason="SecretNotFound",
         )
-    return resolve(spec.connection, secret, secret_name)
+    secret, labels = found
+    return resolve(spec.connection, secret, secret_name), labels
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,25 @@
 """DatabaseProfile controller: settings kept, metrics and alerts, capacity projected.
 
-Each reconcile: resolve the connection, make the server's settings what the spec
-asks (tuning.desired -> server_settings.reconcile), take a statistics snapshot for the
-metrics endpoint, sample sizes for the capacity projection, evaluate alert
-thresholds, and say all of it in status, conditions and Events.
+Each reconcile: resolve the connection, pick how settings are applied
+(settings_method.resolve), make them what the spec asks (tuning.desired ->
+server_settings.reconcile or reconcile_database, after undoing another method's
+values), take a statistics snapshot for the metrics endpoint, sample sizes for the
+capacity projection, evaluate alert thresholds, and say all of it in status,
+conditions and Events.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .. import cnpg, pg, server_settings, tuning
+from .. import cnpg, pg, server_settings, settings_method, tuning
 from .. import conditions as cond
 from ..api import DATABASE_PROFILE
 from ..api.databaseprofile import (
@@ -42,19 +45,26 @@ from ..pg import settings as pgs
 from ..pg.connection import ConnInfo
 from ..quantity import parse_quantity
 from ..specs import alerting, pooling, replicas
-from .base import Context, Result, StatusWriter, ensure_finalizer, secret_connection
+from .base import Context, Result, StatusWriter, ensure_finalizer, profile_secret, secret_connection
 
 log = logging.getLogger(__name__)
 
 RESTART_REQUIRED = "RestartRequired"
 SETTINGS_CONFLICT = "SettingsConflict"
+EXTERNAL = "ParametersExternal"
+LEFT_BEHIND = "SettingsLeftBehind"
 DRIFT_EVENTS = server_settings.DriftEvents(600.0)  # per operator process: a new leader may say it once more
 
 
-def claim(obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]) -> server_settings.Claim:
+def claim(obj: dict[str, Any], system_id: str, names: Iterable[str], scope: str = "") -> server_settings.Claim:
     meta = obj["metadata"]
     return server_settings.Claim(
-        meta.get("namespace", ""), meta["name"], str(meta.get("creationTimestamp") or ""), system_id, frozenset(desired)
+        meta.get("namespace", ""),
+        meta["name"],
+        str(meta.get("creationTimestamp") or ""),
+        system_id,
+        frozenset(names),
+        scope,
     )
 
 
@@ -90,33 +100,39 @@ class DatabaseProfileController:
         key = f"{ref.namespace}/{ref.name}"
         monitoring = spec.monitoring_or_default
         capacity = spec.capacity_or_default
-        info = secret_connection(ctx, ref.namespace, spec)
+        info, labels = profile_secret(ctx, ref.namespace, spec)
         desired = tuning.desired(spec)
-        method = spec.settings_or_default.method  # issue 15: the auto resolver goes here
+        previous = status.read(Status)
         with pg.connect(info) as conn:
             version, _ = pg.server_version(conn)
             system_id = pgs.system_identifier(conn)
-            status.update(Status(server_version=version, system_identifier=system_id))
-            self._check_owner(ctx, obj, system_id, desired)
-            # --- cloudnativepg method (cnpg.py): the Cluster's parameters and instances, CloudNativePG Poolers
+            recorded = server_settings.records(conn, spec.state_schema, key)
+            facts = pgs.privileges(conn, sorted(set(desired) | recorded.names))
+            status.update(Status(server_version=version, system_identifier=system_id, database=facts.database))
+            method = self._resolve(ctx, ref, spec, labels, facts, desired)
+            status.update(
+                Status(settings_method=method.method, settings_method_reason=method.reason, cluster=method.cluster)
+            )
+            self._check_owner(ctx, obj, conn, self._claim(obj, spec, conn, system_id, method, facts, desired), desired)
             events: list[Event] = []
             cluster = ""
-            previous = status.read(Status)
-            if method == "cloudnativepg":
+            # --- cloudnativepg method (cnpg.py): the Cluster's parameters and instances, CloudNativePG Poolers
+            if method.method == "cloudnativepg":
                 if previous.replicas is not None:  # switched from pgscale's own replicas and PgBouncer: remove them
                     no_replicas = spec.model_copy(update={"read_replicas": None})
                     events += self._replicas(ctx, obj, ref, no_replicas, info, conn, status)
                 if previous.pooler is not None and previous.settings_method != "cloudnativepg":
                     events += self._pooler(ctx, ref, spec.model_copy(update={"pooling": None}), info, status)
-                outcome = cnpg.reconcile(ctx, conn, obj, spec, desired, status, previous=previous)
-                report, cluster = outcome.report, outcome.cluster
-                events += outcome.events
-            else:
-                if previous.cluster:  # switched away from cloudnativepg: give the Cluster's fields back
-                    events += cnpg.release(ctx, ref, previous.cluster)
-                    status.update(Status(cluster=None, pooler=None))
-                report = server_settings.reconcile(conn, spec.state_schema, key, desired)
+            elif previous.cluster:  # switched away from cloudnativepg: give the Cluster's fields back
+                events += cnpg.release(ctx, ref, previous.cluster)
+                status.update(Status(cluster=None, pooler=None))
             # --- end cloudnativepg
+            report, retired, outcome = self._apply_settings(
+                ctx, obj, spec, conn, info, method, desired, facts, recorded, status=status, previous=previous
+            )
+            if outcome is not None:
+                cluster = outcome.cluster
+                events += outcome.events
             snap = stats.snapshot(conn, statements=monitoring.statements) if monitoring.enabled else None
             points: dict[str, list[tuple[float, int]]] = {}
             if snap is not None:
@@ -126,10 +142,135 @@ class DatabaseProfileController:
                     sizes = {"": snap.database_bytes, **{t.name: t.bytes for t in snap.tables}}
                     stats.record_sample(conn, spec.state_schema, key, sizes)
                 points = stats.samples(conn, spec.state_schema, key)
-            if method != "cloudnativepg":
+            if method.method != "cloudnativepg":
                 events += self._replicas(ctx, obj, ref, spec, info, conn, status)
+        if previous.settings_method is not None and previous.settings_method != method.method:
+            events.append(
+                Event(
+                    "SettingsMethodChanged",
+                    f"settings are now kept by the {method.method} method (was {previous.settings_method}): "
+                    f"{method.reason}",
+                )
+            )
+        events += self._settings_events(key, report, retired, status, method.method)
+        status.update(
+            Status(
+                parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
+            )
+        )
+        if method.method == "cloudnativepg":
+            events += cnpg.poolers(ctx, ref, spec, cluster, status)
+        else:
+            events += self._pooler(ctx, ref, spec, info, status)
+        if snap is not None:
+            COLLECTOR.update(key, snap, len(report.pending_restart))
+            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts_or_default)
+        events += self._prometheus_rule(ctx, ref, monitoring, status)
+        requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
+        kept = sum(1 for p in report.parameters if p.applied)
+        message = f"Connected to PostgreSQL {version} at {info.describe()}; "
+        if method.method == "alterSystem":
+            message += f"{len(desired)} settings kept"
+        else:
+            message += f"{kept} of {len(desired)} settings kept ({method.method} method)"
+        if cluster:
+            message += f" in CloudNativePG Cluster {cluster}"
+        if report.pending_restart:
+            message += f", {len(report.pending_restart)} waiting for a restart"
+        if report.external:
+            message += f", {len(report.external)} to set in the server's configuration"
+        return Result("Connected", message, requeue_after=requeue, events=events)
+
+    def _resolve(
+        self,
+        ctx: Context,
+        ref: ObjectRef,
+        spec: DatabaseProfileSpec,
+        labels: dict[str, str],
+        facts: pgs.Privileges,
+        desired: dict[str, tuple[str, str]],
+    ) -> settings_method.Resolution:
+        """spec.settings.method, auto resolved from the Secret, the Cluster and the role's privileges."""
+        settings = spec.settings_or_default
+        candidate = settings_method.cluster_candidate(settings, labels)
+        found = candidate is not None and settings.method in ("auto", "cloudnativepg")
+        found = found and cnpg.cluster_exists(ctx, ref.namespace, str(candidate))
+        return settings_method.resolve(settings, secret_labels=labels, cluster_found=found, facts=facts, names=desired)
+
+    def _claim(
+        self,
+        obj: dict[str, Any],
+        spec: DatabaseProfileSpec,
+        conn: psycopg.Connection,
+        system_id: str,
+        method: settings_method.Resolution,
+        facts: pgs.Privileges,
+        desired: dict[str, tuple[str, str]],
+    ) -> server_settings.Claim:
+        """What this profile sets: server-wide, or (database method) its database's values only."""
+        if method.method != "database":
+            return claim(obj, system_id, desired)
+        where = server_settings.placed(conn, desired, facts)
+        scope = server_settings.scope_of(facts.database, spec.settings_or_default.role)
+        return claim(obj, system_id, [n for n in desired if where[n] == "database"], scope)
+
+    def _apply_settings(
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        spec: DatabaseProfileSpec,
+        conn: psycopg.Connection,
+        info: ConnInfo,
+        method: settings_method.Resolution,
+        desired: dict[str, tuple[str, str]],
+        facts: pgs.Privileges,
+        recorded: server_settings.Records,
+        *,
+        status: StatusWriter,
+        previous: Status,
+    ) -> tuple[server_settings.SettingsReport, list[server_settings.Retired], cnpg.Outcome | None]:
+        """Keep the settings by the method resolved, after undoing what another method had set.
+
+        `previous` is the status as the reconcile found it: the cloudnativepg method gives back a
+        Cluster that is no longer the profile's."""
+        ref = ObjectRef.of(obj)
+        key = f"{ref.namespace}/{ref.name}"
+        schema = spec.state_schema
+        retired: list[server_settings.Retired | None] = []
+        if method.method != "database":
+            retired.append(server_settings.retire_database(conn, schema, key, recorded.database, facts))
+        if method.method != "alterSystem":
+            retired.append(server_settings.retire_alter_system(conn, schema, key, recorded.alter_system, facts))
+        done = [r for r in retired if r is not None]
+        if method.method == "alterSystem":
+            return server_settings.reconcile(conn, schema, key, desired), done, None
+        if method.method == "database":
+            report = server_settings.reconcile_database(
+                conn,
+                info,
+                state_schema=schema,
+                profile=key,
+                desired=desired,
+                facts=facts,
+                role=spec.settings_or_default.role,
+            )
+            return report, done, None
+        outcome = cnpg.reconcile(ctx, conn, obj, spec, desired, status, previous=previous, reason=method.reason)
+        return outcome.report, done, outcome
+
+    def _settings_events(
+        self,
+        key: str,
+        report: server_settings.SettingsReport,
+        retired: list[server_settings.Retired],
+        status: StatusWriter,
+        method: str,
+    ) -> list[Event]:
+        """Events and conditions of the settings step: applied, corrected, reset, waiting for a restart,
+        overridden, to be set elsewhere, left behind by a previous method."""
+        events: list[Event] = []
         if report.applied:
-            events.append(Event("ParametersApplied", f"ALTER SYSTEM: {', '.join(report.applied)}"))
+            events.append(Event("ParametersApplied", f"{report.statement}: {', '.join(report.applied)}"))
         if report.corrected:
             log.info("DatabaseProfile %s: changed outside pgscale, set back: %s", key, ", ".join(report.corrected))
             due = DRIFT_EVENTS.due(key, report.corrected, time.monotonic())
@@ -144,6 +285,23 @@ class DatabaseProfileController:
                 )
         if report.reset:
             events.append(Event("ParametersReset", f"no longer in the spec, reset: {', '.join(report.reset)}"))
+        for r in retired:
+            if r.reset:
+                events.append(
+                    Event(
+                        "ParametersReset", f"set by the {r.method} method, no longer used, reset: {', '.join(r.reset)}"
+                    )
+                )
+        left = [r for r in retired if r.left]
+        left_message = "; ".join(
+            f"{', '.join(r.left)} set by the {r.method} method stay ({r.why}): {r.fix}" for r in left
+        )
+        previous_left = cond.get(status.conditions, LEFT_BEHIND)
+        status.conditions = cond.flag(
+            status.conditions, LEFT_BEHIND, bool(left), "ResetRefused", left_message, status.generation
+        )
+        if left and (previous_left is None or previous_left.message != left_message):
+            events.append(Event(LEFT_BEHIND, left_message, warning=True))
         previous_restart = cond.get(status.conditions, RESTART_REQUIRED)
         restart_message = f"restart the server to apply: {', '.join(report.pending_restart)}"
         if method == "cloudnativepg":
@@ -159,59 +317,94 @@ class DatabaseProfileController:
         if report.pending_restart and (previous_restart is None or previous_restart.message != restart_message):
             events.append(Event("RestartRequired", restart_message, warning=True))
         overridden = ", ".join(f"{n} (set by {src})" for n, src in sorted(report.overridden.items()))
+        where = (
+            "e.g. -c options on the server's command line"
+            if report.overriding == "ALTER SYSTEM"
+            else "e.g. ALTER ROLE ... SET of the connecting role, or PGOPTIONS"
+        )
         status.conditions = cond.flag(
             status.conditions,
             OVERRIDDEN,
             bool(report.overridden),
             "OverriddenBySource",
-            f"a source that wins over ALTER SYSTEM keeps other values: {overridden}; remove them there "
-            "(e.g. -c options on the server's command line)",
+            f"a source that wins over {report.overriding} keeps other values: {overridden}; remove them there "
+            f"({where})",
             status.generation,
         )
-        status.update(
-            Status(
-                parameters=report.parameters, pending_restart=report.pending_restart, last_reconcile_time=now_rfc3339()
-            )
+        events += self._external(report, status)
+        return events
+
+    def _external(self, report: server_settings.SettingsReport, status: StatusWriter) -> list[Event]:
+        """ParametersExternal: the settings the method cannot set, with the values to set elsewhere."""
+        waiting = {p.name for p in report.parameters if p.pending_restart and not p.applied}
+        pairs = ", ".join(
+            f"{n}={v}" + (" (the server has a new value waiting for a restart)" if n in waiting else "")
+            for n, v in sorted(report.external.items())
         )
-        if method == "cloudnativepg":
-            events += cnpg.poolers(ctx, ref, spec, cluster, status)
-        else:
-            events += self._pooler(ctx, ref, spec, info, status)
-        if snap is not None:
-            COLLECTOR.update(key, snap, len(report.pending_restart))
-            events += self._capacity_and_alerts(spec, status, snap, points, capacity, monitoring.alerts_or_default)
-        events += self._prometheus_rule(ctx, ref, monitoring, status)
-        requeue = min(seconds(spec.reconcile_interval), seconds(monitoring.interval))
-        message = f"Connected to PostgreSQL {version} at {info.describe()}; {len(desired)} settings kept"
-        if method == "cloudnativepg":
-            message += f" in CloudNativePG Cluster {cluster}"
-        if report.pending_restart:
-            message += f", {len(report.pending_restart)} waiting for a restart"
-        return Result("Connected", message, requeue_after=requeue, events=events)
+        message = (
+            "the database method cannot set these server-level settings; set them in the provider's parameter "
+            f"group or the server's configuration: {pairs}"
+        )
+        if report.privileged:
+            names = ", ".join(sorted(report.privileged))
+            message += (
+                f" ({names} may also be set per database by a superuser, or by this role after GRANT SET ON "
+                f"PARAMETER {names} TO it, PostgreSQL 15+)"
+            )
+        previous = cond.get(status.conditions, EXTERNAL)
+        status.conditions = cond.flag(
+            status.conditions, EXTERNAL, bool(report.external), "SetElsewhere", message, status.generation
+        )
+        if report.external and (previous is None or previous.message != message):
+            return [Event(EXTERNAL, message, warning=True)]
+        return []
 
     def _check_owner(
-        self, ctx: Context, obj: dict[str, Any], system_id: str, desired: dict[str, tuple[str, str]]
+        self,
+        ctx: Context,
+        obj: dict[str, Any],
+        conn: psycopg.Connection,
+        me: server_settings.Claim,
+        desired: dict[str, tuple[str, str]],
     ) -> None:
-        """Stall (SettingsConflict) when an earlier profile keeps server-wide settings on the same server."""
-        if not desired:
+        """Stall (SettingsConflict) when an earlier profile keeps the same server's server-wide settings, or
+        (database method) the same database's values."""
+        if not me.parameters:
             return
-        me = claim(obj, system_id, desired)
         others = []
+        contexts: dict[str, pgs.Setting] = {}
         for other in ctx.kube.list_watched(self.kind, ctx.config.namespaces):
-            other_id = Status.from_stored(other.get("status")).system_identifier
-            if not other_id or other["metadata"].get("deletionTimestamp"):
+            stored = Status.from_stored(other.get("status"))
+            if stored.system_identifier != me.system_identifier or other["metadata"].get("deletionTimestamp"):
                 continue
             try:
                 other_spec = DatabaseProfileSpec.model_validate(other.get("spec") or {})
             except ValidationError:
                 continue  # an invalid profile applies nothing
-            others.append(claim(other, str(other_id), tuning.desired(other_spec)))
+            other_settings = other_spec.settings_or_default
+            method = other_settings.method if other_settings.method != "auto" else stored.settings_method
+            try:
+                names = sorted(tuning.desired(other_spec))
+            except SpecError:
+                continue  # an invalid profile applies nothing
+            if method != "database":  # alterSystem, cloudnativepg, or not known yet: server-wide
+                others.append(claim(other, me.system_identifier, names))
+                continue
+            if not stored.database or me.scope != server_settings.scope_of(stored.database, other_settings.role):
+                continue  # another database's values (or not known yet) never meet mine
+            missing = sorted(set(names) - set(contexts))
+            if missing:
+                contexts.update(pgs.describe(conn, missing))
+            capable = [n for n in names if settings_method.database_capable(contexts.get(n), n)]
+            others.append(claim(other, me.system_identifier, capable, me.scope))
         conflict = server_settings.settings_owner(me, others)
         if conflict is not None:
             first = conflict.parameters[0]
             source = desired[first][1] if first in desired else "parameters"
             raise SpecError(
-                server_settings.field_of(first, source), conflict.message(system_id), reason=SETTINGS_CONFLICT
+                server_settings.field_of(first, source),
+                conflict.message(me.system_identifier),
+                reason=SETTINGS_CONFLICT,
             )
 
     def _capacity_and_alerts(
