@@ -19,7 +19,7 @@ from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
 from ..events import Event
-from ..files import FS_MOUNT, source
+from ..files import source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
 from ..progress import eta
@@ -189,22 +189,8 @@ class FileMigrationController:
         elif current:  # a Job of an older generation: stop it (it ends after its current row)
             ctx.kube.delete("batch/v1", "Job", ref.namespace, current)
         name = f"{prefix}-{attempt}"
-        env = builders.job_env(ref, obj["spec"], profile)
-        volumes = []
-        s3 = spec.destination.s3
-        if s3 and s3.credentials_secret_ref:
-            creds = s3.credentials_secret_ref
-            env += [
-                builders.secret_env("AWS_ACCESS_KEY_ID", creds.name, creds.access_key_id_key),
-                builders.secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
-            ]
-        if spec.destination.filesystem:
-            volumes.append(
-                (
-                    {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
-                    {"name": "files", "mountPath": FS_MOUNT},
-                )
-            )
+        extra, volumes = builders.destination_env(spec.destination)
+        env = builders.job_env(ref, obj["spec"], profile) + extra
         job = builders.job(
             ref,
             name=name,

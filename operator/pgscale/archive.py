@@ -1,0 +1,130 @@
+"""`pgscale archive list` and `pgscale archive restore`: what action export wrote, and bringing it back.
+
+A restore takes whole batches (the policy's file and its children's files, parents first) in
+one transaction each: every file is read back and its SHA-256 compared with the ledger
+before a row is inserted, and rows go in with ``ON CONFLICT DO NOTHING``, so restoring
+twice inserts nothing twice (rows whose key is already there are counted as skipped).
+Into the original tables, or into tables of the same names in another schema (created
+like the originals, with their primary keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import groupby
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import parquet
+from .api.filemigration import Destination
+from .pg import export as sqle
+from .pg import qualified, table_columns
+from .pg.retention import create_like, primary_key
+from .storage import ObjectStore
+
+StoreFor = Callable[[Destination], ObjectStore]
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did (printed as JSON by the CLI)."""
+
+    batches: int = 0
+    files: int = 0
+    inserted: int = 0
+    skipped: int = 0  # rows whose key was already in the table
+    tables: dict[str, int] = field(default_factory=dict)  # rows inserted per table
+
+
+def select(
+    conn: psycopg.Connection,
+    state_schema: str,
+    *,
+    policy: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    partition: str | None = None,
+) -> list[dict[str, Any]]:
+    """The ledger's files: every batch whose policy file's ageColumn range meets [since, until), or
+    that exported ``partition``, with its children's files."""
+    return sqle.list_files(conn, state_schema, policy=policy, since=since, until=until, partition=partition)
+
+
+def restore(
+    conn: psycopg.Connection,
+    state_schema: str,
+    files: Iterable[dict[str, Any]],
+    store_for: StoreFor,
+    *,
+    into_schema: str | None = None,
+) -> RestoreReport:
+    """Insert the rows of these files back, batch by batch (see the module's docstring)."""
+    report = RestoreReport()
+    stores: dict[str, ObjectStore] = {}
+    for _, batch in groupby(files, key=lambda f: f["batch_id"]):
+        with conn.transaction():
+            for item in batch:
+                destination = Destination.model_validate(item["destination"])
+                name = destination.model_dump_json()
+                store = stores.get(name) or stores.setdefault(name, store_for(destination))
+                inserted, skipped = _restore_file(conn, state_schema, item, store, into_schema)
+                report.files += 1
+                report.inserted += inserted
+                report.skipped += skipped
+                where = f"{into_schema or item['source_schema']}.{item['source_table']}"
+                report.tables[where] = report.tables.get(where, 0) + inserted
+        report.batches += 1
+    return report
+
+
+def _restore_file(
+    conn: psycopg.Connection, state_schema: str, item: dict[str, Any], store: ObjectStore, into_schema: str | None
+) -> tuple[int, int]:
+    key = item["object_key"]
+    data = store.fetch(key)
+    if parquet.sha256(data) != item["sha256"] or len(data) != item["bytes"]:
+        raise RuntimeError(
+            f"{store.location(key)} reads back as {len(data)} bytes with sha256 {parquet.sha256(data)}, not "
+            f"{item['bytes']} bytes with {item['sha256']} as recorded: not restored"
+        )
+    table = parquet.read(data)
+    source = (item["source_schema"], item["source_table"])
+    target = (into_schema, source[1]) if into_schema else source
+    if into_schema and table_columns(conn, *target) is None:
+        create_like(conn, source, target)
+    columns = {c.name: c for c in sqle.columns(conn, *target)}
+    if not columns:
+        raise RuntimeError(f'table "{target[0]}"."{target[1]}" does not exist: not restored')
+    missing = [n for n in table.column_names if n not in columns]
+    if missing:
+        raise RuntimeError(
+            f'table "{target[0]}"."{target[1]}" has no column {", ".join(map(repr, missing))} that '
+            f"{store.location(key)} holds: add it, or restore into another schema"
+        )
+    if not primary_key(conn, *target):
+        raise RuntimeError(
+            f'table "{target[0]}"."{target[1]}" has no primary key, so a second restore could not tell its rows '
+            "from restored ones: restore into another schema (--into-schema), which gets the original's key"
+        )
+    names = [n for n in table.column_names if not columns[n].generated]
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE pgscale_restore ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            sql.SQL(", ").join(sql.Identifier(n) for n in names), qualified(*target)
+        )
+    )
+    cols = sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    with conn.cursor().copy(sql.SQL("COPY pgscale_restore ({}) FROM STDIN").format(cols)) as copy:
+        for record in parquet.records(table, names):
+            copy.write_row(record)
+    inserted = conn.execute(
+        sql.SQL(
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM pgscale_restore ON CONFLICT DO NOTHING"
+        ).format(qualified(*target), cols, cols)
+    ).rowcount
+    conn.execute("DROP TABLE pgscale_restore")
+    sqle.mark_restored(conn, state_schema, int(item["id"]), f"{target[0]}.{target[1]}")
+    return inserted, table.num_rows - inserted

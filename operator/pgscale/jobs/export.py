@@ -1,0 +1,409 @@
+"""RetentionPolicy's action export, as `pgscale job retention` runs it: batches of old rows (with
+their children, per spec.children) leave the database as verified Parquet files.
+
+Per batch:
+
+1. the batch is recorded *pending* in the ledger (committed): its files' keys are fixed;
+2. in one transaction: its rows are locked (``FOR UPDATE SKIP LOCKED``; children through
+   their keys, ``FOR UPDATE``), read, and written as one Parquet file per table, create-only;
+   each file is read back (SHA-256, size and row count) and so is its manifest; then the
+   rows are deleted (children first, so no ON DELETE action finds any), and the batch is
+   marked *done* with its files and counted in the run log; commit.
+
+Killed anywhere, every row is in the table or in exactly one file of a done batch: before
+the commit nothing is deleted and the batch is still pending. The next run first redoes
+pending batches under their own keys: an object that already holds exactly the rows is
+reused (read back again), one that holds other rows (they changed) is replaced, and keys
+of tables that now have no rows are cleared. Such an object never held the only copy of a
+row. Files of done batches are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
+from psycopg import errors, sql
+
+from .. import faults, parquet
+from ..api.retentionpolicy import RetentionPolicySpec
+from ..errors import SpecError
+from ..parquet import Mapped
+from ..pg import export as sqle
+from ..pg import retention as sqlr
+from ..pg.retention import ChildPlan, Target
+from ..progress import Progress
+from ..retention import batch_pages, next_export_pages
+from ..storage import AlreadyExists, ObjectStore, problem
+from . import JobInput
+
+log = logging.getLogger(__name__)
+
+RETRIES = 10
+RETRYABLE = (
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.SerializationFailure,
+    errors.DeadlockDetected,
+    errors.ForeignKeyViolation,  # a child appeared after the snapshot under a parent being kept
+)
+PARQUET_TYPE = "application/vnd.apache.parquet"
+
+
+class VerificationError(RuntimeError):
+    """A file read back differs from what was written; the batch's rows stay in the table."""
+
+
+@dataclass
+class ExportCounts:
+    """What the export part of a run did (added to the run's report)."""
+
+    files: int = 0
+    bytes: int = 0
+    reused: int = 0
+    redone: int = 0
+
+
+def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
+    """A storage failure as the spec field to fix (None: not a known one)."""
+    found = problem(exc, spec.export_or_default.destination, "export.destination")
+    if found is None:
+        return None
+    field, reason, message = found
+    return SpecError(field, f"{message}; no row was deleted", reason=reason)
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, int | float | str | bool) else str(value)
+
+
+def _instant(value: Any) -> datetime | None:
+    """An ageColumn value as an instant (timestamps without time zone and dates are read as UTC)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return None
+
+
+class Exporter:
+    """One run's export batches over one table."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        job: JobInput,
+        spec: RetentionPolicySpec,
+        target: Target,
+        store: ObjectStore,
+        *,
+        run_id: int | None,
+        stop: threading.Event,
+        deadline: float,
+        progress: Progress | None = None,
+        count: Callable[[int, dict[str, int]], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.job = job
+        self.spec = spec
+        self.target = target
+        self.store = store
+        self.run_id = run_id
+        self.stop = stop
+        self.deadline = deadline
+        self.progress = progress
+        self.count = count or (lambda rows, tables: None)
+        self.state = job.state_schema
+        self.counts = ExportCounts()
+        self.destination = spec.export_or_default.destination.wire()
+        for plan in target.plans():
+            if plan.fk.self_reference and plan.removes:
+                raise SpecError(
+                    "children",
+                    f"{plan.fk.describe()} references its own table; action export does not yet follow such keys "
+                    "to the rows below a removed row: set mode keep for this table (parents with such children "
+                    "stay), or use action archive",
+                    reason="ExportUnsupported",
+                )
+        self.tables: list[tuple[str, str]] = [(target.schema, target.table)]
+        self.mapped: dict[tuple[str, str], list[Mapped]] = {}
+        self.keys: dict[tuple[str, str], list[str]] = {}
+        for name in [(target.schema, target.table), *(p.fk.child for p in target.plans() if p.effect == "archive")]:
+            if name in self.mapped:
+                continue
+            if name not in self.tables:
+                self.tables.append(name)
+            self.mapped[name] = [parquet.arrow_type(c) for c in sqle.columns(conn, *name)]
+            self.keys[name] = sqlr.primary_key(conn, *name)
+        self.batch_no = 0
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def point(self, name: str) -> None:
+        """A fault-injection point, also numbered by batch (``export-deleted@3``)."""
+        faults.checkpoint(name)
+        faults.checkpoint(f"{name}@{self.batch_no}")
+
+    def redo_pending(self) -> None:
+        """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
+        for pending in sqle.pending_batches(self.conn, self.state, self.job.policy_key):
+            if pending.partition is not None:
+                continue  # a partition's export: finished by the partition path
+            self.point("export-redo")
+            self.counts.redone += 1
+            self.batch(pending, retried=True)
+
+    def run(self, cutoff: datetime) -> str | None:
+        """Every matching row, walking the table's pages once; returns why it stopped early (None: done)."""
+        self.redo_pending()
+        end, density = sqlr.heap_extent(self.conn, self.target)
+        rows_per_file = self.spec.export_or_default.rows_per_file
+        pages, _ = batch_pages(rows_per_file, rows_per_file, density)
+        lo = 0
+        group = cutoff.astimezone(UTC).strftime("%Y-%m-%d")
+        while lo < end:
+            if self.stop.is_set():
+                return "stopped on request after a committed batch"
+            if time.monotonic() > self.deadline:
+                return f"maxRunTime {self.spec.max_run_time} reached; next run continues"
+            hi = min(lo + pages, end)
+            pending = sqle.begin_batch(
+                self.conn,
+                self.state,
+                policy=self.job.policy_key,
+                group=group,
+                tables=self.tables,
+                run_id=self.run_id,
+                cutoff=cutoff,
+                lo=lo,
+                hi=hi,
+            )
+            moved = self.batch(pending)
+            lo = hi
+            pages = next_export_pages(pages, moved, rows_per_file)
+        return None
+
+    def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
+        """One batch, retried when it gives way to the application; returns the rows it exported."""
+        self.batch_no += 1
+        self.point("export-pending")
+        failures = 0
+        while True:
+            try:
+                return self._batch(pending, retried=retried)
+            except RETRYABLE as exc:
+                failures += 1
+                if failures > RETRIES:
+                    raise
+                retried = True  # its objects may exist now
+                log.warning(
+                    "export batch %s gave way to the application (%s); retrying", pending.id, type(exc).__name__
+                )
+                self.stop.wait(0.05 * failures)
+            except (BotoCoreError, ClientError, OSError) as exc:
+                found = storage_failure(exc, self.spec)
+                if found is not None:
+                    raise found from exc
+                raise RuntimeError(f"writing the files of export batch {pending.id} failed: {exc}") from exc
+
+    def _batch(self, pending: sqle.PendingBatch, *, retried: bool) -> int:
+        target = self.target
+        assert pending.cutoff is not None and pending.lo is not None and pending.hi is not None
+        filters = dict(sqlr.predicate(target)[1])
+        params = {"cutoff": pending.cutoff, **filters, "lo": pending.lo, "hi": pending.hi}
+        root_name = (target.schema, target.table)
+        with self.conn.transaction():
+            root = sqle.lock_root(self.conn, target, self.mapped[root_name], params)
+            counts = sqle.count_kept(self.conn, target, params)
+            self.point("export-locked")
+            if not root.idents:
+                if retried:
+                    self._clear(pending, written=set())
+                sqle.forget_batch(self.conn, self.state, pending.id)
+                return 0
+            locked: dict[tuple[str, str], sqle.Locked] = {root_name: root}
+            order: list[tuple[str, str]] = [root_name]
+            scans: dict[tuple[str, str], tuple[sql.Composable, bool]] = {root_name: (target.scan, target.partitioned)}
+            self._children(target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
+            files = []
+            for name in self.tables:
+                rows = locked.get(name)
+                if rows is None or not rows.idents:
+                    continue
+                files.append(self._write(pending, name, rows, root=name == root_name))
+            if retried:
+                self._clear(pending, written={f.object_key for f in files})
+            self.point("export-verified")
+            # Children before parents (a table reached by several keys: before the first of them).
+            for name in sorted(order, key=lambda n: max(i for i, o in enumerate(order) if o == n), reverse=True):
+                rows = locked[name]
+                scan, partitioned = scans[name]
+                gone = sqle.delete_rows(self.conn, scan, partitioned, rows.idents)
+                if gone != len(rows.idents):
+                    raise RuntimeError(
+                        f"deleted {gone} of the {len(rows.idents)} locked rows of {name[0]}.{name[1]}; "
+                        "the batch is rolled back"
+                    )
+                if name != root_name:
+                    verb = "exported" if name in self.mapped else "deleted"
+                    counts[f"{name[0]}.{name[1]} {verb}"] = counts.get(f"{name[0]}.{name[1]} {verb}", 0) + gone
+            self.point("export-deleted")
+            sqle.finish_batch(
+                self.conn,
+                self.state,
+                batch_id=pending.id,
+                policy=self.job.policy_key,
+                files=files,
+                run_id=self.run_id,
+                counts=counts,
+            )
+            self.point("export-recorded")
+        self.point("export-committed")
+        moved = len(root.idents)
+        self.counts.files += len(files)
+        self.count(moved, counts)
+        if self.progress:
+            self.progress.advance(moved)
+        return moved
+
+    def _children(
+        self,
+        plans: tuple[ChildPlan, ...],
+        parent_scan: sql.Composable,
+        parent_partitioned: bool,
+        parents: sqle.Locked,
+        locked: dict[tuple[str, str], sqle.Locked],
+        order: list[tuple[str, str]],
+        scans: dict[tuple[str, str], tuple[sql.Composable, bool]],
+        counts: dict[str, int],
+    ) -> None:
+        """Lock the rows that reference ``parents`` and go with them, recursively; count what the
+        database's own SET NULL / SET DEFAULT will change."""
+        for plan in plans:
+            label = f"{plan.fk.schema}.{plan.fk.table}"
+            if plan.effect in ("setNull", "setDefault"):
+                n = sqle.count_children(self.conn, plan, parent_scan, parent_partitioned, parents)
+                if n:
+                    counts[f"{label} {plan.effect}"] = counts.get(f"{label} {plan.effect}", 0) + n
+                continue
+            if not plan.removes:
+                continue  # skipParent: such parents were not taken
+            name = plan.fk.child
+            into = locked.setdefault(name, sqle.Locked())
+            mapped = self.mapped.get(name) if plan.effect == "archive" else None
+            found = sqle.lock_children(self.conn, plan, parent_scan, parent_partitioned, parents, mapped, into)
+            order.append(name)
+            scans[name] = (plan.scan, plan.partitioned)
+            if found and plan.children:
+                self._children(
+                    plan.children, plan.scan, plan.partitioned, sqle.Locked(idents=found), locked, order, scans, counts
+                )
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _write(
+        self, pending: sqle.PendingBatch, name: tuple[str, str], rows: sqle.Locked, *, root: bool
+    ) -> sqle.FileRecord:
+        """The table's rows of this batch as a verified file and manifest."""
+        mapped = self.mapped[name]
+        fingerprint = parquet.fingerprint(mapped)
+        meta = {"source": f"{name[0]}.{name[1]}", "fingerprint": fingerprint, "batch": str(pending.id)}
+        table = parquet.to_table(mapped, rows.rows, meta)
+        data = parquet.write(table)
+        sha = parquet.sha256(data)
+        key = parquet.file_key(name[0], name[1], pending.group, pending.stem)
+        names = [m.name for m in mapped]
+        keys = self.keys[name]
+        key_min = key_max = None
+        if keys:
+            idx = [names.index(k) for k in keys]
+            key_min = [_jsonable(rows.rows[0][i]) for i in idx]
+            key_max = [_jsonable(rows.rows[-1][i]) for i in idx]
+        age_min = age_max = None
+        age_column = self.target.age_column if root else None
+        if age_column is not None:
+            ages = [a for a in (_instant(r[names.index(age_column)]) for r in rows.rows) if a is not None]
+            age_min, age_max = (min(ages), max(ages)) if ages else (None, None)
+        record = sqle.FileRecord(
+            source_schema=name[0],
+            source_table=name[1],
+            root=root,
+            object_key=key,
+            manifest_key=parquet.manifest_key(key),
+            location=self.store.location(key),
+            destination=self.destination,
+            rows=len(rows.rows),
+            bytes=len(data),
+            sha256=sha,
+            fingerprint=fingerprint,
+            row_bytes=rows.row_bytes,
+            key_columns=keys,
+            key_min=key_min,
+            key_max=key_max,
+            age_column=age_column,
+            age_min=age_min,
+            age_max=age_max,
+            cutoff=pending.cutoff,
+            partition_name=pending.partition[1] if pending.partition else None,
+        )
+        self._place(key, data, sha, len(rows.rows), PARQUET_TYPE)
+        self.point("export-written")
+        note = parquet.manifest(
+            file=key.rsplit("/", 1)[-1],
+            sha256=sha,
+            bytes=len(data),
+            rows=record.rows,
+            source={"schema": name[0], "table": name[1], "partition": record.partition_name},
+            policy=self.job.policy_key,
+            batch=pending.id,
+            cutoff=pending.cutoff.isoformat() if pending.cutoff else None,
+            key={"columns": keys, "min": key_min, "max": key_max},
+            age={"column": age_column, "min": age_min, "max": age_max} if age_column else None,
+            schema={"fingerprint": fingerprint, "columns": [[m.name, m.column.type, str(m.arrow)] for m in mapped]},
+            rowBytes=rows.row_bytes,
+        )
+        self._place(record.manifest_key, note, parquet.sha256(note), None, "application/json")
+        self.point("export-manifest")
+        return record
+
+    def _place(self, key: str, data: bytes, sha: str, rows: int | None, content_type: str) -> None:
+        """Write an object create-only and read it back; an object already under the key is a
+        pending batch's own (reused when identical, else replaced: it holds no row's only copy)."""
+        try:
+            self.store.put_new(key, [data], size=len(data), sha256=sha, content_type=content_type)
+            self.counts.bytes += len(data)
+        except AlreadyExists:
+            found = self.store.head(key)
+            if found is not None and found.sha256 == sha and found.size == len(data):
+                self.counts.reused += 1
+            else:
+                self.store.delete(key)
+                self.store.put_new(key, [data], size=len(data), sha256=sha, content_type=content_type)
+                self.counts.bytes += len(data)
+        back = self.store.fetch(key)
+        if parquet.sha256(back) != sha or len(back) != len(data):
+            raise VerificationError(
+                f"{self.store.location(key)} reads back as {len(back)} bytes with sha256 {parquet.sha256(back)}, "
+                f"not {len(data)} bytes with {sha}; no row was deleted"
+            )
+        if rows is not None and parquet.row_count(back) != rows:
+            raise VerificationError(f"{self.store.location(key)} reads back with other than {rows} rows")
+
+    def _clear(self, pending: sqle.PendingBatch, *, written: set[str]) -> None:
+        """Objects of a pending batch's keys that this attempt does not write (their tables have no rows
+        now): an earlier attempt's, holding copies of rows that are still in the table."""
+        for schema, table in pending.tables:
+            key = parquet.file_key(schema, table, pending.group, pending.stem)
+            if key in written:
+                continue
+            for name in (key, parquet.manifest_key(key)):
+                if self.store.head(name) is not None:
+                    self.store.delete(name)
+        self.point("export-cleared")
