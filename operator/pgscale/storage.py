@@ -206,7 +206,7 @@ class FilesystemStore:
         return path
 
     def location(self, key: str) -> str:
-        return str(self._path(key))
+        return str(self._path(key)) if key else str(self.root)
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)

@@ -108,11 +108,15 @@ def digest(conn: psycopg.Connection, where: str) -> tuple[int, int, str]:
 def duck_digest(paths: list[str]) -> tuple[int, int, str]:
     """The same digest, computed by DuckDB over the Parquet files."""
     files = ", ".join(f"'{p}'" for p in paths)
-    row = duckdb.connect().execute(
-        f"""SELECT count(*), coalesce(sum(id), 0), md5(coalesce(string_agg(id::varchar || '|' || title || '|' ||
+    row = (
+        duckdb.connect()
+        .execute(
+            f"""SELECT count(*), coalesce(sum(id), 0), md5(coalesce(string_agg(id::varchar || '|' || title || '|' ||
             status || '|' || epoch_us("completedAt")::varchar, ',' ORDER BY id), ''))
             FROM read_parquet([{files}])"""
-    ).fetchone()
+        )
+        .fetchone()
+    )
     assert row is not None
     return int(row[0]), int(row[1]), row[2]
 
@@ -174,9 +178,10 @@ def test_export_to_s3_duckdb_reads_back_and_restore_returns_the_rows(
 
 
 HOSTILE = """
+CREATE SCHEMA app_data;
 CREATE SCHEMA "app data";
 CREATE TYPE "app data"."Mood" AS ENUM ('calm', 'busy', 'on "fire"');
-CREATE TABLE "app data"."Job ""log"" 2024" (
+CREATE TABLE app_data."JobLog" (
     "key" text PRIMARY KEY,
     mood "app data"."Mood" NOT NULL,
     moods "app data"."Mood"[],
@@ -203,7 +208,7 @@ CREATE TABLE "app data"."Job ""log"" 2024" (
     during tstzrange,
     doubled bigint GENERATED ALWAYS AS (small * 2) STORED
 );
-INSERT INTO "app data"."Job ""log"" 2024"
+INSERT INTO app_data."JobLog"
 SELECT 'key ' || g || ' "quoted" ' || repeat('é', g % 3),
        (ARRAY['calm', 'busy', 'on "fire"'])[1 + g % 3]::"app data"."Mood",
        ARRAY['calm', 'on "fire"']::"app data"."Mood"[],
@@ -229,7 +234,13 @@ SELECT 'key ' || g || ' "quoted" ' || repeat('é', g % 3),
        time '13:14:15.161718',
        tstzrange(now() - interval '1 day', NULL)
 FROM generate_series(1, 700) g;
-UPDATE "app data"."Job ""log"" 2024" SET payload = NULL, tags = NULL, blob = NULL WHERE small = 5;
+UPDATE app_data."JobLog" SET payload = NULL, tags = NULL, blob = NULL WHERE small = 5;
+CREATE TABLE "app data"."Job ""log"" 2024" (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    "job key" text NOT NULL REFERENCES app_data."JobLog" ("key") ON DELETE CASCADE,
+    note text
+);
+INSERT INTO "app data"."Job ""log"" 2024" ("job key", note) SELECT "key", 'note ' || n FROM app_data."JobLog", generate_series(1, 2) n;
 """
 
 
@@ -237,11 +248,13 @@ def test_hostile_shapes_round_trip_on_a_volume(
     postgres: Any, database: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
     conn.execute(HOSTILE)
-    table = '"app data"."Job ""log"" 2024"'
-    before = conn.execute(f"SELECT * FROM {table} ORDER BY key").fetchall()
+    table, child = 'app_data."JobLog"', '"app data"."Job ""log"" 2024"'
+    before = conn.execute(f"SELECT t::text FROM {table} t ORDER BY key").fetchall()  # NaN != NaN in Python
+    children = conn.execute(f"SELECT * FROM {child} ORDER BY id").fetchall()
     spec = {
         "profileRef": {"name": "app"},
-        "table": {"schema": "app data", "name": 'Job "log" 2024'},
+        "table": {"schema": "app_data", "name": "JobLog"},
+        "children": {"mode": "archive"},
         "ageColumn": "finishedAt",
         "olderThan": "30d",
         "action": "export",
@@ -253,21 +266,28 @@ def test_hostile_shapes_round_trip_on_a_volume(
     report = run(job_for(postgres, database, spec), store=store)
     assert report.outcome == "Succeeded", report.message
     assert report.rows_archived == 700 and scalar(conn, f"SELECT count(*) FROM {table}") == 0
+    assert scalar(conn, f"SELECT count(*) FROM {child}") == 0
     files = ledger(conn)
-    paths = [str(tmp_path / "exports" / f[1]) for f in files]
+    assert {f[0] for f in files} == {"JobLog", 'Job "log" 2024'}
+    assert any("app%20data.Job%20%22log%22%202024/" in f[1] for f in files)
+    paths = [str(tmp_path / "exports" / f[1]) for f in files if f[0] == "JobLog"]
     assert all(Path(p).exists() and Path(parquet.manifest_key(p)).exists() for p in paths)
-    assert "app%20data.Job%20%22log%22%202024/" in files[0][1]
-    got = duckdb.connect().execute(
-        'SELECT count(*), count(DISTINCT key), min("finishedAt"), max(price), '
-        f"count(*) FILTER (WHERE mood = 'on \"fire\"') FROM read_parquet([{', '.join(repr(p) for p in paths)}])"
-    ).fetchone()
+    got = (
+        duckdb.connect()
+        .execute(
+            'SELECT count(*), count(DISTINCT key), min("finishedAt"), max(price), '
+            f"count(*) FILTER (WHERE mood = 'on \"fire\"') FROM read_parquet([{', '.join(repr(p) for p in paths)}])"
+        )
+        .fetchone()
+    )
     assert got is not None and got[0] == 700 and got[1] == 700
     with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
         picked = archive.select(c, "pgscale", policy="ns/export-tasks")
         done = archive.restore(c, "pgscale", picked, lambda d: store)
         again = archive.restore(c, "pgscale", picked, lambda d: store)
-    assert done.inserted == 700 and again.inserted == 0
-    assert conn.execute(f"SELECT * FROM {table} ORDER BY key").fetchall() == before
+    assert done.inserted == 700 * 3 and again.inserted == 0
+    assert conn.execute(f"SELECT t::text FROM {table} t ORDER BY key").fetchall() == before
+    assert conn.execute(f"SELECT * FROM {child} ORDER BY id").fetchall() == children
 
 
 KILL_POINTS = [
