@@ -41,6 +41,7 @@ from ..pg import retention as sqlr
 from ..pg.retention import ChildPlan, Target
 from ..progress import Progress
 from ..retention import batch_pages, next_export_pages
+from ..retention.planning import EXPLORING
 from ..storage import AlreadyExists, ObjectStore, problem
 from . import JobInput
 
@@ -142,14 +143,15 @@ class Exporter:
                 self.tables.append(name)
             self.mapped[name] = [parquet.arrow_type(c) for c in sqle.columns(conn, *name)]
             self.keys[name] = sqlr.primary_key(conn, *name)
-        self.batch_no = 0
+        self.exported = 0  # batches of this run that exported rows
 
     # --- the run ---------------------------------------------------------------------------
 
     def point(self, name: str) -> None:
-        """A fault-injection point, also numbered by batch (``export-deleted@3``)."""
+        """A fault-injection point, also numbered (``export-deleted@3``: in the batch after two batches of
+        this run exported rows)."""
         faults.checkpoint(name)
-        faults.checkpoint(f"{name}@{self.batch_no}")
+        faults.checkpoint(f"{name}@{self.exported + 1}")
 
     def redo_pending(self) -> None:
         """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
@@ -166,6 +168,7 @@ class Exporter:
         end, density = sqlr.heap_extent(self.conn, self.target)
         rows_per_file = self.spec.export_or_default.rows_per_file
         pages, _ = batch_pages(rows_per_file, rows_per_file, density)
+        largest = pages * EXPLORING
         lo = 0
         group = cutoff.astimezone(UTC).strftime("%Y-%m-%d")
         while lo < end:
@@ -187,12 +190,11 @@ class Exporter:
             )
             moved = self.batch(pending)
             lo = hi
-            pages = next_export_pages(pages, moved, rows_per_file)
+            pages = next_export_pages(pages, moved, rows_per_file, largest)
         return None
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
         """One batch, retried when it gives way to the application; returns the rows it exported."""
-        self.batch_no += 1
         self.point("export-pending")
         failures = 0
         while True:
@@ -267,6 +269,7 @@ class Exporter:
             self.point("export-recorded")
         self.point("export-committed")
         moved = len(root.idents)
+        self.exported += 1
         self.counts.files += len(files)
         self.count(moved, counts)
         if self.progress:

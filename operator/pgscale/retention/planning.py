@@ -305,10 +305,10 @@ def next_batch_size(size: int, elapsed: float, *, moved: int, budget: float, sma
     return size
 
 
-def next_export_pages(pages: int, moved: int, rows_per_file: int) -> int:
-    """The next export batch's size in pages (pure): aimed at rowsPerFile rows from how many the last
-    one found, changing by at most 4x per batch (matching rows are seldom spread evenly)."""
+def next_export_pages(pages: int, moved: int, rows_per_file: int, largest: int) -> int:
+    """The next export batch's size in heap pages (pure): aimed at rowsPerFile rows from how many the
+    last one found, growing at most 4x per batch and never past ``largest`` (a range of old rows after
+    many young pages would otherwise make one huge batch)."""
     if moved <= 0:
-        return pages * 2
-    wanted = int(pages * rows_per_file / moved)
-    return max(1, max(pages // 4, min(pages * 4, wanted)))
+        return min(largest, pages * 2)
+    return max(1, min(largest, pages * 4, int(pages * rows_per_file / moved)))
