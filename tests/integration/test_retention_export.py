@@ -240,7 +240,8 @@ CREATE TABLE "app data"."Job ""log"" 2024" (
     "job key" text NOT NULL REFERENCES app_data."JobLog" ("key") ON DELETE CASCADE,
     note text
 );
-INSERT INTO "app data"."Job ""log"" 2024" ("job key", note) SELECT "key", 'note ' || n FROM app_data."JobLog", generate_series(1, 2) n;
+INSERT INTO "app data"."Job ""log"" 2024" ("job key", note)
+SELECT "key", 'note ' || n FROM app_data."JobLog", generate_series(1, 2) n;
 """
 
 
