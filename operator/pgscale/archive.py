@@ -10,8 +10,12 @@ like the originals, with their primary keys).
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from itertools import groupby
 from typing import Any
@@ -128,3 +132,81 @@ def _restore_file(
     conn.execute("DROP TABLE pgscale_restore")
     sqle.mark_restored(conn, state_schema, int(item["id"]), f"{target[0]}.{target[1]}")
     return inserted, table.num_rows - inserted
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def _store_for(namespace: str) -> StoreFor:
+    """Stores with the access keys of the destination's Secret (read through the kubeconfig), else the
+    environment's; a volume under $PGSCALE_FS_ROOT (default /data)."""
+    from .kube import Kube
+    from .storage import open_store
+
+    def store_for(destination: Destination) -> ObjectStore:
+        env = dict(os.environ)
+        s3 = destination.s3
+        if s3 is not None and s3.credentials_secret_ref is not None:
+            ref = s3.credentials_secret_ref
+            secret = Kube().read_secret(namespace, ref.name) or {}
+            env["AWS_ACCESS_KEY_ID"] = secret.get(ref.access_key_id_key, "")
+            env["AWS_SECRET_ACCESS_KEY"] = secret.get(ref.secret_access_key_key, "")
+        return open_store(destination, env)
+
+    return store_for
+
+
+def _row(item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "batch": item["batch_id"],
+        "table": f"{item['source_schema']}.{item['source_table']}",
+        "rows": item["rows"],
+        "bytes": item["bytes"],
+        "ageMin": item["age_min"].isoformat() if item["age_min"] else None,
+        "ageMax": item["age_max"].isoformat() if item["age_max"] else None,
+        "keyMin": item["key_min"],
+        "keyMax": item["key_max"],
+        "partition": item["partition_name"],
+        "location": item["location"],
+        "sha256": item["sha256"],
+        "restored": item["restored_at"].isoformat() if item["restored_at"] else None,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `pgscale archive ...`."""
+    from . import pg
+    from .api import RETENTION_POLICY
+    from .errors import ReconcileError
+    from .jobs import from_api
+
+    try:
+        job = from_api(RETENTION_POLICY, args.namespace, args.policy)
+    except ReconcileError as exc:
+        print(f"pgscale archive: {exc.message}", file=sys.stderr)
+        return 1
+    if args.archive == "restore" and not (args.all or args.since or args.until or args.partition):
+        print("pgscale archive restore: give --since/--until, --partition or --all", file=sys.stderr)
+        return 2
+    with pg.connect(job.conn) as conn:
+        conn.execute("SELECT set_config('TimeZone', 'UTC', false)")
+        files = select(
+            conn, job.state_schema, policy=job.policy_key, since=args.since, until=args.until, partition=args.partition
+        )
+        if args.archive == "list":
+            rows = [_row(f) for f in files]
+            if args.output == "json":
+                print(json.dumps(rows, indent=1))
+            else:
+                print(f"{'BATCH':>7} {'TABLE':<32} {'ROWS':>9} {'BYTES':>11} {'OLDEST':<26} {'NEWEST':<26} LOCATION")
+                for r in rows:
+                    print(
+                        f"{r['batch']:>7} {r['table'][:32]:<32} {r['rows']:>9} {r['bytes']:>11} "
+                        f"{(r['ageMin'] or '-')[:26]:<26} {(r['ageMax'] or '-')[:26]:<26} {r['location']}"
+                        + (" (restored)" if r["restored"] else "")
+                    )
+                print(f"{len(rows)} files, {sum(r['rows'] for r in rows)} rows, {sum(r['bytes'] for r in rows)} bytes")
+            return 0
+        report = restore(conn, job.state_schema, files, _store_for(args.namespace), into_schema=args.into_schema)
+    print(json.dumps(asdict(report)))
+    return 0

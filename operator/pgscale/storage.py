@@ -275,6 +275,18 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
         yield bytes(buf)
 
 
+PROBE_KEY = ".pgscale-write-check"
+PROBE = b"pgscale writes here\n"
+
+
+def probe(store: ObjectStore) -> None:
+    """Write a small object create-only (kept: later probes find it) and read it: raises what the store
+    raises when it is unreachable, refuses the credentials or forbids writing."""
+    with contextlib.suppress(AlreadyExists):
+        store.put_new(PROBE_KEY, [PROBE], size=len(PROBE), sha256=hashlib.sha256(PROBE).hexdigest(), content_type=None)
+    store.head(PROBE_KEY)
+
+
 ENV_FS_ROOT = "PGSCALE_FS_ROOT"  # overrides FS_MOUNT (tests run a pod's command outside a pod)
 FS_MOUNT = "/data"  # where a job pod mounts a filesystem destination's volume
 
