@@ -342,10 +342,14 @@ def test_killed_at_any_point_every_row_is_in_the_table_or_in_exactly_one_verifie
     conn.execute('ANALYZE "Task"')  # batches of about rowsPerFile rows, from the table's statistics
     originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
     messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
-    spec = spec_s3(s3_server, bucket, export={
-        "destination": {"s3": {"bucket": bucket, "prefix": "cold/", "endpoint": s3_server.endpoint}},
-        "rowsPerFile": 100,
-    })  # fmt: skip
+    spec = spec_s3(
+        s3_server,
+        bucket,
+        export={
+            "destination": {"s3": {"bucket": bucket, "prefix": "cold/", "endpoint": s3_server.endpoint}},
+            "rowsPerFile": 100,
+        },
+    )
     env = s3_env(s3_server)
     store = store_for(spec, env)
     points = list(KILL_POINTS)
@@ -359,8 +363,11 @@ def test_killed_at_any_point_every_row_is_in_the_table_or_in_exactly_one_verifie
     assert scalar(conn, "SELECT count(*) FROM pgscale.export_batches WHERE status = 'pending'") == 0
     # No object in the bucket but the done batches' files and manifests.
     listed = s3_client(s3_server.endpoint, "us-east-1", s3_server.ACCESS_KEY, s3_server.SECRET_KEY, True)
-    keys = {o["Key"] for page in listed.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", [])}  # fmt: skip
+    keys = {
+        o["Key"]
+        for page in listed.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    }
     recorded = {"cold/" + k for f in ledger(conn) for k in (f[1], parquet.manifest_key(f[1]))}
     assert keys == recorded
 
