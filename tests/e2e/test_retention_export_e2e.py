@@ -158,7 +158,7 @@ def test_export_completed_tasks_to_s3_read_back_with_duckdb_and_restore(
     obj = wait_status(kubectl, "export-tasks", lambda s: (s.get("export") or {}).get("files", 0) == len(files))
     exported = obj["status"]["export"]
     assert exported["rows"] == sum(f[1] for f in files) and exported["databaseBytesFreed"] > 0
-    assert exported["location"].startswith(f"s3://{bucket}/app/public.Task/")
+    assert exported["location"] == f"s3://{bucket}/app/"
     assert obj["status"]["lastRun"]["rowsArchived"] == expected[0]
     listed = archive_cli(
         control_plane.kubeconfig, "list", "-n", kubectl.namespace, "--policy", "export-tasks", "-o", "json"

@@ -95,8 +95,8 @@ def relationships_status(prepared: Prepared, stake: Stake) -> list[RelationshipS
     return out
 
 
-def export_status(totals: sqle.Totals) -> ExportStatus:
-    """status.export from the ledger's totals (pure)."""
+def export_status(totals: sqle.Totals, location: str | None = None) -> ExportStatus:
+    """status.export from the ledger's totals (pure); ``location``: the destination, when exporting."""
     return ExportStatus(
         files=totals.files,
         rows=totals.rows,
@@ -105,7 +105,7 @@ def export_status(totals: sqle.Totals) -> ExportStatus:
         oldest=_ts(totals.oldest) if totals.oldest else None,
         newest=_ts(totals.newest) if totals.newest else None,
         restored_files=totals.restored,
-        location=(totals.location or "")[:1024] or None,
+        location=(location or totals.location or "")[:1024] or None,
     )
 
 
@@ -127,6 +127,7 @@ class RetentionPolicyController:
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
         events: list[Event] = []
+        location = None
         if spec.action == "export":  # before any run: a bucket that cannot take files stalls the policy
             if spec.scheduler == "pg_cron":
                 raise SpecError(
@@ -134,7 +135,7 @@ class RetentionPolicyController:
                     "action export writes files from the job's pod; pg_cron runs in the database, which cannot: "
                     "use scheduler: cronjob",
                 )
-            check_destination(ctx, ref.namespace, spec.export_or_default.destination, "export.destination")
+            location = check_destination(ctx, ref.namespace, spec.export_or_default.destination, "export.destination")
         with pg.connect(info) as conn:
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
@@ -151,7 +152,7 @@ class RetentionPolicyController:
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             exported = sqle.totals(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.action == "export" or exported.files:
-                status.update(Status(export=export_status(exported)))
+                status.update(Status(export=export_status(exported, location)))
                 METRICS.export(ref.namespace, ref.name, exported)
             if spec.scheduler == "pg_cron":
                 ensure_finalizer(ctx, self.kind, obj, needed=True)  # the job lives outside the cluster
