@@ -34,7 +34,7 @@ class Metrics:
             f"{PREFIX}_leader", "1 on the replica that reconciles (holds the leader Lease), 0 on a standby.", registry=r
         )
 
-        labels = ["namespace", "policy"]
+        labels = ["policy"]  # namespace/name, as the profile collector names profiles
         self.export_files = Gauge(
             f"{PREFIX}_export_files", "Parquet files a RetentionPolicy exported (verified).", labels, registry=r
         )
@@ -55,14 +55,15 @@ class Metrics:
             registry=r,
         )
 
-    def export(self, namespace: str, policy: str, totals: Any) -> None:
-        """Set the export gauges of one policy from the ledger's totals (pg.export.Totals)."""
-        self.export_files.labels(namespace, policy).set(totals.files)
-        self.export_rows.labels(namespace, policy).set(totals.rows)
-        self.export_bytes.labels(namespace, policy).set(totals.bytes)
-        self.export_freed.labels(namespace, policy).set(totals.row_bytes)
+    def export(self, policy: str, totals: Any) -> None:
+        """Set the export gauges of one RetentionPolicy (``namespace/name``) from the ledger's totals
+        (pg.export.Totals)."""
+        self.export_files.labels(policy).set(totals.files)
+        self.export_rows.labels(policy).set(totals.rows)
+        self.export_bytes.labels(policy).set(totals.bytes)
+        self.export_freed.labels(policy).set(totals.row_bytes)
         if totals.newest is not None:
-            self.export_newest.labels(namespace, policy).set(totals.newest.timestamp())
+            self.export_newest.labels(policy).set(totals.newest.timestamp())
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's metrics port
         """Serve /metrics on a background thread."""

@@ -153,7 +153,7 @@ class RetentionPolicyController:
             exported = sqle.totals(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             if spec.action == "export" or exported.files:
                 status.update(Status(export=export_status(exported, location)))
-                METRICS.export(ref.namespace, ref.name, exported)
+                METRICS.export(f"{ref.namespace}/{ref.name}", exported)
             if spec.scheduler == "pg_cron":
                 ensure_finalizer(ctx, self.kind, obj, needed=True)  # the job lives outside the cluster
                 job_id = self._schedule_pg_cron(conn, info, ref, spec, target, profile.state_schema)
