@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import psycopg
 import pytest
+from localenv import free_port
 
 from conftest import scalar, seed_tasks
 from pgscale import archive, parquet
@@ -393,3 +394,61 @@ def check_invariant(
         assert set(exported) | set(present) == set(want), (point, table, "lost")
         assert all(present[k] == want[k] for k in present), (point, table, "changed")
     time.sleep(0)
+
+
+@pytest.fixture(scope="module")
+def locked_s3(workdir: Path) -> Any:
+    """A moto server that checks credentials and permissions (after the 4 requests that set it up)."""
+    import localenv
+
+    server = localenv.S3Server(workdir / "locked-integration", authenticated_after=4)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def test_a_run_that_cannot_write_deletes_nothing_and_names_the_field(
+    postgres: Any, database: str, conn: psycopg.Connection, locked_s3: Any
+) -> None:
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=locked_s3.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
+    s3_client(locked_s3.endpoint, "us-east-1", "setup", "setup", True).create_bucket(Bucket="locked")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(
+        UserName="reader",
+        PolicyName="read-only",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "*"}]}
+        ),
+    )
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    reader = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    seed_tasks(conn, 1500)
+    before = conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()
+    cases = [
+        (
+            "locked",
+            locked_s3.endpoint,
+            {"AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "x"},
+            "spec.export.destination.s3.credentialsSecretRef: ",
+        ),
+        ("locked", locked_s3.endpoint, reader, "spec.export.destination.s3.credentialsSecretRef: "),
+        ("locked", f"http://127.0.0.1:{free_port()}", reader, "spec.export.destination.s3.endpoint: "),
+    ]
+    for bucket, endpoint, env, field in cases:
+        spec = spec_s3(locked_s3, bucket)
+        spec["export"]["destination"]["s3"]["endpoint"] = endpoint
+        store = open_store(RetentionPolicySpec.model_validate(spec).export_or_default.destination, env, attempts=1)
+        report = run(job_for(postgres, database, spec), store=store)
+        assert report.outcome == "Failed" and report.message.startswith(field), report.message
+        assert "no row was deleted" in report.message and key["SecretAccessKey"] not in report.message
+        assert conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall() == before
+    assert scalar(conn, "SELECT count(*) FROM pgscale.export_files") == 0
