@@ -49,6 +49,8 @@ class ObjectStore(Protocol):
 
     def fetch(self, key: str) -> bytes: ...
 
+    def stream(self, key: str) -> Iterator[bytes]: ...
+
     def delete(self, key: str) -> None: ...
 
     def location(self, key: str) -> str: ...
@@ -189,6 +191,10 @@ class S3Store:
     def fetch(self, key: str) -> bytes:
         return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
+    def stream(self, key: str) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        yield from body.iter_chunks(chunk_size=1024 * 1024)
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
@@ -255,6 +261,11 @@ class FilesystemStore:
 
     def fetch(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def stream(self, key: str) -> Iterator[bytes]:
+        with self._path(key).open("rb") as f:
+            while chunk := f.read(1024 * 1024):
+                yield chunk
 
     def delete(self, key: str) -> None:
         path = self._path(key)

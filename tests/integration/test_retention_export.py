@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -452,3 +453,88 @@ def test_a_run_that_cannot_write_deletes_nothing_and_names_the_field(
         assert "no row was deleted" in report.message and key["SecretAccessKey"] not in report.message
         assert conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall() == before
     assert scalar(conn, "SELECT count(*) FROM pgscale.export_files") == 0
+
+
+PARTITION_POINTS = [
+    "partition-detached",
+    "export-partition-pending",
+    "export-object-written",
+    "export-partition-written",
+    "export-partition-verified",
+    "export-partition-dropped",
+    "export-partition-recorded",
+    "export-partition-committed",
+]
+
+
+def test_whole_partitions_are_exported_verified_and_dropped_even_when_killed(
+    postgres: Any, database: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    from test_retention_partitions import make_log
+
+    make_log(conn, default=False)
+    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Log" ORDER BY id').fetchall()}
+    old = scalar(conn, """SELECT count(*) FROM "Log" WHERE "createdAt" < now() - interval '90 days'""")
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "Log"},
+        "ageColumn": "createdAt",
+        "olderThan": "90d",
+        "action": "export",
+        "export": {"destination": {"filesystem": {"claimName": "cold"}}, "rowsPerFile": 2000},
+    }
+    env = {"PGSCALE_FS_ROOT": str(tmp_path)}
+    store = store_for(spec, env)
+
+    def check(point: str) -> None:
+        present = {r[0] for r in conn.execute('SELECT id FROM "Log"').fetchall()}
+        detached = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_description d ON d.objoid = c.oid "
+            "WHERE d.description LIKE 'pgscale-retention:%'"
+        ).fetchall()
+        for (name,) in detached:  # detached, not yet exported: its rows are there
+            present |= {r[0] for r in conn.execute(f'SELECT id FROM "{name}"').fetchall()}
+        exported: dict[int, int] = {}
+        for _, key, rows, sha in ledger(conn):
+            data = store.fetch(key)
+            assert parquet.sha256(data) == sha and parquet.row_count(data) == rows, point
+            for (i,) in parquet.records(parquet.read(data), ["id"]):
+                exported[i] = exported.get(i, 0) + 1
+        assert all(n == 1 for n in exported.values()), point
+        assert not set(exported) & present, point
+        assert set(exported) | present == set(originals), point
+
+    for point in PARTITION_POINTS:
+        assert run_job(spec, postgres, database, env, point) == -9, point
+        check(point)
+    assert run_job(spec, postgres, database, env, None) == 0
+    check("final")
+    assert scalar(conn, """SELECT count(*) FROM "Log" WHERE "createdAt" < now() - interval '90 days'""") == 0
+    files = conn.execute(
+        "SELECT partition_name, rows FROM pgscale.export_files WHERE partition_name IS NOT NULL"
+    ).fetchall()
+    assert len(files) >= 4 and scalar(conn, "SELECT count(*) FROM pgscale.export_batches WHERE status <> 'done'") == 0
+    assert (
+        sum(r for _, r in files)
+        + scalar(conn, "SELECT coalesce(sum(rows), 0) FROM pgscale.export_files WHERE partition_name IS NULL")
+        == old
+    )
+    first = sorted(f[0] for f in files)[0]
+    paths = [str(tmp_path / f[1]) for f in ledger(conn)]
+    got = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet([{', '.join(repr(p) for p in paths)}])")
+    assert got.fetchone() == (old,)
+    # A partition comes back into the table (into a partition that covers it again).
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        month = first.removeprefix("Log_")
+        lo = f"{month[:4]}-{month[5:7]}-01"
+        c.execute(
+            f"""CREATE TABLE "{first}" PARTITION OF "Log"
+                FOR VALUES FROM ('{lo}') TO ('{lo}'::date + interval '1 month')"""
+        )
+        picked = archive.select(c, "pgscale", policy="ns/export-tasks", partition=first)
+        done = archive.restore(c, "pgscale", picked, lambda d: store)
+    start = datetime.fromisoformat(lo).replace(tzinfo=UTC)
+    end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    want = {k: v for k, v in originals.items() if start <= v[1] < end}
+    assert done.inserted == len(want) > 0
+    assert {r[0]: r for r in conn.execute(f'SELECT * FROM "{first}" ORDER BY id').fetchall()} == want

@@ -24,17 +24,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from typing import Any
+from datetime import UTC, datetime
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import errors, sql
 
-from .. import faults, parquet
+from .. import faults, parquet, pg
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..errors import SpecError
+from ..export import PARQUET_TYPE, ExportCounts, clear, instant, jsonable, place, write_manifest
 from ..parquet import Mapped
 from ..pg import export as sqle
 from ..pg import retention as sqlr
@@ -42,7 +41,7 @@ from ..pg.retention import ChildPlan, Target
 from ..progress import Progress
 from ..retention import batch_pages, next_export_pages
 from ..retention.planning import EXPLORING
-from ..storage import AlreadyExists, ObjectStore, problem
+from ..storage import ObjectStore, problem
 from . import JobInput
 
 log = logging.getLogger(__name__)
@@ -55,21 +54,6 @@ RETRYABLE = (
     errors.DeadlockDetected,
     errors.ForeignKeyViolation,  # a child appeared after the snapshot under a parent being kept
 )
-PARQUET_TYPE = "application/vnd.apache.parquet"
-
-
-class VerificationError(RuntimeError):
-    """A file read back differs from what was written; the batch's rows stay in the table."""
-
-
-@dataclass
-class ExportCounts:
-    """What the export part of a run did (added to the run's report)."""
-
-    files: int = 0
-    bytes: int = 0
-    reused: int = 0
-    redone: int = 0
 
 
 def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
@@ -79,19 +63,6 @@ def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError 
         return None
     field, reason, message = found
     return SpecError(field, f"{message}; no row was deleted", reason=reason)
-
-
-def _jsonable(value: Any) -> Any:
-    return value if value is None or isinstance(value, int | float | str | bool) else str(value)
-
-
-def _instant(value: Any) -> datetime | None:
-    """An ageColumn value as an instant (timestamps without time zone and dates are read as UTC)."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=UTC)
-    return None
 
 
 class Exporter:
@@ -157,7 +128,10 @@ class Exporter:
         """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
         for pending in sqle.pending_batches(self.conn, self.state, self.job.policy_key):
             if pending.partition is not None:
-                continue  # a partition's export: finished by the partition path
+                if pg.table_columns(self.conn, *pending.partition) is None:  # dropped by hand meanwhile
+                    clear(self.store, pending, set())
+                    sqle.forget_batch(self.conn, self.state, pending.id)
+                continue  # else a detached partition: finished by the partition path
             self.point("export-redo")
             self.counts.redone += 1
             self.batch(pending, retried=True)
@@ -227,7 +201,7 @@ class Exporter:
             self.point("export-locked")
             if not root.idents:
                 if retried:
-                    self._clear(pending, written=set())
+                    clear(self.store, pending, set())
                 sqle.forget_batch(self.conn, self.state, pending.id)
                 return 0
             locked: dict[tuple[str, str], sqle.Locked] = {root_name: root}
@@ -241,7 +215,7 @@ class Exporter:
                     continue
                 files.append(self._write(pending, name, rows, root=name == root_name))
             if retried:
-                self._clear(pending, written={f.object_key for f in files})
+                clear(self.store, pending, {f.object_key for f in files})
             self.point("export-verified")
             # Children before parents (a table reached by several keys: before the first of them).
             for name in sorted(order, key=lambda n: max(i for i, o in enumerate(order) if o == n), reverse=True):
@@ -327,12 +301,12 @@ class Exporter:
         key_min = key_max = None
         if keys:
             idx = [names.index(k) for k in keys]
-            key_min = [_jsonable(rows.rows[0][i]) for i in idx]
-            key_max = [_jsonable(rows.rows[-1][i]) for i in idx]
+            key_min = [jsonable(rows.rows[0][i]) for i in idx]
+            key_max = [jsonable(rows.rows[-1][i]) for i in idx]
         age_min = age_max = None
         age_column = self.target.age_column if root else None
         if age_column is not None:
-            ages = [a for a in (_instant(r[names.index(age_column)]) for r in rows.rows) if a is not None]
+            ages = [a for a in (instant(r[names.index(age_column)]) for r in rows.rows) if a is not None]
             age_min, age_max = (min(ages), max(ages)) if ages else (None, None)
         record = sqle.FileRecord(
             source_schema=name[0],
@@ -356,57 +330,20 @@ class Exporter:
             cutoff=pending.cutoff,
             partition_name=pending.partition[1] if pending.partition else None,
         )
-        self._place(key, data, sha, len(rows.rows), PARQUET_TYPE)
-        self.point("export-written")
-        note = parquet.manifest(
-            file=key.rsplit("/", 1)[-1],
-            sha256=sha,
-            bytes=len(data),
-            rows=record.rows,
-            source={"schema": name[0], "table": name[1], "partition": record.partition_name},
-            policy=self.job.policy_key,
-            batch=pending.id,
-            cutoff=pending.cutoff.isoformat() if pending.cutoff else None,
-            key={"columns": keys, "min": key_min, "max": key_max},
-            age={"column": age_column, "min": age_min, "max": age_max} if age_column else None,
-            schema={"fingerprint": fingerprint, "columns": [[m.name, m.column.type, str(m.arrow)] for m in mapped]},
-            rowBytes=rows.row_bytes,
+        place(
+            self.store,
+            key,
+            data,
+            size=len(data),
+            sha=sha,
+            rows=len(rows.rows),
+            content_type=PARQUET_TYPE,
+            counts=self.counts,
         )
-        self._place(record.manifest_key, note, parquet.sha256(note), None, "application/json")
+        self.point("export-written")
+        columns = [[m.name, m.column.type, str(m.arrow)] for m in mapped]
+        write_manifest(
+            self.store, record, policy=self.job.policy_key, batch=pending.id, columns=columns, counts=self.counts
+        )
         self.point("export-manifest")
         return record
-
-    def _place(self, key: str, data: bytes, sha: str, rows: int | None, content_type: str) -> None:
-        """Write an object create-only and read it back; an object already under the key is a
-        pending batch's own (reused when identical, else replaced: it holds no row's only copy)."""
-        try:
-            self.store.put_new(key, [data], size=len(data), sha256=sha, content_type=content_type)
-            self.counts.bytes += len(data)
-        except AlreadyExists:
-            found = self.store.head(key)
-            if found is not None and found.sha256 == sha and found.size == len(data):
-                self.counts.reused += 1
-            else:
-                self.store.delete(key)
-                self.store.put_new(key, [data], size=len(data), sha256=sha, content_type=content_type)
-                self.counts.bytes += len(data)
-        back = self.store.fetch(key)
-        if parquet.sha256(back) != sha or len(back) != len(data):
-            raise VerificationError(
-                f"{self.store.location(key)} reads back as {len(back)} bytes with sha256 {parquet.sha256(back)}, "
-                f"not {len(data)} bytes with {sha}; no row was deleted"
-            )
-        if rows is not None and parquet.row_count(back) != rows:
-            raise VerificationError(f"{self.store.location(key)} reads back with other than {rows} rows")
-
-    def _clear(self, pending: sqle.PendingBatch, *, written: set[str]) -> None:
-        """Objects of a pending batch's keys that this attempt does not write (their tables have no rows
-        now): an earlier attempt's, holding copies of rows that are still in the table."""
-        for schema, table in pending.tables:
-            key = parquet.file_key(schema, table, pending.group, pending.stem)
-            if key in written:
-                continue
-            for name in (key, parquet.manifest_key(key)):
-                if self.store.head(name) is not None:
-                    self.store.delete(name)
-        self.point("export-cleared")

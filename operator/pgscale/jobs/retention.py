@@ -14,13 +14,14 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import errors
 
-from .. import pg
+from .. import faults, pg
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
@@ -152,17 +153,29 @@ def _retire_partitions(
     report: RunReport,
     stop: threading.Event,
     deadline: float,
+    finish: Callable[[sqlr.Partition], int] | None = None,
 ) -> None:
     """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
+
+    ``finish`` takes a detached partition the rest of the way (action export: its file, then the
+    drop); by default it is archived (or, for action delete, dropped).
 
     Only when the table is range-partitioned by the age column alone, no filter
     narrows the rows, and no PartitionPolicy owns the partitions of this table.
     Partitions detached by an interrupted run are finished first, always.
     """
     policy = job.policy_key
+
+    def done(part: sqlr.Partition) -> None:
+        report.partitions.append(part.name)
+        if finish is None:
+            _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
+        else:
+            report.rows_archived += finish(part)
+            report.batches += 1
+
     for leftover in sqlr.detached_leftovers(conn, policy):
-        report.partitions.append(leftover.name)
-        _count(report, target, sqlr.archive_detached(conn, target, leftover, job.state_schema, report.run_id or 0))
+        done(leftover)
     if not (
         spec.partition_aware
         and target.partitioned
@@ -189,8 +202,8 @@ def _retire_partitions(
                     raise
                 log.warning("detaching %s gave way to the application; retrying", part.name)
                 stop.wait(0.5 * (attempt + 1))
-        report.partitions.append(part.name)
-        _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
+        faults.checkpoint("partition-detached")
+        done(part)
 
 
 def _export(
@@ -206,7 +219,10 @@ def _export(
     store: ObjectStore | None,
 ) -> None:
     """Action export (jobs/export.py): pending batches first, then whole partitions, then rows."""
-    from .export import Exporter
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from ..export import export_partition
+    from .export import Exporter, storage_failure
 
     if progress:
         progress.start(None)
@@ -229,7 +245,28 @@ def _export(
         progress=progress,
         count=count,
     )
+
+    def finish(part: sqlr.Partition) -> int:
+        """A detached partition: one verified file, then dropped."""
+        return export_partition(
+            conn,
+            exporter.store,
+            state_schema=job.state_schema,
+            policy=job.policy_key,
+            source=(target.schema, target.table),
+            part=(part.schema, part.name),
+            age_column=target.age_column,
+            destination=exporter.destination,
+            run_id=report.run_id,
+            counts=exporter.counts,
+        )
+
     try:
+        try:
+            _retire_partitions(conn, job, spec, target, cutoff, report, stop, deadline, finish)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            found = storage_failure(exc, spec)
+            raise found or RuntimeError(f"exporting a partition failed: {exc}") from exc
         stopped = exporter.run(cutoff)
     finally:
         report.files += exporter.counts.files
@@ -243,6 +280,8 @@ def _export(
         f"{report.rows_archived} rows older than {spec.older_than} exported into {report.files} Parquet files "
         f"at {exporter.store.location('')}"
     )
+    if report.partitions:
+        report.message += f" ({len(report.partitions)} whole partitions: {', '.join(report.partitions)})"
     if report.tables:
         report.message += "; " + ", ".join(f"{k}: {v}" for k, v in sorted(report.tables.items()))
 
