@@ -176,12 +176,18 @@ def _row(item: dict[str, Any]) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pgscale archive ...`."""
     from . import pg
-    from .api import RETENTION_POLICY
+    from .api import PARTITION_POLICY, RETENTION_POLICY
     from .errors import ReconcileError
+    from .export import partition_policy_key
     from .jobs import from_api
 
     try:
-        job = from_api(RETENTION_POLICY, args.namespace, args.policy)
+        if args.partition_policy:
+            job = from_api(PARTITION_POLICY, args.namespace, args.partition_policy)
+            policy = partition_policy_key(args.namespace, args.partition_policy)
+        else:
+            job = from_api(RETENTION_POLICY, args.namespace, args.policy)
+            policy = job.policy_key
     except ReconcileError as exc:
         print(f"pgscale archive: {exc.message}", file=sys.stderr)
         return 1
@@ -191,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     with pg.connect(job.conn) as conn:
         conn.execute("SELECT set_config('TimeZone', 'UTC', false)")
         files = select(
-            conn, job.state_schema, policy=job.policy_key, since=args.since, until=args.until, partition=args.partition
+            conn, job.state_schema, policy=policy, since=args.since, until=args.until, partition=args.partition
         )
         if args.archive == "list":
             rows = [_row(f) for f in files]

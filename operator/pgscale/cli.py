@@ -161,7 +161,9 @@ def archive_arguments(p: argparse.ArgumentParser) -> None:
     ):
         c = sub.add_parser(name, help=summary)
         c.add_argument("-n", "--namespace", required=True, help="namespace of the RetentionPolicy")
-        c.add_argument("--policy", required=True, help="name of the RetentionPolicy (action export)")
+        which = c.add_mutually_exclusive_group(required=True)
+        which.add_argument("--policy", help="name of the RetentionPolicy (action export)")
+        which.add_argument("--partition-policy", help="name of the PartitionPolicy (retention.action export)")
         c.add_argument("--since", type=instant, help="batches with rows whose ageColumn is at or after this")
         c.add_argument("--until", type=instant, help="batches with rows whose ageColumn is before this")
         c.add_argument("--partition", help="the files of one exported partition")

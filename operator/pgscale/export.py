@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import IO, Any
@@ -286,3 +286,38 @@ def export_partition(
     faults.checkpoint("export-partition-committed")
     counts.files += 1
     return rows
+
+
+def partition_policy_key(namespace: str, name: str) -> str:
+    """How a PartitionPolicy's exports are named in the ledger (a RetentionPolicy's: ``namespace/name``)."""
+    return f"partitionpolicy:{namespace}/{name}"
+
+
+def partition_exporter(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    *,
+    state_schema: str,
+    policy: str,
+    source: tuple[str, str],
+    age_column: str,
+    destination: dict[str, Any],
+    counts: ExportCounts | None = None,
+) -> Callable[[str, str], int]:
+    """PartitionPolicy maintenance's ``export``: a detached partition (schema, name) into its file, dropped."""
+    tally = counts or ExportCounts()
+
+    def export(schema: str, name: str) -> int:
+        return export_partition(
+            conn,
+            store,
+            state_schema=state_schema,
+            policy=policy,
+            source=source,
+            part=(schema, name),
+            age_column=age_column,
+            destination=destination,
+            counts=tally,
+        )
+
+    return export
