@@ -176,6 +176,8 @@ def _row(item: dict[str, Any]) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pgscale archive ...`."""
     from . import pg
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from .api import PARTITION_POLICY, RETENTION_POLICY
     from .errors import ReconcileError
     from .export import partition_policy_key
@@ -213,6 +215,11 @@ def main(args: argparse.Namespace) -> int:
                     )
                 print(f"{len(rows)} files, {sum(r['rows'] for r in rows)} rows, {sum(r['bytes'] for r in rows)} bytes")
             return 0
-        report = restore(conn, job.state_schema, files, _store_for(args.namespace), into_schema=args.into_schema)
+        try:
+            report = restore(conn, job.state_schema, files, _store_for(args.namespace), into_schema=args.into_schema)
+        except (psycopg.Error, RuntimeError, OSError, BotoCoreError, ClientError) as exc:
+            # The batch that failed was rolled back whole; earlier batches stay restored (a rerun skips them).
+            print(f"pgscale archive restore: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+            return 1
     print(json.dumps(asdict(report)))
     return 0
