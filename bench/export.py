@@ -48,9 +48,9 @@ def seed(dsn: str, n: int) -> tuple[int, int]:
         conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
         conn.execute(
             """INSERT INTO "Task" (title, status, "userId", "createdAt", "completedAt")
-               SELECT 'task ' || g || ' ' || md5(g::text), CASE WHEN g % 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END,
-                      g % 50, now() - (g * (730.0 / %(n)s) || ' days')::interval,
-                      CASE WHEN g % 3 = 0 THEN NULL
+               SELECT 'task ' || g || ' ' || md5(g::text), CASE WHEN g %% 3 = 0 THEN 'PENDING' ELSE 'COMPLETED' END,
+                      g %% 50, now() - (g * (730.0 / %(n)s) || ' days')::interval,
+                      CASE WHEN g %% 3 = 0 THEN NULL
                            ELSE now() - (g * (730.0 / %(n)s) || ' days')::interval + interval '1 hour' END
                FROM generate_series(1, %(n)s) g""",
             {"n": n},

@@ -175,9 +175,9 @@ def _row(item: dict[str, Any]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `pgscale archive ...`."""
-    from . import pg
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from . import pg
     from .api import PARTITION_POLICY, RETENTION_POLICY
     from .errors import ReconcileError
     from .export import partition_policy_key
