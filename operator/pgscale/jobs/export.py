@@ -5,10 +5,11 @@ Per batch:
 
 1. the batch is recorded *pending* in the ledger (committed): its files' keys are fixed;
 2. in one transaction: its rows are locked (``FOR UPDATE SKIP LOCKED``; children through
-   their keys, ``FOR UPDATE``), read, and written as one Parquet file per table, create-only;
-   each file is read back (SHA-256, size and row count) and so is its manifest; then the
-   rows are deleted (children first, so no ON DELETE action finds any), and the batch is
-   marked *done* with its files and counted in the run log; commit.
+   their keys, ``FOR UPDATE``) and deleted, children first (so no ON DELETE action finds
+   any), returning exactly the versions deleted; those are written as one Parquet file per
+   table, create-only; each file is read back (SHA-256, size and row count) and so is its
+   manifest; only then is the batch marked *done* with its files, counted in the run log,
+   and committed. Until that commit no other session sees a row gone.
 
 Killed anywhere, every row is in the table or in exactly one file of a done batch: before
 the commit nothing is deleted and the batch is still pending. The next run first redoes
@@ -163,7 +164,8 @@ class Exporter:
                 hi=hi,
             )
             moved = self.batch(pending)
-            lo = hi
+            if moved < rows_per_file:
+                lo = hi  # else the range holds more: again (the rows taken are gone), in fewer pages
             pages = next_export_pages(pages, moved, rows_per_file, largest)
         return None
 
@@ -196,7 +198,7 @@ class Exporter:
         params = {"cutoff": pending.cutoff, **filters, "lo": pending.lo, "hi": pending.hi}
         root_name = (target.schema, target.table)
         with self.conn.transaction():
-            root = sqle.lock_root(self.conn, target, self.mapped[root_name], params)
+            root = sqle.lock_root(self.conn, target, params, limit=self.spec.export_or_default.rows_per_file)
             counts = sqle.count_kept(self.conn, target, params)
             self.point("export-locked")
             if not root.idents:
@@ -208,29 +210,34 @@ class Exporter:
             order: list[tuple[str, str]] = [root_name]
             scans: dict[tuple[str, str], tuple[sql.Composable, bool]] = {root_name: (target.scan, target.partitioned)}
             self._children(target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
-            files = []
-            for name in self.tables:
-                rows = locked.get(name)
-                if rows is None or not rows.idents:
-                    continue
-                files.append(self._write(pending, name, rows, root=name == root_name))
-            if retried:
-                clear(self.store, pending, {f.object_key for f in files})
-            self.point("export-verified")
-            # Children before parents (a table reached by several keys: before the first of them).
+            # Deleted children first (a table reached by several keys: before the first of them), so no
+            # ON DELETE action finds one; the versions deleted are what the files hold. Nothing is
+            # committed before every file is written and read back.
             for name in sorted(order, key=lambda n: max(i for i, o in enumerate(order) if o == n), reverse=True):
                 rows = locked[name]
                 scan, partitioned = scans[name]
-                gone = sqle.delete_rows(self.conn, scan, partitioned, rows.idents)
+                exported = name in self.mapped
+                gone = sqle.delete_rows(
+                    self.conn, scan, partitioned, rows, mapped=self.mapped[name] if exported else None, name=name
+                )
                 if gone != len(rows.idents):
                     raise RuntimeError(
                         f"deleted {gone} of the {len(rows.idents)} locked rows of {name[0]}.{name[1]}; "
                         "the batch is rolled back"
                     )
                 if name != root_name:
-                    verb = "exported" if name in self.mapped else "deleted"
-                    counts[f"{name[0]}.{name[1]} {verb}"] = counts.get(f"{name[0]}.{name[1]} {verb}", 0) + gone
+                    label = f"{name[0]}.{name[1]} {'exported' if exported else 'deleted'}"
+                    counts[label] = counts.get(label, 0) + gone
             self.point("export-deleted")
+            files = []
+            for name in self.tables:
+                held = locked.get(name)
+                if held is None or not held.idents:
+                    continue
+                files.append(self._write(pending, name, held, root=name == root_name))
+            if retried:
+                clear(self.store, pending, {f.object_key for f in files})
+            self.point("export-verified")
             sqle.finish_batch(
                 self.conn,
                 self.state,
@@ -274,8 +281,7 @@ class Exporter:
                 continue  # skipParent: such parents were not taken
             name = plan.fk.child
             into = locked.setdefault(name, sqle.Locked())
-            mapped = self.mapped.get(name) if plan.effect == "archive" else None
-            found = sqle.lock_children(self.conn, plan, parent_scan, parent_partitioned, parents, mapped, into)
+            found = sqle.lock_children(self.conn, plan, parent_scan, parent_partitioned, parents, into)
             order.append(name)
             scans[name] = (plan.scan, plan.partitioned)
             if found and plan.children:

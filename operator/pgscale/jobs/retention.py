@@ -226,6 +226,9 @@ def _export(
 
     if progress:
         progress.start(None)
+    # A batch's transaction stays open while its files are uploaded and read back: a server-wide
+    # idle_in_transaction_session_timeout shorter than that would end every batch (losing nothing).
+    _set(conn, "idle_in_transaction_session_timeout", "0")
 
     def count(rows: int, tables: dict[str, int]) -> None:
         report.rows_archived += rows

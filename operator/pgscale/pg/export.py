@@ -310,39 +310,33 @@ def finish_batch(
 
 @dataclass
 class Locked:
-    """Rows of one table that a batch holds locked: their identity, values and size in the database."""
+    """Rows of one table that a batch holds: their identity, then (deleted) their values and size."""
 
     idents: list[tuple[int, str]] = field(default_factory=list)  # (tableoid, ctid)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     row_bytes: int = 0
 
-    def add(self, found: list[tuple[Any, ...]], with_rows: bool) -> None:
+    def add(self, found: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+        """Add identities (rows of (tableoid, ctid)); returns them (a row reached by two keys is kept once)."""
         seen = set(self.idents)
-        for r in found:
-            ident = (int(r[0]), str(r[1]))
-            if ident in seen:  # reached through two keys: once
-                continue
-            seen.add(ident)
-            self.idents.append(ident)
-            self.row_bytes += int(r[2] or 0)
-            if with_rows:
-                self.rows.append(tuple(r[3:]))
+        out = [(int(r[0]), str(r[1])) for r in found]
+        self.idents += [i for i in dict.fromkeys(out) if i not in seen]
+        return out
 
 
-def _select_list(alias: str, mapped: list[Mapped] | None) -> sql.Composable:
+def _ident_list(alias: str) -> sql.Composable:
     a = sql.Identifier(alias)
-    head = [sql.SQL("{}.tableoid::bigint").format(a), sql.SQL("{}.ctid::text").format(a)]
-    head.append(sql.SQL("pg_column_size({}.*)").format(a))
-    return sql.SQL(", ").join([*head, *(_expr(alias, m) for m in mapped or [])])
+    return sql.SQL("{}.tableoid::bigint, {}.ctid::text").format(a, a)
 
 
-def _order(conn: psycopg.Connection, alias: str, schema: str, table: str) -> sql.Composable:
-    """By primary key (files sorted by key, their key range first and last), else by position."""
+def _order(conn: psycopg.Connection, schema: str, table: str, mapped: list[Mapped]) -> sql.Composable:
+    """Output positions of the primary key's columns (files are sorted by key, their key range first and
+    last), else of the row's position."""
+    names = [m.name for m in mapped]
     keys = primary_key(conn, schema, table)
-    a = sql.Identifier(alias)
-    if not keys:
-        return sql.SQL("{}.tableoid, {}.ctid").format(a, a)
-    return sql.SQL(", ").join(sql.SQL("{}.{}").format(a, sql.Identifier(k)) for k in keys)
+    if not keys or any(k not in names for k in keys):
+        return sql.SQL("1, 2")
+    return sql.SQL(", ").join(sql.Literal(4 + names.index(k)) for k in keys)
 
 
 def _batch_where(target: Target) -> tuple[sql.Composable, list[tuple[str, sql.Composable]]]:
@@ -355,22 +349,18 @@ def _batch_where(target: Target) -> tuple[sql.Composable, list[tuple[str, sql.Co
     return where, _blockers("s", target.scan, target.children, _Aliases())
 
 
-def lock_root(
-    conn: psycopg.Connection,
-    target: Target,
-    mapped: list[Mapped],
-    params: dict[str, Any],
-) -> Locked:
+def lock_root(conn: psycopg.Connection, target: Target, params: dict[str, Any], *, limit: int) -> Locked:
     """The matching rows of the batch's pages that may go (parents kept for their children are not
-    taken), locked (``SKIP LOCKED``: rows others hold wait for the next run), sorted by key."""
+    taken), locked (``SKIP LOCKED``: rows others hold wait for the next run); at most ``limit``, the
+    first in the pages (a file never holds more than rowsPerFile rows of the table)."""
     where, blockers = _batch_where(target)
     if blockers:
         where = sql.SQL("{} AND NOT ({})").format(where, sql.SQL(" OR ").join(b for _, b in blockers))
-    query = sql.SQL("SELECT {} FROM {} s WHERE {} ORDER BY {} FOR UPDATE OF s SKIP LOCKED").format(
-        _select_list("s", mapped), target.scan, where, _order(conn, "s", target.schema, target.table)
-    )
+    query = sql.SQL(
+        "SELECT {} FROM {} s WHERE {} ORDER BY s.tableoid, s.ctid LIMIT {} FOR UPDATE OF s SKIP LOCKED"
+    ).format(_ident_list("s"), target.scan, where, sql.Literal(limit))
     out = Locked()
-    out.add(conn.execute(query, params).fetchall(), True)
+    out.add(conn.execute(query, params).fetchall())
     return out
 
 
@@ -387,16 +377,22 @@ def count_kept(conn: psycopg.Connection, target: Target, params: dict[str, Any])
     return out
 
 
+# Row identities travel as one text each, split by the server: adapting a list of 100,000 tids
+# in Python costs more than the batch's DELETE.
+_OIDS = sql.SQL("string_to_array(%(oids)s, ',')::oid[]")
+_TIDS = sql.SQL("string_to_array(%(tids)s, ';')::tid[]")
+
+
 def _parents(parent_scan: sql.Composable, parent_partitioned: bool) -> sql.Composable:
     if parent_partitioned:
-        return sql.SQL(
-            "{} p WHERE (p.tableoid, p.ctid) IN (SELECT * FROM unnest(%(oids)s::oid[], %(tids)s::tid[]))"
-        ).format(parent_scan)
-    return sql.SQL("{} p WHERE p.ctid = ANY (%(tids)s::tid[])").format(parent_scan)
+        return sql.SQL("{} p WHERE (p.tableoid, p.ctid) IN (SELECT * FROM unnest({}, {}))").format(
+            parent_scan, _OIDS, _TIDS
+        )
+    return sql.SQL("{} p WHERE p.ctid = ANY ({})").format(parent_scan, _TIDS)
 
 
 def _ident_params(idents: list[tuple[int, str]]) -> dict[str, Any]:
-    return {"oids": [i[0] for i in idents], "tids": [i[1] for i in idents]}
+    return {"oids": ",".join(str(i[0]) for i in idents), "tids": ";".join(i[1] for i in idents)}
 
 
 def lock_children(
@@ -405,25 +401,17 @@ def lock_children(
     parent_scan: sql.Composable,
     parent_partitioned: bool,
     parents: Locked,
-    mapped: list[Mapped] | None,
     into: Locked,
 ) -> list[tuple[int, str]]:
-    """Rows of a referencing table whose key points at the batch's (locked) parent rows, locked too;
-    added to ``into`` (values only when ``mapped``). Returns the identities found through this key."""
+    """Rows of a referencing table whose key points at the batch's (locked) parent rows, locked too and
+    added to ``into``. Returns the identities found through this key."""
     fk = plan.fk
     cols = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in fk.columns)
     refs = sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in fk.ref_columns)
-    query = sql.SQL("SELECT {} FROM {} c WHERE ({}) IN (SELECT {} FROM {}) ORDER BY {} FOR UPDATE OF c").format(
-        _select_list("c", mapped),
-        plan.scan,
-        cols,
-        refs,
-        _parents(parent_scan, parent_partitioned),
-        _order(conn, "c", fk.schema, fk.table),
+    query = sql.SQL("SELECT {} FROM {} c WHERE ({}) IN (SELECT {} FROM {}) FOR UPDATE OF c").format(
+        _ident_list("c"), plan.scan, cols, refs, _parents(parent_scan, parent_partitioned)
     )
-    found = conn.execute(query, _ident_params(parents.idents)).fetchall()
-    into.add(found, mapped is not None)
-    return [(int(r[0]), str(r[1])) for r in found]
+    return into.add(conn.execute(query, _ident_params(parents.idents)).fetchall())
 
 
 def count_children(
@@ -441,18 +429,35 @@ def count_children(
 
 
 def delete_rows(
-    conn: psycopg.Connection, scan: sql.Composable, partitioned: bool, idents: list[tuple[int, str]]
+    conn: psycopg.Connection,
+    scan: sql.Composable,
+    partitioned: bool,
+    rows: Locked,
+    *,
+    mapped: list[Mapped] | None = None,
+    name: tuple[str, str] | None = None,
 ) -> int:
-    """Delete exactly these (locked) rows; returns how many went."""
-    if not idents:
+    """Delete exactly these (locked) rows; with ``mapped``, keep the versions deleted in ``rows``
+    (values sorted by primary key, and their size), which the batch writes before it commits."""
+    if not rows.idents:
         return 0
     if partitioned:
-        query = sql.SQL(
-            "DELETE FROM {} t WHERE (t.tableoid, t.ctid) IN (SELECT * FROM unnest(%(oids)s::oid[], %(tids)s::tid[]))"
-        ).format(scan)
+        where = sql.SQL("(t.tableoid, t.ctid) IN (SELECT * FROM unnest({}, {}))").format(_OIDS, _TIDS)
     else:
-        query = sql.SQL("DELETE FROM {} t WHERE t.ctid = ANY (%(tids)s::tid[])").format(scan)
-    return conn.execute(query, _ident_params(idents)).rowcount
+        where = sql.SQL("t.ctid = ANY ({})").format(_TIDS)
+    if mapped is None:
+        return conn.execute(
+            sql.SQL("DELETE FROM {} t WHERE {}").format(scan, where), _ident_params(rows.idents)
+        ).rowcount
+    assert name is not None
+    returning = sql.SQL(", ").join([_ident_list("t"), sql.SQL("pg_column_size(t.*)"), *(_expr("t", m) for m in mapped)])
+    query = sql.SQL("WITH d AS (DELETE FROM {} t WHERE {} RETURNING {}) SELECT * FROM d ORDER BY {}").format(
+        scan, where, returning, _order(conn, *name, mapped)
+    )
+    found = conn.execute(query, _ident_params(rows.idents)).fetchall()
+    rows.rows = [tuple(r[3:]) for r in found]
+    rows.row_bytes = sum(int(r[2] or 0) for r in found)
+    return len(found)
 
 
 # --- what was exported --------------------------------------------------------------------
