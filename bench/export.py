@@ -6,16 +6,19 @@ completed) in a fresh database; the rows older than 90 days and COMPLETED go:
 - copy: `COPY (SELECT * FROM "Task" WHERE <the policy's predicate>) TO STDOUT` streamed into one
   multipart upload to the S3 server (moto) as it arrives: the floor of any export. Nothing
   is verified and nothing is deleted.
-- pgscale: `pgscale job retention`'s run with `action: export` (rowsPerFile 100000): batches
+- copy-delete: `COPY (DELETE ... WHERE <predicate> RETURNING *) TO STDOUT` the same way, in one
+  transaction (rolled back afterwards, so pgscale finds the same rows): a script that also
+  removes the rows, verifying nothing.
+- pgscale: `pgscale job retention`'s run with `action: export` (`--rows-per-file`): batches
   locked, written as Parquet (zstd), uploaded create-only, read back, then deleted, with the
   ledger and run log in the same transaction.
 
 Each contender runs in its own process (peak memory is its own max RSS) on the same data,
-one stream each (the same concurrency); copy first, since pgscale deletes the rows. Rates
+one stream each (the same concurrency); pgscale last, since it deletes the rows. Rates
 are rows/s and MB/s of the rows' size in the database (the same bytes for both). pgscale
 then runs again on a table twice as large: its peak memory should stay flat.
 
-    uv run python bench/export.py --rows 400000 --out bench/results/export.json
+    uv run python bench/export.py --rows 400000 --rows-per-file 50000 --out bench/results/export.json
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def client(endpoint: str) -> Any:
     return s3_client(endpoint, "us-east-1", "bench", "bench", True)
 
 
-def run_copy(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, Any]:
+def run_copy(dsn: dict[str, Any], endpoint: str, bucket: str, rows_per_file: int) -> dict[str, Any]:
     """COPY's text, streamed into one multipart upload."""
     from pgscale.storage import S3Store
 
@@ -87,7 +90,27 @@ def run_copy(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, Any]:
     return {"bytes_written": sent[0]}
 
 
-def run_pgscale(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, Any]:
+def run_copy_delete(dsn: dict[str, Any], endpoint: str, bucket: str, rows_per_file: int) -> dict[str, Any]:
+    """`COPY (DELETE ... RETURNING *) TO STDOUT` into one upload, in one transaction: what a script that
+    also removes the rows does (nothing verified). Rolled back, so pgscale gets the same rows."""
+    from pgscale.storage import S3Store
+
+    store = S3Store(client(endpoint), bucket, "copy-delete/")
+    sent = [0]
+    with psycopg.connect(**dsn) as conn:
+
+        def chunks() -> Any:
+            with conn.cursor().copy(f'COPY (DELETE FROM "Task" WHERE {PREDICATE} RETURNING *) TO STDOUT') as copy:
+                for block in copy:
+                    sent[0] += len(block)
+                    yield bytes(block)
+
+        store.put_new("Task.tsv", chunks(), size=store.multipart_threshold, sha256="-", content_type=None)
+        conn.rollback()
+    return {"bytes_written": sent[0]}
+
+
+def run_pgscale(dsn: dict[str, Any], endpoint: str, bucket: str, rows_per_file: int) -> dict[str, Any]:
     from pgscale.api.retentionpolicy import RetentionPolicySpec
     from pgscale.jobs import JobInput
     from pgscale.jobs.retention import run
@@ -101,7 +124,10 @@ def run_pgscale(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, An
         "olderThan": "90d",
         "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
         "action": "export",
-        "export": {"destination": {"s3": {"bucket": bucket, "prefix": "pgscale/", "endpoint": endpoint}}},
+        "export": {
+            "destination": {"s3": {"bucket": bucket, "prefix": "pgscale/", "endpoint": endpoint}},
+            "rowsPerFile": rows_per_file,
+        },
         "children": {"mode": "archive"},
     }
     store = open_store(RetentionPolicySpec.model_validate(spec).export_or_default.destination, KEYS)
@@ -110,20 +136,20 @@ def run_pgscale(dsn: dict[str, Any], endpoint: str, bucket: str) -> dict[str, An
     return {"rows": report.rows_archived, "files": report.files, "bytes_written": report.bytes_written}
 
 
-CONTENDERS = {"copy": run_copy, "pgscale": run_pgscale}
+CONTENDERS = {"copy": run_copy, "copy-delete": run_copy_delete, "pgscale": run_pgscale}
 
 
 def child(args: argparse.Namespace) -> int:
     dsn = json.loads(args.dsn)
     started = time.monotonic()
-    result = CONTENDERS[args.child](dsn, args.endpoint, args.bucket)
+    result = CONTENDERS[args.child](dsn, args.endpoint, args.bucket, args.rows_per_file)
     result["seconds"] = round(time.monotonic() - started, 3)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
     return 0
 
 
-def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str) -> dict[str, Any]:
+def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str, rows_per_file: int) -> dict[str, Any]:
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     client(endpoint).create_bucket(Bucket=bucket)
     dsn = {"host": pg.host, "port": pg.port, "dbname": db, "user": "postgres", "password": pg.PASSWORD}
@@ -139,6 +165,8 @@ def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str) -> di
             endpoint,
             "--bucket",
             bucket,
+            "--rows-per-file",
+            str(rows_per_file),
         ],
         capture_output=True,
         text=True,
@@ -150,6 +178,7 @@ def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str) -> di
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--rows", type=int, default=400000, help="tasks in the table (the second run: twice as many)")
+    p.add_argument("--rows-per-file", type=int, default=50000, help="the policy's export.rowsPerFile")
     p.add_argument("--out")
     p.add_argument("--child", choices=list(CONTENDERS))
     p.add_argument("--dsn")
@@ -167,8 +196,8 @@ def main() -> int:
                 db = f"bench_{label}"
                 pg.execute(f'CREATE DATABASE "{db}"')
                 rows, size = seed(pg.dsn(db), n)
-                for name in ("copy", "pgscale") if label == "main" else ("pgscale",):
-                    r = measure(name, pg, db, s3.endpoint)
+                for name in ("copy", "copy-delete", "pgscale") if label == "main" else ("pgscale",):
+                    r = measure(name, pg, db, s3.endpoint, args.rows_per_file)
                     r.update(
                         table_rows=n,
                         matching_rows=rows,
@@ -188,10 +217,11 @@ def main() -> int:
             s3.stop()
             pg.stop()
     n = args.rows
-    ours, copy = results[f"pgscale@{n}"], results[f"copy@{n}"]
+    ours, copy, moved = results[f"pgscale@{n}"], results[f"copy@{n}"], results[f"copy-delete@{n}"]
     ratios = {
         "throughput pgscale/copy (rows/s)": round(ours["rows_per_second"] / copy["rows_per_second"], 3),
         "throughput pgscale/copy (MB/s)": round(ours["mb_per_second"] / copy["mb_per_second"], 3),
+        "throughput pgscale/copy-delete (rows/s)": round(ours["rows_per_second"] / moved["rows_per_second"], 3),
         "bytes written pgscale (Parquet) / copy (text)": round(ours["bytes_written"] / copy["bytes_written"], 3),
         "peak memory pgscale at 2x table / 1x table": round(
             results[f"pgscale@{2 * n}"]["peak_rss_mb"] / ours["peak_rss_mb"], 3
