@@ -116,6 +116,7 @@ class Exporter:
             self.mapped[name] = [parquet.arrow_type(c) for c in sqle.columns(conn, *name)]
             self.keys[name] = sqlr.primary_key(conn, *name)
         self.exported = 0  # batches of this run that exported rows
+        self.last_page: int | None = None  # heap page of the last row the last batch took (a plain table)
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -165,8 +166,15 @@ class Exporter:
             )
             moved = self.batch(pending)
             if moved < rows_per_file:
-                lo = hi  # else the range holds more: again (the rows taken are gone), in fewer pages
-            pages = next_export_pages(pages, moved, rows_per_file, largest)
+                lo = hi
+                pages = next_export_pages(pages, moved, rows_per_file, largest)
+            elif self.last_page is not None:
+                # Full: the range holds more. The batch took the first rows in page order, so the
+                # next one starts at the page of its last row, sized by what these pages held.
+                pages = max(1, min(largest, self.last_page + 1 - lo))
+                lo = self.last_page
+            else:  # partitions: their pages interleave; the same range again (taken rows are gone), halved
+                pages = max(1, pages // 2)
         return None
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
@@ -250,6 +258,7 @@ class Exporter:
             self.point("export-recorded")
         self.point("export-committed")
         moved = len(root.idents)
+        self.last_page = None if target.partitioned else int(root.idents[-1][1].strip("()").split(",")[0])
         self.exported += 1
         self.counts.files += len(files)
         self.count(moved, counts)
