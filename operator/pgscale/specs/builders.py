@@ -152,7 +152,7 @@ def destination_env(destination: Destination | None) -> tuple[list[dict[str, Any
     if destination.filesystem:
         claim = {"claimName": destination.filesystem.claim_name}
         volumes.append(
-            ({"name": "destination", "persistentVolumeClaim": claim}, {"name": "destination", "mountPath": FS_MOUNT})
+            ({"name": "files", "persistentVolumeClaim": claim}, {"name": "files", "mountPath": FS_MOUNT})
         )
     return env, volumes
 
