@@ -151,9 +151,7 @@ def destination_env(destination: Destination | None) -> tuple[list[dict[str, Any
         ]
     if destination.filesystem:
         claim = {"claimName": destination.filesystem.claim_name}
-        volumes.append(
-            ({"name": "files", "persistentVolumeClaim": claim}, {"name": "files", "mountPath": FS_MOUNT})
-        )
+        volumes.append(({"name": "files", "persistentVolumeClaim": claim}, {"name": "files", "mountPath": FS_MOUNT}))
     return env, volumes
 
 
