@@ -398,10 +398,13 @@ class S3Server:
     ACCESS_KEY = "pgscale-test"
     SECRET_KEY = "pgscale-test-secret"  # noqa: S105
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
-        """`host`: where it listens and what `endpoint` names (HOST_IP for the node's pods)."""
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", *, authenticated_after: int | None = None) -> None:
+        """`host`: where it listens and what `endpoint` names (HOST_IP for the node's pods).
+        `authenticated_after`: the first this many requests need no credentials (to create IAM users
+        and buckets); every later one is checked against moto's IAM (wrong keys, missing permissions)."""
         self.dir = workdir / "s3"
         self.host = host
+        self.authenticated_after = authenticated_after
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = f"http://{host}:{self.port}"
@@ -422,7 +425,10 @@ class S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "moto.log"
         exe = Path(sys.executable).parent / "moto_server"
-        self.proc = _spawn([str(exe), "-H", self.host, "-p", str(self.port)], log)
+        env = None
+        if self.authenticated_after is not None:
+            env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.authenticated_after)}
+        self.proc = _spawn([str(exe), "-H", self.host, "-p", str(self.port)], log, env)
         wait_for("moto S3 server", lambda: urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1),  # noqa: S310
                  proc=self.proc, log=log)  # fmt: skip
         return self

@@ -13,6 +13,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,6 +152,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return statusview.main(args)
 
 
+def archive_arguments(p: argparse.ArgumentParser) -> None:
+    """`pgscale archive list|restore` options."""
+    sub = p.add_subparsers(dest="archive", required=True)
+    for name, summary in (
+        ("list", "the files a RetentionPolicy exported: table, rows, bytes, ageColumn and key range, where"),
+        ("restore", "insert exported rows back (whole batches, idempotent: rows whose key is present are skipped)"),
+    ):
+        c = sub.add_parser(name, help=summary)
+        c.add_argument("-n", "--namespace", required=True, help="namespace of the RetentionPolicy")
+        which = c.add_mutually_exclusive_group(required=True)
+        which.add_argument("--policy", help="name of the RetentionPolicy (action export)")
+        which.add_argument("--partition-policy", help="name of the PartitionPolicy (retention.action export)")
+        c.add_argument("--since", type=instant, help="batches with rows whose ageColumn is at or after this")
+        c.add_argument("--until", type=instant, help="batches with rows whose ageColumn is before this")
+        c.add_argument("--partition", help="the files of one exported partition")
+        if name == "list":
+            c.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+        else:
+            c.add_argument("--all", action="store_true", help="every exported batch of the policy")
+            c.add_argument("--into-schema", help="restore into tables of the same names in this schema (created)")
+
+
+def instant(text: str) -> datetime:
+    """A time on the command line: ISO 8601, UTC unless it names a zone."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from . import archive
+
+    return archive.main(args)
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     module = importlib.import_module(JOBS[args.job][1])
     return int(module.main(args))
@@ -212,6 +247,10 @@ def parser() -> argparse.ArgumentParser:
         jp.add_argument("--name", help="name of the resource")
         jp.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
     job.set_defaults(func=cmd_job)
+
+    cold = sub.add_parser("archive", help="list or restore the files a RetentionPolicy exported (action export)")
+    archive_arguments(cold)
+    cold.set_defaults(func=cmd_archive)
 
     from . import statusview  # light: its heavy imports wait until it runs
 

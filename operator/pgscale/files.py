@@ -1,5 +1,5 @@
-"""What FileMigration's controller and its Job share: the source columns, where a volume is mounted,
-and the pure parts of moving a file (object keys, streaming Base64 decoding, rate limits)."""
+"""What FileMigration's controller and its Job share: the source columns, and the pure parts of
+moving a file (object keys, streaming Base64 decoding, rate limits)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from urllib.parse import quote
 
 from .api.filemigration import FileMigrationSpec
 from .pg import files as sqlf
-
-FS_MOUNT = "/data"  # where the job pod mounts a filesystem destination's volume
 
 
 def source(spec: FileMigrationSpec) -> sqlf.Source:

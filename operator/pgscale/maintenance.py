@@ -9,12 +9,13 @@ never the current or future ones.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
 
-from . import pg
+from . import faults, pg
 from .api.partitionpolicy import PartitionInfo, PartitionPolicySpec
 from .checks import base_type
 from .errors import SpecError
@@ -32,6 +33,8 @@ class Report:
     created: list[str] = field(default_factory=list)
     detached: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    exported: list[str] = field(default_factory=list)  # retention.action export: in a verified file, then dropped
+    rows_exported: int = 0
     moved_from_default: int = 0
     skipped: list[str] = field(default_factory=list)  # could not be created now (lock, overlap): next time
     kept: list[str] = field(default_factory=list)  # past the window, but rows of other tables point into them
@@ -44,19 +47,37 @@ def _kept(name: str, holders: list[ForeignKey]) -> str:
     return f"{name} (referenced by {', '.join(fk.describe() for fk in holders)})"
 
 
-def maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
-    """One maintenance pass; one at a time per table, whoever runs it (operator or CronJob)."""
+Exporter = Callable[[str, str], int]  # (schema, name) of a detached partition -> rows exported, then dropped
+
+
+def maintain(
+    conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime, *, export: Exporter | None = None
+) -> Report:
+    """One maintenance pass; one at a time per table, whoever runs it (operator or CronJob).
+
+    ``export``: for retention.action export, takes a detached partition into its file and drops it."""
     schema, table = spec.table.schema_, spec.table.name
+    if spec.retention_action == "export" and export is None:
+        raise SpecError("retention.export", "action export needs its destination; nothing was detached")
     if not sqlc.try_lock(conn, schema, table):
         return Report(busy=True)
     try:
-        return _maintain(conn, spec, now)
+        return _maintain(conn, spec, now, export)
     finally:
         sqlc.unlock(conn, schema, table)
 
 
-def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime) -> Report:
+def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime, export: Exporter | None) -> Report:
     report = Report()
+
+    def retired(part_schema: str, name: str, action: str) -> None:
+        if action == "export":
+            assert export is not None
+            report.rows_exported += export(part_schema, name)
+            report.exported.append(name)
+        else:
+            (report.dropped if action == "drop" else report.detached).append(name)
+
     schema, table = spec.table.schema_, spec.table.name
     columns = pg.table_columns(conn, schema, table) or {}
     column_type = base_type(columns[spec.column].type)
@@ -123,7 +144,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(leftover)
             continue
-        (report.dropped if action == "drop" else report.detached).append(leftover)
+        retired(leftover_schema, leftover, action)
     for part in sqlp.pending_detaches(conn, schema, table):
         # A concurrent detach that gave way earlier: finish it first (it blocks every other detach).
         try:
@@ -141,7 +162,7 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
         except psycopg.errors.LockNotAvailable:
             report.skipped.append(part.name)
             continue
-        (report.dropped if action == "drop" else report.detached).append(part.name)
+        retired(part.schema, part.name, action)
     if spec.retention:
         cutoff = keep_from(spec.retention.keep, spec.time_zone, now, spec.interval)
         cutoff_literal = sqlp.bound_literal(column_type, cutoff, spec.time_zone)
@@ -182,7 +203,8 @@ def _maintain(conn: psycopg.Connection, spec: PartitionPolicySpec, now: datetime
                 # start until it is finalized: stop here; the next maintenance finishes it first.
                 report.skipped.append(part.name)
                 break
-            (report.dropped if spec.retention.action == "drop" else report.detached).append(part.name)
+            faults.checkpoint("partition-detached")
+            retired(part.schema, part.name, spec.retention.action)
     attached = sqlp.parts(conn, schema, table)
     report.count = len(attached)
     for part in attached[:100]:  # status lists at most 100; partitionCount counts them all

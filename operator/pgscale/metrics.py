@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -32,6 +33,37 @@ class Metrics:
         self.leader = Gauge(
             f"{PREFIX}_leader", "1 on the replica that reconciles (holds the leader Lease), 0 on a standby.", registry=r
         )
+
+        labels = ["policy"]  # namespace/name, as the profile collector names profiles
+        self.export_files = Gauge(
+            f"{PREFIX}_export_files", "Parquet files a RetentionPolicy exported (verified).", labels, registry=r
+        )
+        self.export_rows = Gauge(f"{PREFIX}_export_rows", "Rows a RetentionPolicy exported.", labels, registry=r)
+        self.export_bytes = Gauge(
+            f"{PREFIX}_export_bytes", "Bytes of the Parquet files a RetentionPolicy exported.", labels, registry=r
+        )
+        self.export_freed = Gauge(
+            f"{PREFIX}_export_database_bytes_freed",
+            "Bytes the exported rows took in the database.",
+            labels,
+            registry=r,
+        )
+        self.export_newest = Gauge(
+            f"{PREFIX}_export_newest_timestamp_seconds",
+            "Newest ageColumn value a RetentionPolicy exported (Unix time).",
+            labels,
+            registry=r,
+        )
+
+    def export(self, policy: str, totals: Any) -> None:
+        """Set the export gauges of one RetentionPolicy (``namespace/name``) from the ledger's totals
+        (pg.export.Totals)."""
+        self.export_files.labels(policy).set(totals.files)
+        self.export_rows.labels(policy).set(totals.rows)
+        self.export_bytes.labels(policy).set(totals.bytes)
+        self.export_freed.labels(policy).set(totals.row_bytes)
+        if totals.newest is not None:
+            self.export_newest.labels(policy).set(totals.newest.timestamp())
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's metrics port
         """Serve /metrics on a background thread."""

@@ -274,6 +274,14 @@ def retention_progress(status: RetentionPolicyStatus, wide: bool = False) -> str
                 f"; total {human_count(totals.runs)} runs, {human_count(totals.rows_archived)} "
                 f"archived, {human_count(totals.rows_deleted)} deleted"
             )
+    exported = status.export
+    if exported is not None and exported.files:
+        text += (
+            f"; exported {human_count(exported.rows)} rows in {human_count(exported.files)} files "
+            f"({human_bytes(exported.bytes)}, {human_bytes(exported.database_bytes_freed)} freed in the database)"
+        )
+        if wide and exported.oldest and exported.newest:
+            text += f", {exported.oldest} to {exported.newest}"
     return text
 
 

@@ -1,4 +1,4 @@
-"""Object storage for FileMigration: S3-compatible buckets and filesystem volumes.
+"""Object storage for FileMigration and RetentionPolicy export: S3-compatible buckets and filesystem volumes.
 
 Both stores offer the same few operations: a create-only write (never
 overwrites: S3 ``If-None-Match: *``, the filesystem ``link()``), a look at an
@@ -16,7 +16,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .api.filemigration import Destination
 
 SHA256_META = "sha256"  # x-amz-meta-sha256: the hex digest of the decoded file
 
@@ -44,6 +47,12 @@ class ObjectStore(Protocol):
 
     def read_hash(self, key: str) -> ObjectInfo: ...
 
+    def fetch(self, key: str) -> bytes: ...
+
+    def stream(self, key: str) -> Iterator[bytes]: ...
+
+    def delete(self, key: str) -> None: ...
+
     def location(self, key: str) -> str: ...
 
 
@@ -54,6 +63,9 @@ def s3_client(
     secret_key: str | None,
     path_style: bool,
     max_pool: int = 16,
+    *,
+    attempts: int = 5,
+    connect_timeout: float = 60,
 ) -> Any:
     """A boto3 S3 client that works with S3-compatible stores.
 
@@ -67,7 +79,8 @@ def s3_client(
         region_name=region,
         signature_version="s3v4",
         s3={"addressing_style": "path" if path_style else "auto"},
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
         max_pool_connections=max_pool,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -175,6 +188,16 @@ class S3Store:
             size += len(chunk)
         return ObjectInfo(size, digest.hexdigest())
 
+    def fetch(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
+
+    def stream(self, key: str) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        yield from body.iter_chunks(chunk_size=1024 * 1024)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
 
 class FilesystemStore:
     """A directory on a volume. Create-only through link(): an existing name is never replaced."""
@@ -189,7 +212,7 @@ class FilesystemStore:
         return path
 
     def location(self, key: str) -> str:
-        return str(self._path(key))
+        return str(self._path(key)) if key else str(self.root)
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -236,6 +259,20 @@ class FilesystemStore:
                 size += len(chunk)
         return ObjectInfo(size, digest.hexdigest())
 
+    def fetch(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def stream(self, key: str) -> Iterator[bytes]:
+        with self._path(key).open("rb") as f:
+            while chunk := f.read(1024 * 1024):
+                yield chunk
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        for name in (path, path.with_name(path.name + ".sha256")):
+            with contextlib.suppress(FileNotFoundError):
+                name.unlink()
+
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """Chunks of exactly `size` bytes (the last may be shorter), for multipart parts."""
@@ -247,3 +284,114 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
             del buf[:size]
     if buf:
         yield bytes(buf)
+
+
+PROBE_KEY = ".pgscale-write-check"
+PROBE = b"pgscale writes here\n"
+
+
+def probe(store: ObjectStore) -> None:
+    """Write a small object create-only (kept: later probes find it) and read it: raises what the store
+    raises when it is unreachable, refuses the credentials or forbids writing."""
+    with contextlib.suppress(AlreadyExists):
+        store.put_new(PROBE_KEY, [PROBE], size=len(PROBE), sha256=hashlib.sha256(PROBE).hexdigest(), content_type=None)
+    store.head(PROBE_KEY)
+
+
+ENV_FS_ROOT = "PGSCALE_FS_ROOT"  # overrides FS_MOUNT (tests run a pod's command outside a pod)
+FS_MOUNT = "/data"  # where a job pod mounts a filesystem destination's volume
+
+
+def open_store(
+    destination: Destination,
+    env: dict[str, str] | None = None,
+    *,
+    concurrency: int = 8,
+    part_size: int = 8 * 1024 * 1024,
+    multipart_threshold: int = 8 * 1024 * 1024,
+    attempts: int = 5,
+    connect_timeout: float = 60,
+) -> ObjectStore:
+    """A destination (FileMigration's model), with credentials from the environment (the pod's
+    Secret-backed AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and a volume under FS_MOUNT."""
+    env = dict(os.environ if env is None else env)
+    s3 = destination.s3
+    if s3 is not None:
+        client = s3_client(
+            s3.endpoint,
+            s3.region,
+            env.get("AWS_ACCESS_KEY_ID"),
+            env.get("AWS_SECRET_ACCESS_KEY"),
+            s3.force_path_style,
+            max_pool=concurrency * 2,
+            attempts=attempts,
+            connect_timeout=connect_timeout,
+        )
+        return S3Store(
+            client,
+            s3.bucket,
+            s3.prefix,
+            part_size=part_size,
+            multipart_threshold=multipart_threshold,
+            sse=s3.server_side_encryption,
+            kms_key_id=s3.kms_key_id,
+        )
+    fs = destination.filesystem
+    assert fs is not None
+    return FilesystemStore(Path(env.get(ENV_FS_ROOT, FS_MOUNT)) / fs.path)
+
+
+_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthFailure"}
+
+
+def problem(exc: BaseException, destination: Destination, field: str) -> tuple[str, str, str] | None:
+    """A storage failure as (spec field, reason, message) naming what to fix; None when it is not one
+    of the known ones (unreachable endpoint, missing bucket, refused credentials, no permission).
+
+    ``field`` is where the destination sits in the spec (e.g. ``export.destination``); messages
+    name the bucket or directory, never a credential."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    s3 = destination.s3
+    if s3 is None:
+        if isinstance(exc, PermissionError):
+            return (
+                f"{field}.filesystem.claimName",
+                "DestinationNotWritable",
+                f"the job cannot write into the volume's directory ({exc.strerror}): give the pod's user "
+                "write access (e.g. spec.job securityContext fsGroup) or use another claim",
+            )
+        if isinstance(exc, OSError):
+            return (f"{field}.filesystem.path", "DestinationUnavailable", f"the volume's directory fails: {exc}")
+        return None
+    where = f"bucket {s3.bucket!r}" + (f" at {s3.endpoint}" if s3.endpoint else "")
+    if isinstance(exc, EndpointConnectionError):
+        return (
+            f"{field}.s3.endpoint",
+            "DestinationUnreachable",
+            f"cannot reach the S3 endpoint of {where} ({exc}): fix the endpoint or the network",
+        )
+    if isinstance(exc, NoCredentialsError):
+        return (
+            f"{field}.s3.credentialsSecretRef",
+            "CredentialsMissing",
+            f"no S3 credentials for {where}: set credentialsSecretRef to a Secret with the access keys",
+        )
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return (f"{field}.s3.bucket", "BucketNotFound", f"{where} does not exist: create it or fix the name")
+        if code in _CREDENTIALS:
+            return (
+                f"{field}.s3.credentialsSecretRef",
+                "CredentialsRejected",
+                f"{where} refused the access keys ({code}): fix the Secret's keys",
+            )
+        if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            return (
+                f"{field}.s3.credentialsSecretRef",
+                "DestinationNotWritable",
+                f"the access keys may not write to {where} ({code}): grant s3:PutObject, s3:GetObject "
+                "and s3:DeleteObject on the prefix",
+            )
+    return None

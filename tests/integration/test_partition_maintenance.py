@@ -10,6 +10,7 @@ import pytest
 
 from conftest import scalar
 from pgscale.api.partitionpolicy import PartitionPolicySpec
+from pgscale.errors import SpecError
 from pgscale.maintenance import maintain
 
 pytestmark = pytest.mark.postgres
@@ -185,3 +186,50 @@ def test_retention_keeps_partitions_that_other_rows_reference(conn: psycopg.Conn
     conn.execute('DELETE FROM "Note"')
     again = maintain(conn, spec(premake=1, retention={"keep": "12 months", "action": "drop"}), NOW)
     assert "Event_2025_01" in again.dropped and again.kept == []
+
+
+def test_retention_export_writes_each_old_partition_to_a_verified_file_then_drops_it(
+    conn: psycopg.Connection, tmp_path: Any
+) -> None:
+    from pgscale import parquet
+    from pgscale.export import partition_exporter, partition_policy_key
+    from pgscale.pg import export as sqle
+    from pgscale.storage import FilesystemStore
+
+    for month in range(1, 13):
+        upper = f"{2025 + month // 12}-{month % 12 + 1:02d}-01 00:00+00"
+        conn.execute(f"""CREATE TABLE "Event_2025_{month:02d}" PARTITION OF "Event"
+            FOR VALUES FROM ('2025-{month:02d}-01 00:00+00') TO ('{upper}')""")
+    conn.execute("""INSERT INTO "Event" ("createdAt", payload) SELECT t, 'p' || extract(epoch FROM t)
+                    FROM generate_series('2025-01-01 00:00+00'::timestamptz, '2025-12-31', interval '2 hours') t""")
+    old = conn.execute("""SELECT id, "createdAt", payload FROM "Event" WHERE "createdAt" < '2025-05-01 00:00+00'
+                          ORDER BY id""").fetchall()
+    store = FilesystemStore(tmp_path)
+    sqle.ensure_ledger(conn, "pgscale")
+    export = partition_exporter(
+        conn,
+        store,
+        state_schema="pgscale",
+        policy=partition_policy_key("ns", "events"),
+        source=("public", "Event"),
+        age_column="createdAt",
+        destination={"filesystem": {"claimName": "cold"}},
+    )
+    retention = {"keep": "18 months", "action": "export", "export": {"destination": {"filesystem": {"claimName": "c"}}}}
+    with pytest.raises(SpecError, match=r"retention\.export"):
+        maintain(conn, spec(premake=2, retention=retention), NOW)  # no destination given: nothing detached
+    report = maintain(conn, spec(premake=2, retention=retention), NOW, export=export)
+    assert report.exported == ["Event_2025_01", "Event_2025_02", "Event_2025_03", "Event_2025_04"]
+    assert report.rows_exported == len(old) and report.dropped == [] and report.detached == []
+    assert all(scalar(conn, f"SELECT to_regclass('\"{n}\"')") is None for n in report.exported)
+    files = conn.execute(
+        "SELECT object_key, rows, sha256, partition_name FROM pgscale.export_files ORDER BY id"
+    ).fetchall()
+    assert [f[3] for f in files] == report.exported
+    back = []
+    for key, rows, sha, _ in files:
+        assert key.startswith("public.Event/partition-Event_2025_0")
+        data = store.fetch(key)
+        assert parquet.sha256(data) == sha and parquet.row_count(data) == rows
+        back += list(parquet.records(parquet.read(data), ["id", "createdAt", "payload"]))
+    assert sorted(back) == old

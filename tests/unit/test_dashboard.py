@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from pgscale.metrics import Metrics
 from pgscale.monitoring import SECONDS_PER_MONTH, ProfileCollector
+from pgscale.pg.export import Totals
 from pgscale.pg.stats import Snapshot, TableStats
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "pgscale" / "dashboards" / "pgscale.json"
@@ -34,6 +36,7 @@ def exported() -> dict[str, set[str]]:
     metrics.reconcile_seconds.labels(kind="DatabaseProfile").observe(0.1)
     metrics.queue_depth.set(0)
     metrics.resources.labels(kind="DatabaseProfile").set(1)
+    metrics.export("ns/export", Totals(1, 2, 3, 4, None, datetime.now(UTC)))
     collector = ProfileCollector()
     collector.update(
         "ns/app",

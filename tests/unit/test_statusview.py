@@ -502,3 +502,23 @@ def test_without_a_kubeconfig_it_says_so(
     err = capsys.readouterr().err
     assert err.startswith("pgscale status: ") and "Traceback" not in err
     assert cli.main(["status", "--kubeconfig", str(tmp_path / "missing"), "--context", "nope"]) == 1
+
+
+def test_retention_progress_shows_what_export_moved_out() -> None:
+    from pgscale.api.retentionpolicy import ExportStatus, RetentionPolicyStatus, RunStatus
+    from pgscale.statusview import retention_progress
+
+    status = RetentionPolicyStatus(
+        last_run=RunStatus(outcome="Succeeded", rows_archived=1200, duration_seconds=3.0, rows_per_second=400.0),
+        export=ExportStatus(
+            files=3,
+            rows=1800,
+            bytes=2 * 1024 * 1024,
+            database_bytes_freed=9 * 1024 * 1024,
+            oldest="2024-01-01T00:00:00Z",
+            newest="2026-09-01T00:00:00Z",
+        ),
+    )
+    text = retention_progress(status, wide=True)
+    assert "exported 1,800 rows in 3 files" in text and "freed in the database" in text
+    assert "2024-01-01T00:00:00Z to 2026-09-01T00:00:00Z" in text

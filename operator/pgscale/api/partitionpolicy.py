@@ -26,6 +26,7 @@ from .common import (
     Timestamp,
     cel,
 )
+from .retentionpolicy import ExportSpec, ExportStatus
 
 Interval = Literal["daily", "weekly", "monthly", "quarterly", "yearly"]
 
@@ -95,11 +96,21 @@ class ConversionSpec(Model):
 class RetentionSpec(Model):
     """Which old partitions leave the table, and how."""
 
+    model_config = Model.model_config | {
+        "json_schema_extra": cel(
+            ("(self.action == 'export') == has(self.export)", "export: required when action is export, and only then"),
+        )
+    }
+
     keep: Age = Field(description='How much history stays attached, e.g. 12mo or "12 months".')
-    action: Literal["detach", "drop"] = Field(
+    action: Literal["detach", "drop", "export"] = Field(
         default="detach",
-        description="detach keeps old partitions as plain tables; drop deletes them and their rows.",
+        description=(
+            "detach keeps old partitions as plain tables; drop deletes them and their rows; export writes each "
+            "into a verified Parquet file (see export), then drops it."
+        ),
     )
+    export: ExportSpec | None = Field(default=None, description="Destination of the files, for action export.")
     archive_schema: Identifier | None = Field(
         default=None, description="Move detached partitions into this schema (created when missing)."
     )
@@ -211,9 +222,9 @@ class PartitionPolicySpec(Model):
         return self.maintenance or MaintenanceSpec()
 
     @property
-    def retention_action(self) -> Literal["detach", "drop"]:
+    def retention_action(self) -> Literal["detach", "drop", "export"]:
         """What happens to a retired partition: spec.retention.action, or its default without retention."""
-        action: Literal["detach", "drop"] = RetentionSpec.model_fields["action"].default
+        action: Literal["detach", "drop", "export"] = RetentionSpec.model_fields["action"].default
         return self.retention.action if self.retention else action
 
 
@@ -260,6 +271,11 @@ class MaintenanceRun(Model):
     dropped: list[str] = Field(
         default_factory=list, description="Partitions dropped.", json_schema_extra={"maxItems": 400}
     )
+    exported: list[str] = Field(
+        default_factory=list,
+        description="Partitions exported into verified files, then dropped (retention.action export).",
+        json_schema_extra={"maxItems": 400},
+    )
     rows_moved_from_default: int = Field(default=0, description="Rows moved out of the DEFAULT partition.")
 
 
@@ -276,6 +292,7 @@ class PartitionPolicyStatus(BaseStatus):
     conversion: ProgressStatus | None = Field(default=None, description="Conversion progress while it runs.")
     last_maintenance: MaintenanceRun | None = Field(default=None, description="Last maintenance run.")
     next_maintenance_time: Timestamp | None = Field(default=None, description="When maintenance runs next.")
+    export: ExportStatus | None = Field(default=None, description="Files written by retention.action export.")
 
 
 INFO = KindInfo(

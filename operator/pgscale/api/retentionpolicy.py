@@ -1,4 +1,5 @@
-"""RetentionPolicy: archive old rows and delete them on a schedule, losing nothing."""
+"""RetentionPolicy: archive old rows (into a table or, exported, into Parquet files) and delete them on a
+schedule, losing nothing."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .common import (
     Timestamp,
     cel,
 )
+from .filemigration import Destination
 
 FilterOperator = Literal["In", "NotIn", "Equals", "NotEquals", "LessThan", "GreaterThan", "IsNull", "IsNotNull"]
 
@@ -68,6 +70,29 @@ class ArchiveSpec(Model):
     )
 
 
+DEFAULT_ROWS_PER_FILE = 100000
+
+
+class ExportSpec(Model):
+    """Where exported rows go: Parquet files (zstd), each with a manifest, on the destinations FileMigration uses."""
+
+    destination: Destination = Field(
+        description=(
+            "An S3-compatible bucket (s3: bucket, prefix, endpoint, credentialsSecretRef, ...) or a volume "
+            "(filesystem: claimName, path), exactly as in FileMigration."
+        )
+    )
+    rows_per_file: int = Field(
+        default=DEFAULT_ROWS_PER_FILE,
+        ge=1,
+        le=1000000,
+        description=(
+            "About this many rows per Parquet file: a batch covers the heap pages that hold them, and its "
+            "rows stay locked while their file is written and read back."
+        ),
+    )
+
+
 ChildMode = Literal["archive", "delete", "keep"]
 # A name read from the catalog, matched as text and always quoted as an identifier: any characters
 # PostgreSQL allows (up to 63 bytes), not only the plain identifiers a spec's own fields take.
@@ -94,7 +119,8 @@ class ChildrenSpec(Model):
         default=None,
         description=(
             "For every referencing table not listed in tables: archive moves child rows into their own archive "
-            "tables in the same batch as their parents (children first, recursively); delete lets them go the "
+            "tables (with action export: their own files) in the same batch as their parents (children first, "
+            "recursively); delete lets them go the "
             "way their ON DELETE action says, counted; keep skips parents that still have children. Unset: a "
             "policy whose table is referenced with ON DELETE CASCADE, SET NULL or SET DEFAULT is Stalled."
         ),
@@ -130,10 +156,14 @@ class RetentionPolicySpec(Model):
                 "archive: only allowed when action is archive",
             ),
             (
-                "self.action == 'archive' || !has(self.children) || ((!has(self.children.mode) "
+                "(self.action == 'export') == has(self.export)",
+                "export: required when action is export, and only then",
+            ),
+            (
+                "self.action != 'delete' || !has(self.children) || ((!has(self.children.mode) "
                 "|| self.children.mode != 'archive') && (!has(self.children.tables) "
                 "|| self.children.tables.all(t, t.mode != 'archive')))",
-                "children: archive needs action archive (with action delete, use delete or keep)",
+                "children: archive needs action archive or export (with action delete, use delete or keep)",
             ),
             (
                 "!has(self.maxBatchSize) || self.maxBatchSize >= self.batchSize",
@@ -154,10 +184,15 @@ class RetentionPolicySpec(Model):
         description="Further conditions, all of which must hold (e.g. status In [COMPLETED]).",
         json_schema_extra={"maxItems": 16},
     )
-    action: Literal["archive", "delete"] = Field(
-        default="archive", description="archive moves rows into the archive table; delete only deletes."
+    action: Literal["archive", "export", "delete"] = Field(
+        default="archive",
+        description=(
+            "archive moves rows into the archive table; export moves them out of the database into Parquet "
+            "files (see export); delete only deletes."
+        ),
     )
     archive: ArchiveSpec | None = Field(default=None, description="Archive table, for action archive.")
+    export: ExportSpec | None = Field(default=None, description="Destination of the files, for action export.")
     children: ChildrenSpec | None = Field(
         default=None,
         description="What happens to rows that reference the removed rows through foreign keys (see docs).",
@@ -221,6 +256,13 @@ class RetentionPolicySpec(Model):
     def children_or_default(self) -> ChildrenSpec:
         return self.children or ChildrenSpec()
 
+    @property
+    def export_or_default(self) -> ExportSpec:
+        """The export section (present when action is export, which CEL enforces)."""
+        if self.export is None:
+            raise ValueError("spec.export is required for action export")
+        return self.export
+
 
 DEFAULT_MAX_BATCH = 50000
 
@@ -262,6 +304,25 @@ class RelationshipStatus(Model):
     rows: int | None = Field(default=None, description="Rows of this table the next run would touch (estimate).")
 
 
+class ExportStatus(Model):
+    """What action export has written, from the ledger of exported files."""
+
+    files: int = Field(default=0, description="Parquet files written and verified (manifests not counted).")
+    rows: int = Field(default=0, description="Rows exported, children included.")
+    bytes: int = Field(default=0, description="Bytes of the Parquet files.")
+    database_bytes_freed: int = Field(
+        default=0,
+        description=(
+            "Bytes the exported rows took in the database (row bytes, reusable after VACUUM; whole "
+            "partitions: their size on disk, returned when dropped)."
+        ),
+    )
+    oldest: Timestamp | None = Field(default=None, description="Oldest ageColumn value exported.")
+    newest: Timestamp | None = Field(default=None, description="Newest ageColumn value exported.")
+    restored_files: int = Field(default=0, description="Files restored with `pgscale archive restore`.")
+    location: str | None = Field(default=None, max_length=1024, description="Where the files are.")
+
+
 class TotalsStatus(Model):
     """Totals since the policy was created."""
 
@@ -283,6 +344,7 @@ class RetentionPolicyStatus(BaseStatus):
         description="Foreign keys that reference the rows runs remove, recursively, and what runs do with them.",
         json_schema_extra={"maxItems": 100},
     )
+    export: ExportStatus | None = Field(default=None, description="Files written by action export.")
 
 
 INFO = KindInfo(

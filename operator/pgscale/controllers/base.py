@@ -24,6 +24,7 @@ from .. import conditions as cond
 from ..api import DATABASE_PROFILE, Kind
 from ..api.common import BaseStatus, Condition, TableReference, default_of, wire_name
 from ..api.databaseprofile import DatabaseProfileSpec
+from ..api.filemigration import Destination
 from ..errors import DependencyError, ReconcileError, SpecError
 from ..events import Event
 from ..kube import Kube, ObjectRef, api_error
@@ -238,6 +239,51 @@ def profile_secret(ctx: Context, namespace: str, spec: DatabaseProfileSpec) -> t
         )
     secret, labels = found
     return resolve(spec.connection, secret, secret_name), labels
+
+
+def destination_credentials(ctx: Context, namespace: str, destination: Destination, field: str) -> dict[str, str]:
+    """The environment a job gets for a destination (FileMigration's model): the access keys of its
+    credentialsSecretRef as AWS_* variables (none for a volume or the pod's own credentials)."""
+    s3 = destination.s3
+    if s3 is None or s3.credentials_secret_ref is None:
+        return {}
+    ref = s3.credentials_secret_ref
+    secret = ctx.kube.read_secret(namespace, ref.name)
+    keys = (ref.access_key_id_key, ref.secret_access_key_key)
+    if secret is None or any(k not in secret for k in keys):
+        raise DependencyError(
+            f"Secret {ref.name!r} with keys {', '.join(keys)} not found: create it or fix "
+            f"spec.{field}.s3.credentialsSecretRef",
+            reason="SecretNotFound",
+        )
+    return {"AWS_ACCESS_KEY_ID": secret[keys[0]], "AWS_SECRET_ACCESS_KEY": secret[keys[1]]}
+
+
+def check_destination(ctx: Context, namespace: str, destination: Destination, field: str) -> str:
+    """Write (create-only) and read a small object in a bucket with the job's access keys, so a bucket
+    that cannot take files is Stalled naming the field, before any run. Returns where files go.
+
+    A volume is mounted only in the job's pod: its runs report a failing one (deleting nothing)."""
+    from ..storage import open_store, probe, problem
+
+    env = destination_credentials(ctx, namespace, destination, field)
+    if destination.s3 is None:
+        return f"volume {destination.filesystem.claim_name if destination.filesystem else ''}"
+    if destination.s3.credentials_secret_ref is None:
+        return open_store(destination, {}).location("")  # the pod's own credentials: not the operator's
+    store = open_store(destination, env, attempts=2, connect_timeout=5)
+    try:
+        probe(store)
+    except Exception as exc:
+        found = problem(exc, destination, field)
+        if found is None:
+            raise DependencyError(
+                f"spec.{field}: writing a test object to {store.location('')} failed: {type(exc).__name__}: {exc}",
+                reason="DestinationUnavailable",
+            ) from exc
+        where, reason, message = found
+        raise SpecError(where, message, reason=reason) from exc
+    return store.location("")
 
 
 @dataclass(frozen=True)

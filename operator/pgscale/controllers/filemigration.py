@@ -19,12 +19,12 @@ from ..checks import TEXT_TYPES, require_column, require_table
 from ..conditions import now_rfc3339
 from ..errors import DependencyError, SpecError
 from ..events import Event
-from ..files import FS_MOUNT, source
+from ..files import source
 from ..kube import ObjectRef
 from ..pg import files as sqlf
 from ..progress import eta
 from ..specs import builders
-from .base import Context, Result, StatusWriter, load_profile
+from .base import Context, Result, StatusWriter, destination_credentials, load_profile
 
 POLL_SECONDS = 10.0
 MAX_FAILED_JOBS = 5
@@ -50,7 +50,7 @@ class FileMigrationController:
     def reconcile(self, ctx: Context, obj: dict[str, Any], spec: FileMigrationSpec, status: StatusWriter) -> Result:
         ref = ObjectRef.of(obj)
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
-        self._check_destination(ctx, ref, spec)
+        destination_credentials(ctx, ref.namespace, spec.destination, "destination")
         src = source(spec)
         policy = f"{ref.namespace}/{ref.name}"
         with pg.connect(info) as conn:
@@ -147,18 +147,6 @@ class FileMigrationController:
             tail += " (VACUUM ran: the space is reusable; VACUUM FULL or pg_repack returns it to the OS)"
         return f"{migrated} files {what}, {failed} failed{tail}"
 
-    def _check_destination(self, ctx: Context, ref: ObjectRef, spec: FileMigrationSpec) -> None:
-        s3 = spec.destination.s3
-        if s3 and s3.credentials_secret_ref:
-            secret = ctx.kube.read_secret(ref.namespace, s3.credentials_secret_ref.name)
-            keys = (s3.credentials_secret_ref.access_key_id_key, s3.credentials_secret_ref.secret_access_key_key)
-            if secret is None or any(k not in secret for k in keys):
-                raise DependencyError(
-                    f"Secret {s3.credentials_secret_ref.name!r} with keys {', '.join(keys)} not found: create "
-                    "it or fix spec.destination.s3.credentialsSecretRef",
-                    reason="SecretNotFound",
-                )
-
     def _ensure_job(
         self,
         ctx: Context,
@@ -189,22 +177,8 @@ class FileMigrationController:
         elif current:  # a Job of an older generation: stop it (it ends after its current row)
             ctx.kube.delete("batch/v1", "Job", ref.namespace, current)
         name = f"{prefix}-{attempt}"
-        env = builders.job_env(ref, obj["spec"], profile)
-        volumes = []
-        s3 = spec.destination.s3
-        if s3 and s3.credentials_secret_ref:
-            creds = s3.credentials_secret_ref
-            env += [
-                builders.secret_env("AWS_ACCESS_KEY_ID", creds.name, creds.access_key_id_key),
-                builders.secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
-            ]
-        if spec.destination.filesystem:
-            volumes.append(
-                (
-                    {"name": "files", "persistentVolumeClaim": {"claimName": spec.destination.filesystem.claim_name}},
-                    {"name": "files", "mountPath": FS_MOUNT},
-                )
-            )
+        extra, volumes = builders.destination_env(spec.destination)
+        env = builders.job_env(ref, obj["spec"], profile) + extra
         job = builders.job(
             ref,
             name=name,

@@ -23,12 +23,26 @@ from ..conversion import status as conversion_status
 from ..conversion import subject as conversion_subject
 from ..errors import SpecError, TransientError
 from ..events import Event
+from ..export import partition_exporter, partition_policy_key
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
+from ..pg import export as sqle
 from ..schedule import next_run, rfc3339, zone
 from ..specs import builders
-from .base import CONFLICT, Context, Result, StatusWriter, ensure_finalizer, load_profile, same_table
+from ..storage import open_store
+from .base import (
+    CONFLICT,
+    Context,
+    Result,
+    StatusWriter,
+    check_destination,
+    destination_credentials,
+    ensure_finalizer,
+    load_profile,
+    same_table,
+)
+from .retentionpolicy import export_status
 
 SLICE_SECONDS = 5.0  # one reconcile converts this long, then reports progress and comes back
 
@@ -130,7 +144,32 @@ class PartitionPolicyController:
             if spec.suspend:
                 status.update(Status(partitioned=True))
                 return Result("Suspended", f"{spec.table.qualified()}: maintenance suspended", requeue_after=interval)
-            report_m = maintain(conn, spec, datetime.now(UTC))
+            export, location = None, None
+            if spec.retention is not None and spec.retention.export is not None:
+                destination = spec.retention.export.destination
+                if destination.filesystem is not None:
+                    raise SpecError(
+                        "retention.export.destination.filesystem",
+                        "maintenance runs in the operator, which mounts no volume: export partitions to an s3 "
+                        "destination, or export them with a RetentionPolicy (its job pods mount the volume)",
+                    )
+                location = check_destination(ctx, ref.namespace, destination, "retention.export.destination")
+                export = partition_exporter(
+                    conn,
+                    open_store(
+                        destination,
+                        destination_credentials(ctx, ref.namespace, destination, "retention.export.destination"),
+                    ),
+                    state_schema=profile.state_schema,
+                    policy=partition_policy_key(ref.namespace, ref.name),
+                    source=(schema, table),
+                    age_column=spec.column,
+                    destination=destination.wire(),
+                )
+            report_m = maintain(conn, spec, datetime.now(UTC), export=export)
+            if export is not None:
+                totals = sqle.totals(conn, profile.state_schema, partition_policy_key(ref.namespace, ref.name))
+                status.update(Status(export=export_status(totals, location)))
             before = [c for c in status.conditions if c.status == "True"]
         if report_m.busy:
             return Result(
@@ -144,6 +183,7 @@ class PartitionPolicyController:
             created=report_m.created,
             detached=report_m.detached,
             dropped=report_m.dropped,
+            exported=report_m.exported,
             rows_moved_from_default=report_m.moved_from_default,
         )
         status.update(
@@ -159,6 +199,7 @@ class PartitionPolicyController:
             ("Created", report_m.created),
             ("Detached", report_m.detached),
             ("Dropped", report_m.dropped),
+            ("Exported", report_m.exported),
         ):
             if names:
                 events.append(Event(f"Partitions{verb}", ", ".join(names)))
@@ -196,6 +237,8 @@ class PartitionPolicyController:
             ctx.kube.delete("batch/v1", "CronJob", ref.namespace, name)
             return
         next_run(maintenance.schedule, spec.time_zone, field="maintenance.schedule")  # a schedule that never fires
+        export = spec.retention.export if spec.retention else None
+        extra, volumes = builders.destination_env(export.destination if export else None)
         ctx.kube.apply(
             builders.cron_job(
                 ref,
@@ -206,7 +249,8 @@ class PartitionPolicyController:
                 args=builders.job_args("partition-maintenance", ref),
                 template=maintenance.job,
                 default_image=ctx.config.image,
-                env=builders.job_env(ref, obj["spec"], profile),
+                env=builders.job_env(ref, obj["spec"], profile) + extra,
+                volumes=volumes,
             )
         )
 

@@ -16,12 +16,14 @@ from .. import conditions as cond
 from .. import pg
 from ..api import RETENTION_POLICY
 from ..api.databaseprofile import DatabaseProfileSpec
-from ..api.retentionpolicy import RelationshipStatus, RetentionPolicySpec, RunStatus, TotalsStatus
+from ..api.retentionpolicy import ExportStatus, RelationshipStatus, RetentionPolicySpec, RunStatus, TotalsStatus
 from ..api.retentionpolicy import RetentionPolicyStatus as Status
 from ..durations import seconds
 from ..errors import DependencyError, SpecError
 from ..events import Event
 from ..kube import ObjectRef
+from ..metrics import METRICS
+from ..pg import export as sqle
 from ..pg import retention as sqlr
 from ..pg.connection import ConnInfo
 from ..progress import eta
@@ -34,6 +36,7 @@ from .base import (
     Context,
     Result,
     StatusWriter,
+    check_destination,
     ensure_finalizer,
     has_finalizer,
     load_profile,
@@ -92,6 +95,20 @@ def relationships_status(prepared: Prepared, stake: Stake) -> list[RelationshipS
     return out
 
 
+def export_status(totals: sqle.Totals, location: str | None = None) -> ExportStatus:
+    """status.export from the ledger's totals (pure); ``location``: the destination, when exporting."""
+    return ExportStatus(
+        files=totals.files,
+        rows=totals.rows,
+        bytes=totals.bytes,
+        database_bytes_freed=totals.row_bytes,
+        oldest=_ts(totals.oldest) if totals.oldest else None,
+        newest=_ts(totals.newest) if totals.newest else None,
+        restored_files=totals.restored,
+        location=(location or totals.location or "")[:1024] or None,
+    )
+
+
 def cron_job_name(ref: ObjectRef) -> str:
     """The pg_cron job's name (unique per policy)."""
     return f"pgscale-retention:{ref.namespace}/{ref.name}"
@@ -110,6 +127,15 @@ class RetentionPolicyController:
         profile, info = load_profile(ctx, ref.namespace, spec.profile_ref.name)
         owner = partition_owner(ctx, ref.namespace, obj["spec"]) if spec.partition_aware else None
         events: list[Event] = []
+        location = None
+        if spec.action == "export":  # before any run: a bucket that cannot take files stalls the policy
+            if spec.scheduler == "pg_cron":
+                raise SpecError(
+                    "scheduler",
+                    "action export writes files from the job's pod; pg_cron runs in the database, which cannot: "
+                    "use scheduler: cronjob",
+                )
+            location = check_destination(ctx, ref.namespace, spec.export_or_default.destination, "export.destination")
         with pg.connect(info) as conn:
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
@@ -124,6 +150,10 @@ class RetentionPolicyController:
                 events.append(Event("ArchiveTableCreated", f"created archive table {name}"))
             sqlr.mark_interrupted(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
             runs = sqlr.summary(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
+            exported = sqle.totals(conn, profile.state_schema, f"{ref.namespace}/{ref.name}")
+            if spec.action == "export" or exported.files:
+                status.update(Status(export=export_status(exported, location)))
+                METRICS.export(f"{ref.namespace}/{ref.name}", exported)
             if spec.scheduler == "pg_cron":
                 ensure_finalizer(ctx, self.kind, obj, needed=True)  # the job lives outside the cluster
                 job_id = self._schedule_pg_cron(conn, info, ref, spec, target, profile.state_schema)
@@ -167,6 +197,7 @@ class RetentionPolicyController:
         profile: DatabaseProfileSpec,
         owned_elsewhere: bool,
     ) -> str:
+        extra, volumes = builders.destination_env(spec.export.destination if spec.export else None)
         cron = builders.cron_job(
             ref,
             suffix="retention",
@@ -177,7 +208,8 @@ class RetentionPolicyController:
             template=spec.job,
             default_image=ctx.config.image,
             active_deadline_seconds=int(seconds(spec.max_run_time)) + 300,
-            env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": owned_elsewhere}),
+            env=builders.job_env(ref, obj["spec"], profile, {"partitionsOwnedElsewhere": owned_elsewhere}) + extra,
+            volumes=volumes,
         )
         ctx.kube.apply(cron)
         return str(cron["metadata"]["name"])

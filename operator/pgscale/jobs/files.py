@@ -16,14 +16,12 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,17 +32,16 @@ from ..api import FILE_MIGRATION
 from ..api.filemigration import FileMigrationSpec
 from ..checks import require_column, require_table
 from ..errors import ReconcileError
-from ..files import FS_MOUNT, Base64Stream, Malformed, RateLimiter, object_key, source, versioned_key
+from ..files import Base64Stream, Malformed, RateLimiter, object_key, source, versioned_key
 from ..pg import files as sqlf
 from ..progress import Progress
 from ..quantity import parse_quantity
-from ..storage import AlreadyExists, FilesystemStore, ObjectStore, S3Store, s3_client
+from ..storage import AlreadyExists, ObjectStore, open_store
 from . import JobInput, start
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4 * 1024 * 1024  # characters or bytes fetched per query for large values
-ENV_FS_ROOT = "PGSCALE_FS_ROOT"  # overrides FS_MOUNT (tests run the pod's command outside a pod)
 
 
 @dataclass
@@ -66,29 +63,13 @@ class Report:
 
 def make_store(spec: FileMigrationSpec, env: dict[str, str] | None = None) -> ObjectStore:
     """The destination, with credentials from the environment (the pod's Secret-backed env)."""
-    env = dict(os.environ if env is None else env)
-    s3 = spec.destination.s3
-    if s3 is not None:
-        client = s3_client(
-            s3.endpoint,
-            s3.region,
-            env.get("AWS_ACCESS_KEY_ID"),
-            env.get("AWS_SECRET_ACCESS_KEY"),
-            s3.force_path_style,
-            max_pool=spec.concurrency * 2,
-        )
-        return S3Store(
-            client,
-            s3.bucket,
-            s3.prefix,
-            part_size=parse_quantity(spec.multipart_chunk_size),
-            multipart_threshold=parse_quantity(spec.multipart_threshold),
-            sse=s3.server_side_encryption,
-            kms_key_id=s3.kms_key_id,
-        )
-    fs = spec.destination.filesystem
-    assert fs is not None
-    return FilesystemStore(Path(env.get(ENV_FS_ROOT, FS_MOUNT)) / fs.path)
+    return open_store(
+        spec.destination,
+        env,
+        concurrency=spec.concurrency,
+        part_size=parse_quantity(spec.multipart_chunk_size),
+        multipart_threshold=parse_quantity(spec.multipart_threshold),
+    )
 
 
 def storage_type(spec: FileMigrationSpec) -> str:

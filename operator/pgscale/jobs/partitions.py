@@ -23,9 +23,11 @@ from ..api.partitionpolicy import PartitionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..conversion import convert
 from ..errors import ReconcileError
+from ..export import partition_exporter, partition_policy_key
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
 from ..progress import Progress
+from ..storage import open_store
 from . import JobInput, start
 
 
@@ -38,6 +40,8 @@ class RunReport:
     created: list[str] = field(default_factory=list)
     detached: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    exported: list[str] = field(default_factory=list)
+    rows_exported: int = 0
     rows_moved_from_default: int = 0
     partitions: int = 0
     message: str = ""
@@ -81,8 +85,21 @@ def run(
         if dry_run:
             report.message = f"{schema}.{table} is partitioned; dry run changes nothing"
             return report
-        done = maintain(conn, spec, datetime.now(UTC))
+        export = None
+        if spec.retention is not None and spec.retention.export is not None:
+            destination = spec.retention.export.destination
+            export = partition_exporter(
+                conn,
+                open_store(destination),
+                state_schema=job.state_schema,
+                policy=partition_policy_key(job.namespace, job.name),
+                source=(schema, table),
+                age_column=spec.column,
+                destination=destination.wire(),
+            )
+        done = maintain(conn, spec, datetime.now(UTC), export=export)
         report.created, report.detached, report.dropped = done.created, done.detached, done.dropped
+        report.exported, report.rows_exported = done.exported, done.rows_exported
         report.rows_moved_from_default = done.moved_from_default
         report.partitions = done.count
         report.message = f"{schema}.{table}: {report.partitions} partitions"

@@ -14,13 +14,14 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import errors
 
-from .. import pg
+from .. import faults, pg
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
@@ -38,6 +39,7 @@ from ..retention import (
     row_lock_wait,
     unresolved_error,
 )
+from ..storage import ObjectStore, open_store
 from . import JobInput, start
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class RunReport:
     tables: dict[str, int] = field(default_factory=dict)  # per child table and effect; parents skipped
     retries: int = 0  # batches rolled back and retried (lock timeouts, serialization failures, ...)
     children: dict[str, int | None] = field(default_factory=dict)  # dry run: rows at stake per key (None: unknown)
+    files: int = 0  # action export: files written and verified (manifests not counted)
+    bytes_written: int = 0  # action export: bytes uploaded (files and manifests)
+    files_reused: int = 0  # action export: objects of interrupted batches found identical and reused
 
 
 def _set(conn: psycopg.Connection, name: str, value: str) -> None:
@@ -73,8 +78,11 @@ def run(
     dry_run: bool | None = None,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
+    store: ObjectStore | None = None,
 ) -> RunReport:
-    """One run: archive or delete every matching row, batch by batch, until done or out of time."""
+    """One run: archive, export or delete every matching row, batch by batch, until done or out of time.
+
+    ``store``: the export destination (default: opened from spec.export with the pod's environment)."""
     spec = RetentionPolicySpec.model_validate(job.spec)
     dry = spec.dry_run if dry_run is None else dry_run
     stop = stop or threading.Event()
@@ -110,10 +118,16 @@ def run(
                     report.message += "; referencing rows: " + ", ".join(
                         f"{k}: {'unknown' if v is None else v}" for k, v in report.children.items()
                     )
+            elif spec.action == "export":
+                _export(conn, job, spec, target, cutoff, report, stop, deadline, progress, store)
             else:
                 _retire_partitions(conn, job, spec, target, cutoff, report, stop, deadline)
                 _run_batches(conn, job, spec, target, cutoff, report, stop, deadline, pause, progress)
-        except (psycopg.Error, ReconcileError, RuntimeError) as exc:
+        except ReconcileError as exc:
+            report.outcome = "Failed"
+            report.message = exc.message
+            log.error("retention run %s failed: %s", job.policy_key, report.message)
+        except (psycopg.Error, RuntimeError) as exc:
             report.outcome = "Failed"
             report.message = f"{type(exc).__name__}: {str(exc).strip()}"
             log.error("retention run %s failed: %s", job.policy_key, report.message)
@@ -139,17 +153,29 @@ def _retire_partitions(
     report: RunReport,
     stop: threading.Event,
     deadline: float,
+    finish: Callable[[sqlr.Partition], int] | None = None,
 ) -> None:
     """Whole partitions past the cutoff leave as a unit: no row-by-row DELETE, no dead tuples.
+
+    ``finish`` takes a detached partition the rest of the way (action export: its file, then the
+    drop); by default it is archived (or, for action delete, dropped).
 
     Only when the table is range-partitioned by the age column alone, no filter
     narrows the rows, and no PartitionPolicy owns the partitions of this table.
     Partitions detached by an interrupted run are finished first, always.
     """
     policy = job.policy_key
+
+    def done(part: sqlr.Partition) -> None:
+        report.partitions.append(part.name)
+        if finish is None:
+            _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
+        else:
+            report.rows_archived += finish(part)
+            report.batches += 1
+
     for leftover in sqlr.detached_leftovers(conn, policy):
-        report.partitions.append(leftover.name)
-        _count(report, target, sqlr.archive_detached(conn, target, leftover, job.state_schema, report.run_id or 0))
+        done(leftover)
     if not (
         spec.partition_aware
         and target.partitioned
@@ -176,8 +202,91 @@ def _retire_partitions(
                     raise
                 log.warning("detaching %s gave way to the application; retrying", part.name)
                 stop.wait(0.5 * (attempt + 1))
-        report.partitions.append(part.name)
-        _count(report, target, sqlr.archive_detached(conn, target, part, job.state_schema, report.run_id or 0))
+        faults.checkpoint("partition-detached")
+        done(part)
+
+
+def _export(
+    conn: psycopg.Connection,
+    job: JobInput,
+    spec: RetentionPolicySpec,
+    target: sqlr.Target,
+    cutoff: Any,
+    report: RunReport,
+    stop: threading.Event,
+    deadline: float,
+    progress: Progress | None,
+    store: ObjectStore | None,
+) -> None:
+    """Action export (jobs/export.py): pending batches first, then whole partitions, then rows."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from ..export import export_partition
+    from .export import Exporter, storage_failure
+
+    if progress:
+        progress.start(None)
+    # A batch's transaction stays open while its files are uploaded and read back: a server-wide
+    # idle_in_transaction_session_timeout shorter than that would end every batch (losing nothing).
+    _set(conn, "idle_in_transaction_session_timeout", "0")
+
+    def count(rows: int, tables: dict[str, int]) -> None:
+        report.rows_archived += rows
+        report.batches += 1
+        for key, value in tables.items():
+            report.tables[key] = report.tables.get(key, 0) + int(value)
+
+    exporter = Exporter(
+        conn,
+        job,
+        spec,
+        target,
+        store or open_store(spec.export_or_default.destination),
+        run_id=report.run_id,
+        stop=stop,
+        deadline=deadline,
+        progress=progress,
+        count=count,
+    )
+
+    def finish(part: sqlr.Partition) -> int:
+        """A detached partition: one verified file, then dropped."""
+        return export_partition(
+            conn,
+            exporter.store,
+            state_schema=job.state_schema,
+            policy=job.policy_key,
+            source=(target.schema, target.table),
+            part=(part.schema, part.name),
+            age_column=target.age_column,
+            destination=exporter.destination,
+            run_id=report.run_id,
+            counts=exporter.counts,
+        )
+
+    try:
+        try:
+            _retire_partitions(conn, job, spec, target, cutoff, report, stop, deadline, finish)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            found = storage_failure(exc, spec)
+            raise found or RuntimeError(f"exporting a partition failed: {exc}") from exc
+        stopped = exporter.run(cutoff)
+    finally:
+        report.files += exporter.counts.files
+        report.bytes_written += exporter.counts.bytes
+        report.files_reused += exporter.counts.reused
+    if stopped:
+        report.outcome, report.message = "Partial", stopped
+        return
+    report.outcome = "Succeeded"
+    report.message = (
+        f"{report.rows_archived} rows older than {spec.older_than} exported into {report.files} Parquet files "
+        f"at {exporter.store.location('')}"
+    )
+    if report.partitions:
+        report.message += f" ({len(report.partitions)} whole partitions: {', '.join(report.partitions)})"
+    if report.tables:
+        report.message += "; " + ", ".join(f"{k}: {v}" for k, v in sorted(report.tables.items()))
 
 
 def _count(report: RunReport, target: sqlr.Target, rows: int) -> None:

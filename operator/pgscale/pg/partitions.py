@@ -267,7 +267,10 @@ def retire(
 
 
 def finish_retire(conn: psycopg.Connection, schema: str, name: str, *, action: str, archive_schema: str | None) -> None:
-    """What follows the detach, in one transaction with the removal of the mark."""
+    """What follows the detach, in one transaction with the removal of the mark. For export the mark
+    stays: the caller exports the table and drops it (a crash in between leaves it a leftover)."""
+    if action == "export":
+        return
     child = qualified(schema, name)
     with conn.transaction():
         if action == "drop":

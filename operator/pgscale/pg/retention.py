@@ -771,16 +771,17 @@ def create_archive(conn: psycopg.Connection, target: Target) -> None:
     insert one fails and rolls back whole, deleting nothing.
     """
     assert target.archive_table is not None
-    _create_like(conn, (target.schema, target.table), (target.archive_schema or target.schema, target.archive_table))
+    create_like(conn, (target.schema, target.table), (target.archive_schema or target.schema, target.archive_table))
 
 
 def create_child_archive(conn: psycopg.Connection, child: ChildPlan) -> None:
     """The archive table of a referencing table, made like create_archive() makes the policy's."""
     assert child.archive_table is not None
-    _create_like(conn, child.fk.child, (child.archive_schema or child.fk.schema, child.archive_table))
+    create_like(conn, child.fk.child, (child.archive_schema or child.fk.schema, child.archive_table))
 
 
-def _create_like(conn: psycopg.Connection, source: tuple[str, str], archive: tuple[str, str]) -> None:
+def create_like(conn: psycopg.Connection, source: tuple[str, str], archive: tuple[str, str]) -> None:
+    """A table with the columns, defaults and primary key of another (archives, and restores into a side schema)."""
     with conn.transaction():
         ensure_schema(conn, archive[0])
         conn.execute(

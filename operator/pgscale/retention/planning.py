@@ -138,7 +138,7 @@ def plan_relationships(
             if effect == "unset":
                 continue
             archive = None
-            if effect == "archive":
+            if effect == "archive" and spec.action == "archive":  # export: the rows go to files instead
                 archive = archive_name(spec) if fk.child == root else child_archive(spec, fk)
             sub: tuple[ChildPlan, ...] = ()
             if effect in ("archive", "delete") and not fk.self_reference:
@@ -303,3 +303,12 @@ def next_batch_size(size: int, elapsed: float, *, moved: int, budget: float, sma
         grown = min(largest, size * 2)
         return grown if moved else max(smallest, min(grown, smallest * EXPLORING))
     return size
+
+
+def next_export_pages(pages: int, moved: int, rows_per_file: int, largest: int) -> int:
+    """The next export batch's size in heap pages (pure): aimed at rowsPerFile rows from how many the
+    last one found, growing at most 4x per batch and never past ``largest`` (a range of old rows after
+    many young pages would otherwise make one huge batch)."""
+    if moved <= 0:
+        return min(largest, pages * 2)
+    return max(1, min(largest, pages * 4, int(pages * rows_per_file / moved)))

@@ -17,6 +17,7 @@ from .. import pg
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..checks import TIME_TYPES, require_column, require_table
 from ..errors import DependencyError, SpecError
+from ..pg import export as sqle
 from ..pg import relationships
 from ..pg import retention as sqlr
 from ..pg.relationships import ForeignKey
@@ -77,6 +78,8 @@ def prepare(conn: psycopg.Connection, spec: RetentionPolicySpec, state_schema: s
             reason="InsufficientPrivilege",
         )
     sqlr.ensure_run_log(conn, state_schema)
+    if spec.action == "export":
+        sqle.ensure_ledger(conn, state_schema)
     if target.archive is not None:
         existing = sqlr.archive_columns(conn, target)
         check_archive(spec, columns, existing)

@@ -8,7 +8,11 @@ from typing import Any
 
 from ..api.common import JobTemplate
 from ..api.databaseprofile import DatabaseProfileSpec, SecretKeys
+from ..api.filemigration import Destination
 from ..kube import ObjectRef
+from ..storage import FS_MOUNT
+
+Volume = tuple[dict[str, Any], dict[str, Any]]  # (pod volume, container mount)
 
 # The job reads its input from these variables, so its pod needs no Kubernetes API access.
 ENV_JOB_INPUT = "PGSCALE_JOB_INPUT"
@@ -157,6 +161,33 @@ def job_spec(template: JobTemplate, pod: dict[str, Any], active_deadline_seconds
     return spec
 
 
+def destination_env(destination: Destination | None) -> tuple[list[dict[str, Any]], list[Volume]]:
+    """What a job pod needs to write to a destination (FileMigration's model): the access keys from
+    their Secret as AWS_* variables, or the volume mounted at FS_MOUNT."""
+    if destination is None:
+        return [], []
+    env: list[dict[str, Any]] = []
+    volumes: list[Volume] = []
+    s3 = destination.s3
+    if s3 and s3.credentials_secret_ref:
+        creds = s3.credentials_secret_ref
+        env += [
+            secret_env("AWS_ACCESS_KEY_ID", creds.name, creds.access_key_id_key),
+            secret_env("AWS_SECRET_ACCESS_KEY", creds.name, creds.secret_access_key_key),
+        ]
+    if destination.filesystem:
+        claim = {"claimName": destination.filesystem.claim_name}
+        volumes.append(({"name": "files", "persistentVolumeClaim": claim}, {"name": "files", "mountPath": FS_MOUNT}))
+    return env, volumes
+
+
+def _mount(pod: dict[str, Any], volumes: list[Volume] | None) -> dict[str, Any]:
+    for volume, mount in volumes or []:
+        pod["spec"]["volumes"].append(volume)
+        pod["spec"]["containers"][0]["volumeMounts"].append(mount)
+    return pod
+
+
 def cron_job(
     owner: ObjectRef,
     *,
@@ -169,6 +200,7 @@ def cron_job(
     default_image: str,
     active_deadline_seconds: int | None = None,
     env: list[dict[str, Any]] | None = None,
+    volumes: list[Volume] | None = None,
 ) -> dict[str, Any]:
     """A CronJob running one `pgscale job` command; one run at a time, never overlapping."""
     template = template or JobTemplate()
@@ -182,7 +214,9 @@ def cron_job(
         "jobTemplate": {
             "metadata": {"labels": labels(owner, suffix)},
             "spec": job_spec(
-                template, job_pod_spec(template, default_image, args, suffix, owner, env), active_deadline_seconds
+                template,
+                _mount(job_pod_spec(template, default_image, args, suffix, owner, env), volumes),
+                active_deadline_seconds,
             ),
         },
     }
@@ -205,14 +239,11 @@ def job(
     template: JobTemplate | None,
     default_image: str,
     env: list[dict[str, Any]] | None = None,
-    volumes: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
+    volumes: list[Volume] | None = None,
 ) -> dict[str, Any]:
     """A Job running one `pgscale job` command once; `volumes` are (volume, mount) pairs."""
     template = template or JobTemplate()
-    pod = job_pod_spec(template, default_image, args, suffix, owner, env)
-    for volume, mount in volumes or []:
-        pod["spec"]["volumes"].append(volume)
-        pod["spec"]["containers"][0]["volumeMounts"].append(mount)
+    pod = _mount(job_pod_spec(template, default_image, args, suffix, owner, env), volumes)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -1,0 +1,364 @@
+"""RetentionPolicy's action export, as `pgscale job retention` runs it: batches of old rows (with
+their children, per spec.children) leave the database as verified Parquet files.
+
+Per batch:
+
+1. the batch is recorded *pending* in the ledger (committed): its files' keys are fixed;
+2. in one transaction: its rows are locked (``FOR UPDATE SKIP LOCKED``; children through
+   their keys, ``FOR UPDATE``) and deleted, children first (so no ON DELETE action finds
+   any), returning exactly the versions deleted; those are written as one Parquet file per
+   table, create-only; each file is read back (SHA-256, size and row count) and so is its
+   manifest; only then is the batch marked *done* with its files, counted in the run log,
+   and committed. Until that commit no other session sees a row gone.
+
+Killed anywhere, every row is in the table or in exactly one file of a done batch: before
+the commit nothing is deleted and the batch is still pending. The next run first redoes
+pending batches under their own keys: an object that already holds exactly the rows is
+reused (read back again), one that holds other rows (they changed) is replaced, and keys
+of tables that now have no rows are cleared. Such an object never held the only copy of a
+row. Files of done batches are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
+from psycopg import errors, sql
+
+from .. import faults, parquet, pg
+from ..api.retentionpolicy import RetentionPolicySpec
+from ..errors import SpecError
+from ..export import PARQUET_TYPE, ExportCounts, clear, instant, jsonable, place, write_manifest
+from ..parquet import Mapped
+from ..pg import export as sqle
+from ..pg import retention as sqlr
+from ..pg.retention import ChildPlan, Target
+from ..progress import Progress
+from ..retention import batch_pages, next_export_pages
+from ..retention.planning import EXPLORING
+from ..storage import ObjectStore, problem
+from . import JobInput
+
+log = logging.getLogger(__name__)
+
+RETRIES = 10
+RETRYABLE = (
+    errors.LockNotAvailable,
+    errors.QueryCanceled,
+    errors.SerializationFailure,
+    errors.DeadlockDetected,
+    errors.ForeignKeyViolation,  # a child appeared after the snapshot under a parent being kept
+)
+
+
+def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
+    """A storage failure as the spec field to fix (None: not a known one)."""
+    found = problem(exc, spec.export_or_default.destination, "export.destination")
+    if found is None:
+        return None
+    field, reason, message = found
+    return SpecError(field, f"{message}; no row was deleted", reason=reason)
+
+
+class Exporter:
+    """One run's export batches over one table."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        job: JobInput,
+        spec: RetentionPolicySpec,
+        target: Target,
+        store: ObjectStore,
+        *,
+        run_id: int | None,
+        stop: threading.Event,
+        deadline: float,
+        progress: Progress | None = None,
+        count: Callable[[int, dict[str, int]], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.job = job
+        self.spec = spec
+        self.target = target
+        self.store = store
+        self.run_id = run_id
+        self.stop = stop
+        self.deadline = deadline
+        self.progress = progress
+        self.count = count or (lambda rows, tables: None)
+        self.state = job.state_schema
+        self.counts = ExportCounts()
+        self.destination = spec.export_or_default.destination.wire()
+        for plan in target.plans():
+            if plan.fk.self_reference and plan.removes:
+                raise SpecError(
+                    "children",
+                    f"{plan.fk.describe()} references its own table; action export does not yet follow such keys "
+                    "to the rows below a removed row: set mode keep for this table (parents with such children "
+                    "stay), or use action archive",
+                    reason="ExportUnsupported",
+                )
+        self.tables: list[tuple[str, str]] = [(target.schema, target.table)]
+        self.mapped: dict[tuple[str, str], list[Mapped]] = {}
+        self.keys: dict[tuple[str, str], list[str]] = {}
+        for name in [(target.schema, target.table), *(p.fk.child for p in target.plans() if p.effect == "archive")]:
+            if name in self.mapped:
+                continue
+            if name not in self.tables:
+                self.tables.append(name)
+            self.mapped[name] = [parquet.arrow_type(c) for c in sqle.columns(conn, *name)]
+            self.keys[name] = sqlr.primary_key(conn, *name)
+        self.exported = 0  # batches of this run that exported rows
+        self.last_page: int | None = None  # heap page of the last row the last batch took (a plain table)
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def point(self, name: str) -> None:
+        """A fault-injection point, also numbered (``export-deleted@3``: in the batch after two batches of
+        this run exported rows)."""
+        faults.checkpoint(name)
+        faults.checkpoint(f"{name}@{self.exported + 1}")
+
+    def redo_pending(self) -> None:
+        """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
+        for pending in sqle.pending_batches(self.conn, self.state, self.job.policy_key):
+            if pending.partition is not None:
+                if pg.table_columns(self.conn, *pending.partition) is None:  # dropped by hand meanwhile
+                    clear(self.store, pending, set())
+                    sqle.forget_batch(self.conn, self.state, pending.id)
+                continue  # else a detached partition: finished by the partition path
+            self.point("export-redo")
+            self.counts.redone += 1
+            self.batch(pending, retried=True)
+
+    def run(self, cutoff: datetime) -> str | None:
+        """Every matching row, walking the table's pages once; returns why it stopped early (None: done)."""
+        self.redo_pending()
+        end, density = sqlr.heap_extent(self.conn, self.target)
+        rows_per_file = self.spec.export_or_default.rows_per_file
+        pages, _ = batch_pages(rows_per_file, rows_per_file, density)
+        largest = pages * EXPLORING
+        lo = 0
+        group = cutoff.astimezone(UTC).strftime("%Y-%m-%d")
+        while lo < end:
+            if self.stop.is_set():
+                return "stopped on request after a committed batch"
+            if time.monotonic() > self.deadline:
+                return f"maxRunTime {self.spec.max_run_time} reached; next run continues"
+            hi = min(lo + pages, end)
+            pending = sqle.begin_batch(
+                self.conn,
+                self.state,
+                policy=self.job.policy_key,
+                group=group,
+                tables=self.tables,
+                run_id=self.run_id,
+                cutoff=cutoff,
+                lo=lo,
+                hi=hi,
+            )
+            moved = self.batch(pending)
+            if moved < rows_per_file:
+                lo = hi
+                pages = next_export_pages(pages, moved, rows_per_file, largest)
+            elif self.last_page is not None:
+                # Full: the range holds more. The batch took the first rows in page order, so the
+                # next one starts at the page of its last row, sized by what these pages held.
+                pages = max(1, min(largest, self.last_page + 1 - lo))
+                lo = self.last_page
+            else:  # partitions: their pages interleave; the same range again (taken rows are gone), halved
+                pages = max(1, pages // 2)
+        return None
+
+    def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
+        """One batch, retried when it gives way to the application; returns the rows it exported."""
+        self.point("export-pending")
+        failures = 0
+        while True:
+            try:
+                return self._batch(pending, retried=retried)
+            except RETRYABLE as exc:
+                failures += 1
+                if failures > RETRIES:
+                    raise
+                retried = True  # its objects may exist now
+                log.warning(
+                    "export batch %s gave way to the application (%s); retrying", pending.id, type(exc).__name__
+                )
+                self.stop.wait(0.05 * failures)
+            except (BotoCoreError, ClientError, OSError) as exc:
+                found = storage_failure(exc, self.spec)
+                if found is not None:
+                    raise found from exc
+                raise RuntimeError(f"writing the files of export batch {pending.id} failed: {exc}") from exc
+
+    def _batch(self, pending: sqle.PendingBatch, *, retried: bool) -> int:
+        target = self.target
+        assert pending.cutoff is not None and pending.lo is not None and pending.hi is not None
+        filters = dict(sqlr.predicate(target)[1])
+        params = {"cutoff": pending.cutoff, **filters, "lo": pending.lo, "hi": pending.hi}
+        root_name = (target.schema, target.table)
+        with self.conn.transaction():
+            root = sqle.lock_root(self.conn, target, params, limit=self.spec.export_or_default.rows_per_file)
+            counts = sqle.count_kept(self.conn, target, params)
+            self.point("export-locked")
+            if not root.idents:
+                if retried:
+                    clear(self.store, pending, set())
+                sqle.forget_batch(self.conn, self.state, pending.id)
+                return 0
+            locked: dict[tuple[str, str], sqle.Locked] = {root_name: root}
+            order: list[tuple[str, str]] = [root_name]
+            scans: dict[tuple[str, str], tuple[sql.Composable, bool]] = {root_name: (target.scan, target.partitioned)}
+            self._children(target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
+            # Deleted children first (a table reached by several keys: before the first of them), so no
+            # ON DELETE action finds one; the versions deleted are what the files hold. Nothing is
+            # committed before every file is written and read back.
+            for name in sorted(order, key=lambda n: max(i for i, o in enumerate(order) if o == n), reverse=True):
+                rows = locked[name]
+                scan, partitioned = scans[name]
+                exported = name in self.mapped
+                gone = sqle.delete_rows(
+                    self.conn, scan, partitioned, rows, mapped=self.mapped[name] if exported else None, name=name
+                )
+                if gone != len(rows.idents):
+                    raise RuntimeError(
+                        f"deleted {gone} of the {len(rows.idents)} locked rows of {name[0]}.{name[1]}; "
+                        "the batch is rolled back"
+                    )
+                if name != root_name:
+                    label = f"{name[0]}.{name[1]} {'exported' if exported else 'deleted'}"
+                    counts[label] = counts.get(label, 0) + gone
+            self.point("export-deleted")
+            files = []
+            for name in self.tables:
+                held = locked.get(name)
+                if held is None or not held.idents:
+                    continue
+                files.append(self._write(pending, name, held, root=name == root_name))
+            if retried:
+                clear(self.store, pending, {f.object_key for f in files})
+            self.point("export-verified")
+            sqle.finish_batch(
+                self.conn,
+                self.state,
+                batch_id=pending.id,
+                policy=self.job.policy_key,
+                files=files,
+                run_id=self.run_id,
+                counts=counts,
+            )
+            self.point("export-recorded")
+        self.point("export-committed")
+        moved = len(root.idents)
+        self.last_page = None if target.partitioned else int(root.idents[-1][1].strip("()").split(",")[0])
+        self.exported += 1
+        self.counts.files += len(files)
+        self.count(moved, counts)
+        if self.progress:
+            self.progress.advance(moved)
+        return moved
+
+    def _children(
+        self,
+        plans: tuple[ChildPlan, ...],
+        parent_scan: sql.Composable,
+        parent_partitioned: bool,
+        parents: sqle.Locked,
+        locked: dict[tuple[str, str], sqle.Locked],
+        order: list[tuple[str, str]],
+        scans: dict[tuple[str, str], tuple[sql.Composable, bool]],
+        counts: dict[str, int],
+    ) -> None:
+        """Lock the rows that reference ``parents`` and go with them, recursively; count what the
+        database's own SET NULL / SET DEFAULT will change."""
+        for plan in plans:
+            label = f"{plan.fk.schema}.{plan.fk.table}"
+            if plan.effect in ("setNull", "setDefault"):
+                n = sqle.count_children(self.conn, plan, parent_scan, parent_partitioned, parents)
+                if n:
+                    counts[f"{label} {plan.effect}"] = counts.get(f"{label} {plan.effect}", 0) + n
+                continue
+            if not plan.removes:
+                continue  # skipParent: such parents were not taken
+            name = plan.fk.child
+            into = locked.setdefault(name, sqle.Locked())
+            found = sqle.lock_children(self.conn, plan, parent_scan, parent_partitioned, parents, into)
+            order.append(name)
+            scans[name] = (plan.scan, plan.partitioned)
+            if found and plan.children:
+                self._children(
+                    plan.children, plan.scan, plan.partitioned, sqle.Locked(idents=found), locked, order, scans, counts
+                )
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _write(
+        self, pending: sqle.PendingBatch, name: tuple[str, str], rows: sqle.Locked, *, root: bool
+    ) -> sqle.FileRecord:
+        """The table's rows of this batch as a verified file and manifest."""
+        mapped = self.mapped[name]
+        fingerprint = parquet.fingerprint(mapped)
+        meta = {"source": f"{name[0]}.{name[1]}", "fingerprint": fingerprint, "batch": str(pending.id)}
+        table = parquet.to_table(mapped, rows.rows, meta)
+        data = parquet.write(table)
+        sha = parquet.sha256(data)
+        key = parquet.file_key(name[0], name[1], pending.group, pending.stem)
+        names = [m.name for m in mapped]
+        keys = self.keys[name]
+        key_min = key_max = None
+        if keys:
+            idx = [names.index(k) for k in keys]
+            key_min = [jsonable(rows.rows[0][i]) for i in idx]
+            key_max = [jsonable(rows.rows[-1][i]) for i in idx]
+        age_min = age_max = None
+        age_column = self.target.age_column if root else None
+        if age_column is not None:
+            ages = [a for a in (instant(r[names.index(age_column)]) for r in rows.rows) if a is not None]
+            age_min, age_max = (min(ages), max(ages)) if ages else (None, None)
+        record = sqle.FileRecord(
+            source_schema=name[0],
+            source_table=name[1],
+            root=root,
+            object_key=key,
+            manifest_key=parquet.manifest_key(key),
+            location=self.store.location(key),
+            destination=self.destination,
+            rows=len(rows.rows),
+            bytes=len(data),
+            sha256=sha,
+            fingerprint=fingerprint,
+            row_bytes=rows.row_bytes,
+            key_columns=keys,
+            key_min=key_min,
+            key_max=key_max,
+            age_column=age_column,
+            age_min=age_min,
+            age_max=age_max,
+            cutoff=pending.cutoff,
+            partition_name=pending.partition[1] if pending.partition else None,
+        )
+        place(
+            self.store,
+            key,
+            data,
+            size=len(data),
+            sha=sha,
+            rows=len(rows.rows),
+            content_type=PARQUET_TYPE,
+            counts=self.counts,
+        )
+        self.point("export-written")
+        columns = [[m.name, m.column.type, str(m.arrow)] for m in mapped]
+        write_manifest(
+            self.store, record, policy=self.job.policy_key, batch=pending.id, columns=columns, counts=self.counts
+        )
+        self.point("export-manifest")
+        return record
