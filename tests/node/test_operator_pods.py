@@ -108,6 +108,25 @@ def wait_ready(k: Kubectl, kind: str, name: str, selector: str, want: int, timeo
     raise AssertionError(f"{kind}/{name}: not {want} ready after {timeout}s\n{pod_story(k, selector)}")
 
 
+def wait_all_ready(k: Kubectl, kind: str, operator: Kubectl, timeout: float = 300) -> None:
+    """Until every object of a kind is Ready; on timeout, fail with their conditions and the stories of
+    the pods pgscale made in the namespace (a broken pod spec shows as the pod's own error) and of the
+    operator."""
+    deadline = time.monotonic() + timeout
+    items: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        items = json.loads(k.run("get", kind, "-o", "json"))["items"]
+        conds = [{c["type"]: c for c in (o.get("status") or {}).get("conditions") or []} for o in items]
+        if items and all((c.get("Ready") or {}).get("status") == "True" for c in conds):
+            return
+        time.sleep(2)
+    states = {o["metadata"]["name"]: (o.get("status") or {}).get("conditions") for o in items}
+    raise AssertionError(
+        f"{kind}: not all Ready after {timeout}s: {json.dumps(states)[:2000]}\n"
+        f"{pod_story(k, 'app.kubernetes.io/managed-by=pgscale')}\n{operator_story(operator)}"
+    )
+
+
 def ready(pod: dict[str, Any]) -> bool:
     conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
     return pod.get("status", {}).get("phase") == "Running" and conds.get("Ready") == "True"
@@ -168,7 +187,7 @@ def test_examples_become_ready_with_jobs_in_pods(
                 doc["spec"]["destination"]["s3"]["endpoint"] = node_s3.endpoint
         app.run("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     for kind in ("databaseprofile", "partitionpolicy", "retentionpolicy", "filemigration"):
-        app.run("wait", "--for=condition=Ready", kind, "--all", "--timeout=300s")
+        wait_all_ready(app, kind, operator_release)
     fm = app.get("filemigration", "files-to-s3")
     # Ready comes from the ledger the Job writes; the pod exits right after its last row.
     app.wait("job", fm["status"]["jobName"], "Complete", timeout=120)
