@@ -103,6 +103,9 @@ def node_bin() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+MIN_FREE_BYTES = 4 * 2**30
+
+
 def unsupported() -> str | None:
     """Why this machine cannot run the node, or None when it can."""
     if os.geteuid() != 0:
@@ -216,6 +219,15 @@ class Node:
             raise RuntimeError(f"cannot run the node here: {reason}")
         if self._lock is not None:
             raise RuntimeError("the node is running already")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if free < MIN_FREE_BYTES:
+            # Seen on a shared machine: with the disk nearly full the kubelet's eviction manager deletes
+            # "unused" images (the pause image among them) and pods hang in ContainerCreating.
+            raise RuntimeError(
+                f"only {free / 2**30:.1f} GiB free under {self.dir}; the node needs {MIN_FREE_BYTES / 2**30:.0f} GiB "
+                "(images, volumes, pod logs): free some space first"
+            )
         t0 = time.monotonic()
         self.timings = {}
         self._take_lock()
