@@ -258,7 +258,7 @@ class Exporter:
             self.point("export-recorded")
         self.point("export-committed")
         moved = len(root.idents)
-        self.last_page = None if target.partitioned else int(root.idents[-1][1].strip("()").split(",")[0])
+        self.last_page = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
         self.exported += 1
         self.counts.files += len(files)
         self.count(moved, counts)
