@@ -65,7 +65,26 @@ def from_env(environ: dict[str, str] | None = None) -> JobInput | None:
 
 
 def from_api(kind: Kind, namespace: str, name: str) -> JobInput:
-    """The input read through the Kubernetes API (running by hand)."""
+    """The input read through the Kubernetes API (running by hand); a refusal is one clear line, not a
+    traceback (seen on the node: a pod whose spec lost PGSCALE_JOB_INPUT fell back to the API as its
+    ServiceAccount and crashed with a 403)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return _from_api(kind, namespace, name)
+    except ApiException as exc:
+        if exc.status not in (401, 403):
+            raise
+        raise DependencyError(
+            f"no {ENV_JOB_INPUT} in the environment, and reading {kind.plural} {namespace}/{name} through the "
+            f"Kubernetes API was refused ({exc.status} {exc.reason}). In a pod pgscale created the input is in "
+            f"{ENV_JOB_INPUT}: its absence means the pod spec was changed; by hand, the identity needs get on "
+            f"{kind.plural}, databaseprofiles and secrets in {namespace}",
+            reason="Forbidden",
+        ) from exc
+
+
+def _from_api(kind: Kind, namespace: str, name: str) -> JobInput:
     from ..kube import Kube, load_config
 
     load_config()
