@@ -302,6 +302,9 @@ def test_pooler_and_replicas_serve_pods(
     assert lines[-1] == "t", out
     counts = [line for line in lines if line.isdigit()]
     assert counts and int(counts[-1]) > 0, out
+    # What `kubectl get pods -A` shows with everything up (printed for the record: run with -s to see it).
+    columns = "NAMESPACE:.metadata.namespace,NAME:.metadata.name,STATUS:.status.phase,IMAGE:.spec.containers[0].image"
+    print("\n" + app.cp.kubectl_run("get", "pods", "-A", "-o", f"custom-columns={columns}").stdout)
     app.run(
         "patch",
         "databaseprofile",
