@@ -5,10 +5,11 @@ No registry is reachable, so nothing of CloudNativePG is pulled:
 - the manager binary is `go build ./cmd/manager` of the pinned module (static, CGO off), in the
   module's own directory (its go.mod and go.sum: its k8s.io modules are v0.35, not hack/k8s's
   v0.34, so the build shares only the Go toolchain's cache with the node's binaries);
-- the operator image OPERATOR_IMAGE is that binary alone at /manager, as in CloudNativePG's
-  image: the Deployment runs `/manager controller`, and every instance Pod's init container
-  `bootstrap-controller` runs `/manager bootstrap /controller/manager` from the same image to copy
-  the instance manager into the Pod;
+- the operator image (operator_image()) is that binary alone, laid out as in CloudNativePG's
+  image (its Dockerfile): operator/manager_<GOARCH> and /manager linking to it. The Deployment
+  runs `/manager controller`; every instance Pod's init container `bootstrap-controller` runs
+  `/manager bootstrap /controller/manager` from the same image to copy the instance manager
+  into the Pod;
 - the operand image is pgscale's `postgres:15` (hack/images.py: Debian's postgresql-15, binaries on
   PATH, uid/gid 999): CloudNativePG reads the major version from the tag, runs `initdb`, `pg_ctl`,
   `pg_controldata`, `pg_basebackup` and `pg_rewind` from PATH, and takes the uid and gid from the
@@ -16,8 +17,8 @@ No registry is reachable, so nothing of CloudNativePG is pulled:
   refuses a uid without a name);
 - the manifests are the module's `config/default` rendered by the control plane's
   `kubectl kustomize` (CRDs, RBAC, webhook Service and configurations, the Deployment), with the
-  Deployment's image set to OPERATOR_IMAGE, never pulled, and its CPU limit dropped (100m makes its
-  start slower than its own startup probe allows on a loaded 2-core machine).
+  Deployment's image set to operator_image(), never pulled, and its CPU limit (100m) dropped so
+  a loaded 2-core machine does not throttle it (its memory limit stays).
 
 The webhooks work as in any cluster: the operator makes its own CA and certificate and injects
 it into the webhook configurations; the API server on the host reaches the webhook Service's
@@ -81,6 +82,10 @@ def module_dir() -> Path:
     return Path(out.stdout.strip())
 
 
+def _goarch() -> str:
+    return subprocess.run(["go", "env", "GOARCH"], check=True, capture_output=True, text=True).stdout.strip()
+
+
 def _go_version() -> str:
     out = subprocess.run(["go", "env", "GOVERSION", "GOARCH"], check=True, capture_output=True, text=True)
     return " ".join(out.stdout.split())
@@ -122,22 +127,27 @@ def manager_binary() -> Path:
 
 
 def operator_archive() -> Path:
-    """The operator image (the manager at /manager) as an OCI archive, cached by the binary's content."""
+    """The operator image as an OCI archive, cached by the binary's content."""
     binary = manager_binary()
     name = operator_image()
-    digest = hashlib.sha256(binary.read_bytes() + f"{name} {ociarchive.FORMAT_VERSION}".encode()).hexdigest()[:16]
-    out = CACHE / version() / f"operator-{digest}.tar"
+    layout = "operator/manager_<arch>, /manager link, 65532"  # change it when the image's layout changes
+    digest = hashlib.sha256(binary.read_bytes() + f"{name} {layout} {ociarchive.FORMAT_VERSION}".encode())
+    digest_hex = digest.hexdigest()[:16]
+    out = CACHE / version() / f"operator-{digest_hex}.tar"
     with _locked():
         if out.exists():
             return out
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             rootfs = Path(tmp) / "rootfs"
             rootfs.mkdir()
-            shutil.copy2(binary, rootfs / "manager")
-            (rootfs / "tmp").mkdir()
-            (rootfs / "tmp").chmod(0o1777)
+            # CloudNativePG's layout: operator/manager_<GOARCH> (the operator lists the architectures
+            # it can run instances on from that glob, relative to /) and /manager linking to it.
+            arch = _goarch()
+            (rootfs / "operator").mkdir()
+            shutil.copy2(binary, rootfs / "operator" / f"manager_{arch}")
+            (rootfs / "manager").symlink_to(f"operator/manager_{arch}")
             ociarchive.write_oci_archive(
-                rootfs, Path(tmp) / "image.tar", name, entrypoint=["/manager"], user="10001:10001"
+                rootfs, Path(tmp) / "image.tar", name, entrypoint=["/manager"], user="65532:65532", workdir="/"
             )
             (Path(tmp) / "image.tar").rename(out)
         return out
