@@ -33,6 +33,7 @@ from conftest import Kubectl, wait_until
 pytestmark = [
     pytest.mark.node,
     pytest.mark.cluster,
+    pytest.mark.timeout(1800),  # a cold run builds CloudNativePG's manager first (about 7 minutes here)
     pytest.mark.skipif(
         os.environ.get("PGSCALE_CNPG_OPERATOR") != "1",
         reason="CloudNativePG's operator on the node is opt-in (its first build takes minutes): "
