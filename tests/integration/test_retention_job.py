@@ -232,7 +232,9 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-    spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100}
+    # 20 ms between batches: a run lasts about a second, so the poller sees it mid-run even when a
+    # busy machine starves it for a few hundred milliseconds (a whole run was missed once).
+    spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100, "pauseBetweenBatches": "20ms"}
     cron = builders.cron_job(
         owner,
         suffix="retention",
