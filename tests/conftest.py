@@ -4,6 +4,10 @@ Unit tests (tests/unit) use none of them. Everything else gets a real
 kube-apiserver with controller-manager, a real PostgreSQL server, a real
 S3-compatible server and the operator as a subprocess; each test gets its own
 namespace and database.
+
+The PostgreSQL version is Debian's 15 unless `--pg-version N` (or PGSCALE_PG_VERSION=N) picks
+another of hack/postgres-versions.txt; tests marked `debian_pg15` (pg_cron, pg_partman, the
+client programs) are skipped then, with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +34,46 @@ sys.path.insert(0, str(ROOT / "hack"))
 import localenv  # noqa: E402
 
 import node as nodemod  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-version",
+        type=int,
+        default=None,
+        help="PostgreSQL major version of the servers the tests start (sets PGSCALE_PG_VERSION; default: "
+        f"Debian's {localenv.DEBIAN_MAJOR}; one of {', '.join(map(str, localenv.postgres_majors()))})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    version = config.getoption("--pg-version")
+    if version is not None:
+        os.environ["PGSCALE_PG_VERSION"] = str(version)  # the harness and the processes it starts read it
+    try:
+        localenv.selected_major()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    major = localenv.selected_major()
+    if major == localenv.DEBIAN_MAJOR:
+        return f"PostgreSQL {major}: Debian's ({localenv.PG_BIN})"
+    return f"PostgreSQL {major}: {localenv.PG_PACKAGE}@{localenv.postgres_pins()[major].version}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    major = localenv.selected_major()
+    if major == localenv.DEBIAN_MAJOR:
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs Debian's PostgreSQL {localenv.DEBIAN_MAJOR} (pg_cron, pg_partman or its client programs); "
+        f"this run is on {major}"
+    )
+    for item in items:
+        if item.get_closest_marker("debian_pg15"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -118,7 +118,10 @@ def test_strategy_settings_applied_kept_and_reported(
         json.dumps([{"op": "replace", "path": "/spec/parameters", "value": spec_params}]),
     )
     kubectl.wait("databaseprofile", "app", "Ready")
-    wait(kubectl, lambda o: show(server, "effective_io_concurrency") == "1")
+    with psycopg.connect(server.dsn()) as conn:  # 1 before PostgreSQL 18, 16 since
+        default = scalar(conn, "SELECT boot_val FROM pg_settings WHERE name = 'effective_io_concurrency'")
+    assert default == ("16" if server.major >= 18 else "1")
+    wait(kubectl, lambda o: show(server, "effective_io_concurrency") == default)
     assert show(server, "work_mem") == "4MB"
 
 

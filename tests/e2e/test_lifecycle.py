@@ -22,7 +22,7 @@ def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype), None)
 
 
-def test_examples_reach_ready(operator: Any, kubectl: Kubectl, app_secret: str) -> None:
+def test_examples_reach_ready(operator: Any, kubectl: Kubectl, postgres: Any, app_secret: str) -> None:
     kubectl.secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     for example in EXAMPLES:
         kubectl.run("apply", "-f", str(ROOT / "examples" / example))
@@ -37,7 +37,7 @@ def test_examples_reach_ready(operator: Any, kubectl: Kubectl, app_secret: str) 
             assert not obj["metadata"].get("finalizers")
             assert not any("kopf" in a for a in obj["metadata"].get("annotations", {}))
     profile = kubectl.get("databaseprofile", "app")
-    assert profile["status"]["serverVersion"].startswith("15.")
+    assert profile["status"]["serverVersion"].startswith(f"{postgres.major}.")
     cron = kubectl.get("cronjob", "archive-completed-tasks-retention")
     assert cron["spec"]["schedule"] == "0 2 1 * *"
     assert cron["metadata"]["ownerReferences"][0]["kind"] == "RetentionPolicy"

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import ROOT, Kubectl, run_container, scalar, seed_tasks
+from conftest import ROOT, Kubectl, load_example, run_container, scalar, seed_tasks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -99,6 +99,7 @@ def test_dry_run_reports_without_moving(
     assert obj["status"]["lastRun"]["rowsMatched"] == expected
 
 
+@pytest.mark.debian_pg15
 def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
     operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
 ) -> None:
@@ -158,6 +159,7 @@ def test_pg_cron_scheduler_runs_the_same_batches_and_cleans_up(
         assert scalar(cron, "SELECT count(*) FROM cron.job WHERE jobid = %s", (job[0],)) == 0
 
 
+@pytest.mark.debian_pg15
 def test_switching_scheduler_moves_the_schedule(
     operator: Any, kubectl: Kubectl, postgres: Any, database: str, app_secret: str
 ) -> None:
@@ -247,3 +249,19 @@ def test_referenced_table_stalls_until_children_is_set(
         assert scalar(conn, "SELECT to_regclass('\"Message_archive\"')") is not None
         events = json.loads(kubectl.run("get", "events", "-o", "json"))["items"]
         assert any(e["reason"] == "ArchiveTableCreated" and "Message_archive" in e["message"] for e in events)
+
+
+def test_pg_cron_not_loaded_is_named(operator: Any, kubectl: Kubectl, postgres: Any, app_secret: str) -> None:
+    """A server without pg_cron (the npm package's servers of the version matrix) stalls a pg_cron
+    policy with PgCronNotAvailable and the fix; nothing is scheduled."""
+    if postgres.pg_cron:
+        pytest.skip("Debian's PostgreSQL 15 loads pg_cron; the other versions' servers do not")
+    kubectl.run("apply", "-f", str(ROOT / "examples" / "databaseprofile.yaml"))
+    policy = next(d for d in load_example("retentionpolicy.yaml") if d["kind"] == "RetentionPolicy")
+    policy["spec"] |= {"scheduler": "pg_cron", "timeZone": "UTC"}
+    kubectl.apply(policy)
+    name = policy["metadata"]["name"]
+    kubectl.wait("retentionpolicy", name, "Stalled")
+    stalled = next(c for c in kubectl.get("rp", name)["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "PgCronNotAvailable", stalled
+    assert "pg_cron is not loaded" in stalled["message"] and "spec.scheduler: cronjob" in stalled["message"]

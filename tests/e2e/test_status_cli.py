@@ -76,7 +76,8 @@ def test_status_names_resources_and_states(
     views = tables(result.stdout)
     head = next(h for h in views if h.startswith(f"DatabaseProfile {ns}/app: "))
     assert head.startswith(
-        f"DatabaseProfile {ns}/app: postgres@{postgres.host}:{postgres.port}/{database} (Secret app-db), PostgreSQL 15."
+        f"DatabaseProfile {ns}/app: postgres@{postgres.host}:{postgres.port}/{database} (Secret app-db), "
+        f"PostgreSQL {postgres.major}."
     )
     rows = {(r["KIND"], r["NAME"]): r for r in views[head]}
     assert list(rows) == [
@@ -91,7 +92,7 @@ def test_status_names_resources_and_states(
         ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
         assert row["READY"] == ready["status"], row
         assert row["STATE"] == ("Failed" if key[1] == "typo" else "Current"), row
-    assert rows[("DatabaseProfile", "app")]["PROGRESS"].startswith("PostgreSQL 15.")
+    assert rows[("DatabaseProfile", "app")]["PROGRESS"].startswith(f"PostgreSQL {postgres.major}.")
     assert rows[("PartitionPolicy", "typo")]["REASON"] == "TableNotFound"
     assert 'spec.table: table "public"."task" does not exist' in rows[("PartitionPolicy", "typo")]["MESSAGE"]
     assert rows[("RetentionPolicy", "archive-completed-tasks")]["REASON"] == "Scheduled"

@@ -23,7 +23,9 @@ from pgscale.monitoring import ProfileCollector
 from pgscale.pg import replication, stats
 from pgscale.specs import replicas
 
-pytestmark = pytest.mark.postgres
+# pg_basebackup and a second server of the primary's version: Debian's client programs (the other
+# versions' package ships only the server).
+pytestmark = [pytest.mark.postgres, pytest.mark.debian_pg15]
 
 
 def test_bootstrap_makes_a_streaming_standby(postgres: Any, database: str, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import kill_after_batches, run_container, scalar, seed_tasks, start_container
+from conftest import kill_after_batches, run_container, scalar, seed_tasks, start_container, wait_until
 from pgscale.api.databaseprofile import DatabaseProfileSpec
 from pgscale.jobs import JobInput
 from pgscale.jobs.retention import run
@@ -232,7 +232,9 @@ def test_killed_job_resumes_without_loss_or_duplicates(postgres: Any, database: 
     expected = {r[0] for r in conn.execute(f'SELECT id FROM "Task" WHERE {PREDICATE}').fetchall()}
     owner = ObjectRef("pgscale.io/v1alpha1", "RetentionPolicy", "ns", "archive-tasks", "uid")
     profile = DatabaseProfileSpec.model_validate({"connection": {"secretRef": {"name": "app-db"}}})
-    spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100}
+    # 20 ms between batches: a run lasts about a second, so the poller sees it mid-run even when a
+    # busy machine starves it for a few hundred milliseconds (a whole run was missed once).
+    spec = {**SPEC, "batchSize": 100, "maxBatchSize": 100, "pauseBetweenBatches": "20ms"}
     cron = builders.cron_job(
         owner,
         suffix="retention",
@@ -276,7 +278,9 @@ def test_one_run_at_a_time_and_dead_runs_are_recognised(postgres: Any, database:
         assert skipped.outcome == "Skipped" and skipped.run_id is None
         other.execute("INSERT INTO pgscale.retention_runs (policy) VALUES ('ns/archive-tasks')")
         assert sqlr.mark_interrupted(conn, "pgscale", "ns/archive-tasks") == 0  # its lock is held: alive
-    # The session is gone (killed): its Running row is recognised as interrupted.
+    # The session is gone (killed): its Running row is recognised as interrupted, once its backend has
+    # exited and so released the lock (after the client's close returns: seen on a busy machine).
+    wait_until(lambda: not sqlr.run_lock_held(conn, "ns/archive-tasks"), timeout=30, what="the lock released")
     assert sqlr.mark_interrupted(conn, "pgscale", "ns/archive-tasks") == 1
     last = conn.execute("SELECT outcome, message FROM pgscale.retention_runs ORDER BY id DESC LIMIT 1").fetchone()
     assert last is not None and last[0] == "Failed" and last[1].startswith("interrupted")

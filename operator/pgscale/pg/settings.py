@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from ..errors import DependencyError
 from . import ensure_state_table, table_columns
 from .connection import ConnInfo
 
@@ -173,11 +174,31 @@ def same(s: Setting | None, a: str | None, b: str | None) -> bool:
 
 
 def alter_system(conn: psycopg.Connection, name: str, value: str | None) -> None:
-    """ALTER SYSTEM SET (or RESET when value is None); the name and value are never spliced."""
+    """ALTER SYSTEM SET (or RESET when value is None); the name and value are never spliced.
+
+    PostgreSQL 17+ refuses every ALTER SYSTEM when allow_alter_system is off (CloudNativePG's
+    default): a DependencyError saying so, raised at the first statement, so nothing was written."""
     if value is None:
-        conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(_name(name)))
+        statement = sql.SQL("ALTER SYSTEM RESET {}").format(_name(name))
     else:
-        conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(_name(name), sql.Literal(value)))
+        statement = sql.SQL("ALTER SYSTEM SET {} = {}").format(_name(name), sql.Literal(value))
+    try:
+        conn.execute(statement)
+    except psycopg.errors.FeatureNotSupported as exc:
+        if not alter_system_disabled(conn):
+            raise
+        raise DependencyError(
+            f"the server refuses ALTER SYSTEM ({str(exc).strip()}: allow_alter_system = off); set "
+            "allow_alter_system = on in its postgresql.conf, or let spec.settings.method pick another way "
+            "(database, or cloudnativepg for a CloudNativePG Cluster)",
+            reason="AlterSystemDisabled",
+        ) from exc
+
+
+def alter_system_disabled(conn: psycopg.Connection) -> bool:
+    """Whether the server has ALTER SYSTEM turned off (allow_alter_system, PostgreSQL 17+; absent before)."""
+    row = conn.execute("SELECT current_setting('allow_alter_system', true)").fetchone()
+    return row is not None and row[0] == "off"
 
 
 def reload(conn: psycopg.Connection, wait_seconds: float = 5.0) -> None:
