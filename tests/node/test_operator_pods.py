@@ -530,7 +530,8 @@ def test_file_migration_survives_its_pods_deleted(
         out, _ = follow.communicate(timeout=120)
     finally:
         follow.kill()
-    report = out.strip().splitlines()[-1] if out.strip() else ""
+    # The report is the last JSON line; a progress line (stderr) may come after it.
+    report = next((line for line in reversed(out.splitlines()) if '"outcome"' in line), "")
     note(f"pod {victim} exited; its last line: {report[:400]}")
     assert '"outcome": "Succeeded"' in report, f"the deleted pod's log ends with: {out[-2000:]}"
 

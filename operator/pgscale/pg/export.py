@@ -233,30 +233,7 @@ def finish_batch(
     )
     if cur.rowcount != 1:
         raise RuntimeError(f"export batch {batch_id} is no longer pending; its rows stay in the table")
-    names = [
-        "batch_id",
-        "policy",
-        "source_schema",
-        "source_table",
-        "root",
-        "object_key",
-        "manifest_key",
-        "location",
-        "destination",
-        "rows",
-        "bytes",
-        "sha256",
-        "fingerprint",
-        "row_bytes",
-        "key_columns",
-        "key_min",
-        "key_max",
-        "age_column",
-        "age_min",
-        "age_max",
-        "cutoff",
-        "partition_name",
-    ]
+    names = RECORDED_COLUMNS
     statement = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
         files_table(state_schema),
         sql.SQL(", ").join(sql.Identifier(n) for n in names),
@@ -524,8 +501,8 @@ def totals(conn: psycopg.Connection, state_schema: str, policy: str) -> Totals:
     return Totals(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], row[5], int(row[6]), row[7])
 
 
-FILE_COLUMNS = (
-    "id",
+# What a batch records for each file it wrote; the table adds id, created_at and the restore columns.
+RECORDED_COLUMNS = (
     "batch_id",
     "policy",
     "source_schema",
@@ -548,10 +525,8 @@ FILE_COLUMNS = (
     "age_max",
     "cutoff",
     "partition_name",
-    "created_at",
-    "restored_at",
-    "restored_into",
 )
+FILE_COLUMNS = ("id", *RECORDED_COLUMNS, "created_at", "restored_at", "restored_into")
 
 
 def list_files(
