@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -31,3 +35,12 @@ def latency_ms(latencies: list[float]) -> tuple[float, float, float]:
         round(lat[int(len(lat) * 0.99) - 1] * 1000, 2),
         round(lat[-1] * 1000, 1),
     )
+
+
+def run_child(
+    script: str, contender: str, dsn: dict[str, Any], endpoint: str, bucket: str, *extra: str
+) -> dict[str, Any]:
+    """Run one contender in a fresh Python process (its own peak RSS) and return the JSON line it prints last."""
+    args = ["--child", contender, "--dsn", json.dumps(dsn), "--endpoint", endpoint, "--bucket", bucket, *extra]
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))

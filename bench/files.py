@@ -22,7 +22,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
 import localenv  # noqa: E402
+
+from common import run_child  # noqa: E402
 
 MiB = 1024 * 1024
 CONCURRENCY = 4
@@ -145,24 +146,7 @@ def measure(contender: str, pg: localenv.Postgres, db: str, endpoint: str) -> di
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     client(endpoint).create_bucket(Bucket=bucket)
     dsn = {"host": pg.host, "port": pg.port, "dbname": db, "user": "postgres", "password": pg.PASSWORD}
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            contender,
-            "--dsn",
-            json.dumps(dsn),
-            "--endpoint",
-            endpoint,
-            "--bucket",
-            bucket,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return run_child(__file__, contender, dsn, endpoint, bucket)
 
 
 def main() -> int:
