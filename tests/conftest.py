@@ -401,6 +401,21 @@ def scalar(conn: psycopg.Connection, query: str, params: Any = None) -> Any:
     return row[0] if row else None
 
 
+def s3_user(endpoint: str, name: str, actions: list[str]) -> dict[str, str]:
+    """A user of a moto server that checks permissions, allowed `actions` on every resource: its keys, as
+    the AWS_* variables of a credentials Secret (three requests, counted by S3Server's authenticated_after)."""
+    import boto3
+
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup"
+    )
+    iam.create_user(UserName=name)
+    document = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+    iam.put_user_policy(UserName=name, PolicyName=f"{name}-policy", PolicyDocument=json.dumps(document))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
 def seed_tasks(conn: psycopg.Connection, n: int) -> None:
     """n tasks over two years; a third pending, the rest completed an hour after creation."""
     conn.execute(

@@ -21,7 +21,7 @@ import localenv
 import psycopg
 import pytest
 
-from conftest import ROOT, Kubectl, run_container, scalar, seed_tasks
+from conftest import ROOT, Kubectl, run_container, s3_user, scalar, seed_tasks
 from pgscale.storage import s3_client
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.s3]
@@ -197,40 +197,11 @@ def test_a_bucket_that_cannot_take_files_stalls_naming_the_field(
     app_secret: str,
     locked_s3: Any,
 ) -> None:
-    import boto3
-
-    iam = boto3.client(
-        "iam",
-        endpoint_url=locked_s3.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="setup",
-        aws_secret_access_key="setup",
-    )
     s3_client(locked_s3.endpoint, "us-east-1", "setup", "setup", True).create_bucket(Bucket="locked")
-    iam.create_user(UserName="reader")
-    iam.put_user_policy(
-        UserName="reader",
-        PolicyName="read-only",
-        PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "*"}]}
-        ),
-    )
-    reader = iam.create_access_key(UserName="reader")["AccessKey"]
-    iam.create_user(UserName="writer")
-    iam.put_user_policy(
-        UserName="writer",
-        PolicyName="all",
-        PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": "*"}]}
-        ),
-    )
-    writer = iam.create_access_key(UserName="writer")["AccessKey"]
-    kubectl.secret(
-        "writer", {"AWS_ACCESS_KEY_ID": writer["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": writer["SecretAccessKey"]}
-    )
-    kubectl.secret(
-        "reader", {"AWS_ACCESS_KEY_ID": reader["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": reader["SecretAccessKey"]}
-    )
+    reader = s3_user(locked_s3.endpoint, "reader", ["s3:GetObject"])
+    writer = s3_user(locked_s3.endpoint, "writer", ["s3:*"])
+    kubectl.secret("writer", writer)
+    kubectl.secret("reader", reader)
     kubectl.secret("wrong", {"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG", "AWS_SECRET_ACCESS_KEY": "nope"})
     with psycopg.connect(postgres.dsn(database), autocommit=True) as conn:
         seed_tasks(conn, 600)
@@ -267,7 +238,7 @@ def test_a_bucket_that_cannot_take_files_stalls_naming_the_field(
             kubectl.wait("retentionpolicy", name, "Stalled", timeout=120)
             stalled = next(c for c in kubectl.get("rp", name)["status"]["conditions"] if c["type"] == "Stalled")
             assert stalled["message"].startswith(field) and stalled["reason"] == reason, stalled
-            assert reader["SecretAccessKey"] not in stalled["message"]
+            assert reader["AWS_SECRET_ACCESS_KEY"] not in stalled["message"]
         # No CronJob was made for them, and no row moved.
         assert kubectl.run("get", "cronjobs", "-o", "name").split() == ["cronjob.batch/works-retention"]
         assert scalar(conn, 'SELECT count(*) FROM "Task"') == before

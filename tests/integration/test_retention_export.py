@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from localenv import free_port
 
-from conftest import scalar, seed_tasks
+from conftest import s3_user, scalar, seed_tasks
 from pgscale import archive, parquet
 from pgscale.api.retentionpolicy import RetentionPolicySpec
 from pgscale.jobs import JobInput
@@ -412,26 +412,8 @@ def locked_s3(workdir: Path) -> Any:
 def test_a_run_that_cannot_write_deletes_nothing_and_names_the_field(
     postgres: Any, database: str, conn: psycopg.Connection, locked_s3: Any
 ) -> None:
-    import boto3
-
-    iam = boto3.client(
-        "iam",
-        endpoint_url=locked_s3.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="setup",
-        aws_secret_access_key="setup",
-    )
     s3_client(locked_s3.endpoint, "us-east-1", "setup", "setup", True).create_bucket(Bucket="locked")
-    iam.create_user(UserName="reader")
-    iam.put_user_policy(
-        UserName="reader",
-        PolicyName="read-only",
-        PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "*"}]}
-        ),
-    )
-    key = iam.create_access_key(UserName="reader")["AccessKey"]
-    reader = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    reader = s3_user(locked_s3.endpoint, "reader", ["s3:GetObject"])
     seed_tasks(conn, 1500)
     before = conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()
     cases = [
@@ -450,7 +432,7 @@ def test_a_run_that_cannot_write_deletes_nothing_and_names_the_field(
         store = open_store(RetentionPolicySpec.model_validate(spec).export_or_default.destination, env, attempts=1)
         report = run(job_for(postgres, database, spec), store=store)
         assert report.outcome == "Failed" and report.message.startswith(field), report.message
-        assert "no row was deleted" in report.message and key["SecretAccessKey"] not in report.message
+        assert "no row was deleted" in report.message and reader["AWS_SECRET_ACCESS_KEY"] not in report.message
         assert conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall() == before
     assert scalar(conn, "SELECT count(*) FROM pgscale.export_files") == 0
 
