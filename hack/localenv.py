@@ -32,12 +32,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -746,8 +747,19 @@ def main() -> int:
         nodemod.clear_stale()  # a node that died without stopping may have mounts under workdir
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    try:
+        _up(workdir, nodemod=nodemod if args.node else None)
+    except KeyboardInterrupt:  # the cleanup ran; a stop before "Ctrl-C stops everything" is an interrupted start
+        return 0 if _READY.is_set() else 130
+
+
+_READY = threading.Event()
+
+
+def _up(workdir: Path, *, nodemod: Any) -> NoReturn:
+    """Everything running until a signal ends it: a signal may land anywhere, even between two prints."""
     with environment(workdir) as (cp, pgs, s3, op):
-        running = nodemod.Node(workdir, cp).start() if args.node else None
+        running = nodemod.Node(workdir, cp).start() if nodemod else None
         try:
             print(f"export KUBECONFIG={cp.kubeconfig}")
             print(f"# postgres: {pgs.uri()}\n# s3: {s3.endpoint}\n# operator log: {op.log if op else '-'}")
@@ -755,13 +767,13 @@ def main() -> int:
                 print(f"# node {nodemod.NODE_NAME} Ready at {nodemod.NODE_IP}: pods {nodemod.POD_CIDR}, Services "
                       f"{nodemod.SERVICE_CIDR}, DNS {nodemod.DNS_IP}; the host is {nodemod.HOST_IP} for pods; "
                       f"logs {running.logs}")  # fmt: skip
+            _READY.set()
             print("# Ctrl-C stops everything", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
+            while True:
                 signal.pause()
         finally:
             if running:
                 running.stop()
-    return 0
 
 
 if __name__ == "__main__":
