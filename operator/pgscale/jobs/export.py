@@ -17,14 +17,22 @@ pending batches under their own keys: an object that already holds exactly the r
 reused (read back again), one that holds other rows (they changed) is replaced, and keys
 of tables that now have no rows are cleared. Such an object never held the only copy of a
 row. Files of done batches are never touched.
+
+Given a second connection, batches overlap: while one batch's files are written, uploaded
+and read back (Python and the object store), the next batch's rows are locked and deleted
+on the other connection (the database). Each batch is still its own transaction, and
+batches commit in order; a batch taken while the one before it fails is rolled back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psycopg
@@ -57,6 +65,21 @@ RETRYABLE = (
 )
 
 
+@dataclass
+class Taken:
+    """A batch between its DELETE and its commit: its rows deleted (not yet committed), its files
+    not yet written; ``tx`` holds its open transaction."""
+
+    pending: sqle.PendingBatch
+    conn: psycopg.Connection
+    tx: contextlib.ExitStack
+    root: sqle.Locked
+    locked: dict[tuple[str, str], sqle.Locked]
+    counts: dict[str, int]
+    retried: bool
+    last_page: int | None  # heap page of the last row the batch took (a plain table): where the next starts
+
+
 def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
     """A storage failure as the spec field to fix (None: not a known one)."""
     found = problem(exc, spec.export_or_default.destination, "export.destination")
@@ -82,8 +105,10 @@ class Exporter:
         deadline: float,
         progress: Progress | None = None,
         count: Callable[[int, dict[str, int]], None] | None = None,
+        second: psycopg.Connection | None = None,
     ) -> None:
         self.conn = conn
+        self.second = second  # a second session with the same settings: batches overlap (module docstring)
         self.job = job
         self.spec = spec
         self.target = target
@@ -128,6 +153,7 @@ class Exporter:
 
     def redo_pending(self) -> None:
         """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
+        sqle.fold_tallies(self.conn, self.state)  # a killed run's last batch, if it died before folding
         for pending in sqle.pending_batches(self.conn, self.state, self.job.policy_key):
             if pending.partition is not None:
                 if pg.table_columns(self.conn, *pending.partition) is None:  # dropped by hand meanwhile
@@ -147,77 +173,149 @@ class Exporter:
         largest = pages * EXPLORING
         lo = 0
         group = cutoff.astimezone(UTC).strftime("%Y-%m-%d")
-        while lo < end:
-            if self.stop.is_set():
-                return "stopped on request after a committed batch"
-            if time.monotonic() > self.deadline:
-                return f"maxRunTime {self.spec.max_run_time} reached; next run continues"
-            hi = min(lo + pages, end)
-            pending = sqle.begin_batch(
-                self.conn,
-                self.state,
-                policy=self.job.policy_key,
-                group=group,
-                tables=self.tables,
-                run_id=self.run_id,
-                cutoff=cutoff,
-                lo=lo,
-                hi=hi,
-            )
-            moved = self.batch(pending)
-            if moved < rows_per_file:
-                lo = hi
-                pages = next_export_pages(pages, moved, rows_per_file, largest)
-            elif self.last_page is not None:
-                # Full: the range holds more. The batch took the first rows in page order, so the
-                # next one starts at the page of its last row, sized by what these pages held.
-                pages = max(1, min(largest, self.last_page + 1 - lo))
-                lo = self.last_page
-            else:  # partitions: their pages interleave; the same range again (taken rows are gone), halved
-                pages = max(1, pages // 2)
+        lanes = [self.conn, self.second] if self.second is not None else [self.conn]
+        settling: Future[int] | None = None  # the batch before, being written and committed
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgscale-export") as writer:
+            try:
+                turn = 0
+                while lo < end:
+                    if self.stop.is_set():
+                        return "stopped on request after a committed batch"
+                    if time.monotonic() > self.deadline:
+                        return f"maxRunTime {self.spec.max_run_time} reached; next run continues"
+                    conn = lanes[turn % len(lanes)]
+                    turn += 1
+                    if len(lanes) == 1 and settling is not None:
+                        settling.result()  # one session: the batch before commits first
+                        settling = None
+                    hi = min(lo + pages, end)
+                    pending = sqle.begin_batch(
+                        conn,
+                        self.state,
+                        policy=self.job.policy_key,
+                        group=group,
+                        tables=self.tables,
+                        run_id=self.run_id,
+                        cutoff=cutoff,
+                        lo=lo,
+                        hi=hi,
+                    )
+                    self.point("export-pending")
+                    taken = self._take_retrying(conn, pending)
+                    if settling is not None:
+                        before, settling = settling, None
+                        try:
+                            before.result()  # batches commit in order
+                        except BaseException:
+                            if taken is not None:
+                                self._abandon(taken)
+                            raise
+                    moved = 0
+                    if taken is not None:
+                        moved = len(taken.root.idents)
+                        self.last_page = taken.last_page
+                        settling = writer.submit(self._settle_retrying, taken)
+                    if moved < rows_per_file:
+                        lo = hi
+                        pages = next_export_pages(pages, moved, rows_per_file, largest)
+                    elif self.last_page is not None:
+                        # Full: the range holds more. The batch took the first rows in page order, so the
+                        # next one starts at the page of its last row, sized by what these pages held.
+                        pages = max(1, min(largest, self.last_page + 1 - lo))
+                        lo = self.last_page
+                    else:  # partitions: their pages interleave; the same range again (taken rows are gone), halved
+                        pages = max(1, pages // 2)
+            except BaseException:
+                if settling is not None:  # never leave a batch half done; this failure is the run's
+                    with contextlib.suppress(Exception):
+                        settling.result()
+                raise
+            if settling is not None:
+                settling.result()
         return None
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
-        """One batch, retried when it gives way to the application; returns the rows it exported."""
+        """One batch on the main session, retried when it gives way to the application; returns the rows it
+        exported."""
         self.point("export-pending")
+        taken = self._take_retrying(self.conn, pending, retried=retried)
+        return 0 if taken is None else self._settle_retrying(taken)
+
+    def _take_retrying(
+        self, conn: psycopg.Connection, pending: sqle.PendingBatch, *, retried: bool = False
+    ) -> Taken | None:
         failures = 0
         while True:
             try:
-                return self._batch(pending, retried=retried)
+                with self._storage(pending):
+                    return self._take(conn, pending, retried=retried)
             except RETRYABLE as exc:
-                failures += 1
-                if failures > RETRIES:
-                    raise
+                failures = self._gave_way(pending, exc, failures)
                 retried = True  # its objects may exist now
-                log.warning(
-                    "export batch %s gave way to the application (%s); retrying", pending.id, type(exc).__name__
-                )
-                self.stop.wait(0.05 * failures)
-            except (BotoCoreError, ClientError, OSError) as exc:
-                found = storage_failure(exc, self.spec)
-                if found is not None:
-                    raise found from exc
-                raise RuntimeError(f"writing the files of export batch {pending.id} failed: {exc}") from exc
 
-    def _batch(self, pending: sqle.PendingBatch, *, retried: bool) -> int:
+    def _settle_retrying(self, taken: Taken) -> int:
+        """Write, verify and commit a taken batch; when its commit gives way to the application, the whole
+        batch again on the same session."""
+        with self._storage(taken.pending):
+            try:
+                return self._settle(taken)
+            except RETRYABLE as exc:
+                failures = self._gave_way(taken.pending, exc, 0)
+            while True:
+                try:
+                    again = self._take(taken.conn, taken.pending, retried=True)
+                    return 0 if again is None else self._settle(again)
+                except RETRYABLE as exc:
+                    failures = self._gave_way(taken.pending, exc, failures)
+
+    @contextlib.contextmanager
+    def _storage(self, pending: sqle.PendingBatch) -> Iterator[None]:
+        """Object-store failures as the spec field to fix (or a plain error naming the batch)."""
+        try:
+            yield
+        except (BotoCoreError, ClientError, OSError) as exc:
+            found = storage_failure(exc, self.spec)
+            if found is not None:
+                raise found from exc
+            raise RuntimeError(f"writing the files of export batch {pending.id} failed: {exc}") from exc
+
+    def _gave_way(self, pending: sqle.PendingBatch, exc: BaseException, failures: int) -> int:
+        failures += 1
+        if failures > RETRIES:
+            raise exc
+        log.warning("export batch %s gave way to the application (%s); retrying", pending.id, type(exc).__name__)
+        self.stop.wait(0.05 * failures)
+        return failures
+
+    @staticmethod
+    def _abandon(taken: Taken) -> None:
+        """Roll back a taken batch (the one before it failed): its rows stay, it stays pending."""
+        with contextlib.suppress(psycopg.Error):
+            taken.tx.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+
+    def _take(self, conn: psycopg.Connection, pending: sqle.PendingBatch, *, retried: bool) -> Taken | None:
+        """Lock and delete a batch's rows in a transaction left open (None: nothing to take; committed)."""
         target = self.target
         assert pending.cutoff is not None and pending.lo is not None and pending.hi is not None
         filters = dict(sqlr.predicate(target)[1])
         params = {"cutoff": pending.cutoff, **filters, "lo": pending.lo, "hi": pending.hi}
         root_name = (target.schema, target.table)
-        with self.conn.transaction():
-            root = sqle.lock_root(self.conn, target, params, limit=self.spec.export_or_default.rows_per_file)
-            counts = sqle.count_kept(self.conn, target, params)
+        tx = contextlib.ExitStack()
+        tx.enter_context(conn.transaction())
+        try:
+            root = sqle.lock_root(conn, target, params, limit=self.spec.export_or_default.rows_per_file)
+            counts = sqle.count_kept(conn, target, params)
             self.point("export-locked")
             if not root.idents:
                 if retried:
                     clear(self.store, pending, set())
-                sqle.forget_batch(self.conn, self.state, pending.id)
-                return 0
+                sqle.forget_batch(conn, self.state, pending.id)
+                tx.close()
+                return None
             locked: dict[tuple[str, str], sqle.Locked] = {root_name: root}
             order: list[tuple[str, str]] = [root_name]
             scans: dict[tuple[str, str], tuple[sql.Composable, bool]] = {root_name: (target.scan, target.partitioned)}
-            self._children(target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
+            self._children(conn, target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
             # Deleted children first (a table reached by several keys: before the first of them), so no
             # ON DELETE action finds one; the versions deleted are what the files hold. Nothing is
             # committed before every file is written and read back.
@@ -226,7 +324,7 @@ class Exporter:
                 scan, partitioned = scans[name]
                 exported = name in self.mapped
                 gone = sqle.delete_rows(
-                    self.conn, scan, partitioned, rows, mapped=self.mapped[name] if exported else None, name=name
+                    conn, scan, partitioned, rows, mapped=self.mapped[name] if exported else None, name=name
                 )
                 if gone != len(rows.idents):
                     raise RuntimeError(
@@ -237,37 +335,52 @@ class Exporter:
                     label = f"{name[0]}.{name[1]} {'exported' if exported else 'deleted'}"
                     counts[label] = counts.get(label, 0) + gone
             self.point("export-deleted")
+        except BaseException as exc:
+            tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
+        return Taken(pending, conn, tx, root, locked, counts, retried, last)
+
+    def _settle(self, taken: Taken) -> int:
+        """A taken batch's files written and read back, then the batch done and committed."""
+        pending, conn = taken.pending, taken.conn
+        try:
             files = []
             for name in self.tables:
-                held = locked.get(name)
+                held = taken.locked.get(name)
                 if held is None or not held.idents:
                     continue
-                files.append(self._write(pending, name, held, root=name == root_name))
-            if retried:
+                files.append(self._write(pending, name, held, root=name == (self.target.schema, self.target.table)))
+            if taken.retried:
                 clear(self.store, pending, {f.object_key for f in files})
             self.point("export-verified")
             sqle.finish_batch(
-                self.conn,
+                conn,
                 self.state,
                 batch_id=pending.id,
                 policy=self.job.policy_key,
                 files=files,
                 run_id=self.run_id,
-                counts=counts,
+                counts=taken.counts,
             )
             self.point("export-recorded")
+        except BaseException as exc:
+            taken.tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        taken.tx.close()  # the commit
         self.point("export-committed")
-        moved = len(root.idents)
-        self.last_page = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
+        sqle.fold_tallies(conn, self.state)
+        moved = len(taken.root.idents)
         self.exported += 1
         self.counts.files += len(files)
-        self.count(moved, counts)
+        self.count(moved, taken.counts)
         if self.progress:
             self.progress.advance(moved)
         return moved
 
     def _children(
         self,
+        conn: psycopg.Connection,
         plans: tuple[ChildPlan, ...],
         parent_scan: sql.Composable,
         parent_partitioned: bool,
@@ -282,7 +395,7 @@ class Exporter:
         for plan in plans:
             label = f"{plan.fk.schema}.{plan.fk.table}"
             if plan.effect in ("setNull", "setDefault"):
-                n = sqle.count_children(self.conn, plan, parent_scan, parent_partitioned, parents)
+                n = sqle.count_children(conn, plan, parent_scan, parent_partitioned, parents)
                 if n:
                     counts[f"{label} {plan.effect}"] = counts.get(f"{label} {plan.effect}", 0) + n
                 continue
@@ -290,12 +403,20 @@ class Exporter:
                 continue  # skipParent: such parents were not taken
             name = plan.fk.child
             into = locked.setdefault(name, sqle.Locked())
-            found = sqle.lock_children(self.conn, plan, parent_scan, parent_partitioned, parents, into)
+            found = sqle.lock_children(conn, plan, parent_scan, parent_partitioned, parents, into)
             order.append(name)
             scans[name] = (plan.scan, plan.partitioned)
             if found and plan.children:
                 self._children(
-                    plan.children, plan.scan, plan.partitioned, sqle.Locked(idents=found), locked, order, scans, counts
+                    conn,
+                    plan.children,
+                    plan.scan,
+                    plan.partitioned,
+                    sqle.Locked(idents=found),
+                    locked,
+                    order,
+                    scans,
+                    counts,
                 )
 
     # --- files -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import errors
@@ -41,6 +41,9 @@ from ..retention import (
 )
 from ..storage import ObjectStore, open_store
 from . import JobInput, start
+
+if TYPE_CHECKING:  # jobs/export imports pyarrow: only runs that export load it
+    from .export import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,25 @@ class RunReport:
 
 def _set(conn: psycopg.Connection, name: str, value: str) -> None:
     conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+
+# What a run sets on its session (see run() and _export()); a second session of the run gets the same.
+SESSION_SETTINGS = (
+    "TimeZone",
+    "application_name",
+    "default_transaction_isolation",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+)
+
+
+def _twin(conn: psycopg.Connection, other: psycopg.Connection) -> None:
+    """Give ``other`` the run's session settings."""
+    for name in SESSION_SETTINGS:
+        row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        assert row is not None
+        _set(other, name, str(row[0]))
 
 
 def run(
@@ -218,11 +240,9 @@ def _export(
     progress: Progress | None,
     store: ObjectStore | None,
 ) -> None:
-    """Action export (jobs/export.py): pending batches first, then whole partitions, then rows."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from ..export import export_partition
-    from .export import Exporter, storage_failure
+    """Action export (jobs/export.py): pending batches first, then whole partitions, then rows. A second
+    session of the run lets batches overlap (jobs/export.py)."""
+    from .export import Exporter
 
     if progress:
         progress.start(None)
@@ -236,18 +256,51 @@ def _export(
         for key, value in tables.items():
             report.tables[key] = report.tables.get(key, 0) + int(value)
 
-    exporter = Exporter(
-        conn,
-        job,
-        spec,
-        target,
-        store or open_store(spec.export_or_default.destination),
-        run_id=report.run_id,
-        stop=stop,
-        deadline=deadline,
-        progress=progress,
-        count=count,
-    )
+    with pg.connect(job.conn) as second:
+        _twin(conn, second)
+        exporter = Exporter(
+            conn,
+            job,
+            spec,
+            target,
+            store or open_store(spec.export_or_default.destination),
+            run_id=report.run_id,
+            stop=stop,
+            deadline=deadline,
+            progress=progress,
+            count=count,
+            second=second,
+        )
+        _run_export(
+            conn,
+            job=job,
+            spec=spec,
+            target=target,
+            cutoff=cutoff,
+            report=report,
+            stop=stop,
+            deadline=deadline,
+            exporter=exporter,
+        )
+
+
+def _run_export(
+    conn: psycopg.Connection,
+    *,
+    job: JobInput,
+    spec: RetentionPolicySpec,
+    target: sqlr.Target,
+    cutoff: Any,
+    report: RunReport,
+    stop: threading.Event,
+    deadline: float,
+    exporter: Exporter,
+) -> None:
+    """Whole partitions, then rows."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from ..export import export_partition
+    from .export import storage_failure
 
     def finish(part: sqlr.Partition) -> int:
         """A detached partition: one verified file, then dropped."""

@@ -26,6 +26,7 @@ from .retention import ChildPlan, Target, _Aliases, _blockers, _page_range, pred
 
 BATCHES = "export_batches"
 FILES = "export_files"
+TALLIES = "export_tallies"  # what done batches add to their run's log row, until folded into it
 
 
 def columns(conn: psycopg.Connection, schema: str, table: str) -> list[PgColumn]:
@@ -84,6 +85,13 @@ def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
         "age_column text, age_min timestamptz, age_max timestamptz, cutoff timestamptz, "
         "partition_name text, created_at timestamptz NOT NULL DEFAULT now(), restored_at timestamptz, "
         "restored_into text",
+    )
+    ensure_state_table(
+        conn,
+        state_schema,
+        TALLIES,
+        "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, run_id bigint NOT NULL, rows bigint NOT NULL, "
+        "counts jsonb NOT NULL",
     )
     with conn.transaction():
         lock_state_ddl(conn)
@@ -269,17 +277,33 @@ def finish_batch(
         )
     if run_id is None:
         return
-    exported = sum(f.rows for f in files if f.root)
+    # A row of its own, not the run's log row: batches that overlap (two sessions, REPEATABLE READ)
+    # would otherwise both update that row, and the later one fail to serialize. fold_tallies adds it.
     conn.execute(
-        sql.SQL(
-            "UPDATE {runs} SET rows_archived = rows_archived + %(n)s, batches = batches + 1, "
-            "updated_at = clock_timestamp(), tables = (SELECT jsonb_object_agg(k, v) FROM (SELECT k, sum(v)::bigint "
-            "AS v FROM (SELECT key, value::bigint FROM jsonb_each_text(coalesce({runs}.tables, '{{}}'::jsonb)) "
-            "UNION ALL SELECT key, value::bigint FROM jsonb_each_text(%(counts)s::jsonb)) y(k, v) WHERE v > 0 "
-            "GROUP BY k) z) WHERE id = %(run)s"
-        ).format(runs=runs_table(state_schema)),
-        {"n": exported, "counts": Jsonb(counts), "run": run_id},
+        sql.SQL("INSERT INTO {} (run_id, rows, counts) VALUES (%s, %s, %s)").format(qualified(state_schema, TALLIES)),
+        (run_id, sum(f.rows for f in files if f.root), Jsonb(counts)),
     )
+
+
+def fold_tallies(conn: psycopg.Connection, state_schema: str) -> None:
+    """Add done batches' tallies to their runs' log rows (rows exported as archived), each exactly once:
+    after every commit, and at a run's start and end (a killed run's last batch)."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")  # the session may default to REPEATABLE READ
+        tallies = conn.execute(
+            sql.SQL("DELETE FROM {} RETURNING run_id, rows, counts").format(qualified(state_schema, TALLIES))
+        ).fetchall()
+        for run_id, exported, counts in tallies:
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {runs} SET rows_archived = rows_archived + %(n)s, batches = batches + 1, "
+                    "updated_at = clock_timestamp(), tables = (SELECT jsonb_object_agg(k, v) FROM (SELECT k, "
+                    "sum(v)::bigint AS v FROM (SELECT key, value::bigint FROM jsonb_each_text(coalesce({runs}.tables, "
+                    "'{{}}'::jsonb)) UNION ALL SELECT key, value::bigint FROM jsonb_each_text(%(counts)s::jsonb)) "
+                    "y(k, v) WHERE v > 0 GROUP BY k) z) WHERE id = %(run)s"
+                ).format(runs=runs_table(state_schema)),
+                {"n": exported, "counts": Jsonb(counts), "run": run_id},
+            )
 
 
 # --- the rows of a batch -----------------------------------------------------------------
