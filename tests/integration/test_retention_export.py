@@ -524,3 +524,70 @@ def test_whole_partitions_are_exported_verified_and_dropped_even_when_killed(
     want = {k: v for k, v in originals.items() if start <= v[1] < end}
     assert done.inserted == len(want) > 0
     assert {r[0]: r for r in conn.execute(f'SELECT * FROM "{first}" ORDER BY id').fetchall()} == want
+
+
+THREADS = """
+CREATE SCHEMA forum;
+CREATE TABLE forum."Post" (
+    id text PRIMARY KEY,
+    "parentId" text REFERENCES forum."Post" (id) ON DELETE CASCADE,
+    "createdAt" timestamp NOT NULL,
+    body text NOT NULL
+);
+CREATE TABLE forum."Like" (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    "postId" text NOT NULL REFERENCES forum."Post" (id) ON DELETE CASCADE
+);
+-- 300 old threads and 100 young ones; every thread: a root, two replies, a reply to each reply
+-- (the replies young in every thread); a like on every reply.
+INSERT INTO forum."Post" SELECT 't' || g, NULL, now()::timestamp - CASE WHEN g <= 300 THEN interval '200 days'
+    ELSE interval '1 day' END, 'root ' || g FROM generate_series(1, 400) g;
+INSERT INTO forum."Post" SELECT 't' || g || '.' || r, 't' || g, now()::timestamp - interval '1 hour', 'reply'
+    FROM generate_series(1, 400) g, generate_series(1, 2) r;
+INSERT INTO forum."Post" SELECT 't' || g || '.' || r || '.1', 't' || g || '.' || r, now()::timestamp, 'reply to reply'
+    FROM generate_series(1, 400) g, generate_series(1, 2) r;
+INSERT INTO forum."Like" ("postId") SELECT id FROM forum."Post" WHERE "parentId" IS NOT NULL;
+"""
+
+
+def test_a_table_that_references_itself_exports_each_row_with_everything_below_it(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """Replies go with the thread they belong to (young or not), into the same file; nothing is lost and
+    a restore gives back every row."""
+    conn.execute(THREADS)
+    posts = conn.execute('SELECT * FROM forum."Post" ORDER BY id').fetchall()
+    likes = conn.execute('SELECT * FROM forum."Like" ORDER BY id').fetchall()
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"schema": "forum", "name": "Post"},
+        "ageColumn": "createdAt",
+        "olderThan": "30d",
+        "children": {"mode": "archive"},
+        "action": "export",
+        "export": {
+            "destination": {"s3": {"bucket": bucket, "prefix": "cold/", "endpoint": s3_server.endpoint}},
+            "rowsPerFile": 40,
+        },
+    }
+    env = s3_env(s3_server)
+    store = store_for(spec, env)
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    assert report.rows_archived == 300 * 5  # the old roots with everything below them
+    assert scalar(conn, 'SELECT count(*) FROM forum."Post"') == 100 * 5
+    young = """SELECT count(*) FROM forum."Post" WHERE "parentId" IS NULL AND "createdAt" > now() - interval '30 days'"""
+    assert scalar(conn, young) == scalar(conn, 'SELECT count(*) FROM forum."Post" WHERE "parentId" IS NULL') == 100
+    assert scalar(conn, 'SELECT count(*) FROM forum."Like"') == 100 * 4
+    # Each file of Post holds whole threads: every reply's parent is in the same file.
+    for _, key, rows, _ in [f for f in ledger(conn) if f[0] == "Post"]:
+        table = parquet.read(store.fetch(key))
+        ids = set(table.column("id").to_pylist())
+        assert len(ids) == rows
+        assert all(p is None or p in ids for p in table.column("parentId").to_pylist()), key
+    assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == 300 * 5
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        done = archive.restore(c, "pgscale", archive.select(c, "pgscale", policy="ns/export-tasks"), lambda d: store)
+    assert done.inserted == 300 * 5 + 300 * 4
+    assert conn.execute('SELECT * FROM forum."Post" ORDER BY id').fetchall() == posts
+    assert conn.execute('SELECT * FROM forum."Like" ORDER BY id').fetchall() == likes

@@ -121,15 +121,6 @@ class Exporter:
         self.state = job.state_schema
         self.counts = ExportCounts()
         self.destination = spec.export_or_default.destination.wire()
-        for plan in target.plans():
-            if plan.fk.self_reference and plan.removes:
-                raise SpecError(
-                    "children",
-                    f"{plan.fk.describe()} references its own table; action export does not yet follow such keys "
-                    "to the rows below a removed row: set mode keep for this table (parents with such children "
-                    "stay), or use action archive",
-                    reason="ExportUnsupported",
-                )
         self.tables: list[tuple[str, str]] = [(target.schema, target.table)]
         self.mapped: dict[tuple[str, str], list[Mapped]] = {}
         self.keys: dict[tuple[str, str], list[str]] = {}
@@ -315,7 +306,9 @@ class Exporter:
             locked: dict[tuple[str, str], sqle.Locked] = {root_name: root}
             order: list[tuple[str, str]] = [root_name]
             scans: dict[tuple[str, str], tuple[sql.Composable, bool]] = {root_name: (target.scan, target.partitioned)}
-            self._children(conn, target.children, target.scan, target.partitioned, root, locked, order, scans, counts)
+            self._children(
+                conn, target.children, target.scan, target.partitioned, root, root, locked, order, scans, counts
+            )
             # Deleted children first (a table reached by several keys: before the first of them), so no
             # ON DELETE action finds one; the versions deleted are what the files hold. Nothing is
             # committed before every file is written and read back.
@@ -385,13 +378,20 @@ class Exporter:
         parent_scan: sql.Composable,
         parent_partitioned: bool,
         parents: sqle.Locked,
+        holder: sqle.Locked,
         locked: dict[tuple[str, str], sqle.Locked],
         order: list[tuple[str, str]],
         scans: dict[tuple[str, str], tuple[sql.Composable, bool]],
         counts: dict[str, int],
     ) -> None:
-        """Lock the rows that reference ``parents`` and go with them, recursively; count what the
-        database's own SET NULL / SET DEFAULT will change."""
+        """Lock the rows that reference ``parents`` (rows of a table whose batch rows ``holder`` holds) and
+        go with them, recursively; count what the database's own SET NULL / SET DEFAULT will change.
+        Through the table's references to itself, the rows below go too, into the same holder (and file)."""
+        selfs = [p for p in plans if p.fk.self_reference and p.removes]
+        if selfs:
+            below = sqle.lock_descendants(conn, selfs, parent_scan, parent_partitioned, holder)
+            if below and parents is not holder:
+                parents = sqle.Locked(idents=[*parents.idents, *below])
         for plan in plans:
             label = f"{plan.fk.schema}.{plan.fk.table}"
             if plan.effect in ("setNull", "setDefault"):
@@ -399,8 +399,8 @@ class Exporter:
                 if n:
                     counts[f"{label} {plan.effect}"] = counts.get(f"{label} {plan.effect}", 0) + n
                 continue
-            if not plan.removes:
-                continue  # skipParent: such parents were not taken
+            if not plan.removes or plan.fk.self_reference:
+                continue  # skipParent: such parents were not taken; a self-reference: above
             name = plan.fk.child
             into = locked.setdefault(name, sqle.Locked())
             found = sqle.lock_children(conn, plan, parent_scan, parent_partitioned, parents, into)
@@ -413,6 +413,7 @@ class Exporter:
                     plan.scan,
                     plan.partitioned,
                     sqle.Locked(idents=found),
+                    into,
                     locked,
                     order,
                     scans,

@@ -22,7 +22,17 @@ from psycopg.types.json import Jsonb
 from ..parquet import Mapped, PgColumn
 from . import ensure_state_table, lock_state_ddl, qualified, table_columns
 from .relationships import fingerprint_query
-from .retention import ChildPlan, Target, _Aliases, _blockers, _page_range, predicate, primary_key, runs_table
+from .retention import (
+    ChildPlan,
+    Target,
+    _Aliases,
+    _blockers,
+    _cols,
+    _page_range,
+    predicate,
+    primary_key,
+    runs_table,
+)
 
 BATCHES = "export_batches"
 FILES = "export_files"
@@ -450,6 +460,50 @@ def lock_children(
         _ident_list("c"), plan.scan, cols, refs, _parents(parent_scan, parent_partitioned)
     )
     return into.add(conn.execute(query, parents.params()).fetchall())
+
+
+def lock_descendants(
+    conn: psycopg.Connection,
+    edges: list[ChildPlan],
+    scan: sql.Composable,
+    partitioned: bool,
+    rows: Locked,
+) -> list[tuple[int, str]]:
+    """Through a table's references to itself (``edges``, each archiving or deleting): the rows below
+    the batch's rows of that table, at any depth, locked (``FOR UPDATE``) and added to ``rows``; they go
+    with them, into the same file. Returns the identities added (a cycle in the data ends the walk)."""
+    refs = sorted({c for e in edges for c in e.fk.ref_columns})
+    ident = sql.SQL("p.tableoid, p.ctid") if partitioned else sql.SQL("p.ctid")
+    seed = sql.SQL("SELECT {}, {} FROM {} p WHERE {}").format(
+        ident, _cols("p", refs), scan, _identified("p", partitioned)
+    )
+    step_ident = sql.SQL("t.tableoid, t.ctid") if partitioned else sql.SQL("t.ctid")
+    join = sql.SQL(" OR ").join(
+        sql.SQL("({}) = ({})").format(_cols("t", list(e.fk.columns)), _cols("d", list(e.fk.ref_columns))) for e in edges
+    )
+    names = sql.SQL("tableoid, ctid") if partitioned else sql.SQL("ctid")
+    cols = sql.SQL(", ").join([names, *(sql.Identifier(c) for c in refs)])
+    found = (
+        sql.SQL("(t.tableoid, t.ctid) IN (SELECT tableoid, ctid FROM d)")
+        if partitioned
+        else sql.SQL("t.ctid = ANY (ARRAY(SELECT ctid FROM d))")
+    )
+    query = sql.SQL(
+        "WITH RECURSIVE d({cols}) AS ({seed} UNION SELECT {step_ident}, {step_refs} FROM {scan} t JOIN d ON {join}) "
+        "SELECT {out} FROM {scan} t WHERE {found} FOR UPDATE OF t"
+    ).format(
+        cols=cols,
+        seed=seed,
+        step_ident=step_ident,
+        step_refs=_cols("t", refs),
+        scan=scan,
+        join=join,
+        out=_ident_list("t"),
+        found=found,
+    )
+    before = set(rows.idents)
+    rows.add(conn.execute(query, rows.params()).fetchall())
+    return [i for i in rows.idents if i not in before]
 
 
 def count_children(
