@@ -591,3 +591,45 @@ def test_a_table_that_references_itself_exports_each_row_with_everything_below_i
     assert done.inserted == 300 * 5 + 300 * 4
     assert conn.execute('SELECT * FROM forum."Post" ORDER BY id').fetchall() == posts
     assert conn.execute('SELECT * FROM forum."Like" ORDER BY id').fetchall() == likes
+
+
+def test_a_stop_request_ends_the_run_after_the_overlapping_batch_commits(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """Two batches are in flight (one writing its files, the next taken): a stop lets the first commit and
+    the next finish too, leaves no batch pending, and the next run goes on from there."""
+    import threading
+
+    seed_tasks(conn, 3000)
+    seed_messages(conn)
+    conn.execute('ANALYZE "Task"')
+    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
+    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 100
+    env = s3_env(s3_server)
+    store = store_for(spec, env)
+    stop = threading.Event()
+
+    def stop_after_first_batch() -> None:
+        with psycopg.connect(postgres.dsn(database), autocommit=True) as watcher:
+            while not stop.is_set():
+                if watcher.execute("SELECT to_regclass('pgscale.export_batches') IS NOT NULL").fetchone() == (True,):
+                    done = scalar(watcher, "SELECT count(*) FROM pgscale.export_batches WHERE status = 'done'")
+                    if done >= 1:
+                        stop.set()
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_first_batch, daemon=True)
+    watcher.start()
+    report = run(job_for(postgres, database, spec), stop=stop, store=store)
+    watcher.join(timeout=10)
+    assert report.outcome == "Partial" and "stopped on request" in report.message, report.message
+    assert scalar(conn, "SELECT count(*) FROM pgscale.export_batches WHERE status = 'pending'") == 0
+    assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') > 0  # stopped before the end
+    check_invariant(conn, store, originals, messages, "stopped")
+    assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == report.rows_archived
+    again = run(job_for(postgres, database, spec), store=store)
+    assert again.outcome == "Succeeded", again.message
+    assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+    check_invariant(conn, store, originals, messages, "final")

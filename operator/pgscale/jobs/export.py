@@ -78,6 +78,7 @@ class Taken:
     counts: dict[str, int]
     retried: bool
     last_page: int | None  # heap page of the last row the batch took (a plain table): where the next starts
+    took: int  # rows of the table the batch's pages gave (rows below them through a self-reference not counted)
 
 
 def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
@@ -166,14 +167,17 @@ class Exporter:
         group = cutoff.astimezone(UTC).strftime("%Y-%m-%d")
         lanes = [self.conn, self.second] if self.second is not None else [self.conn]
         settling: Future[int] | None = None  # the batch before, being written and committed
+        stopped: str | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgscale-export") as writer:
             try:
                 turn = 0
                 while lo < end:
                     if self.stop.is_set():
-                        return "stopped on request after a committed batch"
+                        stopped = "stopped on request after a committed batch"
+                        break
                     if time.monotonic() > self.deadline:
-                        return f"maxRunTime {self.spec.max_run_time} reached; next run continues"
+                        stopped = f"maxRunTime {self.spec.max_run_time} reached; next run continues"
+                        break
                     conn = lanes[turn % len(lanes)]
                     turn += 1
                     if len(lanes) == 1 and settling is not None:
@@ -203,7 +207,7 @@ class Exporter:
                             raise
                     moved = 0
                     if taken is not None:
-                        moved = len(taken.root.idents)
+                        moved = taken.took
                         self.last_page = taken.last_page
                         settling = writer.submit(self._settle_retrying, taken)
                     if moved < rows_per_file:
@@ -222,8 +226,8 @@ class Exporter:
                         settling.result()
                 raise
             if settling is not None:
-                settling.result()
-        return None
+                settling.result()  # its failure is the run's
+        return stopped
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
         """One batch on the main session, retried when it gives way to the application; returns the rows it
@@ -295,6 +299,7 @@ class Exporter:
         tx.enter_context(conn.transaction())
         try:
             root = sqle.lock_root(conn, target, params, limit=self.spec.export_or_default.rows_per_file)
+            took = len(root.idents)
             counts = sqle.count_kept(conn, target, params)
             self.point("export-locked")
             if not root.idents:
@@ -332,7 +337,7 @@ class Exporter:
             tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
         last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
-        return Taken(pending, conn, tx, root, locked, counts, retried, last)
+        return Taken(pending, conn, tx, root, locked, counts, retried, last, took)
 
     def _settle(self, taken: Taken) -> int:
         """A taken batch's files written and read back, then the batch done and committed."""
