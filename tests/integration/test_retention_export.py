@@ -576,7 +576,8 @@ def test_a_table_that_references_itself_exports_each_row_with_everything_below_i
     assert report.outcome == "Succeeded", report.message
     assert report.rows_archived == 300 * 5  # the old roots with everything below them
     assert scalar(conn, 'SELECT count(*) FROM forum."Post"') == 100 * 5
-    young = """SELECT count(*) FROM forum."Post" WHERE "parentId" IS NULL AND "createdAt" > now() - interval '30 days'"""
+    young = """SELECT count(*) FROM forum."Post"
+               WHERE "parentId" IS NULL AND "createdAt" > now() - interval '30 days'"""
     assert scalar(conn, young) == scalar(conn, 'SELECT count(*) FROM forum."Post" WHERE "parentId" IS NULL') == 100
     assert scalar(conn, 'SELECT count(*) FROM forum."Like"') == 100 * 4
     # Each file of Post holds whole threads: every reply's parent is in the same file.
