@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 
 from .api.cache import CacheSpec, InvalidateRule
@@ -151,6 +152,11 @@ def human(nbytes: int) -> str:
         if nbytes % size == 0 and nbytes >= size:
             return f"{nbytes // size}{unit}"
     return str(nbytes)
+
+
+def new_password() -> str:
+    """64 hex digits: nothing a config file or a URL would need to quote."""
+    return secrets.token_hex(32)
 
 
 # --- names --------------------------------------------------------------------------------------

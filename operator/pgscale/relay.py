@@ -215,8 +215,8 @@ def from_environment(metrics: RelayMetrics | None = None) -> Relay:
         state_schema=job.state_schema,
         cache_id=str(options["cacheId"]),
         name=job.policy_key,
-        batch_size=int(options.get("batchSize", 500)),
-        poll_seconds=seconds(str(options.get("pollInterval", "5s"))),
+        batch_size=int(options["batchSize"]),
+        poll_seconds=seconds(str(options["pollInterval"])),
         metrics=metrics or RelayMetrics(),
     )
 

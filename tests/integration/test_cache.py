@@ -31,7 +31,7 @@ import redis
 from conftest import ROOT, scalar
 from pgscale import pg
 from pgscale.api.cache import CacheSpec, InvalidateRule
-from pgscale.cache import cache_id, outbox_table, plan_table
+from pgscale.cache import cache_id, new_password, outbox_table, plan_table
 from pgscale.errors import SpecError
 from pgscale.pg import cache as sqlc
 from pgscale.relay import Relay
@@ -68,7 +68,7 @@ class Server:
 
 def start_server(tmp: Path, spec: CacheSpec, maxmemory: int) -> Server:
     """redis-server with the config the operator renders (only port, bind and paths differ)."""
-    password = specs.new_password()
+    password = new_password()
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / specs.AUTH_KEY).write_text(specs.auth_config(password))
     port = free_port()

@@ -139,7 +139,7 @@ class CacheStatus(BaseStatus):
     """Observed state of a Cache."""
 
     service: str | None = Field(default=None, max_length=253, description="Service the application connects to.")
-    secret_name: str | None = Field(
+    app_secret: str | None = Field(
         default=None, max_length=253, description="Secret with the connection URL (keys url, host, port, password)."
     )
     maxmemory: str | None = Field(default=None, max_length=32, description="maxmemory in effect, e.g. 192Mi.")

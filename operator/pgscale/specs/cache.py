@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 from typing import Any
-from urllib.parse import quote
 
 from ..api.cache import CacheSpec
 from ..api.databaseprofile import DatabaseProfileSpec
@@ -52,11 +50,6 @@ def app_secret_name(cache: str) -> str:
 
 def relay_name(cache: str) -> str:
     return f"{cache}-cache-relay"
-
-
-def new_password() -> str:
-    """64 hex digits: nothing a config file or a URL would need to quote."""
-    return secrets.token_hex(32)
 
 
 def server_config(
@@ -121,9 +114,9 @@ def auth_secret(owner: ObjectRef, password: str) -> dict[str, Any]:
 
 
 def url(owner: ObjectRef, password: str, port: int = PORT) -> str:
-    """redis://:<password>@<service>.<namespace>.svc:6379/0"""
+    """redis://:<password>@<service>.<namespace>.svc:6379/0 (the password is letters and digits)."""
     host = f"{server_name(owner.name)}.{owner.namespace}.svc"
-    return f"redis://:{quote(password, safe='')}@{host}:{port}/0"
+    return f"redis://:{password}@{host}:{port}/0"
 
 
 def app_secret(owner: ObjectRef, password: str) -> dict[str, Any]:
