@@ -99,6 +99,7 @@ class Relay:
     batch_size: int = 500
     poll_seconds: float = 5.0
     metrics: RelayMetrics = field(default_factory=RelayMetrics)
+    on_deleted: Callable[[list[float]], None] | None = None  # each row's lag, after its commit (bench/cache.py)
     _conn: psycopg.Connection | None = None
 
     def _connection(self) -> psycopg.Connection:
@@ -113,18 +114,20 @@ class Relay:
             entries = sqlc.claim(conn, self.state_schema, self.cache_id, self.batch_size)
             if not entries:
                 return 0
+            claimed = time.monotonic()
             deleted = 0
             keys = list(dict.fromkeys(e.key for e in entries if not e.tag))
             for start in range(0, len(keys), DEL_CHUNK):
                 deleted += int(self.cache.delete(*keys[start : start + DEL_CHUNK]))
             for tag in dict.fromkeys(e.key for e in entries if e.tag):
                 deleted += int(cast(int, self.cache.eval(DELETE_TAG, 1, tag)))
+            # From the trigger (in the writer's transaction, just before its commit) to the delete.
+            lags = [e.age_seconds + time.monotonic() - claimed for e in entries]
             sqlc.remove(conn, self.state_schema, self.cache_id, [e.id for e in entries])
-            started = time.monotonic()
-        # The commit is when the rows are gone; the lag runs from the trigger to the cache's delete.
-        commit = time.monotonic() - started
-        for entry in entries:
-            self.metrics.lag.labels(self.name).observe(max(entry.age_seconds - commit, 0.0))
+        for lag in lags:
+            self.metrics.lag.labels(self.name).observe(lag)
+        if self.on_deleted is not None:
+            self.on_deleted(lags)
         self.metrics.invalidations.labels(self.name).inc(len(entries))
         self.metrics.keys_deleted.labels(self.name).inc(deleted)
         return len(entries)
