@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -189,11 +188,9 @@ class Relay:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            ready, _, _ = select.select([listener.fileno()], [], [], min(left, 0.5))
-            if ready:
-                listener.pgconn.consume_input()
-                if list(listener.notifies(timeout=0)):
-                    return
+            # Short waits, so that a stop is seen within half a second; one NOTIFY is enough to wake.
+            if list(listener.notifies(timeout=min(left, 0.5), stop_after=1)):
+                return
 
 
 def from_environment(metrics: RelayMetrics | None = None) -> Relay:

@@ -429,3 +429,30 @@ def test_relay_killed_at_random_points_leaves_nothing_stale(
         assert kills == 4 and writes[0] > 100 and checked > 50, (writes, checked)
         assert "Traceback" not in log.read_text()
         print(f"writes={writes[0]} checked={checked} kills={kills} waiting={waiting} stale before={len(before)}")
+
+
+def test_notify_wakes_the_relay(postgres: Any, database: str, server: Server) -> None:
+    """With a poll interval of an hour, only the trigger's NOTIFY can get the key deleted."""
+    dsn = postgres.dsn(database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _, cid = setup_tasks(conn, 10, 2)
+        relay = Relay(
+            connect=lambda: psycopg.connect(dsn, autocommit=True), cache=server.client(), state_schema=STATE,
+            cache_id=cid, name="ns/c", poll_seconds=3600.0,
+        )  # fmt: skip
+        stop = threading.Event()
+        thread = threading.Thread(target=relay.run, args=(stop,))
+        thread.start()
+        try:
+            r = server.client()
+            for round_ in range(3):
+                r.set("task:3", b"[]")
+                time.sleep(0.5)  # the relay is waiting
+                conn.execute('UPDATE "Task" SET title = %s WHERE id = 3', (f"r{round_}",))
+                deadline = time.monotonic() + 60
+                while r.exists("task:3") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not r.exists("task:3"), "the NOTIFY did not wake the relay"
+        finally:
+            stop.set()
+            thread.join(30)
