@@ -41,6 +41,13 @@ class Template:
     def columns(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parts if isinstance(p, Column))
 
+    def glob(self) -> str:
+        """The Redis glob matching every key of the template (placeholders as *), for a TRUNCATE."""
+        out = []
+        for part in self.parts:
+            out.append("*" if isinstance(part, Column) else re.sub(r"([*?\[\]\\])", r"\\\1", part))
+        return "".join(out)
+
     def render(self, row: dict[str, object]) -> str | None:
         """The key for a row as Python sees it (tests and docs); None when a column is NULL, as in SQL."""
         out = []
@@ -175,6 +182,10 @@ def trigger_name(cid: str) -> str:
     return f"pgscale_cache_{cid}"
 
 
+def truncate_trigger_name(cid: str) -> str:
+    return f"pgscale_cache_{cid}_truncate"
+
+
 def function_prefix(cid: str) -> str:
     return f"cache_{cid}_"
 
@@ -183,6 +194,11 @@ def function_name(cid: str, table: TableReference) -> str:
     """One trigger function per table: its keys are expressions over that table's columns."""
     digest = hashlib.sha256(f"{table.schema_}\x00{table.name}".encode()).hexdigest()[:10]
     return f"{function_prefix(cid)}{digest}"
+
+
+def truncate_function_name(cid: str, table: TableReference) -> str:
+    """The statement trigger's function: a TRUNCATE has no rows, so it invalidates by pattern."""
+    return function_name(cid, table) + "_t"
 
 
 def channel(cid: str) -> str:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Deletes the members of a tag's set and the set, atomically: a key registered meanwhile is either
 # deleted with the set or registered in a new one, never dropped from the set while it stays cached.
 DELETE_TAG = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return redis.call('DEL', KEYS[1]) end
 local n = 0
 for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do n = n + redis.call('DEL', k) end
 redis.call('DEL', KEYS[1])
@@ -115,10 +116,15 @@ class Relay:
                 return 0
             claimed = time.monotonic()
             deleted = 0
-            keys = list(dict.fromkeys(e.key for e in entries if not e.tag))
+            keys = list(dict.fromkeys(e.key for e in entries if not e.tag and not e.pattern))
+            tags = list(dict.fromkeys(e.key for e in entries if e.tag and not e.pattern))
+            for entry in entries:  # a TRUNCATE: every key (or tag set) its templates can give
+                if entry.pattern:
+                    found = self.cache.scan_iter(entry.key, 1000)
+                    (tags if entry.tag else keys).extend(k.decode() if isinstance(k, bytes) else str(k) for k in found)
             for start in range(0, len(keys), DEL_CHUNK):
                 deleted += int(self.cache.delete(*keys[start : start + DEL_CHUNK]))
-            for tag in dict.fromkeys(e.key for e in entries if e.tag):
+            for tag in tags:
                 deleted += int(cast(int, self.cache.eval(DELETE_TAG, 1, tag)))
             # From the trigger (in the writer's transaction, just before its commit) to the delete.
             lags = [e.age_seconds + time.monotonic() - claimed for e in entries]

@@ -206,6 +206,23 @@ def test_trigger_writes_old_and_new_keys_in_the_writers_transaction(postgres: An
             conn.execute("""DELETE FROM "AppData"."Item" """)
             conn.execute("DO $$ BEGIN RAISE EXCEPTION 'rollback'; END $$")
         assert outbox(conn, cid) == []
+        # a TRUNCATE has no rows: each template's glob, for the relay to SCAN
+        conn.execute("""INSERT INTO "AppData"."Item" VALUES ('t', 1)""")
+        outbox(conn, cid)
+        conn.execute('TRUNCATE "AppData"."Item"')
+        rows = conn.execute(f'SELECT key, tag, pattern FROM {STATE}."{outbox_table(cid)}" ORDER BY id').fetchall()
+        conn.execute(f'DELETE FROM {STATE}."{outbox_table(cid)}"')
+        assert sorted(rows) == sorted(
+            [
+                ("item:*", False, True),
+                ("owner-items:*", False, True),
+                ("due:*:*", False, True),
+                ("all-items", False, False),
+                ("items:*", True, True),
+            ]
+        )
+        conn.execute("""INSERT INTO "AppData"."Item" VALUES ('A''b "c"', 2)""")
+        outbox(conn, cid)
         # a role with no privilege on the outbox writes through the SECURITY DEFINER function
         role = f"writer_{uuid.uuid4().hex[:8]}"
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'x'")
@@ -456,3 +473,16 @@ def test_notify_wakes_the_relay(postgres: Any, database: str, server: Server) ->
         finally:
             stop.set()
             thread.join(30)
+
+
+def test_truncate_deletes_every_key_its_templates_can_give(postgres: Any, database: str, server: Server) -> None:
+    dsn = postgres.dsn(database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _, cid = setup_tasks(conn, 10, 2)
+        r = server.client()
+        for key in ("task:1", "task:2", "user-tasks:0", "other:1", "task-list"):
+            r.set(key, b"[]")
+        conn.execute('TRUNCATE "Task" CASCADE')
+        relay = Relay(connect=lambda: psycopg.connect(dsn, autocommit=True), cache=r, state_schema=STATE, cache_id=cid)
+        assert relay.drain() == 2
+        assert sorted(k.decode() for k in r.scan_iter()) == ["other:1", "task-list"]

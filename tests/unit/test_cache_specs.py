@@ -90,6 +90,12 @@ def test_unknown_column_names_the_field_and_the_fix() -> None:
     assert [t.source for t in plan.keys] == ["task:{id}"] and [t.source for t in plan.tags] == ["tasks"]
 
 
+def test_glob_of_a_template_escapes_its_text() -> None:
+    assert parse_template("task:{id}").glob() == "task:*"
+    assert parse_template("a*[b]?:{x}:{y}").glob() == "a\\*\\[b\\]\\?:*:*"
+    assert parse_template("all").glob() == "all"
+
+
 def test_render_matches_what_sql_gives_for_plain_values() -> None:
     t = parse_template("user-tasks:{userId}")
     assert t.render({"userId": 7}) == "user-tasks:7"

@@ -13,12 +13,23 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from ..cache import Column, TablePlan, Template, channel, function_name, function_prefix, outbox_table, trigger_name
+from ..cache import (
+    Column,
+    TablePlan,
+    Template,
+    channel,
+    function_name,
+    function_prefix,
+    outbox_table,
+    trigger_name,
+    truncate_function_name,
+    truncate_trigger_name,
+)
 from . import ensure_state_table, table_columns
 
 OUTBOX_COLUMNS = (
     "id bigserial PRIMARY KEY, key text NOT NULL, tag boolean NOT NULL DEFAULT false, "
-    "created_at timestamptz NOT NULL DEFAULT clock_timestamp()"
+    "pattern boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT clock_timestamp()"
 )
 LOCK_TIMEOUT = "5s"  # CREATE/DROP TRIGGER queue behind long transactions on the table; give up, retry later
 # The trigger function renders keys with fixed settings, so a key does not depend on the writer's
@@ -79,26 +90,49 @@ def function_sql(state_schema: str, cid: str, plan: TablePlan) -> sql.Composed:
     )
 
 
+def truncate_function_sql(state_schema: str, cid: str, plan: TablePlan) -> sql.Composed:
+    """CREATE OR REPLACE of the table's TRUNCATE function: a TRUNCATE has no rows to render keys from,
+    so it writes each template's glob (task:*), and the relay deletes every key that matches."""
+    outbox = qualified(state_schema, outbox_table(cid))
+    rows = [
+        sql.SQL("({}, {}, {})").format(sql.Literal(t.glob()), sql.Literal(tag), sql.Literal(bool(t.columns)))
+        for templates, tag in ((plan.keys, False), (plan.tags, True))
+        for t in templates
+    ]
+    body = sql.SQL(
+        "BEGIN INSERT INTO {} (key, tag, pattern) VALUES {}; PERFORM pg_notify({}, ''); RETURN NULL; END"
+    ).format(outbox, sql.SQL(", ").join(rows), sql.Literal(channel(cid)))
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+        + FUNCTION_SETTINGS
+        + " AS {}"
+    ).format(
+        sql.Identifier(state_schema),
+        sql.Identifier(truncate_function_name(cid, plan.table)),
+        sql.Literal(body.as_string(None)),
+    )
+
+
 def ensure_outbox(conn: psycopg.Connection, state_schema: str, cid: str) -> None:
     ensure_state_table(conn, state_schema, outbox_table(cid), OUTBOX_COLUMNS)
 
 
 @dataclass(frozen=True)
 class Installed:
-    """A trigger of this Cache in the database: on which table, calling which function."""
+    """A trigger of this Cache in the database: on which table, which one (row or truncate)."""
 
     schema: str
     table: str
-    function: str
+    trigger: str
 
 
 def installed(conn: psycopg.Connection, cid: str) -> list[Installed]:
-    """This Cache's triggers, wherever they are (by their name, on ordinary and partitioned tables)."""
+    """This Cache's triggers, wherever they are (by their names, on ordinary and partitioned tables)."""
     rows = conn.execute(
-        "SELECT n.nspname, c.relname, p.proname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
-        "WHERE t.tgname = %s AND NOT t.tgisinternal AND t.tgparentid = 0 ORDER BY 1, 2",
-        (trigger_name(cid),),
+        "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE t.tgname = ANY(%s) AND NOT t.tgisinternal AND t.tgparentid = 0 ORDER BY 1, 2, 3",
+        ([trigger_name(cid), truncate_trigger_name(cid)],),
     ).fetchall()
     return [Installed(r[0], r[1], r[2]) for r in rows]
 
@@ -112,43 +146,50 @@ def _functions(conn: psycopg.Connection, state_schema: str, cid: str) -> list[st
     return [r[0] for r in rows]
 
 
-def install(conn: psycopg.Connection, *, state_schema: str, cid: str, plans: list[TablePlan]) -> list[str]:
-    """The outbox, each table's function and trigger; triggers of tables no longer listed are dropped.
+def _drop_trigger(conn: psycopg.Connection, item: Installed) -> None:
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(item.trigger), qualified(item.schema, item.table)
+            )
+        )
 
-    Returns the tables whose trigger was created now. A function is replaced in place (no lock on
+
+def install(conn: psycopg.Connection, *, state_schema: str, cid: str, plans: list[TablePlan]) -> list[str]:
+    """The outbox, each table's functions and triggers; triggers of tables no longer listed are dropped.
+
+    Returns the tables whose triggers were created now. A function is replaced in place (no lock on
     the table); only creating or dropping a trigger locks its table, briefly, with a lock timeout."""
     ensure_outbox(conn, state_schema, cid)
-    present = {(i.schema, i.table): i for i in installed(conn, cid)}
+    present = installed(conn, cid)
     wanted = {(p.table.schema_, p.table.name) for p in plans}
+    for item in present:
+        if (item.schema, item.table) not in wanted:
+            _drop_trigger(conn, item)
+    have = {(i.schema, i.table, i.trigger) for i in present}
     created = []
-    for schema, table in present:
-        if (schema, table) not in wanted:
-            with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-                conn.execute(
-                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                        sql.Identifier(trigger_name(cid)), qualified(schema, table)
-                    )
-                )
     for plan in plans:
-        function = function_name(cid, plan.table)
+        table = qualified(plan.table.schema_, plan.table.name)
+        triggers = (
+            (trigger_name(cid), function_name(cid, plan.table), "INSERT OR UPDATE OR DELETE", "ROW"),
+            (truncate_trigger_name(cid), truncate_function_name(cid, plan.table), "TRUNCATE", "STATEMENT"),
+        )
         with conn.transaction():
             conn.execute(function_sql(state_schema, cid, plan))
-            if (plan.table.schema_, plan.table.name) in present:
-                continue
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-            conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {}.{}()"
-                ).format(
-                    sql.Identifier(trigger_name(cid)),
-                    qualified(plan.table.schema_, plan.table.name),
-                    sql.Identifier(state_schema),
-                    sql.Identifier(function),
+            conn.execute(truncate_function_sql(state_schema, cid, plan))
+            missing = [t for t in triggers if (plan.table.schema_, plan.table.name, t[0]) not in have]
+            if missing:
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+            for trigger, function, events, level in missing:
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TRIGGER {} AFTER " + events + " ON {} FOR EACH " + level + " EXECUTE FUNCTION {}.{}()"
+                    ).format(sql.Identifier(trigger), table, sql.Identifier(state_schema), sql.Identifier(function))
                 )
-            )
-            created.append(plan.label)
-    keep = {function_name(cid, p.table) for p in plans}
+            if missing:
+                created.append(plan.label)
+    keep = {f(cid, p.table) for p in plans for f in (function_name, truncate_function_name)}
     for name in _functions(conn, state_schema, cid):
         if name not in keep:
             with conn.transaction():
@@ -158,16 +199,11 @@ def install(conn: psycopg.Connection, *, state_schema: str, cid: str, plans: lis
 
 def uninstall(conn: psycopg.Connection, *, state_schema: str, cid: str) -> list[str]:
     """Drop every trigger and function of this Cache, then its outbox; returns the tables cleaned."""
-    cleaned = []
+    cleaned: list[str] = []
     for item in installed(conn, cid):
-        with conn.transaction():
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
-            conn.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(trigger_name(cid)), qualified(item.schema, item.table)
-                )
-            )
-        cleaned.append(f"{item.schema}.{item.table}")
+        _drop_trigger(conn, item)
+        if f"{item.schema}.{item.table}" not in cleaned:
+            cleaned.append(f"{item.schema}.{item.table}")
     with conn.transaction():
         for name in _functions(conn, state_schema, cid):
             conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(qualified(state_schema, name)))
@@ -189,6 +225,7 @@ class Entry:
     id: int
     key: str
     tag: bool
+    pattern: bool  # key is a glob (a TRUNCATE): every matching key (or tag set) goes
     age_seconds: float
 
 
@@ -196,12 +233,12 @@ def claim(conn: psycopg.Connection, state_schema: str, cid: str, limit: int) -> 
     """The oldest rows, locked until the caller's transaction ends (another relay skips them)."""
     rows = conn.execute(
         sql.SQL(
-            "SELECT id, key, tag, extract(epoch FROM clock_timestamp() - created_at)::float8 FROM {} "
+            "SELECT id, key, tag, pattern, extract(epoch FROM clock_timestamp() - created_at)::float8 FROM {} "
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
         ).format(qualified(state_schema, outbox_table(cid))),
         (limit,),
     ).fetchall()
-    return [Entry(r[0], r[1], r[2], r[3]) for r in rows]
+    return [Entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 def remove(conn: psycopg.Connection, state_schema: str, cid: str, ids: list[int]) -> None:
