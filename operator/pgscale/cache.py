@@ -178,6 +178,11 @@ def outbox_table(cid: str) -> str:
     return f"cache_outbox_{cid}"
 
 
+def stats_table(cid: str) -> str:
+    """Where the relay keeps the server's INFO for the controller's conditions."""
+    return f"cache_stats_{cid}"
+
+
 def trigger_name(cid: str) -> str:
     return f"pgscale_cache_{cid}"
 

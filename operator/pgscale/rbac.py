@@ -78,7 +78,9 @@ NAMESPACED: tuple[Rule, ...] = (
          "a FileMigration's Job per phase (read to see it finish, deleted to stop it); kopf watches the Jobs "
          "pgscale labelled so a policy's status follows its runs"),
     Rule("monitoring.coreos.com", ("prometheusrules",), WRITE,
-         "a DatabaseProfile's alert thresholds as a PrometheusRule (prometheus-operator)"),
+         "a DatabaseProfile's and a Cache's alert thresholds as a PrometheusRule (prometheus-operator)"),
+    Rule("monitoring.coreos.com", ("podmonitors",), WRITE,
+         "a Cache's PodMonitor for its relay's metrics (spec.podMonitor)"),
     Rule("postgresql.cnpg.io", ("clusters",), ("get", "patch"),
          "the cloudnativepg settings method: read the CloudNativePG Cluster a profile names, server-side apply "
          "its spec.postgresql.parameters and spec.instances (field manager pgscale/<profile>). No create: an "

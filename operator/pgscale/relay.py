@@ -50,6 +50,7 @@ INFO_FIELDS = (
     "evicted_keys",
     "connected_clients",
     "expired_keys",
+    "used_memory_rss",
 )
 
 
@@ -85,6 +86,9 @@ class RelayMetrics:
         self.info = Gauge(
             f"{PREFIX}_cache_server_info", "Fields of the cache server's INFO, by name.", [*labels, "field"], registry=r
         )
+        self.memory_limit = Gauge(
+            f"{PREFIX}_cache_memory_limit_bytes", "Memory of the cache container (by tier or spec).", labels, registry=r
+        )
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Relay:
     batch_size: int = 500
     poll_seconds: float = 5.0
     metrics: RelayMetrics = field(default_factory=RelayMetrics)
+    memory_bytes: int = 0  # the container's memory, for the memory gauge
     on_deleted: Callable[[list[float]], None] | None = None  # each row's lag, after its commit (bench/cache.py)
     _conn: psycopg.Connection | None = None
 
@@ -152,10 +157,12 @@ class Relay:
         self.metrics.depth.labels(self.name).set(depth.rows)
         self.metrics.oldest.labels(self.name).set(depth.oldest_seconds or 0.0)
         info: dict[str, Any] = self.cache.info()
-        for name in INFO_FIELDS:
-            value = info.get(name)
-            if isinstance(value, int | float):
-                self.metrics.info.labels(self.name, name).set(value)
+        values = {n: float(info[n]) for n in INFO_FIELDS if isinstance(info.get(n), int | float)}
+        for name, value in values.items():
+            self.metrics.info.labels(self.name, name).set(value)
+        if self.memory_bytes:
+            self.metrics.memory_limit.labels(self.name).set(self.memory_bytes)
+        sqlc.write_stats(self._connection(), self.state_schema, self.cache_id, values)
 
     def run(self, stop: threading.Event) -> None:
         """Until stopped: drain, then wait for a NOTIFY or the poll interval. Failures are logged and
@@ -223,6 +230,7 @@ def from_environment(metrics: RelayMetrics | None = None) -> Relay:
         name=job.policy_key,
         batch_size=int(options["batchSize"]),
         poll_seconds=seconds(str(options["pollInterval"])),
+        memory_bytes=int(options["memoryBytes"]),
         metrics=metrics or RelayMetrics(),
     )
 

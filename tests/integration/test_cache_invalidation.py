@@ -388,7 +388,7 @@ def relay_process(dsn_uri: str, server: Server, cid: str, log: Path) -> subproce
                 "name": "c",
                 "spec": {},
                 "profile": {"connection": {"secretRef": {"name": "db"}}, "stateSchema": STATE},
-                "options": {"cacheId": cid, "batchSize": 20, "pollInterval": "1s"},
+                "options": {"cacheId": cid, "batchSize": 20, "pollInterval": "1s", "memoryBytes": 64 * MiB},
             }
         ),
         "PGSCALE_DB_URI": dsn_uri,
@@ -473,6 +473,8 @@ def test_notify_wakes_the_relay(postgres: Any, database: str, server: Server) ->
         finally:
             stop.set()
             thread.join(30)
+        stats = sqlc.read_stats(conn, STATE, cid, 600)  # the INFO the controller's conditions read
+        assert stats["maxmemory"] == 64 * MiB and "keyspace_hits" in stats and stats["used_memory_rss"] > 0
 
 
 def test_truncate_deletes_every_key_its_templates_can_give(postgres: Any, database: str, server: Server) -> None:

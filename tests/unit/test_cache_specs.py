@@ -193,7 +193,7 @@ def test_server_deployment_is_hardened_and_reads_the_password_from_the_secret() 
 def test_relay_deployment_gets_secrets_by_reference_only() -> None:
     s = spec(invalidate=[{"table": {"name": "Task"}, "keys": ["task:{id}"]}], relay={"batchSize": 50})
     raw = s.wire()
-    dep = specs.relay_deployment(OWNER, s, raw, profile(), image="pgscale:1", cid="abc123abc123")
+    dep = specs.relay_deployment(OWNER, s, raw, profile(), image="pgscale:1", cid="abc123abc123", memory_bytes=MI)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "pgscale:1" and container["args"][:2] == ["cache", "relay"]
     env = {e["name"]: e for e in container["env"]}
@@ -205,6 +205,7 @@ def test_relay_deployment_gets_secrets_by_reference_only() -> None:
         "channel": "pgscale_cache_abc123abc123",
         "batchSize": 50,
         "pollInterval": "5s",
+        "memoryBytes": MI,
     }
     assert "valueFrom" in env["PGSCALE_DB_PASSWORD"]
     assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
@@ -215,3 +216,23 @@ def test_names_fit_postgres() -> None:
     assert re.fullmatch(r"[0-9a-f]{12}", cid)
     rule = InvalidateRule.model_validate({"table": {"schema": "s" * 63, "name": "t" * 63}, "tag": "x"})
     assert len(function_name(cid, rule.table)) <= 63
+
+
+def test_alert_rules_select_the_cache_and_use_the_thresholds() -> None:
+    from pgscale.api.cache import CacheAlertsSpec
+
+    alerts = CacheAlertsSpec.model_validate({"hitRatioPercent": 75, "memoryPercent": 90, "relayLagSeconds": 30})
+    rules = {r["alert"]: r for r in specs.alert_rules(OWNER, alerts)}
+    assert list(rules) == ["PgscaleCacheHitRatio", "PgscaleCacheMemory", "PgscaleCacheRelayLag"]
+    assert all('cache="shop/tasks"' in r["expr"] for r in rules.values())
+    assert rules["PgscaleCacheHitRatio"]["expr"].endswith("< 0.75")
+    assert rules["PgscaleCacheMemory"]["expr"].endswith("> 0.9")
+    assert rules["PgscaleCacheRelayLag"]["expr"].endswith("> 30")
+    off = specs.alert_rules(OWNER, CacheAlertsSpec(hit_ratio_percent=0))
+    assert [r["alert"] for r in off] == ["PgscaleCacheMemory", "PgscaleCacheRelayLag"]
+    rule = specs.prometheus_rule(OWNER, alerts, {"release": "x", "app.kubernetes.io/managed-by": "me"})
+    assert rule["metadata"]["labels"]["release"] == "x"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "pgscale"  # ours win
+    monitor = specs.pod_monitor(OWNER, {})
+    relay = specs.relay_deployment(OWNER, spec(), {}, profile(), image="i", cid="c" * 12, memory_bytes=MI)
+    assert monitor["spec"]["selector"]["matchLabels"] == relay["spec"]["selector"]["matchLabels"]

@@ -61,6 +61,7 @@ def exported() -> dict[str, set[str]]:
     relay.oldest.labels("ns/c").set(0)
     relay.errors.labels("ns/c").inc()
     relay.info.labels("ns/c", "used_memory").set(1)
+    relay.memory_limit.labels("ns/c").set(1)
     series: dict[str, set[str]] = {}
     for family in [*metrics.registry.collect(), *relay.registry.collect()]:
         assert family.samples, f"{family.name}: no sample, so its labels are unknown to this test"

@@ -25,6 +25,7 @@ from .common import (
     TableReference,
     cel,
 )
+from .databaseprofile import PrometheusObjectSpec
 
 # A key template: constant text (no braces, whitespace or control characters) and {column}
 # placeholders naming columns of the table, e.g. task:{id} or user-tasks:{userId}.
@@ -83,6 +84,31 @@ class RelaySpec(Model):
     resources: ResourceRequirements | None = Field(default=None, description="Resources of the relay container.")
 
 
+class CacheAlertsSpec(Model):
+    """Alert thresholds, evaluated by the controller (the AlertsFiring condition) and, when asked for,
+    by Prometheus (a PrometheusRule)."""
+
+    hit_ratio_percent: int = Field(
+        default=80, ge=0, le=100, description="Alert when the hit ratio is below this share of reads; 0 turns it off."
+    )
+    memory_percent: int = Field(
+        default=80,
+        ge=1,
+        le=100,
+        description="Alert when the server's resident memory exceeds this share of memory (the container's limit).",
+    )
+    relay_lag_seconds: int = Field(
+        default=60, ge=1, le=86400, description="Alert when the oldest invalidation has waited longer than this."
+    )
+    prometheus_rule: PrometheusObjectSpec | None = Field(
+        default=None, description="Render the thresholds as a PrometheusRule."
+    )
+
+    @property
+    def prometheus_rule_or_default(self) -> PrometheusObjectSpec:
+        return self.prometheus_rule or PrometheusObjectSpec()
+
+
 class CacheSpec(Model):
     """Desired state of a Cache."""
 
@@ -129,10 +155,22 @@ class CacheSpec(Model):
         },
     )
     relay: RelaySpec | None = Field(default=None, description="The relay Deployment's settings.")
+    alerts: CacheAlertsSpec | None = Field(default=None, description="Alert thresholds; defaults when unset.")
+    pod_monitor: PrometheusObjectSpec | None = Field(
+        default=None, description="A PodMonitor (prometheus-operator) for the relay's metrics port."
+    )
 
     @property
     def relay_or_default(self) -> RelaySpec:
         return self.relay or RelaySpec()
+
+    @property
+    def alerts_or_default(self) -> CacheAlertsSpec:
+        return self.alerts or CacheAlertsSpec()
+
+    @property
+    def pod_monitor_or_default(self) -> PrometheusObjectSpec:
+        return self.pod_monitor or PrometheusObjectSpec()
 
 
 class CacheStatus(BaseStatus):
@@ -152,6 +190,13 @@ class CacheStatus(BaseStatus):
     outbox: str | None = Field(default=None, max_length=253, description="The outbox table, schema-qualified.")
     outbox_depth: int | None = Field(default=None, description="Invalidations waiting for the relay.")
     config_hash: str | None = Field(default=None, max_length=64, description="Hash of the rendered server config.")
+    hit_ratio: float | None = Field(
+        default=None, description="keyspace_hits / (hits + misses) since the server started, as the relay last saw it."
+    )
+    used_memory_rss_bytes: int | None = Field(
+        default=None, description="The server's resident memory, as the relay last saw it."
+    )
+    prometheus_rule: str | None = Field(default=None, max_length=253, description="The PrometheusRule, when rendered.")
 
 
 INFO = KindInfo(

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from .. import conditions as cond
 from .. import pg
 from ..api import CACHE
 from ..api.cache import CacheSpec
 from ..api.cache import CacheStatus as Status
 from ..cache import (
+    MI,
     TablePlan,
     cache_id,
     container_memory,
@@ -30,16 +33,21 @@ from ..cache import (
     trigger_name,
 )
 from ..checks import require_table
+from ..errors import DependencyError
 from ..events import Event
 from ..kube import ObjectRef
 from ..pg import cache as sqlc
 from ..specs import cache as specs
+from ..specs.alerting import API_VERSION as PROMETHEUS_API
 from ..specs.pooling import config_hash
 from .base import Context, Result, StatusWriter, ensure_finalizer, load_profile, secret_connection
 
 RELAY_BEHIND = "RelayBehind"
-# An outbox row older than this means the relay is down or cannot keep up: keys stay stale that long.
-RELAY_BEHIND_SECONDS = 60.0
+ALERTING = "AlertsFiring"
+# The relay writes the server's INFO every poll interval; older figures are not evaluated.
+STATS_MAX_AGE_SECONDS = 600.0
+# A hit ratio over fewer reads says nothing.
+MIN_READS = 1000
 
 
 class CacheController:
@@ -56,6 +64,7 @@ class CacheController:
         cid = cache_id(ref.namespace, ref.name)
         events: list[Event] = []
         depth: sqlc.Depth | None = None
+        stats: dict[str, float] = {}
         with pg.connect(info) as conn:
             if plans:
                 plans = [
@@ -72,6 +81,7 @@ class CacheController:
                 created = sqlc.install(conn, state_schema=profile.state_schema, cid=cid, plans=plans)
                 events += [Event("TriggerInstalled", f"invalidation trigger installed on {t}") for t in created]
                 depth = sqlc.depth(conn, profile.state_schema, cid)
+                stats = sqlc.read_stats(conn, profile.state_schema, cid, STATS_MAX_AGE_SECONDS)
             elif sqlc.installed(conn, cid) or sqlc.outbox_exists(conn, profile.state_schema, cid):
                 for table in sqlc.uninstall(conn, state_schema=profile.state_schema, cid=cid):
                     events.append(Event("TriggerRemoved", f"invalidation trigger removed from {table}"))
@@ -85,10 +95,16 @@ class CacheController:
         ctx.kube.apply(specs.service(ref))
         ctx.kube.apply(specs.app_secret(ref, password))
         if plans:
-            relay = specs.relay_deployment(ref, spec, obj["spec"], profile, image=ctx.config.image, cid=cid)
+            relay = specs.relay_deployment(
+                ref, spec, obj["spec"], profile, image=ctx.config.image, cid=cid, memory_bytes=memory
+            )
             ctx.kube.apply(relay)
         else:
             ctx.kube.delete("apps/v1", "Deployment", ref.namespace, specs.relay_name(ref.name))
+        events += self._prometheus(ctx, ref, spec, status)
+        hits, misses = stats.get("keyspace_hits", 0.0), stats.get("keyspace_misses", 0.0)
+        ratio = hits / (hits + misses) if hits + misses >= MIN_READS else None
+        rss = stats.get("used_memory_rss")
         status.update(
             Status(
                 service=specs.server_name(ref.name),
@@ -99,9 +115,12 @@ class CacheController:
                 outbox=f"{profile.state_schema}.{outbox_table(cid)}" if plans else None,
                 outbox_depth=depth.rows if depth else None,
                 config_hash=digest,
+                hit_ratio=round(ratio, 4) if ratio is not None else None,
+                used_memory_rss_bytes=int(rss) if rss is not None else None,
             )
         )
-        events += self._relay_behind(status, depth)
+        events += self._relay_behind(status, depth, spec.alerts_or_default.relay_lag_seconds)
+        events += self._alerts(status, spec, ratio, rss, memory)
         return Result("Ready", self._summary(spec, limit, plans, depth), events=events)
 
     @staticmethod
@@ -113,8 +132,81 @@ class CacheController:
         return f"{head}; invalidated by {tables}; {depth.rows if depth else 0} in the outbox"
 
     @staticmethod
-    def _relay_behind(status: StatusWriter, depth: sqlc.Depth | None) -> list[Event]:
-        behind = depth is not None and (depth.oldest_seconds or 0.0) > RELAY_BEHIND_SECONDS
+    def _alerts(
+        status: StatusWriter, spec: CacheSpec, ratio: float | None, rss: float | None, memory: int
+    ) -> list[Event]:
+        """Hit ratio and memory against the thresholds, from the INFO the relay last wrote."""
+        alerts = spec.alerts_or_default
+        firing = []
+        if ratio is not None and alerts.hit_ratio_percent and ratio * 100 < alerts.hit_ratio_percent:
+            message = (
+                f"hit ratio below {alerts.hit_ratio_percent}% (spec.alerts.hitRatioPercent): "
+                f"{ratio * 100:.1f}% since the server started"
+            )
+            firing.append(("HitRatio", message))
+        if rss is not None and rss * 100 > memory * alerts.memory_percent:
+            message = (
+                f"resident memory over {alerts.memory_percent}% of {human(memory)} "
+                f"({human(int(rss) // MI * MI)}): lower maxmemoryPercent or raise memory"
+            )
+            firing.append(("Memory", message))
+        was = cond.get(status.conditions, ALERTING)
+        before = was.message if was and was.status == "True" else ""
+        status.conditions = cond.flag(
+            status.conditions,
+            ALERTING,
+            bool(firing),
+            "ThresholdsExceeded",
+            "; ".join(m for _, m in firing),
+            status.generation,
+        )
+        # An Event when an alert starts firing, not on every reconcile while it does (its figure changes).
+        return [Event(f"Alert{name}", m, warning=True) for name, m in firing if m[: m.index("%")] not in before]
+
+    def _prometheus(self, ctx: Context, ref: ObjectRef, spec: CacheSpec, status: StatusWriter) -> list[Event]:
+        """The PrometheusRule and the relay's PodMonitor, when asked for (deleted when no longer)."""
+        events: list[Event] = []
+        rule = spec.alerts_or_default.prometheus_rule_or_default
+        monitor = spec.pod_monitor_or_default
+        wanted: list[tuple[str, str, dict[str, Any] | None]] = [
+            (
+                "PrometheusRule",
+                specs.rule_name(ref),
+                specs.prometheus_rule(ref, spec.alerts_or_default, rule.labels) if rule.enabled else None,
+            ),
+            (
+                "PodMonitor",
+                specs.relay_name(ref.name),
+                specs.pod_monitor(ref, monitor.labels) if monitor.enabled and spec.invalidate else None,
+            ),
+        ]
+        for kind, name, obj in wanted:
+            if obj is None:
+                if kind == "PrometheusRule" and status.read(Status).prometheus_rule:
+                    ctx.kube.delete(PROMETHEUS_API, kind, ref.namespace, name)
+                    status.update(Status(prometheus_rule=None))
+                elif kind == "PodMonitor" and spec.pod_monitor is not None:
+                    ctx.kube.delete(PROMETHEUS_API, kind, ref.namespace, name)
+                continue
+            try:
+                ctx.kube.apply(obj)
+            except ApiException as exc:
+                if exc.status == 404:
+                    field = "alerts.prometheusRule" if kind == "PrometheusRule" else "podMonitor"
+                    raise DependencyError(
+                        f"the {kind} kind (monitoring.coreos.com/v1) is not installed in this cluster: install "
+                        f"prometheus-operator's CRDs, or set spec.{field}.enabled: false",
+                        reason=f"{kind}CRDMissing",
+                    ) from exc
+                raise
+            if kind == "PrometheusRule" and status.read(Status).prometheus_rule != name:
+                status.update(Status(prometheus_rule=name))
+                events.append(Event("PrometheusRuleApplied", f"alert rules in PrometheusRule {name}"))
+        return events
+
+    @staticmethod
+    def _relay_behind(status: StatusWriter, depth: sqlc.Depth | None, threshold: int) -> list[Event]:
+        behind = depth is not None and (depth.oldest_seconds or 0.0) > threshold
         was = cond.is_true(status.conditions, RELAY_BEHIND)
         message = ""
         if behind and depth is not None:

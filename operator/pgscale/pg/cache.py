@@ -21,6 +21,7 @@ from ..cache import (
     function_name,
     function_prefix,
     outbox_table,
+    stats_table,
     trigger_name,
     truncate_function_name,
     truncate_trigger_name,
@@ -113,8 +114,39 @@ def truncate_function_sql(state_schema: str, cid: str, plan: TablePlan) -> sql.C
     )
 
 
+STATS_COLUMNS = "name text PRIMARY KEY, value float8 NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()"
+
+
 def ensure_outbox(conn: psycopg.Connection, state_schema: str, cid: str) -> None:
+    """The outbox, and the table the relay writes the server's INFO to."""
     ensure_state_table(conn, state_schema, outbox_table(cid), OUTBOX_COLUMNS)
+    ensure_state_table(conn, state_schema, stats_table(cid), STATS_COLUMNS)
+
+
+def write_stats(conn: psycopg.Connection, state_schema: str, cid: str, values: dict[str, float]) -> None:
+    """The relay's latest look at the server (INFO fields by name)."""
+    with conn.transaction():
+        for name, value in values.items():
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (name, value) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = now()"
+                ).format(qualified(state_schema, stats_table(cid))),
+                (name, value),
+            )
+
+
+def read_stats(conn: psycopg.Connection, state_schema: str, cid: str, max_age_seconds: float) -> dict[str, float]:
+    """The INFO fields the relay wrote in the last max_age_seconds (none when it is down or the table is not there)."""
+    if table_columns(conn, state_schema, stats_table(cid)) is None:
+        return {}
+    rows = conn.execute(
+        sql.SQL("SELECT name, value FROM {} WHERE updated_at > now() - make_interval(secs => %s)").format(
+            qualified(state_schema, stats_table(cid))
+        ),
+        (max_age_seconds,),
+    ).fetchall()
+    return {r[0]: float(r[1]) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -208,6 +240,7 @@ def uninstall(conn: psycopg.Connection, *, state_schema: str, cid: str) -> list[
         for name in _functions(conn, state_schema, cid):
             conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(qualified(state_schema, name)))
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(state_schema, outbox_table(cid))))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(state_schema, stats_table(cid))))
     return cleaned
 
 

@@ -11,10 +11,13 @@ import base64
 import json
 from typing import Any
 
-from ..api.cache import CacheSpec
+from ..api.cache import CacheAlertsSpec, CacheSpec
 from ..api.databaseprofile import DatabaseProfileSpec
 from ..cache import channel, outbox_table
 from ..kube import ObjectRef
+from ..metrics import PREFIX
+from .alerting import API_VERSION as PROMETHEUS_API
+from .alerting import promql_number, promql_string
 from .builders import LABEL_PREFIX, job_env, labels, object_meta, secret_env
 from .pooling import RUN_AS_ID, config_hash
 
@@ -246,8 +249,8 @@ def service(owner: ObjectRef) -> dict[str, Any]:
     }
 
 
-def relay_options(owner: ObjectRef, spec: CacheSpec, cid: str) -> dict[str, Any]:
-    """What the relay reads from its input besides the spec: the outbox and the channel."""
+def relay_options(spec: CacheSpec, cid: str, memory_bytes: int) -> dict[str, Any]:
+    """What the relay reads from its input besides the spec: the outbox, the channel, the memory."""
     relay = spec.relay_or_default
     return {
         "cacheId": cid,
@@ -255,18 +258,26 @@ def relay_options(owner: ObjectRef, spec: CacheSpec, cid: str) -> dict[str, Any]
         "channel": channel(cid),
         "batchSize": relay.batch_size,
         "pollInterval": relay.poll_interval,
+        "memoryBytes": memory_bytes,
     }
 
 
 def relay_deployment(
-    owner: ObjectRef, spec: CacheSpec, raw_spec: dict[str, Any], profile: DatabaseProfileSpec, *, image: str, cid: str
+    owner: ObjectRef,
+    spec: CacheSpec,
+    raw_spec: dict[str, Any],
+    profile: DatabaseProfileSpec,
+    *,
+    image: str,
+    cid: str,
+    memory_bytes: int,
 ) -> dict[str, Any]:
     """`pgscale cache relay` from the operator's image: the profile's connection from its Secret, the
     cache's URL from the application Secret, no Kubernetes API access."""
     relay = spec.relay_or_default
     env = [
         {"name": "PGSCALE_LOG_FORMAT", "value": "json"},
-        *job_env(owner, raw_spec, profile, relay_options(owner, spec, cid)),
+        *job_env(owner, raw_spec, profile, relay_options(spec, cid, memory_bytes)),
         secret_env(ENV_CACHE_URL, app_secret_name(owner.name), "url"),
     ]
     container: dict[str, Any] = {
@@ -301,5 +312,96 @@ def relay_deployment(
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
             },
+        },
+    }
+
+
+# --- prometheus-operator --------------------------------------------------------------------------
+
+RULE_SEVERITIES = {
+    "PgscaleCacheHitRatio": "warning",
+    "PgscaleCacheMemory": "warning",
+    "PgscaleCacheRelayLag": "critical",
+}
+
+
+def rule_name(owner: ObjectRef) -> str:
+    return f"{server_name(owner.name)}-pgscale"
+
+
+def alert_rules(owner: ObjectRef, alerts: CacheAlertsSpec) -> list[dict[str, Any]]:
+    """The Cache's alerts over the relay's metrics (label cache="<namespace>/<name>")."""
+    cache = f"{owner.namespace}/{owner.name}"
+    sel = "cache=" + promql_string(cache)
+    info = f"{PREFIX}_cache_server_info"
+
+    def rate(field: str) -> str:
+        return f'sum by (cache) (rate({info}{{{sel},field="{field}"}}[10m]))'
+
+    def alert(name: str, expr: str, for_: str, summary: str, description: str) -> dict[str, Any]:
+        return {
+            "alert": name,
+            "expr": expr,
+            "for": for_,
+            "labels": {"severity": RULE_SEVERITIES[name], "namespace": owner.namespace},
+            "annotations": {"summary": summary, "description": f"Cache {cache}: {description}"},
+        }
+
+    rules = []
+    if alerts.hit_ratio_percent:
+        ratio = promql_number(alerts.hit_ratio_percent / 100)
+        rules.append(
+            alert(
+                "PgscaleCacheHitRatio",
+                f"{rate('keyspace_hits')} / ({rate('keyspace_hits')} + {rate('keyspace_misses')}) < {ratio}",
+                "15m",
+                f"Cache {cache} hits under {alerts.hit_ratio_percent}% of reads",
+                f"hit ratio {{{{ $value | humanizePercentage }}}} over 10 minutes, threshold "
+                f"{alerts.hit_ratio_percent}%.",
+            )
+        )
+    rules.append(
+        alert(
+            "PgscaleCacheMemory",
+            f'max by (cache) ({info}{{{sel},field="used_memory_rss"}}) / '
+            f"max by (cache) ({PREFIX}_cache_memory_limit_bytes{{{sel}}}) > "
+            f"{promql_number(alerts.memory_percent / 100)}",
+            "5m",
+            f"Cache {cache} uses over {alerts.memory_percent}% of its memory",
+            f"resident memory at {{{{ $value | humanizePercentage }}}} of the container's, threshold "
+            f"{alerts.memory_percent}%: lower maxmemoryPercent or raise memory before the OOM killer acts.",
+        )
+    )
+    rules.append(
+        alert(
+            "PgscaleCacheRelayLag",
+            f"max by (cache) ({PREFIX}_cache_outbox_oldest_seconds{{{sel}}}) > {alerts.relay_lag_seconds}",
+            "2m",
+            f"Invalidations of cache {cache} wait over {alerts.relay_lag_seconds}s",
+            f"the oldest outbox row has waited {{{{ $value | humanizeDuration }}}}, threshold "
+            f"{alerts.relay_lag_seconds}s: cached values may be stale; check the relay's pods.",
+        )
+    )
+    return rules
+
+
+def prometheus_rule(owner: ObjectRef, alerts: CacheAlertsSpec, extra_labels: dict[str, str]) -> dict[str, Any]:
+    meta = object_meta(owner, rule_name(owner), COMPONENT)
+    meta["labels"] = {**extra_labels, **meta["labels"]}
+    group = {"name": f"pgscale.cache.{owner.namespace}.{owner.name}", "rules": alert_rules(owner, alerts)}
+    return {"apiVersion": PROMETHEUS_API, "kind": "PrometheusRule", "metadata": meta, "spec": {"groups": [group]}}
+
+
+def pod_monitor(owner: ObjectRef, extra_labels: dict[str, str]) -> dict[str, Any]:
+    """Prometheus scrapes the relay's metrics port."""
+    meta = object_meta(owner, relay_name(owner.name), RELAY_COMPONENT)
+    meta["labels"] = {**extra_labels, **meta["labels"]}
+    return {
+        "apiVersion": PROMETHEUS_API,
+        "kind": "PodMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": _selector(owner, RELAY_COMPONENT)},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
         },
     }
