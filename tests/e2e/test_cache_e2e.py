@@ -19,9 +19,11 @@ import redis
 
 from conftest import Kubectl, load_example, wait_until
 from pgscale.cache import cache_id, outbox_table, trigger_name
+from pgscale.pg import cache as sqlc
 from pgscale.specs import cache as specs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
+MiB = 1024 * 1024
 
 PROFILE = {
     "apiVersion": "pgscale.io/v1alpha1",
@@ -117,6 +119,23 @@ def test_example_cache_objects_trigger_and_cleanup(
         kubectl.run("annotate", "cache", "tasks", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
         time.sleep(2)
         assert secret_data(kubectl, "tasks-cache-auth")["password"] == password
+
+        # What the relay writes (INFO) and an invalidation waiting for 5 minutes: alerts as conditions.
+        info = {"keyspace_hits": 10.0, "keyspace_misses": 990.0, "used_memory_rss": 250.0 * MiB}
+        sqlc.write_stats(conn, "pgscale", cid, info)
+        old = "INSERT INTO pgscale.{} (key, created_at) VALUES ('old', now() - interval '5 minutes')"
+        conn.execute(old.format(f'"{outbox_table(cid)}"'))
+        kubectl.run("annotate", "cache", "tasks", f"pgscale.io/reconcile-at={time.time()}", "--overwrite")
+
+        def alerting() -> dict[str, Any] | None:
+            found = kubectl.get("cache", "tasks")
+            return found if condition(found, "AlertsFiring").get("status") == "True" else None
+
+        obj = wait_until(alerting, timeout=60, what="AlertsFiring", log=operator.log)
+        firing = condition(obj, "AlertsFiring")["message"]
+        assert "hit ratio below 80%" in firing and "resident memory over 80% of 256Mi" in firing
+        assert condition(obj, "RelayBehind")["status"] == "True" and obj["status"]["hitRatio"] == 0.01
+        assert condition(obj, "Ready")["status"] == "True"  # alerts do not make the Cache unready
 
         # An unknown column: Stalled, naming the field and the fix.
         kubectl.run(

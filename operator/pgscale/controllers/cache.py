@@ -30,7 +30,9 @@ from ..cache import (
     new_password,
     outbox_table,
     plan_table,
+    stats_table,
     trigger_name,
+    truncate_trigger_name,
 )
 from ..checks import require_table
 from ..errors import DependencyError
@@ -248,9 +250,11 @@ class CacheController:
         ref = ObjectRef.of(obj)
         cid = cache_id(ref.namespace, ref.name)
         tables = ", ".join(r.table.qualified() for r in spec.invalidate)
+        row, truncate = trigger_name(cid), truncate_trigger_name(cid)
         return (
-            f"its invalidation triggers {trigger_name(cid)} on {tables}, "
-            f"their functions {function_prefix(cid)}* and the outbox table {outbox_table(cid)} in the profile's state "
-            f"schema. Drop them there: DROP TRIGGER {trigger_name(cid)} ON <table>; DROP FUNCTION <function>(); "
-            f"DROP TABLE <stateSchema>.{outbox_table(cid)};"
+            f"its invalidation triggers {row} and {truncate} on {tables}, their functions {function_prefix(cid)}* "
+            f"and the tables {outbox_table(cid)} and {stats_table(cid)} in the profile's state schema. Drop them "
+            f"there: DROP TRIGGER {row} ON <table>; DROP TRIGGER {truncate} ON <table>; DROP FUNCTION "
+            f"<stateSchema>.<function>(); DROP TABLE <stateSchema>.{outbox_table(cid)}, "
+            f"<stateSchema>.{stats_table(cid)};"
         )
