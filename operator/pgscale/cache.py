@@ -131,11 +131,17 @@ def plan_table(rule: InvalidateRule, index: int, columns: list[str] | None = Non
 def container_memory(spec: CacheSpec, profile: DatabaseProfileSpec | None) -> int:
     """Bytes of the cache container: spec.memory, else by the profile's tier (or resources)."""
     if spec.memory is not None:
-        return parse_quantity(spec.memory)
+        try:
+            return parse_quantity(spec.memory)
+        except ValueError as exc:
+            raise SpecError("memory", f"{exc}", reason="InvalidSpec") from exc
     if profile is not None and profile.tier is not None:
         return TIER_MEMORY[profile.tier]
     if profile is not None and profile.resources is not None:
-        share = parse_quantity(profile.resources.memory) // 16
+        try:
+            share = parse_quantity(profile.resources.memory) // 16
+        except ValueError:  # the profile's own reconcile reports it
+            return DEFAULT_MEMORY
         return min(max(share, TIER_MEMORY["development"]), TIER_MEMORY["high-load"])
     return DEFAULT_MEMORY
 

@@ -133,6 +133,10 @@ def test_sizing_from_tier_resources_and_explicit_memory() -> None:
     assert container_memory(spec(memory="512Mi"), profile(tier="high-load")) == 512 * MI
     assert maxmemory(spec(), 256 * MI) == 192 * MI
     assert maxmemory(spec(maxmemoryPercent=50), 1000 * MI) == 500 * MI
+    for odd in ("1e3", "500m", "-1"):  # quantities the CRD accepts and memory cannot be
+        with pytest.raises(SpecError) as err:
+            maxmemory(spec(memory=odd), container_memory(spec(memory=odd), None))
+        assert err.value.field == "memory"
     with pytest.raises(SpecError) as err:
         maxmemory(spec(memory="16Mi"), 16 * MI)
     assert err.value.field == "memory" and err.value.reason == "MemoryTooSmall"
