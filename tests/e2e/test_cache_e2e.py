@@ -150,9 +150,32 @@ def test_example_cache_objects_trigger_and_cleanup(
         message = wait_until(stalled, timeout=60, what="Stalled ColumnNotFound", log=operator.log)["message"]
         assert "spec.invalidate[0].keys[1]" in message and "{userId}" in message
 
+        # No tables to invalidate: triggers, outbox, relay and finalizer go; the cache stays.
+        kubectl.run("patch", "cache", "tasks", "--type=json", "-p", '[{"op": "remove", "path": "/spec/invalidate"}]')
+
+        def plain() -> dict[str, Any] | None:
+            found = kubectl.get("cache", "tasks")
+            done = condition(found, "Ready").get("status") == "True" and not found["metadata"].get("finalizers")
+            return found if done and found["metadata"]["generation"] == found["status"]["observedGeneration"] else None
+
+        assert (
+            wait_until(plain, timeout=60, what="Ready without invalidation", log=operator.log)["status"]["tables"] == []
+        )
+        assert triggers(conn, cid) == [] and not outbox_exists(conn, cid)
+        wait_until(lambda: _absent(kubectl, "deployment", "tasks-cache-relay"), timeout=60, what="the relay to go")
+        assert not _absent(kubectl, "deployment", "tasks-cache")
+
+        kubectl.apply(cache)  # the example again: triggers back, then deletion removes them
+        kubectl.wait("cache", "tasks", "Ready", timeout=60)
+        wait_until(lambda: triggers(conn, cid) == ['"Task"'], timeout=60, what="the trigger back")
         kubectl.run("delete", "cache", "tasks", "--timeout=60s")
         assert triggers(conn, cid) == [] and not outbox_exists(conn, cid)
         conn.execute("""UPDATE "Task" SET title = 'after'""")  # the table works without the trigger
+
+
+def _absent(kubectl: Kubectl, kind: str, name: str) -> bool:
+    result = kubectl.cp.kubectl_run("-n", kubectl.namespace, "get", kind, name, "--ignore-not-found", "-o", "name")
+    return result.stdout.strip() == ""
 
 
 def _pings(client: redis.Redis) -> bool:

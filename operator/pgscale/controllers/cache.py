@@ -42,7 +42,7 @@ from ..pg import cache as sqlc
 from ..specs import cache as specs
 from ..specs.alerting import API_VERSION as PROMETHEUS_API
 from ..specs.pooling import config_hash
-from .base import Context, Result, StatusWriter, ensure_finalizer, load_profile, secret_connection
+from .base import Context, Result, StatusWriter, ensure_finalizer, has_finalizer, load_profile, secret_connection
 
 RELAY_BEHIND = "RelayBehind"
 ALERTING = "AlertsFiring"
@@ -50,6 +50,7 @@ ALERTING = "AlertsFiring"
 STATS_MAX_AGE_SECONDS = 600.0
 # A hit ratio over fewer reads says nothing.
 MIN_READS = 1000
+TRIGGER_ON = ("SELECT", "TRIGGER")  # the privileges CREATE TRIGGER and the key columns need
 
 
 class CacheController:
@@ -67,16 +68,11 @@ class CacheController:
         events: list[Event] = []
         depth: sqlc.Depth | None = None
         stats: dict[str, float] = {}
-        with pg.connect(info) as conn:
-            if plans:
+        had_relay = status.read(Status).outbox is not None
+        if plans:
+            with pg.connect(info) as conn:
                 plans = [
-                    plan_table(
-                        rule,
-                        i,
-                        list(
-                            require_table(conn, rule.table, f"invalidate[{i}].table", privileges=("SELECT", "TRIGGER"))
-                        ),
-                    )
+                    plan_table(rule, i, list(require_table(conn, rule.table, f"invalidate[{i}].table", TRIGGER_ON)))
                     for i, rule in enumerate(spec.invalidate)
                 ]
                 ensure_finalizer(ctx, self.kind, obj, needed=True)  # the outbox and triggers live in the database
@@ -84,9 +80,11 @@ class CacheController:
                 events += [Event("TriggerInstalled", f"invalidation trigger installed on {t}") for t in created]
                 depth = sqlc.depth(conn, profile.state_schema, cid)
                 stats = sqlc.read_stats(conn, profile.state_schema, cid, STATS_MAX_AGE_SECONDS)
-            elif sqlc.installed(conn, cid) or sqlc.outbox_exists(conn, profile.state_schema, cid):
+        elif has_finalizer(obj):  # an earlier spec installed triggers (the finalizer came first): remove them
+            with pg.connect(info) as conn:
                 for table in sqlc.uninstall(conn, state_schema=profile.state_schema, cid=cid):
                     events.append(Event("TriggerRemoved", f"invalidation trigger removed from {table}"))
+        # Without tables to invalidate, a cache does not depend on the database at all.
         if not plans:
             ensure_finalizer(ctx, self.kind, obj, needed=False)
         password = self._password(ctx, ref)
@@ -101,7 +99,7 @@ class CacheController:
                 ref, spec, obj["spec"], profile, image=ctx.config.image, cid=cid, memory_bytes=memory
             )
             ctx.kube.apply(relay)
-        else:
+        elif had_relay:
             ctx.kube.delete("apps/v1", "Deployment", ref.namespace, specs.relay_name(ref.name))
         events += self._prometheus(ctx, ref, spec, status)
         hits, misses = stats.get("keyspace_hits", 0.0), stats.get("keyspace_misses", 0.0)
