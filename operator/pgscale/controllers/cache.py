@@ -121,7 +121,7 @@ class CacheController:
         )
         events += self._relay_behind(status, depth, spec.alerts_or_default.relay_lag_seconds)
         events += self._alerts(status, spec, ratio, rss, memory)
-        return Result("Ready", self._summary(spec, limit, plans, depth), events=events)
+        return Result("Provisioned", self._summary(spec, limit, plans, depth), events=events)
 
     @staticmethod
     def _summary(spec: CacheSpec, limit: int, plans: list[TablePlan], depth: sqlc.Depth | None) -> str:
