@@ -142,14 +142,16 @@ class Relay:
         self.metrics.keys_deleted.labels(self.name).inc(deleted)
         return len(entries)
 
-    def drain(self) -> int:
-        """Batches until the outbox is empty (rows other relays hold are skipped)."""
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Batches until the outbox is empty (rows other relays hold are skipped), or until stopped
+        (a SIGTERM during a long catch-up ends after the batch at hand)."""
         total = 0
-        while True:
+        while stop is None or not stop.is_set():
             n = self.batch()
             total += n
             if n < self.batch_size:
-                return total
+                break
+        return total
 
     def observe(self) -> None:
         """Outbox depth and the server's INFO counters, for the gauges."""
@@ -175,7 +177,7 @@ class Relay:
                 if listener is None or listener.closed:
                     listener = self.connect()
                     sqlc.listen(listener, self.cache_id)
-                self.drain()
+                self.drain(stop)
                 if time.monotonic() - last_observe >= self.poll_seconds:
                     self.observe()
                     last_observe = time.monotonic()
