@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-15-partman postgresql-contrib pgbouncer openssl
+APT_PACKAGES=(postgresql-15 postgresql-15-cron postgresql-15-partman postgresql-contrib pgbouncer redis-server openssl
   containerd runc containernetworking-plugins iptables mmdebstrap buildah)
 UV_VERSION=0.13.8
 

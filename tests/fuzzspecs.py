@@ -38,6 +38,7 @@ KINDS = {
     "PartitionPolicy": "partitionpolicies",
     "RetentionPolicy": "retentionpolicies",
     "FileMigration": "filemigrations",
+    "Cache": "caches",
 }
 IDENT = "^[A-Za-z_][A-Za-z0-9_$]*$"
 DNS = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -235,6 +236,8 @@ def _specials(path: tuple[str, ...], schema: dict[str, Any]) -> list[str]:
         ] * 3
     elif name == "keyTemplate":
         out = ["{table}/{key}", "{key}", "{key}/{key}", "../{key}", "{table}/{nope}/{key}", "{key}" + "a" * 200] * 3
+    elif path[-2:] == ("keys", "[]") or name == "tag":
+        out = ["task:{id}", "user-tasks:{userId}", "{id}", "f:{fileName}", "x:{missing}", "{id}{id}", "q'\";--:{id}"]
     elif name == "endpoint":
         out = ["http://127.0.0.1:1", "https://s3.invalid", "http://[::1]:9", "http://user:pa55word@127.0.0.1:2/x"]
     ok = re.compile(pattern) if pattern else None

@@ -191,6 +191,12 @@ def cmd_job(args: argparse.Namespace) -> int:
     return int(module.main(args))
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import relay
+
+    return relay.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgscale", description="Scale the Postgres an application already has.")
     p.add_argument("--version", action="version", version=f"pgscale {__version__}")
@@ -251,6 +257,13 @@ def parser() -> argparse.ArgumentParser:
     cold = sub.add_parser("archive", help="list or restore the files a RetentionPolicy exported (action export)")
     archive_arguments(cold)
     cold.set_defaults(func=cmd_archive)
+
+    cache = sub.add_parser("cache", help="a Cache's processes")
+    caches = cache.add_subparsers(dest="cache", required=True)
+    relay = caches.add_parser("relay", help="delete the keys a Cache's outbox holds in the cache (its relay pod)")
+    relay.add_argument("--metrics-port", type=int, default=9090, help="serve /metrics here; 0 disables")
+    relay.add_argument("--once", action="store_true", help="drain the outbox once and exit")
+    cache.set_defaults(func=cmd_cache)
 
     from . import statusview  # light: its heavy imports wait until it runs
 

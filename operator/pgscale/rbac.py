@@ -26,8 +26,8 @@ from typing import Any
 
 from .api import GROUP
 
-# The four kinds, by plural (as in the CRDs).
-KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations")
+# The kinds, by plural (as in the CRDs).
+KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations", "caches")
 # What the operator creates, changes and deletes by server-side apply (kube.Kube.apply/delete).
 # An apply that creates the object is authorized as `patch` and then as `create`.
 WRITE = ("create", "patch", "delete")
@@ -49,33 +49,38 @@ class Rule:
 
 NAMESPACED: tuple[Rule, ...] = (
     Rule(GROUP, KINDS, ("get", "list", "watch"),
-         "kopf lists and watches the four kinds; a worker GETs the current object before each reconcile; "
+         "kopf lists and watches the kinds; a worker GETs the current object before each reconcile; "
          "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table, and "
          "DatabaseProfiles in every watched namespace to find two that set the settings of one server"),
     Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
          "status, conditions and observedGeneration are merge-patched on the status subresource"),
-    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies"), ("patch",),
+    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies", "caches"), ("patch",),
          "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the kinds "
-         "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job)"),
+         "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job, "
+         "a Cache's invalidation triggers and outbox)"),
     Rule(GROUP, ("databaseprofiles/finalizers", "partitionpolicies/finalizers", "retentionpolicies/finalizers",
-                 "filemigrations/finalizers"),
+                 "filemigrations/finalizers", "caches/finalizers"),
          ("update",),
          "owned objects carry blockOwnerDeletion owner references to these kinds; clusters enforcing "
          "OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that"),
     Rule("", ("events",), ("create",), "Events on the resources (kube.Kube.event)"),
     Rule("", ("secrets",), ("get",),
-         "the connection Secret of a DatabaseProfile, the replication Secret, a FileMigration's S3 credentials: "
-         "by name, never listed"),
+         "the connection Secret of a DatabaseProfile, the replication Secret, a FileMigration's S3 credentials, "
+         "a Cache's password Secret: by name, never listed"),
     Rule("", ("secrets", "services", "configmaps"), WRITE,
-         "PgBouncer's config Secret and Service; the replicas' -ro/-rw Services and bootstrap ConfigMap"),
-    Rule("apps", ("deployments", "statefulsets"), WRITE, "PgBouncer's Deployment; the replicas' StatefulSet"),
+         "PgBouncer's config Secret and Service; the replicas' -ro/-rw Services and bootstrap ConfigMap; a "
+         "Cache's config ConfigMap, password and application Secrets and Service"),
+    Rule("apps", ("deployments", "statefulsets"), WRITE,
+         "PgBouncer's Deployment; the replicas' StatefulSet; a Cache's server and relay Deployments"),
     Rule("discovery.k8s.io", ("endpointslices",), WRITE, "the -rw Service's EndpointSlice to the primary"),
     Rule("batch", ("cronjobs",), WRITE, "a RetentionPolicy's CronJob; a PartitionPolicy's maintenance CronJob"),
     Rule("batch", ("jobs",), ("get", "list", "watch", *WRITE),
          "a FileMigration's Job per phase (read to see it finish, deleted to stop it); kopf watches the Jobs "
          "pgscale labelled so a policy's status follows its runs"),
     Rule("monitoring.coreos.com", ("prometheusrules",), WRITE,
-         "a DatabaseProfile's alert thresholds as a PrometheusRule (prometheus-operator)"),
+         "a DatabaseProfile's and a Cache's alert thresholds as a PrometheusRule (prometheus-operator)"),
+    Rule("monitoring.coreos.com", ("podmonitors",), WRITE,
+         "a Cache's PodMonitor for its relay's metrics (spec.podMonitor)"),
     Rule("postgresql.cnpg.io", ("clusters",), ("get", "patch"),
          "the cloudnativepg settings method: read the CloudNativePG Cluster a profile names, server-side apply "
          "its spec.postgresql.parameters and spec.instances (field manager pgscale/<profile>). No create: an "

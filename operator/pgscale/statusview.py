@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # the models are imported where they are used: `pgscale --help` stays light
+    from .api.cache import CacheStatus
     from .api.common import BaseStatus, Condition
     from .api.databaseprofile import DatabaseProfileStatus
     from .api.filemigration import FileMigrationStatus
@@ -33,12 +34,13 @@ Obj = dict[str, Any]
 Secrets = Mapping[tuple[str, str], dict[str, str] | None]
 
 PROFILE_KIND = "DatabaseProfile"
-CHILD_KINDS = ("PartitionPolicy", "RetentionPolicy", "FileMigration")
+CHILD_KINDS = ("PartitionPolicy", "RetentionPolicy", "FileMigration", "Cache")
 PLURALS = {
     "DatabaseProfile": "databaseprofiles",
     "PartitionPolicy": "partitionpolicies",
     "RetentionPolicy": "retentionpolicies",
     "FileMigration": "filemigrations",
+    "Cache": "caches",
 }
 KSTATUS_CONDITIONS = ("Ready", "Reconciling", "Stalled")
 # status.conversion.step once no conversion is under way (it stays in status after the switch).
@@ -314,8 +316,22 @@ def files_progress(status: FileMigrationStatus, wide: bool = False) -> str:
     return text
 
 
+def cache_progress(status: CacheStatus, wide: bool = False) -> str:
+    """maxmemory, the tables that invalidate it, the outbox; (wide) the Service and Secret."""
+    if not status.maxmemory:
+        return "-"
+    tables = f"{len(status.tables)} table{'s' if len(status.tables) != 1 else ''}" if status.tables else None
+    outbox = f"outbox {human_count(status.outbox_depth)}" if status.outbox_depth is not None else None
+    text = _join(f"{status.maxmemory} maxmemory", tables, outbox)
+    if wide:
+        service = f"Service {status.service}" if status.service else None
+        text = _join(text, service, f"Secret {status.app_secret}" if status.app_secret else None)
+    return text
+
+
 def progress(res: Resource, wide: bool = False) -> str:
     """The progress cell of any pgscale kind."""
+    from .api.cache import CacheStatus
     from .api.databaseprofile import DatabaseProfileStatus
     from .api.filemigration import FileMigrationStatus
     from .api.partitionpolicy import PartitionPolicyStatus
@@ -330,6 +346,8 @@ def progress(res: Resource, wide: bool = False) -> str:
         return retention_progress(status, wide)
     if isinstance(status, FileMigrationStatus):
         return files_progress(status, wide)
+    if isinstance(status, CacheStatus):
+        return cache_progress(status, wide)
     return "-"
 
 

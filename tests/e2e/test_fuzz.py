@@ -52,6 +52,7 @@ PLURALS = {
     "PartitionPolicy": "partitionpolicies",
     "RetentionPolicy": "retentionpolicies",
     "FileMigration": "filemigrations",
+    "Cache": "caches",
 }
 
 

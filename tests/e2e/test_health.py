@@ -167,7 +167,7 @@ def test_argocd_cm_patch_applies(control_plane: Any, kubectl: Kubectl) -> None:
     keys = sorted(k for k in data if k.startswith("resource.customizations.health."))
     assert keys == [
         f"resource.customizations.health.pgscale.io_{k}"
-        for k in ("DatabaseProfile", "FileMigration", "PartitionPolicy", "RetentionPolicy")
+        for k in ("Cache", "DatabaseProfile", "FileMigration", "PartitionPolicy", "RetentionPolicy")
     ]
     assert all(data[k] == SCRIPT for k in keys) and data["url"] == "https://argocd.example"
     assert yaml.safe_load(Path(patch).read_text())["data"] == {k: data[k] for k in keys}

@@ -196,3 +196,26 @@ def test_profile_with_prometheus_rule_enabled(
     ):
         assert _time.monotonic() < deadline
         _time.sleep(0.5)
+
+
+def test_cache_prometheus_rule_and_pod_monitor_are_accepted(
+    kubectl: Kubectl, prometheus_operator_crds: list[Path]
+) -> None:
+    """A Cache's alerts and its relay's PodMonitor (specs/cache.py) pass the same schemas."""
+    from pgscale.api.cache import CacheAlertsSpec
+    from pgscale.specs import cache as cache_specs
+
+    kubectl.apply(
+        {
+            "apiVersion": "pgscale.io/v1alpha1",
+            "kind": "Cache",
+            "metadata": {"name": "tasks"},
+            "spec": {"profileRef": {"name": "app"}},
+        }
+    )
+    owner = ObjectRef.of(kubectl.get("cache", "tasks"))
+    alerts = CacheAlertsSpec.model_validate({"hitRatioPercent": 75, "prometheusRule": {"enabled": True}})
+    rule = _accepted(kubectl, cache_specs.prometheus_rule(owner, alerts, {"release": "x"}), "prometheusrule")
+    assert [r["alert"] for r in rule["spec"]["groups"][0]["rules"]] == list(cache_specs.RULE_SEVERITIES)
+    monitor = _accepted(kubectl, cache_specs.pod_monitor(owner, {}), "podmonitor")
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]

@@ -157,7 +157,7 @@ def test_kubectl_plugin_and_context_namespace(
         "pgscale-viewer",
         "--verb=get,list",
         "--resource=databaseprofiles.pgscale.io,partitionpolicies.pgscale.io,"
-        "retentionpolicies.pgscale.io,filemigrations.pgscale.io",
+        "retentionpolicies.pgscale.io,filemigrations.pgscale.io,caches.pgscale.io",
     )
     kubectl.run("create", "rolebinding", "pgscale-viewer", "--role=pgscale-viewer", f"--serviceaccount={ns}:viewer")
     viewer = control_plane.service_account_kubeconfig(ns, "viewer", tmp_path / "viewer")

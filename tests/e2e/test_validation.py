@@ -37,6 +37,7 @@ VALID: dict[str, dict[str, Any]] = {
         "encoding": "base64",
         "destination": {"s3": {"bucket": "app-files", "endpoint": "http://minio:9000"}},
     },
+    "Cache": {"profileRef": {"name": "app"}, "invalidate": [{"table": {"name": "Task"}, "keys": ["task:{id}"]}]},
 }
 
 
@@ -125,6 +126,16 @@ CASES: list[tuple[str, str, str, Any, str]] = [
      "must not contain .."),
     ("files-key-is-data", "FileMigration", "dataColumn", "id", "keyColumn and dataColumn must differ"),
     ("files-unknown-phase", "FileMigration", "phase", "delete", "spec.phase: Unsupported value"),
+    ("cache-unclosed-placeholder", "Cache", "invalidate", [{"table": {"name": "Task"}, "keys": ["task:{id"]}],
+     "spec.invalidate[0].keys[0]"),
+    ("cache-sql-in-placeholder", "Cache", "invalidate",
+     [{"table": {"name": "Task"}, "keys": ["task:{id);DROP TABLE x;--}"]}], "spec.invalidate[0].keys[0]"),
+    ("cache-no-keys-no-tag", "Cache", "invalidate", [{"table": {"name": "Task"}}], "set keys, tag, or both"),
+    ("cache-table-twice", "Cache", "invalidate",
+     [{"table": {"name": "Task"}, "keys": ["a:{id}"]}, {"table": {"name": "Task"}, "tag": "t"}],
+     "each table at most once"),
+    ("cache-unknown-policy", "Cache", "maxmemoryPolicy", "lru", "spec.maxmemoryPolicy: Unsupported value"),
+    ("cache-no-headroom", "Cache", "maxmemoryPercent", 100, "spec.maxmemoryPercent"),
 ]  # fmt: skip
 
 # (id, kind, path, new value, text): the change is refused on update only.

@@ -20,6 +20,7 @@ from pgscale.metrics import Metrics
 from pgscale.monitoring import SECONDS_PER_MONTH, ProfileCollector
 from pgscale.pg.export import Totals
 from pgscale.pg.stats import Snapshot, TableStats
+from pgscale.relay import RelayMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "pgscale" / "dashboards" / "pgscale.json"
 # Labels Prometheus adds to every scraped series (target labels), and the ones ALERTS carries.
@@ -52,8 +53,17 @@ def exported() -> dict[str, set[str]]:
         1,
     )
     metrics.registry.register(collector)
+    relay = RelayMetrics()  # a Cache's relay pod serves these (relay.py)
+    relay.invalidations.labels("ns/c").inc()
+    relay.keys_deleted.labels("ns/c").inc()
+    relay.lag.labels("ns/c").observe(0.01)
+    relay.depth.labels("ns/c").set(0)
+    relay.oldest.labels("ns/c").set(0)
+    relay.errors.labels("ns/c").inc()
+    relay.info.labels("ns/c", "used_memory").set(1)
+    relay.memory_limit.labels("ns/c").set(1)
     series: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
+    for family in [*metrics.registry.collect(), *relay.registry.collect()]:
         assert family.samples, f"{family.name}: no sample, so its labels are unknown to this test"
         for sample in family.samples:
             if not sample.name.endswith("_created"):

@@ -522,3 +522,14 @@ def test_retention_progress_shows_what_export_moved_out() -> None:
     text = retention_progress(status, wide=True)
     assert "exported 1,800 rows in 3 files" in text and "freed in the database" in text
     assert "2024-01-01T00:00:00Z to 2026-09-01T00:00:00Z" in text
+
+
+def test_cache_progress() -> None:
+    from pgscale.api.cache import CacheStatus
+
+    written = CacheStatus(maxmemory="192Mi", tables=["public.Task"], outbox_depth=1200)
+    written.service, written.app_secret = "tasks-cache", "tasks-cache-app"
+    res = parse(child("Cache", "tasks", written.wire()))
+    assert statusview.progress(res) == "192Mi maxmemory, 1 table, outbox 1,200"
+    assert statusview.progress(res, wide=True).endswith("Service tasks-cache, Secret tasks-cache-app")
+    assert statusview.progress(parse(child("Cache", "tasks", {}))) == "-"

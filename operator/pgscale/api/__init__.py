@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import databaseprofile, filemigration, partitionpolicy, retentionpolicy
+from . import cache, databaseprofile, filemigration, partitionpolicy, retentionpolicy
 from .common import API_VERSION, GROUP, VERSION, BaseStatus, KindInfo
 
 
@@ -41,10 +41,12 @@ RETENTION_POLICY = Kind(
     retentionpolicy.INFO, retentionpolicy.RetentionPolicySpec, retentionpolicy.RetentionPolicyStatus
 )
 FILE_MIGRATION = Kind(filemigration.INFO, filemigration.FileMigrationSpec, filemigration.FileMigrationStatus)
-KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION)
+CACHE = Kind(cache.INFO, cache.CacheSpec, cache.CacheStatus)
+KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION, CACHE)
 
 __all__ = [
     "API_VERSION",
+    "CACHE",
     "DATABASE_PROFILE",
     "FILE_MIGRATION",
     "GROUP",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Controller
+from .cache import CacheController
 from .databaseprofile import DatabaseProfileController
 from .filemigration import FileMigrationController
 from .partitionpolicy import PartitionPolicyController
@@ -18,4 +19,5 @@ def all_controllers() -> list[Controller[Any]]:
         PartitionPolicyController(),
         RetentionPolicyController(),
         FileMigrationController(),
+        CacheController(),
     ]
