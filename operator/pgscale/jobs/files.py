@@ -1,8 +1,9 @@
 """`pgscale job file-migration`: move files out of a table, verifiably and resumably.
 
 Per row, in one transaction: lock it (``FOR UPDATE SKIP LOCKED``), stream and decode
-its data while hashing, write the object create-only, read back its size and
-SHA-256, point the row at it (from phase cutover on) and record it in the ledger.
+its data while hashing, write the object create-only with its SHA-256 checksum (the
+server refuses other bytes; without the server's confirmation its size and SHA-256
+are read back), point the row at it (from phase cutover on) and record it in the ledger.
 Killing the job anywhere leaves either the old state or the new one for every
 row; an object written by a killed attempt is found and reused by the next.
 Only in phase dropSource is data nulled, only for rows whose object was verified
@@ -20,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,7 +211,7 @@ class Migration:
         """Upload, verify, point and record one row in one transaction; False when skipped."""
         key_text = str(key)
         with conn.transaction():
-            claimed = sqlf.claim(conn, self.src, key, has_path=self.has_path)
+            claimed = sqlf.claim(conn, self.src, key, has_path=self.has_path, small=READ_CHUNK)
             if claimed is None:
                 with self._lock:
                     self.report.rows_skipped_locked += 1
@@ -218,7 +219,7 @@ class Migration:
             if claimed.length is None:  # nulled meanwhile: nothing to migrate
                 return False
             try:
-                sha, size, media, body = self._hash(conn, key, claimed.length)
+                sha, size, media, body = self._hash(conn, key, claimed.length, claimed.data)
                 if self.src.size and claimed.size is not None and int(claimed.size) != size:
                     raise Malformed(f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}")
             except Malformed as exc:
@@ -245,7 +246,7 @@ class Migration:
                 self.limiter.acquire(size)
                 generic = claimed.content_type in (None, "", "application/octet-stream")
                 content_type = (media or claimed.content_type) if generic else claimed.content_type
-                target = self._place(conn, key, sha, size, claimed.length, content_type, body)
+                target = self._place(conn, key, sha, size, content_type, body)
             path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
             if self.cutover:
                 xmin = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec))
@@ -274,10 +275,15 @@ class Migration:
         return found is not None and found.sha256 == known.sha256 and found.size == known.size
 
     def _chunks(
-        self, conn: psycopg.Connection, key: Any, length: int, found: dict[str, str | None] | None = None
+        self, conn: psycopg.Connection, key: Any, found: dict[str, str | None] | None = None, value: Any = None
     ) -> Iterator[bytes]:
-        """The decoded file, slice by slice (Malformed when it cannot be decoded)."""
-        raw = sqlf.read_chunks(conn, self.src, key, length, READ_CHUNK)
+        """The decoded file, slice by slice (Malformed when it cannot be decoded); `value`: the
+        stored value when the claim brought it along, else it is read in slices."""
+        raw: Iterable[Any] = (
+            [value]
+            if value is not None
+            else sqlf.read_chunks(conn, self.src, key, READ_CHUNK, text=self.spec.encoding != "bytea")
+        )
         if self.spec.encoding == "bytea":
             yield from raw
             return
@@ -288,12 +294,14 @@ class Migration:
         if found is not None:
             found["media"] = stream.media_type
 
-    def _hash(self, conn: psycopg.Connection, key: Any, length: int) -> tuple[str, int, str | None, bytes | None]:
+    def _hash(
+        self, conn: psycopg.Connection, key: Any, length: int, value: Any
+    ) -> tuple[str, int, str | None, bytes | None]:
         """SHA-256, size and media type of the decoded file; small files are kept for the upload."""
         digest, size = hashlib.sha256(), 0
         found: dict[str, str | None] = {}
         keep: list[bytes] | None = [] if length <= READ_CHUNK else None
-        for chunk in self._chunks(conn, key, length, found):
+        for chunk in self._chunks(conn, key, found, value):
             digest.update(chunk)
             size += len(chunk)
             if keep is not None:
@@ -306,22 +314,25 @@ class Migration:
         key: Any,
         sha: str,
         size: int,
-        length: int,
         content_type: str | None,
         body: bytes | None,
     ) -> str:
-        """Write the object create-only (or find it already there), then read back its size and hash.
+        """Write the object create-only (or find it already there) and make sure it holds these bytes.
 
-        The write is tried first: create-only means it can only fail, never replace; only
-        then is the existing object looked at. Returns the key the verified object has.
+        The write is tried first: create-only means it can only fail, never replace. A write the
+        server confirmed by its SHA-256 checksum is done; otherwise (an existing object, or a
+        server that does not check checksums) its size and hash are read back. Returns the key
+        the verified object has.
         """
         base = object_key(self.spec.key_template, schema=self.src.schema, table=self.src.table, key=key)
         for candidate in (base, versioned_key(base, sha)):
-            chunks = [body] if body is not None else self._chunks(conn, key, length)
+            chunks = [body] if body is not None else self._chunks(conn, key)
             try:
-                self.store.put_new(candidate, chunks, size=size, sha256=sha, content_type=content_type)
+                confirmed = self.store.put_new(candidate, chunks, size=size, sha256=sha, content_type=content_type)
                 with self._lock:
                     self.report.bytes_written += size
+                if confirmed:  # the server hashed what it received and it matched: no read-back needed
+                    return candidate
                 reused = False
             except AlreadyExists:
                 reused = True  # an earlier attempt, or other content under this key: look at it
