@@ -63,6 +63,7 @@ class Entry:
     sha256: str | None
     status: str
     row_xmin: str | None
+    reason: str | None = None
 
 
 def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
@@ -161,6 +162,59 @@ def claim(conn: psycopg.Connection, src: Source, key: Any, *, has_path: bool, sm
     if row is None:
         return None
     return Claimed(xmin=row[0], length=row[1], size=row[2], content_type=row[3], path=row[4], data=row[5])
+
+
+def claim_many(
+    conn: psycopg.Connection,
+    src: Source,
+    keys: list[Any],
+    *,
+    has_path: bool,
+    small: int,
+    state_schema: str,
+    migration: str,
+) -> list[tuple[Any, Claimed, Entry | None]]:
+    """Lock some rows (skipping those the application or another worker holds), in key order,
+    each with its ledger entry and, when at most `small` bytes, its value: one round trip."""
+    cols = [
+        sql.SQL("t.{}").format(sql.Identifier(src.key)),
+        sql.SQL("t.xmin::text"),
+        sql.SQL("octet_length(t.{})").format(sql.Identifier(src.data)),
+        sql.SQL("t.{}").format(sql.Identifier(src.size)) if src.size else sql.SQL("NULL"),
+        sql.SQL("t.{}").format(sql.Identifier(src.content_type)) if src.content_type else sql.SQL("NULL"),
+        sql.SQL("t.{}").format(sql.Identifier(src.path)) if has_path else sql.SQL("NULL"),
+        sql.SQL("CASE WHEN octet_length(t.{data}) <= %s THEN t.{data} END").format(data=sql.Identifier(src.data)),
+        sql.SQL("l.key, l.object_key, l.size, l.sha256, l.status, l.row_xmin"),
+    ]
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT {cols} FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{key} = ANY(%s) ORDER BY t.{key} FOR UPDATE OF t SKIP LOCKED"
+        ).format(
+            cols=sql.SQL(", ").join(cols), rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key)
+        ),
+        (small, migration, keys),
+    ).fetchall()
+    return [
+        (r[0], Claimed(r[1], r[2], r[3], r[4], r[5], r[6]), Entry(*r[7:13]) if r[7] is not None else None) for r in rows
+    ]
+
+
+def record_many(conn: psycopg.Connection, state_schema: str, migration: str, entries: list[Entry]) -> None:
+    """Upsert ledger rows (in the caller's transaction), in one pipelined round trip."""
+    if not entries:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql.SQL(
+                "INSERT INTO {} AS l (migration, key, object_key, size, sha256, status, reason, row_xmin) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (migration, key) DO UPDATE SET "
+                "object_key = EXCLUDED.object_key, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, "
+                "status = EXCLUDED.status, reason = EXCLUDED.reason, row_xmin = EXCLUDED.row_xmin, "
+                "updated_at = clock_timestamp()"
+            ).format(_ledger(state_schema)),
+            [(migration, e.key, e.object_key, e.size, e.sha256, e.status, e.reason, e.row_xmin) for e in entries],
+        )
 
 
 _cursors = itertools.count()
