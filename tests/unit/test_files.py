@@ -48,6 +48,20 @@ def test_malformed_input_names_the_reason(text: str, reason: str | None) -> None
         decode_in_slices(text, 4)
 
 
+@pytest.mark.parametrize("text", ["QUJDé", "éQUJD", "QUJDQUJD\u65e5"])
+def test_bytes_slices_decode_and_fail_like_text(text: str) -> None:
+    """Large values arrive as their UTF-8 bytes: the same result, the same offset in the reason."""
+    for feed in (text, text.encode()):
+        with pytest.raises(Malformed) as caught:
+            Base64Stream().feed(feed)
+        if isinstance(feed, str):
+            expected = str(caught.value)
+    assert str(caught.value) == expected
+    payload = os.urandom(999)
+    stream = Base64Stream()
+    assert stream.feed(base64.encodebytes(payload)) == payload
+
+
 def test_padding_then_more_data_across_slices_is_rejected() -> None:
     stream = Base64Stream()
     stream.feed("QQ==")
