@@ -1,7 +1,8 @@
 """`pgscale job file-migration`: move files out of a table, verifiably and resumably.
 
-Per row, in one transaction: lock it (``FOR UPDATE SKIP LOCKED``), stream and decode
-its data while hashing, write the object create-only with its SHA-256 checksum (the
+Per row, in one transaction with the few others its worker took (one claim and one
+commit for the group): lock it (``FOR UPDATE SKIP LOCKED``), stream and decode its data
+while hashing, write the object create-only with its SHA-256 checksum (the
 server refuses other bytes; without the server's confirmation its size and SHA-256
 are read back), point the row at it (from phase cutover on) and record it in the ledger.
 Killing the job anywhere leaves either the old state or the new one for every
