@@ -53,6 +53,9 @@ def versioned_key(base: str, sha256: str) -> str:
     return f"{base}~{sha256[:16]}"
 
 
+PIECE = 256 * 1024  # bytes of Base64 decoded per C call
+
+
 class Base64Stream:
     """Decodes Base64 text that arrives in slices of any length.
 
@@ -85,7 +88,14 @@ class Base64Stream:
             match = _DATA_URL.match(raw.lstrip())
             if match:
                 self.media_type = match.group(1).decode() if match.group(1) else None
+                self._offset += len(raw) - len(raw.lstrip()[match.end() :])
                 raw = raw.lstrip()[match.end() :]
+        # In pieces: each C call holds the GIL, and the other workers' uploads wait for it meanwhile.
+        if len(raw) <= PIECE:
+            return self._decode(raw)
+        return b"".join(self._decode(raw[i : i + PIECE]) for i in range(0, len(raw), PIECE))
+
+    def _decode(self, raw: bytes) -> bytes:
         data = self._rest + raw.translate(None, _WHITESPACE)
         if data and self._padded:
             raise Malformed(f"invalid Base64 near offset {self._offset}: data after the final padding")
@@ -96,7 +106,7 @@ class Base64Stream:
         except binascii.Error as exc:
             raise Malformed(f"invalid Base64 near offset {self._offset}: {exc}") from exc
         self._padded = data[:cut].endswith(b"=")
-        self._offset += len(text)
+        self._offset += len(raw)
         return decoded
 
     def close(self) -> None:
