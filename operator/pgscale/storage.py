@@ -353,6 +353,9 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """Chunks of exactly `size` bytes (the last may be shorter), for multipart parts."""
     buf = bytearray()
     for chunk in chunks:
+        if not buf and len(chunk) == size:  # already a part (e.g. read from a file by parts): no copies
+            yield chunk
+            continue
         buf += chunk
         while len(buf) >= size:
             yield bytes(buf[:size])

@@ -102,6 +102,7 @@ class Migration:
         self.report = Report()
         self.cutover = self.spec.phase in ("cutover", "dropSource")
         self.threshold = parse_quantity(self.spec.multipart_threshold)
+        self.part_size = max(parse_quantity(self.spec.multipart_chunk_size), 5 * 1024 * 1024)  # as S3Store cuts
         rate = self.spec.rate_limit
         self.limiter = RateLimiter(
             rate.rows_per_second if rate else None,
@@ -389,7 +390,7 @@ class Migration:
             if isinstance(body, bytes):
                 chunks = [body]
             elif body is not None:
-                chunks = _read_file(body)
+                chunks = _read_file(body, self.part_size)
             else:
                 chunks = self._chunks(conn, key)
             try:
@@ -529,9 +530,9 @@ class _End:
 Body = bytes | IO[bytes] | None  # a file to upload: in memory, in a temporary file, or to read again
 
 
-def _read_file(f: IO[bytes]) -> Iterator[bytes]:
+def _read_file(f: IO[bytes], size: int) -> Iterator[bytes]:
     f.seek(0)
-    while chunk := f.read(READ_CHUNK):
+    while chunk := f.read(size):
         yield chunk
 
 
