@@ -282,7 +282,9 @@ class Migration:
         except Malformed as exc:
             return _Result(sqlf.Entry(key_text, None, None, None, "failed", claimed.xmin, str(exc)))
         try:
-            return self._upload_claimed(conn, key, claimed, known, sha, size, media, body)
+            return self._upload_claimed(
+                conn, key, claimed=claimed, known=known, sha=sha, size=size, media=media, body=body
+            )
         finally:
             if body is not None and not isinstance(body, bytes):
                 body.close()
@@ -291,6 +293,7 @@ class Migration:
         self,
         conn: psycopg.Connection,
         key: Any,
+        *,
         claimed: sqlf.Claimed,
         known: sqlf.Entry | None,
         sha: str,
