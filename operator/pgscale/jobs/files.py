@@ -231,10 +231,13 @@ class Migration:
 
         The rows are locked together (skipping those someone else holds) and committed
         together with their ledger entries: one claim and one commit for the group instead
-        of per row. Killed before the commit, nothing of the group is recorded, and the
-        objects already written are found and reused by the next run, as for a single row.
+        of per row. A file over INLINE gets a transaction of its own afterwards (claimed
+        again), so the other rows' locks do not wait for its upload. Killed before the
+        commit, nothing of the group is recorded, and the objects already written are found
+        and reused by the next run, as for a single row.
         """
         results: list[_Result] = []
+        later: list[Any] = []  # larger files, each in a transaction of its own after this one
         with conn.transaction():
             claimed = sqlf.claim_many(
                 conn,
@@ -248,6 +251,9 @@ class Migration:
             for key, row, known in claimed:
                 if self.stop.is_set():
                     break  # the rest of the group stays for the next run; this part commits
+                if len(keys) > 1 and row.length is not None and row.length > INLINE:
+                    later.append(key)  # its upload would keep the others' locks held meanwhile
+                    continue
                 result = self._migrate_claimed(conn, key, row, known)
                 if result is not None:
                     results.append(result)
@@ -265,7 +271,7 @@ class Migration:
                     self.report.rows_migrated += 1
         if self.progress:
             self.progress.advance(sum(r.entry.status != "failed" for r in results))
-        return len(results)
+        return len(results) + sum(self.migrate_batch(conn, [key]) for key in later if not self.stop.is_set())
 
     def _migrate_claimed(
         self, conn: psycopg.Connection, key: Any, claimed: sqlf.Claimed, known: sqlf.Entry | None
