@@ -12,10 +12,15 @@ result recorded), then the conversion:
   the primary key and the first partition after the data, swap names in one
   transaction that attaches the old table as the DEFAULT partition, then
   `CALL partman.partition_data_proc(...)` to move the data out of the DEFAULT.
+- offline INSERT ... SELECT, the physical limit: with no writer, pgscale's own build step
+  creates the same partitioned layout (partitions, DEFAULT, keys, indexes), then one
+  `INSERT INTO <partitioned> SELECT * FROM task` copies the rows. Nothing is verified or
+  switched, and the application is not running.
 
 Reports total time, the writer's p50/p99 latency and longest stall, and correctness:
 rows that differ from the snapshot plus the writer's committed changes, and updates
-that silently matched no row. Ratios are pgscale/pg_partman.
+that silently matched no row. Ratios are pgscale/pg_partman, and pgscale's total time over
+the offline INSERT ... SELECT's.
 
     uv run python bench/partitions.py --rows 3000000 --out bench/results/partitions.json
 """
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT / "hack"))
 import localenv  # noqa: E402
 
 from common import latency_ms, seed_tasks  # noqa: E402
+from pgscale import conversion  # noqa: E402
 from pgscale.api.partitionpolicy import PartitionPolicySpec  # noqa: E402
 from pgscale.conversion import convert  # noqa: E402
 
@@ -143,22 +149,26 @@ def check(dsn: str, writer: Writer) -> int:
 
 def partitions(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'task'::regclass").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent IN ('task'::regclass, to_regclass('task_pgscale_new'))"
+        ).fetchone()
         return int(row[0]) if row else 0
 
 
-def measure(name: str, pg: localenv.Postgres, rows: int, action: Any) -> Result:
+def measure(name: str, pg: localenv.Postgres, rows: int, action: Any, *, writing: bool = True) -> Result:
     dsn = seed(pg, f"bench_{name}", rows)
     writer = Writer(dsn, rows)
-    writer.start()
-    time.sleep(1.0)
+    if writing:
+        writer.start()
+        time.sleep(1.0)
     started = time.monotonic()
     extra = action(dsn)
     seconds = time.monotonic() - started
-    time.sleep(0.5)
-    writer.stop.set()
-    writer.join()
-    p50, p99, longest = latency_ms(writer.latencies)
+    if writing:
+        time.sleep(0.5)
+        writer.stop.set()
+        writer.join()
+    p50, p99, longest = latency_ms(writer.latencies) if writer.latencies else (0.0, 0.0, 0.0)
     return Result(
         contender=name,
         rows=rows,
@@ -177,22 +187,41 @@ def measure(name: str, pg: localenv.Postgres, rows: int, action: Any) -> Result:
 
 def run_pgscale(batch: int) -> Any:
     def action(dsn: str) -> dict[str, Any]:
-        spec = PartitionPolicySpec.model_validate(
-            {
-                "profileRef": {"name": "app"},
-                "table": {"name": "task"},
-                "column": "createdAt",
-                "interval": "monthly",
-                "premake": 4,
-                "conversion": {"batchSize": batch, "widenKeys": True},
-            }
-        )
         with psycopg.connect(dsn, autocommit=True) as conn:
-            report = convert(conn, spec, "pgscale", datetime.now(UTC))
+            report = convert(conn, policy(batch), "pgscale", datetime.now(UTC))
         assert report.finished, report
         return {"batch_size": batch, "longest_lock_ms": report.longest_lock_ms, "lock_retries": report.lock_retries}
 
     return action
+
+
+def policy(batch: int) -> PartitionPolicySpec:
+    return PartitionPolicySpec.model_validate(
+        {
+            "profileRef": {"name": "app"},
+            "table": {"name": "task"},
+            "column": "createdAt",
+            "interval": "monthly",
+            "premake": 4,
+            "conversion": {"batchSize": batch, "widenKeys": True},
+        }
+    )
+
+
+def run_insert_select(dsn: str) -> dict[str, Any]:
+    """The same layout as pgscale builds it, filled by one INSERT ... SELECT, with nobody writing."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.monotonic()
+        conversion._build(conn, policy(10000), "pgscale", datetime.now(UTC), None)
+        built = time.monotonic()
+        conn.execute("INSERT INTO task_pgscale_new SELECT * FROM task")
+        copied = time.monotonic()
+        moved = conn.execute("SELECT count(*) FROM task_pgscale_new").fetchone()
+    return {
+        "build_seconds": round(built - started, 2),
+        "insert_seconds": round(copied - built, 2),
+        "rows_copied": int(moved[0]) if moved else 0,
+    }
 
 
 def run_partman(dsn: str) -> dict[str, Any]:
@@ -267,22 +296,31 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=3_000_000)
     p.add_argument("--batch", type=int, default=10000, help="pgscale conversion.batchSize")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--no-partman", action="store_true", help="only pgscale and the offline INSERT ... SELECT")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="pgscale-bench-") as tmp:
         pg = localenv.Postgres(Path(tmp)).start()
         try:
             results = [
-                measure("pg_partman", pg, args.rows, run_partman),
+                measure("insert_select", pg, args.rows, run_insert_select, writing=False),
                 measure("pgscale", pg, args.rows, run_pgscale(args.batch)),
             ]
+            if not args.no_partman:
+                results.insert(0, measure("pg_partman", pg, args.rows, run_partman))
         finally:
             pg.stop()
-    partman, ours = results
-    ratios = {
-        "total time (pgscale/pg_partman)": round(ours.seconds / partman.seconds, 3),
-        "writer p99 (pgscale/pg_partman)": round(ours.writer_p99_ms / partman.writer_p99_ms, 3),
-        "writer longest stall (pgscale/pg_partman)": round(ours.writer_max_stall_ms / partman.writer_max_stall_ms, 4),
-    }
+    by = {r.contender: r for r in results}
+    limit, ours = by["insert_select"], by["pgscale"]
+    ratios = {"total time (pgscale/offline INSERT ... SELECT)": round(ours.seconds / limit.seconds, 3)}
+    if "pg_partman" in by:
+        partman = by["pg_partman"]
+        ratios |= {
+            "total time (pgscale/pg_partman)": round(ours.seconds / partman.seconds, 3),
+            "writer p99 (pgscale/pg_partman)": round(ours.writer_p99_ms / partman.writer_p99_ms, 3),
+            "writer longest stall (pgscale/pg_partman)": round(
+                ours.writer_max_stall_ms / partman.writer_max_stall_ms, 4
+            ),
+        }
     cols = [
         "contender",
         "rows",
@@ -296,7 +334,7 @@ def main() -> int:
         "updates_lost",
         "partitions",
     ]
-    print(f"\nconversion benchmark: {args.rows} rows, PostgreSQL 15, one concurrent writer")
+    print(f"\nconversion benchmark: {args.rows} rows, PostgreSQL 15, one concurrent writer (none for insert_select)")
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(str(getattr(r, c)) for c in cols), r.extra)

@@ -30,7 +30,7 @@ def source(spec: FileMigrationSpec) -> sqlf.Source:
     )
 
 
-_WHITESPACE = re.compile(rb"\s+")
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what rb"\s" matches; bytes.translate drops it ~10x faster than re.sub
 _DATA_URL = re.compile(rb"^data:([-\w.+]+/[-\w.+]+)?(;[-\w]+=[-\w.]+)*;base64,", re.IGNORECASE)
 
 
@@ -53,6 +53,9 @@ def versioned_key(base: str, sha256: str) -> str:
     return f"{base}~{sha256[:16]}"
 
 
+PIECE = 256 * 1024  # bytes of Base64 decoded per C call
+
+
 class Base64Stream:
     """Decodes Base64 text that arrives in slices of any length.
 
@@ -67,18 +70,33 @@ class Base64Stream:
         self._padded = False
         self.media_type: str | None = None
 
-    def feed(self, text: str) -> bytes:
-        try:
-            raw = text.encode("ascii")
-        except UnicodeEncodeError as exc:
-            raise Malformed(f"invalid Base64: non-ASCII character at offset {self._offset + exc.start}") from exc
+    def feed(self, text: str | bytes) -> bytes:
+        """Decode the next slice: text, or its UTF-8 bytes (the first non-ASCII byte starts the first
+        non-ASCII character, so offsets read the same)."""
+        if isinstance(text, bytes):
+            raw = text
+            if not raw.isascii():
+                first = next(i for i, b in enumerate(raw) if b >= 0x80)
+                raise Malformed(f"invalid Base64: non-ASCII character at offset {self._offset + first}")
+        else:
+            try:
+                raw = text.encode("ascii")
+            except UnicodeEncodeError as exc:
+                raise Malformed(f"invalid Base64: non-ASCII character at offset {self._offset + exc.start}") from exc
         if self._first:
             self._first = False
             match = _DATA_URL.match(raw.lstrip())
             if match:
                 self.media_type = match.group(1).decode() if match.group(1) else None
+                self._offset += len(raw) - len(raw.lstrip()[match.end() :])
                 raw = raw.lstrip()[match.end() :]
-        data = self._rest + _WHITESPACE.sub(b"", raw)
+        # In pieces: each C call holds the GIL, and the other workers' uploads wait for it meanwhile.
+        if len(raw) <= PIECE:
+            return self._decode(raw)
+        return b"".join(self._decode(raw[i : i + PIECE]) for i in range(0, len(raw), PIECE))
+
+    def _decode(self, raw: bytes) -> bytes:
+        data = self._rest + raw.translate(None, _WHITESPACE)
         if data and self._padded:
             raise Malformed(f"invalid Base64 near offset {self._offset}: data after the final padding")
         cut = len(data) - len(data) % 4
@@ -88,7 +106,7 @@ class Base64Stream:
         except binascii.Error as exc:
             raise Malformed(f"invalid Base64 near offset {self._offset}: {exc}") from exc
         self._padded = data[:cut].endswith(b"=")
-        self._offset += len(text)
+        self._offset += len(raw)
         return decoded
 
     def close(self) -> None:

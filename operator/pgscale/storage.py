@@ -5,10 +5,16 @@ overwrites: S3 ``If-None-Match: *``, the filesystem ``link()``), a look at an
 object's size and recorded SHA-256, and a streaming read that re-hashes the
 stored bytes. Every write streams from an iterator of chunks, so memory is
 bounded by the chunk size, not by the file.
+
+An S3 write carries the SHA-256 of its bytes (``x-amz-checksum-sha256``, per part for
+multipart uploads): S3, MinIO and Ceph hash what they receive and refuse a body that
+differs. ``put_new`` says whether the server confirmed the checksum; only when it did
+not is a read-back (HEAD) needed to know the object is there as written.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -43,7 +49,7 @@ class ObjectStore(Protocol):
 
     def put_new(
         self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None
-    ) -> None: ...
+    ) -> bool: ...
 
     def read_hash(self, key: str) -> ObjectInfo: ...
 
@@ -94,6 +100,22 @@ def s3_client(
     )
 
 
+def _b64_sha256(hex_digest: str) -> str | None:
+    """The SHA-256 as S3 takes it (Base64 of the digest); None when `hex_digest` is not one."""
+    try:
+        raw = bytes.fromhex(hex_digest)
+    except ValueError:
+        return None
+    return base64.b64encode(raw).decode() if len(raw) == 32 else None
+
+
+class ChecksumMismatch(RuntimeError):
+    """The bytes streamed for an object do not have the SHA-256 they were announced with."""
+
+
+_NO_CHECKSUMS = {"NotImplemented", "InvalidArgument", "InvalidRequest", "XNotImplemented"}
+
+
 class S3Store:
     """A bucket (and prefix) on S3, MinIO or another S3-compatible server."""
 
@@ -113,6 +135,7 @@ class S3Store:
         self.prefix = prefix
         self.part_size = max(part_size, 5 * 1024 * 1024)  # S3's minimum part size
         self.multipart_threshold = multipart_threshold
+        self.checksums = True  # cleared when the server refuses checksum headers (an old S3-compatible one)
         self.extra: dict[str, str] = {}
         if sse:
             self.extra["ServerSideEncryption"] = sse
@@ -136,7 +159,8 @@ class S3Store:
             raise
         return ObjectInfo(int(found["ContentLength"]), (found.get("Metadata") or {}).get(SHA256_META))
 
-    def put_new(self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None) -> None:
+    def put_new(self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None) -> bool:
+        """Write create-only; True when the server confirmed the bytes by their SHA-256 checksum."""
         from botocore.exceptions import ClientError
 
         args: dict[str, Any] = {
@@ -147,27 +171,71 @@ class S3Store:
         }
         if content_type:
             args["ContentType"] = content_type
+        checksum = _b64_sha256(sha256) if self.checksums else None
         try:
             if size < self.multipart_threshold:
                 body = b"".join(chunks)
-                self.client.put_object(Body=body, IfNoneMatch="*", **args)
-            else:
-                self._multipart(args, chunks)
+                if checksum is None:
+                    self.client.put_object(Body=body, IfNoneMatch="*", **args)
+                    return False
+                try:
+                    done = self.client.put_object(
+                        Body=body, IfNoneMatch="*", ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, **args
+                    )
+                except ClientError as exc:
+                    if not self._refuses_checksums(exc):
+                        raise
+                    self.client.put_object(Body=body, IfNoneMatch="*", **args)
+                    return False
+                return bool(done.get("ChecksumSHA256") == checksum)
+            return self._multipart(args, chunks, sha256)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise AlreadyExists(key) from exc
             raise
 
-    def _multipart(self, args: dict[str, Any], chunks: Iterable[bytes]) -> None:
-        upload = self.client.create_multipart_upload(**args)
+    def _refuses_checksums(self, exc: BaseException) -> bool:
+        """A server that does not know checksum headers: write without them from now on (and read back)."""
+        error = getattr(exc, "response", {}).get("Error", {})
+        if error.get("Code") in _NO_CHECKSUMS and "checksum" in str(error.get("Message", "")).lower():
+            self.checksums = False
+            return True
+        return False
+
+    def _multipart(self, args: dict[str, Any], chunks: Iterable[bytes], sha256: str) -> bool:
+        """Upload in parts, each with its SHA-256; the whole stream is hashed on the way and must match
+        `sha256` before the upload is completed, so the parts the server confirmed are the announced file."""
+        known = _b64_sha256(sha256) is not None
+        use = self.checksums and known
+        try:
+            upload = self.client.create_multipart_upload(**args, **({"ChecksumAlgorithm": "SHA256"} if use else {}))
+        except Exception as exc:
+            if not (use and self._refuses_checksums(exc)):
+                raise
+            use = False
+            upload = self.client.create_multipart_upload(**args)
         upload_id = upload["UploadId"]
         parts = []
+        confirmed = use
+        whole = hashlib.sha256()
         try:
             for number, part in enumerate(_rechunk(chunks, self.part_size), start=1):
+                whole.update(part)
+                checksum = {"ChecksumSHA256": _b64(hashlib.sha256(part).digest())} if use else {}
                 done = self.client.upload_part(
-                    Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id, PartNumber=number, Body=part
+                    Bucket=args["Bucket"],
+                    Key=args["Key"],
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=part,
+                    **({"ChecksumAlgorithm": "SHA256", **checksum} if use else {}),
                 )
-                parts.append({"PartNumber": number, "ETag": done["ETag"]})
+                parts.append({"PartNumber": number, "ETag": done["ETag"], **checksum})
+                confirmed = confirmed and done.get("ChecksumSHA256") == checksum.get("ChecksumSHA256")
+            if known and whole.hexdigest() != sha256:
+                raise ChecksumMismatch(
+                    f"the bytes sent for {args['Key']!r} have sha256 {whole.hexdigest()}, not {sha256}; upload aborted"
+                )
             self.client.complete_multipart_upload(
                 Bucket=args["Bucket"],
                 Key=args["Key"],
@@ -179,6 +247,7 @@ class S3Store:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=args["Bucket"], Key=args["Key"], UploadId=upload_id)
             raise
+        return confirmed
 
     def read_hash(self, key: str) -> ObjectInfo:
         body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
@@ -225,7 +294,8 @@ class FilesystemStore:
             sha = side.read_text().strip()
         return ObjectInfo(path.stat().st_size, sha)
 
-    def put_new(self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None) -> None:
+    def put_new(self, key: str, chunks: Iterable[bytes], *, size: int, sha256: str, content_type: str | None) -> bool:
+        """Write create-only (fsynced); False: the caller reads the size and hash back (a cheap stat)."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pgscale-")
@@ -250,6 +320,7 @@ class FilesystemStore:
                 os.unlink(tmp)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp + ".sha256")
+        return False
 
     def read_hash(self, key: str) -> ObjectInfo:
         digest, size = hashlib.sha256(), 0
@@ -274,10 +345,17 @@ class FilesystemStore:
                 name.unlink()
 
 
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """Chunks of exactly `size` bytes (the last may be shorter), for multipart parts."""
     buf = bytearray()
     for chunk in chunks:
+        if not buf and len(chunk) == size:  # already a part (e.g. read from a file by parts): no copies
+            yield chunk
+            continue
         buf += chunk
         while len(buf) >= size:
             yield bytes(buf[:size])

@@ -23,7 +23,7 @@ from pgscale.jobs.files import Migration, make_store
 from pgscale.kube import ObjectRef
 from pgscale.pg.connection import ConnInfo
 from pgscale.specs import builders
-from pgscale.storage import s3_client
+from pgscale.storage import ChecksumMismatch, ObjectInfo, S3Store, s3_client
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 MiB = 1024 * 1024
@@ -373,3 +373,21 @@ def test_dry_run_moves_nothing(postgres: Any, database: str, s3_server: Any, buc
         report = json.loads(out.stdout)
         assert report["outcome"] == "DryRun" and report["rows_pending"] == 3
         assert "Contents" not in client(s3_server).list_objects_v2(Bucket=bucket)
+
+
+def test_writes_carry_their_sha256_and_a_mismatch_is_never_completed(s3_server: Any, bucket: str) -> None:
+    """Each PUT and part carries x-amz-checksum-sha256 (S3, MinIO, Ceph refuse other bytes; moto 5.2.5
+    stores it unchecked); a multipart stream whose bytes differ from the announced hash is aborted."""
+    s3 = client(s3_server)
+    store = S3Store(s3, bucket, "c/", part_size=5 * MiB, multipart_threshold=5 * MiB)
+    small, big = os.urandom(1000), os.urandom(6 * MiB)
+    for key, data in (("small", small), ("big", big)):
+        sha = hashlib.sha256(data).hexdigest()
+        assert store.put_new(key, [data], size=len(data), sha256=sha, content_type=None)  # confirmed: no HEAD
+        assert store.head(key) == ObjectInfo(len(data), sha)
+    sent = s3.head_object(Bucket=bucket, Key="c/small", ChecksumMode="ENABLED")["ChecksumSHA256"]
+    assert base64.b64decode(sent) == hashlib.sha256(small).digest()
+    with pytest.raises(ChecksumMismatch, match="upload aborted"):
+        store.put_new("bad", [big], size=len(big), sha256=hashlib.sha256(small).hexdigest(), content_type=None)
+    assert store.head("bad") is None
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")

@@ -48,6 +48,31 @@ def test_malformed_input_names_the_reason(text: str, reason: str | None) -> None
         decode_in_slices(text, 4)
 
 
+@pytest.mark.parametrize("text", ["QUJDé", "éQUJD", "QUJDQUJD\u65e5"])
+def test_bytes_slices_decode_and_fail_like_text(text: str) -> None:
+    """Large values arrive as their UTF-8 bytes: the same result, the same offset in the reason."""
+    for feed in (text, text.encode()):
+        with pytest.raises(Malformed) as caught:
+            Base64Stream().feed(feed)
+        if isinstance(feed, str):
+            expected = str(caught.value)
+    assert str(caught.value) == expected
+    payload = os.urandom(999)
+    stream = Base64Stream()
+    assert stream.feed(base64.encodebytes(payload)) == payload
+
+
+@pytest.mark.parametrize("piece", [1, 5, 8, 77])
+def test_long_slices_decode_in_pieces_the_same(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pgscale.files.PIECE", piece)
+    payload = os.urandom(1001)
+    for text in (base64.b64encode(payload).decode(), base64.encodebytes(payload).decode()):
+        assert decode_in_slices(text, 300) == payload
+        assert decode_in_slices("data:a/b;base64," + text, 300) == payload
+    with pytest.raises(Malformed, match="padding"):
+        decode_in_slices("QQ==QUJD" * 10, 80)
+
+
 def test_padding_then_more_data_across_slices_is_rejected() -> None:
     stream = Base64Stream()
     stream.feed("QQ==")

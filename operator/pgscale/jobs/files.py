@@ -1,8 +1,10 @@
 """`pgscale job file-migration`: move files out of a table, verifiably and resumably.
 
-Per row, in one transaction: lock it (``FOR UPDATE SKIP LOCKED``), stream and decode
-its data while hashing, write the object create-only, read back its size and
-SHA-256, point the row at it (from phase cutover on) and record it in the ledger.
+Per row, in one transaction with the few others its worker took (one claim and one
+commit for the group): lock it (``FOR UPDATE SKIP LOCKED``), stream and decode its data
+while hashing, write the object create-only with its SHA-256 checksum (the
+server refuses other bytes; without the server's confirmation its size and SHA-256
+are read back), point the row at it (from phase cutover on) and record it in the ledger.
 Killing the job anywhere leaves either the old state or the new one for every
 row; an object written by a killed attempt is found and reused by the next.
 Only in phase dropSource is data nulled, only for rows whose object was verified
@@ -18,11 +20,12 @@ import json
 import logging
 import queue
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
@@ -41,7 +44,10 @@ from . import JobInput, start
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 4 * 1024 * 1024  # characters or bytes fetched per query for large values
+READ_CHUNK = 4 * 1024 * 1024  # bytes fetched per slice for large values; a file up to this is kept for the upload
+INLINE = 1024 * 1024  # values up to this come with the claim of their row
+SPOOL_MAX = 128 * 1024 * 1024  # stored size up to which a large file is decoded once, into a temporary file
+ROWS_PER_TRANSACTION = 8  # rows claimed and committed together by a worker (at most batchSize)
 
 
 @dataclass
@@ -96,12 +102,15 @@ class Migration:
         self.report = Report()
         self.cutover = self.spec.phase in ("cutover", "dropSource")
         self.threshold = parse_quantity(self.spec.multipart_threshold)
+        self.part_size = max(parse_quantity(self.spec.multipart_chunk_size), 5 * 1024 * 1024)  # as S3Store cuts
         rate = self.spec.rate_limit
         self.limiter = RateLimiter(
             rate.rows_per_second if rate else None,
             parse_quantity(rate.bytes_per_second) if rate and rate.bytes_per_second else None,
         )
         self._lock = threading.Lock()
+        self.workers = self.spec.concurrency + max(1, self.spec.concurrency // 2)
+        self._uploads = threading.BoundedSemaphore(self.spec.concurrency)
         self._read_back: set[str] = set()  # rows whose object this run downloaded and hashed
 
     # --- the run ----------------------------------------------------------------------
@@ -164,23 +173,34 @@ class Migration:
         done = [0]
         errors: list[BaseException] = []
 
+        group = max(1, min(self.spec.batch_size, ROWS_PER_TRANSACTION))
+
         def worker() -> None:
             with pg.connect(self.job.conn) as wconn:
-                while True:
-                    key = keys.get()
-                    if key is _END:
-                        return
-                    if self.stop.is_set() or errors:
+                last = False
+                while not last:
+                    batch = [keys.get()]
+                    while len(batch) < group and batch[-1] is not _END:  # whatever is queued, without waiting
+                        try:
+                            batch.append(keys.get_nowait())
+                        except queue.Empty:
+                            break
+                    if batch[-1] is _END:
+                        last = True
+                        batch.pop()
+                    if not batch or self.stop.is_set() or errors:
                         continue
                     try:
-                        if self.migrate_row(wconn, key):
-                            with self._lock:
-                                done[0] += 1
+                        moved = self.migrate_batch(wconn, batch)
+                        with self._lock:
+                            done[0] += moved
                     except Exception as exc:  # storage or database trouble: stop this pass, report
-                        log.exception("row %r", key)
+                        log.exception("rows %r", batch)
                         errors.append(exc)
 
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.spec.concurrency)]
+        # More workers than uploads: while `concurrency` of them write, the others claim, read and hash
+        # their next rows, so the uploads in flight (at most `concurrency`, see _place) do not wait for them.
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.workers)]
         for t in threads:
             t.start()
         try:
@@ -204,80 +224,124 @@ class Migration:
             raise errors[0]
         return done[0]
 
-    # --- one row -----------------------------------------------------------------------
+    # --- rows ------------------------------------------------------------------------------
 
-    def migrate_row(self, conn: psycopg.Connection, key: Any) -> bool:
-        """Upload, verify, point and record one row in one transaction; False when skipped."""
-        key_text = str(key)
+    def migrate_batch(self, conn: psycopg.Connection, keys: list[Any]) -> int:
+        """Upload, verify, point and record a few rows in one transaction; returns how many were done.
+
+        The rows are locked together (skipping those someone else holds) and committed
+        together with their ledger entries: one claim and one commit for the group instead
+        of per row. A file over INLINE gets a transaction of its own afterwards (claimed
+        again), so the other rows' locks do not wait for its upload. Killed before the
+        commit, nothing of the group is recorded, and the objects already written are found
+        and reused by the next run, as for a single row.
+        """
+        results: list[_Result] = []
+        later: list[Any] = []  # larger files, each in a transaction of its own after this one
         with conn.transaction():
-            claimed = sqlf.claim(conn, self.src, key, has_path=self.has_path)
-            if claimed is None:
-                with self._lock:
-                    self.report.rows_skipped_locked += 1
-                return False
-            if claimed.length is None:  # nulled meanwhile: nothing to migrate
-                return False
-            try:
-                sha, size, media, body = self._hash(conn, key, claimed.length)
-                if self.src.size and claimed.size is not None and int(claimed.size) != size:
-                    raise Malformed(f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}")
-            except Malformed as exc:
-                sqlf.record(
-                    conn,
-                    self.job.state_schema,
-                    self.job.policy_key,
-                    key_text,
-                    status="failed",
-                    row_xmin=claimed.xmin,
-                    reason=str(exc),
-                )
-                with self._lock:
+            claimed = sqlf.claim_many(
+                conn,
+                self.src,
+                keys,
+                has_path=self.has_path,
+                small=INLINE,
+                state_schema=self.job.state_schema,
+                migration=self.job.policy_key,
+            )
+            for key, row, known in claimed:
+                if self.stop.is_set():
+                    break  # the rest of the group stays for the next run; this part commits
+                if len(keys) > 1 and row.length is not None and row.length > INLINE:
+                    later.append(key)  # its upload would keep the others' locks held meanwhile
+                    continue
+                result = self._migrate_claimed(conn, key, row, known)
+                if result is not None:
+                    results.append(result)
+            sqlf.record_many(conn, self.job.state_schema, self.job.policy_key, [r.entry for r in results])
+        with self._lock:
+            self.report.rows_skipped_locked += len(keys) - len(claimed)
+            for r in results:
+                self.report.objects_reused += r.reused
+                self.report.bytes_written += r.written
+                if r.entry.status == "failed":
                     self.report.rows_failed += 1
                     if len(self.report.failures) < 20:
-                        self.report.failures.append({"key": key_text, "reason": str(exc)})
-                return True
-            known = sqlf.entry(conn, self.job.state_schema, self.job.policy_key, key_text)
-            if known is not None and known.sha256 == sha and known.object_key and self._still_there(known):
-                target = known.object_key  # written and verified before (e.g. in phase copy): not sent again
-                with self._lock:
-                    self.report.objects_reused += 1
-            else:
-                self.limiter.acquire(size)
-                generic = claimed.content_type in (None, "", "application/octet-stream")
-                content_type = (media or claimed.content_type) if generic else claimed.content_type
-                target = self._place(conn, key, sha, size, claimed.length, content_type, body)
-            path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
-            if self.cutover:
-                xmin = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec))
-                status = "cutover"
-            else:
-                xmin, status = claimed.xmin, "verified"
-            sqlf.record(
-                conn,
-                self.job.state_schema,
-                self.job.policy_key,
-                key_text,
-                status=status,
-                row_xmin=xmin,
-                object_key=target,
-                size=size,
-                sha256=sha,
-            )
-        with self._lock:
-            self.report.rows_migrated += 1
+                        self.report.failures.append({"key": r.entry.key, "reason": r.entry.reason or ""})
+                else:
+                    self.report.rows_migrated += 1
         if self.progress:
-            self.progress.advance(1)
-        return True
+            self.progress.advance(sum(r.entry.status != "failed" for r in results))
+        return len(results) + sum(self.migrate_batch(conn, [key]) for key in later if not self.stop.is_set())
+
+    def _migrate_claimed(
+        self, conn: psycopg.Connection, key: Any, claimed: sqlf.Claimed, known: sqlf.Entry | None
+    ) -> _Result | None:
+        """One locked row: its ledger entry to record, or None when it has no data any more."""
+        key_text = str(key)
+        if claimed.length is None:  # nulled meanwhile: nothing to migrate
+            return None
+        # A large file is decoded once: to a temporary file while it is hashed, unless it is
+        # probably uploaded already (a ledger entry with an object) or too large for the disk.
+        spool = claimed.length <= SPOOL_MAX and (known is None or not known.object_key)
+        try:
+            sha, size, media, body = self._hash(conn, key, claimed.length, claimed.data, spool=spool)
+        except Malformed as exc:
+            return _Result(sqlf.Entry(key_text, None, None, None, "failed", claimed.xmin, str(exc)))
+        try:
+            return self._upload_claimed(
+                conn, key, claimed=claimed, known=known, sha=sha, size=size, media=media, body=body
+            )
+        finally:
+            if body is not None and not isinstance(body, bytes):
+                body.close()
+
+    def _upload_claimed(
+        self,
+        conn: psycopg.Connection,
+        key: Any,
+        *,
+        claimed: sqlf.Claimed,
+        known: sqlf.Entry | None,
+        sha: str,
+        size: int,
+        media: str | None,
+        body: Body,
+    ) -> _Result:
+        """Check, write and point one hashed row; its ledger entry to record."""
+        key_text = str(key)
+        if self.src.size and claimed.size is not None and int(claimed.size) != size:
+            reason = f"size column {self.src.size!r} says {claimed.size} bytes, the data has {size}"
+            return _Result(sqlf.Entry(key_text, None, None, None, "failed", claimed.xmin, reason))
+        result = _Result(sqlf.Entry(key_text, None, size, sha, "verified", claimed.xmin))
+        if known is not None and known.sha256 == sha and known.object_key and self._still_there(known):
+            target = known.object_key  # written and verified before (e.g. in phase copy): not sent again
+            result.reused = 1
+        else:
+            self.limiter.acquire(size)
+            generic = claimed.content_type in (None, "", "application/octet-stream")
+            content_type = (media or claimed.content_type) if generic else claimed.content_type
+            target = self._place(conn, key, sha, size, content_type, body, result)
+        path = target if self.spec.destination.s3 is None else (self.spec.destination.s3.prefix + target)
+        xmin, status = claimed.xmin, "verified"
+        if self.cutover:
+            xmin, status = sqlf.set_pointer(conn, self.src, key, path, storage_type(self.spec)), "cutover"
+        result.entry = sqlf.Entry(key_text, target, size, sha, status, xmin)
+        return result
 
     def _still_there(self, known: sqlf.Entry) -> bool:
         found = self.store.head(known.object_key or "")
         return found is not None and found.sha256 == known.sha256 and found.size == known.size
 
     def _chunks(
-        self, conn: psycopg.Connection, key: Any, length: int, found: dict[str, str | None] | None = None
+        self, conn: psycopg.Connection, key: Any, found: dict[str, str | None] | None = None, value: Any = None
     ) -> Iterator[bytes]:
-        """The decoded file, slice by slice (Malformed when it cannot be decoded)."""
-        raw = sqlf.read_chunks(conn, self.src, key, length, READ_CHUNK)
+        """The decoded file, slice by slice (Malformed when it cannot be decoded); `value`: the
+        stored value when the claim brought it along, else it is read in slices."""
+        raw: Iterable[Any] = (
+            [value]
+            if value is not None
+            else sqlf.read_chunks(conn, self.src, key, READ_CHUNK, text=self.spec.encoding != "bytea")
+        )
         if self.spec.encoding == "bytea":
             yield from raw
             return
@@ -288,17 +352,29 @@ class Migration:
         if found is not None:
             found["media"] = stream.media_type
 
-    def _hash(self, conn: psycopg.Connection, key: Any, length: int) -> tuple[str, int, str | None, bytes | None]:
-        """SHA-256, size and media type of the decoded file; small files are kept for the upload."""
+    def _hash(
+        self, conn: psycopg.Connection, key: Any, length: int, value: Any, *, spool: bool
+    ) -> tuple[str, int, str | None, Body]:
+        """SHA-256, size and media type of the decoded file, and what to upload: a small file kept in
+        memory, a larger one in a temporary file (`spool`), or None: read and decode it again."""
         digest, size = hashlib.sha256(), 0
         found: dict[str, str | None] = {}
         keep: list[bytes] | None = [] if length <= READ_CHUNK else None
-        for chunk in self._chunks(conn, key, length, found):
-            digest.update(chunk)
-            size += len(chunk)
-            if keep is not None:
-                keep.append(chunk)
-        return digest.hexdigest(), size, found.get("media"), b"".join(keep) if keep is not None else None
+        out = tempfile.TemporaryFile() if keep is None and spool else None  # noqa: SIM115 - the caller closes it
+        try:
+            for chunk in self._chunks(conn, key, found, value):
+                digest.update(chunk)
+                size += len(chunk)
+                if keep is not None:
+                    keep.append(chunk)
+                elif out is not None:
+                    out.write(chunk)
+        except BaseException:
+            if out is not None:
+                out.close()
+            raise
+        body: Body = b"".join(keep) if keep is not None else out
+        return digest.hexdigest(), size, found.get("media"), body
 
     def _place(
         self,
@@ -306,30 +382,38 @@ class Migration:
         key: Any,
         sha: str,
         size: int,
-        length: int,
         content_type: str | None,
-        body: bytes | None,
+        body: Body,
+        result: _Result,
     ) -> str:
-        """Write the object create-only (or find it already there), then read back its size and hash.
+        """Write the object create-only (or find it already there) and make sure it holds these bytes.
 
-        The write is tried first: create-only means it can only fail, never replace; only
-        then is the existing object looked at. Returns the key the verified object has.
+        The write is tried first: create-only means it can only fail, never replace. A write the
+        server confirmed by its SHA-256 checksum is done; otherwise (an existing object, or a
+        server that does not check checksums) its size and hash are read back. Returns the key
+        the verified object has.
         """
         base = object_key(self.spec.key_template, schema=self.src.schema, table=self.src.table, key=key)
         for candidate in (base, versioned_key(base, sha)):
-            chunks = [body] if body is not None else self._chunks(conn, key, length)
+            chunks: Iterable[bytes]
+            if isinstance(body, bytes):
+                chunks = [body]
+            elif body is not None:
+                chunks = _read_file(body, self.part_size)
+            else:
+                chunks = self._chunks(conn, key)
             try:
-                self.store.put_new(candidate, chunks, size=size, sha256=sha, content_type=content_type)
-                with self._lock:
-                    self.report.bytes_written += size
+                with self._uploads:
+                    confirmed = self.store.put_new(candidate, chunks, size=size, sha256=sha, content_type=content_type)
+                result.written += size
+                if confirmed:  # the server hashed what it received and it matched: no read-back needed
+                    return candidate
                 reused = False
             except AlreadyExists:
                 reused = True  # an earlier attempt, or other content under this key: look at it
             found = self.store.head(candidate)
             if found is not None and found.sha256 == sha and found.size == size:
-                if reused:
-                    with self._lock:
-                        self.report.objects_reused += 1
+                result.reused += reused
                 return candidate
             if not reused:
                 raise RuntimeError(
@@ -450,6 +534,24 @@ def dry_run(job: JobInput, spec: FileMigrationSpec) -> int:
 
 class _End:
     pass
+
+
+Body = bytes | IO[bytes] | None  # a file to upload: in memory, in a temporary file, or to read again
+
+
+def _read_file(f: IO[bytes], size: int) -> Iterator[bytes]:
+    f.seek(0)
+    while chunk := f.read(size):
+        yield chunk
+
+
+@dataclass
+class _Result:
+    """What became of one row in a group: its ledger entry, and what it added to the report."""
+
+    entry: sqlf.Entry
+    reused: int = 0
+    written: int = 0
 
 
 _END = _End()

@@ -9,6 +9,7 @@ for a row whose ``xmin`` still matches (nobody changed it since its upload).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ class Claimed:
     size: Any
     content_type: str | None
     path: str | None
+    data: Any = None  # the value itself when it is at most claim()'s `small` long
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Entry:
     sha256: str | None
     status: str
     row_xmin: str | None
+    reason: str | None = None
 
 
 def ensure_ledger(conn: psycopg.Connection, state_schema: str) -> None:
@@ -137,36 +140,103 @@ def count_candidates(conn: psycopg.Connection, src: Source, migration: str, stat
     return int(row[0]) if row else 0
 
 
-def claim(conn: psycopg.Connection, src: Source, key: Any, *, has_path: bool) -> Claimed | None:
-    """Lock one row (skipping it when the application or another worker holds it)."""
+def claim(conn: psycopg.Connection, src: Source, key: Any, *, has_path: bool, small: int = 0) -> Claimed | None:
+    """Lock one row (skipping it when the application or another worker holds it).
+
+    With `small`, a value of at most that many bytes comes along (one round trip less per file).
+    """
     cols = [
         sql.SQL("xmin::text"),
         sql.SQL("octet_length({})").format(sql.Identifier(src.data)),
         sql.Identifier(src.size) if src.size else sql.SQL("NULL"),
         sql.Identifier(src.content_type) if src.content_type else sql.SQL("NULL"),
         sql.Identifier(src.path) if has_path else sql.SQL("NULL"),
+        sql.SQL("CASE WHEN octet_length({data}) <= %s THEN {data} END").format(data=sql.Identifier(src.data)),
     ]
     row = conn.execute(
         sql.SQL("SELECT {} FROM {} WHERE {} = %s FOR UPDATE SKIP LOCKED").format(
             sql.SQL(", ").join(cols), src.relation, sql.Identifier(src.key)
         ),
-        (key,),
+        (small, key),
     ).fetchone()
     if row is None:
         return None
-    return Claimed(xmin=row[0], length=row[1], size=row[2], content_type=row[3], path=row[4])
+    return Claimed(xmin=row[0], length=row[1], size=row[2], content_type=row[3], path=row[4], data=row[5])
 
 
-def read_chunks(conn: psycopg.Connection, src: Source, key: Any, length: int, chunk: int) -> Iterator[Any]:
-    """The data column in slices (characters for text, bytes for bytea): memory stays bounded."""
-    query = sql.SQL("SELECT substring({} FROM %s FOR %s) FROM {} WHERE {} = %s").format(
-        sql.Identifier(src.data), src.relation, sql.Identifier(src.key)
-    )
-    for start in range(1, length + 1, chunk):
-        row = conn.execute(query, (start, chunk, key)).fetchone()
-        if row is None or row[0] is None:
-            return
-        yield row[0]
+def claim_many(
+    conn: psycopg.Connection,
+    src: Source,
+    keys: list[Any],
+    *,
+    has_path: bool,
+    small: int,
+    state_schema: str,
+    migration: str,
+) -> list[tuple[Any, Claimed, Entry | None]]:
+    """Lock some rows (skipping those the application or another worker holds), in key order,
+    each with its ledger entry and, when at most `small` bytes, its value: one round trip."""
+    cols = [
+        sql.SQL("t.{}").format(sql.Identifier(src.key)),
+        sql.SQL("t.xmin::text"),
+        sql.SQL("octet_length(t.{})").format(sql.Identifier(src.data)),
+        sql.SQL("t.{}").format(sql.Identifier(src.size)) if src.size else sql.SQL("NULL"),
+        sql.SQL("t.{}").format(sql.Identifier(src.content_type)) if src.content_type else sql.SQL("NULL"),
+        sql.SQL("t.{}").format(sql.Identifier(src.path)) if has_path else sql.SQL("NULL"),
+        sql.SQL("CASE WHEN octet_length(t.{data}) <= %s THEN t.{data} END").format(data=sql.Identifier(src.data)),
+        sql.SQL("l.key, l.object_key, l.size, l.sha256, l.status, l.row_xmin"),
+    ]
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT {cols} FROM {rel} t LEFT JOIN {ledger} l ON l.migration = %s AND l.key = t.{key}::text "
+            "WHERE t.{key} = ANY(%s) ORDER BY t.{key} FOR UPDATE OF t SKIP LOCKED"
+        ).format(
+            cols=sql.SQL(", ").join(cols), rel=src.relation, ledger=_ledger(state_schema), key=sql.Identifier(src.key)
+        ),
+        (small, migration, keys),
+    ).fetchall()
+    return [
+        (r[0], Claimed(r[1], r[2], r[3], r[4], r[5], r[6]), Entry(*r[7:13]) if r[7] is not None else None) for r in rows
+    ]
+
+
+def record_many(conn: psycopg.Connection, state_schema: str, migration: str, entries: list[Entry]) -> None:
+    """Upsert ledger rows (in the caller's transaction), in one pipelined round trip."""
+    if not entries:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql.SQL(
+                "INSERT INTO {} AS l (migration, key, object_key, size, sha256, status, reason, row_xmin) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (migration, key) DO UPDATE SET "
+                "object_key = EXCLUDED.object_key, size = EXCLUDED.size, sha256 = EXCLUDED.sha256, "
+                "status = EXCLUDED.status, reason = EXCLUDED.reason, row_xmin = EXCLUDED.row_xmin, "
+                "updated_at = clock_timestamp()"
+            ).format(_ledger(state_schema)),
+            [(migration, e.key, e.object_key, e.size, e.sha256, e.status, e.reason, e.row_xmin) for e in entries],
+        )
+
+
+_cursors = itertools.count()
+
+
+def read_chunks(conn: psycopg.Connection, src: Source, key: Any, chunk: int, *, text: bool) -> Iterator[bytes]:
+    """The data column in slices of `chunk` bytes (a text column as its UTF-8 bytes): memory stays bounded.
+
+    The server detoasts the value once and slices that copy. A `substring` query per slice
+    would detoast the whole value again for each one (and count characters up to the slice
+    in a text column): quadratic in the file's size. Must run inside a transaction.
+    """
+    value = sql.SQL("convert_to({}, 'UTF8')" if text else "{} || ''::bytea").format(sql.Identifier(src.data))
+    query = sql.SQL(
+        "SELECT substring(s.v FROM g FOR %(n)s) FROM (SELECT {value} AS v FROM {rel} WHERE {key} = %(k)s OFFSET 0) s, "
+        "generate_series(1, octet_length(s.v), %(n)s) g"
+    ).format(value=value, rel=src.relation, key=sql.Identifier(src.key))
+    with conn.cursor(name=f"pgscale_file_data_{next(_cursors)}", binary=True) as cur:
+        cur.itersize = 1
+        cur.execute(query, {"n": chunk, "k": key})
+        for row in cur:
+            yield bytes(row[0])
 
 
 def entry(conn: psycopg.Connection, state_schema: str, migration: str, key: str) -> Entry | None:
