@@ -19,6 +19,9 @@ the tests:
   the `org.opencontainers.image.version` label, and the same image is also named
   `localhost/pgbouncer:<real version>`, an honest name a harness can put in
   PGSCALE_PGBOUNCER_IMAGE.
+- `pgscale.local/redis-server:1` (also `localhost/redis-server:<version>`): Debian's
+  redis-server for a Cache's server pod (`spec.image`), with the official valkey/redis
+  images' entrypoint rule (a `*.conf` argument starts the server with it), user 65532.
 
 Root filesystems come from mmdebstrap with the Debian mirror and suites of this machine's
 apt sources. Every image is cached as `<cache>/images/<slug>-<key>.tar` (plus a `.json`
@@ -78,6 +81,8 @@ _IGNORED_PARTS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruf
 BASE_IMAGE = "python:3.11-slim-bookworm"
 POSTGRES_IMAGE = "postgres:15"
 PGBOUNCER_IMAGE = "pgbouncer/pgbouncer:1.24.1"
+# Not the Cache's default (valkey/valkey:8.1, which cannot be pulled here): a Cache names it in spec.image.
+REDIS_IMAGE = "pgscale.local/redis-server:1"
 
 
 def operator_names() -> tuple[str, str]:
@@ -432,8 +437,43 @@ PGBOUNCER = DebianImage(
     ),
 )
 
-RECIPES = (PYTHON_BASE, POSTGRES, PGBOUNCER)
-_STDIN = {"postgres": POSTGRES_ENTRYPOINT}
+# The official valkey and redis images' entrypoint rule: a first argument that is a config file
+# (`*.conf`) or a flag starts the server with it. A Cache's pod passes only its config file.
+REDIS_ENTRYPOINT = r"""#!/bin/sh
+# As the official valkey/redis images' docker-entrypoint.sh, without the root-only chown (hack/images.py).
+set -eu
+case "${1:-}" in -*|*.conf) set -- redis-server "$@" ;; esac
+exec "$@"
+"""
+
+REDIS = DebianImage(
+    slug="redis",
+    names=(REDIS_IMAGE,),
+    packages=("redis-server",),
+    env=(("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8")),
+    entrypoint=("docker-entrypoint.sh",),
+    cmd=("redis-server",),
+    # pgscale's cache pods run as 65532 (specs/cache.py, RUN_AS_ID); the image does too.
+    user="65532:65532",
+    workdir="/data",
+    exposed_ports=("6379/tcp",),
+    finish="""
+        groupadd --gid 65532 nonroot
+        useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin nonroot
+        # Debian's config and its directories are the package's service's; a pod mounts its own config.
+        rm -rf /var/log/redis/* /var/lib/redis/*
+        mkdir -p /data
+        chown 65532:65532 /data
+        cat > /usr/local/bin/docker-entrypoint.sh
+        chmod 755 /usr/local/bin/docker-entrypoint.sh
+    """,
+    version_package="redis-server",
+    versioned_alias="localhost/redis-server",
+    labels=_described("redis-server from Debian's package, laid out as valkey/valkey and redis are for a Cache"),
+)
+
+RECIPES = (PYTHON_BASE, POSTGRES, PGBOUNCER, REDIS)
+_STDIN = {"postgres": POSTGRES_ENTRYPOINT, "redis": REDIS_ENTRYPOINT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -826,8 +866,8 @@ def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
     mmdebstrap runs take turns)."""
     if os.geteuid() != 0:
         raise BuildError("building images needs root (mmdebstrap and buildah in root mode)")
-    wanted = set(only) or {"operator", "postgres", "pgbouncer"}
-    unknown = wanted - {"operator", "python-base", "postgres", "pgbouncer"}
+    wanted = set(only) or {"operator", "postgres", "pgbouncer", "redis"}
+    unknown = wanted - {"operator", "python-base", "postgres", "pgbouncer", "redis"}
     if unknown:
         raise BuildError(f"unknown image(s): {', '.join(sorted(unknown))}")
 
@@ -845,14 +885,14 @@ def build_all(*, force: bool = False, only: Sequence[str] = ()) -> list[Built]:
 
     def debian_chain() -> list[Built]:
         base_done.wait()
-        return [build_debian(r, force=force) for r in (POSTGRES, PGBOUNCER) if r.slug in wanted]
+        return [build_debian(r, force=force) for r in (POSTGRES, PGBOUNCER, REDIS) if r.slug in wanted]
 
     chains: list[Callable[[], list[Built]]] = []
     if wanted & {"operator", "python-base"}:
         chains.append(operator_chain)
     else:
         base_done.set()
-    if wanted & {"postgres", "pgbouncer"}:
+    if wanted & {"postgres", "pgbouncer", "redis"}:
         chains.append(debian_chain)
     with _locked(), ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(chain) for chain in chains]
@@ -894,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("build", help="build the images that are not cached; print names, archives, sizes, times")
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
     b.add_argument("--only", action="append", default=[], metavar="SLUG",
-                   help="operator, python-base, postgres or pgbouncer (repeatable)")  # fmt: skip
+                   help="operator, python-base, postgres, pgbouncer or redis (repeatable)")  # fmt: skip
     b.add_argument("--json", action="store_true", help="print {name: archive} as JSON on stdout")
     args = parser.parse_args(argv)
     start = time.monotonic()

@@ -11,7 +11,9 @@ A containerd of this module's own (config, socket, root and state under CTR_DIR,
   and serves a primary through its entrypoint, and a second container running pgscale's own
   replica bootstrap script (as uid 999, as the StatefulSet does) clones it and streams;
 - `pgbouncer/pgbouncer:1.24.1` runs as a non-root uid with a read-only root and serves the
-  pgbouncer.ini / userlist.txt pgscale renders, mounted read-only like the pooler's Secret.
+  pgbouncer.ini / userlist.txt pgscale renders, mounted read-only like the pooler's Secret;
+- `pgscale.local/redis-server:1` runs a Cache's rendered config, unchanged, from the pod's args
+  alone, as 65532 with a read-only root (tests/node/test_cache_pods.py runs it in a pod).
 
 Skipped only when this machine cannot run containerd at all (not root, no overlayfs); a
 missing containerd, ctr or runc fails (hack/setup.sh installs them). The images are built
@@ -36,8 +38,10 @@ from typing import Any
 import images
 import pytest
 
+from pgscale.api.cache import CacheSpec
 from pgscale.api.databaseprofile import PoolingSpec
 from pgscale.kube import ObjectRef
+from pgscale.specs import cache as cache_specs
 from pgscale.specs import pooling, replicas
 
 pytestmark = pytest.mark.images
@@ -300,7 +304,7 @@ def layer_members(archive: Path) -> dict[str, tarfile.TarInfo]:
 def test_imported_under_the_names_pods_use(ctrd: PrivateContainerd, built_images: dict[str, images.Built]) -> None:
     held = set(ctrd.ctr("images", "ls", "--quiet").stdout.split())
     own, chart = images.operator_names()
-    for name in (own, chart, images.POSTGRES_IMAGE, images.PGBOUNCER_IMAGE):
+    for name in (own, chart, images.POSTGRES_IMAGE, images.PGBOUNCER_IMAGE, images.REDIS_IMAGE):
         assert images.normalize(name) in held, f"{name} ({images.normalize(name)}) not in {sorted(held)}"
     assert "python-base" not in {b.slug for b in built_images.values()}, "the stand-in base is not a pod image"
 
@@ -506,3 +510,59 @@ def test_pgbouncer_serves_pgscales_config(ctrd: PrivateContainerd, primary: str,
     finally:
         ctrd.remove(name)
     assert json.dumps(container["securityContext"]["readOnlyRootFilesystem"]) == "true"
+
+
+# ------------------------------------------------------------------------------------------ redis-server
+
+
+def test_redis_serves_a_caches_config_read_only(
+    ctrd: PrivateContainerd, built_images: dict[str, images.Built], tmp_path: Path
+) -> None:
+    """The Cache's container args alone (the entrypoint starts redis-server), its config and auth.conf
+    mounted read-only as the ConfigMap and Secret are, /data writable, uid 65532, a read-only root."""
+    built = built_images["redis"]
+    version = built.info["labels"]["org.opencontainers.image.version"]
+    assert f"localhost/redis-server:{version.split(':')[-1].split('-')[0]}" in built.names
+    owner = ObjectRef("pgscale.io/v1alpha1", "Cache", "imgtest", "tasks", "uid")
+    spec = CacheSpec.model_validate({"profileRef": {"name": "app"}, "image": images.REDIS_IMAGE})
+    pod = cache_specs.deployment(owner, spec, memory_bytes=256 * 2**20, config_hash="h")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    uid = pod["securityContext"]["runAsUser"]
+    files = {
+        cache_specs.CONFIG_DIR: (cache_specs.CONFIG_KEY, cache_specs.server_config(spec, maxmemory_bytes=64 * 2**20)),
+        cache_specs.AUTH_DIR: (cache_specs.AUTH_KEY, cache_specs.auth_config(PASSWORD.replace("-", ""))),
+    }
+    mounts = []
+    for target, (key, text) in files.items():
+        src = tmp_path / target.strip("/").replace("/", "-")
+        src.mkdir()
+        (src / key).write_text(text)
+        os.chown(src / key, 0, uid)  # a Secret's files: defaultMode 0440, group fsGroup
+        (src / key).chmod(0o440)
+        mounts.append(f"type=bind,src={src},dst={target},options=rbind:ro")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, uid, uid)
+    mounts.append(f"type=bind,src={data},dst={cache_specs.DATA_DIR},options=rbind:rw")
+    name = "redis-serve"
+    password = PASSWORD.replace("-", "")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return ctrd.exec(name, "redis-cli", "--no-auth-warning", *args, check=False)
+
+    # `ctr run` replaces the entrypoint with its command; the kubelet keeps it and passes `args` to it.
+    entrypoint = images.read_archive(built.archive)["config"]["config"]["Entrypoint"]
+    ctrd.run(images.REDIS_IMAGE, name, *entrypoint, *container["args"], detach=True, read_only=True, mounts=mounts)
+    try:
+        deadline = time.monotonic() + 30
+        while (ping := cli("-a", password, "ping")).stdout.strip() != "PONG":
+            assert time.monotonic() < deadline, (
+                f"redis-server not answering: {ping.stdout}{ping.stderr}{ctrd.log(name)}"
+            )
+            time.sleep(0.3)
+        assert cli("-a", password, "config", "get", "maxmemory").stdout.split() == ["maxmemory", str(64 * 2**20)]
+        assert "NOAUTH" in cli("ping").stdout
+        status = ctrd.exec(name, "sh", "-c", "grep -E '^Uid' /proc/1/status").stdout
+        assert status.split()[1] == str(uid), status
+    finally:
+        ctrd.remove(name)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -24,9 +25,11 @@ import ociarchive
 import pytest
 import yaml
 
+from pgscale.api.cache import CacheSpec
 from pgscale.api.databaseprofile import PoolingSpec, ReadReplicasSpec
 from pgscale.controllers.base import OperatorConfig
 from pgscale.kube import ObjectRef
+from pgscale.specs import cache as cache_specs
 from pgscale.specs import pooling, replicas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,6 +163,28 @@ def test_postgres_image_fits_the_replica_pods() -> None:
         assert re.search(rf"\b{tool}\b", script)
     assert pod["containers"][0]["readinessProbe"]["exec"]["command"][0] == "pg_isready"
     assert {"name": "run", "mountPath": "/var/run/postgresql"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_redis_image_fits_the_cache_pods(tmp_path: Path) -> None:
+    """The cache pod passes only its config file: the entrypoint starts redis-server with it, as the
+    official valkey/redis images' entrypoints do; the image's user is the pod's."""
+    owner = ObjectRef("pgscale.io/v1alpha1", "Cache", "ns", "tasks", "uid")
+    spec = CacheSpec.model_validate({"profileRef": {"name": "app"}, "image": images.REDIS_IMAGE})
+    pod = cache_specs.deployment(owner, spec, memory_bytes=256 * 2**20, config_hash="h")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == images.REDIS_IMAGE and "command" not in container
+    assert images.REDIS.user == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert images.REDIS.entrypoint == ("docker-entrypoint.sh",) and "redis-server" in images.REDIS.packages
+    script = tmp_path / "docker-entrypoint.sh"
+    script.write_text(images.REDIS_ENTRYPOINT.replace('exec "$@"', 'echo "$@"'))
+    cases = [
+        (container["args"], f"redis-server {container['args'][0]}"),
+        (["--port", "1"], "redis-server --port 1"),
+        (["redis-cli", "ping"], "redis-cli ping"),
+    ]
+    for args, want in cases:
+        out = subprocess.run(["sh", str(script), *args], check=True, capture_output=True, text=True).stdout
+        assert out.strip() == want
 
 
 def write_fake_root(root: Path) -> None:
