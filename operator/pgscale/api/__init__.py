@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import databaseprofile, filemigration, partitionpolicy, retentionpolicy
+from . import databaseprofile, databasesplit, filemigration, partitionpolicy, retentionpolicy
 from .common import API_VERSION, GROUP, VERSION, BaseStatus, KindInfo
 
 
@@ -41,11 +41,13 @@ RETENTION_POLICY = Kind(
     retentionpolicy.INFO, retentionpolicy.RetentionPolicySpec, retentionpolicy.RetentionPolicyStatus
 )
 FILE_MIGRATION = Kind(filemigration.INFO, filemigration.FileMigrationSpec, filemigration.FileMigrationStatus)
-KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION)
+DATABASE_SPLIT = Kind(databasesplit.INFO, databasesplit.DatabaseSplitSpec, databasesplit.DatabaseSplitStatus)
+KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION, DATABASE_SPLIT)
 
 __all__ = [
     "API_VERSION",
     "DATABASE_PROFILE",
+    "DATABASE_SPLIT",
     "FILE_MIGRATION",
     "GROUP",
     "KINDS",

@@ -1,0 +1,336 @@
+"""DatabaseSplit against two real PostgreSQL servers with wal_level=logical.
+
+The sample app's "Message" table moves to a database of its own while a writer inserts and
+updates messages throughout: after the cutover every row equals the writer's record, the
+target's sequence continues without collision, the writes' longest block is reported; a
+rollback loses nothing; finalize leaves no slot, publication or subscription on either
+server. Each refusal is a Stalled-ready SpecError naming the table and the SQL fix, with
+nothing changed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from localenv import Postgres
+
+from conftest import ROOT, scalar
+from pgscale.api.databasesplit import DatabaseSplitSpec
+from pgscale.errors import SpecError, TransientError
+from pgscale.pg import split as sqls
+from pgscale.pg.connection import ConnInfo
+from pgscale.split import Report, Side, Split, advance, drop_replication, resolve_tables
+
+pytestmark = pytest.mark.postgres
+
+SPEC: dict[str, Any] = {
+    "source": {"profileRef": {"name": "monolith"}},
+    "target": {"profileRef": {"name": "messages"}},
+    "tables": [{"name": "Message"}],
+    "crossForeignKeys": "skip",
+    "lockBudget": {"lockTimeout": "500ms", "retries": 20, "catchUpTimeout": "10s"},
+}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Postgres, Postgres]]:
+    """Two servers with wal_level=logical: the monolith's and the messages' own."""
+    workdir = tmp_path_factory.mktemp("split")
+    source = Postgres(workdir, name="source", wal_level="logical")
+    target = Postgres(workdir, name="target", wal_level="logical")
+    try:
+        source.start()
+        target.start()
+        yield source, target
+    finally:
+        source.stop()
+        target.stop()
+
+
+@pytest.fixture
+def databases(servers: tuple[Postgres, Postgres]) -> Iterator[tuple[str, str]]:
+    """A sample-app database on the source and an empty one on the target; replication objects dropped after."""
+    source, target = servers
+    name = f"app_{uuid.uuid4().hex[:10]}"
+    source.execute(f'CREATE DATABASE "{name}"')
+    target.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(source.dsn(name), autocommit=True) as conn:
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
+    yield name, name
+    for server in servers:
+        with psycopg.connect(server.dsn(name), autocommit=True) as conn:
+            for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
+                conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+                conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+                conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+    for server in servers:
+        server.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active")
+        server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def side(server: Postgres, dbname: str, conn: psycopg.Connection) -> Side:
+    info = ConnInfo(host=server.host, port=server.port, dbname=dbname, user="postgres", password=server.PASSWORD)
+    return Side(conn=conn, state_schema="pgscale", replication=info)
+
+
+@pytest.fixture
+def conns(servers: tuple[Postgres, Postgres], databases: tuple[str, str]) -> Iterator[tuple[Any, Any]]:
+    source, target = servers
+    with (
+        psycopg.connect(source.dsn(databases[0]), autocommit=True) as s,
+        psycopg.connect(target.dsn(databases[1]), autocommit=True) as t,
+    ):
+        yield s, t
+
+
+def make_split(
+    servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any], **changes: Any
+) -> Split:
+    spec = DatabaseSplitSpec.model_validate({**SPEC, **changes})
+    src = side(servers[0], databases[0], conns[0])
+    dst = side(servers[1], databases[1], conns[1])
+    tables = resolve_tables(conns[0], spec)
+    return Split(key=f"t/{uuid.uuid4().hex[:8]}", spec=spec, tables=tables, source=src, target=dst)
+
+
+def replication_objects(server: Postgres, dbname: str) -> tuple[int, int, int]:
+    """(slots on the server, publications, subscriptions) of a database."""
+    with psycopg.connect(server.dsn(dbname), autocommit=True) as conn:
+        return (
+            scalar(conn, "SELECT count(*) FROM pg_replication_slots"),
+            scalar(conn, "SELECT count(*) FROM pg_publication"),
+            scalar(conn, "SELECT count(*) FROM pg_subscription"),
+        )
+
+
+def refused(split: Split) -> SpecError:
+    with pytest.raises(SpecError) as err:
+        advance(split, "source")
+    return err.value
+
+
+def assert_unchanged(servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]) -> None:
+    assert replication_objects(servers[0], databases[0]) == (0, 0, 0)
+    assert replication_objects(servers[1], databases[1]) == (0, 0, 0)
+    assert scalar(conns[1], "SELECT count(*) FROM pg_class WHERE relname = 'Message' AND relkind = 'r'") == 0
+    assert scalar(conns[0], "SELECT to_regclass('pgscale.database_splits')") is None
+
+
+def test_refusals_name_the_table_and_the_fix_and_change_nothing(
+    servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]
+) -> None:
+    src, dst = conns
+    # A foreign key across the cut: "Message" references "Task".
+    err = refused(make_split(servers, databases, conns, crossForeignKeys="refuse"))
+    assert err.reason == "CrossForeignKeys"
+    assert '\'Message_taskId_fkey\' on public."Message" references public."Task"' in err.message
+    assert 'ALTER TABLE public."Message" DROP CONSTRAINT "Message_taskId_fkey"' in err.message
+    assert "crossForeignKeys: skip" in err.message and "nothing was changed" in err.message
+    assert_unchanged(servers, databases, conns)
+    # A table without replica identity.
+    src.execute('CREATE TABLE "Note" (body text)')
+    err = refused(make_split(servers, databases, conns, tables=[{"name": "Note"}]))
+    assert err.reason == "NoReplicaIdentity"
+    assert 'public."Note" has no primary key' in err.message
+    assert 'ALTER TABLE public."Note" REPLICA IDENTITY FULL' in err.message
+    assert_unchanged(servers, databases, conns)
+    # A target table with other columns.
+    dst.execute('CREATE TABLE "Message" (id bigint PRIMARY KEY, text text)')
+    err = refused(make_split(servers, databases, conns))
+    assert err.reason == "TargetTableDiffers"
+    assert 'public."Message" exists on the target with other columns' in err.message
+    assert "target only: text text" in err.message and 'DROP TABLE public."Message"' in err.message
+    assert replication_objects(servers[0], databases[0]) == (0, 0, 0)
+    assert scalar(src, "SELECT to_regclass('pgscale.database_splits')") is None
+
+
+def test_wal_level_not_logical_is_refused(
+    private_postgres: Postgres, servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]
+) -> None:
+    """The source runs wal_level=replica (the fixture's default)."""
+    private_postgres.execute("CREATE DATABASE app")
+    with psycopg.connect(private_postgres.dsn("app"), autocommit=True) as conn:
+        conn.execute((ROOT / "examples" / "sample-app.sql").read_text())
+        split = make_split(servers, databases, (conn, conns[1]))
+        split.source = side(private_postgres, "app", conn)
+        err = refused(split)
+    assert err.reason == "WalLevelNotLogical"
+    assert "wal_level=replica" in err.message and "ALTER SYSTEM SET wal_level = logical" in err.message
+    assert replication_objects(servers[1], databases[1]) == (0, 0, 0)
+
+
+class Writer(threading.Thread):
+    """The application: inserts and updates messages on whichever database takes writes, following a
+    read-only refusal to the other (as it would follow the published Secret), and keeps its own record."""
+
+    def __init__(self, dsns: dict[str, str], record: dict[int, str]) -> None:
+        super().__init__(daemon=True)
+        self.dsns = dsns
+        self.route = "source"
+        self.record = record
+        self.stop = threading.Event()
+        self.longest = 0.0
+        self.writes = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def flip(self) -> None:
+        self.route = "target" if self.route == "source" else "source"
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
+        route = self.route
+        while not self.stop.is_set():
+            with self.lock:  # held by the test to compare both sides: not counted as a block
+                started = time.monotonic()
+                body = f"m{self.writes}-{uuid.uuid4().hex[:6]}"
+                while not self.stop.is_set():
+                    if route != self.route:
+                        conn.close()
+                        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
+                        route = self.route
+                    try:
+                        self.write(conn, rng, body)
+                        break
+                    except psycopg.errors.ReadOnlySqlTransaction:
+                        self.flip()
+                        time.sleep(0.002)
+                    except psycopg.errors.UniqueViolation as exc:
+                        self.errors.append(str(exc))
+                        break
+                self.longest = max(self.longest, time.monotonic() - started)
+                self.writes += 1
+            time.sleep(0.002)
+        conn.close()
+
+    def write(self, conn: psycopg.Connection, rng: random.Random, body: str) -> None:
+        if self.record and rng.random() < 0.4:
+            key = rng.choice(list(self.record))
+            conn.execute('UPDATE "Message" SET body = %s WHERE id = %s', (body, key))
+        else:
+            row = conn.execute('INSERT INTO "Message" (body, "taskId") VALUES (%s, 1) RETURNING id', (body,)).fetchone()
+            assert row is not None
+            key = row[0]
+            if key in self.record:
+                self.errors.append(f"id {key} given twice")
+        self.record[key] = body
+
+    def caught_up(self, a: psycopg.Connection, b: psycopg.Connection, what: str) -> None:
+        """Pause the writes until both sides hold the same rows."""
+        with self.lock:
+            until(what, lambda: messages(a) == messages(b))
+
+
+def until(what: str, check: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def drive(split: Split, desired: Any, until_phase: str, timeout: float = 120) -> Report:
+    """Call advance as the controller does until the split reaches a phase."""
+    deadline = time.monotonic() + timeout
+    last: Report | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = advance(split, desired)
+        except TransientError:
+            time.sleep(0.3)
+            continue
+        if last.phase == until_phase and last.done:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"split did not reach {until_phase}: {last}")
+
+
+def messages(conn: psycopg.Connection) -> dict[int, str]:
+    return dict(conn.execute('SELECT id, body FROM "Message"').fetchall())
+
+
+def test_move_cutover_rollback_and_finalize_with_a_writer(
+    servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any], tmp_path: Path
+) -> None:
+    src, dst = conns
+    src.execute("INSERT INTO \"Task\" (title) SELECT 'task ' || g FROM generate_series(1, 10) g")
+    src.execute(
+        """CREATE TYPE mood AS ENUM ('calm', 'busy');
+           CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 200);
+           ALTER TABLE "Message" ADD COLUMN mood mood DEFAULT 'calm', ADD COLUMN tag short_text;
+           CREATE INDEX "Message_createdAt_idx" ON "Message" ("createdAt");
+           COMMENT ON TABLE "Message" IS 'Chat messages';"""
+    )
+    src.execute(
+        'INSERT INTO "Message" (body, "taskId") SELECT \'seed \' || g, 1 + g % 10 FROM generate_series(1, 3000) g'
+    )
+    split = make_split(servers, databases, conns)
+    record = messages(src)
+    dsns = {"source": servers[0].dsn(databases[0]), "target": servers[1].dsn(databases[1])}
+    writer = Writer(dsns, record)
+    writer.start()
+    try:
+        report = drive(split, "source", "Replicating")
+        assert {t.state for t in report.tables} == {"ready"}
+        assert scalar(dst, "SELECT obj_description('\"Message\"'::regclass, 'pg_class')") == "Chat messages"
+        assert scalar(dst, "SELECT count(*) FROM pg_indexes WHERE indexname = 'Message_createdAt_idx'") == 1
+        assert scalar(dst, "SELECT count(*) FROM pg_constraint WHERE conname = 'Message_taskId_fkey'") == 0
+        # The target refuses the application's writes before the cutover.
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            dst.execute("INSERT INTO \"Message\" (body) VALUES ('early')")
+        time.sleep(1)
+        report = drive(split, "target", "CutOver")
+        assert report.writes_to == "target" and report.last is not None
+        assert report.last.direction == "toTarget" and report.last.rows_verified >= 3000
+        block_ms = report.last.write_block_ms
+        assert report.longest_block_ms == block_ms
+        until("writes on the target", lambda: writer.route == "target" and writer.writes > 0)
+        written = writer.writes
+        until("more writes on the target", lambda: writer.writes > written + 50)
+        # The reverse subscription keeps the source current.
+        writer.caught_up(src, dst, "the source to catch up")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            src.execute("INSERT INTO \"Message\" (body) VALUES ('late')")
+        report = drive(split, "source", "Replicating")
+        assert report.writes_to == "source" and report.last is not None and report.last.direction == "toSource"
+        written = writer.writes
+        until("writes on the source again", lambda: writer.route == "source" and writer.writes > written + 50)
+        writer.caught_up(src, dst, "the target to catch up")
+        report = drive(split, "target", "CutOver")
+        written = writer.writes
+        until("writes on the target again", lambda: writer.route == "target" and writer.writes > written + 50)
+    finally:
+        writer.stop.set()
+        writer.join(10)
+    assert not writer.errors, writer.errors[:5]
+    with writer.lock:
+        assert messages(dst) == record, "every row on the target equals the writer's record"
+    until("the source to catch up", lambda: messages(src) == messages(dst))
+    # The sequence continues past every id either side gave.
+    next_id = scalar(dst, "INSERT INTO \"Message\" (body) VALUES ('after') RETURNING id")
+    assert next_id > max(record)
+    report = drive(split, "finalize", "Finalized")
+    assert (
+        replication_objects(servers[0], databases[0])[0] == 0 and replication_objects(servers[1], databases[1])[0] == 0
+    )
+    assert replication_objects(servers[0], databases[0])[1:] == (0, 0)
+    assert replication_objects(servers[1], databases[1])[1:] == (0, 0)
+    assert report.longest_block_ms is not None
+    longest = writer.longest * 1000
+    print(f"\nwrite block: cutover {block_ms} ms, longest {report.longest_block_ms} ms; writer's {longest:.0f} ms")
+    # The source tables stay read-only (the guard), and the target takes writes.
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        src.execute("INSERT INTO \"Message\" (body) VALUES ('stale')")
+    drop_replication(split)  # idempotent
+    assert sqls.load_state(src, "pgscale", split.key) is not None
