@@ -26,8 +26,8 @@ from typing import Any
 
 from .api import GROUP
 
-# The four kinds, by plural (as in the CRDs).
-KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations")
+# The kinds, by plural (as in the CRDs).
+KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations", "databasesplits")
 # What the operator creates, changes and deletes by server-side apply (kube.Kube.apply/delete).
 # An apply that creates the object is authorized as `patch` and then as `create`.
 WRITE = ("create", "patch", "delete")
@@ -49,16 +49,17 @@ class Rule:
 
 NAMESPACED: tuple[Rule, ...] = (
     Rule(GROUP, KINDS, ("get", "list", "watch"),
-         "kopf lists and watches the four kinds; a worker GETs the current object before each reconcile; "
+         "kopf lists and watches the kinds; a worker GETs the current object before each reconcile; "
          "controllers list PartitionPolicies and RetentionPolicies to find two policies on one table, and "
          "DatabaseProfiles in every watched namespace to find two that set the settings of one server"),
     Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
          "status, conditions and observedGeneration are merge-patched on the status subresource"),
-    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies"), ("patch",),
+    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies", "databasesplits"), ("patch",),
          "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the kinds "
-         "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job)"),
+         "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job, "
+         "a split's subscriptions)"),
     Rule(GROUP, ("databaseprofiles/finalizers", "partitionpolicies/finalizers", "retentionpolicies/finalizers",
-                 "filemigrations/finalizers"),
+                 "filemigrations/finalizers", "databasesplits/finalizers"),
          ("update",),
          "owned objects carry blockOwnerDeletion owner references to these kinds; clusters enforcing "
          "OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that"),

@@ -180,7 +180,9 @@ class DatabaseSplitStatus(BaseStatus):
         default=None, description="Longest time writes were blocked by a cutover or rollback."
     )
     last_cutover: CutoverReport | None = Field(default=None, description="The last cutover or rollback.")
-    secret_name: str | None = Field(default=None, max_length=253, description="The application's connection Secret.")
+    connection_secret: str | None = Field(
+        default=None, max_length=253, description="The application's connection Secret."
+    )
 
 
 INFO = KindInfo(

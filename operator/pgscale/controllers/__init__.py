@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import Controller
 from .databaseprofile import DatabaseProfileController
+from .databasesplit import DatabaseSplitController
 from .filemigration import FileMigrationController
 from .partitionpolicy import PartitionPolicyController
 from .retentionpolicy import RetentionPolicyController
@@ -18,4 +19,5 @@ def all_controllers() -> list[Controller[Any]]:
         PartitionPolicyController(),
         RetentionPolicyController(),
         FileMigrationController(),
+        DatabaseSplitController(),
     ]
