@@ -9,8 +9,10 @@ Every other step is idempotent, so a run killed anywhere continues where it stop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -18,7 +20,7 @@ from typing import Literal
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from . import faults
+from . import faults, pg
 from .api.databasesplit import CutoverReport, DatabaseSplitSpec, SplitPhase, TableSync
 from .errors import SpecError, TransientError
 from .events import Event
@@ -41,6 +43,7 @@ class Side:
     conn: psycopg.Connection
     state_schema: str
     replication: ConnInfo
+    info: ConnInfo | None = None  # the operator's own connection, for a second session during a switch
 
     def conninfo(self) -> str:
         """The connection string a subscription on the other server uses (holds the password: never logged)."""
@@ -386,7 +389,6 @@ class ChecksumMismatch(Exception):
 def _switch(split: Split, direction: Direction) -> Event:
     """Move writes under the lock budget: block writes on the side taking them, let the other catch up,
     sequences, verify, guard; retried within lockTimeout x retries. Returns the Event to record."""
-    budget = split.spec.lock_budget_or_default
     names, src = split.names, split.source.conn
     to_target = direction == "toTarget"
     frm, to = (split.source, split.target) if to_target else (split.target, split.source)
@@ -405,33 +407,70 @@ def _switch(split: Split, direction: Direction) -> Event:
         sqls.drop_slots(to.conn, new_slot, None)
     sqls.save_state(src, split.state_schema, split.key, step="cutting_over" if to_target else "rolling_back")
     faults.checkpoint("split-before-lock")
+    with contextlib.ExitStack() as stack:
+        flusher = stack.enter_context(pg.connect(frm.info)) if frm.info is not None else None
+        return _attempts(split, direction, flusher)
+
+
+def _stopwatch(steps: dict[str, float], started: float) -> Callable[[str], None]:
+    """Record how long each step of a switch took since the previous one."""
+    mark = [started]
+
+    def took(step: str) -> None:
+        now = time.monotonic()
+        steps[step] = now - mark[0]
+        mark[0] = now
+
+    return took
+
+
+def _attempts(split: Split, direction: Direction, flusher: psycopg.Connection | None) -> Event:
+    """The switch's attempts within the lock budget."""
+    budget = split.spec.lock_budget_or_default
+    names, src = split.names, split.source.conn
+    to_target = direction == "toTarget"
+    frm, to = (split.source, split.target) if to_target else (split.target, split.source)
+    subscription = names.forward if to_target else names.reverse
+    new_slot = names.reverse if to_target else names.forward
     conn = frm.conn
     for attempt in range(budget.retries + 1):
         started = time.monotonic()
         rows = 0
         try:
+            steps: dict[str, float] = {}
+            took = _stopwatch(steps, started)
+
             with conn.transaction():
                 sqls.lock_tables(conn, split.tables, budget.lock_timeout_ms)
+                took("lock")
                 lsn = sqls.current_lsn(conn)
+                if flusher is not None:  # the walsender sends only flushed WAL
+                    sqls.flush_wal(flusher)
                 deadline = time.monotonic() + budget.catch_up_seconds
                 while not sqls.confirmed(conn, subscription, lsn):
                     if time.monotonic() > deadline:
                         raise CatchUpTimeout
-                    time.sleep(0.01)
+                    time.sleep(0.005)
+                took("catch-up")
                 sqls.disable_subscription(to.conn, subscription)
                 sqls.set_sequences(to.conn, sqls.sequences(conn, split.tables))
+                took("sequences")
                 for table in split.tables:
                     cols = sqls.replicated_columns(conn, table)
                     mine, theirs = sqls.fingerprint(conn, table, cols), sqls.fingerprint(to.conn, table, cols)
                     if mine != theirs:
                         raise ChecksumMismatch(f"{sqls.label(table)}: {mine[0]} rows here, {theirs[0]} there")
                     rows += mine[0]
+                took("verify")
                 sqls.ensure_slot(to.conn, new_slot)
+                took("slot")
                 faults.checkpoint("split-before-guard")
                 sqls.guard(conn, frm.state_schema, split.tables, split.key)
+            took("commit")
             faults.checkpoint("split-after-commit")
             with to.conn.transaction():
                 sqls.unguard(to.conn, split.tables)
+            took("open")
             block_ms = int((time.monotonic() - started) * 1000)
             state = sqls.load_state(src, split.state_schema, split.key)
             longest = max(block_ms, state.longest_block_ms if state else 0)
@@ -450,7 +489,9 @@ def _switch(split: Split, direction: Direction) -> Event:
             what = "cutover" if to_target else "rollback"
             return Event(
                 "CutOver" if to_target else "RolledBack",
-                f"{what}: writes blocked {block_ms} ms, {rows} rows verified, attempt {attempt + 1}",
+                f"{what}: writes blocked {block_ms} ms ("
+                + ", ".join(f"{k} {v * 1000:.0f}" for k, v in steps.items())
+                + f"), {rows} rows verified, attempt {attempt + 1}",
             )
         except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected, CatchUpTimeout) as exc:
             log.info("%s of %s: attempt %d gave way: %s", direction, split.key, attempt + 1, type(exc).__name__)

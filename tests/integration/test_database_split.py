@@ -78,7 +78,7 @@ def databases(servers: tuple[Postgres, Postgres]) -> Iterator[tuple[str, str]]:
 
 def side(server: Postgres, dbname: str, conn: psycopg.Connection) -> Side:
     info = ConnInfo(host=server.host, port=server.port, dbname=dbname, user="postgres", password=server.PASSWORD)
-    return Side(conn=conn, state_schema="pgscale", replication=info)
+    return Side(conn=conn, state_schema="pgscale", replication=info, info=info)
 
 
 @pytest.fixture
@@ -291,6 +291,7 @@ def test_move_cutover_rollback_and_finalize_with_a_writer(
             dst.execute("INSERT INTO \"Message\" (body) VALUES ('early')")
         time.sleep(1)
         report = drive(split, "target", "CutOver")
+        print("\n" + "; ".join(e.message for e in report.events))
         assert report.writes_to == "target" and report.last is not None
         assert report.last.direction == "toTarget" and report.last.rows_verified >= 3000
         block_ms = report.last.write_block_ms

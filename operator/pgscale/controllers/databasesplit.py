@@ -71,8 +71,8 @@ class DatabaseSplitController:
         infos: tuple[ConnInfo, ConnInfo],
         schemas: tuple[str, str],
     ) -> Split:
-        source = Side(conns[0], schemas[0], replication_info(infos[0], spec.source))
-        target = Side(conns[1], schemas[1], replication_info(infos[1], spec.target))
+        source = Side(conns[0], schemas[0], replication_info(infos[0], spec.source), infos[0])
+        target = Side(conns[1], schemas[1], replication_info(infos[1], spec.target), infos[1])
         tables = resolve_tables(conns[0], spec)
         return Split(key=f"{ref.namespace}/{ref.name}", spec=spec, tables=tables, source=source, target=target)
 

@@ -619,7 +619,7 @@ def create_subscription(
         return
     statement = sql.SQL(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (create_slot = false, slot_name = {}, "
-        "copy_data = {}, enabled = true)"
+        "copy_data = {}, enabled = true, synchronous_commit = on)"
     ).format(
         sql.Identifier(name),
         sql.Literal(conninfo),
@@ -690,6 +690,14 @@ def current_lsn(conn: psycopg.Connection) -> str:
     row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
+
+
+def flush_wal(conn: psycopg.Connection) -> None:
+    """Make the server flush its WAL now (a walsender sends only flushed WAL; with synchronous_commit = off
+    the WAL writer would do it within wal_writer_delay): a committed logical message, committed synchronously."""
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, 'pgscale.split', 'flush')")
 
 
 def confirmed(conn: psycopg.Connection, slot: str, lsn: str) -> bool:
