@@ -47,8 +47,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Postgres
     source = Postgres(workdir, name="source", wal_level="logical")
     target = Postgres(workdir, name="target", wal_level="logical")
     try:
-        source.start()
-        target.start()
+        for server in (source, target):
+            server.start()
+            # Replication workers start (and restart) this soon, not after the default 5 s.
+            server.execute("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
+            server.execute("SELECT pg_reload_conf()")
         yield source, target
     finally:
         source.stop()
@@ -335,3 +338,92 @@ def test_move_cutover_rollback_and_finalize_with_a_writer(
         src.execute("INSERT INTO \"Message\" (body) VALUES ('stale')")
     drop_replication(split)  # idempotent
     assert sqls.load_state(src, "pgscale", split.key) is not None
+
+
+RUNNER = """
+import json, sys, time
+import psycopg
+from pgscale.api.databasesplit import DatabaseSplitSpec
+from pgscale.errors import TransientError
+from pgscale.pg.connection import ConnInfo
+from pgscale.split import Side, Split, advance, resolve_tables
+
+args = json.loads(sys.argv[1])
+src_info, dst_info = ConnInfo(**args["source"]), ConnInfo(**args["target"])
+with (
+    psycopg.connect(**src_info.kwargs(), autocommit=True) as s,
+    psycopg.connect(**dst_info.kwargs(), autocommit=True) as t,
+):
+    spec = DatabaseSplitSpec.model_validate(args["spec"])
+    split = Split(key=args["key"], spec=spec, tables=resolve_tables(s, spec),
+                  source=Side(s, "pgscale", src_info, src_info), target=Side(t, "pgscale", dst_info, dst_info))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            advance(split, args["desired"])
+        except TransientError:
+            pass
+        time.sleep(0.2)
+sys.exit(3)
+"""
+
+# (kill point, what the split is asked for when it is killed there)
+KILL_POINTS = [
+    ("split-after-prepare", "source"),
+    ("split-after-slot", "source"),
+    ("split-after-subscription", "source"),
+    ("split-before-lock", "target"),
+    ("split-before-guard", "target"),
+    ("split-after-commit", "target"),
+    ("split-after-reverse-slot", "target"),
+    ("split-after-drop-replication", "finalize"),
+]
+
+
+def kill_at(split: Split, point: str, desired: str) -> None:
+    """Run the split in a process of its own that SIGKILLs itself at `point` (pgscale.faults)."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = {
+        "source": dataclasses.asdict(split.source.replication),
+        "target": dataclasses.asdict(split.target.replication),
+        "spec": split.spec.wire(),
+        "key": split.key,
+        "desired": desired,
+    }
+    env = {**os.environ, "PGSCALE_FAULT_POINT": point}
+    command = [sys.executable, "-c", RUNNER, json.dumps(args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, f"{point} not reached: {result.returncode} {result.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize(("point", "desired"), KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
+def test_killed_at_each_step_resumes_to_the_same_end(
+    point: str, desired: str, servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]
+) -> None:
+    src, dst = conns
+    src.execute("INSERT INTO \"Message\" (body) SELECT 'seed ' || g FROM generate_series(1, 500) g")
+    split = make_split(servers, databases, conns)
+    if desired != "source":
+        drive(split, "source", "Replicating")
+    if desired == "finalize":
+        drive(split, "target", "CutOver")
+    kill_at(split, point, desired)
+    # The operator comes back: the split goes on from wherever the kill left it.
+    drive(split, "source", "Replicating")
+    src.execute("INSERT INTO \"Message\" (body) SELECT 'more ' || g FROM generate_series(1, 50) g")
+    until("the target to catch up", lambda: messages(src) == messages(dst))
+    drive(split, "target", "CutOver")
+    dst.execute("INSERT INTO \"Message\" (body) SELECT 'moved ' || g FROM generate_series(1, 50) g")
+    until("the source to catch up", lambda: messages(src) == messages(dst))
+    assert len(messages(dst)) == 600
+    drive(split, "finalize", "Finalized")
+    for server, db in zip(servers, databases, strict=True):
+        assert replication_objects(server, db) == (0, 0, 0), point
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        src.execute("INSERT INTO \"Message\" (body) VALUES ('stale')")
+    dst.execute("INSERT INTO \"Message\" (body) VALUES ('new')")
