@@ -10,8 +10,6 @@ nothing changed.
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from pgscale.errors import SpecError, TransientError
 from pgscale.pg import split as sqls
 from pgscale.pg.connection import ConnInfo
 from pgscale.split import Report, Side, Split, advance, drop_replication, resolve_tables
+from writers import MessageWriter, messages, until
 
 pytestmark = pytest.mark.postgres
 
@@ -40,22 +39,9 @@ SPEC: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Postgres, Postgres]]:
-    """Two servers with wal_level=logical: the monolith's and the messages' own."""
-    workdir = tmp_path_factory.mktemp("split")
-    source = Postgres(workdir, name="source", wal_level="logical")
-    target = Postgres(workdir, name="target", wal_level="logical")
-    try:
-        for server in (source, target):
-            server.start()
-            # Replication workers start (and restart) this soon, not after the default 5 s.
-            server.execute("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
-            server.execute("SELECT pg_reload_conf()")
-        yield source, target
-    finally:
-        source.stop()
-        target.stop()
+@pytest.fixture
+def servers(logical_servers: tuple[Postgres, Postgres]) -> tuple[Postgres, Postgres]:
+    return logical_servers
 
 
 @pytest.fixture
@@ -170,79 +156,6 @@ def test_wal_level_not_logical_is_refused(
     assert replication_objects(servers[1], databases[1]) == (0, 0, 0)
 
 
-class Writer(threading.Thread):
-    """The application: inserts and updates messages on whichever database takes writes, following a
-    read-only refusal to the other (as it would follow the published Secret), and keeps its own record."""
-
-    def __init__(self, dsns: dict[str, str], record: dict[int, str]) -> None:
-        super().__init__(daemon=True)
-        self.dsns = dsns
-        self.route = "source"
-        self.record = record
-        self.stop = threading.Event()
-        self.longest = 0.0
-        self.writes = 0
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-
-    def flip(self) -> None:
-        self.route = "target" if self.route == "source" else "source"
-
-    def run(self) -> None:
-        rng = random.Random(7)
-        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
-        route = self.route
-        while not self.stop.is_set():
-            with self.lock:  # held by the test to compare both sides: not counted as a block
-                started = time.monotonic()
-                body = f"m{self.writes}-{uuid.uuid4().hex[:6]}"
-                while not self.stop.is_set():
-                    if route != self.route:
-                        conn.close()
-                        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
-                        route = self.route
-                    try:
-                        self.write(conn, rng, body)
-                        break
-                    except psycopg.errors.ReadOnlySqlTransaction:
-                        self.flip()
-                        time.sleep(0.002)
-                    except psycopg.errors.UniqueViolation as exc:
-                        self.errors.append(str(exc))
-                        break
-                self.longest = max(self.longest, time.monotonic() - started)
-                self.writes += 1
-            time.sleep(0.002)
-        conn.close()
-
-    def write(self, conn: psycopg.Connection, rng: random.Random, body: str) -> None:
-        if self.record and rng.random() < 0.4:
-            key = rng.choice(list(self.record))
-            conn.execute('UPDATE "Message" SET body = %s WHERE id = %s', (body, key))
-        else:
-            row = conn.execute('INSERT INTO "Message" (body, "taskId") VALUES (%s, 1) RETURNING id', (body,)).fetchone()
-            assert row is not None
-            key = row[0]
-            if key in self.record:
-                self.errors.append(f"id {key} given twice")
-        self.record[key] = body
-
-    def caught_up(self, a: psycopg.Connection, b: psycopg.Connection, what: str) -> None:
-        """Pause the writes until both sides hold the same rows."""
-        with self.lock:
-            until(what, lambda: messages(a) == messages(b))
-
-
-def until(what: str, check: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def drive(split: Split, desired: Any, until_phase: str, timeout: float = 120) -> Report:
     """Call advance as the controller does until the split reaches a phase."""
     deadline = time.monotonic() + timeout
@@ -257,10 +170,6 @@ def drive(split: Split, desired: Any, until_phase: str, timeout: float = 120) ->
             return last
         time.sleep(0.3)
     raise AssertionError(f"split did not reach {until_phase}: {last}")
-
-
-def messages(conn: psycopg.Connection) -> dict[int, str]:
-    return dict(conn.execute('SELECT id, body FROM "Message"').fetchall())
 
 
 def test_move_cutover_rollback_and_finalize_with_a_writer(
@@ -281,7 +190,7 @@ def test_move_cutover_rollback_and_finalize_with_a_writer(
     split = make_split(servers, databases, conns)
     record = messages(src)
     dsns = {"source": servers[0].dsn(databases[0]), "target": servers[1].dsn(databases[1])}
-    writer = Writer(dsns, record)
+    writer = MessageWriter(dsns, record)
     writer.start()
     try:
         report = drive(split, "source", "Replicating")
