@@ -16,7 +16,7 @@ from .. import pg
 from ..api import DATABASE_SPLIT
 from ..api.databasesplit import DatabaseSplitSpec, SplitEndpoint
 from ..api.databasesplit import DatabaseSplitStatus as Status
-from ..errors import SpecError
+from ..errors import ReconcileError, SpecError
 from ..kube import ObjectRef
 from ..pg import split as sqls
 from ..pg.connection import ConnInfo
@@ -84,15 +84,27 @@ class DatabaseSplitController:
             state = sqls.load_state(src, src_schema, split.key)
             # Before the first slot: a split deleted mid-way must not leave slots holding WAL on a server.
             ensure_finalizer(ctx, self.kind, obj, needed=state is None or state.step != "finalized")
+            secret = spec.secret_name_or_default(ref.name)
             try:
                 report = advance(split, desired_side(spec))
             except SpecError:
                 if state is None:  # refused before anything was made: nothing to clean up
                     ensure_finalizer(ctx, self.kind, obj, needed=False)
                 raise
+            except ReconcileError:
+                # A step after a committed switch failed: the application must still be sent where writes go.
+                now = sqls.load_state(src, src_schema, split.key)
+                if (
+                    now is not None
+                    and now.step == "replicating"
+                    and (state is None or now.writes_to != state.writes_to)
+                ):
+                    side = "target" if now.writes_to == "target" else "source"
+                    info = dst_info if side == "target" else src_info
+                    ctx.kube.apply(connection_secret(ref, secret, info, side))
+                raise
             if report.phase == "Finalized":
                 ensure_finalizer(ctx, self.kind, obj, needed=False)
-        secret = spec.secret_name_or_default(ref.name)
         side_info = dst_info if report.writes_to == "target" else src_info
         ctx.kube.apply(connection_secret(ref, secret, side_info, report.writes_to))
         status.update(
