@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -424,6 +425,17 @@ def _stopwatch(steps: dict[str, float], started: float) -> Callable[[str], None]
     return took
 
 
+def _fingerprints(
+    here: psycopg.Connection, there: psycopg.Connection, table: Table
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Count and checksum of a table on both servers at once (the other side in a thread): the writes wait."""
+    cols = sqls.replicated_columns(here, table)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        theirs = pool.submit(sqls.fingerprint, there, table, cols)
+        mine = sqls.fingerprint(here, table, cols)
+        return mine, theirs.result()
+
+
 def _attempts(split: Split, direction: Direction, flusher: psycopg.Connection | None) -> Event:
     """The switch's attempts within the lock budget."""
     budget = split.spec.lock_budget_or_default
@@ -456,8 +468,7 @@ def _attempts(split: Split, direction: Direction, flusher: psycopg.Connection | 
                 sqls.set_sequences(to.conn, sqls.sequences(conn, split.tables))
                 took("sequences")
                 for table in split.tables:
-                    cols = sqls.replicated_columns(conn, table)
-                    mine, theirs = sqls.fingerprint(conn, table, cols), sqls.fingerprint(to.conn, table, cols)
+                    mine, theirs = _fingerprints(conn, to.conn, table)
                     if mine != theirs:
                         raise ChecksumMismatch(f"{sqls.label(table)}: {mine[0]} rows here, {theirs[0]} there")
                     rows += mine[0]
