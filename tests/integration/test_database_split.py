@@ -336,3 +336,27 @@ def test_killed_at_each_step_resumes_to_the_same_end(
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         src.execute("INSERT INTO \"Message\" (body) VALUES ('stale')")
     dst.execute("INSERT INTO \"Message\" (body) VALUES ('new')")
+
+
+def test_resumes_after_both_servers_restart(
+    servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]
+) -> None:
+    """A restart of either server mid-way (connections lost, workers restarted): the split goes on."""
+    src = conns[0]
+    src.execute("INSERT INTO \"Message\" (body) SELECT 'seed ' || g FROM generate_series(1, 500) g")
+    split = make_split(servers, databases, conns)
+    drive(split, "source", "Replicating")
+    for server in servers:
+        server.stop()
+        server.start()
+    with (
+        psycopg.connect(servers[0].dsn(databases[0]), autocommit=True) as s,
+        psycopg.connect(servers[1].dsn(databases[1]), autocommit=True) as t,
+    ):
+        split.source.conn, split.target.conn = s, t
+        s.execute("INSERT INTO \"Message\" (body) SELECT 'more ' || g FROM generate_series(1, 50) g")
+        drive(split, "target", "CutOver")
+        assert messages(s) == messages(t) and len(messages(t)) == 550
+        drive(split, "finalize", "Finalized")
+    for server, db in zip(servers, databases, strict=True):
+        assert replication_objects(server, db) == (0, 0, 0)
