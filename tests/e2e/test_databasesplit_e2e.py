@@ -6,6 +6,7 @@ mid-way leaves no replication object behind."""
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -163,6 +164,8 @@ def test_messages_move_to_their_own_database_and_back_and_for_good(
     wait_until(
         lambda: not kubectl.get("databasesplit", "messages")["metadata"].get("finalizers"), 60, "the finalizer to go"
     )
+    surfaces = json.dumps(kubectl.get("databasesplit", "messages")) + kubectl.run("get", "events", "-o", "json")
+    assert source.PASSWORD not in surfaces + operator.log.read_text(errors="replace")
     print(f"\nlongest write block {block} ms; the writer's longest {writer.longest * 1000:.0f} ms")
 
 
@@ -180,3 +183,24 @@ def test_deleting_a_split_mid_way_drops_its_replication_objects(
     kubectl.run("delete", "databasesplit", "messages", "--timeout=60s")
     assert replication_objects(source, split_databases) == (0, 0, 0)
     assert replication_objects(target, split_databases) == (0, 0, 0)
+
+
+def test_the_api_server_refuses_a_split_that_cannot_work(
+    control_plane: localenv.ControlPlane, kubectl: Kubectl
+) -> None:
+    split = load_example("databasesplit.yaml")[1]
+    both = {**split, "spec": {**split["spec"], "schema": "public"}}
+    result = kubectl.apply(both, check=False)
+    assert result.returncode != 0 and "set exactly one of tables or schema" in result.stderr
+    same = {**split, "spec": {**split["spec"], "target": {"profileRef": {"name": "app"}}}}
+    result = kubectl.apply(same, check=False)
+    assert result.returncode != 0 and "source and target must be different DatabaseProfiles" in result.stderr
+    bad = {**split, "spec": {**split["spec"], "phase": "switch"}}
+    assert kubectl.apply(bad, check=False).returncode != 0
+    kubectl.apply(split)
+    moved = {**split, "spec": {**split["spec"], "tables": [{"name": "Task"}]}}
+    result = kubectl.apply(moved, check=False)
+    assert result.returncode != 0 and "tables is immutable" in result.stderr
+    to_schema = {**split, "spec": {k: v for k, v in split["spec"].items() if k != "tables"} | {"schema": "public"}}
+    result = kubectl.apply(to_schema, check=False)
+    assert result.returncode != 0 and "immutable" in result.stderr, result.stderr

@@ -84,6 +84,10 @@ class DatabaseSplitSpec(Model):
                 "self.source.profileRef.name != self.target.profileRef.name",
                 "source and target must be different DatabaseProfiles",
             ),
+            (
+                "has(self.tables) == has(oldSelf.tables) && has(self.schema) == has(oldSelf.schema)",
+                "tables and schema are immutable; create a new DatabaseSplit",
+            ),
         )
     }
 
