@@ -160,8 +160,26 @@ def refusals(split: Split) -> list[tuple[str, str]]:
                     "spec.crossForeignKeys: skip to keep it on the source only",
                 )
             )
+    for table in sqls.partitioned(src, split.tables):
+        out.append(
+            (
+                "PartitionedTable",
+                f"{sqls.label(table)} is partitioned; DatabaseSplit moves plain tables only: move its partitions' "
+                "rows by other means, or convert it back to a plain table",
+            )
+        )
     for problem in sqls.differing_targets(src, dst, split.tables):
         out.append(("TargetTableDiffers", problem))
+    existing = [t for t in split.tables if sqls.table_oid(dst, t) is not None]
+    for table in sqls.without_identity(dst, existing):
+        out.append(
+            (
+                "TargetTableDiffers",
+                f"{sqls.label(table)} exists on the target without a primary key or replica identity, so replicated "
+                f"updates and deletes cannot find their rows: add the source's key there, or DROP TABLE "
+                f"{sqls.label(table)} on the target and pgscale creates it",
+            )
+        )
     return out
 
 

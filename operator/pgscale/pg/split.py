@@ -241,6 +241,15 @@ class CrossKey:
         return f"ALTER TABLE {label(self.table)} DROP CONSTRAINT {sql_name(self.name)}"
 
 
+def partitioned(conn: psycopg.Connection, tables: list[Table]) -> list[Table]:
+    out = []
+    for table in tables:
+        row = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (table_oid(conn, table),)).fetchone()
+        if row and row[0] == "p":
+            out.append(table)
+    return out
+
+
 def cross_keys(conn: psycopg.Connection, tables: list[Table]) -> list[CrossKey]:
     """Foreign keys crossing the cut, both directions."""
     moved = {label(t) for t in tables}
@@ -416,15 +425,31 @@ def _types(conn: psycopg.Connection, oids: list[int | None], out: Definitions) -
         out.add(f"type:{schema}.{name}", text)
 
 
+# The sequences a table's values come from: identity (deptype i), serial or OWNED BY (a), and any other
+# sequence a column default calls nextval() on (a dependency of the default, pg_attrdef).
+USED_SEQUENCES = (
+    "SELECT s.oid, d.deptype = 'i' AS identity FROM pg_depend d JOIN pg_class s ON s.oid = d.objid "
+    "WHERE d.refobjid = %(t)s AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND s.relkind = 'S' "
+    "UNION SELECT s.oid, false FROM pg_attrdef ad JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass "
+    "AND d.objid = ad.oid JOIN pg_class s ON s.oid = d.refobjid WHERE ad.adrelid = %(t)s "
+    "AND d.refclassid = 'pg_class'::regclass AND s.relkind = 'S'"
+)
+
+
 def _sequences(conn: psycopg.Connection, oid: int | None, out: Definitions) -> None:
-    """Sequences owned by a column without identity (serial): created before the table uses them."""
+    """Sequences the table's defaults use (serial, OWNED BY, shared ones), created before the table; identity
+    sequences come with their columns."""
     for schema, name, start, inc, minv, maxv, cache, cycle, typ in conn.execute(
-        "SELECT n.nspname, s.relname, q.seqstart, q.seqincrement, q.seqmin, q.seqmax, q.seqcache, q.seqcycle, "
-        "format_type(q.seqtypid, NULL) FROM pg_depend d JOIN pg_class s ON s.oid = d.objid "
-        "JOIN pg_namespace n ON n.oid = s.relnamespace JOIN pg_sequence q ON q.seqrelid = s.oid "
-        "WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass AND d.deptype = 'a' AND s.relkind = 'S'",
-        (oid,),
+        sql.SQL(
+            "WITH used AS ({}) "
+            "SELECT n.nspname, s.relname, q.seqstart, q.seqincrement, q.seqmin, q.seqmax, q.seqcache, q.seqcycle, "
+            "format_type(q.seqtypid, NULL) FROM used u JOIN pg_class s ON s.oid = u.oid "
+            "JOIN pg_namespace n ON n.oid = s.relnamespace JOIN pg_sequence q ON q.seqrelid = s.oid "
+            "WHERE NOT u.identity ORDER BY 1, 2"
+        ).format(sql.SQL(USED_SEQUENCES)),
+        {"t": oid},
     ).fetchall():
+        out.add(f"schema:{schema}", f"CREATE SCHEMA IF NOT EXISTS {_q(schema)}")
         out.add(
             f"sequence:{schema}.{name}",
             f"CREATE SEQUENCE IF NOT EXISTS {_q(schema, name)} AS {typ} INCREMENT {inc} MINVALUE {minv} "
@@ -736,14 +761,15 @@ def lock_tables(conn: psycopg.Connection, tables: list[Table], lock_timeout_ms: 
 
 
 def sequences(conn: psycopg.Connection, tables: list[Table]) -> dict[Table, int]:
-    """The sequences of the tables' columns (identity and serial), by (schema, name): the next value they give."""
+    """The sequences the tables' values come from (USED_SEQUENCES), by (schema, name): the next value they give."""
     out: dict[Table, int] = {}
     for table in tables:
         for schema, name in conn.execute(
-            "SELECT n.nspname, s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid "
-            "JOIN pg_namespace n ON n.oid = s.relnamespace WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass "
-            "AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1, 2",
-            (table_oid(conn, table),),
+            sql.SQL(
+                "WITH used AS ({}) SELECT DISTINCT n.nspname, s.relname FROM used u "
+                "JOIN pg_class s ON s.oid = u.oid JOIN pg_namespace n ON n.oid = s.relnamespace ORDER BY 1, 2"
+            ).format(sql.SQL(USED_SEQUENCES)),
+            {"t": table_oid(conn, table)},
         ).fetchall():
             row = conn.execute(
                 sql.SQL("SELECT last_value, is_called FROM {}").format(qualified(schema, name))
