@@ -183,14 +183,6 @@ def refusals(split: Split) -> list[tuple[str, str]]:
     return out
 
 
-def status(split: Split) -> Report:
-    """The split's state as status shows it (no change made)."""
-    state = sqls.load_state(split.source.conn, split.state_schema, split.key)
-    if state is None:
-        return Report(phase="Preparing", writes_to="source", message="not started", done=False)
-    return _report(split, state, "")
-
-
 def _report(split: Split, state: sqls.State, message: str, *, done: bool = True) -> Report:
     names = split.names
     writes_to: Literal["source", "target"] = "target" if state.writes_to == "target" else "source"
@@ -294,9 +286,13 @@ def advance(split: Split, desired: Literal["source", "target", "finalize"]) -> R
         return _report(split, state, "finalized: replication objects dropped")
     if state.writes_to == "source":
         message, done = _replicate(split, state)
-        if done and desired in ("target", "finalize") and ready_tables(split, split.names.forward, split.target.conn):
-            if desired == "finalize" and state.last_direction is None:
-                raise SpecError("phase", "finalize needs a cutover first: set spec.phase: cutover", reason="NotCutOver")
+        if desired == "finalize":
+            raise SpecError(
+                "phase",
+                "finalize drops the way back and needs the writes on the target: set spec.phase: cutover first",
+                reason="NotCutOver",
+            )
+        if done and desired == "target" and ready_tables(split, split.names.forward, split.target.conn):
             events.append(_switch(split, "toTarget"))
             state = sqls.load_state(src, split.state_schema, split.key)
             assert state is not None

@@ -415,3 +415,29 @@ def test_a_schema_moves_with_its_types_sequences_keys_indexes_and_grants(
     for server, db in zip(servers, databases, strict=True):
         assert replication_objects(server, db) == (0, 0, 0)
     src.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_lock_the_application_holds_gives_way_and_changes_nothing(
+    servers: tuple[Postgres, Postgres], databases: tuple[str, str], conns: tuple[Any, Any]
+) -> None:
+    src, dst = conns
+    src.execute("INSERT INTO \"Message\" (body) SELECT 'seed ' || g FROM generate_series(1, 100) g")
+    split = make_split(servers, databases, conns, lockBudget={"lockTimeout": "100ms", "retries": 2})
+    drive(split, "source", "Replicating")
+    with pytest.raises(SpecError) as err:
+        advance(split, "finalize")
+    assert err.value.reason == "NotCutOver"
+    with psycopg.connect(servers[0].dsn(databases[0])) as app:  # a transaction of the application stays open
+        app.execute("UPDATE \"Message\" SET body = 'held' WHERE id = 1")
+        with pytest.raises(TransientError) as lock:
+            advance(split, "target")
+        assert lock.value.reason == "LockTimeout" and "lockTimeout 100ms, 2 retries" in lock.value.message
+        state = sqls.load_state(src, "pgscale", split.key)
+        assert state is not None and (state.step, state.writes_to, state.lock_retries) == ("replicating", "source", 3)
+        found = sqls.subscription(dst, split.names.forward)
+        assert found is not None and found[1], "the subscription is enabled again"
+        assert not sqls.slot_exists(dst, split.names.reverse) and not sqls.guarded(src, ("public", "Message"))
+        app.commit()
+    report = drive(split, "target", "CutOver")
+    assert report.last is not None and report.last.lock_retries == 3
+    until("the update to arrive", lambda: scalar(dst, 'SELECT body FROM "Message" WHERE id = 1') == "held")
