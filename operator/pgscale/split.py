@@ -239,8 +239,8 @@ def ready_tables(split: Split, subscription: str, on: psycopg.Connection) -> boo
     return len(states) >= len(split.tables) and all(s == "ready" for s in states.values())
 
 
-def _prepare(split: Split) -> None:
-    """Check everything, then create the tables on the target (guarded) and the state row."""
+def check(split: Split) -> None:
+    """Raise every refusal at once (a SpecError with the first one's reason); nothing is changed."""
     problems = refusals(split)
     if problems:
         raise SpecError(
@@ -248,6 +248,11 @@ def _prepare(split: Split) -> None:
             "; ".join(message for _, message in problems) + "; nothing was changed",
             reason=problems[0][0],
         )
+
+
+def _prepare(split: Split) -> None:
+    """Check everything, then create the tables on the target (guarded) and the state row."""
+    check(split)
     src, dst = split.source.conn, split.target.conn
     defs = sqls.definitions(src, split.tables, skip_cross_keys=split.spec.cross_foreign_keys == "skip")
     for table in split.tables:

@@ -204,3 +204,25 @@ def test_the_api_server_refuses_a_split_that_cannot_work(
     to_schema = {**split, "spec": {k: v for k, v in split["spec"].items() if k != "tables"} | {"schema": "public"}}
     result = kubectl.apply(to_schema, check=False)
     assert result.returncode != 0 and "immutable" in result.stderr, result.stderr
+
+
+def test_a_refused_split_is_stalled_naming_the_fix_and_holds_no_finalizer(
+    operator: localenv.OperatorProcess,
+    kubectl: Kubectl,
+    logical_servers: tuple[localenv.Postgres, localenv.Postgres],
+    split_databases: str,
+) -> None:
+    split = setup(kubectl, logical_servers, split_databases)
+    kubectl.apply({**split, "spec": {**split["spec"], "crossForeignKeys": "refuse"}})
+
+    def stalled() -> dict[str, Any] | None:
+        conditions = {c["type"]: c for c in status(kubectl).get("conditions") or []}
+        found = conditions.get("Stalled")
+        return found if found and found["status"] == "True" else None
+
+    condition = wait_until(stalled, 60, "the refusal", log=operator.log)
+    assert condition["reason"] == "CrossForeignKeys"
+    assert 'ALTER TABLE public."Message" DROP CONSTRAINT "Message_taskId_fkey"' in condition["message"]
+    assert not kubectl.get("databasesplit", "messages")["metadata"].get("finalizers")
+    for server in logical_servers:
+        assert replication_objects(server, split_databases) == (0, 0, 0)

@@ -21,7 +21,7 @@ from ..kube import ObjectRef
 from ..pg import split as sqls
 from ..pg.connection import ConnInfo
 from ..specs.split import connection_secret
-from ..split import Report, Side, Split, advance, drop_replication, resolve_tables
+from ..split import Report, Side, Split, advance, check, drop_replication, resolve_tables
 from .base import Context, Result, StatusWriter, ensure_finalizer, load_profile
 
 BUSY_SECONDS = 2.0  # while copying or switching
@@ -82,6 +82,8 @@ class DatabaseSplitController:
         with pg.connect(src_info) as src, pg.connect(dst_info) as dst:
             split = self._split(ref, spec, (src, dst), (src_info, dst_info), (src_schema, dst_schema))
             state = sqls.load_state(src, src_schema, split.key)
+            if state is None:
+                check(split)  # a refusal changes nothing, so it needs no finalizer either
             # Before the first slot: a split deleted mid-way must not leave slots holding WAL on a server.
             ensure_finalizer(ctx, self.kind, obj, needed=state is None or state.step != "finalized")
             secret = spec.secret_name_or_default(ref.name)
