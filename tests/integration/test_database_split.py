@@ -277,15 +277,11 @@ sys.exit(3)
 """
 
 # (kill point, what the split is asked for when it is killed there)
-KILL_POINTS = [
-    ("split-after-prepare", "source"),
+KILL_POINTS = [  # tests/e2e/test_faults.py kills the operator at the others
     ("split-after-slot", "source"),
-    ("split-after-subscription", "source"),
     ("split-before-lock", "target"),
     ("split-before-guard", "target"),
     ("split-after-commit", "target"),
-    ("split-after-reverse-slot", "target"),
-    ("split-after-drop-replication", "finalize"),
 ]
 
 
