@@ -18,6 +18,7 @@ from ..api.databasesplit import DatabaseSplitSpec, SplitEndpoint
 from ..api.databasesplit import DatabaseSplitStatus as Status
 from ..errors import ReconcileError, SpecError
 from ..kube import ObjectRef
+from ..metrics import METRICS
 from ..pg import split as sqls
 from ..pg.connection import ConnInfo
 from ..specs.split import connection_secret
@@ -121,6 +122,13 @@ class DatabaseSplitController:
                 last_cutover=report.last,
                 connection_secret=secret,
             )
+        )
+        METRICS.split(
+            f"{ref.namespace}/{ref.name}",
+            lag_bytes=report.lag_bytes,
+            longest_block_ms=report.longest_block_ms,
+            on_target=report.writes_to == "target",
+            ready=sum(1 for t in report.tables if t.state == "ready"),
         )
         done = reached(spec, report)
         message = f"{report.phase}: {report.message}; writes go to the {report.writes_to}"
