@@ -273,7 +273,22 @@ def _prepare(split: Split) -> None:
 
 
 def advance(split: Split, desired: Literal["source", "target", "finalize"]) -> Report:
-    """Take the split one step towards what the spec asks: idempotent, resumable after a kill anywhere."""
+    """Take the split one step towards what the spec asks: idempotent, resumable after a kill anywhere.
+
+    One run at a time per split (a session advisory lock on the source: a killed run frees it), so an
+    old leader still finishing a reconcile cannot interleave with the new one."""
+    src = split.source.conn
+    if not sqls.try_lock(src, split.key):
+        raise TransientError(
+            "another pgscale run is working on this split; looked at again shortly", reason="SplitBusy", retry_seconds=5
+        )
+    try:
+        return _advance(split, desired)
+    finally:
+        sqls.unlock(src, split.key)
+
+
+def _advance(split: Split, desired: Literal["source", "target", "finalize"]) -> Report:
     src = split.source.conn
     state = sqls.load_state(src, split.state_schema, split.key)
     events: list[Event] = []

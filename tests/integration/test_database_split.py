@@ -423,6 +423,11 @@ def test_a_lock_the_application_holds_gives_way_and_changes_nothing(
     with pytest.raises(SpecError) as err:
         advance(split, "finalize")
     assert err.value.reason == "NotCutOver"
+    with psycopg.connect(servers[0].dsn(databases[0]), autocommit=True) as other:  # another run of the split
+        assert sqls.try_lock(other, split.key)
+        with pytest.raises(TransientError) as busy:
+            advance(split, "target")
+        assert busy.value.reason == "SplitBusy"
     with psycopg.connect(servers[0].dsn(databases[0])) as app:  # a transaction of the application stays open
         app.execute("UPDATE \"Message\" SET body = 'held' WHERE id = 1")
         with pytest.raises(TransientError) as lock:

@@ -16,7 +16,7 @@ from .. import pg
 from ..api import DATABASE_SPLIT
 from ..api.databasesplit import DatabaseSplitSpec, SplitEndpoint
 from ..api.databasesplit import DatabaseSplitStatus as Status
-from ..errors import ReconcileError, SpecError
+from ..errors import ReconcileError, SpecError, TransientError
 from ..kube import ObjectRef
 from ..metrics import METRICS
 from ..pg import split as sqls
@@ -164,6 +164,11 @@ class DatabaseSplitController:
                 source=Side(src, src_schema, replication_info(src_info, spec.source)),
                 target=Side(dst, dst_schema, replication_info(dst_info, spec.target)),
             )
-            drop_replication(split)
-            sqls.forget_state(src, src_schema, split.key)
+            if not sqls.try_lock(src, split.key):
+                raise TransientError("a pgscale run holds the split; deletion waits for it", reason="SplitBusy")
+            try:
+                drop_replication(split)
+                sqls.forget_state(src, src_schema, split.key)
+            finally:
+                sqls.unlock(src, split.key)
         ctx.kube.event(ref, "ReplicationDropped", "subscriptions, slots and publications dropped on both databases")

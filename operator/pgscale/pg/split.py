@@ -32,6 +32,7 @@ parameters or ``sql.Literal``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -150,6 +151,20 @@ def note_retry(conn: psycopg.Connection, state_schema: str, split: str) -> None:
 def forget_state(conn: psycopg.Connection, state_schema: str, split: str) -> None:
     if load_state(conn, state_schema, split) is not None:
         conn.execute(sql.SQL("DELETE FROM {} WHERE split = %s").format(qualified(state_schema, STATE_TABLE)), (split,))
+
+
+def try_lock(conn: psycopg.Connection, split: str) -> bool:
+    """One run of a split at a time (a session lock: a killed run frees it)."""
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended('pgscale.split:' || %s, 0))", (split,)).fetchone()
+    return bool(row and row[0])
+
+
+def unlock(conn: psycopg.Connection, split: str) -> None:
+    """Release it; on a dead connection the lock died with the session, and raising would hide the first error."""
+    if conn.closed or conn.broken:
+        return
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("SELECT pg_advisory_unlock(hashtextextended('pgscale.split:' || %s, 0))", (split,))
 
 
 # --- which tables ------------------------------------------------------------------------------------
