@@ -317,6 +317,14 @@ def _advance(split: Split, desired: Literal["source", "target", "finalize"]) -> 
             state = sqls.load_state(src, split.state_schema, split.key)
             assert state is not None
             message, done = _reverse(split)
+    elif desired == "finalize":  # without building the way back first (a finalize killed mid-way goes on)
+        finalize(split)
+        events.append(Event("Finalized", "replication objects dropped on both databases"))
+        state = sqls.load_state(src, split.state_schema, split.key)
+        assert state is not None
+        report = _report(split, state, "finalized: replication objects dropped")
+        report.events = events
+        return report
     else:
         message, done = _reverse(split)
         if desired == "source":
@@ -324,14 +332,6 @@ def _advance(split: Split, desired: Literal["source", "target", "finalize"]) -> 
             state = sqls.load_state(src, split.state_schema, split.key)
             assert state is not None
             message, done = _replicate(split, state)
-        elif desired == "finalize":
-            finalize(split)
-            events.append(Event("Finalized", "replication objects dropped on both databases"))
-            state = sqls.load_state(src, split.state_schema, split.key)
-            assert state is not None
-            report = _report(split, state, "finalized: replication objects dropped")
-            report.events = events
-            return report
     report = _report(split, state, message, done=done)
     report.events = events
     return report
@@ -565,8 +565,17 @@ def finalize(split: Split) -> None:
     drop_replication(split)
     faults.checkpoint("split-after-drop-replication")
     if split.spec.drop_source_tables:
-        with src.transaction():
-            sqls.drop_tables(src, split.tables)
+        try:
+            with src.transaction():
+                sqls.drop_tables(src, split.tables)
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            raise SpecError(
+                "dropSourceTables",
+                "the source tables cannot be dropped, other objects depend on them "
+                f"({exc.diag.message_detail or exc}); drop those (foreign keys of unmoved tables, views) first, "
+                "or set dropSourceTables: false",
+                reason="SourceTablesInUse",
+            ) from exc
     sqls.save_state(src, split.state_schema, split.key, step="finalized")
 
 

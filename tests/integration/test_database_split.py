@@ -407,7 +407,10 @@ def test_a_schema_moves_with_its_types_sequences_keys_indexes_and_grants(
     assert row[0] > 200 and row[1] > 1199 and row[2] == "open"  # both sequences past the source's
     dst.execute("DELETE FROM billing.invoice WHERE id = 1")  # cascades to its lines, on the target
     until("the source to follow", lambda: scalar(src, "SELECT count(*) FROM billing.line") == 597)
+    split.spec = split.spec.model_copy(update={"drop_source_tables": True})
     drive(split, "finalize", "Finalized")
+    assert scalar(src, "SELECT count(*) FROM pg_tables WHERE schemaname = 'billing'") == 0
+    assert scalar(dst, "SELECT count(*) FROM billing.line") == 597
     for server, db in zip(servers, databases, strict=True):
         assert replication_objects(server, db) == (0, 0, 0)
     src.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -35,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from ..errors import TransientError
 from . import ensure_schema, ensure_state_table, qualified
 
 STATE_TABLE = "database_splits"
@@ -619,8 +621,10 @@ def ensure_slot(conn: psycopg.Connection, slot: str) -> None:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
 
 
-def drop_slots(conn: psycopg.Connection, slot: str, subscription_oid: int | None) -> list[str]:
-    """Drop the subscription's slot and its table-sync slots (pg_<oid>_sync_...), those not in use."""
+def drop_slots(conn: psycopg.Connection, slot: str, subscription_oid: int | None, *, wait: float = 5.0) -> list[str]:
+    """Drop the subscription's slot and its table-sync slots (pg_<oid>_sync_...). A walsender still on one
+    (its subscriber just went away) is ended first; a slot still in use after `wait` seconds raises
+    SlotBusy, so the caller retries instead of leaving a slot that holds WAL forever."""
     pattern = f"pg\\_{subscription_oid}\\_sync\\_%" if subscription_oid else None
     rows = conn.execute(
         "SELECT slot_name, active_pid FROM pg_replication_slots WHERE slot_name = %s OR slot_name LIKE %s",
@@ -628,9 +632,14 @@ def drop_slots(conn: psycopg.Connection, slot: str, subscription_oid: int | None
     ).fetchall()
     dropped = []
     for name, pid in rows:
-        if pid is not None:
+        deadline = time.monotonic() + wait
+        while pid is not None:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            conn.execute("SELECT pg_sleep(0.2)")
+            if time.monotonic() > deadline:
+                raise SlotBusy(name)
+            time.sleep(0.1)
+            row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            pid = row[0] if row else None
         conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s "
             "AND active_pid IS NULL",
@@ -638,6 +647,17 @@ def drop_slots(conn: psycopg.Connection, slot: str, subscription_oid: int | None
         )
         dropped.append(name)
     return dropped
+
+
+class SlotBusy(TransientError):
+    """A replication slot stayed in use after its subscriber went away; dropping it is retried."""
+
+    def __init__(self, slot: str) -> None:
+        super().__init__(
+            f"replication slot {slot} is still in use after its subscription went away; dropped on the next try",
+            reason="SlotBusy",
+            retry_seconds=5,
+        )
 
 
 def subscription(conn: psycopg.Connection, name: str) -> tuple[int, bool] | None:
