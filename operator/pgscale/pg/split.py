@@ -854,5 +854,5 @@ def replicated_columns(conn: psycopg.Connection, table: Table) -> list[str]:
 
 
 def drop_tables(conn: psycopg.Connection, tables: list[Table]) -> None:
-    for table in tables:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(qualified(*table)))
+    """One statement: foreign keys among the tables do not block it, any from elsewhere do (no CASCADE)."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.SQL(", ").join(qualified(*t) for t in tables)))
