@@ -3,8 +3,8 @@
 - the operator SIGKILLed at every step of a PartitionPolicy's conversion under a writer (the
   injection points of pgscale.faults, one operator process per point, each resuming where the
   last one died), then the data compared row by row;
-- the operator SIGKILLed at every step of a DatabaseSplit (prepare, replicate, the cutover before and
-  after its commit, the reverse subscription, finalize) under a writer;
+- the operator SIGKILLed at steps of a DatabaseSplit (replicating, the cutover before and after its
+  commit, finalize) under a writer;
 - the operator and the copy Job's process SIGKILLed during a FileMigration copy: every row
   migrated exactly once, with the right bytes;
 - Postgres restarted in the middle of a conversion: the policy recovers, never InternalError;
@@ -420,20 +420,18 @@ def test_apiserver_restarted_while_resources_reconcile(env: Any, ns: Kubectl, db
     assert "reconcile failed" not in log and "InternalError" not in log
 
 
-SPLIT_POINTS = [
-    "split-after-prepare",
+SPLIT_POINTS = [  # tests/integration/test_database_split.py kills its process at the others
     "split-after-subscription",
     "split-before-guard",
     "split-after-commit",
-    "split-after-reverse-slot",
 ]
 
 
-def test_operator_killed_at_every_split_step_under_a_writer(
+def test_operator_killed_at_split_steps_under_a_writer(
     env: Any, ns: Kubectl, tmp_path: Path, logical_servers: tuple[localenv.Postgres, localenv.Postgres]
 ) -> None:
-    """A DatabaseSplit asked to cut over at once; the operator dies at each of its steps in turn (one
-    process per point) while a writer writes messages, then one more finishes, and finalizes after a kill."""
+    """A DatabaseSplit asked to cut over at once; the operator dies at its steps in turn (one process per
+    point) while a writer writes messages, then one more finishes, and finalizes after a kill."""
     from writers import MessageWriter, messages
 
     source, target = logical_servers

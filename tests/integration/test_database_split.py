@@ -278,10 +278,10 @@ sys.exit(3)
 
 # (kill point, what the split is asked for when it is killed there)
 KILL_POINTS = [  # tests/e2e/test_faults.py kills the operator at the others
+    ("split-after-prepare", "source"),
     ("split-after-slot", "source"),
     ("split-before-lock", "target"),
-    ("split-before-guard", "target"),
-    ("split-after-commit", "target"),
+    ("split-after-reverse-slot", "target"),
 ]
 
 
