@@ -458,10 +458,13 @@ class Postgres:
         port: int | None = None,
         host: str = "127.0.0.1",
         major: int | None = None,
+        wal_level: str = "replica",
     ) -> None:
         """`host` is where it listens (besides 127.0.0.1) and what dsn() and uri() name: HOST_IP
         for a server the node's pods reach, as they would reach a database outside the cluster.
-        `major`: the PostgreSQL version (selected_major() when None)."""
+        `major`: the PostgreSQL version (selected_major() when None). `wal_level`: logical for
+        logical replication (DatabaseSplit), set when the data directory is created."""
+        self.wal_level = wal_level
         self.major = major or selected_major()
         self.bin = postgres_bin(self.major)
         self.pg_cron = self.major == DEBIAN_MAJOR  # and pg_partman: Debian's packages
@@ -507,7 +510,7 @@ max_connections = 200
 fsync = off
 synchronous_commit = off
 full_page_writes = off
-wal_level = replica
+wal_level = {self.wal_level}
 max_wal_senders = 10
 max_replication_slots = 10
 logging_collector = off

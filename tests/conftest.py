@@ -244,6 +244,23 @@ def postgres(workdir: Path) -> Iterator[localenv.Postgres]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def logical_servers(workdir: Path) -> Iterator[tuple[localenv.Postgres, localenv.Postgres]]:
+    """Two servers with wal_level=logical: the monolith's and the messages' own."""
+    source = localenv.Postgres(workdir, name="split-source", wal_level="logical")
+    target = localenv.Postgres(workdir, name="split-target", wal_level="logical")
+    try:
+        for server in (source, target):
+            server.start()
+            # Replication workers start (and restart) this soon, not after the default 5 s.
+            server.execute("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
+            server.execute("SELECT pg_reload_conf()")
+        yield source, target
+    finally:
+        source.stop()
+        target.stop()
+
+
 @pytest.fixture
 def private_postgres(tmp_path: Path) -> Iterator[localenv.Postgres]:
     """A server of the test's own, for server-wide changes (ALTER SYSTEM, restarts, slots)."""

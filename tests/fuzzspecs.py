@@ -32,14 +32,10 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from pgscale import api
+
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = {
-    "DatabaseProfile": "databaseprofiles",
-    "PartitionPolicy": "partitionpolicies",
-    "RetentionPolicy": "retentionpolicies",
-    "FileMigration": "filemigrations",
-    "Cache": "caches",
-}
+KINDS = {k.name: k.plural for k in api.KINDS}  # every kind the operator serves
 IDENT = "^[A-Za-z_][A-Za-z0-9_$]*$"
 DNS = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 DURATION = "^[0-9]{1,9}(ms|s|m|h|d|w)$"

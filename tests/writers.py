@@ -1,10 +1,11 @@
-"""A concurrent application writer for conversion tests and benchmarks: it records what committed."""
+"""Concurrent application writers for conversion and split tests and benchmarks: they record what committed."""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -86,3 +87,83 @@ def assert_nothing_lost(conn: psycopg.Connection, before: dict[int, tuple[Any, .
     assert not writer.errors, writer.errors[:5]
     got, want = rows(conn), expected(before, writer)
     assert len(got) == len(want) and got == want
+
+
+# --- DatabaseSplit: the sample app's messages, written to whichever database takes writes ---------------
+
+
+def messages(conn: psycopg.Connection) -> dict[int, str]:
+    return dict(conn.execute('SELECT id, body FROM "Message"').fetchall())
+
+
+class MessageWriter(threading.Thread):
+    """The application: inserts and updates messages on whichever database takes writes, following a
+    read-only refusal to the other (as it would follow the published Secret), and keeps its own record."""
+
+    def __init__(self, dsns: dict[str, str], record: dict[int, str]) -> None:
+        super().__init__(daemon=True)
+        self.dsns = dsns
+        self.route = "source"
+        self.record = record
+        self.stop = threading.Event()
+        self.longest = 0.0
+        self.writes = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def flip(self) -> None:
+        self.route = "target" if self.route == "source" else "source"
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
+        route = self.route
+        while not self.stop.is_set():
+            with self.lock:  # held by the test to compare both sides: not counted as a block
+                started = time.monotonic()
+                body = f"m{self.writes}-{uuid.uuid4().hex[:6]}"
+                while not self.stop.is_set():
+                    if route != self.route:
+                        conn.close()
+                        conn = psycopg.connect(self.dsns[self.route], autocommit=True)
+                        route = self.route
+                    try:
+                        self.write(conn, rng, body)
+                        break
+                    except psycopg.errors.ReadOnlySqlTransaction:
+                        self.flip()
+                        time.sleep(0.002)
+                    except psycopg.errors.UniqueViolation as exc:
+                        self.errors.append(str(exc))
+                        break
+                self.longest = max(self.longest, time.monotonic() - started)
+                self.writes += 1
+            time.sleep(0.002)
+        conn.close()
+
+    def write(self, conn: psycopg.Connection, rng: random.Random, body: str) -> None:
+        if self.record and rng.random() < 0.4:
+            key = rng.choice(list(self.record))
+            conn.execute('UPDATE "Message" SET body = %s WHERE id = %s', (body, key))
+        else:
+            row = conn.execute('INSERT INTO "Message" (body, "taskId") VALUES (%s, 1) RETURNING id', (body,)).fetchone()
+            assert row is not None
+            key = row[0]
+            if key in self.record:
+                self.errors.append(f"id {key} given twice")
+        self.record[key] = body
+
+    def caught_up(self, a: psycopg.Connection, b: psycopg.Connection, what: str) -> None:
+        """Pause the writes until both sides hold the same rows."""
+        with self.lock:
+            until(what, lambda: messages(a) == messages(b))
+
+
+def until(what: str, check: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,5 +1,5 @@
 -- Argo CD health of pgscale.io resources: DatabaseProfile, PartitionPolicy,
--- RetentionPolicy and FileMigration share one check, because all four report
+-- RetentionPolicy, FileMigration, DatabaseSplit and Cache share one check, because all report
 -- status.observedGeneration and kstatus conditions (Ready always; Reconciling and
 -- Stalled only while True). The order follows kstatus: an unobserved generation
 -- is Progressing, Stalled is Degraded, then a suspended resource is Suspended

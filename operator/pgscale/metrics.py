@@ -55,6 +55,43 @@ class Metrics:
             registry=r,
         )
 
+        split = ["split"]  # namespace/name
+        self.split_lag = Gauge(
+            f"{PREFIX}_split_lag_bytes",
+            "WAL a DatabaseSplit's subscriber has not confirmed (the direction writes flow now).",
+            split,
+            registry=r,
+        )
+        self.split_block = Gauge(
+            f"{PREFIX}_split_longest_write_block_seconds",
+            "Longest time a DatabaseSplit's cutover or rollback blocked writes.",
+            split,
+            registry=r,
+        )
+        self.split_target = Gauge(
+            f"{PREFIX}_split_writes_to_target",
+            "1 when a DatabaseSplit's writes go to the target, else 0.",
+            split,
+            registry=r,
+        )
+        self.split_ready = Gauge(
+            f"{PREFIX}_split_tables_ready",
+            "Tables of a DatabaseSplit whose subscription is streaming.",
+            split,
+            registry=r,
+        )
+
+    def split(
+        self, split: str, *, lag_bytes: int | None, longest_block_ms: int | None, on_target: bool, ready: int
+    ) -> None:
+        """Set the gauges of one DatabaseSplit (``namespace/name``) from its status."""
+        if lag_bytes is not None:
+            self.split_lag.labels(split).set(lag_bytes)
+        if longest_block_ms is not None:
+            self.split_block.labels(split).set(longest_block_ms / 1000)
+        self.split_target.labels(split).set(1 if on_target else 0)
+        self.split_ready.labels(split).set(ready)
+
     def export(self, policy: str, totals: Any) -> None:
         """Set the export gauges of one RetentionPolicy (``namespace/name``) from the ledger's totals
         (pg.export.Totals)."""

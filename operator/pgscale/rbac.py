@@ -27,7 +27,14 @@ from typing import Any
 from .api import GROUP
 
 # The kinds, by plural (as in the CRDs).
-KINDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations", "caches")
+KINDS = (
+    "databaseprofiles",
+    "partitionpolicies",
+    "retentionpolicies",
+    "filemigrations",
+    "databasesplits",
+    "caches",
+)
 # What the operator creates, changes and deletes by server-side apply (kube.Kube.apply/delete).
 # An apply that creates the object is authorized as `patch` and then as `create`.
 WRITE = ("create", "patch", "delete")
@@ -54,12 +61,13 @@ NAMESPACED: tuple[Rule, ...] = (
          "DatabaseProfiles in every watched namespace to find two that set the settings of one server"),
     Rule(GROUP, tuple(f"{k}/status" for k in KINDS), ("patch",),
          "status, conditions and observedGeneration are merge-patched on the status subresource"),
-    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies", "caches"), ("patch",),
+    Rule(GROUP, ("databaseprofiles", "partitionpolicies", "retentionpolicies", "databasesplits", "caches"),
+         ("patch",),
          "pgscale's finalizer is added and removed by a merge patch of metadata.finalizers, on the kinds "
          "that keep something outside the cluster (replication slots, a conversion's sync trigger, a pg_cron job, "
-         "a Cache's invalidation triggers and outbox)"),
+         "a split's subscriptions, a Cache's invalidation triggers and outbox)"),
     Rule(GROUP, ("databaseprofiles/finalizers", "partitionpolicies/finalizers", "retentionpolicies/finalizers",
-                 "filemigrations/finalizers", "caches/finalizers"),
+                 "filemigrations/finalizers", "databasesplits/finalizers", "caches/finalizers"),
          ("update",),
          "owned objects carry blockOwnerDeletion owner references to these kinds; clusters enforcing "
          "OwnerReferencesPermissionEnforcement (OpenShift) require update on the owner's finalizers for that"),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the models are imported where they are used: `pgscale --hel
     from .api.cache import CacheStatus
     from .api.common import BaseStatus, Condition
     from .api.databaseprofile import DatabaseProfileStatus
+    from .api.databasesplit import DatabaseSplitStatus
     from .api.filemigration import FileMigrationStatus
     from .api.partitionpolicy import ConversionStep, PartitionPolicyStatus
     from .api.retentionpolicy import RetentionPolicyStatus
@@ -316,6 +317,25 @@ def files_progress(status: FileMigrationStatus, wide: bool = False) -> str:
     return text
 
 
+def split_progress(status: DatabaseSplitStatus, wide: bool = False) -> str:
+    """Phase, where writes go, tables ready, lag, copy ETA, the longest write block; (wide) the Secret."""
+    if not status.phase:
+        return "-"
+    ready = sum(1 for t in status.tables if t.state == "ready")
+    text = _join(
+        f"{status.phase} (writes to {status.writes_to or 'source'})",
+        f"{ready}/{len(status.tables)} tables ready" if status.tables else None,
+        f"lag {human_bytes(status.lag_bytes)}" if status.lag_bytes is not None else None,
+        f"ETA {human_duration(status.copy_eta_seconds)}" if status.copy_eta_seconds is not None else None,
+        f"longest write block {status.longest_write_block_ms} ms"
+        if status.longest_write_block_ms is not None
+        else None,
+    )
+    if wide and status.connection_secret:
+        text = _join(text, f"Secret {status.connection_secret}")
+    return text
+
+
 def cache_progress(status: CacheStatus, wide: bool = False) -> str:
     """maxmemory, the tables that invalidate it, the outbox; (wide) the Service and Secret."""
     if not status.maxmemory:
@@ -333,6 +353,7 @@ def progress(res: Resource, wide: bool = False) -> str:
     """The progress cell of any pgscale kind."""
     from .api.cache import CacheStatus
     from .api.databaseprofile import DatabaseProfileStatus
+    from .api.databasesplit import DatabaseSplitStatus
     from .api.filemigration import FileMigrationStatus
     from .api.partitionpolicy import PartitionPolicyStatus
     from .api.retentionpolicy import RetentionPolicyStatus
@@ -346,6 +367,8 @@ def progress(res: Resource, wide: bool = False) -> str:
         return retention_progress(status, wide)
     if isinstance(status, FileMigrationStatus):
         return files_progress(status, wide)
+    if isinstance(status, DatabaseSplitStatus):
+        return split_progress(status, wide)
     if isinstance(status, CacheStatus):
         return cache_progress(status, wide)
     return "-"

@@ -3,6 +3,8 @@
 - the operator SIGKILLed at every step of a PartitionPolicy's conversion under a writer (the
   injection points of pgscale.faults, one operator process per point, each resuming where the
   last one died), then the data compared row by row;
+- the operator SIGKILLed at steps of a DatabaseSplit (replicating, the cutover before and after its
+  commit, finalize) under a writer;
 - the operator and the copy Job's process SIGKILLed during a FileMigration copy: every row
   migrated exactly once, with the right bytes;
 - Postgres restarted in the middle of a conversion: the policy recovers, never InternalError;
@@ -416,3 +418,83 @@ def test_apiserver_restarted_while_resources_reconcile(env: Any, ns: Kubectl, db
         f"APIServerUnavailable lines: {log.count('APIServerUnavailable')}"
     )
     assert "reconcile failed" not in log and "InternalError" not in log
+
+
+SPLIT_POINTS = [  # tests/integration/test_database_split.py kills its process at the others
+    "split-after-subscription",
+    "split-before-guard",
+    "split-after-commit",
+]
+
+
+def test_operator_killed_at_split_steps_under_a_writer(
+    env: Any, ns: Kubectl, tmp_path: Path, logical_servers: tuple[localenv.Postgres, localenv.Postgres]
+) -> None:
+    """A DatabaseSplit asked to cut over at once; the operator dies at its steps in turn (one process per
+    point) while a writer writes messages, then one more finishes, and finalizes after a kill."""
+    from writers import MessageWriter, messages
+
+    source, target = logical_servers
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    for server in logical_servers:
+        server.execute(f'CREATE DATABASE "{name}"')
+    with (
+        psycopg.connect(source.dsn(name), autocommit=True) as src,
+        psycopg.connect(target.dsn(name), autocommit=True) as dst,
+    ):
+        src.execute((ROOT / "examples" / "sample-app.sql").read_text())
+        src.execute("INSERT INTO \"Task\" (title) VALUES ('first')")
+        src.execute("INSERT INTO \"Message\" (body) SELECT 'seed ' || g FROM generate_series(1, 1000) g")
+        ns.secret("app-db", {"uri": source.uri(name)})
+        ns.secret("messages-db", {"uri": target.uri(name)})
+        ns.apply(profile())
+        target_profile, split = load_example("databasesplit.yaml")
+        ns.apply(target_profile)
+        split["spec"]["phase"] = "cutover"
+        record = messages(src)
+        writer = MessageWriter({"source": source.dsn(name), "target": target.dsn(name)}, record)
+        writer.start()
+        try:
+            ns.apply(split)
+            for point in [*SPLIT_POINTS, None, "split-after-drop-replication", None]:
+                if point == "split-after-drop-replication":
+                    writer.stop.set()
+                    writer.join(10)
+                    ns.run(
+                        "patch", "databasesplit", "messages", "--type", "merge", "-p", '{"spec":{"phase":"finalize"}}'
+                    )
+                started = time.monotonic()
+                # Without leader election: a killed operator's Lease would hold its successor ~15 s.
+                extra = {"PGSCALE_FAULT_POINT": point} if point else {}
+                op = localenv.OperatorProcess(tmp_path, env[2], extra_env=extra)
+                op.start("--all-namespaces", "--no-leader-election")
+                assert op.proc is not None
+                print(f"\n{point}: operator up in {time.monotonic() - started:.1f}s", end="")
+                if point is None:
+                    try:
+                        wait_ready(ns, "databasesplit", "messages", 120, log=op.log)
+                    finally:
+                        op.stop()
+                    assert tracebacks(op.log) == []
+                    continue
+                code = op.proc.wait(timeout=90)
+                print(f", killed after {time.monotonic() - started:.1f}s", end="")
+                assert code == -signal.SIGKILL, f"{point}: exit {code}\n{op.log.read_text()[-3000:]}"
+        finally:
+            writer.stop.set()
+            writer.join(10)
+        assert not writer.errors, writer.errors[:5]
+        assert messages(dst) == record, "every row on the target equals the writer's record"
+        status = ns.get("databasesplit", "messages")["status"]
+        assert status["phase"] == "Finalized" and status["writesTo"] == "target"
+        for server in logical_servers:
+            with psycopg.connect(server.dsn(name), autocommit=True) as conn:
+                assert scalar(conn, "SELECT count(*) FROM pg_replication_slots") == 0
+                assert scalar(conn, "SELECT count(*) FROM pg_subscription") == 0
+                assert scalar(conn, "SELECT count(*) FROM pg_publication") == 0
+    print(
+        f"\nsplit killed at {len(SPLIT_POINTS) + 1} points; writer {writer.writes} writes, longest "
+        f"{writer.longest * 1000:.0f} ms; longest block {status.get('longestWriteBlockMs')} ms"
+    )
+    for server in logical_servers:
+        server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

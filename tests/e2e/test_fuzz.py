@@ -30,6 +30,7 @@ import yaml
 
 from conftest import ROOT, seed_tasks, started_control_plane
 from fuzzspecs import generate_isolated
+from pgscale import api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -47,13 +48,7 @@ INSERT INTO "{"x" * 63}" (id, "createdAt") SELECT g, now() - g * interval '1 day
 # Failures known and fixed on another branch, to be counted and printed apart until it is merged
 # (label -> text of the message); not failed here.
 KNOWN_ELSEWHERE: dict[str, str] = {}  # none left: every failure the suite found so far is fixed
-PLURALS = {
-    "DatabaseProfile": "databaseprofiles",
-    "PartitionPolicy": "partitionpolicies",
-    "RetentionPolicy": "retentionpolicies",
-    "FileMigration": "filemigrations",
-    "Cache": "caches",
-}
+PLURALS = {k.name: k.plural for k in api.KINDS}
 
 
 @pytest.fixture(scope="module")

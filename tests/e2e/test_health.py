@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl, load_example
+from pgscale import api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -165,9 +166,6 @@ def test_argocd_cm_patch_applies(control_plane: Any, kubectl: Kubectl) -> None:
     kubectl.run("patch", "configmap", "argocd-cm", "--type=merge", f"--patch-file={patch}")
     data = kubectl.get("configmap", "argocd-cm")["data"]
     keys = sorted(k for k in data if k.startswith("resource.customizations.health."))
-    assert keys == [
-        f"resource.customizations.health.pgscale.io_{k}"
-        for k in ("Cache", "DatabaseProfile", "FileMigration", "PartitionPolicy", "RetentionPolicy")
-    ]
+    assert keys == [f"resource.customizations.health.pgscale.io_{k}" for k in sorted(kind.name for kind in api.KINDS)]
     assert all(data[k] == SCRIPT for k in keys) and data["url"] == "https://argocd.example"
     assert yaml.safe_load(Path(patch).read_text())["data"] == {k: data[k] for k in keys}

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl, load_example
+from pgscale import api
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
 
@@ -156,8 +157,7 @@ def test_kubectl_plugin_and_context_namespace(
         "role",
         "pgscale-viewer",
         "--verb=get,list",
-        "--resource=databaseprofiles.pgscale.io,partitionpolicies.pgscale.io,"
-        "retentionpolicies.pgscale.io,filemigrations.pgscale.io,caches.pgscale.io",
+        "--resource=" + ",".join(f"{kind.plural}.pgscale.io" for kind in api.KINDS),
     )
     kubectl.run("create", "rolebinding", "pgscale-viewer", "--role=pgscale-viewer", f"--serviceaccount={ns}:viewer")
     viewer = control_plane.service_account_kubeconfig(ns, "viewer", tmp_path / "viewer")

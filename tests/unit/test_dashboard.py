@@ -38,6 +38,7 @@ def exported() -> dict[str, set[str]]:
     metrics.queue_depth.set(0)
     metrics.resources.labels(kind="DatabaseProfile").set(1)
     metrics.export("ns/export", Totals(1, 2, 3, 4, None, datetime.now(UTC)))
+    metrics.split("ns/split", lag_bytes=0, longest_block_ms=46, on_target=True, ready=1)
     collector = ProfileCollector()
     collector.update(
         "ns/app",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from . import cache, databaseprofile, filemigration, partitionpolicy, retentionpolicy
+from . import cache, databaseprofile, databasesplit, filemigration, partitionpolicy, retentionpolicy
 from .common import API_VERSION, GROUP, VERSION, BaseStatus, KindInfo
 
 
@@ -41,13 +41,22 @@ RETENTION_POLICY = Kind(
     retentionpolicy.INFO, retentionpolicy.RetentionPolicySpec, retentionpolicy.RetentionPolicyStatus
 )
 FILE_MIGRATION = Kind(filemigration.INFO, filemigration.FileMigrationSpec, filemigration.FileMigrationStatus)
+DATABASE_SPLIT = Kind(databasesplit.INFO, databasesplit.DatabaseSplitSpec, databasesplit.DatabaseSplitStatus)
 CACHE = Kind(cache.INFO, cache.CacheSpec, cache.CacheStatus)
-KINDS: tuple[Kind, ...] = (DATABASE_PROFILE, PARTITION_POLICY, RETENTION_POLICY, FILE_MIGRATION, CACHE)
+KINDS: tuple[Kind, ...] = (
+    DATABASE_PROFILE,
+    PARTITION_POLICY,
+    RETENTION_POLICY,
+    FILE_MIGRATION,
+    DATABASE_SPLIT,
+    CACHE,
+)
 
 __all__ = [
     "API_VERSION",
     "CACHE",
     "DATABASE_PROFILE",
+    "DATABASE_SPLIT",
     "FILE_MIGRATION",
     "GROUP",
     "KINDS",

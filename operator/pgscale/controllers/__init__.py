@@ -7,6 +7,7 @@ from typing import Any
 from .base import Controller
 from .cache import CacheController
 from .databaseprofile import DatabaseProfileController
+from .databasesplit import DatabaseSplitController
 from .filemigration import FileMigrationController
 from .partitionpolicy import PartitionPolicyController
 from .retentionpolicy import RetentionPolicyController
@@ -19,5 +20,6 @@ def all_controllers() -> list[Controller[Any]]:
         PartitionPolicyController(),
         RetentionPolicyController(),
         FileMigrationController(),
+        DatabaseSplitController(),
         CacheController(),
     ]
