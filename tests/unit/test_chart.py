@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pgscale import rbac
+from pgscale import api, rbac
 from pgscale.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,11 +72,7 @@ def test_default_rendering() -> None:
     objs = render()
     assert kinds(objs) == sorted(
         [
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
-            "CustomResourceDefinition",
+            *["CustomResourceDefinition"] * len(api.KINDS),
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",

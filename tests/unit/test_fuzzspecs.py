@@ -10,7 +10,10 @@ from fuzzspecs import KINDS, crd_schema, generate, generate_isolated
 
 
 def _patterns(schema: dict[str, Any], path: str = "spec") -> dict[str, str]:
-    out = {path: schema["pattern"]} if "pattern" in schema and schema.get("type") == "string" else {}
+    # As the API server reads them: Go's \s is ASCII whitespace (Python's also takes \x1c-\x1f and more).
+    out: dict[str, str] = {}
+    if "pattern" in schema and schema.get("type") == "string":
+        out[path] = schema["pattern"].replace(r"\s", r" \t\n\f\r")
     for key, sub in (schema.get("properties") or {}).items():
         out |= _patterns(sub, f"{path}.{key}")
     return out
