@@ -1,4 +1,4 @@
-"""The operator runtime: kopf watches the four kinds, a work queue runs reconciles.
+"""The operator runtime: kopf watches the six kinds, a work queue runs reconciles.
 
 kopf's change handlers, timers and daemons would put kopf's finalizer and
 annotations on every object (timers require a finalizer). pgscale only uses
@@ -142,7 +142,7 @@ class Runtime:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
 
     def register(self, registry: kopf.OperatorRegistry) -> None:
-        """Subscribe to the four kinds, to the Jobs pgscale owns, and to start and stop."""
+        """Subscribe to the six kinds, to the Jobs pgscale owns, and to start and stop."""
         for plural in self.controllers:
             kopf.on.event(GROUP, VERSION, plural, registry=registry, id=f"watch-{plural}")(self.on_event)
         owned = {"app.kubernetes.io/managed-by": MANAGED_BY}

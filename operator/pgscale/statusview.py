@@ -1,6 +1,6 @@
 """`pgscale status`: every DatabaseProfile with the policies that use it, in one view.
 
-`kubectl get pgscale` lists the four kinds side by side; what a person running a
+`kubectl get pgscale` lists the six kinds side by side; what a person running a
 database wants is the other way round: per database, what works on it and how far
 it got. Reading (:func:`load`) is kept apart from formatting (:func:`build`,
 :func:`render_text`, :func:`render_json`), which is pure and unit-tested on objects
@@ -637,7 +637,7 @@ def current_namespace(context: str | None = None, kubeconfig: str | None = None)
 
 
 def load(namespace: str | None, only: str | None = None) -> Listing:
-    """The four kinds in one namespace (or all), and the Secrets of the profiles shown.
+    """The six kinds in one namespace (or all), and the Secrets of the profiles shown.
 
     A Secret that cannot be read (RBAC) is left out: the view then names it instead of
     the database it points at.
