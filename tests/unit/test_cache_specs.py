@@ -200,6 +200,8 @@ def test_relay_deployment_gets_secrets_by_reference_only() -> None:
     dep = specs.relay_deployment(OWNER, s, raw, profile(), image="pgscale:1", cid="abc123abc123", memory_bytes=MI)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "pgscale:1" and container["args"][:2] == ["cache", "relay"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert container["args"][-2:] == ["--metrics-port", str(container["ports"][0]["containerPort"])]
     env = {e["name"]: e for e in container["env"]}
     assert env[specs.ENV_CACHE_URL]["valueFrom"]["secretKeyRef"] == {"name": "tasks-cache-app", "key": "url"}
     options = json.loads(env["PGSCALE_JOB_INPUT"]["value"])["options"]

@@ -286,6 +286,9 @@ def relay_deployment(
         "args": ["cache", "relay", "--metrics-port", str(METRICS_PORT)],
         "env": env,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        # Ready once it serves its metrics: it has read its environment and started (a relay that cannot
+        # reach the database or the cache keeps retrying and says so in its log and RelayBehind).
+        "readinessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 10},
         "securityContext": _hardened(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108 - an emptyDir, not the host
     }
