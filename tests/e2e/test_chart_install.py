@@ -26,12 +26,13 @@ import pytest
 import yaml
 
 from conftest import ROOT, helm_binary
+from pgscale import api
 
 pytestmark = pytest.mark.cluster
 
 CHART = ROOT / "charts" / "pgscale"
 MONITORING_CRDS = ("prometheusrules", "podmonitors", "servicemonitors")
-PGSCALE_CRDS = ("databaseprofiles", "partitionpolicies", "retentionpolicies", "filemigrations")
+PGSCALE_CRDS = tuple(kind.plural for kind in api.KINDS)
 
 
 def ok(result: subprocess.CompletedProcess[str], what: str) -> str:
@@ -228,7 +229,7 @@ def test_kubectl_apply_k_manifests(fresh_cluster: localenv.ControlPlane) -> None
     for kind, (wanted, namespace) in expected.items():
         assert wanted <= names(cp, kind, namespace), kind
     assert sorted(d["kind"] for d in built) == sorted(
-        ["CustomResourceDefinition"] * 4
+        ["CustomResourceDefinition"] * len(PGSCALE_CRDS)
         + [
             "Namespace",
             "ServiceAccount",

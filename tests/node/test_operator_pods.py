@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, Kubectl, load_example, wait_until
+from pgscale import api
 from pgscale.controllers.filemigration import job_state
 
 pytestmark = [pytest.mark.node, pytest.mark.cluster, pytest.mark.postgres]
@@ -66,7 +67,7 @@ def app(
     yield k
     cp.kubectl_run(
         "delete",
-        "databaseprofiles,partitionpolicies,retentionpolicies,filemigrations",
+        ",".join(kind.plural for kind in api.KINDS),
         "--all",
         "-n",
         name,
