@@ -16,7 +16,9 @@ pytestmark = pytest.mark.postgres
 
 
 def info_of(postgres: Any, database: str) -> ConnInfo:
-    return ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD)
+    return ConnInfo(
+        host=postgres.host, port=postgres.port, dbname=database, user="postgres", password=postgres.PASSWORD
+    )
 
 
 def backend(conn: psycopg.Connection) -> int:
