@@ -88,3 +88,18 @@ def test_idle_sessions_are_closed_after_the_idle_timeout(postgres: Any, database
             assert backend(conn) != pid
     finally:
         pool.close()
+
+
+def test_idle_sessions_are_bounded_across_databases(postgres: Any, database: str) -> None:
+    pool = pg.Pool(max_idle=1)  # profiles on many databases of one server: the longest idle one goes
+    first, second = info_of(postgres, database), info_of(postgres, "postgres")
+    try:
+        with pool.connection(first) as conn:
+            pid = backend(conn)
+        with pool.connection(second):
+            pass
+        assert pool.idle() == 1
+        with pool.connection(first) as conn:
+            assert backend(conn) != pid
+    finally:
+        pool.close()

@@ -77,13 +77,15 @@ class Pool:
     sessions, not a connect (fork, authentication) per reconcile. A session goes back only when
     it is idle and healthy, after ``DISCARD ALL`` (settings, prepared statements, temporary tables,
     advisory locks of the session are gone, as in a new one); it is closed after ``idle_seconds``
-    unused, when the server ended it (a restart, ``DROP DATABASE ... WITH (FORCE)``), or when more
-    than ``per_key`` are idle. Safe to share between worker threads: a session is lent to one at a time.
+    unused, when the server ended it (a restart, ``DROP DATABASE ... WITH (FORCE)``), and the
+    longest idle one is closed when ``max_idle`` are idle in all: profiles on many databases of one
+    server must not hold that many sessions of its max_connections. Safe to share between worker
+    threads: a session is lent to one at a time.
     """
 
-    def __init__(self, *, idle_seconds: float = 60.0, per_key: int = 8) -> None:
+    def __init__(self, *, idle_seconds: float = 60.0, max_idle: int = 8) -> None:
         self.idle_seconds = idle_seconds
-        self.per_key = per_key
+        self.max_idle = max_idle
         self._idle: dict[ConnInfo, list[tuple[float, psycopg.Connection]]] = {}
         self._lock = threading.Lock()
 
@@ -126,12 +128,19 @@ class Pool:
         return found
 
     def _give(self, info: ConnInfo, conn: psycopg.Connection) -> None:
+        evicted = None
         with self._lock:
-            sessions = self._idle.setdefault(info, [])
-            if len(sessions) < self.per_key:
-                sessions.append((time.monotonic(), conn))
-                return
-        conn.close()
+            if self.max_idle < 1:
+                evicted = conn
+            else:
+                if sum(len(v) for v in self._idle.values()) >= self.max_idle:
+                    key = min((k for k in self._idle if self._idle[k]), key=lambda k: self._idle[k][0][0])
+                    evicted = self._idle[key].pop(0)[1]
+                    if not self._idle[key]:
+                        del self._idle[key]
+                self._idle.setdefault(info, []).append((time.monotonic(), conn))
+        if evicted is not None:
+            evicted.close()
 
     @staticmethod
     def _reset(conn: psycopg.Connection) -> bool:
