@@ -1,4 +1,4 @@
-"""Benchmark: DatabaseProfile reconcile latency (apply -> Ready) and operator memory at 1, 50, 200 profiles.
+"""Benchmark: DatabaseProfile reconcile latency (apply -> Ready) and operator memory at 1, 200, 1000 profiles.
 
 One local control plane, one dedicated PostgreSQL 15 (a profile's tier changes the
 server's settings with ALTER SYSTEM, so it is never a shared one) and one operator
@@ -6,21 +6,24 @@ server's settings with ALTER SYSTEM, so it is never a shared one) and one operat
 fresh namespace with one Secret pointing at one database, then N DatabaseProfiles
 (the first with tier development, the others without server settings, since one profile per
 server owns them; monitoring on by default, no explicit parameters) applied in one
-server-side `kubectl apply`. From just before that apply (t0), `kubectl get
-databaseprofiles -o json` is polled every --poll seconds (back to back when a poll
+server-side `kubectl apply`; with --policies, one RetentionPolicy per profile in the same apply
+(deleting tasks completed over 90 days ago, monthly, as a CronJob; every policy on the same table,
+each through its own profile), and all of them count. From just before that apply (t0),
+`kubectl get databaseprofiles,retentionpolicies -o json` is polled every --poll seconds (back to back when a poll
 takes longer) and the first poll that sees each profile's Ready=True gives its
 latency (so the resolution is one poll period, reported too). Meanwhile the
 operator's RSS is sampled from /proc/<pid>/status; its VmHWM is reset before each
 size (clear_refs) so the peak is that size's own.
 
 Reports time to the first and the last Ready, the median and p95 per-profile latency,
-the mean reconcile time from pgscale_reconcile_duration_seconds (delta over the size),
+the mean reconcile time from pgscale_reconcile_duration_seconds (delta over the size), the
+reconcile rate (reconciles finished per second until the last Ready),
 the operator's RSS at idle before the apply, its peak and its RSS once all are Ready,
 the outcomes of the reconciles (a failure is retried with backoff, which shows in latency),
 and scaling ratios between the largest and the smallest size. There is no baseline
 tool for this: the figures are absolute.
 
-    uv run python bench/profiles.py --counts 1,50,200 --out bench/results/profiles.json
+    uv run python bench/profiles.py --counts 1,200,1000 --policies --out bench/results/profiles.json
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ import localenv  # noqa: E402
 DATABASE = "bench_profiles"
 SECRET = "app-db"
 KIND = "DatabaseProfile"
+POLICY = "RetentionPolicy"
 
 
 @dataclass
 class SizeResult:
     profiles: int
+    policies: int
     ready: int
     timed_out: bool
     apply_seconds: float
@@ -66,6 +71,7 @@ class SizeResult:
     poll_period_seconds: float
     reconciles: int
     reconcile_mean_seconds: float | None
+    reconciles_per_second: float | None
     reconcile_outcomes: dict[str, int]
     idle_rss_mb: float
     peak_rss_mb: float
@@ -125,13 +131,13 @@ def git_commit() -> str:
 
 
 def reconcile_metrics(port: int) -> tuple[float, float, dict[str, float]]:
-    """(sum, count) of pgscale_reconcile_duration_seconds and reconciles by outcome, for DatabaseProfiles."""
+    """(sum, count) of pgscale_reconcile_duration_seconds and reconciles by outcome, of the kinds the bench applies."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     total = count = 0.0
     outcomes: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.labels.get("kind") != KIND:
+            if s.labels.get("kind") not in (KIND, POLICY):
                 continue
             if s.name == "pgscale_reconcile_duration_seconds_sum":
                 total += s.value
@@ -142,8 +148,8 @@ def reconcile_metrics(port: int) -> tuple[float, float, dict[str, float]]:
     return total, count, outcomes
 
 
-def profiles(n: int) -> str:
-    items = [
+def profiles(n: int, policies: bool = False) -> str:
+    items: list[dict[str, Any]] = [
         {
             "apiVersion": "pgscale.io/v1alpha1",
             "kind": KIND,
@@ -154,6 +160,25 @@ def profiles(n: int) -> str:
         }
         for i in range(n)
     ]
+    if policies:
+        items += [
+            {
+                "apiVersion": "pgscale.io/v1alpha1",
+                "kind": POLICY,
+                "metadata": {"name": f"tasks-{i:03d}"},
+                "spec": {
+                    "profileRef": {"name": f"app-{i:03d}"},
+                    "table": {"name": "Task"},
+                    "ageColumn": "completedAt",
+                    "olderThan": "90d",
+                    "filters": [{"column": "status", "operator": "In", "values": ["COMPLETED"]}],
+                    "action": "delete",
+                    "children": {"mode": "delete"},
+                    "schedule": "0 2 1 * *",
+                },
+            }
+            for i in range(n)
+        ]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
@@ -178,6 +203,7 @@ def measure(
     pg: localenv.Postgres,
     op: localenv.OperatorProcess,
     n: int,
+    policies: bool,
     poll: float,
     timeout: float,
     settle: float,
@@ -206,26 +232,27 @@ def measure(
     sum0, count0, outcomes0 = reconcile_metrics(op.metrics_port)
 
     t0 = time.monotonic()
-    cp.kubectl_run("-n", ns, "apply", "--server-side", "-f", "-", input=profiles(n), check=True)
+    cp.kubectl_run("-n", ns, "apply", "--server-side", "-f", "-", input=profiles(n, policies), check=True)
     apply_seconds = time.monotonic() - t0
     seen: dict[str, float] = {}
+    total = n * (2 if policies else 1)
     last: dict[str, str] = {}
     peak_sampled = idle_kb
     polls = 0
     deadline = t0 + timeout
     while True:
-        got = cp.kubectl_run("-n", ns, "get", "databaseprofiles", "-o", "json", check=True)
+        got = cp.kubectl_run("-n", ns, "get", "databaseprofiles,retentionpolicies", "-o", "json", check=True)
         now = time.monotonic() - t0
         polls += 1
         for item in json.loads(got.stdout)["items"]:
-            name = item["metadata"]["name"]
+            name = f"{item['kind']}/{item['metadata']['name']}"
             ok, why = ready_state(item)
             if ok:
                 seen.setdefault(name, now)
             else:
                 last[name] = why
         peak_sampled = max(peak_sampled, proc_status(pid)["VmRSS"])
-        if len(seen) == n or time.monotonic() > deadline:
+        if len(seen) == total or time.monotonic() > deadline:
             break
         time.sleep(max(0.0, t0 + polls * poll - time.monotonic()))  # a poll every `poll` s, or back to back
     elapsed = time.monotonic() - t0
@@ -236,17 +263,19 @@ def measure(
     delta = {k: int(v - outcomes0.get(k, 0.0)) for k, v in outcomes1.items() if v > outcomes0.get(k, 0.0)}
     result = SizeResult(
         profiles=n,
+        policies=n if policies else 0,
         ready=len(seen),
-        timed_out=len(seen) < n,
+        timed_out=len(seen) < total,
         apply_seconds=round(apply_seconds, 2),
         first_ready_seconds=round(latencies[0], 2) if latencies else None,
         median_ready_seconds=round(statistics.median(latencies), 2) if latencies else None,
         p95_ready_seconds=round(percentile(latencies, 95), 2) if latencies else None,
-        all_ready_seconds=round(latencies[-1], 2) if len(seen) == n else None,
+        all_ready_seconds=round(latencies[-1], 2) if len(seen) == total else None,
         polls=polls,
         poll_period_seconds=round(elapsed / polls, 3),
         reconciles=reconciles,
         reconcile_mean_seconds=round((sum1 - sum0) / reconciles, 4) if reconciles else None,
+        reconciles_per_second=round(reconciles / elapsed, 1) if reconciles and elapsed else None,
         reconcile_outcomes=delta,
         idle_rss_mb=mb(idle_kb),
         peak_rss_mb=mb(status["VmHWM"] if hwm_reset else peak_sampled),
@@ -260,7 +289,8 @@ def measure(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--counts", default="1,50,200", help="comma-separated numbers of DatabaseProfiles")
+    p.add_argument("--counts", default="1,200,1000", help="comma-separated numbers of DatabaseProfiles")
+    p.add_argument("--policies", action="store_true", help="and one RetentionPolicy per DatabaseProfile")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between `kubectl get` polls")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all profiles of one size")
     p.add_argument("--settle", type=float, default=5.0, help="seconds the operator idles before each apply")
@@ -292,10 +322,11 @@ def main() -> int:
             # kubectl's first server-side apply fetches discovery and OpenAPI: not the operator's time.
             cp.kubectl_run("apply", "--server-side", "--dry-run=server", "-f", "-", input=profiles(1), check=True)
             for n in counts:
-                r = measure(cp, pg, op, n, args.poll, args.timeout, args.settle)
+                r = measure(cp, pg, op, n, args.policies, args.poll, args.timeout, args.settle)
                 results.append(r)
                 print(
-                    f"  {n} profiles: {r.ready} Ready, all after {r.all_ready_seconds} s, peak RSS {r.peak_rss_mb} MB",
+                    f"  {n} profiles, {r.policies} policies: {r.ready} Ready, all after {r.all_ready_seconds} s, "
+                    f"{r.reconciles_per_second} reconciles/s, peak RSS {r.peak_rss_mb} MB",
                     flush=True,
                 )
         except BaseException:
@@ -316,6 +347,7 @@ def main() -> int:
         f"p95 latency {hi.profiles}/{lo.profiles}": ratio(hi.p95_ready_seconds, lo.p95_ready_seconds),
         f"all-Ready time {hi.profiles}/{lo.profiles}": ratio(hi.all_ready_seconds, lo.all_ready_seconds),
         f"mean reconcile {hi.profiles}/{lo.profiles}": ratio(hi.reconcile_mean_seconds, lo.reconcile_mean_seconds),
+        f"reconciles per second {hi.profiles}/{lo.profiles}": ratio(hi.reconciles_per_second, lo.reconciles_per_second),
         f"peak RSS {hi.profiles}/{lo.profiles}": ratio(hi.peak_rss_mb, lo.peak_rss_mb),
         f"RSS after Ready {hi.profiles}/{lo.profiles}": ratio(hi.rss_after_ready_mb, lo.rss_after_ready_mb),
         f"RSS growth above idle per profile at {hi.profiles} (MB)": round(
@@ -325,6 +357,7 @@ def main() -> int:
     facts = {**machine(), "postgresql": pg_version, "commit": git_commit()}
     cols = [
         "profiles",
+        "policies",
         "ready",
         "apply_seconds",
         "first_ready_seconds",
@@ -334,13 +367,15 @@ def main() -> int:
         "poll_period_seconds",
         "reconciles",
         "reconcile_mean_seconds",
+        "reconciles_per_second",
         "idle_rss_mb",
         "peak_rss_mb",
         "rss_after_ready_mb",
     ]
     print(
         f"\nDatabaseProfile benchmark: {facts['nproc']} CPUs, {facts['memory_total_mb']} MB, "
-        f"PostgreSQL {pg_version}, the first profile with tier development, monitoring on; "
+        f"PostgreSQL {pg_version}, the first profile with tier development, monitoring on"
+        f"{', one RetentionPolicy per profile' if args.policies else ''}; "
         "seconds from the start of the apply"
     )
     print(" | ".join(cols))
@@ -355,13 +390,14 @@ def main() -> int:
     print(f"benchmark: {command}\noperator:  {operator_command}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        spec = json.loads(profiles(1))["items"][0]["spec"]
+        applied = json.loads(profiles(1, args.policies))["items"]
         settings = {
             "poll_seconds": args.poll,
             "timeout_seconds": args.timeout,
             "settle_seconds": args.settle,
             "workers": args.workers or "default",
-            "spec": spec,
+            "spec": applied[0]["spec"],
+            "policy_spec": applied[1]["spec"] if args.policies else None,
         }
         report = {
             "command": command,

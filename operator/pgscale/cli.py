@@ -95,6 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The one default of the worker count (the chart passes --workers only when operator.workers is set).
+# 1,000 DatabaseProfiles and 1,000 RetentionPolicies became Ready 1.7x sooner with 8 than with 4 (bench/profiles.py).
+DEFAULT_WORKERS = 8
+
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -210,7 +214,12 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
     run.add_argument("--liveness-port", type=int, default=8080, help="serve /healthz here; 0 disables")
     run.add_argument("--metrics-port", type=int, default=9090, help="serve /metrics here; 0 disables")
-    run.add_argument("--workers", type=int, default=4, help="reconciles running at once")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="reconciles running at once (a reconcile mostly waits on the API server and the database)",
+    )
     run.add_argument("--resync-seconds", type=float, default=300.0, help="re-check interval of Ready resources")
     le = run.add_argument_group("leader election", "with several replicas, only the holder of a Lease reconciles")
     le.add_argument(

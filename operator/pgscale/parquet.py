@@ -23,25 +23,14 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .pg.export import PgColumn as PgColumn  # defined with its query: the operator imports it without pyarrow
+
 FORMAT = "pgscale-export/1"
 TYPE_META = b"pgscale.type"
 
 
 class ExportError(ValueError):
     """A value the file cannot hold as its column's type says; the batch is not exported."""
-
-
-@dataclass(frozen=True)
-class PgColumn:
-    """A column as the catalog describes it (pg.export.columns reads it)."""
-
-    name: str
-    type: str  # format_type(), e.g. numeric(12,2), "Status"[]
-    typname: str  # pg_type.typname of the column's type (of the element, for an array)
-    typtype: str = "b"  # of that type: b base, e enum, d domain, c composite, r range, ...
-    typmod: int = -1
-    array: bool = False
-    generated: bool = False  # GENERATED ALWAYS AS (...) STORED: exported, never inserted on restore
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class Runtime:
     reconciles pick up whatever the old leader left half done.
     """
 
-    def __init__(self, ctx: Context, workers: int = 4, elector: LeaderElector | None = None) -> None:
+    def __init__(self, ctx: Context, workers: int, elector: LeaderElector | None = None) -> None:
         self.ctx = ctx
         self.workers = workers
         self.elector = elector

@@ -103,7 +103,7 @@ class DatabaseProfileController:
         info, labels = profile_secret(ctx, ref.namespace, spec)
         desired = tuning.desired(spec)
         previous = status.read(Status)
-        with pg.connect(info) as conn:
+        with pg.pooled(info) as conn:  # one of a few sessions per database, not one per reconcile
             version, _ = pg.server_version(conn)
             system_id = pgs.system_identifier(conn)
             recorded = server_settings.records(conn, spec.state_schema, key)

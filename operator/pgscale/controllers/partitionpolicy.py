@@ -23,7 +23,6 @@ from ..conversion import status as conversion_status
 from ..conversion import subject as conversion_subject
 from ..errors import SpecError, TransientError
 from ..events import Event
-from ..export import partition_exporter, partition_policy_key
 from ..kube import ObjectRef
 from ..maintenance import maintain
 from ..pg import conversion as sqlc
@@ -154,6 +153,9 @@ class PartitionPolicyController:
                         "destination, or export them with a RetentionPolicy (its job pods mount the volume)",
                     )
                 location = check_destination(ctx, ref.namespace, destination, "retention.export.destination")
+                # Imported here: pgscale.export loads pyarrow (~50 MB), which an operator without exports never needs.
+                from ..export import partition_exporter, partition_policy_key
+
                 export = partition_exporter(
                     conn,
                     open_store(
@@ -168,6 +170,8 @@ class PartitionPolicyController:
                 )
             report_m = maintain(conn, spec, datetime.now(UTC), export=export)
             if export is not None:
+                from ..export import partition_policy_key
+
                 totals = sqle.totals(conn, profile.state_schema, partition_policy_key(ref.namespace, ref.name))
                 status.update(Status(export=export_status(totals, location)))
             before = [c for c in status.conditions if c.status == "True"]

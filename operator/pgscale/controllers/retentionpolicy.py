@@ -136,7 +136,7 @@ class RetentionPolicyController:
                     "use scheduler: cronjob",
                 )
             location = check_destination(ctx, ref.namespace, spec.export_or_default.destination, "export.destination")
-        with pg.connect(info) as conn:
+        with pg.pooled(info) as conn:  # one of a few sessions per database, not one per reconcile
             prepared = prepare(conn, spec, profile.state_schema)
             target = prepared.target
             running = sqlr.run_lock_held(conn, f"{ref.namespace}/{ref.name}")

@@ -6,6 +6,10 @@ values are always bound parameters. Nothing here knows about Kubernetes.
 
 from __future__ import annotations
 
+import contextlib
+import select
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ __all__ = [
     "ConnInfo",
     "TableAccess",
     "connect",
+    "pooled",
     "relation_kind",
     "server_version",
     "table_access",
@@ -31,8 +36,17 @@ __all__ = [
 @contextmanager
 def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Connection]:
     """A connection, with libpq's failures turned into condition-ready errors."""
+    conn = _open(info, autocommit=autocommit)
     try:
-        conn = psycopg.connect(**info.kwargs(), autocommit=autocommit)
+        yield conn
+    finally:
+        conn.close()
+
+
+def _open(info: ConnInfo, *, autocommit: bool) -> psycopg.Connection:
+    """psycopg.connect, with libpq's failures turned into condition-ready errors."""
+    try:
+        return psycopg.connect(**info.kwargs(), autocommit=autocommit)
     except psycopg.OperationalError as exc:
         # libpq reports one line per address tried; keep them all (the cause is often first).
         text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip()) or repr(exc)
@@ -54,10 +68,125 @@ def connect(info: ConnInfo, *, autocommit: bool = True) -> Iterator[psycopg.Conn
             "spec.connection.host, or the host or uri in the Secret",
             reason="InvalidHost",
         ) from exc
+
+
+class Pool:
+    """Idle autocommit sessions kept per connection (server, database, role), for the operator's reconciles.
+
+    A thousand DatabaseProfiles on one database reconciled by a few workers then need a few
+    sessions, not a connect (fork, authentication) per reconcile. A session goes back only when
+    it is idle and healthy, after ``DISCARD ALL`` (settings, prepared statements, temporary tables,
+    advisory locks of the session are gone, as in a new one); it is closed after ``idle_seconds``
+    unused, when the server ended it (a restart, ``DROP DATABASE ... WITH (FORCE)``), and the
+    longest idle one is closed when ``max_idle`` are idle in all: profiles on many databases of one
+    server must not hold that many sessions of its max_connections. Safe to share between worker
+    threads: a session is lent to one at a time.
+    """
+
+    def __init__(self, *, idle_seconds: float = 60.0, max_idle: int = 8) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle
+        self._idle: dict[ConnInfo, list[tuple[float, psycopg.Connection]]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self, info: ConnInfo) -> Iterator[psycopg.Connection]:
+        """An autocommit session to `info`: a healthy idle one, else a new one (errors as in ``connect``)."""
+        conn = self._take(info)
+        if conn is None:
+            conn = _open(info, autocommit=True)
+            conn.prepare_threshold = None  # DISCARD ALL drops prepared statements psycopg would think it has
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            if ok and self._reset(conn):
+                self._give(info, conn)
+            else:
+                conn.close()
+
+    def _take(self, info: ConnInfo) -> psycopg.Connection | None:
+        now = time.monotonic()
+        ended: list[psycopg.Connection] = []
+        found = None
+        with self._lock:
+            for key, sessions in list(self._idle.items()):
+                ended += [c for since, c in sessions if now - since > self.idle_seconds]
+                self._idle[key] = [(since, c) for since, c in sessions if now - since <= self.idle_seconds]
+            sessions = self._idle.get(info) or []
+            while sessions and found is None:
+                conn = sessions.pop()[1]
+                if _alive(conn):
+                    found = conn
+                else:
+                    ended.append(conn)
+            for key in [k for k, v in self._idle.items() if not v]:
+                del self._idle[key]
+        for conn in ended:
+            conn.close()
+        return found
+
+    def _give(self, info: ConnInfo, conn: psycopg.Connection) -> None:
+        evicted = None
+        with self._lock:
+            if self.max_idle < 1:
+                evicted = conn
+            else:
+                if sum(len(v) for v in self._idle.values()) >= self.max_idle:
+                    key = min((k for k in self._idle if self._idle[k]), key=lambda k: self._idle[k][0][0])
+                    evicted = self._idle[key].pop(0)[1]
+                    if not self._idle[key]:
+                        del self._idle[key]
+                self._idle.setdefault(info, []).append((time.monotonic(), conn))
+        if evicted is not None:
+            evicted.close()
+
+    @staticmethod
+    def _reset(conn: psycopg.Connection) -> bool:
+        """Make a returned session like a new one; False when it cannot go back."""
+        if conn.closed or conn.broken or not conn.autocommit:
+            return False
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return False
+        try:
+            conn.execute("DISCARD ALL")
+        except psycopg.Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close every idle session (before something that needs the database to have no other sessions)."""
+        with self._lock:
+            sessions = [c for v in self._idle.values() for _, c in v]
+            self._idle.clear()
+        for conn in sessions:
+            conn.close()
+
+    def idle(self) -> int:
+        """How many sessions are idle in the pool."""
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+
+def _alive(conn: psycopg.Connection) -> bool:
+    """Whether an idle session is still usable: nothing to read on an idle session means the server has not
+    ended it (a terminated session has a FATAL message and end of file waiting)."""
+    if conn.closed or conn.broken:
+        return False
     try:
-        yield conn
-    finally:
-        conn.close()
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
+POOL = Pool()
+
+
+def pooled(info: ConnInfo) -> contextlib.AbstractContextManager[psycopg.Connection]:
+    """An autocommit session from the process's pool (see Pool): for reconciles, which run often and briefly."""
+    return POOL.connection(info)
 
 
 # SQLSTATEs of a session that ended under a statement: admin or crash shutdown, server starting.

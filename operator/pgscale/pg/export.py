@@ -13,13 +13,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..parquet import Mapped, PgColumn
 from . import ensure_state_table, lock_state_ddl, qualified, table_columns
 from .relationships import fingerprint_query
 from .retention import (
@@ -33,6 +32,23 @@ from .retention import (
     primary_key,
     runs_table,
 )
+
+if TYPE_CHECKING:  # pgscale.parquet loads pyarrow (~50 MB): the operator imports this module, rarely exports
+    from ..parquet import Mapped
+
+
+@dataclass(frozen=True)
+class PgColumn:
+    """A column as the catalog describes it (pg.export.columns reads it)."""
+
+    name: str
+    type: str  # format_type(), e.g. numeric(12,2), "Status"[]
+    typname: str  # pg_type.typname of the column's type (of the element, for an array)
+    typtype: str = "b"  # of that type: b base, e enum, d domain, c composite, r range, ...
+    typmod: int = -1
+    array: bool = False
+    generated: bool = False  # GENERATED ALWAYS AS (...) STORED: exported, never inserted on restore
+
 
 BATCHES = "export_batches"
 FILES = "export_files"
