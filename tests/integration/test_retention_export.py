@@ -634,3 +634,39 @@ def test_a_stop_request_ends_the_run_after_the_overlapping_batch_commits(
     assert again.outcome == "Succeeded", again.message
     assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
     check_invariant(conn, store, originals, messages, "final")
+
+
+def test_a_run_log_fold_that_gives_way_after_a_commit_never_touches_the_committed_batch(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """The batch is committed when its tallies are folded: a fold that fails (here a lock_timeout, once)
+    must not take the batch again (its keys would be rewritten or cleared: the only copy of its rows)."""
+    seed_tasks(conn, 600)
+    seed_messages(conn)
+    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
+    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 100
+    store = store_for(spec, s3_env(s3_server))
+    run(job_for(postgres, database, spec), dry_run=True, store=store)  # the state schema exists
+    conn.execute("CREATE SEQUENCE fold_once")
+    conn.execute(
+        """CREATE FUNCTION fold_gives_way() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.rows_archived <> OLD.rows_archived AND nextval('fold_once') = 1 THEN
+               RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03';
+             END IF;
+             RETURN NEW;
+           END $$"""
+    )
+    conn.execute(
+        "CREATE TRIGGER fold_gives_way BEFORE UPDATE ON pgscale.retention_runs "
+        "FOR EACH ROW EXECUTE FUNCTION fold_gives_way()"
+    )
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    check_invariant(conn, store, originals, messages, "fold gave way")
+    assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+    # The tally the failed fold left is folded by a later one: the run log counts every row once.
+    assert scalar(conn, "SELECT count(*) FROM pgscale.export_tallies") == 0
+    assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == report.rows_archived

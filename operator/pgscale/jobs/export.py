@@ -367,7 +367,7 @@ class Exporter:
             raise
         taken.tx.close()  # the commit
         self.point("export-committed")
-        sqle.fold_tallies(conn, self.state)
+        sqle.fold_after_commit(conn, self.state)  # never raises: the batch is committed
         moved = len(taken.root.idents)
         self.exported += 1
         self.counts.files += len(files)
