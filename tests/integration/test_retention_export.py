@@ -670,3 +670,56 @@ def test_a_run_log_fold_that_gives_way_after_a_commit_never_touches_the_committe
     # The tally the failed fold left is folded by a later one: the run log counts every row once.
     assert scalar(conn, "SELECT count(*) FROM pgscale.export_tallies") == 0
     assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == report.rows_archived
+
+
+def test_a_batch_below_a_batch_still_uploading_waits_for_it_instead_of_failing_the_run(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """A tree across two overlapping batches: the later batch's rows are parents of rows the batch before
+    holds (locked until its slow upload commits). Waiting on the batch before is no contention with the
+    application: the later batch waits for it, however long the upload takes, instead of spending its
+    retries on lockTimeout and failing the run."""
+    conn.execute(
+        """CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree (id) ON DELETE CASCADE,
+                              at timestamptz NOT NULL, body text NOT NULL) WITH (fillfactor = 100)"""
+    )
+    # Parents first, then their children in reverse order, then every parent updated (its new version
+    # after all children): the last batch of children holds the children of the first batch of parents.
+    conn.execute("INSERT INTO tree SELECT g, NULL, now() - interval '1 year', 'p' FROM generate_series(1, 20) g")
+    conn.execute(
+        "INSERT INTO tree SELECT 1000 + g, g, now() - interval '1 year', 'c' FROM generate_series(20, 1, -1) g"
+    )
+    conn.execute("UPDATE tree SET body = 'parent' WHERE parent IS NULL")
+    rows = conn.execute("SELECT * FROM tree ORDER BY id").fetchall()
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "tree"},
+        "ageColumn": "at",
+        "olderThan": "30d",
+        "children": {"mode": "archive"},
+        "action": "export",
+        "lockTimeout": "10ms",
+        "export": {
+            "destination": {"s3": {"bucket": bucket, "prefix": "cold/", "endpoint": s3_server.endpoint}},
+            "rowsPerFile": 10,
+        },
+    }
+    store = store_for(spec, s3_env(s3_server))
+    put_new = store.put_new
+
+    def slow_put(key: str, *args: Any, **kwargs: Any) -> bool:
+        if key.endswith(".parquet"):
+            time.sleep(3.5)  # longer than every retry of the batch after it together (~2.9 s)
+        return put_new(key, *args, **kwargs)
+
+    store.put_new = slow_put  # type: ignore[method-assign]
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    assert scalar(conn, "SELECT count(*) FROM tree") == 0
+    assert report.rows_archived == 40
+    exported = []
+    for _, key, n, sha in ledger(conn):
+        data = store.fetch(key)
+        assert parquet.sha256(data) == sha and parquet.row_count(data) == n
+        exported += [r[0] for r in parquet.records(parquet.read(data), ["id"])]
+    assert sorted(exported) == [r[0] for r in rows]

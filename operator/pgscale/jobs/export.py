@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -196,7 +196,7 @@ class Exporter:
                         hi=hi,
                     )
                     self.point("export-pending")
-                    taken = self._take_retrying(conn, pending)
+                    taken = self._take_retrying(conn, pending, before=settling)
                     if settling is not None:
                         before, settling = settling, None
                         try:
@@ -237,16 +237,29 @@ class Exporter:
         return 0 if taken is None else self._settle_retrying(taken)
 
     def _take_retrying(
-        self, conn: psycopg.Connection, pending: sqle.PendingBatch, *, retried: bool = False
+        self,
+        conn: psycopg.Connection,
+        pending: sqle.PendingBatch,
+        *,
+        retried: bool = False,
+        before: Future[int] | None = None,
     ) -> Taken | None:
+        """``before``: the batch being settled on the other session. Rows it holds (below this batch's
+        rows, or reached by another key) are no contention with the application: while it is in
+        flight, a batch that gives way waits for it to end (however long its upload takes) and tries
+        again, not counting that as a failure."""
         failures = 0
         while True:
             try:
                 with self._storage(pending):
                     return self._take(conn, pending, retried=retried)
             except RETRYABLE as exc:
-                failures = self._gave_way(pending, exc, failures)
                 retried = True  # its objects may exist now
+                if before is not None and not before.done():
+                    log.info("export batch %s waits for the batch before it (%s)", pending.id, type(exc).__name__)
+                    wait([before])  # its failure is the run's: run() reads it next
+                    continue
+                failures = self._gave_way(pending, exc, failures)
 
     def _settle_retrying(self, taken: Taken) -> int:
         """Write, verify and commit a taken batch; when its commit gives way to the application, the whole
