@@ -723,3 +723,31 @@ def test_a_batch_below_a_batch_still_uploading_waits_for_it_instead_of_failing_t
         assert parquet.sha256(data) == sha and parquet.row_count(data) == n
         exported += [r[0] for r in parquet.records(parquet.read(data), ["id"])]
     assert sorted(exported) == [r[0] for r in rows]
+
+
+def test_a_role_limited_to_one_connection_exports_on_one_session(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """The second session only lets batches overlap: a database that refuses it (a role's CONNECTION LIMIT,
+    max_connections reached) gets the batches one after another, not a failed run."""
+    seed_tasks(conn, 300)
+    role = f"solo_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'solo' CONNECTION LIMIT 1")
+    conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO {role}')
+    conn.execute(f'ALTER TABLE "Task" OWNER TO {role}')
+    conn.execute(f'ALTER TABLE "Message" OWNER TO {role}')
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 50
+    store = store_for(spec, s3_env(s3_server))
+    info = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=role, password="solo")
+    job = JobInput("ns", "export-tasks", spec, "pgscale", info)
+    try:
+        report = run(job, store=store)
+        assert report.outcome == "Succeeded", report.message
+        assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+        assert report.rows_archived == scalar(conn, "SELECT sum(rows) FROM pgscale.export_files WHERE root")
+    finally:
+        conn.execute('ALTER TABLE "Task" OWNER TO postgres')
+        conn.execute('ALTER TABLE "Message" OWNER TO postgres')
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")

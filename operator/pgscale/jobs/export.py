@@ -227,6 +227,7 @@ class Exporter:
                 raise
             if settling is not None:
                 settling.result()  # its failure is the run's
+        sqle.fold_after_commit(self.conn, self.state)  # a tally whose fold gave way after its commit
         return stopped
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
