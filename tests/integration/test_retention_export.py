@@ -751,3 +751,27 @@ def test_a_role_limited_to_one_connection_exports_on_one_session(
         conn.execute('ALTER TABLE "Message" OWNER TO postgres')
         conn.execute(f"DROP OWNED BY {role}")
         conn.execute(f"DROP ROLE {role}")
+
+
+def test_rows_kept_for_their_children_are_counted_once_in_the_run_log(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """A full batch's next one starts on the page of its last row: the rows kept there (children mode
+    keep) are not counted twice."""
+    seed_tasks(conn, 3000)
+    conn.execute(
+        """INSERT INTO "Message" ("taskId", body, "createdAt") SELECT id, 'kept', "createdAt" FROM "Task"
+           WHERE id % 7 = 0"""
+    )
+    kept = scalar(
+        conn,
+        f'SELECT count(*) FROM "Task" t WHERE {PREDICATE} '
+        'AND EXISTS (SELECT 1 FROM "Message" m WHERE m."taskId" = t.id)',
+    )
+    spec = spec_s3(s3_server, bucket, children={"mode": "keep"})
+    spec["export"]["rowsPerFile"] = 100
+    store = store_for(spec, s3_env(s3_server))
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    skipped = {k: v for k, v in report.tables.items() if k.startswith("skipped")}
+    assert sum(skipped.values()) == kept, (skipped, kept)

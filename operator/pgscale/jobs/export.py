@@ -312,9 +312,16 @@ class Exporter:
         tx = contextlib.ExitStack()
         tx.enter_context(conn.transaction())
         try:
-            root = sqle.lock_root(conn, target, params, limit=self.spec.export_or_default.rows_per_file)
+            limit = self.spec.export_or_default.rows_per_file
+            root = sqle.lock_root(conn, target, params, limit=limit)
             took = len(root.idents)
-            counts = sqle.count_kept(conn, target, params)
+            last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
+            # Rows kept for their children, counted on the pages the walk leaves behind only (run()): a
+            # full batch's next one starts on its last row's page (a partitioned table: the same range).
+            counted = params
+            if took >= limit:
+                counted = {**params, "hi": pending.lo if last is None else max(pending.lo, last)}
+            counts = sqle.count_kept(conn, target, counted) if counted["hi"] > counted["lo"] else {}
             self.point("export-locked")
             if not root.idents:
                 if retried:
@@ -350,7 +357,6 @@ class Exporter:
         except BaseException as exc:
             tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
         return Taken(pending, conn, tx, root, locked, counts, retried, last, took)
 
     def _settle(self, taken: Taken) -> int:
