@@ -723,6 +723,10 @@ def test_a_batch_below_a_batch_still_uploading_waits_for_it_instead_of_failing_t
         assert parquet.sha256(data) == sha and parquet.row_count(data) == n
         exported += [r[0] for r in parquet.records(parquet.read(data), ["id"])]
     assert sorted(exported) == [r[0] for r in rows]
+    # Children were exported before their parents: a restore of everything still gives every row back.
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        archive.restore(c, "pgscale", archive.select(c, "pgscale", policy="ns/export-tasks"), lambda d: store)
+    assert conn.execute("SELECT * FROM tree ORDER BY id").fetchall() == rows
 
 
 def test_a_role_limited_to_one_connection_exports_on_one_session(
