@@ -69,19 +69,40 @@ def restore(
     """Insert the rows of these files back, batch by batch (see the module's docstring)."""
     report = RestoreReport()
     stores: dict[str, ObjectStore] = {}
-    for _, batch in groupby(files, key=lambda f: f["batch_id"]):
-        with conn.transaction():
-            for item in batch:
-                destination = Destination.model_validate(item["destination"])
-                name = destination.model_dump_json()
-                store = stores.get(name) or stores.setdefault(name, store_for(destination))
-                inserted, skipped = _restore_file(conn, state_schema, item, store, into_schema)
-                report.files += 1
-                report.inserted += inserted
-                report.skipped += skipped
-                where = f"{into_schema or item['source_schema']}.{item['source_table']}"
-                report.tables[where] = report.tables.get(where, 0) + inserted
-        report.batches += 1
+    waiting = [list(batch) for _, batch in groupby(files, key=lambda f: f["batch_id"])]
+    while waiting:
+        # A batch whose rows' parents are in a later batch (a table that references itself: a row
+        # exported before its parent, on an earlier page) waits for the others; none restored: the error.
+        later: list[list[dict[str, Any]]] = []
+        refused: psycopg.errors.ForeignKeyViolation | None = None
+        for batch in waiting:
+            done = RestoreReport()
+            try:
+                with conn.transaction():
+                    for item in batch:
+                        destination = Destination.model_validate(item["destination"])
+                        name = destination.model_dump_json()
+                        store = stores.get(name) or stores.setdefault(name, store_for(destination))
+                        inserted, skipped = _restore_file(conn, state_schema, item, store, into_schema)
+                        done.files += 1
+                        done.inserted += inserted
+                        done.skipped += skipped
+                        where = f"{into_schema or item['source_schema']}.{item['source_table']}"
+                        done.tables[where] = done.tables.get(where, 0) + inserted
+            except psycopg.errors.ForeignKeyViolation as exc:
+                later.append(batch)
+                refused = exc
+                continue
+            report.files += done.files
+            report.inserted += done.inserted
+            report.skipped += done.skipped
+            for where, n in done.tables.items():
+                report.tables[where] = report.tables.get(where, 0) + n
+            report.batches += 1
+        if len(later) == len(waiting):
+            assert refused is not None
+            raise refused
+        waiting = later
     return report
 
 

@@ -284,7 +284,7 @@ def export_partition(
         )
         faults.checkpoint("export-partition-recorded")
     faults.checkpoint("export-partition-committed")
-    sqle.fold_tallies(conn, state_schema)
+    sqle.fold_after_commit(conn, state_schema)
     counts.files += 1
     return rows
 

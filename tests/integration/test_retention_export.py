@@ -634,3 +634,148 @@ def test_a_stop_request_ends_the_run_after_the_overlapping_batch_commits(
     assert again.outcome == "Succeeded", again.message
     assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
     check_invariant(conn, store, originals, messages, "final")
+
+
+def test_a_run_log_fold_that_gives_way_after_a_commit_never_touches_the_committed_batch(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """The batch is committed when its tallies are folded: a fold that fails (here a lock_timeout, once)
+    must not take the batch again (its keys would be rewritten or cleared: the only copy of its rows)."""
+    seed_tasks(conn, 600)
+    seed_messages(conn)
+    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
+    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 100
+    store = store_for(spec, s3_env(s3_server))
+    run(job_for(postgres, database, spec), dry_run=True, store=store)  # the state schema exists
+    conn.execute("CREATE SEQUENCE fold_once")
+    conn.execute(
+        """CREATE FUNCTION fold_gives_way() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.rows_archived <> OLD.rows_archived AND nextval('fold_once') = 1 THEN
+               RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03';
+             END IF;
+             RETURN NEW;
+           END $$"""
+    )
+    conn.execute(
+        "CREATE TRIGGER fold_gives_way BEFORE UPDATE ON pgscale.retention_runs "
+        "FOR EACH ROW EXECUTE FUNCTION fold_gives_way()"
+    )
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    check_invariant(conn, store, originals, messages, "fold gave way")
+    assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+    # The tally the failed fold left is folded by a later one: the run log counts every row once.
+    assert scalar(conn, "SELECT count(*) FROM pgscale.export_tallies") == 0
+    assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == report.rows_archived
+
+
+def test_a_batch_below_a_batch_still_uploading_waits_for_it_instead_of_failing_the_run(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """A tree across two overlapping batches: the later batch's rows are parents of rows the batch before
+    holds (locked until its slow upload commits). Waiting on the batch before is no contention with the
+    application: the later batch waits for it, however long the upload takes, instead of spending its
+    retries on lockTimeout and failing the run."""
+    conn.execute(
+        """CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree (id) ON DELETE CASCADE,
+                              at timestamptz NOT NULL, body text NOT NULL) WITH (fillfactor = 100)"""
+    )
+    # Parents first, then their children in reverse order, then every parent updated (its new version
+    # after all children): the last batch of children holds the children of the first batch of parents.
+    conn.execute("INSERT INTO tree SELECT g, NULL, now() - interval '1 year', 'p' FROM generate_series(1, 20) g")
+    conn.execute(
+        "INSERT INTO tree SELECT 1000 + g, g, now() - interval '1 year', 'c' FROM generate_series(20, 1, -1) g"
+    )
+    conn.execute("UPDATE tree SET body = 'parent' WHERE parent IS NULL")
+    rows = conn.execute("SELECT * FROM tree ORDER BY id").fetchall()
+    spec = {
+        "profileRef": {"name": "app"},
+        "table": {"name": "tree"},
+        "ageColumn": "at",
+        "olderThan": "30d",
+        "children": {"mode": "archive"},
+        "action": "export",
+        "lockTimeout": "10ms",
+        "export": {
+            "destination": {"s3": {"bucket": bucket, "prefix": "cold/", "endpoint": s3_server.endpoint}},
+            "rowsPerFile": 10,
+        },
+    }
+    store = store_for(spec, s3_env(s3_server))
+    put_new = store.put_new
+
+    def slow_put(key: str, *args: Any, **kwargs: Any) -> bool:
+        if key.endswith(".parquet"):
+            time.sleep(3.5)  # longer than every retry of the batch after it together (~2.9 s)
+        return put_new(key, *args, **kwargs)
+
+    store.put_new = slow_put  # type: ignore[method-assign]
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    assert scalar(conn, "SELECT count(*) FROM tree") == 0
+    assert report.rows_archived == 40
+    exported = []
+    for _, key, n, sha in ledger(conn):
+        data = store.fetch(key)
+        assert parquet.sha256(data) == sha and parquet.row_count(data) == n
+        exported += [r[0] for r in parquet.records(parquet.read(data), ["id"])]
+    assert sorted(exported) == [r[0] for r in rows]
+    # Children were exported before their parents: a restore of everything still gives every row back.
+    with psycopg.connect(postgres.dsn(database), autocommit=True) as c:
+        archive.restore(c, "pgscale", archive.select(c, "pgscale", policy="ns/export-tasks"), lambda d: store)
+    assert conn.execute("SELECT * FROM tree ORDER BY id").fetchall() == rows
+
+
+def test_a_role_limited_to_one_connection_exports_on_one_session(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """The second session only lets batches overlap: a database that refuses it (a role's CONNECTION LIMIT,
+    max_connections reached) gets the batches one after another, not a failed run."""
+    seed_tasks(conn, 300)
+    role = f"solo_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'solo' CONNECTION LIMIT 1")
+    conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO {role}')
+    conn.execute(f'ALTER TABLE "Task" OWNER TO {role}')
+    conn.execute(f'ALTER TABLE "Message" OWNER TO {role}')
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 50
+    store = store_for(spec, s3_env(s3_server))
+    info = ConnInfo(host=postgres.host, port=postgres.port, dbname=database, user=role, password="solo")
+    job = JobInput("ns", "export-tasks", spec, "pgscale", info)
+    try:
+        report = run(job, store=store)
+        assert report.outcome == "Succeeded", report.message
+        assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+        assert report.rows_archived == scalar(conn, "SELECT sum(rows) FROM pgscale.export_files WHERE root")
+    finally:
+        conn.execute('ALTER TABLE "Task" OWNER TO postgres')
+        conn.execute('ALTER TABLE "Message" OWNER TO postgres')
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+
+
+def test_rows_kept_for_their_children_are_counted_once_in_the_run_log(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """A full batch's next one starts on the page of its last row: the rows kept there (children mode
+    keep) are not counted twice."""
+    seed_tasks(conn, 3000)
+    conn.execute(
+        """INSERT INTO "Message" ("taskId", body, "createdAt") SELECT id, 'kept', "createdAt" FROM "Task"
+           WHERE id % 7 = 0"""
+    )
+    kept = scalar(
+        conn,
+        f'SELECT count(*) FROM "Task" t WHERE {PREDICATE} '
+        'AND EXISTS (SELECT 1 FROM "Message" m WHERE m."taskId" = t.id)',
+    )
+    spec = spec_s3(s3_server, bucket, children={"mode": "keep"})
+    spec["export"]["rowsPerFile"] = 100
+    store = store_for(spec, s3_env(s3_server))
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    skipped = {k: v for k, v in report.tables.items() if k.startswith("skipped")}
+    assert sum(skipped.values()) == kept, (skipped, kept)

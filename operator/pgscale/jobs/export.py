@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -196,7 +196,7 @@ class Exporter:
                         hi=hi,
                     )
                     self.point("export-pending")
-                    taken = self._take_retrying(conn, pending)
+                    taken = self._take_retrying(conn, pending, before=settling)
                     if settling is not None:
                         before, settling = settling, None
                         try:
@@ -227,6 +227,7 @@ class Exporter:
                 raise
             if settling is not None:
                 settling.result()  # its failure is the run's
+        sqle.fold_after_commit(self.conn, self.state)  # a tally whose fold gave way after its commit
         return stopped
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
@@ -237,16 +238,29 @@ class Exporter:
         return 0 if taken is None else self._settle_retrying(taken)
 
     def _take_retrying(
-        self, conn: psycopg.Connection, pending: sqle.PendingBatch, *, retried: bool = False
+        self,
+        conn: psycopg.Connection,
+        pending: sqle.PendingBatch,
+        *,
+        retried: bool = False,
+        before: Future[int] | None = None,
     ) -> Taken | None:
+        """``before``: the batch being settled on the other session. Rows it holds (below this batch's
+        rows, or reached by another key) are no contention with the application: while it is in
+        flight, a batch that gives way waits for it to end (however long its upload takes) and tries
+        again, not counting that as a failure."""
         failures = 0
         while True:
             try:
                 with self._storage(pending):
                     return self._take(conn, pending, retried=retried)
             except RETRYABLE as exc:
-                failures = self._gave_way(pending, exc, failures)
                 retried = True  # its objects may exist now
+                if before is not None and not before.done():
+                    log.info("export batch %s waits for the batch before it (%s)", pending.id, type(exc).__name__)
+                    wait([before])  # its failure is the run's: run() reads it next
+                    continue
+                failures = self._gave_way(pending, exc, failures)
 
     def _settle_retrying(self, taken: Taken) -> int:
         """Write, verify and commit a taken batch; when its commit gives way to the application, the whole
@@ -298,9 +312,16 @@ class Exporter:
         tx = contextlib.ExitStack()
         tx.enter_context(conn.transaction())
         try:
-            root = sqle.lock_root(conn, target, params, limit=self.spec.export_or_default.rows_per_file)
+            limit = self.spec.export_or_default.rows_per_file
+            root = sqle.lock_root(conn, target, params, limit=limit)
             took = len(root.idents)
-            counts = sqle.count_kept(conn, target, params)
+            last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
+            # Rows kept for their children, counted on the pages the walk leaves behind only (run()): a
+            # full batch's next one starts on its last row's page (a partitioned table: the same range).
+            counted = params
+            if took >= limit:
+                counted = {**params, "hi": pending.lo if last is None else max(pending.lo, last)}
+            counts = sqle.count_kept(conn, target, counted) if counted["hi"] > counted["lo"] else {}
             self.point("export-locked")
             if not root.idents:
                 if retried:
@@ -336,7 +357,6 @@ class Exporter:
         except BaseException as exc:
             tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        last = None if target.partitioned or root.last is None else int(root.last.strip("()").split(",")[0])
         return Taken(pending, conn, tx, root, locked, counts, retried, last, took)
 
     def _settle(self, taken: Taken) -> int:
@@ -367,7 +387,7 @@ class Exporter:
             raise
         taken.tx.close()  # the commit
         self.point("export-committed")
-        sqle.fold_tallies(conn, self.state)
+        sqle.fold_after_commit(conn, self.state)  # never raises: the batch is committed
         moved = len(taken.root.idents)
         self.exported += 1
         self.counts.files += len(files)

@@ -9,6 +9,7 @@ run cleanly after the current batch; the next run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from .. import faults, pg
 from ..api import RETENTION_POLICY
 from ..api.retentionpolicy import RetentionPolicySpec
 from ..durations import seconds
-from ..errors import ReconcileError, SpecError
+from ..errors import ReconcileError, SpecError, TransientError
 from ..pg import partitions as sqlp
 from ..pg import relationships
 from ..pg import retention as sqlr
@@ -256,8 +257,13 @@ def _export(
         for key, value in tables.items():
             report.tables[key] = report.tables.get(key, 0) + int(value)
 
-    with pg.connect(job.conn) as second:
-        _twin(conn, second)
+    with contextlib.ExitStack() as sessions:
+        second: psycopg.Connection | None = None
+        try:
+            second = sessions.enter_context(pg.connect(job.conn))
+            _twin(conn, second)
+        except TransientError as exc:  # a CONNECTION LIMIT, max_connections: batches one after another
+            log.warning("export of %s on one session: %s", job.policy_key, exc.message)
         exporter = Exporter(
             conn,
             job,

@@ -10,6 +10,7 @@ never counted, rewritten or removed by the next run).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,6 +53,8 @@ class PgColumn:
 
 BATCHES = "export_batches"
 FILES = "export_files"
+log = logging.getLogger(__name__)
+
 TALLIES = "export_tallies"  # what done batches add to their run's log row, until folded into it
 
 
@@ -330,6 +333,16 @@ def fold_tallies(conn: psycopg.Connection, state_schema: str) -> None:
                 ).format(runs=runs_table(state_schema)),
                 {"n": exported, "counts": Jsonb(counts), "run": run_id},
             )
+
+
+def fold_after_commit(conn: psycopg.Connection, state_schema: str) -> None:
+    """fold_tallies after a batch's commit: its failure (a lock or statement timeout) is the run log's
+    alone and must never reach the batch's retry (it would take the committed batch again, rewriting
+    or clearing the files that hold its rows); the tally stays and the next fold adds it."""
+    try:
+        fold_tallies(conn, state_schema)
+    except psycopg.Error as exc:
+        log.warning("run log not updated yet (%s); a later fold adds the batch", type(exc).__name__)
 
 
 # --- the rows of a batch -----------------------------------------------------------------
