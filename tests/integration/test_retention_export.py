@@ -779,3 +779,40 @@ def test_rows_kept_for_their_children_are_counted_once_in_the_run_log(
     assert report.outcome == "Succeeded", report.message
     skipped = {k: v for k, v in report.tables.items() if k.startswith("skipped")}
     assert sum(skipped.values()) == kept, (skipped, kept)
+
+
+def test_a_batch_that_gives_way_at_its_commit_is_redone_with_the_one_after_it(
+    postgres: Any, database: str, conn: psycopg.Connection, s3_server: Any, bucket: str
+) -> None:
+    """A commit that fails (here a deferred check raising a serialization failure, twice) while the next
+    batch is taken on the other session: the next one is let go, both are done again alone, and the run
+    ends with every row in exactly one verified file."""
+    seed_tasks(conn, 900)
+    seed_messages(conn)
+    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
+    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    spec = spec_s3(s3_server, bucket)
+    spec["export"]["rowsPerFile"] = 100
+    store = store_for(spec, s3_env(s3_server))
+    run(job_for(postgres, database, spec), dry_run=True, store=store)  # the state schema exists
+    conn.execute("CREATE SEQUENCE commit_gives_way")
+    conn.execute(
+        """CREATE FUNCTION commit_gives_way() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.status = 'done' AND nextval('commit_gives_way') IN (2, 4) THEN
+               RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+             END IF;
+             RETURN NULL;
+           END $$"""
+    )
+    conn.execute(
+        "CREATE CONSTRAINT TRIGGER commit_gives_way AFTER UPDATE ON pgscale.export_batches "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_gives_way()"
+    )
+    report = run(job_for(postgres, database, spec), store=store)
+    assert report.outcome == "Succeeded", report.message
+    assert scalar(conn, "SELECT nextval('commit_gives_way')") > 4  # both failures happened
+    check_invariant(conn, store, originals, messages, "commit gave way")
+    assert scalar(conn, f'SELECT count(*) FROM "Task" WHERE {PREDICATE}') == 0
+    assert scalar(conn, "SELECT count(*) FROM pgscale.export_batches WHERE status = 'pending'") == 0
+    assert scalar(conn, "SELECT sum(rows_archived) FROM pgscale.retention_runs") == report.rows_archived

@@ -81,6 +81,14 @@ class Taken:
     took: int  # rows of the table the batch's pages gave (rows below them through a self-reference not counted)
 
 
+class GaveWay(RuntimeError):
+    """A batch on the writer thread gave way at its commit (rolled back, still pending): run() redoes it."""
+
+    def __init__(self, pending: sqle.PendingBatch) -> None:
+        super().__init__(f"export batch {pending.id} gave way at its commit")
+        self.pending = pending
+
+
 def storage_failure(exc: BaseException, spec: RetentionPolicySpec) -> SpecError | None:
     """A storage failure as the spec field to fix (None: not a known one)."""
     found = problem(exc, spec.export_or_default.destination, "export.destination")
@@ -201,6 +209,19 @@ class Exporter:
                         before, settling = settling, None
                         try:
                             before.result()  # batches commit in order
+                        except GaveWay as gave:
+                            # The batch before gave way at its commit: this one may hold rows it needs again.
+                            # Let go of this one; both again, alone, on the main session.
+                            if taken is not None:
+                                self._abandon(taken)
+                            self.batch(gave.pending, retried=True)
+                            taken = self._take_retrying(self.conn, pending, retried=True) if taken else None
+                            if taken is not None:
+                                self.last_page = taken.last_page
+                                moved = taken.took
+                                self._settle_retrying(taken)
+                            lo, pages = self._next_range(lo, hi, pages, moved if taken else 0, largest)
+                            continue
                         except BaseException:
                             if taken is not None:
                                 self._abandon(taken)
@@ -209,26 +230,31 @@ class Exporter:
                     if taken is not None:
                         moved = taken.took
                         self.last_page = taken.last_page
-                        settling = writer.submit(self._settle_retrying, taken)
-                    if moved < rows_per_file:
-                        lo = hi
-                        pages = next_export_pages(pages, moved, rows_per_file, largest)
-                    elif self.last_page is not None:
-                        # Full: the range holds more. The batch took the first rows in page order, so the
-                        # next one starts at the page of its last row, sized by what these pages held.
-                        pages = max(1, min(largest, self.last_page + 1 - lo))
-                        lo = self.last_page
-                    else:  # partitions: their pages interleave; the same range again (taken rows are gone), halved
-                        pages = max(1, pages // 2)
+                        settling = writer.submit(self._settle_retrying, taken, alone=len(lanes) == 1)
+                    lo, pages = self._next_range(lo, hi, pages, moved, largest)
             except BaseException:
                 if settling is not None:  # never leave a batch half done; this failure is the run's
                     with contextlib.suppress(Exception):
                         settling.result()
                 raise
             if settling is not None:
-                settling.result()  # its failure is the run's
+                try:
+                    settling.result()  # its failure is the run's
+                except GaveWay as gave:
+                    self.batch(gave.pending, retried=True)  # the last batch: nothing else is in flight
         sqle.fold_after_commit(self.conn, self.state)  # a tally whose fold gave way after its commit
         return stopped
+
+    def _next_range(self, lo: int, hi: int, pages: int, moved: int, largest: int) -> tuple[int, int]:
+        """Where the walk goes after a batch of ``pages`` from ``lo`` that took ``moved`` rows."""
+        rows_per_file = self.spec.export_or_default.rows_per_file
+        if moved < rows_per_file:
+            return hi, next_export_pages(pages, moved, rows_per_file, largest)
+        if self.last_page is not None:
+            # Full: the range holds more. The batch took the first rows in page order, so the next
+            # one starts at the page of its last row, sized by what these pages held.
+            return self.last_page, max(1, min(largest, self.last_page + 1 - lo))
+        return lo, max(1, pages // 2)  # partitions: their pages interleave; the same range again, halved
 
     def batch(self, pending: sqle.PendingBatch, *, retried: bool = False) -> int:
         """One batch on the main session, retried when it gives way to the application; returns the rows it
@@ -262,13 +288,18 @@ class Exporter:
                     continue
                 failures = self._gave_way(pending, exc, failures)
 
-    def _settle_retrying(self, taken: Taken) -> int:
+    def _settle_retrying(self, taken: Taken, *, alone: bool = True) -> int:
         """Write, verify and commit a taken batch; when its commit gives way to the application, the whole
-        batch again on the same session."""
+        batch again on the same session. Not ``alone`` (the next batch is taken on the other session and
+        may hold rows this one needs again: retaking here could wait for it forever), ``GaveWay`` hands
+        the retry to the walk, which lets the next batch go first."""
         with self._storage(taken.pending):
             try:
                 return self._settle(taken)
             except RETRYABLE as exc:
+                if not alone:
+                    log.warning("export batch %s gave way at its commit (%s)", taken.pending.id, type(exc).__name__)
+                    raise GaveWay(taken.pending) from exc
                 failures = self._gave_way(taken.pending, exc, 0)
             while True:
                 try:
