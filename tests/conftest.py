@@ -64,6 +64,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _node_restarts_first(items)
     major = localenv.selected_major()
     if major == localenv.DEBIAN_MAJOR:
         return
@@ -74,6 +75,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("debian_pg15"):
             item.add_marker(skip)
+
+
+def _node_restarts_first(items: list[pytest.Item]) -> None:
+    """test_node_smoke.py stops and starts the node (test_stop_leaves_the_host_clean), which restarts every
+    pod on it: its tests run before the first test that uses the session's operator release, whose pods
+    are checked for restarts (test_cache_pods.py sorts before it and would otherwise start the release)."""
+    smoke = [i for i in items if i.path.name == "test_node_smoke.py"]
+    if not smoke:
+        return
+    rest = [i for i in items if i.path.name != "test_node_smoke.py"]
+    first = next((n for n, i in enumerate(rest) if "operator_release" in getattr(i, "fixturenames", ())), len(rest))
+    items[:] = rest[:first] + smoke + rest[first:]
 
 
 @pytest.fixture(scope="session")
