@@ -132,6 +132,13 @@ def download(store: ObjectStore, keys: list[str], into: Path) -> list[str]:
     return out
 
 
+def rows_by_id(conn: psycopg.Connection) -> tuple[dict[int, tuple[Any, ...]], dict[int, tuple[Any, ...]]]:
+    """Every task and every message by id, before a run: what check_invariant compares with."""
+    tasks = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
+    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    return tasks, messages
+
+
 def ledger(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
     return conn.execute(
         "SELECT source_table, object_key, rows, sha256 FROM pgscale.export_files ORDER BY id"
@@ -342,8 +349,7 @@ def test_killed_at_any_point_every_row_is_in_the_table_or_in_exactly_one_verifie
     seed_tasks(conn, 6000)
     seed_messages(conn)
     conn.execute('ANALYZE "Task"')  # batches of about rowsPerFile rows, from the table's statistics
-    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
-    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    originals, messages = rows_by_id(conn)
     spec = spec_s3(
         s3_server,
         bucket,
@@ -604,8 +610,7 @@ def test_a_stop_request_ends_the_run_after_the_overlapping_batch_commits(
     seed_tasks(conn, 3000)
     seed_messages(conn)
     conn.execute('ANALYZE "Task"')
-    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
-    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    originals, messages = rows_by_id(conn)
     spec = spec_s3(s3_server, bucket)
     spec["export"]["rowsPerFile"] = 100
     env = s3_env(s3_server)
@@ -643,8 +648,7 @@ def test_a_run_log_fold_that_gives_way_after_a_commit_never_touches_the_committe
     must not take the batch again (its keys would be rewritten or cleared: the only copy of its rows)."""
     seed_tasks(conn, 600)
     seed_messages(conn)
-    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
-    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    originals, messages = rows_by_id(conn)
     spec = spec_s3(s3_server, bucket)
     spec["export"]["rowsPerFile"] = 100
     store = store_for(spec, s3_env(s3_server))
@@ -789,8 +793,7 @@ def test_a_batch_that_gives_way_at_its_commit_is_redone_with_the_one_after_it(
     ends with every row in exactly one verified file."""
     seed_tasks(conn, 900)
     seed_messages(conn)
-    originals = {r[0]: r for r in conn.execute('SELECT * FROM "Task" ORDER BY id').fetchall()}
-    messages = {r[0]: r for r in conn.execute('SELECT * FROM "Message" ORDER BY id').fetchall()}
+    originals, messages = rows_by_id(conn)
     spec = spec_s3(s3_server, bucket)
     spec["export"]["rowsPerFile"] = 100
     store = store_for(spec, s3_env(s3_server))

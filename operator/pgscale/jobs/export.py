@@ -141,15 +141,22 @@ class Exporter:
             self.mapped[name] = [parquet.arrow_type(c) for c in sqle.columns(conn, *name)]
             self.keys[name] = sqlr.primary_key(conn, *name)
         self.exported = 0  # batches of this run that exported rows
+        # The number of each batch of this run that took rows, in the order taken (fault points name it;
+        # with overlapping batches, commits lag takes): pending id -> number, kept across retakes.
+        self.numbers: dict[int, int] = {}
         self.last_page: int | None = None  # heap page of the last row the last batch took (a plain table)
 
     # --- the run ---------------------------------------------------------------------------
 
-    def point(self, name: str) -> None:
-        """A fault-injection point, also numbered (``export-deleted@3``: in the batch after two batches of
-        this run exported rows)."""
+    def point(self, name: str, number: int | None = None) -> None:
+        """A fault-injection point, also numbered (``export-deleted@3``: in the third batch of this run that
+        takes rows; before a batch has taken any, the number it would get)."""
         faults.checkpoint(name)
-        faults.checkpoint(f"{name}@{self.exported + 1}")
+        faults.checkpoint(f"{name}@{number or len(self.numbers) + 1}")
+
+    def number(self, pending: sqle.PendingBatch) -> int:
+        """This batch's number among the batches of this run that took rows (given when it first does)."""
+        return self.numbers.setdefault(pending.id, len(self.numbers) + 1)
 
     def redo_pending(self) -> None:
         """Batches a killed or failed run left pending: done now under their own keys, before any new one."""
@@ -353,7 +360,7 @@ class Exporter:
             if took >= limit:
                 counted = {**params, "hi": pending.lo if last is None else max(pending.lo, last)}
             counts = sqle.count_kept(conn, target, counted) if counted["hi"] > counted["lo"] else {}
-            self.point("export-locked")
+            self.point("export-locked", self.numbers.get(pending.id))
             if not root.idents:
                 if retried:
                     clear(self.store, pending, set())
@@ -384,7 +391,7 @@ class Exporter:
                 if name != root_name:
                     label = f"{name[0]}.{name[1]} {'exported' if exported else 'deleted'}"
                     counts[label] = counts.get(label, 0) + gone
-            self.point("export-deleted")
+            self.point("export-deleted", self.number(pending))
         except BaseException as exc:
             tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -402,7 +409,7 @@ class Exporter:
                 files.append(self._write(pending, name, held, root=name == (self.target.schema, self.target.table)))
             if taken.retried:
                 clear(self.store, pending, {f.object_key for f in files})
-            self.point("export-verified")
+            self.point("export-verified", self.number(pending))
             sqle.finish_batch(
                 conn,
                 self.state,
@@ -412,12 +419,12 @@ class Exporter:
                 run_id=self.run_id,
                 counts=taken.counts,
             )
-            self.point("export-recorded")
+            self.point("export-recorded", self.number(pending))
         except BaseException as exc:
             taken.tx.__exit__(type(exc), exc, exc.__traceback__)
             raise
         taken.tx.close()  # the commit
-        self.point("export-committed")
+        self.point("export-committed", self.number(pending))
         sqle.fold_after_commit(conn, self.state)  # never raises: the batch is committed
         moved = len(taken.root.idents)
         self.exported += 1
@@ -533,10 +540,10 @@ class Exporter:
             content_type=PARQUET_TYPE,
             counts=self.counts,
         )
-        self.point("export-written")
+        self.point("export-written", self.number(pending))
         columns = [[m.name, m.column.type, str(m.arrow)] for m in mapped]
         write_manifest(
             self.store, record, policy=self.job.policy_key, batch=pending.id, columns=columns, counts=self.counts
         )
-        self.point("export-manifest")
+        self.point("export-manifest", self.number(pending))
         return record
